@@ -1,0 +1,407 @@
+//! The wire contract between the gateway and its workers: stream and subject names, header names,
+//! and the two message shapes (an accepted request, a stored result).
+//!
+//! This module is the only place that knows how a request or a result looks on the wire. A worker
+//! written in another language follows the same rules with a plain NATS client; README.md ("Wire
+//! contract") spells them out for that reader.
+//!
+//! Subjects (prefix `gw` by default):
+//! - `gw.req.<route>.<key-token>`: one accepted request. The key token is derived from
+//!   (tenant, route, idempotency key), so the subject *is* the idempotency record: the gateway
+//!   writes it with `Nats-Expected-Last-Subject-Sequence: 0` and a second write is refused.
+//! - `gw.res.<operation-id>`: the one terminal record of an operation, a worker's reply or the
+//!   gateway's `expired` marker. The results stream keeps at most one message per subject and
+//!   refuses later ones (`discard_new_per_subject`), so the first terminal record wins for good.
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::message::StreamMessage;
+use bytes::Bytes;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+/// Default subject prefix.
+pub const DEFAULT_PREFIX: &str = "gw";
+/// Default name of the stream holding accepted requests.
+pub const DEFAULT_REQUESTS_STREAM: &str = "GW_REQUESTS";
+/// Default name of the stream holding terminal records (results).
+pub const DEFAULT_RESULTS_STREAM: &str = "GW_RESULTS";
+
+/// Header names. Lookups in received messages must use these constants, never a string typed
+/// elsewhere, so that both sides agree on spelling.
+pub mod header {
+    /// The operation this message belongs to.
+    pub const OPERATION_ID: &str = "Gw-Operation-Id";
+    /// The route name (also the third subject token of a request).
+    pub const ROUTE: &str = "Gw-Route";
+    /// HTTP method of the original request.
+    pub const METHOD: &str = "Gw-Method";
+    /// HTTP path of the original request.
+    pub const PATH: &str = "Gw-Path";
+    /// Raw query string of the original request, without `?`; absent when there was none.
+    pub const QUERY: &str = "Gw-Query";
+    /// Where the worker publishes its reply (a subject of the results stream).
+    pub const REPLY_SUBJECT: &str = "Gw-Reply-Subject";
+    /// RFC 3339 instant after which the operation counts as expired.
+    pub const DEADLINE: &str = "Gw-Deadline";
+    /// Seconds the gateway keeps the request, status and result; workers set the same TTL on replies.
+    pub const RETENTION: &str = "Gw-Retention";
+    /// Tenant that owns the operation.
+    pub const TENANT: &str = "Gw-Tenant";
+    /// The idempotency key in effect (client-sent or gateway-assigned).
+    pub const IDEMPOTENCY_KEY: &str = "Gw-Idempotency-Key";
+    /// Hex SHA-256 fingerprint of (method, path, query, content type, body).
+    pub const FINGERPRINT: &str = "Gw-Fingerprint";
+    /// On a result: the HTTP status code to replay (200..=599).
+    pub const STATUS: &str = "Gw-Status";
+    /// On a result: `reply` (a worker's answer, the default when absent) or `expired`.
+    pub const OUTCOME: &str = "Gw-Outcome";
+    /// Content type of the body, on requests and results alike.
+    pub const CONTENT_TYPE: &str = "Content-Type";
+    /// W3C trace context, forwarded when the HTTP request carried it.
+    pub const TRACEPARENT: &str = "traceparent";
+}
+
+/// JetStream API error codes the contract relies on.
+pub mod err_code {
+    /// `Nats-Expected-Last-Subject-Sequence` did not match: the subject already holds a message.
+    pub const WRONG_LAST_SEQUENCE: u64 = 10071;
+    /// `discard_new_per_subject` refused a second message on the subject.
+    pub const MAX_MSGS_PER_SUBJECT: u64 = 10077;
+}
+
+/// Errors reading a message that does not follow the contract.
+#[derive(Debug, thiserror::Error)]
+pub enum ContractError {
+    #[error("header {0} is missing")]
+    MissingHeader(&'static str),
+    #[error("header {name} has an invalid value {value:?}")]
+    InvalidHeader { name: &'static str, value: String },
+}
+
+/// Builds every subject from one prefix, so gateway and workers cannot disagree.
+#[derive(Debug, Clone)]
+pub struct Subjects {
+    prefix: String,
+}
+
+impl Subjects {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// All request subjects (the requests stream's subject filter).
+    pub fn all_requests(&self) -> String {
+        format!("{}.req.>", self.prefix)
+    }
+
+    /// All result subjects (the results stream's subject filter).
+    pub fn all_results(&self) -> String {
+        format!("{}.res.>", self.prefix)
+    }
+
+    /// A route's requests: the filter of that route's worker consumer.
+    pub fn route_requests(&self, route: &str) -> String {
+        format!("{}.req.{route}.>", self.prefix)
+    }
+
+    /// The request subject of one idempotency key on one route.
+    pub fn request(&self, route: &str, key_token: &str) -> String {
+        format!("{}.req.{route}.{key_token}", self.prefix)
+    }
+
+    /// The request subject of a key token on whatever route: one direct get finds it by wildcard.
+    pub fn request_any_route(&self, key_token: &str) -> String {
+        format!("{}.req.*.{key_token}", self.prefix)
+    }
+
+    /// The result subject of an operation.
+    pub fn result(&self, operation_id: &str) -> String {
+        format!("{}.res.{operation_id}", self.prefix)
+    }
+}
+
+impl Default for Subjects {
+    fn default() -> Self {
+        Self::new(DEFAULT_PREFIX)
+    }
+}
+
+/// Reads a header as text. NATS header names are case-sensitive on the wire, but a worker in
+/// another language may well write `content-type`: an exact match is tried first, then any case.
+pub fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    if let Some(v) = headers.get(name) {
+        return Some(v.as_str());
+    }
+    headers.iter().find_map(|(n, values)| {
+        let n: &str = n.as_ref();
+        n.eq_ignore_ascii_case(name)
+            .then(|| values.first().map(|v| v.as_str()))
+            .flatten()
+    })
+}
+
+fn required<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<&'a str, ContractError> {
+    header_str(headers, name).ok_or(ContractError::MissingHeader(name))
+}
+
+/// Formats an instant the way the contract writes times (RFC 3339, UTC).
+pub fn format_time(t: OffsetDateTime) -> String {
+    t.to_offset(time::UtcOffset::UTC)
+        .format(&Rfc3339)
+        .expect("an OffsetDateTime always formats as RFC 3339")
+}
+
+fn parse_time(name: &'static str, value: &str) -> Result<OffsetDateTime, ContractError> {
+    OffsetDateTime::parse(value, &Rfc3339).map_err(|_| ContractError::InvalidHeader {
+        name,
+        value: value.to_owned(),
+    })
+}
+
+/// An accepted request as a worker sees it.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub operation_id: String,
+    pub route: String,
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
+    pub content_type: Option<String>,
+    pub reply_subject: String,
+    pub deadline: OffsetDateTime,
+    /// How long the gateway keeps this operation; replies are stored with the same TTL.
+    pub retention_secs: Option<u64>,
+    /// All headers of the message, forwarded HTTP headers included.
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Request {
+    /// Reads a request message (payload = HTTP body).
+    pub fn from_parts(headers: HeaderMap, body: Bytes) -> Result<Self, ContractError> {
+        let deadline = parse_time(header::DEADLINE, required(&headers, header::DEADLINE)?)?;
+        let retention_secs = match header_str(&headers, header::RETENTION) {
+            None => None,
+            Some(v) => Some(v.parse().map_err(|_| ContractError::InvalidHeader {
+                name: header::RETENTION,
+                value: v.to_owned(),
+            })?),
+        };
+        Ok(Self {
+            operation_id: required(&headers, header::OPERATION_ID)?.to_owned(),
+            route: required(&headers, header::ROUTE)?.to_owned(),
+            method: required(&headers, header::METHOD)?.to_owned(),
+            path: required(&headers, header::PATH)?.to_owned(),
+            query: header_str(&headers, header::QUERY).map(str::to_owned),
+            content_type: header_str(&headers, header::CONTENT_TYPE).map(str::to_owned),
+            reply_subject: required(&headers, header::REPLY_SUBJECT)?.to_owned(),
+            deadline,
+            retention_secs,
+            headers,
+            body,
+        })
+    }
+}
+
+/// What a terminal record says happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A worker answered.
+    Reply,
+    /// Nobody answered before the deadline; written by the gateway (or a worker that finds the
+    /// deadline passed) so that every reader sees the same terminal state.
+    Expired,
+}
+
+impl Outcome {
+    fn as_header(self) -> Option<&'static str> {
+        match self {
+            Outcome::Reply => None,
+            Outcome::Expired => Some("expired"),
+        }
+    }
+}
+
+/// A terminal record: what `GET /operations/{id}/result` replays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResultRecord {
+    pub outcome: Outcome,
+    pub status: u16,
+    pub content_type: Option<String>,
+    /// Response headers the worker set (the gateway replays those on its allow-list).
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+}
+
+impl ResultRecord {
+    /// A worker's reply.
+    pub fn reply(status: u16, content_type: Option<String>, body: Bytes) -> Self {
+        Self {
+            outcome: Outcome::Reply,
+            status,
+            content_type,
+            headers: Vec::new(),
+            body,
+        }
+    }
+
+    /// The marker that ends an operation nobody answered in time: an RFC 9457 problem, 504.
+    pub fn expired(operation_id: &str, deadline: OffsetDateTime) -> Self {
+        let body = serde_json::json!({
+            "type": "https://github.com/nats-http-gateway/docs/problems/expired",
+            "title": "Operation expired",
+            "status": 504,
+            "detail": format!(
+                "No result arrived before the operation's deadline ({}).",
+                format_time(deadline)
+            ),
+            "operation_id": operation_id,
+        });
+        Self {
+            outcome: Outcome::Expired,
+            status: 504,
+            content_type: Some("application/problem+json".to_owned()),
+            headers: Vec::new(),
+            body: Bytes::from(body.to_string()),
+        }
+    }
+
+    /// The NATS headers that carry this record (without JetStream control headers).
+    pub fn to_headers(&self, operation_id: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (name, value) in &self.headers {
+            h.append(name.as_str(), value.as_str());
+        }
+        h.insert(header::OPERATION_ID, operation_id);
+        h.insert(header::STATUS, self.status.to_string().as_str());
+        if let Some(ct) = &self.content_type {
+            h.insert(header::CONTENT_TYPE, ct.as_str());
+        }
+        if let Some(outcome) = self.outcome.as_header() {
+            h.insert(header::OUTCOME, outcome);
+        }
+        h
+    }
+
+    /// Reads a stored result message.
+    pub fn from_parts(headers: &HeaderMap, body: Bytes) -> Result<Self, ContractError> {
+        let raw_status = required(headers, header::STATUS)?;
+        let status = raw_status
+            .parse::<u16>()
+            .ok()
+            .filter(|s| (200..=599).contains(s))
+            .ok_or_else(|| ContractError::InvalidHeader {
+                name: header::STATUS,
+                value: raw_status.to_owned(),
+            })?;
+        let outcome = match header_str(headers, header::OUTCOME) {
+            None | Some("reply") => Outcome::Reply,
+            Some("expired") => Outcome::Expired,
+            Some(other) => {
+                return Err(ContractError::InvalidHeader {
+                    name: header::OUTCOME,
+                    value: other.to_owned(),
+                });
+            }
+        };
+        let mut extra = Vec::new();
+        for (name, values) in headers.iter() {
+            let name: &str = name.as_ref();
+            if is_contract_header(name) {
+                continue;
+            }
+            for v in values {
+                extra.push((name.to_owned(), v.as_str().to_owned()));
+            }
+        }
+        Ok(Self {
+            outcome,
+            status,
+            content_type: header_str(headers, header::CONTENT_TYPE).map(str::to_owned),
+            headers: extra,
+            body,
+        })
+    }
+
+    /// Reads a result from a stream message.
+    pub fn from_stream_message(msg: &StreamMessage) -> Result<Self, ContractError> {
+        Self::from_parts(&msg.headers, msg.payload.clone())
+    }
+
+    /// Two records are the same answer when status, content type, outcome and body agree.
+    /// A repeated identical reply changes nothing; a different one is a conflict.
+    pub fn same_answer(&self, other: &ResultRecord) -> bool {
+        self.outcome == other.outcome
+            && self.status == other.status
+            && self.content_type == other.content_type
+            && self.body == other.body
+    }
+}
+
+/// Headers that belong to the contract or to JetStream, never to the replayed HTTP response.
+fn is_contract_header(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    lower.starts_with("gw-") || lower.starts_with("nats-") || lower == "content-type"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn result_round_trips_through_headers() {
+        let mut record = ResultRecord::reply(
+            201,
+            Some("application/json".into()),
+            Bytes::from_static(b"{}"),
+        );
+        record.headers.push(("ETag".into(), "\"v1\"".into()));
+        let headers = record.to_headers("op1");
+        let back = ResultRecord::from_parts(&headers, record.body.clone()).unwrap();
+        assert_eq!(back, record);
+        assert!(back.same_answer(&record));
+    }
+
+    #[test]
+    fn expired_marker_is_a_504_problem() {
+        let record = ResultRecord::expired("op1", OffsetDateTime::UNIX_EPOCH);
+        let back = ResultRecord::from_parts(&record.to_headers("op1"), record.body.clone()).unwrap();
+        assert_eq!(back.outcome, Outcome::Expired);
+        assert_eq!(back.status, 504);
+        let body: serde_json::Value = serde_json::from_slice(&back.body).unwrap();
+        assert_eq!(body["status"], 504);
+    }
+
+    #[test]
+    fn result_status_outside_2xx_to_5xx_is_rejected() {
+        let mut h = HeaderMap::new();
+        h.insert(header::STATUS, "100");
+        assert!(ResultRecord::from_parts(&h, Bytes::new()).is_err());
+        h.insert(header::STATUS, "abc");
+        assert!(ResultRecord::from_parts(&h, Bytes::new()).is_err());
+    }
+
+    #[test]
+    fn header_lookup_matches_what_the_server_sends_back() {
+        // The server may send header names back in another case or as a standard name;
+        // lookups go through the same constants either way.
+        let mut h = HeaderMap::new();
+        h.insert("gw-status", "200");
+        assert_eq!(header_str(&h, header::STATUS), Some("200"));
+    }
+
+    #[test]
+    fn subjects_follow_the_prefix() {
+        let s = Subjects::new("acme");
+        assert_eq!(s.request("orders", "k1"), "acme.req.orders.k1");
+        assert_eq!(s.request_any_route("k1"), "acme.req.*.k1");
+        assert_eq!(s.route_requests("orders"), "acme.req.orders.>");
+        assert_eq!(s.result("op"), "acme.res.op");
+    }
+}

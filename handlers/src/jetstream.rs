@@ -1,0 +1,217 @@
+//! The three JetStream primitives both sides build on: *create-if-absent* on a subject, *direct
+//! get* of a subject's last message (exact or by wildcard), and the *first-writer-wins* result
+//! write that sits on top of the first.
+//!
+//! Everything here is one round trip to the server. Nothing here keeps state between calls, so any
+//! number of gateway replicas and workers can call it at once: JetStream's per-subject sequence
+//! check is the only arbiter.
+
+use std::time::Duration;
+
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::message::StreamMessage;
+use async_nats::{HeaderMap, RequestErrorKind};
+use bytes::Bytes;
+
+use crate::contract::{ContractError, ResultRecord, err_code};
+
+/// Errors talking to JetStream. Every variant except `Contract` means "the outcome of this call
+/// is unknown or it did not happen": a caller may retry the same call.
+#[derive(Debug, thiserror::Error)]
+pub enum JetStreamError {
+    #[error("publish failed ({kind}): {source}")]
+    Publish {
+        kind: PublishErrorKind,
+        #[source]
+        source: PublishError,
+    },
+    #[error("direct get from stream {stream} failed: {detail}")]
+    Get { stream: String, detail: String },
+    #[error("a stored message breaks the wire contract: {0}")]
+    Contract(#[from] ContractError),
+}
+
+impl From<PublishError> for JetStreamError {
+    fn from(source: PublishError) -> Self {
+        JetStreamError::Publish {
+            kind: source.kind(),
+            source,
+        }
+    }
+}
+
+/// What a create-if-absent write found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateOutcome {
+    /// This call wrote the subject's first message, at this stream sequence.
+    Created { sequence: u64 },
+    /// The subject already held a message; nothing was written.
+    AlreadyExists,
+}
+
+/// True when a publish was refused because the subject already holds a message: either the
+/// expected-last-subject-sequence check (10071) or per-subject discard (10077, which the server
+/// reports with code 503 although nothing is unavailable).
+fn subject_taken(err: &PublishError) -> bool {
+    if err.kind() == PublishErrorKind::WrongLastSequence {
+        return true;
+    }
+    let mut source = std::error::Error::source(err);
+    while let Some(e) = source {
+        if let Some(js) = e.downcast_ref::<async_nats::jetstream::Error>() {
+            let code = js.error_code().0;
+            return code == err_code::WRONG_LAST_SEQUENCE || code == err_code::MAX_MSGS_PER_SUBJECT;
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// Writes `payload` to `subject` only if the subject holds no message yet.
+///
+/// With `ttl`, the message carries `Nats-TTL` and the subject frees itself when it expires.
+pub async fn create_if_absent(
+    js: &async_nats::jetstream::Context,
+    subject: String,
+    headers: HeaderMap,
+    payload: Bytes,
+    ttl: Option<Duration>,
+) -> Result<CreateOutcome, JetStreamError> {
+    let mut publish = PublishMessage::build()
+        .payload(payload)
+        .headers(headers)
+        .expected_last_subject_sequence(0);
+    if let Some(ttl) = ttl {
+        publish = publish.ttl(ttl);
+    }
+    let ack = match js.send_publish(subject, publish).await {
+        Ok(ack_future) => ack_future.await,
+        Err(e) => Err(e),
+    };
+    match ack {
+        Ok(ack) => Ok(CreateOutcome::Created {
+            sequence: ack.sequence,
+        }),
+        Err(e) if subject_taken(&e) => Ok(CreateOutcome::AlreadyExists),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn get_error(stream: &str, detail: impl ToString) -> JetStreamError {
+    JetStreamError::Get {
+        stream: stream.to_owned(),
+        detail: detail.to_string(),
+    }
+}
+
+/// Sends one direct-get request and reads its first answer: the message, or `None` when the
+/// server says there is none (404, or an empty batch ending in 204 EOB).
+async fn direct_get(
+    client: &async_nats::Client,
+    stream: &str,
+    subject: String,
+    payload: Bytes,
+) -> Result<Option<StreamMessage>, JetStreamError> {
+    let response = match client.request(subject, payload).await {
+        Ok(response) => response,
+        Err(e) if e.kind() == RequestErrorKind::NoResponders => {
+            return Err(get_error(stream, "no responders: stream missing or JetStream down"));
+        }
+        Err(e) => return Err(get_error(stream, e)),
+    };
+    match response.status.map(|s| s.as_u16()) {
+        None | Some(200) => StreamMessage::try_from(response)
+            .map(Some)
+            .map_err(|e| get_error(stream, e)),
+        // 404: no such message; 204: the end of an empty batch.
+        Some(404) | Some(204) => Ok(None),
+        Some(status) => Err(get_error(
+            stream,
+            format!(
+                "status {status}: {}",
+                response.description.as_deref().unwrap_or("")
+            ),
+        )),
+    }
+}
+
+/// The last message on an exact subject, read from any replica.
+pub async fn last_on_subject(
+    client: &async_nats::Client,
+    stream: &str,
+    subject: &str,
+) -> Result<Option<StreamMessage>, JetStreamError> {
+    direct_get(
+        client,
+        stream,
+        format!("$JS.API.DIRECT.GET.{stream}.{subject}"),
+        Bytes::new(),
+    )
+    .await
+}
+
+/// The last message on the first subject matching a wildcard `pattern`, in one round trip
+/// (a batched `multi_last` direct get; the server resolves the wildcard in its subject index).
+pub async fn last_matching(
+    client: &async_nats::Client,
+    stream: &str,
+    pattern: &str,
+) -> Result<Option<StreamMessage>, JetStreamError> {
+    let body = serde_json::json!({ "multi_last": [pattern], "batch": 1 });
+    direct_get(
+        client,
+        stream,
+        format!("$JS.API.DIRECT.GET.{stream}"),
+        Bytes::from(body.to_string()),
+    )
+    .await
+}
+
+/// What happened to a terminal record written with [`publish_result`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResultWrite {
+    /// This record is now the operation's result.
+    Stored,
+    /// The same answer was already stored (a redelivery or a retry): nothing changed.
+    AlreadyStored,
+    /// Another, different terminal record won first; it stays, and this one is dropped.
+    Conflict { existing: ResultRecord },
+}
+
+/// Writes an operation's terminal record, first writer wins.
+///
+/// When the subject is already taken, the stored record is read back: the same answer is
+/// [`ResultWrite::AlreadyStored`], a different one is [`ResultWrite::Conflict`] and carries the
+/// record that won, so the caller can report it.
+pub async fn publish_result(
+    js: &async_nats::jetstream::Context,
+    results_stream: &str,
+    subject: &str,
+    operation_id: &str,
+    record: &ResultRecord,
+    ttl: Option<Duration>,
+) -> Result<ResultWrite, JetStreamError> {
+    let outcome = create_if_absent(
+        js,
+        subject.to_owned(),
+        record.to_headers(operation_id),
+        record.body.clone(),
+        ttl,
+    )
+    .await?;
+    if let CreateOutcome::Created { .. } = outcome {
+        return Ok(ResultWrite::Stored);
+    }
+    let Some(stored) = last_on_subject(&js.client(), results_stream, subject).await? else {
+        // Taken a moment ago, gone now: only a TTL expiry does that. Nothing to compare with,
+        // and an expired operation takes no more results.
+        return Ok(ResultWrite::AlreadyStored);
+    };
+    let existing = ResultRecord::from_stream_message(&stored)?;
+    if existing.same_answer(record) {
+        Ok(ResultWrite::AlreadyStored)
+    } else {
+        Ok(ResultWrite::Conflict { existing })
+    }
+}

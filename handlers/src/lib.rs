@@ -1,0 +1,19 @@
+//! The messaging library shared by the gateway and its workers.
+//!
+//! # Layout
+//! - [`contract`]: the wire contract: subjects, header names, and the request and result
+//!   message shapes. The only place that defines how messages look.
+//! - [`jetstream`]: the JetStream primitives both sides use: create-if-absent, direct get,
+//!   first-writer-wins result writes.
+//! - [`worker`]: the worker API: register a handler per route, run, and the library consumes,
+//!   replies, acks and retries.
+//!
+//! A worker in another language needs none of this code: README.md's "Wire contract" section is
+//! the same contract in prose, and a plain NATS client is enough to follow it.
+
+pub mod contract;
+pub mod jetstream;
+pub mod worker;
+
+pub use contract::{Outcome, Request, ResultRecord, Subjects};
+pub use worker::{Handler, HandlerError, Response, Worker, WorkerConfig, WorkerStats};

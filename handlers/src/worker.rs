@@ -1,0 +1,392 @@
+//! The worker API: register one async handler per route, then [`Worker::run`] consumes each route's
+//! requests and answers them through the results stream.
+//!
+//! For every delivered request the worker, in this order:
+//! 1. skips the handler when the operation already has a terminal record (a redelivery after a
+//!    reply was stored, or a duplicate), and acks;
+//! 2. writes the `expired` marker instead of running the handler when the deadline has passed;
+//! 3. runs the handler; on error it naks with back-off, so JetStream redelivers later;
+//! 4. writes the reply first-writer-wins ([`crate::jetstream::publish_result`]) and acks the
+//!    request only after JetStream acknowledged the reply. A crash anywhere before that ack means
+//!    a redelivery, and step 1 makes the redelivery cheap and harmless.
+//!
+//! A handler may run more than once for one operation (a crash after the handler, before the
+//! reply's ack), but only one reply is ever stored and served: handlers with side effects outside
+//! the reply must tolerate re-execution.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{AckPolicy, pull};
+use async_nats::jetstream::{self, AckKind};
+use bytes::Bytes;
+use futures::StreamExt;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use crate::contract::{Request, ResultRecord, Subjects};
+use crate::jetstream::{JetStreamError, ResultWrite, last_on_subject, publish_result};
+
+/// The error a handler returns: anything; the request is retried later.
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A handler's answer: replayed to the HTTP client as status, content type, headers and body.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+}
+
+impl Response {
+    /// A response with a status and no body.
+    pub fn new(status: u16) -> Self {
+        Self {
+            status,
+            content_type: None,
+            headers: Vec::new(),
+            body: Bytes::new(),
+        }
+    }
+
+    /// A JSON response.
+    pub fn json(status: u16, value: &serde_json::Value) -> Self {
+        Self {
+            content_type: Some("application/json".to_owned()),
+            body: Bytes::from(value.to_string()),
+            ..Self::new(status)
+        }
+    }
+
+    /// A plain-text response.
+    pub fn text(status: u16, text: impl Into<String>) -> Self {
+        Self {
+            content_type: Some("text/plain; charset=utf-8".to_owned()),
+            body: Bytes::from(text.into()),
+            ..Self::new(status)
+        }
+    }
+
+    /// Adds a response header (replayed when the gateway's allow-list names it).
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    fn into_record(self) -> ResultRecord {
+        let mut record = ResultRecord::reply(self.status, self.content_type, self.body);
+        record.headers = self.headers;
+        record
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Something that answers requests of one route. Any `async fn(Request) -> Result<Response, _>`
+/// closure is one.
+pub trait Handler: Send + Sync + 'static {
+    fn call(&self, request: Request) -> BoxFuture<Result<Response, HandlerError>>;
+}
+
+impl<F, Fut> Handler for F
+where
+    F: Fn(Request) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response, HandlerError>> + Send + 'static,
+{
+    fn call(&self, request: Request) -> BoxFuture<Result<Response, HandlerError>> {
+        Box::pin(self(request))
+    }
+}
+
+/// Worker settings. The defaults match the gateway's defaults.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub subjects: Subjects,
+    pub requests_stream: String,
+    pub results_stream: String,
+    /// Durable consumer name is `<consumer_prefix>-<route>`; workers sharing it share the work.
+    pub consumer_prefix: String,
+    /// How long a delivery may stay unacknowledged before JetStream redelivers it.
+    pub ack_wait: Duration,
+    /// Deliveries before JetStream gives up on a request.
+    pub max_deliver: i64,
+    /// Requests handled at once per route.
+    pub max_in_flight: usize,
+    /// First redelivery delay after a handler error; doubles per delivery up to `retry_max`.
+    pub retry_base: Duration,
+    pub retry_max: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            subjects: Subjects::default(),
+            requests_stream: crate::contract::DEFAULT_REQUESTS_STREAM.to_owned(),
+            results_stream: crate::contract::DEFAULT_RESULTS_STREAM.to_owned(),
+            consumer_prefix: "worker".to_owned(),
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 10,
+            max_in_flight: 16,
+            retry_base: Duration::from_millis(500),
+            retry_max: Duration::from_secs(30),
+        }
+    }
+}
+
+impl WorkerConfig {
+    fn retry_delay(&self, delivered: i64) -> Duration {
+        let exponent = u32::try_from(delivered.saturating_sub(1)).unwrap_or(0).min(16);
+        self.retry_base
+            .saturating_mul(2u32.saturating_pow(exponent))
+            .min(self.retry_max)
+    }
+}
+
+/// Errors that stop a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("cannot open stream {stream}: {detail}")]
+    Stream { stream: String, detail: String },
+    #[error("cannot create consumer {consumer}: {detail}")]
+    Consumer { consumer: String, detail: String },
+}
+
+/// Counters a worker keeps; tests and operators read them.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// Replies this worker stored.
+    pub replied: AtomicU64,
+    /// Deliveries acked without running the handler: the operation already had a result.
+    pub skipped: AtomicU64,
+    /// Replies refused because a different result had won first.
+    pub conflicts: AtomicU64,
+    /// Handler errors (each one a nak and a later redelivery).
+    pub handler_errors: AtomicU64,
+}
+
+/// A set of route handlers sharing one JetStream connection.
+pub struct Worker {
+    js: jetstream::Context,
+    config: Arc<WorkerConfig>,
+    routes: Vec<(String, Arc<dyn Handler>)>,
+    stats: Arc<WorkerStats>,
+}
+
+impl Worker {
+    pub fn new(js: jetstream::Context, config: WorkerConfig) -> Self {
+        Self {
+            js,
+            config: Arc::new(config),
+            routes: Vec::new(),
+            stats: Arc::default(),
+        }
+    }
+
+    /// Registers the handler of a route.
+    pub fn route(mut self, name: impl Into<String>, handler: impl Handler) -> Self {
+        self.routes.push((name.into(), Arc::new(handler)));
+        self
+    }
+
+    /// The worker's counters.
+    pub fn stats(&self) -> Arc<WorkerStats> {
+        self.stats.clone()
+    }
+
+    /// Consumes every registered route until `shutdown` is cancelled. Deliveries in flight at
+    /// shutdown are finished first.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        let stream = self
+            .js
+            .get_stream(&self.config.requests_stream)
+            .await
+            .map_err(|e| WorkerError::Stream {
+                stream: self.config.requests_stream.clone(),
+                detail: e.to_string(),
+            })?;
+        let mut tasks = tokio::task::JoinSet::new();
+        for (route, handler) in self.routes {
+            let name = format!("{}-{route}", self.config.consumer_prefix);
+            let consumer = stream
+                .get_or_create_consumer(
+                    &name,
+                    pull::Config {
+                        durable_name: Some(name.clone()),
+                        filter_subject: self.config.subjects.route_requests(&route),
+                        ack_policy: AckPolicy::Explicit,
+                        ack_wait: self.config.ack_wait,
+                        max_deliver: self.config.max_deliver,
+                        max_ack_pending: i64::try_from(self.config.max_in_flight * 4)
+                            .unwrap_or(i64::MAX),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .map_err(|e| WorkerError::Consumer {
+                    consumer: name.clone(),
+                    detail: e.to_string(),
+                })?;
+            let route_worker = RouteWorker {
+                js: self.js.clone(),
+                config: self.config.clone(),
+                handler,
+                stats: self.stats.clone(),
+            };
+            tasks.spawn(route_worker.consume(consumer, shutdown.clone()));
+        }
+        while tasks.join_next().await.is_some() {}
+        Ok(())
+    }
+}
+
+struct RouteWorker {
+    js: jetstream::Context,
+    config: Arc<WorkerConfig>,
+    handler: Arc<dyn Handler>,
+    stats: Arc<WorkerStats>,
+}
+
+impl RouteWorker {
+    async fn consume(
+        self,
+        consumer: jetstream::consumer::Consumer<pull::Config>,
+        shutdown: CancellationToken,
+    ) {
+        let this = Arc::new(self);
+        while !shutdown.is_cancelled() {
+            let messages = match consumer.messages().await {
+                Ok(messages) => messages,
+                Err(error) => {
+                    tracing::warn!(%error, "Cannot pull requests; retrying.");
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            messages
+                .take_until(shutdown.cancelled())
+                .for_each_concurrent(this.config.max_in_flight, |delivery| {
+                    let this = this.clone();
+                    async move {
+                        match delivery {
+                            Ok(message) => this.process(message).await,
+                            Err(error) => tracing::debug!(%error, "Pull stream hiccup."),
+                        }
+                    }
+                })
+                .await;
+        }
+    }
+
+    async fn process(&self, message: jetstream::Message) {
+        let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+        let headers = message.headers.clone().unwrap_or_default();
+        let request = match Request::from_parts(headers, message.payload.clone()) {
+            Ok(request) => request,
+            Err(error) => {
+                tracing::error!(%error, subject = %message.subject, "Request breaks the wire contract; terminating it.");
+                ack(&message, AckKind::Term).await;
+                return;
+            }
+        };
+        let op = request.operation_id.clone();
+        match self.answer(request, delivered).await {
+            Ok(Answered::Replied(write)) => {
+                if let ResultWrite::Conflict { existing } = &write {
+                    self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(operation_id = %op, stored_status = existing.status, "A different result was already stored; this reply is dropped.");
+                } else {
+                    self.stats.replied.fetch_add(1, Ordering::Relaxed);
+                }
+                ack(&message, AckKind::Ack).await;
+            }
+            Ok(Answered::AlreadyDone) => {
+                self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+                ack(&message, AckKind::Ack).await;
+            }
+            Err(Failure::Handler(error)) => {
+                self.stats.handler_errors.fetch_add(1, Ordering::Relaxed);
+                let delay = self.config.retry_delay(delivered);
+                tracing::warn!(operation_id = %op, delivered, retry_in = ?delay, %error, "Handler failed; request will be redelivered.");
+                ack(&message, AckKind::Nak(Some(delay))).await;
+            }
+            Err(Failure::JetStream(error)) => {
+                let delay = self.config.retry_delay(delivered);
+                tracing::warn!(operation_id = %op, delivered, %error, "Cannot store the reply; request will be redelivered.");
+                ack(&message, AckKind::Nak(Some(delay))).await;
+            }
+        }
+    }
+
+    async fn answer(&self, request: Request, delivered: i64) -> Result<Answered, Failure> {
+        let client = self.js.client();
+        let results = &self.config.results_stream;
+        if last_on_subject(&client, results, &request.reply_subject)
+            .await?
+            .is_some()
+        {
+            return Ok(Answered::AlreadyDone);
+        }
+        let ttl = request.retention_secs.map(Duration::from_secs);
+        let (op, reply_subject) = (request.operation_id.clone(), request.reply_subject.clone());
+        let record = if OffsetDateTime::now_utc() > request.deadline {
+            tracing::info!(operation_id = %op, delivered, "Deadline passed before handling; marking the operation expired.");
+            ResultRecord::expired(&op, request.deadline)
+        } else {
+            self.handler
+                .call(request)
+                .await
+                .map_err(Failure::Handler)?
+                .into_record()
+        };
+        let write = publish_result(&self.js, results, &reply_subject, &op, &record, ttl).await?;
+        Ok(Answered::Replied(write))
+    }
+}
+
+enum Answered {
+    Replied(ResultWrite),
+    AlreadyDone,
+}
+
+enum Failure {
+    Handler(HandlerError),
+    JetStream(JetStreamError),
+}
+
+impl From<JetStreamError> for Failure {
+    fn from(e: JetStreamError) -> Self {
+        Failure::JetStream(e)
+    }
+}
+
+async fn ack(message: &jetstream::Message, kind: AckKind) {
+    if let Err(error) = message.ack_with(kind).await {
+        // The delivery will simply come back after AckWait; the result check makes that harmless.
+        tracing::debug!(%error, "Cannot acknowledge a delivery.");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_doubles_and_caps() {
+        let c = WorkerConfig {
+            retry_base: Duration::from_millis(100),
+            retry_max: Duration::from_secs(1),
+            ..Default::default()
+        };
+        assert_eq!(c.retry_delay(1), Duration::from_millis(100));
+        assert_eq!(c.retry_delay(2), Duration::from_millis(200));
+        assert_eq!(c.retry_delay(4), Duration::from_millis(800));
+        assert_eq!(c.retry_delay(5), Duration::from_secs(1));
+        assert_eq!(c.retry_delay(1000), Duration::from_secs(1));
+    }
+}
