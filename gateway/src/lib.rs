@@ -1,0 +1,128 @@
+//! The HTTP edge of the sync-async gateway: turns an HTTP request into exactly one JetStream message,
+//! answers `202 Accepted` with a status resource, and later serves the worker's reply, from any
+//! replica.
+//!
+//! # Layout
+//! - [`config`]: process settings (flags, `GATEWAY_*` env) and the routes file; validation.
+//! - [`http`]: the router, the handlers and the tower layers, assembled in one place.
+//! - [`idempotency`]: Idempotency-Key parsing, key tokens, operation ids, fingerprints (pure).
+//! - [`accept`]: one request in, exactly one message per key written, or the existing operation found.
+//! - [`operations`]: reading an operation back and deriving its status; settling expiry.
+//! - [`store`]: the JetStream connection and streams; the only module that calls async-nats.
+//! - [`error`]: the one HTTP error type and its problem+json mapping.
+//! - [`dev`]: `gateway dev`, the one-command local setup (nats-server child + example worker).
+//! - [`cli`]: the binary's entry point.
+//!
+//! The wire contract (subjects, headers, message shapes) is not here: it lives in the `handlers`
+//! crate, which workers use too.
+
+pub mod accept;
+pub mod cli;
+pub mod config;
+pub mod dev;
+pub mod error;
+pub mod http;
+pub mod idempotency;
+pub mod operations;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ConfigError, RouteConfig, Settings, header_allow_list};
+use crate::http::AppState;
+use crate::store::{Store, StoreError, StreamPlan};
+
+/// Why the gateway stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot connect to NATS: {0}")]
+    Connect(#[from] async_nats::ConnectError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("HTTP server failed: {0}")]
+    Serve(#[from] std::io::Error),
+}
+
+/// Runs the gateway on `listener` until `shutdown` resolves, then drains in-flight requests.
+///
+/// The listener opens at once; JetStream is connected and the streams provisioned in the
+/// background (retrying), and until then `/readyz` says not ready and submissions get 503.
+pub async fn run(
+    settings: Settings,
+    routes: Vec<RouteConfig>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let store = Arc::new(Store::connect(&settings).await?);
+    let state = AppState {
+        store: store.clone(),
+        retry_after_secs: settings.retry_after_secs,
+        forward_headers: header_allow_list(&settings.forward_headers)?.into(),
+        result_headers: header_allow_list(&settings.result_headers)?.into(),
+        #[cfg(feature = "fault-injection")]
+        abort_after_publish: settings.fault_abort_after_publish,
+    };
+    let app = http::router(state, &routes)?;
+    let plan = StreamPlan {
+        replicas: settings.stream_replicas,
+        duplicate_window: settings.duplicate_window,
+        max_retention: routes.iter().map(|r| r.retention).max().unwrap_or_default(),
+        body_limits: routes
+            .iter()
+            .map(|r| (r.name.clone(), r.max_body.0))
+            .collect(),
+    };
+
+    let stop = CancellationToken::new();
+    let provisioning = tokio::spawn(provision_until_done(store, plan, stop.clone()));
+    let serve_stop = stop.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        serve_stop.cancel();
+    });
+    tracing::info!(listen = %listener.local_addr()?, routes = routes.len(), "Gateway listening.");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(stop.clone().cancelled_owned())
+        .await?;
+    stop.cancel();
+    match provisioning.await {
+        Ok(Err(fatal)) => Err(fatal.into()),
+        _ => Ok(()),
+    }
+}
+
+/// Provisions the streams, retrying while NATS is unreachable. A configuration the server cannot
+/// honour (a body limit above its max_payload) stops the gateway.
+async fn provision_until_done(
+    store: Arc<Store>,
+    plan: StreamPlan,
+    stop: CancellationToken,
+) -> Result<(), StoreError> {
+    loop {
+        match store.provision(&plan).await {
+            Ok(()) => {
+                tracing::info!("JetStream streams provisioned; gateway ready.");
+                return Ok(());
+            }
+            Err(fatal @ StoreError::PayloadLimit { .. }) => {
+                tracing::error!(error = %fatal, "Configuration does not fit the NATS server; stopping.");
+                stop.cancel();
+                return Err(fatal);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "Cannot provision streams yet; retrying.");
+                tokio::select! {
+                    () = stop.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+}

@@ -26,6 +26,10 @@ pub const DEFAULT_REQUESTS_STREAM: &str = "GW_REQUESTS";
 /// Default name of the stream holding terminal records (results).
 pub const DEFAULT_RESULTS_STREAM: &str = "GW_RESULTS";
 
+/// Prefix of every RFC 9457 problem `type` the gateway emits (a tag URI, RFC 4151: an identifier,
+/// not a page). README.md lists each problem type.
+pub const PROBLEM_TYPE_BASE: &str = "tag:nats-http-gateway,2026:problem/";
+
 /// Header names. Lookups in received messages must use these constants, never a string typed
 /// elsewhere, so that both sides agree on spelling.
 pub mod header {
@@ -254,7 +258,7 @@ impl ResultRecord {
     /// The marker that ends an operation nobody answered in time: an RFC 9457 problem, 504.
     pub fn expired(operation_id: &str, deadline: OffsetDateTime) -> Self {
         let body = serde_json::json!({
-            "type": "https://github.com/nats-http-gateway/docs/problems/expired",
+            "type": format!("{PROBLEM_TYPE_BASE}expired"),
             "title": "Operation expired",
             "status": 504,
             "detail": format!(
@@ -371,7 +375,8 @@ mod tests {
     #[test]
     fn expired_marker_is_a_504_problem() {
         let record = ResultRecord::expired("op1", OffsetDateTime::UNIX_EPOCH);
-        let back = ResultRecord::from_parts(&record.to_headers("op1"), record.body.clone()).unwrap();
+        let back =
+            ResultRecord::from_parts(&record.to_headers("op1"), record.body.clone()).unwrap();
         assert_eq!(back.outcome, Outcome::Expired);
         assert_eq!(back.status, 504);
         let body: serde_json::Value = serde_json::from_slice(&back.body).unwrap();

@@ -116,7 +116,10 @@ async fn direct_get(
     let response = match client.request(subject, payload).await {
         Ok(response) => response,
         Err(e) if e.kind() == RequestErrorKind::NoResponders => {
-            return Err(get_error(stream, "no responders: stream missing or JetStream down"));
+            return Err(get_error(
+                stream,
+                "no responders: stream missing or JetStream down",
+            ));
         }
         Err(e) => return Err(get_error(stream, e)),
     };

@@ -139,7 +139,9 @@ impl Default for WorkerConfig {
 
 impl WorkerConfig {
     fn retry_delay(&self, delivered: i64) -> Duration {
-        let exponent = u32::try_from(delivered.saturating_sub(1)).unwrap_or(0).min(16);
+        let exponent = u32::try_from(delivered.saturating_sub(1))
+            .unwrap_or(0)
+            .min(16);
         self.retry_base
             .saturating_mul(2u32.saturating_pow(exponent))
             .min(self.retry_max)

@@ -1,0 +1,380 @@
+//! Configuration: process settings from flags and `GATEWAY_*` environment variables (clap), routes
+//! from a TOML file. Everything is validated once at start; nothing reads the environment later.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use axum::http::{HeaderName, Method};
+use serde::Deserialize;
+
+/// Process settings. Every flag has a `GATEWAY_*` environment variable.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Settings {
+    /// TOML file with the routes.
+    #[arg(long, env = "GATEWAY_CONFIG")]
+    pub config: PathBuf,
+    /// Address the HTTP server listens on.
+    #[arg(long, env = "GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// NATS server URL(s), comma-separated.
+    #[arg(
+        long,
+        env = "GATEWAY_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub nats_url: String,
+    /// First token of every subject the gateway uses.
+    #[arg(long, env = "GATEWAY_SUBJECT_PREFIX", default_value = handlers::contract::DEFAULT_PREFIX)]
+    pub subject_prefix: String,
+    /// Stream that holds accepted requests.
+    #[arg(long, env = "GATEWAY_REQUESTS_STREAM", default_value = handlers::contract::DEFAULT_REQUESTS_STREAM)]
+    pub requests_stream: String,
+    /// Stream that holds results (one terminal record per operation).
+    #[arg(long, env = "GATEWAY_RESULTS_STREAM", default_value = handlers::contract::DEFAULT_RESULTS_STREAM)]
+    pub results_stream: String,
+    /// Replicas of each stream (1 for a single server, 3 for a cluster).
+    #[arg(long, env = "GATEWAY_STREAM_REPLICAS", default_value_t = 1)]
+    pub stream_replicas: usize,
+    /// JetStream's duplicate window on the requests stream. Idempotency does not depend on it.
+    #[arg(long, env = "GATEWAY_DUPLICATE_WINDOW", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub duplicate_window: Duration,
+    /// How long to wait for a JetStream ack or read before answering 503.
+    #[arg(long, env = "GATEWAY_NATS_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub nats_timeout: Duration,
+    /// Seconds in `Retry-After` on pending operations and on 503 answers.
+    #[arg(long, env = "GATEWAY_RETRY_AFTER", default_value_t = 1)]
+    pub retry_after_secs: u64,
+    /// Request headers forwarded to workers (comma-separated, case-insensitive).
+    #[arg(
+        long,
+        env = "GATEWAY_FORWARD_HEADERS",
+        value_delimiter = ',',
+        default_value = "accept,accept-language,user-agent,x-request-id"
+    )]
+    pub forward_headers: Vec<String>,
+    /// Headers of a worker's reply that `GET /operations/{id}/result` replays.
+    #[arg(
+        long,
+        env = "GATEWAY_RESULT_HEADERS",
+        value_delimiter = ',',
+        default_value = "cache-control,content-language,etag,last-modified,location"
+    )]
+    pub result_headers: Vec<String>,
+    /// Crash (abort) right after the JetStream ack of an accepted request, before answering.
+    /// Test builds only: the end-to-end tests use it to prove a retry after such a crash converges.
+    #[cfg(feature = "fault-injection")]
+    #[arg(long, env = "GATEWAY_FAULT_ABORT_AFTER_PUBLISH", hide = true)]
+    pub fault_abort_after_publish: bool,
+}
+
+/// One route: an HTTP method and path whose requests become JetStream messages.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Route name; the subject token of its requests (`gw.req.<name>.…`).
+    pub name: String,
+    /// HTTP method (GET, POST, PUT, PATCH or DELETE).
+    pub method: String,
+    /// axum path pattern, e.g. `/reports/{kind}`.
+    pub path: String,
+    #[serde(default)]
+    pub require_idempotency_key: bool,
+    /// How long request, status and result are kept.
+    #[serde(default = "defaults::retention", with = "humantime_serde")]
+    pub retention: Duration,
+    /// Deadline for a result; past it the operation is `expired`.
+    #[serde(default = "defaults::timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Largest accepted body: bytes, or a string such as "256KiB" or "1MiB".
+    #[serde(default = "defaults::max_body")]
+    pub max_body: ByteSize,
+}
+
+mod defaults {
+    use super::*;
+    pub fn retention() -> Duration {
+        Duration::from_secs(24 * 3600)
+    }
+    pub fn timeout() -> Duration {
+        Duration::from_secs(5 * 60)
+    }
+    pub fn max_body() -> ByteSize {
+        ByteSize(1024 * 1024)
+    }
+}
+
+/// A size in bytes, written as a number or as a string with a KiB/MiB suffix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "ByteSizeInput")]
+pub struct ByteSize(pub usize);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ByteSizeInput {
+    Number(usize),
+    Text(String),
+}
+
+impl TryFrom<ByteSizeInput> for ByteSize {
+    type Error = String;
+    fn try_from(input: ByteSizeInput) -> Result<Self, String> {
+        let text = match input {
+            ByteSizeInput::Number(n) => return Ok(ByteSize(n)),
+            ByteSizeInput::Text(t) => t,
+        };
+        let t = text.trim();
+        let (digits, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+        let n: usize = digits.parse().map_err(|_| {
+            format!("{text:?} is not a size such as 1048576, \"256KiB\" or \"1MiB\"")
+        })?;
+        let factor = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1024,
+            "MiB" => 1024 * 1024,
+            other => return Err(format!("unknown size unit {other:?}; use B, KiB or MiB")),
+        };
+        Ok(ByteSize(n * factor))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoutesFile {
+    #[serde(rename = "route", default)]
+    routes: Vec<RouteConfig>,
+}
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid routes file: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn invalid(message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(message.into())
+}
+
+/// Paths the gateway serves itself; no route may take them.
+const RESERVED_PREFIXES: &[&str] = &["/operations", "/livez", "/readyz"];
+
+/// Reads and validates the routes file.
+pub fn load_routes(path: &Path) -> Result<Vec<RouteConfig>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let file: RoutesFile = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.to_owned(),
+        source: Box::new(source),
+    })?;
+    validate_routes(&file.routes)?;
+    Ok(file.routes)
+}
+
+/// Checks what serde cannot: names usable as subject tokens, known methods, well-formed and
+/// unique paths, positive durations.
+pub fn validate_routes(routes: &[RouteConfig]) -> Result<(), ConfigError> {
+    if routes.is_empty() {
+        return Err(invalid("the routes file defines no [[route]]"));
+    }
+    let mut names = HashSet::new();
+    let mut endpoints = HashSet::new();
+    for r in routes {
+        let who = format!("route {:?}", r.name);
+        let name_ok = !r.name.is_empty()
+            && r.name.len() <= 64
+            && r.name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        if !name_ok {
+            return Err(invalid(format!(
+                "{who}: a name is 1-64 characters of a-z, 0-9, '-' and '_' (it becomes a subject token)"
+            )));
+        }
+        if !names.insert(r.name.as_str()) {
+            return Err(invalid(format!("{who} is defined twice")));
+        }
+        let method = r.method.to_ascii_uppercase();
+        if !["GET", "POST", "PUT", "PATCH", "DELETE"].contains(&method.as_str()) {
+            return Err(invalid(format!(
+                "{who}: method {:?} is not one of GET, POST, PUT, PATCH, DELETE",
+                r.method
+            )));
+        }
+        validate_path(&r.path).map_err(|why| invalid(format!("{who}: path {:?} {why}", r.path)))?;
+        if !endpoints.insert((method, r.path.clone())) {
+            return Err(invalid(format!(
+                "{who}: another route already serves {} {}",
+                r.method, r.path
+            )));
+        }
+        if r.timeout.is_zero() || r.retention.is_zero() {
+            return Err(invalid(format!(
+                "{who}: timeout and retention must be positive"
+            )));
+        }
+        if r.retention < Duration::from_secs(1) {
+            return Err(invalid(format!("{who}: retention must be at least 1s")));
+        }
+        if r.max_body.0 == 0 {
+            return Err(invalid(format!("{who}: max_body must be positive")));
+        }
+    }
+    Ok(())
+}
+
+fn validate_path(path: &str) -> Result<(), &'static str> {
+    if !path.starts_with('/') {
+        return Err("must start with '/'");
+    }
+    if RESERVED_PREFIXES
+        .iter()
+        .any(|p| path == *p || path.starts_with(&format!("{p}/")))
+    {
+        return Err("is reserved for the gateway's own endpoints");
+    }
+    for segment in path.split('/').skip(1) {
+        let opens = segment.matches('{').count();
+        let closes = segment.matches('}').count();
+        let is_param =
+            segment.starts_with('{') && segment.ends_with('}') && opens == 1 && closes == 1;
+        if (opens + closes > 0 && !is_param) || segment == "{}" || segment == "{*}" {
+            return Err("has a malformed parameter; write a whole segment as {name} or {*rest}");
+        }
+    }
+    Ok(())
+}
+
+impl RouteConfig {
+    /// The method as an `http` type; valid after `validate_routes`.
+    pub fn http_method(&self) -> Method {
+        Method::from_bytes(self.method.to_ascii_uppercase().as_bytes()).expect("validated method")
+    }
+}
+
+/// Parses a header allow-list, refusing names the contract reserves.
+pub fn header_allow_list(names: &[String]) -> Result<Vec<HeaderName>, ConfigError> {
+    names
+        .iter()
+        .map(|n| n.trim())
+        .filter(|n| !n.is_empty())
+        .map(|n| {
+            let lower = n.to_ascii_lowercase();
+            if lower.starts_with("gw-") || lower.starts_with("nats-") {
+                return Err(invalid(format!(
+                    "header {n:?} cannot be forwarded: Gw-* and Nats-* names belong to the wire contract"
+                )));
+            }
+            HeaderName::from_bytes(lower.as_bytes())
+                .map_err(|_| invalid(format!("{n:?} is not a valid header name")))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Vec<RouteConfig>, ConfigError> {
+        let file: RoutesFile = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: "test.toml".into(),
+            source: Box::new(source),
+        })?;
+        validate_routes(&file.routes)?;
+        Ok(file.routes)
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let routes =
+            parse("[[route]]\nname = \"orders\"\nmethod = \"post\"\npath = \"/orders\"\n").unwrap();
+        let r = &routes[0];
+        assert!(!r.require_idempotency_key);
+        assert_eq!(r.retention, Duration::from_secs(86400));
+        assert_eq!(r.timeout, Duration::from_secs(300));
+        assert_eq!(r.max_body, ByteSize(1 << 20));
+        assert_eq!(r.http_method(), Method::POST);
+    }
+
+    #[test]
+    fn sizes_and_durations_parse() {
+        let routes = parse(
+            "[[route]]\nname = \"a\"\nmethod = \"PUT\"\npath = \"/a/{id}\"\nretention = \"1h\"\ntimeout = \"30s\"\nmax_body = \"256KiB\"\n",
+        )
+        .unwrap();
+        assert_eq!(routes[0].max_body, ByteSize(256 * 1024));
+        assert_eq!(routes[0].timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn bad_configs_say_what_is_wrong() {
+        let cases = [
+            ("", "no [[route]]"),
+            (
+                "[[route]]\nname = \"Bad.Name\"\nmethod = \"POST\"\npath = \"/a\"\n",
+                "subject token",
+            ),
+            (
+                "[[route]]\nname = \"a\"\nmethod = \"TRACE\"\npath = \"/a\"\n",
+                "not one of",
+            ),
+            (
+                "[[route]]\nname = \"a\"\nmethod = \"POST\"\npath = \"a\"\n",
+                "start with '/'",
+            ),
+            (
+                "[[route]]\nname = \"a\"\nmethod = \"POST\"\npath = \"/operations/x\"\n",
+                "reserved",
+            ),
+            (
+                "[[route]]\nname = \"a\"\nmethod = \"POST\"\npath = \"/a/{x\"\n",
+                "malformed",
+            ),
+            (
+                "[[route]]\nname = \"a\"\nmethod = \"POST\"\npath = \"/a\"\nmax_body = \"1GB\"\n",
+                "unknown size unit",
+            ),
+            (
+                "[[route]]\nname = \"a\"\nmethod = \"POST\"\npath = \"/a\"\ntimeout = \"soon\"\n",
+                "timeout",
+            ),
+            (
+                "[[route]]\nname = \"a\"\nmethod = \"POST\"\npath = \"/a\"\ncolour = 1\n",
+                "colour",
+            ),
+            (
+                "[[route]]\nname = \"a\"\nmethod = \"POST\"\npath = \"/a\"\n[[route]]\nname = \"b\"\nmethod = \"POST\"\npath = \"/a\"\n",
+                "already serves",
+            ),
+            (
+                "[[route]]\nname = \"a\"\nmethod = \"POST\"\npath = \"/a\"\n[[route]]\nname = \"a\"\nmethod = \"POST\"\npath = \"/b\"\n",
+                "defined twice",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = parse(text).expect_err(text).to_string();
+            assert!(err.contains(expected), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn contract_headers_cannot_be_forwarded() {
+        assert!(header_allow_list(&["accept".into(), " X-Trace ".into()]).is_ok());
+        assert!(header_allow_list(&["Gw-Route".into()]).is_err());
+        assert!(header_allow_list(&["nats-msg-id".into()]).is_err());
+        assert!(header_allow_list(&["bad header".into()]).is_err());
+    }
+}

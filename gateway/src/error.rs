@@ -1,0 +1,153 @@
+//! The HTTP edge's one error type, and its one mapping to RFC 9457 `application/problem+json`.
+//!
+//! Module errors (`KeyError`, `AcceptError`, `StoreError`) convert into [`ApiError`]; handlers
+//! return it with `?`; [`IntoResponse`] is the only place that picks a status code. A hand-written
+//! `Problem` type is used rather than a crate: it is a few lines, and the problem crates lag behind
+//! the stack's versions (../shared/reference/style-and-ecosystem.md, B10).
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use handlers::contract::PROBLEM_TYPE_BASE;
+use serde::Serialize;
+
+use crate::accept::AcceptError;
+use crate::idempotency::KeyError;
+use crate::store::StoreError;
+
+/// An RFC 9457 problem body.
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: &'static str,
+    pub status: u16,
+    pub detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub operation_id: Option<String>,
+}
+
+/// Everything a request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("no route serves this path")]
+    RouteNotFound,
+    #[error("this path does not accept the method")]
+    MethodNotAllowed,
+    #[error("no operation with this id")]
+    OperationNotFound,
+    #[error("request body exceeds the route's limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("cannot read the request body: {0}")]
+    BadBody(String),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("idempotency key already used for a different request")]
+    KeyReused { operation_id: String },
+    #[error("JetStream unavailable: {0}")]
+    Unavailable(StoreError),
+}
+
+impl From<AcceptError> for ApiError {
+    fn from(e: AcceptError) -> Self {
+        match e {
+            AcceptError::KeyReused { operation_id } => ApiError::KeyReused { operation_id },
+            AcceptError::Store(e) => ApiError::Unavailable(e),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::Unavailable(e)
+    }
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::RouteNotFound | ApiError::OperationNotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BadBody(_) | ApiError::Key(_) => StatusCode::BAD_REQUEST,
+            ApiError::KeyReused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn slug_and_title(&self) -> (&'static str, &'static str) {
+        match self {
+            ApiError::RouteNotFound => ("not-found", "Not found"),
+            ApiError::MethodNotAllowed => ("method-not-allowed", "Method not allowed"),
+            ApiError::OperationNotFound => ("operation-not-found", "Operation not found"),
+            ApiError::PayloadTooLarge { .. } => ("payload-too-large", "Request body too large"),
+            ApiError::BadBody(_) => ("bad-body", "Unreadable request body"),
+            ApiError::Key(KeyError::Missing) => {
+                ("idempotency-key-missing", "Idempotency-Key required")
+            }
+            ApiError::Key(_) => ("idempotency-key-invalid", "Invalid Idempotency-Key"),
+            ApiError::KeyReused { .. } => (
+                "idempotency-key-reused",
+                "Idempotency-Key reused with a different request",
+            ),
+            ApiError::Unavailable(_) => ("unavailable", "Service unavailable, outcome unknown"),
+        }
+    }
+
+    fn detail(&self) -> String {
+        match self {
+            ApiError::Unavailable(_) => "JetStream did not confirm the operation in time. It may \
+                or may not have been accepted: retry the same request with the same \
+                Idempotency-Key, which will find it or accept it exactly once."
+                .to_owned(),
+            ApiError::KeyReused { .. } => "This Idempotency-Key was first used for a request \
+                with another method, path, query, content type or body. Use a new key for a new \
+                request."
+                .to_owned(),
+            other => {
+                let mut s = other.to_string();
+                if let Some(first) = s.get_mut(0..1) {
+                    first.make_ascii_uppercase();
+                }
+                s.push('.');
+                s
+            }
+        }
+    }
+
+    pub fn problem(&self) -> Problem {
+        let (slug, title) = self.slug_and_title();
+        Problem {
+            kind: format!("{PROBLEM_TYPE_BASE}{slug}"),
+            title,
+            status: self.status().as_u16(),
+            detail: self.detail(),
+            operation_id: match self {
+                ApiError::KeyReused { operation_id } => Some(operation_id.clone()),
+                _ => None,
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    /// 503 answers get their `Retry-After` from the router's `retry_after` layer, which knows the
+    /// configured value.
+    fn into_response(self) -> Response {
+        if let ApiError::Unavailable(cause) = &self {
+            tracing::warn!(error = %cause, "Answering 503; the client may retry with the same key.");
+        }
+        (self.status(), problem_json(&self.problem())).into_response()
+    }
+}
+
+/// A problem as a response body with the right content type.
+pub fn problem_json(problem: &Problem) -> impl IntoResponse + use<> {
+    let body = serde_json::to_vec(problem).expect("a Problem always serializes");
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        )],
+        body,
+    )
+}

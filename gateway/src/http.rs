@@ -1,0 +1,368 @@
+//! The HTTP edge: the router assembled from the configured routes, the handlers of the gateway's
+//! own endpoints, and the tower layers, all in one place.
+//!
+//! Handlers parse and validate, call `accept` or `operations`, and shape the answer. They never
+//! touch async-nats; every error leaves them as an [`ApiError`] and becomes problem+json there.
+
+use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodFilter, MethodRouter, get};
+use serde::Serialize;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::accept::{Accepted, Submission, accept};
+use crate::config::{ConfigError, RouteConfig};
+use crate::error::ApiError;
+use crate::idempotency::{self, KeyError};
+use crate::operations::{DEFAULT_TENANT, Operation, Status, lookup};
+use crate::store::Store;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<Store>,
+    /// Seconds in `Retry-After` on pending operations and 503 answers.
+    pub retry_after_secs: u64,
+    /// Request headers forwarded to workers.
+    pub forward_headers: Arc<[HeaderName]>,
+    /// Reply headers replayed from results.
+    pub result_headers: Arc<[HeaderName]>,
+    #[cfg(feature = "fault-injection")]
+    pub abort_after_publish: bool,
+}
+
+const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Builds the router: the configured routes, `/operations/…`, `/livez`, `/readyz`, and the layers.
+pub fn router(state: AppState, routes: &[RouteConfig]) -> Result<Router, ConfigError> {
+    let mut by_path: BTreeMap<&str, MethodRouter<AppState>> = BTreeMap::new();
+    for route in routes {
+        let filter = MethodFilter::try_from(route.http_method())
+            .map_err(|e| ConfigError::Invalid(format!("route {:?}: {e}", route.name)))?;
+        let config = Arc::new(route.clone());
+        let handler = move |State(state): State<AppState>, request: Request| {
+            let config = config.clone();
+            async move { submit(state, config, request).await }
+        };
+        let methods = by_path.remove(route.path.as_str()).unwrap_or_default();
+        by_path.insert(&route.path, methods.on(filter, handler));
+    }
+    let mut app = Router::new()
+        .route("/operations/{id}", get(get_operation))
+        .route("/operations/{id}/result", get(get_result))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz));
+    for (path, methods) in by_path {
+        // axum rejects path patterns that conflict (e.g. `/a/{x}` beside `/a/{y}`) by panicking;
+        // that is a configuration error, reported as such.
+        app = std::panic::catch_unwind(AssertUnwindSafe(|| app.route(path, methods))).map_err(
+            |_| ConfigError::Invalid(format!("path {path:?} conflicts with another route")),
+        )?;
+    }
+    Ok(app
+        .fallback(|| async { ApiError::RouteNotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(axum::middleware::map_response_with_state(
+            state.clone(),
+            add_retry_after,
+        ))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(TraceLayer::new_for_http())
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .with_state(state))
+}
+
+/// Every 503 carries `Retry-After`: the client is expected to retry, so say when.
+async fn add_retry_after(State(state): State<AppState>, mut response: Response) -> Response {
+    if response.status() == StatusCode::SERVICE_UNAVAILABLE
+        && !response.headers().contains_key(header::RETRY_AFTER)
+    {
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(state.retry_after_secs),
+        );
+    }
+    response
+}
+
+fn operation_path(id: &str) -> String {
+    format!("/operations/{id}")
+}
+
+#[derive(Serialize)]
+struct Links {
+    #[serde(rename = "self")]
+    this: String,
+    result: String,
+}
+
+impl Links {
+    fn of(id: &str) -> Self {
+        Self {
+            this: operation_path(id),
+            result: format!("{}/result", operation_path(id)),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct AcceptedBody<'a> {
+    id: &'a str,
+    status: Status,
+    idempotency_key: &'a str,
+    links: Links,
+}
+
+#[derive(Serialize)]
+struct ResultSummary<'a> {
+    status_code: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content_type: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct OperationBody<'a> {
+    id: &'a str,
+    route: &'a str,
+    status: Status,
+    #[serde(with = "time::serde::rfc3339")]
+    created_at: time::OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    updated_at: time::OffsetDateTime,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<ResultSummary<'a>>,
+    links: Links,
+}
+
+impl<'a> OperationBody<'a> {
+    fn of(op: &'a Operation) -> Self {
+        Self {
+            id: &op.id,
+            route: &op.route,
+            status: op.status(),
+            created_at: op.created_at,
+            updated_at: op.updated_at(),
+            result: op.result.as_ref().map(|r| ResultSummary {
+                status_code: r.record.status,
+                content_type: r.record.content_type.as_deref(),
+            }),
+            links: Links::of(&op.id),
+        }
+    }
+}
+
+fn content_length(headers: &HeaderMap) -> Option<usize> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn is_length_limit(error: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// `POST /<route>` (or whatever the route's method is): validate, accept, answer 202.
+async fn submit(
+    state: AppState,
+    route: Arc<RouteConfig>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let limit = route.max_body.0;
+    let (parts, body) = request.into_parts();
+    if content_length(&parts.headers).is_some_and(|len| len > limit) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    let idempotency_key = match idempotency::parse_key(&parts.headers)? {
+        Some(key) => key,
+        None if route.require_idempotency_key => return Err(KeyError::Missing.into()),
+        None => idempotency::assign_key(),
+    };
+    let body = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if is_length_limit(&e) {
+            ApiError::PayloadTooLarge { limit }
+        } else {
+            ApiError::BadBody(e.to_string())
+        }
+    })?;
+    let text_header = |name: &HeaderName| parts.headers.get(name).and_then(|v| v.to_str().ok());
+    let forwarded = state
+        .forward_headers
+        .iter()
+        .chain(std::iter::once(&TRACEPARENT))
+        .flat_map(|name| {
+            parts
+                .headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .map(|v| (name.as_str().to_owned(), v.to_owned()))
+        })
+        .collect();
+    let accepted = accept(
+        &state.store,
+        Submission {
+            route: &route,
+            tenant: DEFAULT_TENANT,
+            idempotency_key,
+            method: parts.method.as_str(),
+            path: parts.uri.path(),
+            query: parts.uri.query(),
+            content_type: text_header(&header::CONTENT_TYPE),
+            forwarded,
+            body,
+        },
+    )
+    .await?;
+    #[cfg(feature = "fault-injection")]
+    if state.abort_after_publish && matches!(accepted, Accepted::New(_)) {
+        tracing::warn!("Fault injection: aborting after the JetStream ack, before answering.");
+        std::process::abort();
+    }
+    Ok(accepted_response(&state, accepted))
+}
+
+fn accepted_response(state: &AppState, accepted: Accepted) -> Response {
+    let (operation, replayed) = match accepted {
+        Accepted::New(op) => (op, false),
+        Accepted::Replayed(op) => (op, true),
+    };
+    let body = AcceptedBody {
+        id: &operation.id,
+        status: operation.status(),
+        idempotency_key: &operation.idempotency_key,
+        links: Links::of(&operation.id),
+    };
+    let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
+    let h = response.headers_mut();
+    h.insert(
+        header::LOCATION,
+        header_value(&operation_path(&operation.id)),
+    );
+    h.insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(state.retry_after_secs),
+    );
+    h.insert(
+        HeaderName::from_static(idempotency::HEADER),
+        header_value(&idempotency::format_key(&operation.idempotency_key)),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if replayed {
+        h.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    }
+    response
+}
+
+fn header_value(text: &str) -> HeaderValue {
+    HeaderValue::from_str(text).expect("gateway-made header values are visible ASCII")
+}
+
+async fn find(
+    state: &AppState,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Operation, ApiError> {
+    let Ok(Path(id)) = id else {
+        return Err(ApiError::OperationNotFound);
+    };
+    lookup(&state.store, DEFAULT_TENANT, &id)
+        .await?
+        .ok_or(ApiError::OperationNotFound)
+}
+
+/// `GET /operations/{id}`: the status resource.
+async fn get_operation(
+    State(state): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let operation = find(&state, id).await?;
+    let mut response = Json(OperationBody::of(&operation)).into_response();
+    let h = response.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if !operation.status().is_terminal() {
+        h.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(state.retry_after_secs),
+        );
+    }
+    Ok(response)
+}
+
+/// `GET /operations/{id}/result`: the stored reply replayed, or 202 while there is none.
+async fn get_result(
+    State(state): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let operation = find(&state, id).await?;
+    let Some(result) = &operation.result else {
+        let mut response =
+            (StatusCode::ACCEPTED, Json(OperationBody::of(&operation))).into_response();
+        let h = response.headers_mut();
+        h.insert(
+            header::LOCATION,
+            header_value(&operation_path(&operation.id)),
+        );
+        h.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(state.retry_after_secs),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        return Ok(response);
+    };
+    let record = &result.record;
+    let status = StatusCode::from_u16(record.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut response = Response::new(Body::from(record.body.clone()));
+    *response.status_mut() = status;
+    let h = response.headers_mut();
+    if let Some(ct) = record
+        .content_type
+        .as_deref()
+        .and_then(|v| HeaderValue::from_str(v).ok())
+    {
+        h.insert(header::CONTENT_TYPE, ct);
+    }
+    for (name, value) in &record.headers {
+        let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
+            continue;
+        };
+        if !state.result_headers.contains(&name) {
+            continue;
+        }
+        if let Ok(value) = HeaderValue::from_str(value) {
+            h.append(name, value);
+        }
+    }
+    Ok(response)
+}
+
+/// Liveness: the process answers. Never checks NATS, so a NATS outage cannot restart the gateway.
+async fn livez() -> impl IntoResponse {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// Readiness: JetStream reachable and both streams in place.
+async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    state.store.check_ready().await?;
+    Ok(Json(serde_json::json!({ "status": "ready" })))
+}

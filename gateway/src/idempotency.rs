@@ -1,0 +1,276 @@
+//! Idempotency keys and what is derived from them: the key token (which names the request's
+//! subject, and so *is* the idempotency record), the operation id, and the request fingerprint.
+//!
+//! Pure functions only; the JetStream side of idempotency (create-if-absent, read back, compare)
+//! lives in `accept`.
+//!
+//! Following the IETF Idempotency-Key draft (../shared/reference/anchors.md, 1.1): the header is an
+//! RFC 8941 sf-string (`Idempotency-Key: "8e03..."`); a bare token is accepted too. The key is
+//! scoped by (tenant, route) and bound to a fingerprint of the request.
+
+use axum::http::HeaderMap;
+use data_encoding::BASE32_NOPAD;
+use sfv::{BareItem, FieldType, Item, Parser};
+use sha2::{Digest, Sha256};
+
+/// The request header that carries the key.
+pub const HEADER: &str = "idempotency-key";
+/// Longest key accepted, in characters (Stripe's limit, and the issue's).
+pub const MAX_KEY_LEN: usize = 255;
+/// Length of a key token: 128 bits in lowercase base32.
+pub const KEY_TOKEN_LEN: usize = 26;
+/// Length of an operation id: the key token plus 64 random bits in lowercase base32.
+pub const OPERATION_ID_LEN: usize = KEY_TOKEN_LEN + 13;
+
+/// What is wrong with a request's Idempotency-Key header.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KeyError {
+    #[error("this route requires an Idempotency-Key header")]
+    Missing,
+    #[error("send exactly one Idempotency-Key header")]
+    Repeated,
+    #[error("the Idempotency-Key must not be empty")]
+    Empty,
+    #[error("the Idempotency-Key is {0} characters long; at most 255 are allowed")]
+    TooLong(usize),
+    #[error("the Idempotency-Key must be a structured-field string (\"...\") or token: {0}")]
+    Malformed(String),
+}
+
+/// Reads the Idempotency-Key header: `Ok(None)` when absent.
+pub fn parse_key(headers: &HeaderMap) -> Result<Option<String>, KeyError> {
+    let mut values = headers.get_all(HEADER).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(KeyError::Repeated);
+    }
+    let item = Parser::new(value.as_bytes())
+        .parse::<Item>()
+        .map_err(|e| KeyError::Malformed(e.to_string()))?;
+    let key = match item.bare_item {
+        BareItem::String(s) => s.as_str().to_owned(),
+        BareItem::Token(t) => t.as_str().to_owned(),
+        _ => {
+            return Err(KeyError::Malformed(
+                "expected a string or a token".to_owned(),
+            ));
+        }
+    };
+    // Parameters on the item are ignored, as RFC 8941 asks of unknown parameters.
+    match key.chars().count() {
+        0 => Err(KeyError::Empty),
+        n if n > MAX_KEY_LEN => Err(KeyError::TooLong(n)),
+        _ => Ok(Some(key)),
+    }
+}
+
+/// Writes a key as the sf-string the response's Idempotency-Key header carries.
+pub fn format_key(key: &str) -> String {
+    // Keys come from `parse_key` (printable ASCII) or from the gateway (a UUID), so they are
+    // always valid sf-strings.
+    let string = sfv::String::from_string(key.to_owned())
+        .unwrap_or_else(|_| unreachable!("keys are printable ASCII"));
+    Item::new(BareItem::String(string)).serialize()
+}
+
+/// A fresh key for a request that came without one, so the client can retry it safely.
+pub fn assign_key() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+fn base32_lower(bytes: &[u8]) -> String {
+    BASE32_NOPAD.encode(bytes).to_ascii_lowercase()
+}
+
+/// The token that names the request subject of (tenant, route, key). Same inputs, same token, on
+/// every replica and after every restart.
+pub fn key_token(tenant: &str, route: &str, key: &str) -> String {
+    let mut h = Sha256::new();
+    for part in [
+        b"gw-key-v1".as_slice(),
+        tenant.as_bytes(),
+        route.as_bytes(),
+        key.as_bytes(),
+    ] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    base32_lower(&h.finalize()[..16])
+}
+
+/// A new operation id for a key token: the token (so the operation's request can be found from the
+/// id alone) plus random bits (so a key reused after its retention ended names a new operation,
+/// never an old result).
+pub fn new_operation_id(key_token: &str) -> String {
+    let nonce = &uuid::Uuid::new_v4().into_bytes()[..8];
+    format!("{key_token}{}", base32_lower(nonce))
+}
+
+/// The key token inside an operation id, or `None` when the id is not one the gateway made.
+pub fn key_token_of(operation_id: &str) -> Option<&str> {
+    let well_formed = operation_id.len() == OPERATION_ID_LEN
+        && operation_id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b));
+    well_formed.then(|| &operation_id[..KEY_TOKEN_LEN])
+}
+
+/// The parts of a request a key is bound to.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestIdentity<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub content_type: Option<&'a str>,
+    pub body: &'a [u8],
+}
+
+impl RequestIdentity<'_> {
+    /// Hex SHA-256 over method, path, query, content type and body, each length-prefixed so that
+    /// no two different requests share an encoding.
+    pub fn fingerprint(&self) -> String {
+        let mut h = Sha256::new();
+        for part in [
+            self.method.as_bytes(),
+            self.path.as_bytes(),
+            self.query.unwrap_or("").as_bytes(),
+            self.content_type.unwrap_or("").as_bytes(),
+            self.body,
+        ] {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part);
+        }
+        data_encoding::HEXLOWER.encode(&h.finalize())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn headers(values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(HEADER, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn accepts_sf_strings_and_tokens() {
+        assert_eq!(
+            parse_key(&headers(&["\"abc 123\""])),
+            Ok(Some("abc 123".into()))
+        );
+        assert_eq!(
+            parse_key(&headers(&["\"a\\\"b\""])),
+            Ok(Some("a\"b".into()))
+        );
+        assert_eq!(
+            parse_key(&headers(&["order-42"])),
+            Ok(Some("order-42".into()))
+        );
+        assert_eq!(parse_key(&headers(&["\"k\";v=1"])), Ok(Some("k".into())));
+        assert_eq!(parse_key(&headers(&[])), Ok(None));
+    }
+
+    #[test]
+    fn rejects_bad_keys() {
+        assert_eq!(parse_key(&headers(&["\"\""])), Err(KeyError::Empty));
+        assert_eq!(
+            parse_key(&headers(&["\"a\"", "\"b\""])),
+            Err(KeyError::Repeated)
+        );
+        let long = format!("\"{}\"", "x".repeat(256));
+        assert_eq!(parse_key(&headers(&[&long])), Err(KeyError::TooLong(256)));
+        let max = format!("\"{}\"", "x".repeat(255));
+        assert!(parse_key(&headers(&[&max])).is_ok());
+        for bad in [
+            "\"unterminated",
+            "12",
+            "?1",
+            "a b",
+            "(\"a\")",
+            "\"a\" x",
+            ":YQ==:",
+        ] {
+            assert!(
+                matches!(parse_key(&headers(&[bad])), Err(KeyError::Malformed(_))),
+                "{bad} should be malformed"
+            );
+        }
+    }
+
+    #[test]
+    fn formatted_keys_parse_back() {
+        for key in ["abc", "a\"b\\c", "8e03978e-40d5-43e8-bc93-6894a57f9324"] {
+            let formatted = format_key(key);
+            assert_eq!(parse_key(&headers(&[&formatted])), Ok(Some(key.to_owned())));
+        }
+    }
+
+    #[test]
+    fn key_token_is_scoped_and_stable() {
+        let t = key_token("default", "orders", "k1");
+        assert_eq!(t.len(), KEY_TOKEN_LEN);
+        assert_eq!(t, key_token("default", "orders", "k1"));
+        assert_ne!(t, key_token("other", "orders", "k1"));
+        assert_ne!(t, key_token("default", "reports", "k1"));
+        assert_ne!(t, key_token("default", "orders", "k2"));
+        // Length prefixes keep ("ab","c") and ("a","bc") apart.
+        assert_ne!(key_token("ab", "c", "k"), key_token("a", "bc", "k"));
+    }
+
+    #[test]
+    fn operation_ids_carry_their_key_token() {
+        let t = key_token("default", "orders", "k1");
+        let a = new_operation_id(&t);
+        let b = new_operation_id(&t);
+        assert_ne!(a, b);
+        assert_eq!(key_token_of(&a), Some(t.as_str()));
+        assert_eq!(key_token_of("short"), None);
+        assert_eq!(key_token_of(&a.to_uppercase()), None);
+        assert_eq!(key_token_of(&format!("{}.", &a[1..])), None);
+    }
+
+    #[test]
+    fn fingerprint_covers_every_part() {
+        let base = RequestIdentity {
+            method: "POST",
+            path: "/orders",
+            query: None,
+            content_type: Some("application/json"),
+            body: b"{}",
+        };
+        let f = base.fingerprint();
+        assert_eq!(f, base.fingerprint());
+        let variants = [
+            RequestIdentity {
+                method: "PUT",
+                ..base
+            },
+            RequestIdentity {
+                path: "/orders/1",
+                ..base
+            },
+            RequestIdentity {
+                query: Some("a=1"),
+                ..base
+            },
+            RequestIdentity {
+                content_type: None,
+                ..base
+            },
+            RequestIdentity {
+                body: b"{ }",
+                ..base
+            },
+        ];
+        for v in variants {
+            assert_ne!(v.fingerprint(), f, "{v:?}");
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! Operations: what the gateway knows about one accepted request, read back from JetStream, and
+//! the status derived from it.
+//!
+//! An operation is two stream messages at most: its request (on the key's subject) and its
+//! terminal record (on `gw.res.<id>`). Status is a function of those two and the clock:
+//!
+//! | terminal record                  | status      |
+//! |----------------------------------|-------------|
+//! | none, deadline ahead             | `pending`   |
+//! | a reply with a 2xx or 3xx status | `succeeded` |
+//! | a reply with a 4xx or 5xx status | `failed`    |
+//! | the `expired` marker             | `expired`   |
+//!
+//! "None, deadline passed" is not a status: the first reader to see it writes the `expired`
+//! marker (first writer wins, see `handlers::jetstream::publish_result`) and reports whatever
+//! record won. So a status, once terminal, never changes, on any replica: a late reply after the
+//! marker is refused by the results stream; a reply that beat the marker is what everyone sees.
+
+use std::time::Duration;
+
+use async_nats::jetstream::message::StreamMessage;
+use handlers::contract::{ContractError, Outcome, header, header_str};
+use serde::Serialize;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::idempotency::key_token_of;
+use crate::store::{Store, StoreError, StoredResult};
+
+/// The tenant every request belongs to until authentication maps callers to tenants. It is part of
+/// every key's scope already, so adding tenants changes no stored data.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// Status of an operation, as clients see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Pending,
+    Succeeded,
+    Failed,
+    Expired,
+}
+
+impl Status {
+    pub fn is_terminal(self) -> bool {
+        self != Status::Pending
+    }
+}
+
+/// One operation as read from JetStream.
+#[derive(Debug, Clone)]
+pub struct Operation {
+    pub id: String,
+    pub route: String,
+    pub tenant: String,
+    pub idempotency_key: String,
+    pub fingerprint: String,
+    pub created_at: OffsetDateTime,
+    pub deadline: OffsetDateTime,
+    pub retention: Option<Duration>,
+    pub result: Option<StoredResult>,
+}
+
+impl Operation {
+    /// Reads an operation's request message (its result is attached separately).
+    pub fn from_request(message: &StreamMessage) -> Result<Self, ContractError> {
+        let h = &message.headers;
+        let get = |name: &'static str| {
+            header_str(h, name)
+                .map(str::to_owned)
+                .ok_or(ContractError::MissingHeader(name))
+        };
+        let deadline_text = get(header::DEADLINE)?;
+        let deadline = OffsetDateTime::parse(&deadline_text, &Rfc3339).map_err(|_| {
+            ContractError::InvalidHeader {
+                name: header::DEADLINE,
+                value: deadline_text.clone(),
+            }
+        })?;
+        Ok(Self {
+            id: get(header::OPERATION_ID)?,
+            route: get(header::ROUTE)?,
+            tenant: get(header::TENANT)?,
+            idempotency_key: get(header::IDEMPOTENCY_KEY)?,
+            fingerprint: get(header::FINGERPRINT)?,
+            created_at: message.time,
+            deadline,
+            retention: header_str(h, header::RETENTION)
+                .and_then(|v| v.parse().ok())
+                .map(Duration::from_secs),
+            result: None,
+        })
+    }
+
+    pub fn status(&self) -> Status {
+        match &self.result {
+            None => Status::Pending,
+            Some(r) if r.record.outcome == Outcome::Expired => Status::Expired,
+            Some(r) if r.record.status < 400 => Status::Succeeded,
+            Some(_) => Status::Failed,
+        }
+    }
+
+    pub fn updated_at(&self) -> OffsetDateTime {
+        self.result
+            .as_ref()
+            .map_or(self.created_at, |r| r.stored_at)
+    }
+}
+
+/// Finds an operation by id for a tenant, settling expiry on the way. `None` for ids that do not
+/// exist, no longer exist (retention), or belong to another tenant.
+///
+/// Costs two direct gets, issued together; a third write and read only at the moment an
+/// operation expires.
+pub async fn lookup(
+    store: &Store,
+    tenant: &str,
+    operation_id: &str,
+) -> Result<Option<Operation>, StoreError> {
+    let Some(key_token) = key_token_of(operation_id) else {
+        return Ok(None);
+    };
+    let (request, result) = tokio::join!(
+        store.request_by_key_token(key_token),
+        store.result(operation_id)
+    );
+    let Some(request) = request? else {
+        return Ok(None);
+    };
+    let mut operation =
+        Operation::from_request(&request).map_err(|e| StoreError::JetStream(e.into()))?;
+    if operation.id != operation_id || operation.tenant != tenant {
+        return Ok(None);
+    }
+    operation.result = result?;
+    settle(store, &mut operation).await?;
+    Ok(Some(operation))
+}
+
+/// Attaches the current result to an operation whose request was just read, settling expiry.
+pub async fn attach_result(store: &Store, operation: &mut Operation) -> Result<(), StoreError> {
+    operation.result = store.result(&operation.id).await?;
+    settle(store, operation).await
+}
+
+/// Past its deadline with no terminal record, an operation is made `expired` for good.
+async fn settle(store: &Store, operation: &mut Operation) -> Result<(), StoreError> {
+    if operation.result.is_some() || OffsetDateTime::now_utc() <= operation.deadline {
+        return Ok(());
+    }
+    store
+        .record_expired(&operation.id, operation.deadline, operation.retention)
+        .await?;
+    // Whoever won (this marker, another replica's, or a reply a moment earlier) is now stored.
+    operation.result = store.result(&operation.id).await?;
+    Ok(())
+}

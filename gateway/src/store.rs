@@ -1,0 +1,263 @@
+//! The gateway's JetStream: the connection, the two streams it provisions at start, and the few
+//! reads and writes the HTTP side needs. The only module of the gateway that talks to async-nats.
+//!
+//! JetStream is the only source of truth. Nothing here caches an operation, so every replica
+//! answers every request the same way, and a restarted replica has lost nothing.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::message::StreamMessage;
+use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::{HeaderMap, jetstream};
+use bytes::Bytes;
+use handlers::contract::{ResultRecord, Subjects};
+use handlers::jetstream::{
+    CreateOutcome, JetStreamError, ResultWrite, create_if_absent, last_matching, last_on_subject,
+    publish_result,
+};
+use time::OffsetDateTime;
+
+use crate::config::Settings;
+
+/// Errors of the store. All of them leave the outcome of a write unknown or a read undone: the
+/// HTTP edge answers 503 and the client retries with the same key.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("JetStream is not set up yet (not connected, or streams not provisioned)")]
+    NotReady,
+    #[error(transparent)]
+    JetStream(#[from] JetStreamError),
+    #[error("cannot provision stream {stream}: {detail}")]
+    Provision { stream: String, detail: String },
+    #[error(
+        "route {route} allows bodies of {max_body} bytes, more than the server's max_payload of {max_payload}"
+    )]
+    PayloadLimit {
+        route: String,
+        max_body: usize,
+        max_payload: usize,
+    },
+}
+
+/// A result as stored: the record and when it was stored.
+#[derive(Debug, Clone)]
+pub struct StoredResult {
+    pub record: ResultRecord,
+    pub stored_at: OffsetDateTime,
+}
+
+/// Connection, stream names and subjects.
+pub struct Store {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    subjects: Subjects,
+    requests_stream: String,
+    results_stream: String,
+    provisioned: AtomicBool,
+}
+
+/// What provisioning needs to know about the routes.
+pub struct StreamPlan {
+    pub replicas: usize,
+    pub duplicate_window: Duration,
+    /// Longest route retention: the streams' `max_age` backstop (messages carry their own TTL).
+    pub max_retention: Duration,
+    /// (route name, max body) pairs, checked against the server's max_payload.
+    pub body_limits: Vec<(String, usize)>,
+}
+
+impl Store {
+    /// Connects in the background: the returned store works once NATS is reachable and
+    /// [`Store::provision`] has run.
+    pub async fn connect(settings: &Settings) -> Result<Self, async_nats::ConnectError> {
+        let client = async_nats::ConnectOptions::new()
+            .name("gateway")
+            .retry_on_initial_connect()
+            .request_timeout(Some(settings.nats_timeout))
+            .reconnect_delay_callback(|attempts| {
+                Duration::from_millis((100 * attempts as u64).min(1000))
+            })
+            .connect(settings.nats_url.as_str())
+            .await?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(settings.nats_timeout)
+            .ack_timeout(settings.nats_timeout)
+            .build(client.clone());
+        Ok(Self {
+            client,
+            js,
+            subjects: Subjects::new(settings.subject_prefix.clone()),
+            requests_stream: settings.requests_stream.clone(),
+            results_stream: settings.results_stream.clone(),
+            provisioned: AtomicBool::new(false),
+        })
+    }
+
+    pub fn subjects(&self) -> &Subjects {
+        &self.subjects
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// Creates or updates both streams. Requests: one message per subject (the idempotency
+    /// record), refusing a second; results: the same, so the first terminal record wins. Both
+    /// refuse new messages when full rather than dropping accepted ones.
+    pub async fn provision(&self, plan: &StreamPlan) -> Result<(), StoreError> {
+        // max_payload is only known once connected.
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(StoreError::NotReady);
+        }
+        let max_payload = self.client.server_info().max_payload;
+        for (route, max_body) in &plan.body_limits {
+            if *max_body > max_payload {
+                return Err(StoreError::PayloadLimit {
+                    route: route.clone(),
+                    max_body: *max_body,
+                    max_payload,
+                });
+            }
+        }
+        let base = Config {
+            retention: RetentionPolicy::Limits,
+            storage: StorageType::File,
+            num_replicas: plan.replicas,
+            max_age: plan.max_retention,
+            max_messages_per_subject: 1,
+            discard: DiscardPolicy::New,
+            discard_new_per_subject: true,
+            allow_direct: true,
+            allow_message_ttl: true,
+            duplicate_window: plan.duplicate_window.min(plan.max_retention),
+            ..Default::default()
+        };
+        let streams = [
+            (
+                &self.requests_stream,
+                self.subjects.all_requests(),
+                "Requests accepted by the HTTP gateway, one per idempotency key.",
+            ),
+            (
+                &self.results_stream,
+                self.subjects.all_results(),
+                "Terminal records of gateway operations, first writer wins.",
+            ),
+        ];
+        for (name, subject, description) in streams {
+            let config = Config {
+                name: name.clone(),
+                subjects: vec![subject],
+                description: Some(description.to_owned()),
+                ..base.clone()
+            };
+            self.js
+                .create_or_update_stream(config)
+                .await
+                .map_err(|e| StoreError::Provision {
+                    stream: name.clone(),
+                    detail: e.to_string(),
+                })?;
+        }
+        self.provisioned.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn ensure_provisioned(&self) -> Result<(), StoreError> {
+        if self.provisioned.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(StoreError::NotReady)
+        }
+    }
+
+    /// Readiness: connected, provisioned, and both streams answer.
+    pub async fn check_ready(&self) -> Result<(), StoreError> {
+        self.ensure_provisioned()?;
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(StoreError::NotReady);
+        }
+        for stream in [&self.requests_stream, &self.results_stream] {
+            self.js
+                .get_stream_no_info(stream)
+                .await
+                .map_err(|_| StoreError::NotReady)?
+                .get_info()
+                .await
+                .map_err(|_| StoreError::NotReady)?;
+        }
+        Ok(())
+    }
+
+    /// Writes an accepted request on its key's subject unless the subject already holds one.
+    pub async fn create_request(
+        &self,
+        route: &str,
+        key_token: &str,
+        headers: HeaderMap,
+        body: Bytes,
+        ttl: Duration,
+    ) -> Result<CreateOutcome, StoreError> {
+        self.ensure_provisioned()?;
+        let subject = self.subjects.request(route, key_token);
+        Ok(create_if_absent(&self.js, subject, headers, body, Some(ttl)).await?)
+    }
+
+    /// The request stored for a key on a known route.
+    pub async fn request_on_route(
+        &self,
+        route: &str,
+        key_token: &str,
+    ) -> Result<Option<StreamMessage>, StoreError> {
+        self.ensure_provisioned()?;
+        let subject = self.subjects.request(route, key_token);
+        Ok(last_on_subject(&self.client, &self.requests_stream, &subject).await?)
+    }
+
+    /// The request stored for a key token on whatever route: one wildcard direct get.
+    pub async fn request_by_key_token(
+        &self,
+        key_token: &str,
+    ) -> Result<Option<StreamMessage>, StoreError> {
+        self.ensure_provisioned()?;
+        let pattern = self.subjects.request_any_route(key_token);
+        Ok(last_matching(&self.client, &self.requests_stream, &pattern).await?)
+    }
+
+    /// The terminal record of an operation, if any.
+    pub async fn result(&self, operation_id: &str) -> Result<Option<StoredResult>, StoreError> {
+        self.ensure_provisioned()?;
+        let subject = self.subjects.result(operation_id);
+        let Some(message) = last_on_subject(&self.client, &self.results_stream, &subject).await?
+        else {
+            return Ok(None);
+        };
+        let record = ResultRecord::from_stream_message(&message).map_err(JetStreamError::from)?;
+        Ok(Some(StoredResult {
+            record,
+            stored_at: message.time,
+        }))
+    }
+
+    /// Tries to end an operation as expired. Loses (harmlessly) when a result got there first.
+    pub async fn record_expired(
+        &self,
+        operation_id: &str,
+        deadline: OffsetDateTime,
+        ttl: Option<Duration>,
+    ) -> Result<ResultWrite, StoreError> {
+        self.ensure_provisioned()?;
+        let record = ResultRecord::expired(operation_id, deadline);
+        let subject = self.subjects.result(operation_id);
+        Ok(publish_result(
+            &self.js,
+            &self.results_stream,
+            &subject,
+            operation_id,
+            &record,
+            ttl,
+        )
+        .await?)
+    }
+}
