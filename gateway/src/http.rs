@@ -366,3 +366,176 @@ async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiE
     state.store.check_ready().await?;
     Ok(Json(serde_json::json!({ "status": "ready" })))
 }
+
+#[cfg(test)]
+mod tests {
+    //! Router tests without NATS: everything a request can get wrong is answered before JetStream
+    //! is touched, and a gateway that has no JetStream yet answers 503, never 202.
+
+    use axum::body::Body;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::config::{ByteSize, Settings};
+
+    fn route(name: &str, method: &str, path: &str, require_key: bool) -> RouteConfig {
+        RouteConfig {
+            name: name.into(),
+            method: method.into(),
+            path: path.into(),
+            require_idempotency_key: require_key,
+            retention: std::time::Duration::from_secs(60),
+            timeout: std::time::Duration::from_secs(5),
+            max_body: ByteSize(16),
+        }
+    }
+
+    /// A router whose store points at a port where nothing listens.
+    async fn app(routes: &[RouteConfig]) -> Result<Router, ConfigError> {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Args {
+            #[command(flatten)]
+            settings: Settings,
+        }
+        let settings = Args::parse_from([
+            "gateway",
+            "--config",
+            "unused.toml",
+            "--nats-url",
+            "nats://127.0.0.1:1",
+        ])
+        .settings;
+        let store = Store::connect(&settings)
+            .await
+            .expect("connect returns at once");
+        let state = AppState {
+            store: Arc::new(store),
+            retry_after_secs: 7,
+            forward_headers: Arc::from([]),
+            result_headers: Arc::from([]),
+            #[cfg(feature = "fault-injection")]
+            abort_after_publish: false,
+        };
+        router(state, routes)
+    }
+
+    async fn call(
+        app: &Router,
+        request: axum::http::Request<Body>,
+    ) -> (StatusCode, HeaderMap, serde_json::Value) {
+        let response = app.clone().oneshot(request).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        (parts.status, parts.headers, json)
+    }
+
+    fn post(path: &str) -> axum::http::request::Builder {
+        axum::http::Request::post(path)
+    }
+
+    #[tokio::test]
+    async fn client_errors_are_problems_and_need_no_nats() {
+        let app = app(&[route("jobs", "POST", "/jobs/{kind}", true)])
+            .await
+            .unwrap();
+        let cases = [
+            (
+                post("/jobs/a").body(Body::empty()).unwrap(),
+                400,
+                "idempotency-key-missing",
+            ),
+            (
+                post("/jobs/a")
+                    .header("idempotency-key", "?1")
+                    .body(Body::empty())
+                    .unwrap(),
+                400,
+                "idempotency-key-invalid",
+            ),
+            (
+                post("/jobs/a")
+                    .header("idempotency-key", "\"k\"")
+                    .header("content-length", "17")
+                    .body(Body::from(vec![0u8; 17]))
+                    .unwrap(),
+                413,
+                "payload-too-large",
+            ),
+            (
+                post("/elsewhere").body(Body::empty()).unwrap(),
+                404,
+                "not-found",
+            ),
+            (
+                axum::http::Request::delete("/jobs/a")
+                    .body(Body::empty())
+                    .unwrap(),
+                405,
+                "method-not-allowed",
+            ),
+        ];
+        for (request, status, slug) in cases {
+            let uri = request.uri().clone();
+            let (got, headers, problem) = call(&app, request).await;
+            assert_eq!(got.as_u16(), status, "{uri}");
+            assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json");
+            assert_eq!(problem["status"], status);
+            assert!(
+                problem["type"].as_str().unwrap().ends_with(slug),
+                "{problem}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn without_jetstream_a_valid_request_gets_503_with_retry_after() {
+        let app = app(&[route("jobs", "POST", "/jobs/{kind}", true)])
+            .await
+            .unwrap();
+        let request = post("/jobs/a")
+            .header("idempotency-key", "\"k\"")
+            .body(Body::from("{}"))
+            .unwrap();
+        let (status, headers, problem) = call(&app, request).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(headers[header::RETRY_AFTER], "7");
+        assert!(problem["detail"].as_str().unwrap().contains("retry"));
+
+        let (status, _, _) = call(
+            &app,
+            axum::http::Request::get("/livez")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "liveness never checks NATS");
+        let (status, headers, _) = call(
+            &app,
+            axum::http::Request::get("/readyz")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(headers[header::RETRY_AFTER], "7");
+    }
+
+    #[tokio::test]
+    async fn conflicting_paths_are_a_configuration_error() {
+        let routes = [
+            route("a", "POST", "/a/{x}", false),
+            route("b", "PUT", "/a/{y}", false),
+        ];
+        let err = app(&routes).await.expect_err("conflict detected");
+        assert!(err.to_string().contains("conflicts"), "{err}");
+        // Two methods on one path share it.
+        let routes = [
+            route("a", "POST", "/a/{x}", false),
+            route("b", "PUT", "/a/{x}", false),
+        ];
+        assert!(app(&routes).await.is_ok());
+    }
+}

@@ -1,0 +1,758 @@
+//! The gateway's core loop against a real nats-server: idempotent accept, 202 + status resource,
+//! correlated results, and the faults the issue names (gateway crash after publish, NATS down,
+//! worker crash before reply, conflicting replies, deadlines).
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use gateway::idempotency::key_token;
+use gateway_tests::*;
+use handlers::contract::{DEFAULT_REQUESTS_STREAM, DEFAULT_RESULTS_STREAM, ResultRecord, Subjects};
+use handlers::jetstream::{ResultWrite, last_on_subject, publish_result};
+use handlers::{Request, Response};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_gateway-under-test");
+const HANGING_WORKER_BIN: &str = env!("CARGO_BIN_EXE_hanging-worker");
+
+fn quoted(key: &str) -> String {
+    format!("\"{key}\"")
+}
+
+async fn post_order(base: &str, key: &str, body: &str) -> reqwest::Response {
+    http()
+        .post(format!("{base}/orders"))
+        .header("content-type", "application/json")
+        .header("idempotency-key", quoted(key))
+        .body(body.to_owned())
+        .send()
+        .await
+        .expect("POST /orders")
+}
+
+fn location(r: &reqwest::Response) -> String {
+    r.headers()["location"].to_str().unwrap().to_owned()
+}
+
+/// The request message stored for a key on `orders`.
+async fn stored_order(
+    nats: &Nats,
+    key: &str,
+) -> Option<async_nats::jetstream::message::StreamMessage> {
+    let subject = Subjects::default().request("orders", &key_token("default", "orders", key));
+    last_on_subject(&nats.client().await, DEFAULT_REQUESTS_STREAM, &subject)
+        .await
+        .unwrap()
+}
+
+fn echo_handler() -> impl handlers::Handler {
+    |r: Request| async move {
+        Ok(Response::json(
+            200,
+            &serde_json::json!({ "echo": String::from_utf8_lossy(&r.body) }),
+        ))
+    }
+}
+
+/// Happy path: 202 with the documented headers and body; the status resource exists at once and
+/// stays pending with no worker; the worker's reply is replayed byte for byte with its status code,
+/// content type and allow-listed headers; repeated reads are identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_is_accepted_polled_and_its_result_replayed() {
+    let nats = Nats::start().await;
+    let routes = RoutesFile::new(TEST_ROUTES);
+    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let http = http();
+
+    let r = http
+        .post(gw.url("/orders?tier=gold"))
+        .header("content-type", "application/json")
+        .header("accept-language", "de")
+        .header("idempotency-key", "\"k-happy\"")
+        .body(r#"{"sku":"tea"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let loc = location(&r);
+    assert_eq!(r.headers()["retry-after"], "1");
+    assert_eq!(r.headers()["idempotency-key"], "\"k-happy\"");
+    assert!(r.headers().get("idempotent-replayed").is_none());
+    let body = json(r).await;
+    let id = body["id"].as_str().unwrap().to_owned();
+    assert_eq!(loc, format!("/operations/{id}"));
+    assert_eq!(body["status"], "pending");
+    assert_eq!(body["idempotency_key"], "k-happy");
+    assert_eq!(body["links"]["self"], loc);
+    assert_eq!(body["links"]["result"], format!("{loc}/result"));
+
+    // Visible at once (no 404 window), pending while no worker runs.
+    let r = http.get(gw.url(&loc)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let status = json(r).await;
+    assert_eq!(status["status"], "pending");
+    assert_eq!(status["route"], "orders");
+    assert!(status.get("result").is_none());
+    let r = http
+        .get(gw.url(&format!("{loc}/result")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(location(&r), loc);
+    assert!(r.headers().contains_key("retry-after"));
+
+    let reply_body = Bytes::from_static(&[0, 159, 146, 150, b'\n', 255]);
+    let seen: Arc<Mutex<Option<Request>>> = Arc::default();
+    let (seen_in, reply) = (seen.clone(), reply_body.clone());
+    let worker = TestWorker::start(&nats, worker_config(), "orders", move |r: Request| {
+        let (seen, reply) = (seen_in.clone(), reply.clone());
+        async move {
+            *seen.lock().unwrap() = Some(r);
+            Ok(Response {
+                status: 201,
+                content_type: Some("application/octet-stream".into()),
+                headers: vec![
+                    ("ETag".into(), "\"v1\"".into()),
+                    ("X-Internal".into(), "secret".into()),
+                ],
+                body: reply,
+            })
+        }
+    })
+    .await;
+    let statuses = poll_until_terminal(&gw.base, &id, Duration::from_secs(10)).await;
+    assert_monotonic(&statuses);
+    assert_eq!(statuses.last().unwrap(), "succeeded");
+
+    let delivered = seen.lock().unwrap().clone().expect("handler ran");
+    assert_eq!(delivered.operation_id, id);
+    assert_eq!(
+        (delivered.method.as_str(), delivered.path.as_str()),
+        ("POST", "/orders")
+    );
+    assert_eq!(delivered.query.as_deref(), Some("tier=gold"));
+    assert_eq!(delivered.content_type.as_deref(), Some("application/json"));
+    assert_eq!(&delivered.body[..], br#"{"sku":"tea"}"#);
+    assert_eq!(
+        handlers::contract::header_str(&delivered.headers, "accept-language"),
+        Some("de")
+    );
+
+    let mut replays = Vec::new();
+    for _ in 0..20 {
+        let r = http
+            .get(gw.url(&format!("{loc}/result")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        assert_eq!(r.headers()["content-type"], "application/octet-stream");
+        assert_eq!(r.headers()["etag"], "\"v1\"");
+        assert!(
+            r.headers().get("x-internal").is_none(),
+            "not on the result allow-list"
+        );
+        replays.push(r.bytes().await.unwrap());
+    }
+    assert!(
+        replays.iter().all(|b| *b == reply_body),
+        "replayed byte for byte, every time"
+    );
+
+    let status = json(http.get(gw.url(&loc)).send().await.unwrap()).await;
+    assert_eq!(status["status"], "succeeded");
+    assert_eq!(status["result"]["status_code"], 201);
+    assert_eq!(status["result"]["content_type"], "application/octet-stream");
+    assert_eq!(
+        worker
+            .stats
+            .replied
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(
+        stream_messages(&nats.jetstream().await, DEFAULT_REQUESTS_STREAM).await,
+        1
+    );
+}
+
+/// A retry with the same key, after completion and after JetStream's duplicate window (1 s) has
+/// passed, replays the same operation and writes no second message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_key_replays_after_completion_and_after_the_duplicate_window() {
+    let nats = Nats::start().await;
+    let routes = RoutesFile::new(TEST_ROUTES);
+    let gw = InProcessGateway::start(
+        settings(&nats.url(), &routes, &["--duplicate-window", "1s"]),
+        true,
+    )
+    .await;
+    let js = nats.jetstream().await;
+    let stream = js.get_stream(DEFAULT_REQUESTS_STREAM).await.unwrap();
+    assert_eq!(
+        stream.cached_info().config.duplicate_window,
+        Duration::from_secs(1)
+    );
+    let _worker = TestWorker::start(&nats, worker_config(), "orders", echo_handler()).await;
+
+    let first = post_order(&gw.base, "k-dup", "{}").await;
+    assert_eq!(first.status(), 202);
+    let loc = location(&first);
+    let id = json(first).await["id"].as_str().unwrap().to_owned();
+    poll_until_terminal(&gw.base, &id, Duration::from_secs(10)).await;
+
+    let again = post_order(&gw.base, "k-dup", "{}").await;
+    assert_eq!(again.status(), 202);
+    assert_eq!(location(&again), loc);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(json(again).await["status"], "succeeded");
+
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let late = post_order(&gw.base, "k-dup", "{}").await;
+    assert_eq!(late.status(), 202);
+    assert_eq!(location(&late), loc);
+    assert_eq!(late.headers()["idempotent-replayed"], "true");
+    assert_eq!(stream_messages(&js, DEFAULT_REQUESTS_STREAM).await, 1);
+    assert_eq!(stream_messages(&js, DEFAULT_RESULTS_STREAM).await, 1);
+}
+
+/// Same key, different body: 422 problem naming the first operation; only the first request is
+/// stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_key_with_another_body_is_422_and_nothing_is_written() {
+    let nats = Nats::start().await;
+    let routes = RoutesFile::new(TEST_ROUTES);
+    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+
+    let first = post_order(&gw.base, "k-422", r#"{"qty":1}"#).await;
+    assert_eq!(first.status(), 202);
+    let id = json(first).await["id"].as_str().unwrap().to_owned();
+
+    let second = post_order(&gw.base, "k-422", r#"{"qty":2}"#).await;
+    assert_eq!(second.status(), 422);
+    assert_eq!(second.headers()["content-type"], "application/problem+json");
+    let problem = json(second).await;
+    assert_eq!(problem["status"], 422);
+    assert_eq!(problem["operation_id"], id);
+    assert!(
+        problem["type"]
+            .as_str()
+            .unwrap()
+            .ends_with("idempotency-key-reused")
+    );
+
+    assert_eq!(
+        stream_messages(&nats.jetstream().await, DEFAULT_REQUESTS_STREAM).await,
+        1
+    );
+    let stored = stored_order(&nats, "k-422").await.unwrap();
+    assert_eq!(&stored.payload[..], br#"{"qty":1}"#);
+}
+
+/// 50 concurrent requests with one key, spread over two gateway processes: one message, one
+/// creator, 49 replays, 50 identical Locations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_same_key_over_two_processes_writes_one_message() {
+    let nats = Nats::start().await;
+    let routes = RoutesFile::new(TEST_ROUTES);
+    let a = GatewayProcess::spawn(GATEWAY_BIN, &nats.url(), &routes, &[]).await;
+    let b = GatewayProcess::spawn(GATEWAY_BIN, &nats.url(), &routes, &[]).await;
+
+    let requests = (0..50).map(|i| {
+        let base = if i % 2 == 0 {
+            a.base.clone()
+        } else {
+            b.base.clone()
+        };
+        async move { post_order(&base, "k-race", r#"{"sku":"race"}"#).await }
+    });
+    let responses = futures::future::join_all(requests).await;
+    let mut locations = HashSet::new();
+    let mut replays = 0;
+    for r in &responses {
+        assert_eq!(r.status(), 202);
+        locations.insert(location(r));
+        replays += usize::from(r.headers().get("idempotent-replayed").is_some());
+    }
+    assert_eq!(locations.len(), 1, "one Location for all: {locations:?}");
+    assert_eq!(replays, 49, "exactly one request created the operation");
+    assert_eq!(
+        stream_messages(&nats.jetstream().await, DEFAULT_REQUESTS_STREAM).await,
+        1
+    );
+}
+
+/// The gateway process dies after JetStream acked the request and before it answered. The client
+/// sees no answer, retries with the same key on another gateway, and gets the operation the dead
+/// gateway created: one message, same id, status not reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_between_publish_and_answer_converges_on_retry() {
+    let nats = Nats::start().await;
+    let routes = RoutesFile::new(TEST_ROUTES);
+    let mut doomed = GatewayProcess::spawn(
+        GATEWAY_BIN,
+        &nats.url(),
+        &routes,
+        &[("GATEWAY_FAULT_ABORT_AFTER_PUBLISH", "true")],
+    )
+    .await;
+    let attempt = http()
+        .post(doomed.url("/orders"))
+        .header("idempotency-key", "\"k-crash\"")
+        .body("{}")
+        .send()
+        .await;
+    assert!(attempt.is_err(), "the client got no answer: {attempt:?}");
+    assert!(doomed.wait_crashed().await, "the gateway process crashed");
+
+    let stored = stored_order(&nats, "k-crash")
+        .await
+        .expect("the publish landed");
+    let stored_id = handlers::contract::header_str(&stored.headers, "Gw-Operation-Id")
+        .unwrap()
+        .to_owned();
+
+    let survivor = GatewayProcess::spawn(GATEWAY_BIN, &nats.url(), &routes, &[]).await;
+    let retry = http()
+        .post(survivor.url("/orders"))
+        .header("idempotency-key", "\"k-crash\"")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(retry.status(), 202);
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(location(&retry), format!("/operations/{stored_id}"));
+    assert_eq!(json(retry).await["status"], "pending");
+    assert_eq!(
+        stream_messages(&nats.jetstream().await, DEFAULT_REQUESTS_STREAM).await,
+        1
+    );
+}
+
+/// NATS down: 503 with Retry-After and an "outcome unknown, retry" problem; readiness fails,
+/// liveness does not. NATS back: the same retry succeeds, and there is one message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_outage_answers_503_and_the_retry_converges() {
+    let mut nats = Nats::start().await;
+    let routes = RoutesFile::new(TEST_ROUTES);
+    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    nats.kill().await;
+
+    let r = post_order(&gw.base, "k-outage", r#"{"n":1}"#).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let problem = json(r).await;
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("same Idempotency-Key")
+    );
+    let http = http();
+    assert_eq!(
+        http.get(gw.url("/readyz")).send().await.unwrap().status(),
+        503
+    );
+    assert_eq!(
+        http.get(gw.url("/livez")).send().await.unwrap().status(),
+        200
+    );
+
+    nats.restart().await;
+    let loc = eventually(
+        "retry accepted after NATS is back",
+        Duration::from_secs(20),
+        || async {
+            let r = post_order(&gw.base, "k-outage", r#"{"n":1}"#).await;
+            (r.status() == 202).then(|| location(&r))
+        },
+    )
+    .await;
+    let again = post_order(&gw.base, "k-outage", r#"{"n":1}"#).await;
+    assert_eq!(again.status(), 202);
+    assert_eq!(location(&again), loc);
+    assert_eq!(
+        stream_messages(&nats.jetstream().await, DEFAULT_REQUESTS_STREAM).await,
+        1
+    );
+}
+
+/// Two different replies for one operation: the first stays, the second is refused and counted as
+/// a conflict; an identical repeat changes nothing; a careless raw publish is refused by the
+/// stream itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_result_wins_and_a_conflicting_one_is_counted() {
+    let nats = Nats::start().await;
+    let routes = RoutesFile::new(TEST_ROUTES);
+    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let js = nats.jetstream().await;
+
+    // The handler plays two workers racing on one request: a rival reply lands first.
+    let rival_js = js.clone();
+    let worker = TestWorker::start(&nats, worker_config(), "orders", move |r: Request| {
+        let js = rival_js.clone();
+        async move {
+            let rival =
+                ResultRecord::reply(200, Some("text/plain".into()), Bytes::from_static(b"first"));
+            let w = publish_result(
+                &js,
+                DEFAULT_RESULTS_STREAM,
+                &r.reply_subject,
+                &r.operation_id,
+                &rival,
+                None,
+            )
+            .await
+            .unwrap();
+            assert_eq!(w, ResultWrite::Stored);
+            Ok(Response::text(200, "second"))
+        }
+    })
+    .await;
+    let r = post_order(&gw.base, "k-conflict", "{}").await;
+    let id = json(r).await["id"].as_str().unwrap().to_owned();
+    poll_until_terminal(&gw.base, &id, Duration::from_secs(10)).await;
+    eventually("conflict counted", Duration::from_secs(5), || async {
+        (worker
+            .stats
+            .conflicts
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1)
+            .then_some(())
+    })
+    .await;
+
+    let result = http()
+        .get(gw.url(&format!("/operations/{id}/result")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(result.text().await.unwrap(), "first");
+
+    let subject = Subjects::default().result(&id);
+    let same = ResultRecord::reply(200, Some("text/plain".into()), Bytes::from_static(b"first"));
+    let w = publish_result(&js, DEFAULT_RESULTS_STREAM, &subject, &id, &same, None)
+        .await
+        .unwrap();
+    assert_eq!(w, ResultWrite::AlreadyStored);
+
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Gw-Status", "500");
+    let raw = js
+        .publish_with_headers(subject, headers, "third".into())
+        .await
+        .unwrap()
+        .await;
+    assert!(
+        raw.is_err(),
+        "the results stream refuses a second message per subject"
+    );
+
+    let result = http()
+        .get(gw.url(&format!("/operations/{id}/result")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(result.status(), 200);
+    assert_eq!(result.text().await.unwrap(), "first");
+    assert_eq!(stream_messages(&js, DEFAULT_RESULTS_STREAM).await, 1);
+}
+
+/// Every client error is a problem+json with the right status, and nothing is published for any of
+/// them. A keyless request on a route that does not require a key gets an assigned key, which
+/// makes its retry safe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_requests_get_problems_and_write_nothing() {
+    let nats = Nats::start().await;
+    let routes = RoutesFile::new(TEST_ROUTES);
+    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let http = http();
+    let too_big = vec![b'x'; 64 * 1024 + 1];
+
+    let cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![
+        (
+            http.post(gw.url("/orders")).body(too_big.clone()),
+            413,
+            "payload-too-large",
+        ),
+        (
+            http.post(gw.url("/jobs/build")).body("{}"),
+            400,
+            "idempotency-key-missing",
+        ),
+        (
+            http.post(gw.url("/jobs/build"))
+                .header("idempotency-key", "\"\""),
+            400,
+            "idempotency-key-invalid",
+        ),
+        (
+            http.post(gw.url("/jobs/build"))
+                .header("idempotency-key", "12"),
+            400,
+            "idempotency-key-invalid",
+        ),
+        (
+            http.post(gw.url("/jobs/build"))
+                .header("idempotency-key", "\"unterminated"),
+            400,
+            "idempotency-key-invalid",
+        ),
+        (
+            http.post(gw.url("/jobs/build"))
+                .header("idempotency-key", quoted(&"k".repeat(256))),
+            400,
+            "idempotency-key-invalid",
+        ),
+        (
+            http.post(gw.url("/jobs/build"))
+                .header("idempotency-key", "\"a\"")
+                .header("idempotency-key", "\"b\""),
+            400,
+            "idempotency-key-invalid",
+        ),
+        (http.post(gw.url("/nowhere")), 404, "not-found"),
+        (http.get(gw.url("/orders")), 405, "method-not-allowed"),
+        (
+            http.get(gw.url("/operations/not-an-id")),
+            404,
+            "operation-not-found",
+        ),
+        (
+            http.get(gw.url(&format!("/operations/{}", "a".repeat(39)))),
+            404,
+            "operation-not-found",
+        ),
+        (
+            http.get(gw.url(&format!("/operations/{}/result", "a".repeat(39)))),
+            404,
+            "operation-not-found",
+        ),
+    ];
+    for (request, status, slug) in cases {
+        let r = request.send().await.unwrap();
+        let url = r.url().clone();
+        assert_eq!(r.status(), status, "{url}");
+        assert_eq!(
+            r.headers()["content-type"],
+            "application/problem+json",
+            "{url}"
+        );
+        let problem = json(r).await;
+        assert_eq!(problem["status"], status);
+        assert!(
+            problem["type"].as_str().unwrap().ends_with(slug),
+            "{url}: {problem}"
+        );
+        assert!(!problem["title"].as_str().unwrap().is_empty());
+        assert!(!problem["detail"].as_str().unwrap().is_empty());
+    }
+
+    // Over the limit without a Content-Length (chunked): still 413, found while reading.
+    let addr = gw.base.trim_start_matches("http://").to_owned();
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut raw =
+        format!("POST /orders HTTP/1.1\r\nhost: {addr}\r\ntransfer-encoding: chunked\r\n\r\n")
+            .into_bytes();
+    for chunk in too_big.chunks(8192) {
+        raw.extend(format!("{:x}\r\n", chunk.len()).as_bytes());
+        raw.extend(chunk);
+        raw.extend(b"\r\n");
+    }
+    raw.extend(b"0\r\n\r\n");
+    tcp.write_all(&raw).await.unwrap();
+    let mut head = [0u8; 12];
+    tcp.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 413");
+
+    let js = nats.jetstream().await;
+    assert_eq!(
+        stream_messages(&js, DEFAULT_REQUESTS_STREAM).await,
+        0,
+        "nothing published"
+    );
+
+    let first = http
+        .post(gw.url("/orders"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 202);
+    let assigned = first.headers()["idempotency-key"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        assigned.starts_with('"') && assigned.len() == 38,
+        "a quoted UUID: {assigned}"
+    );
+    let retry = http
+        .post(gw.url("/orders"))
+        .header("idempotency-key", &assigned)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(location(&retry), location(&first));
+    assert_eq!(stream_messages(&js, DEFAULT_REQUESTS_STREAM).await, 1);
+}
+
+/// A worker process is killed while handling a request. JetStream redelivers it after AckWait to
+/// another worker; exactly one result is stored, and polls never go from terminal back to pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_killed_before_replying_is_redelivered_and_answered_once() {
+    let nats = Nats::start().await;
+    let routes = RoutesFile::new(TEST_ROUTES);
+    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+
+    let mut doomed = tokio::process::Command::new(HANGING_WORKER_BIN)
+        .args([nats.url(), "orders".to_owned()])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let r = post_order(&gw.base, "k-worker-crash", r#"{"n":7}"#).await;
+    let id = json(r).await["id"].as_str().unwrap().to_owned();
+    let mut lines = BufReader::new(doomed.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .expect("the worker picked the request up")
+        .unwrap()
+        .unwrap();
+    assert_eq!(line, format!("handling {id}"));
+    doomed.kill().await.unwrap();
+
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let s = json(
+            http()
+                .get(gw.url(&format!("/operations/{id}")))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        statuses.push(s["status"].as_str().unwrap().to_owned());
+    }
+    assert!(statuses.iter().all(|s| s == "pending"));
+
+    let survivor = TestWorker::start(&nats, worker_config(), "orders", echo_handler()).await;
+    statuses.extend(poll_until_terminal(&gw.base, &id, Duration::from_secs(15)).await);
+    for _ in 0..10 {
+        let s = json(
+            http()
+                .get(gw.url(&format!("/operations/{id}")))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        statuses.push(s["status"].as_str().unwrap().to_owned());
+    }
+    assert_monotonic(&statuses);
+    assert_eq!(statuses.last().unwrap(), "succeeded");
+    assert_eq!(
+        survivor
+            .stats
+            .replied
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(
+        stream_messages(&nats.jetstream().await, DEFAULT_RESULTS_STREAM).await,
+        1
+    );
+    let body = http()
+        .get(gw.url(&format!("/operations/{id}/result")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json(body).await["echo"], r#"{"n":7}"#);
+}
+
+/// No result before the route's timeout: the operation is `expired` on every replica, for good; a
+/// late reply is refused, and a worker that picks the request up later skips it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operation_without_result_before_timeout_expires_for_good() {
+    let nats = Nats::start().await;
+    let routes = RoutesFile::new(TEST_ROUTES);
+    let a = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let b = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let http = http();
+
+    let r = http
+        .post(a.url("/jobs/build"))
+        .header("idempotency-key", "\"k-expire\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = json(r).await["id"].as_str().unwrap().to_owned();
+    let op = format!("/operations/{id}");
+    assert_eq!(
+        json(http.get(b.url(&op)).send().await.unwrap()).await["status"],
+        "pending"
+    );
+
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    for gw in [&a, &b, &a, &b] {
+        let s = json(http.get(gw.url(&op)).send().await.unwrap()).await;
+        assert_eq!(s["status"], "expired");
+        assert_eq!(s["result"]["status_code"], 504);
+    }
+    let result = http
+        .get(b.url(&format!("{op}/result")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(result.status(), 504);
+    assert_eq!(result.headers()["content-type"], "application/problem+json");
+    assert!(
+        json(result).await["type"]
+            .as_str()
+            .unwrap()
+            .ends_with("expired")
+    );
+
+    let js = nats.jetstream().await;
+    let late = ResultRecord::reply(200, None, Bytes::from_static(b"too late"));
+    let subject = Subjects::default().result(&id);
+    let w = publish_result(&js, DEFAULT_RESULTS_STREAM, &subject, &id, &late, None)
+        .await
+        .unwrap();
+    assert!(matches!(w, ResultWrite::Conflict { ref existing } if existing.status == 504));
+
+    let worker = TestWorker::start(&nats, worker_config(), "jobs", echo_handler()).await;
+    eventually(
+        "late worker skips the expired request",
+        Duration::from_secs(10),
+        || async {
+            (worker
+                .stats
+                .skipped
+                .load(std::sync::atomic::Ordering::Relaxed)
+                == 1)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        worker
+            .stats
+            .replied
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    assert_eq!(
+        json(http.get(a.url(&op)).send().await.unwrap()).await["status"],
+        "expired"
+    );
+}
