@@ -54,6 +54,10 @@ pub enum Accepted {
 pub enum AcceptError {
     #[error("idempotency key already used for a different request (operation {operation_id})")]
     KeyReused { operation_id: String },
+    /// Body and headers together exceed the NATS server's max_payload. Detected by the client
+    /// before sending, so nothing was written.
+    #[error("the request message would exceed the server's max_payload of {max_payload} bytes")]
+    TooLarge { max_payload: usize },
     #[error(transparent)]
     Store(#[from] StoreError),
 }

@@ -37,6 +37,10 @@ pub enum ApiError {
     OperationNotFound,
     #[error("request body exceeds the route's limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    #[error(
+        "request body and the gateway's message headers exceed the NATS server's max_payload of {max_payload} bytes"
+    )]
+    MessageTooLarge { max_payload: usize },
     #[error("cannot read the request body: {0}")]
     BadBody(String),
     #[error(transparent)]
@@ -51,6 +55,7 @@ impl From<AcceptError> for ApiError {
     fn from(e: AcceptError) -> Self {
         match e {
             AcceptError::KeyReused { operation_id } => ApiError::KeyReused { operation_id },
+            AcceptError::TooLarge { max_payload } => ApiError::MessageTooLarge { max_payload },
             AcceptError::Store(e) => ApiError::Unavailable(e),
         }
     }
@@ -67,7 +72,9 @@ impl ApiError {
         match self {
             ApiError::RouteNotFound | ApiError::OperationNotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::PayloadTooLarge { .. } | ApiError::MessageTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             ApiError::BadBody(_) | ApiError::Key(_) => StatusCode::BAD_REQUEST,
             ApiError::KeyReused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -79,7 +86,9 @@ impl ApiError {
             ApiError::RouteNotFound => ("not-found", "Not found"),
             ApiError::MethodNotAllowed => ("method-not-allowed", "Method not allowed"),
             ApiError::OperationNotFound => ("operation-not-found", "Operation not found"),
-            ApiError::PayloadTooLarge { .. } => ("payload-too-large", "Request body too large"),
+            ApiError::PayloadTooLarge { .. } | ApiError::MessageTooLarge { .. } => {
+                ("payload-too-large", "Request body too large")
+            }
             ApiError::BadBody(_) => ("bad-body", "Unreadable request body"),
             ApiError::Key(KeyError::Missing) => {
                 ("idempotency-key-missing", "Idempotency-Key required")

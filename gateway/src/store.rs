@@ -40,6 +40,19 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// The message was too large for the server; it was refused before being sent.
+    pub fn is_too_large(&self) -> bool {
+        matches!(
+            self,
+            StoreError::JetStream(JetStreamError::Publish {
+                kind: async_nats::jetstream::context::PublishErrorKind::MaxPayloadExceeded,
+                ..
+            })
+        )
+    }
+}
+
 /// A result as stored: the record and when it was stored.
 #[derive(Debug, Clone)]
 pub struct StoredResult {
@@ -98,8 +111,9 @@ impl Store {
         &self.subjects
     }
 
-    pub fn client(&self) -> &async_nats::Client {
-        &self.client
+    /// The largest message (headers and payload) the connected server accepts.
+    pub fn max_payload(&self) -> usize {
+        self.client.server_info().max_payload
     }
 
     /// Creates or updates both streams. Requests: one message per subject (the idempotency
@@ -110,7 +124,7 @@ impl Store {
         if self.client.connection_state() != async_nats::connection::State::Connected {
             return Err(StoreError::NotReady);
         }
-        let max_payload = self.client.server_info().max_payload;
+        let max_payload = self.max_payload();
         for (route, max_body) in &plan.body_limits {
             if *max_body > max_payload {
                 return Err(StoreError::PayloadLimit {
