@@ -21,7 +21,7 @@ use handlers::jetstream::CreateOutcome;
 use time::OffsetDateTime;
 
 use crate::config::RouteConfig;
-use crate::idempotency::{RequestIdentity, key_token, new_operation_id};
+use crate::idempotency::{RequestIdentity, format_key, key_token, new_operation_id};
 use crate::operations::{Operation, attach_result};
 use crate::store::{Store, StoreError};
 
@@ -93,7 +93,7 @@ pub async fn accept(store: &Store, s: Submission<'_>) -> Result<Accepted, Accept
                 route.retention,
             )
             .await?;
-        if let CreateOutcome::Created { .. } = written {
+        if written == CreateOutcome::Created {
             return Ok(Accepted::New(Operation {
                 id: operation_id,
                 route: route.name.clone(),
@@ -109,8 +109,7 @@ pub async fn accept(store: &Store, s: Submission<'_>) -> Result<Accepted, Accept
         let Some(stored) = store.request_on_route(&route.name, &key_token).await? else {
             continue;
         };
-        let mut existing =
-            Operation::from_request(&stored).map_err(|e| StoreError::JetStream(e.into()))?;
+        let mut existing = Operation::from_request(&stored).map_err(StoreError::from)?;
         if existing.fingerprint != fingerprint {
             return Err(AcceptError::KeyReused {
                 operation_id: existing.id,
@@ -154,7 +153,10 @@ fn request_headers(
         retention_secs(s.route.retention).to_string().as_str(),
     );
     h.insert(header::TENANT, s.tenant);
-    h.insert(header::IDEMPOTENCY_KEY, s.idempotency_key.as_str());
+    h.insert(
+        header::IDEMPOTENCY_KEY,
+        format_key(&s.idempotency_key).as_str(),
+    );
     h.insert(header::FINGERPRINT, fingerprint);
     h
 }

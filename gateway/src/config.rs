@@ -135,7 +135,9 @@ impl TryFrom<ByteSizeInput> for ByteSize {
             "MiB" => 1024 * 1024,
             other => return Err(format!("unknown size unit {other:?}; use B, KiB or MiB")),
         };
-        Ok(ByteSize(n * factor))
+        n.checked_mul(factor)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{text:?} is too large"))
     }
 }
 
@@ -221,13 +223,17 @@ pub fn validate_routes(routes: &[RouteConfig]) -> Result<(), ConfigError> {
                 r.method, r.path
             )));
         }
-        if r.timeout.is_zero() || r.retention.is_zero() {
-            return Err(invalid(format!(
-                "{who}: timeout and retention must be positive"
-            )));
+        if r.timeout.is_zero() {
+            return Err(invalid(format!("{who}: timeout must be positive")));
         }
-        if r.retention < Duration::from_secs(1) {
-            return Err(invalid(format!("{who}: retention must be at least 1s")));
+        // The request message is the operation's record: it must outlive the deadline, or an
+        // accepted operation could vanish before it ends (and a 202 would lead to a 404).
+        if r.retention <= r.timeout || r.retention < Duration::from_secs(1) {
+            return Err(invalid(format!(
+                "{who}: retention ({}) must be longer than timeout ({}) and at least 1s",
+                humantime::format_duration(r.retention),
+                humantime::format_duration(r.timeout)
+            )));
         }
         if r.max_body.0 == 0 {
             return Err(invalid(format!("{who}: max_body must be positive")));
@@ -354,6 +360,10 @@ mod tests {
             (
                 "[[route]]\nname = \"a\"\nmethod = \"POST\"\npath = \"/a\"\ncolour = 1\n",
                 "colour",
+            ),
+            (
+                "[[route]]\nname = \"a\"\nmethod = \"POST\"\npath = \"/a\"\nretention = \"1m\"\ntimeout = \"5m\"\n",
+                "longer than timeout",
             ),
             (
                 "[[route]]\nname = \"a\"\nmethod = \"POST\"\npath = \"/a\"\n[[route]]\nname = \"b\"\nmethod = \"POST\"\npath = \"/a\"\n",

@@ -47,8 +47,15 @@ pub enum ApiError {
     Key(#[from] KeyError),
     #[error("idempotency key already used for a different request")]
     KeyReused { operation_id: String },
+    /// A submission whose write may or may not have happened.
+    #[error("JetStream did not confirm the request: {0}")]
+    OutcomeUnknown(StoreError),
+    /// A read (or readiness check) that could not be done.
     #[error("JetStream unavailable: {0}")]
     Unavailable(StoreError),
+    /// A stored message the gateway cannot read: a worker broke the wire contract.
+    #[error("a stored message breaks the wire contract: {0}")]
+    BadStoredMessage(StoreError),
 }
 
 impl From<AcceptError> for ApiError {
@@ -56,14 +63,19 @@ impl From<AcceptError> for ApiError {
         match e {
             AcceptError::KeyReused { operation_id } => ApiError::KeyReused { operation_id },
             AcceptError::TooLarge { max_payload } => ApiError::MessageTooLarge { max_payload },
-            AcceptError::Store(e) => ApiError::Unavailable(e),
+            AcceptError::Store(e) if e.is_contract_violation() => ApiError::BadStoredMessage(e),
+            AcceptError::Store(e) => ApiError::OutcomeUnknown(e),
         }
     }
 }
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        ApiError::Unavailable(e)
+        if e.is_contract_violation() {
+            ApiError::BadStoredMessage(e)
+        } else {
+            ApiError::Unavailable(e)
+        }
     }
 }
 
@@ -77,7 +89,10 @@ impl ApiError {
             }
             ApiError::BadBody(_) | ApiError::Key(_) => StatusCode::BAD_REQUEST,
             ApiError::KeyReused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::OutcomeUnknown(_) | ApiError::Unavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::BadStoredMessage(_) => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -98,15 +113,25 @@ impl ApiError {
                 "idempotency-key-reused",
                 "Idempotency-Key reused with a different request",
             ),
-            ApiError::Unavailable(_) => ("unavailable", "Service unavailable, outcome unknown"),
+            ApiError::OutcomeUnknown(_) => ("outcome-unknown", "Outcome unknown, retry"),
+            ApiError::Unavailable(_) => ("unavailable", "Service unavailable"),
+            ApiError::BadStoredMessage(_) => ("bad-stored-message", "Unreadable stored message"),
         }
     }
 
     fn detail(&self) -> String {
         match self {
-            ApiError::Unavailable(_) => "JetStream did not confirm the operation in time. It may \
+            ApiError::OutcomeUnknown(_) => "JetStream did not confirm the request in time. It may \
                 or may not have been accepted: retry the same request with the same \
                 Idempotency-Key, which will find it or accept it exactly once."
+                .to_owned(),
+            ApiError::Unavailable(_) => {
+                "JetStream is not reachable right now; retry after the Retry-After delay."
+                    .to_owned()
+            }
+            ApiError::BadStoredMessage(_) => "A worker stored a message this gateway cannot \
+                read (it breaks the wire contract). Retrying will not help; the operator has \
+                been told in the logs."
                 .to_owned(),
             ApiError::KeyReused { .. } => "This Idempotency-Key was first used for a request \
                 with another method, path, query, content type or body. Use a new key for a new \
@@ -142,8 +167,14 @@ impl IntoResponse for ApiError {
     /// 503 answers get their `Retry-After` from the router's `retry_after` layer, which knows the
     /// configured value.
     fn into_response(self) -> Response {
-        if let ApiError::Unavailable(cause) = &self {
-            tracing::warn!(error = %cause, "Answering 503; the client may retry with the same key.");
+        match &self {
+            ApiError::OutcomeUnknown(cause) | ApiError::Unavailable(cause) => {
+                tracing::warn!(error = %cause, "Answering 503; the client may retry.");
+            }
+            ApiError::BadStoredMessage(cause) => {
+                tracing::error!(error = %cause, "A stored message breaks the wire contract.");
+            }
+            _ => {}
         }
         (self.status(), problem_json(&self.problem())).into_response()
     }

@@ -254,24 +254,28 @@ fn accepted_response(state: &AppState, accepted: Accepted) -> Response {
         idempotency_key: &operation.idempotency_key,
         links: Links::of(&operation.id),
     };
-    let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
+    let mut response = still_running(state, &operation.id, Json(body));
     let h = response.headers_mut();
-    h.insert(
-        header::LOCATION,
-        header_value(&operation_path(&operation.id)),
-    );
-    h.insert(
-        header::RETRY_AFTER,
-        HeaderValue::from(state.retry_after_secs),
-    );
     h.insert(
         HeaderName::from_static(idempotency::HEADER),
         header_value(&idempotency::format_key(&operation.idempotency_key)),
     );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if replayed {
         h.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
     }
+    response
+}
+
+/// A 202 that points at the operation: `Location`, `Retry-After`, never cached.
+fn still_running(state: &AppState, id: &str, body: impl IntoResponse) -> Response {
+    let mut response = (StatusCode::ACCEPTED, body).into_response();
+    let h = response.headers_mut();
+    h.insert(header::LOCATION, header_value(&operation_path(id)));
+    h.insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(state.retry_after_secs),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
 
@@ -316,19 +320,8 @@ async fn get_result(
 ) -> Result<Response, ApiError> {
     let operation = find(&state, id).await?;
     let Some(result) = &operation.result else {
-        let mut response =
-            (StatusCode::ACCEPTED, Json(OperationBody::of(&operation))).into_response();
-        let h = response.headers_mut();
-        h.insert(
-            header::LOCATION,
-            header_value(&operation_path(&operation.id)),
-        );
-        h.insert(
-            header::RETRY_AFTER,
-            HeaderValue::from(state.retry_after_secs),
-        );
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        return Ok(response);
+        let body = Json(OperationBody::of(&operation));
+        return Ok(still_running(&state, &operation.id, body));
     };
     let record = &result.record;
     let status = StatusCode::from_u16(record.status).unwrap_or(StatusCode::BAD_GATEWAY);

@@ -46,7 +46,13 @@ pub fn parse_key(headers: &HeaderMap) -> Result<Option<String>, KeyError> {
     if values.next().is_some() {
         return Err(KeyError::Repeated);
     }
-    let item = Parser::new(value.as_bytes())
+    decode_key(value.as_bytes()).map(Some)
+}
+
+/// Reads one key from its header form (an sf-string or token), as sent by a client or as stored
+/// in a request message by [`format_key`].
+pub fn decode_key(value: &[u8]) -> Result<String, KeyError> {
+    let item = Parser::new(value)
         .parse::<Item>()
         .map_err(|e| KeyError::Malformed(e.to_string()))?;
     let key = match item.bare_item {
@@ -62,11 +68,12 @@ pub fn parse_key(headers: &HeaderMap) -> Result<Option<String>, KeyError> {
     match key.chars().count() {
         0 => Err(KeyError::Empty),
         n if n > MAX_KEY_LEN => Err(KeyError::TooLong(n)),
-        _ => Ok(Some(key)),
+        _ => Ok(key),
     }
 }
 
-/// Writes a key as the sf-string the response's Idempotency-Key header carries.
+/// Writes a key as an sf-string: the response's Idempotency-Key header, and the stored
+/// `Gw-Idempotency-Key` (quoted, so leading or trailing spaces survive NATS, which trims values).
 pub fn format_key(key: &str) -> String {
     // Keys come from `parse_key` (printable ASCII) or from the gateway (a UUID), so they are
     // always valid sf-strings.
@@ -206,7 +213,12 @@ mod tests {
 
     #[test]
     fn formatted_keys_parse_back() {
-        for key in ["abc", "a\"b\\c", "8e03978e-40d5-43e8-bc93-6894a57f9324"] {
+        for key in [
+            "abc",
+            " padded ",
+            "a\"b\\c",
+            "8e03978e-40d5-43e8-bc93-6894a57f9324",
+        ] {
             let formatted = format_key(key);
             assert_eq!(parse_key(&headers(&[&formatted])), Ok(Some(key.to_owned())));
         }

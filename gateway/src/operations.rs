@@ -19,12 +19,11 @@
 use std::time::Duration;
 
 use async_nats::jetstream::message::StreamMessage;
-use handlers::contract::{ContractError, Outcome, header, header_str};
+use handlers::contract::{ContractError, Outcome, Request, header};
 use serde::Serialize;
 use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 
-use crate::idempotency::key_token_of;
+use crate::idempotency::{decode_key, key_token_of};
 use crate::store::{Store, StoreError, StoredResult};
 
 /// The tenant every request belongs to until authentication maps callers to tenants. It is part of
@@ -62,32 +61,28 @@ pub struct Operation {
 }
 
 impl Operation {
-    /// Reads an operation's request message (its result is attached separately).
+    /// Reads an operation's request message (its result is attached separately). The message is
+    /// parsed by the contract; only the fields a worker may ignore are required here.
     pub fn from_request(message: &StreamMessage) -> Result<Self, ContractError> {
-        let h = &message.headers;
-        let get = |name: &'static str| {
-            header_str(h, name)
-                .map(str::to_owned)
-                .ok_or(ContractError::MissingHeader(name))
+        let request = Request::from_parts(message.headers.clone(), message.payload.clone())?;
+        let required = |value: Option<String>, name: &'static str| {
+            value.ok_or(ContractError::MissingHeader(name))
         };
-        let deadline_text = get(header::DEADLINE)?;
-        let deadline = OffsetDateTime::parse(&deadline_text, &Rfc3339).map_err(|_| {
-            ContractError::InvalidHeader {
-                name: header::DEADLINE,
-                value: deadline_text.clone(),
-            }
-        })?;
+        let stored_key = required(request.idempotency_key, header::IDEMPOTENCY_KEY)?;
+        let idempotency_key =
+            decode_key(stored_key.as_bytes()).map_err(|_| ContractError::InvalidHeader {
+                name: header::IDEMPOTENCY_KEY,
+                value: stored_key.clone(),
+            })?;
         Ok(Self {
-            id: get(header::OPERATION_ID)?,
-            route: get(header::ROUTE)?,
-            tenant: get(header::TENANT)?,
-            idempotency_key: get(header::IDEMPOTENCY_KEY)?,
-            fingerprint: get(header::FINGERPRINT)?,
+            id: request.operation_id,
+            route: request.route,
+            tenant: required(request.tenant, header::TENANT)?,
+            idempotency_key,
+            fingerprint: required(request.fingerprint, header::FINGERPRINT)?,
             created_at: message.time,
-            deadline,
-            retention: header_str(h, header::RETENTION)
-                .and_then(|v| v.parse().ok())
-                .map(Duration::from_secs),
+            deadline: request.deadline,
+            retention: request.retention_secs.map(Duration::from_secs),
             result: None,
         })
     }
@@ -111,8 +106,8 @@ impl Operation {
 /// Finds an operation by id for a tenant, settling expiry on the way. `None` for ids that do not
 /// exist, no longer exist (retention), or belong to another tenant.
 ///
-/// Costs two direct gets, issued together; a third write and read only at the moment an
-/// operation expires.
+/// Costs two direct gets, issued together. A reader that finds the deadline passed with no result
+/// also writes the `expired` marker (and reads the slot back from the leader if it lost the race).
 pub async fn lookup(
     store: &Store,
     tenant: &str,
@@ -128,8 +123,7 @@ pub async fn lookup(
     let Some(request) = request? else {
         return Ok(None);
     };
-    let mut operation =
-        Operation::from_request(&request).map_err(|e| StoreError::JetStream(e.into()))?;
+    let mut operation = Operation::from_request(&request)?;
     if operation.id != operation_id || operation.tenant != tenant {
         return Ok(None);
     }
@@ -144,15 +138,15 @@ pub async fn attach_result(store: &Store, operation: &mut Operation) -> Result<(
     settle(store, operation).await
 }
 
-/// Past its deadline with no terminal record, an operation is made `expired` for good.
+/// Past its deadline with no terminal record, an operation is made `expired` for good; if a reply
+/// or another replica's marker won the slot a moment earlier, that one is reported instead.
 async fn settle(store: &Store, operation: &mut Operation) -> Result<(), StoreError> {
     if operation.result.is_some() || OffsetDateTime::now_utc() <= operation.deadline {
         return Ok(());
     }
-    store
+    let winner = store
         .record_expired(&operation.id, operation.deadline, operation.retention)
         .await?;
-    // Whoever won (this marker, another replica's, or a reply a moment earlier) is now stored.
-    operation.result = store.result(&operation.id).await?;
+    operation.result = Some(winner);
     Ok(())
 }

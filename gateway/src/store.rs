@@ -14,7 +14,7 @@ use bytes::Bytes;
 use handlers::contract::{ResultRecord, Subjects};
 use handlers::jetstream::{
     CreateOutcome, JetStreamError, ResultWrite, create_if_absent, last_matching, last_on_subject,
-    publish_result,
+    last_on_subject_from_leader, publish_result,
 };
 use time::OffsetDateTime;
 
@@ -40,7 +40,18 @@ pub enum StoreError {
     },
 }
 
+impl From<handlers::contract::ContractError> for StoreError {
+    fn from(e: handlers::contract::ContractError) -> Self {
+        StoreError::JetStream(e.into())
+    }
+}
+
 impl StoreError {
+    /// A stored message breaks the wire contract: retrying will not help.
+    pub fn is_contract_violation(&self) -> bool {
+        matches!(self, StoreError::JetStream(JetStreamError::Contract(_)))
+    }
+
     /// The message was too large for the server; it was refused before being sent.
     pub fn is_too_large(&self) -> bool {
         matches!(
@@ -218,7 +229,8 @@ impl Store {
         Ok(create_if_absent(&self.js, subject, headers, body, Some(ttl)).await?)
     }
 
-    /// The request stored for a key on a known route.
+    /// The request stored for a key on a known route, read from the stream leader: this runs right
+    /// after that request refused a write, so it must be found even on a lagging replica.
     pub async fn request_on_route(
         &self,
         route: &str,
@@ -226,7 +238,7 @@ impl Store {
     ) -> Result<Option<StreamMessage>, StoreError> {
         self.ensure_provisioned()?;
         let subject = self.subjects.request(route, key_token);
-        Ok(last_on_subject(&self.client, &self.requests_stream, &subject).await?)
+        Ok(last_on_subject_from_leader(&self.js, &self.requests_stream, &subject).await?)
     }
 
     /// The request stored for a key token on whatever route: one wildcard direct get.
@@ -247,31 +259,41 @@ impl Store {
         else {
             return Ok(None);
         };
-        let record = ResultRecord::from_stream_message(&message).map_err(JetStreamError::from)?;
+        let record = ResultRecord::from_stream_message(&message)?;
         Ok(Some(StoredResult {
             record,
             stored_at: message.time,
         }))
     }
 
-    /// Tries to end an operation as expired. Loses (harmlessly) when a result got there first.
+    /// Ends an operation as expired, unless a terminal record got there first; returns the record
+    /// that holds the slot either way.
     pub async fn record_expired(
         &self,
         operation_id: &str,
         deadline: OffsetDateTime,
         ttl: Option<Duration>,
-    ) -> Result<ResultWrite, StoreError> {
+    ) -> Result<StoredResult, StoreError> {
         self.ensure_provisioned()?;
-        let record = ResultRecord::expired(operation_id, deadline);
+        let marker = ResultRecord::expired(operation_id, deadline);
         let subject = self.subjects.result(operation_id);
-        Ok(publish_result(
+        let write = publish_result(
             &self.js,
             &self.results_stream,
             &subject,
             operation_id,
-            &record,
+            &marker,
             ttl,
         )
-        .await?)
+        .await?;
+        let record = match write {
+            ResultWrite::Conflict { existing } => existing,
+            ResultWrite::Stored | ResultWrite::AlreadyStored => marker,
+        };
+        // The stream's own timestamp is not worth another read; the write happened just now.
+        Ok(StoredResult {
+            record,
+            stored_at: OffsetDateTime::now_utc(),
+        })
     }
 }

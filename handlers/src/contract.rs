@@ -51,7 +51,7 @@ pub mod header {
     pub const RETENTION: &str = "Gw-Retention";
     /// Tenant that owns the operation.
     pub const TENANT: &str = "Gw-Tenant";
-    /// The idempotency key in effect (client-sent or gateway-assigned).
+    /// The idempotency key in effect (client-sent or gateway-assigned), as an RFC 8941 sf-string.
     pub const IDEMPOTENCY_KEY: &str = "Gw-Idempotency-Key";
     /// Hex SHA-256 fingerprint of (method, path, query, content type, body).
     pub const FINGERPRINT: &str = "Gw-Fingerprint";
@@ -181,6 +181,11 @@ pub struct Request {
     pub deadline: OffsetDateTime,
     /// How long the gateway keeps this operation; replies are stored with the same TTL.
     pub retention_secs: Option<u64>,
+    /// The key's scope and binding, as the gateway wrote them (informational for workers).
+    pub tenant: Option<String>,
+    /// The idempotency key as an RFC 8941 sf-string (quoted, so no whitespace is lost on the wire).
+    pub idempotency_key: Option<String>,
+    pub fingerprint: Option<String>,
     /// All headers of the message, forwarded HTTP headers included.
     pub headers: HeaderMap,
     pub body: Bytes,
@@ -207,6 +212,9 @@ impl Request {
             reply_subject: required(&headers, header::REPLY_SUBJECT)?.to_owned(),
             deadline,
             retention_secs,
+            tenant: header_str(&headers, header::TENANT).map(str::to_owned),
+            idempotency_key: header_str(&headers, header::IDEMPOTENCY_KEY).map(str::to_owned),
+            fingerprint: header_str(&headers, header::FINGERPRINT).map(str::to_owned),
             headers,
             body,
         })
@@ -293,14 +301,25 @@ impl ResultRecord {
         h
     }
 
+    /// Checks what a writer controls: the status must be one HTTP can replay for a finished
+    /// operation (200-599).
+    pub fn validate(&self) -> Result<(), ContractError> {
+        if (200..=599).contains(&self.status) {
+            Ok(())
+        } else {
+            Err(ContractError::InvalidHeader {
+                name: header::STATUS,
+                value: self.status.to_string(),
+            })
+        }
+    }
+
     /// Reads a stored result message.
     pub fn from_parts(headers: &HeaderMap, body: Bytes) -> Result<Self, ContractError> {
         let raw_status = required(headers, header::STATUS)?;
         let status = raw_status
             .parse::<u16>()
-            .ok()
-            .filter(|s| (200..=599).contains(s))
-            .ok_or_else(|| ContractError::InvalidHeader {
+            .map_err(|_| ContractError::InvalidHeader {
                 name: header::STATUS,
                 value: raw_status.to_owned(),
             })?;
@@ -324,13 +343,15 @@ impl ResultRecord {
                 extra.push((name.to_owned(), v.as_str().to_owned()));
             }
         }
-        Ok(Self {
+        let record = Self {
             outcome,
             status,
             content_type: header_str(headers, header::CONTENT_TYPE).map(str::to_owned),
             headers: extra,
             body,
-        })
+        };
+        record.validate()?;
+        Ok(record)
     }
 
     /// Reads a result from a stream message.

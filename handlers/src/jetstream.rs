@@ -44,8 +44,8 @@ impl From<PublishError> for JetStreamError {
 /// What a create-if-absent write found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CreateOutcome {
-    /// This call wrote the subject's first message, at this stream sequence.
-    Created { sequence: u64 },
+    /// This call wrote the subject's first message.
+    Created,
     /// The subject already held a message; nothing was written.
     AlreadyExists,
 }
@@ -90,9 +90,7 @@ pub async fn create_if_absent(
         Err(e) => Err(e),
     };
     match ack {
-        Ok(ack) => Ok(CreateOutcome::Created {
-            sequence: ack.sequence,
-        }),
+        Ok(_) => Ok(CreateOutcome::Created),
         Err(e) if subject_taken(&e) => Ok(CreateOutcome::AlreadyExists),
         Err(e) => Err(e.into()),
     }
@@ -154,6 +152,26 @@ pub async fn last_on_subject(
     .await
 }
 
+/// The last message on an exact subject, read from the stream's leader. Slower than a direct get
+/// but never stale: used right after a write was refused, when the message that refused it must be
+/// found even if a replica has not caught up yet.
+pub async fn last_on_subject_from_leader(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    subject: &str,
+) -> Result<Option<StreamMessage>, JetStreamError> {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind;
+    let handle = js
+        .get_stream_no_info(stream)
+        .await
+        .map_err(|e| get_error(stream, e))?;
+    match handle.get_last_raw_message_by_subject(subject).await {
+        Ok(message) => Ok(Some(message)),
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(get_error(stream, e)),
+    }
+}
+
 /// The last message on the first subject matching a wildcard `pattern`, in one round trip
 /// (a batched `multi_last` direct get; the server resolves the wildcard in its subject index).
 pub async fn last_matching(
@@ -184,9 +202,10 @@ pub enum ResultWrite {
 
 /// Writes an operation's terminal record, first writer wins.
 ///
-/// When the subject is already taken, the stored record is read back: the same answer is
-/// [`ResultWrite::AlreadyStored`], a different one is [`ResultWrite::Conflict`] and carries the
-/// record that won, so the caller can report it.
+/// When the subject is already taken, the stored record is read back (from the leader): the same
+/// answer is [`ResultWrite::AlreadyStored`], a different one is [`ResultWrite::Conflict`] and
+/// carries the record that won, so the caller can report it. A record that breaks the contract
+/// (a status outside 200-599) is refused before anything is written.
 pub async fn publish_result(
     js: &async_nats::jetstream::Context,
     results_stream: &str,
@@ -195,6 +214,7 @@ pub async fn publish_result(
     record: &ResultRecord,
     ttl: Option<Duration>,
 ) -> Result<ResultWrite, JetStreamError> {
+    record.validate()?;
     let outcome = create_if_absent(
         js,
         subject.to_owned(),
@@ -203,10 +223,10 @@ pub async fn publish_result(
         ttl,
     )
     .await?;
-    if let CreateOutcome::Created { .. } = outcome {
+    if outcome == CreateOutcome::Created {
         return Ok(ResultWrite::Stored);
     }
-    let Some(stored) = last_on_subject(&js.client(), results_stream, subject).await? else {
+    let Some(stored) = last_on_subject_from_leader(js, results_stream, subject).await? else {
         // Taken a moment ago, gone now: only a TTL expiry does that. Nothing to compare with,
         // and an expired operation takes no more results.
         return Ok(ResultWrite::AlreadyStored);

@@ -15,6 +15,7 @@
 //! the reply must tolerate re-execution.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,7 +24,7 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::{AckPolicy, pull};
 use async_nats::jetstream::{self, AckKind};
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
@@ -222,7 +223,9 @@ impl Worker {
                         ack_policy: AckPolicy::Explicit,
                         ack_wait: self.config.ack_wait,
                         max_deliver: self.config.max_deliver,
-                        max_ack_pending: i64::try_from(self.config.max_in_flight * 4)
+                        // No more deliveries outstanding than can be handled at once, so none
+                        // waits in a buffer while its AckWait runs out.
+                        max_ack_pending: i64::try_from(self.config.max_in_flight)
                             .unwrap_or(i64::MAX),
                         ..Default::default()
                     },
@@ -240,7 +243,11 @@ impl Worker {
             };
             tasks.spawn(route_worker.consume(consumer, shutdown.clone()));
         }
-        while tasks.join_next().await.is_some() {}
+        while let Some(finished) = tasks.join_next().await {
+            if let Err(error) = finished {
+                tracing::error!(%error, "A route's consumer task ended abnormally.");
+            }
+        }
         Ok(())
     }
 }
@@ -340,12 +347,18 @@ impl RouteWorker {
             tracing::info!(operation_id = %op, delivered, "Deadline passed before handling; marking the operation expired.");
             ResultRecord::expired(&op, request.deadline)
         } else {
-            self.handler
-                .call(request)
+            // A panicking handler is a failed attempt like any other, not the end of the route.
+            AssertUnwindSafe(self.handler.call(request))
+                .catch_unwind()
                 .await
+                .map_err(|_| Failure::Handler("the handler panicked".into()))?
                 .map_err(Failure::Handler)?
                 .into_record()
         };
+        // A reply the contract cannot carry is the handler's fault, not the store's.
+        record
+            .validate()
+            .map_err(|e| Failure::Handler(Box::new(e)))?;
         let write = publish_result(&self.js, results, &reply_subject, &op, &record, ttl).await?;
         Ok(Answered::Replied(write))
     }

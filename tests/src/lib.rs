@@ -16,6 +16,7 @@ use gateway::config::{Settings, load_routes};
 use gateway::dev::NatsProcess;
 use handlers::{Handler, Worker, WorkerConfig, WorkerStats};
 use tempfile::TempDir;
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
@@ -63,6 +64,29 @@ impl Nats {
         if let Some(mut p) = self.process.take() {
             p.kill().await;
         }
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open, nothing is answered.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaws a frozen server (SIGCONT); it then handles what queued up meanwhile.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self
+            .process
+            .as_ref()
+            .and_then(NatsProcess::pid)
+            .expect("server running");
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {pid}");
     }
 
     /// Starts the server again on the same port with the same data.
@@ -210,35 +234,51 @@ pub struct GatewayProcess {
 
 impl GatewayProcess {
     /// Spawns `bin serve` against `nats_url` with these routes and extra environment, and waits
-    /// until it is ready.
+    /// until it is ready. The child binds port 0 and its log line "Gateway listening." says which
+    /// port it got, so parallel tests never race for a port.
     pub async fn spawn(
         bin: &str,
         nats_url: &str,
         routes: &RoutesFile,
         env: &[(&str, &str)],
     ) -> Self {
-        // The OS picks a free port; a moment later the child binds it. On loopback, with
-        // ephemeral ports, a collision in between is not a practical concern.
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            l.local_addr().unwrap().port()
-        };
         let mut cmd = Command::new(bin);
         cmd.arg("serve")
             .env("GATEWAY_CONFIG", &routes.path)
-            .env("GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
+            .env("GATEWAY_LISTEN", "127.0.0.1:0")
             .env("GATEWAY_NATS_URL", nats_url)
             .env("GATEWAY_NATS_TIMEOUT", "2s")
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn,gateway=info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .kill_on_drop(true);
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().expect("spawn gateway process");
-        let base = format!("http://127.0.0.1:{port}");
+        let mut child = cmd.spawn().expect("spawn gateway process");
+        let mut lines = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
+        let addr = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(line) = lines.next_line().await.expect("read gateway log") {
+                eprintln!("[gateway] {line}");
+                if let Some(addr) = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("listen="))
+                {
+                    return addr.to_owned();
+                }
+            }
+            panic!("gateway process exited before listening");
+        })
+        .await
+        .expect("gateway process logs its address");
+        // Keep draining the log so the child never blocks on a full pipe.
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("[gateway] {line}");
+            }
+        });
+        let base = format!("http://{addr}");
         wait_until_ready(&base).await;
         Self { base, child }
     }

@@ -383,6 +383,48 @@ async fn nats_outage_answers_503_and_the_retry_converges() {
     );
 }
 
+/// JetStream stores the request but its ack does not come in time (the server is frozen with
+/// SIGSTOP for longer than the gateway's NATS timeout): 503 "outcome unknown". Once the server
+/// thaws, the retry with the same key finds the stored request: a replay, one message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_timeout_answers_503_and_the_retry_finds_the_stored_request() {
+    let nats = Nats::start().await;
+    let routes = RoutesFile::new(TEST_ROUTES);
+    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+
+    nats.pause();
+    let r = post_order(&gw.base, "k-slow-ack", r#"{"n":2}"#).await;
+    nats.resume();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let problem = json(r).await;
+    assert!(
+        problem["type"]
+            .as_str()
+            .unwrap()
+            .ends_with("outcome-unknown"),
+        "{problem}"
+    );
+
+    let stored = eventually(
+        "the frozen publish is stored after the thaw",
+        Duration::from_secs(10),
+        || async { stored_order(&nats, "k-slow-ack").await },
+    )
+    .await;
+    let stored_id = handlers::contract::header_str(&stored.headers, "Gw-Operation-Id")
+        .unwrap()
+        .to_owned();
+    let retry = post_order(&gw.base, "k-slow-ack", r#"{"n":2}"#).await;
+    assert_eq!(retry.status(), 202);
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(location(&retry), format!("/operations/{stored_id}"));
+    assert_eq!(
+        stream_messages(&nats.jetstream().await, DEFAULT_REQUESTS_STREAM).await,
+        1
+    );
+}
+
 /// Two different replies for one operation: the first stays, the second is refused and counted as
 /// a conflict; an identical repeat changes nothing; a careless raw publish is refused by the
 /// stream itself.
@@ -567,9 +609,20 @@ async fn rejected_requests_get_problems_and_write_nothing() {
     }
     raw.extend(b"0\r\n\r\n");
     tcp.write_all(&raw).await.unwrap();
-    let mut head = [0u8; 12];
-    tcp.read_exact(&mut head).await.unwrap();
-    assert_eq!(&head, b"HTTP/1.1 413");
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains('}') {
+        let n = tcp.read(&mut buf).await.unwrap();
+        assert!(n > 0, "connection closed before the answer was complete");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    assert!(answer.starts_with("http/1.1 413"), "{answer}");
+    assert!(
+        answer.contains("content-type: application/problem+json"),
+        "{answer}"
+    );
+    assert!(answer.contains("payload-too-large"), "{answer}");
 
     let js = nats.jetstream().await;
     assert_eq!(
@@ -755,4 +808,84 @@ async fn operation_without_result_before_timeout_expires_for_good() {
         json(http.get(a.url(&op)).send().await.unwrap()).await["status"],
         "expired"
     );
+}
+
+/// A handler that panics, fails, or returns a status HTTP cannot replay does not end the route and
+/// stores nothing; the request is redelivered with back-off until a valid reply is stored, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_handlers_are_retried_until_a_valid_reply_is_stored() {
+    let nats = Nats::start().await;
+    let routes = RoutesFile::new(TEST_ROUTES);
+    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let attempts = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counter = attempts.clone();
+    let worker = TestWorker::start(&nats, worker_config(), "orders", move |_r: Request| {
+        let attempt = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        async move {
+            match attempt {
+                1 => panic!("handler bug on the first delivery"),
+                2 => Err("a transient failure".into()),
+                3 => Ok(Response::new(600)),
+                _ => Ok(Response::text(200, "finally")),
+            }
+        }
+    })
+    .await;
+    let r = post_order(&gw.base, "k-flaky", "{}").await;
+    let id = json(r).await["id"].as_str().unwrap().to_owned();
+    let statuses = poll_until_terminal(&gw.base, &id, Duration::from_secs(15)).await;
+    assert_monotonic(&statuses);
+    assert_eq!(statuses.last().unwrap(), "succeeded");
+    let result = http()
+        .get(gw.url(&format!("/operations/{id}/result")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(result.text().await.unwrap(), "finally");
+    assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 4);
+    assert_eq!(
+        worker
+            .stats
+            .handler_errors
+            .load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
+    assert_eq!(
+        worker
+            .stats
+            .replied
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(
+        stream_messages(&nats.jetstream().await, DEFAULT_RESULTS_STREAM).await,
+        1
+    );
+}
+
+/// NATS trims header values; a key with outer spaces still round-trips exactly, so retrying with the
+/// key the gateway echoed finds the same operation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_with_outer_spaces_round_trips_exactly() {
+    let nats = Nats::start().await;
+    let routes = RoutesFile::new(TEST_ROUTES);
+    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let first = post_order(&gw.base, " padded key ", "{}").await;
+    assert_eq!(first.headers()["idempotency-key"], "\" padded key \"");
+    let echoed = first.headers()["idempotency-key"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let replay = http()
+        .post(gw.url("/orders"))
+        .header("content-type", "application/json")
+        .header("idempotency-key", &echoed)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert_eq!(replay.headers()["idempotency-key"], "\" padded key \"");
+    assert_eq!(location(&replay), location(&first));
+    assert_eq!(json(replay).await["idempotency_key"], " padded key ");
 }

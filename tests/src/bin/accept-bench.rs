@@ -136,7 +136,7 @@ async fn main() -> anyhow::Result<()> {
                     Some(Duration::from_secs(86400))
                 )
                 .await,
-                Ok(CreateOutcome::Created { .. })
+                Ok(CreateOutcome::Created)
             )
         }
     })
