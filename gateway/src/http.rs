@@ -18,7 +18,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, MethodRouter, get};
 use serde::Serialize;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
+use tracing::Level;
 
 use crate::accept::{Accepted, Submission, accept};
 use crate::config::{ConfigError, RouteConfig};
@@ -79,7 +80,9 @@ pub fn router(state: AppState, routes: &[RouteConfig]) -> Result<Router, ConfigE
             add_retry_after,
         ))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(TraceLayer::new_for_http())
+        // 5xx answers are expected operational states here (NATS down, outcome unknown) and are
+        // logged where they arise; ERROR is kept for data loss.
+        .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(Level::WARN)))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .with_state(state))
 }
