@@ -84,7 +84,7 @@ pub async fn accept(store: &Store, s: Submission<'_>) -> Result<Accepted, Accept
         let now = OffsetDateTime::now_utc();
         let deadline = now + route.timeout;
         let headers = request_headers(store, &s, &operation_id, &fingerprint, deadline);
-        let written = store
+        let written = match store
             .create_request(
                 &route.name,
                 &key_token,
@@ -92,7 +92,15 @@ pub async fn accept(store: &Store, s: Submission<'_>) -> Result<Accepted, Accept
                 s.body.clone(),
                 route.retention,
             )
-            .await?;
+            .await
+        {
+            Err(e) if e.is_too_large() => {
+                return Err(AcceptError::TooLarge {
+                    max_payload: store.max_payload(),
+                });
+            }
+            written => written?,
+        };
         if written == CreateOutcome::Created {
             return Ok(Accepted::New(Operation {
                 id: operation_id,

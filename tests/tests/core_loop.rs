@@ -523,6 +523,14 @@ async fn rejected_requests_get_problems_and_write_nothing() {
             413,
             "payload-too-large",
         ),
+        // Within the route's 1 MiB, but with the gateway's headers over the server's max_payload.
+        (
+            http.post(gw.url("/jobs/build"))
+                .header("idempotency-key", "\"big\"")
+                .body(vec![b'x'; 1 << 20]),
+            413,
+            "payload-too-large",
+        ),
         (
             http.post(gw.url("/jobs/build")).body("{}"),
             400,
