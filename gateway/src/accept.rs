@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use handlers::contract::{format_time, header};
+use handlers::contract::{Subjects, format_time, header};
 use handlers::jetstream::CreateOutcome;
 use time::OffsetDateTime;
 
@@ -66,34 +66,97 @@ pub enum AcceptError {
 /// back: only a retention expiry at that very moment does that.
 const RACE_RETRIES: usize = 3;
 
+impl Submission<'_> {
+    /// The token naming this submission's request subject.
+    pub fn key_token(&self) -> String {
+        key_token(self.tenant, &self.route.name, &self.idempotency_key)
+    }
+
+    /// The fingerprint the key is bound to.
+    pub fn fingerprint(&self) -> String {
+        RequestIdentity {
+            method: self.method,
+            path: self.path,
+            query: self.query,
+            content_type: self.content_type,
+            body: &self.body,
+        }
+        .fingerprint()
+    }
+
+    /// The request message for a new operation on this submission. The benchmark's raw baseline
+    /// publishes exactly these messages, so the two measure the same bytes.
+    pub fn message(
+        &self,
+        subjects: &Subjects,
+        key_token: &str,
+        fingerprint: &str,
+        now: OffsetDateTime,
+    ) -> RequestMessage {
+        let operation_id = new_operation_id(key_token);
+        let deadline = now + self.route.timeout;
+        let mut h = HeaderMap::new();
+        // Forwarded client headers first, so that none can shadow a contract header.
+        for (name, value) in &self.forwarded {
+            h.append(name.as_str(), value.as_str());
+        }
+        h.insert(header::OPERATION_ID, operation_id.as_str());
+        h.insert(header::ROUTE, self.route.name.as_str());
+        h.insert(header::METHOD, self.method);
+        h.insert(header::PATH, self.path);
+        if let Some(q) = self.query {
+            h.insert(header::QUERY, q);
+        }
+        if let Some(ct) = self.content_type {
+            h.insert(header::CONTENT_TYPE, ct);
+        }
+        h.insert(
+            header::REPLY_SUBJECT,
+            subjects.result(&operation_id).as_str(),
+        );
+        h.insert(header::DEADLINE, format_time(deadline).as_str());
+        h.insert(
+            header::RETENTION,
+            self.route.retention.as_secs().max(1).to_string().as_str(),
+        );
+        h.insert(header::TENANT, self.tenant);
+        h.insert(
+            header::IDEMPOTENCY_KEY,
+            format_key(&self.idempotency_key).as_str(),
+        );
+        h.insert(header::FINGERPRINT, fingerprint);
+        RequestMessage {
+            subject: subjects.request(&self.route.name, key_token),
+            operation_id,
+            deadline,
+            headers: h,
+            ttl: self.route.retention,
+        }
+    }
+}
+
+/// One request message, ready to publish with create-if-absent.
+#[derive(Debug)]
+pub struct RequestMessage {
+    pub subject: String,
+    pub operation_id: String,
+    pub deadline: OffsetDateTime,
+    pub headers: HeaderMap,
+    /// `Nats-TTL`: the route's retention.
+    pub ttl: Duration,
+}
+
 /// Accepts a submission as exactly one request message, or finds the operation it repeats.
 pub async fn accept(store: &Store, s: Submission<'_>) -> Result<Accepted, AcceptError> {
     let route = s.route;
-    let key_token = key_token(s.tenant, &route.name, &s.idempotency_key);
-    let fingerprint = RequestIdentity {
-        method: s.method,
-        path: s.path,
-        query: s.query,
-        content_type: s.content_type,
-        body: &s.body,
-    }
-    .fingerprint();
+    let key_token = s.key_token();
+    let fingerprint = s.fingerprint();
 
     for _ in 0..RACE_RETRIES {
-        let operation_id = new_operation_id(&key_token);
         let now = OffsetDateTime::now_utc();
-        let deadline = now + route.timeout;
-        let headers = request_headers(store, &s, &operation_id, &fingerprint, deadline);
-        let written = match store
-            .create_request(
-                &route.name,
-                &key_token,
-                headers,
-                s.body.clone(),
-                route.retention,
-            )
-            .await
-        {
+        let message = s.message(store.subjects(), &key_token, &fingerprint, now);
+        let (operation_id, deadline) = (message.operation_id.clone(), message.deadline);
+        let written = match store.create_request(message, s.body.clone()).await {
             Err(e) if e.is_too_large() => {
                 return Err(AcceptError::TooLarge {
                     max_payload: store.max_payload(),
@@ -127,48 +190,4 @@ pub async fn accept(store: &Store, s: Submission<'_>) -> Result<Accepted, Accept
         return Ok(Accepted::Replayed(existing));
     }
     Err(StoreError::NotReady.into())
-}
-
-fn request_headers(
-    store: &Store,
-    s: &Submission<'_>,
-    operation_id: &str,
-    fingerprint: &str,
-    deadline: OffsetDateTime,
-) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    // Forwarded client headers first, so that none can shadow a contract header.
-    for (name, value) in &s.forwarded {
-        h.append(name.as_str(), value.as_str());
-    }
-    h.insert(header::OPERATION_ID, operation_id);
-    h.insert(header::ROUTE, s.route.name.as_str());
-    h.insert(header::METHOD, s.method);
-    h.insert(header::PATH, s.path);
-    if let Some(q) = s.query {
-        h.insert(header::QUERY, q);
-    }
-    if let Some(ct) = s.content_type {
-        h.insert(header::CONTENT_TYPE, ct);
-    }
-    h.insert(
-        header::REPLY_SUBJECT,
-        store.subjects().result(operation_id).as_str(),
-    );
-    h.insert(header::DEADLINE, format_time(deadline).as_str());
-    h.insert(
-        header::RETENTION,
-        retention_secs(s.route.retention).to_string().as_str(),
-    );
-    h.insert(header::TENANT, s.tenant);
-    h.insert(
-        header::IDEMPOTENCY_KEY,
-        format_key(&s.idempotency_key).as_str(),
-    );
-    h.insert(header::FINGERPRINT, fingerprint);
-    h
-}
-
-fn retention_secs(retention: Duration) -> u64 {
-    retention.as_secs().max(1)
 }

@@ -43,6 +43,10 @@ pub struct Settings {
     /// How long to wait for a JetStream ack or read before answering 503.
     #[arg(long, env = "GATEWAY_NATS_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub nats_timeout: Duration,
+    /// Requests handled at once; more are shed at once with 503 and `Retry-After` instead of
+    /// queueing (health endpoints are never shed).
+    #[arg(long, env = "GATEWAY_MAX_IN_FLIGHT", default_value_t = 256)]
+    pub max_in_flight: usize,
     /// Seconds in `Retry-After` on pending operations and on 503 answers.
     #[arg(long, env = "GATEWAY_RETRY_AFTER", default_value_t = 1)]
     pub retry_after_secs: u64,

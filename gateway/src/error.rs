@@ -50,6 +50,9 @@ pub enum ApiError {
     /// A submission whose write may or may not have happened.
     #[error("JetStream did not confirm the request: {0}")]
     OutcomeUnknown(StoreError),
+    /// More requests in flight than configured: refused before any work.
+    #[error("the gateway is at its limit of requests in flight")]
+    Overloaded,
     /// A read (or readiness check) that could not be done.
     #[error("JetStream unavailable: {0}")]
     Unavailable(StoreError),
@@ -89,7 +92,7 @@ impl ApiError {
             }
             ApiError::BadBody(_) | ApiError::Key(_) => StatusCode::BAD_REQUEST,
             ApiError::KeyReused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::OutcomeUnknown(_) | ApiError::Unavailable(_) => {
+            ApiError::OutcomeUnknown(_) | ApiError::Unavailable(_) | ApiError::Overloaded => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::BadStoredMessage(_) => StatusCode::BAD_GATEWAY,
@@ -115,6 +118,7 @@ impl ApiError {
             ),
             ApiError::OutcomeUnknown(_) => ("outcome-unknown", "Outcome unknown, retry"),
             ApiError::Unavailable(_) => ("unavailable", "Service unavailable"),
+            ApiError::Overloaded => ("overloaded", "Too many requests in flight"),
             ApiError::BadStoredMessage(_) => ("bad-stored-message", "Unreadable stored message"),
         }
     }
@@ -129,6 +133,9 @@ impl ApiError {
                 "JetStream is not reachable right now; retry after the Retry-After delay."
                     .to_owned()
             }
+            ApiError::Overloaded => "The gateway is handling as many requests as it is \
+                configured to; nothing was done with this one. Retry after the Retry-After delay."
+                .to_owned(),
             ApiError::BadStoredMessage(_) => "A worker stored a message this gateway cannot \
                 read (it breaks the wire contract). Retrying will not help; the operator has \
                 been told in the logs."

@@ -8,15 +8,19 @@ use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
+use axum::BoxError;
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
+use axum::error_handling::HandleErrorLayer;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, MethodRouter, get};
 use serde::Serialize;
+use tower::ServiceBuilder;
+use tower::limit::GlobalConcurrencyLimitLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::Level;
@@ -34,6 +38,8 @@ pub struct AppState {
     pub store: Arc<Store>,
     /// Seconds in `Retry-After` on pending operations and 503 answers.
     pub retry_after_secs: u64,
+    /// Requests handled at once before shedding.
+    pub max_in_flight: usize,
     /// Request headers forwarded to workers.
     pub forward_headers: Arc<[HeaderName]>,
     /// Reply headers replayed from results.
@@ -62,9 +68,7 @@ pub fn router(state: AppState, routes: &[RouteConfig]) -> Result<Router, ConfigE
     }
     let mut app = Router::new()
         .route("/operations/{id}", get(get_operation))
-        .route("/operations/{id}/result", get(get_result))
-        .route("/livez", get(livez))
-        .route("/readyz", get(readyz));
+        .route("/operations/{id}/result", get(get_result));
     for (path, methods) in by_path {
         // axum rejects path patterns that conflict (e.g. `/a/{x}` beside `/a/{y}`) by panicking;
         // that is a configuration error, reported as such.
@@ -72,9 +76,23 @@ pub fn router(state: AppState, routes: &[RouteConfig]) -> Result<Router, ConfigE
             |_| ConfigError::Invalid(format!("path {path:?} conflicts with another route")),
         )?;
     }
-    Ok(app
+    // Beyond the limit, requests are refused at once rather than queued: latency stays bounded
+    // and memory with it. Health checks sit outside the limit.
+    let shed = ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(|_: BoxError| async {
+            ApiError::Overloaded
+        }))
+        .load_shed()
+        // Global: axum applies a layer to each route separately, and the limit is per process.
+        .layer(GlobalConcurrencyLimitLayer::new(state.max_in_flight));
+    let api = app
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(shed);
+    Ok(Router::new()
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .merge(api)
         .layer(axum::middleware::map_response_with_state(
             state.clone(),
             add_retry_after,
@@ -389,6 +407,13 @@ mod tests {
 
     /// A router whose store points at a port where nothing listens.
     async fn app(routes: &[RouteConfig]) -> Result<Router, ConfigError> {
+        app_with_limit(routes, 8).await
+    }
+
+    async fn app_with_limit(
+        routes: &[RouteConfig],
+        max_in_flight: usize,
+    ) -> Result<Router, ConfigError> {
         use clap::Parser;
         #[derive(Parser)]
         struct Args {
@@ -409,6 +434,7 @@ mod tests {
         let state = AppState {
             store: Arc::new(store),
             retry_after_secs: 7,
+            max_in_flight,
             forward_headers: Arc::from([]),
             result_headers: Arc::from([]),
             #[cfg(feature = "fault-injection")]
@@ -517,6 +543,55 @@ mod tests {
         .await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(headers[header::RETRY_AFTER], "7");
+    }
+
+    #[tokio::test]
+    async fn requests_beyond_the_limit_are_shed_at_once_but_health_is_not() {
+        let app = app_with_limit(&[route("jobs", "POST", "/jobs/{kind}", true)], 1)
+            .await
+            .unwrap();
+        // A request whose body never arrives holds the only slot.
+        let stalled = post("/jobs/a")
+            .header("idempotency-key", "\"k\"")
+            .body(Body::from_stream(futures::stream::pending::<
+                Result<bytes::Bytes, std::io::Error>,
+            >()))
+            .unwrap();
+        let holder = tokio::spawn(app.clone().oneshot(stalled));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+
+        let (status, headers, problem) = call(
+            &app,
+            axum::http::Request::get("/operations/x")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(headers[header::RETRY_AFTER], "7");
+        assert!(
+            problem["type"].as_str().unwrap().ends_with("overloaded"),
+            "{problem}"
+        );
+        let (status, _, _) = call(
+            &app,
+            axum::http::Request::get("/livez")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+
+        holder.abort();
+        let _ = holder.await;
+        let (status, _, _) = call(
+            &app,
+            axum::http::Request::get("/operations/x")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "the slot is free again");
     }
 
     #[tokio::test]

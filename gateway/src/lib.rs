@@ -64,6 +64,7 @@ pub async fn run(
     let state = AppState {
         store: store.clone(),
         retry_after_secs: settings.retry_after_secs,
+        max_in_flight: settings.max_in_flight,
         forward_headers: header_allow_list(&settings.forward_headers)?.into(),
         result_headers: header_allow_list(&settings.result_headers)?.into(),
         #[cfg(feature = "fault-injection")]

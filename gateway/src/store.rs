@@ -7,9 +7,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use async_nats::jetstream;
 use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy, StorageType};
-use async_nats::{HeaderMap, jetstream};
 use bytes::Bytes;
 use handlers::contract::{ResultRecord, Subjects};
 use handlers::jetstream::{
@@ -18,6 +18,7 @@ use handlers::jetstream::{
 };
 use time::OffsetDateTime;
 
+use crate::accept::RequestMessage;
 use crate::config::Settings;
 
 /// Errors of the store. All of them leave the outcome of a write unknown or a read undone: the
@@ -218,15 +219,18 @@ impl Store {
     /// Writes an accepted request on its key's subject unless the subject already holds one.
     pub async fn create_request(
         &self,
-        route: &str,
-        key_token: &str,
-        headers: HeaderMap,
+        message: RequestMessage,
         body: Bytes,
-        ttl: Duration,
     ) -> Result<CreateOutcome, StoreError> {
         self.ensure_provisioned()?;
-        let subject = self.subjects.request(route, key_token);
-        Ok(create_if_absent(&self.js, subject, headers, body, Some(ttl)).await?)
+        Ok(create_if_absent(
+            &self.js,
+            message.subject,
+            message.headers,
+            body,
+            Some(message.ttl),
+        )
+        .await?)
     }
 
     /// The request stored for a key on a known route, read from the stream leader: this runs right

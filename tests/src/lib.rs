@@ -287,6 +287,19 @@ impl GatewayProcess {
         format!("{}{path}", self.base)
     }
 
+    /// The address the process listens on.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.base
+            .trim_start_matches("http://")
+            .parse()
+            .expect("listen address")
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Waits for the process to exit (after a crash hook fired) and returns whether it was killed
     /// by a signal rather than exiting normally.
     pub async fn wait_crashed(&mut self) -> bool {

@@ -1,0 +1,319 @@
+//! The gateway against a raw JetStream baseline, measured in one run on one machine.
+//!
+//! Starts its own nats-server (file storage, R1, like the tests), two `gateway serve` processes
+//! (`--gateway-bin`, the release build) and an echo worker, then measures, each phase for
+//! `--seconds`:
+//!
+//! | phase | baseline (async-nats) | gateway (HTTP/1.1 keep-alive, hyper) |
+//! |---|---|---|
+//! | peak accept, 256 B and 4 KiB | create-if-absent publish of the same message | `POST` → 202 |
+//! | peak status read | the lookup's two direct gets | `GET /operations/{id}` |
+//! | latency at half the baseline's peak (open model) | publish | `POST` |
+//!
+//! plus end-to-end time (accept on gateway A, worker reply, result visible through gateway B),
+//! the gateway's CPU and RSS at a steady 1,000 requests/s, and overload at twice its peak. Writes
+//! `results.json`, `results.md` and `bench.svg` to `--out` (default `tests/bench-results`).
+//!
+//! Usage: bench --gateway-bin target/release/gateway [--quick] [--seconds N] [--concurrency N] [--out DIR]
+//! (`scripts/bench` builds and runs it.)
+
+mod clients;
+mod load;
+mod procstat;
+mod report;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use gateway::config::{ByteSize, RouteConfig};
+use gateway_tests::{GatewayProcess, Nats, RoutesFile, TestWorker, worker_config};
+use handlers::contract::{DEFAULT_REQUESTS_STREAM, Subjects};
+use handlers::{Request, Response};
+
+use crate::clients::{EndToEnd, Http, Ids, RawLookup, RawPublish, StatusGet, Submit};
+use crate::load::{Model, drive};
+use crate::report::Report;
+
+const ROUTES: &str = r#"
+[[route]]
+name = "orders"
+method = "POST"
+path = "/orders"
+max_body = "64KiB"
+
+[[route]]
+name = "e2e"
+method = "POST"
+path = "/e2e"
+"#;
+
+struct Options {
+    gateway_bin: String,
+    seconds: u64,
+    concurrency: usize,
+    out: PathBuf,
+    quick: bool,
+}
+
+fn options() -> anyhow::Result<Options> {
+    let mut o = Options {
+        gateway_bin: "target/release/gateway".into(),
+        seconds: 8,
+        concurrency: 32,
+        out: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench-results"),
+        quick: false,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        if flag == "--quick" {
+            o.quick = true;
+            o.seconds = 2;
+            continue;
+        }
+        let value = args
+            .next()
+            .with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--gateway-bin" => o.gateway_bin = value,
+            "--seconds" => o.seconds = value.parse()?,
+            "--concurrency" => o.concurrency = value.parse()?,
+            "--out" => o.out = value.into(),
+            other => anyhow::bail!("unknown flag {other}"),
+        }
+    }
+    Ok(o)
+}
+
+/// A JSON body of exactly `size` bytes (at least 10).
+fn payload(size: usize) -> Bytes {
+    let filler = "x".repeat(size - r#"{"pad":""}"#.len());
+    Bytes::from(format!(r#"{{"pad":"{filler}"}}"#))
+}
+
+fn bench_route() -> RouteConfig {
+    RouteConfig {
+        name: "orders".into(),
+        method: "POST".into(),
+        path: "/orders".into(),
+        require_idempotency_key: false,
+        retention: Duration::from_secs(24 * 3600),
+        timeout: Duration::from_secs(300),
+        max_body: ByteSize(64 * 1024),
+    }
+}
+
+fn taken(ids: &Ids) -> Arc<Vec<String>> {
+    Arc::new(std::mem::take(&mut *ids.lock().unwrap()))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let o = options()?;
+    let d = Duration::from_secs(o.seconds);
+    let c = o.concurrency;
+    let nats = Nats::start().await;
+    let routes = RoutesFile::new(ROUTES);
+    let gw_a = GatewayProcess::spawn(&o.gateway_bin, &nats.url(), &routes, &[]).await;
+    let gw_b = GatewayProcess::spawn(&o.gateway_bin, &nats.url(), &routes, &[]).await;
+    let (a, b) = (gw_a.addr(), gw_b.addr());
+    let pid = gw_a.pid().context("gateway pid")?;
+    let _worker = TestWorker::start(&nats, worker_config(), "e2e", |r: Request| async move {
+        Ok(Response {
+            body: r.body,
+            ..Response::new(200)
+        })
+    })
+    .await;
+    let js = nats.jetstream().await;
+    let client = nats.client().await;
+    let subjects = Subjects::default();
+    let mut report = Report::new(&o.seconds, c, o.quick);
+    eprintln!(
+        "nats-server 2.15.1, file storage, R1; {} s per phase, concurrency {c}",
+        o.seconds
+    );
+
+    let raw = |size: usize, prefix: &str, ids: Option<Ids>| {
+        (0..c)
+            .map(|_| RawPublish {
+                js: js.clone(),
+                subjects: subjects.clone(),
+                route: bench_route(),
+                body: payload(size),
+                key_prefix: prefix.to_owned(),
+                ids: ids.clone(),
+            })
+            .collect::<Vec<_>>()
+    };
+    let submit = |n: usize, size: usize, prefix: &str, ids: Option<Ids>| {
+        (0..n)
+            .map(|_| Submit {
+                http: Http::new(a),
+                body: payload(size),
+                key_prefix: prefix.to_owned(),
+                ids: ids.clone(),
+            })
+            .collect::<Vec<_>>()
+    };
+
+    // Peak throughput, closed model.
+    let raw_ids: Ids = Arc::default();
+    let raw_256 = report.record(
+        "raw publish 256 B",
+        drive(raw(256, "raw256", Some(raw_ids.clone())), Model::Closed, d).await,
+    );
+    report.record(
+        "raw publish 4 KiB",
+        drive(raw(4096, "raw4k", None), Model::Closed, d).await,
+    );
+    let raw_ids = taken(&raw_ids);
+    let lookups = (0..c)
+        .map(|_| RawLookup {
+            client: client.clone(),
+            subjects: subjects.clone(),
+            ids: raw_ids.clone(),
+        })
+        .collect();
+    report.record("raw status lookup", drive(lookups, Model::Closed, d).await);
+
+    let gw_ids: Ids = Arc::default();
+    let gw_256 = report.record(
+        "gateway accept 256 B",
+        drive(
+            submit(c, 256, "gw256", Some(gw_ids.clone())),
+            Model::Closed,
+            d,
+        )
+        .await,
+    );
+    report.record(
+        "gateway accept 4 KiB",
+        drive(submit(c, 4096, "gw4k", None), Model::Closed, d).await,
+    );
+    let gw_ids = taken(&gw_ids);
+    let reads = (0..c)
+        .map(|_| StatusGet {
+            http: Http::new(a),
+            ids: gw_ids.clone(),
+        })
+        .collect();
+    report.record("gateway status GET", drive(reads, Model::Closed, d).await);
+
+    // Latency at half the baseline's peak, open model, twice the tasks for headroom.
+    let half = raw_256 / 2.0;
+    report.set("half_peak_rate", half);
+    report.record(
+        "raw publish 256 B @ half peak",
+        drive(
+            raw(256, "rawopen", None)
+                .into_iter()
+                .chain(raw(256, "rawopen2", None))
+                .collect(),
+            Model::Open { rate: half },
+            d,
+        )
+        .await,
+    );
+    report.record(
+        "gateway accept 256 B @ half peak",
+        drive(
+            submit(2 * c, 256, "gwopen", None),
+            Model::Open { rate: half },
+            d,
+        )
+        .await,
+    );
+
+    // End to end: accept on A, echo worker, result visible through B (polled every 1 ms).
+    let e2e = (0..16)
+        .map(|_| EndToEnd {
+            submit: Http::new(a),
+            read: Http::new(b),
+            body: payload(256),
+            key_prefix: "e2e".into(),
+        })
+        .collect();
+    report.record(
+        "end to end via two gateways @ 100/s",
+        drive(e2e, Model::Open { rate: 100.0 }, d).await,
+    );
+
+    // CPU and memory at a steady 1,000 requests/s.
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let watcher = tokio::spawn(procstat::watch(pid, async move {
+        let _ = stop_rx.await;
+    }));
+    report.record(
+        "gateway accept @ 1,000/s",
+        drive(
+            submit(16, 256, "steady", None),
+            Model::Open { rate: 1000.0 },
+            d,
+        )
+        .await,
+    );
+    let _ = stop_tx.send(());
+    let (first, last, peak) = watcher.await?;
+    let cores = (last.cpu - first.cpu).as_secs_f64() / (last.at - first.at).as_secs_f64();
+    report.set("steady_cores", cores);
+    report.set("steady_rss_mb", last.rss_bytes as f64 / 1e6);
+    report.set("steady_peak_rss_mb", peak as f64 / 1e6);
+    eprintln!(
+        "gateway at 1,000/s: {cores:.3} cores, RSS {:.1} MB (peak {:.1} MB)",
+        last.rss_bytes as f64 / 1e6,
+        peak as f64 / 1e6
+    );
+
+    // Overload: twice the gateway's peak, from many connections.
+    let overload_ids: Ids = Arc::default();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let watcher = tokio::spawn(procstat::watch(pid, async move {
+        let _ = stop_rx.await;
+    }));
+    let before = gateway_tests::stream_messages(&js, DEFAULT_REQUESTS_STREAM).await;
+    let over = drive(
+        submit(512, 256, "overload", Some(overload_ids.clone())),
+        Model::Open { rate: 2.0 * gw_256 },
+        d,
+    )
+    .await;
+    let _ = stop_tx.send(());
+    let (_, _, peak) = watcher.await?;
+    let accepted = over.ok;
+    let shed = over.shed;
+    report.record("gateway accept @ 2x its peak", over);
+    let after = gateway_tests::stream_messages(&js, DEFAULT_REQUESTS_STREAM).await;
+    // Every 202 must have its message: the stream grew by at least the number of 202s, and each
+    // collected id (the first 50,000) is found by a status lookup.
+    let ids = taken(&overload_ids);
+    let mut missing = 0u64;
+    for id in ids.iter() {
+        let token = gateway::idempotency::key_token_of(id).expect("gateway-made id");
+        let found = handlers::jetstream::last_matching(
+            &client,
+            DEFAULT_REQUESTS_STREAM,
+            &subjects.request_any_route(token),
+        )
+        .await?;
+        missing += u64::from(found.is_none());
+    }
+    report.set("overload_accepted", accepted as f64);
+    report.set("overload_shed", shed as f64);
+    report.set("overload_stream_growth", (after - before) as f64);
+    report.set("overload_checked_ids", ids.len() as f64);
+    report.set("overload_missing", missing as f64);
+    report.set("overload_peak_rss_mb", peak as f64 / 1e6);
+    eprintln!(
+        "overload: {accepted} accepted, {shed} shed with Retry-After, stream +{}, {missing} of {} checked 202s missing, peak RSS {:.1} MB",
+        after - before,
+        ids.len(),
+        peak as f64 / 1e6
+    );
+
+    report.write(&o.out)?;
+    eprintln!("wrote {}", o.out.display());
+    Ok(())
+}

@@ -1,0 +1,68 @@
+//! CPU time and resident memory of a process, from `/proc` (Linux only; the benchmark's machine).
+
+use std::time::{Duration, Instant};
+
+/// A reading of one process.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    pub at: Instant,
+    /// User plus system CPU time so far.
+    pub cpu: Duration,
+    pub rss_bytes: u64,
+}
+
+/// Clock ticks per second of `/proc/<pid>/stat` (`getconf CLK_TCK`; 100 on Linux unless told).
+fn clock_ticks() -> u64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100)
+}
+
+pub fn sample(pid: u32) -> Option<Sample> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let (utime, stime): (u64, u64) = (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Sample {
+        at: Instant::now(),
+        cpu: Duration::from_secs_f64((utime + stime) as f64 / clock_ticks() as f64),
+        rss_bytes: rss_kb * 1024,
+    })
+}
+
+/// Samples a process every 100 ms until `stop` resolves; returns (first, last, peak RSS).
+pub async fn watch(pid: u32, stop: impl std::future::Future<Output = ()>) -> (Sample, Sample, u64) {
+    let first = sample(pid).expect("process is running");
+    let mut last = first;
+    let mut peak = first.rss_bytes;
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => break,
+            () = tokio::time::sleep(Duration::from_millis(100)) => {
+                if let Some(s) = sample(pid) {
+                    peak = peak.max(s.rss_bytes);
+                    last = s;
+                }
+            }
+        }
+    }
+    if let Some(s) = sample(pid) {
+        peak = peak.max(s.rss_bytes);
+        last = s;
+    }
+    (first, last, peak)
+}
