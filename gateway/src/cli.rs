@@ -16,6 +16,9 @@ use crate::dev::DevArgs;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Threads of the async runtime (default: one per core).
+    #[arg(long, env = "GATEWAY_WORKER_THREADS", global = true)]
+    worker_threads: Option<usize>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -37,9 +40,11 @@ pub fn main() -> anyhow::Result<()> {
         )
         .init();
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = cli.worker_threads {
+        runtime.worker_threads(threads.max(1));
+    }
+    let runtime = runtime.enable_all().build()?;
     runtime.block_on(async move {
         match cli.command {
             Command::Serve(settings) => serve(settings).await,

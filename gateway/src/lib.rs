@@ -30,6 +30,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -89,6 +90,14 @@ pub async fn run(
         serve_stop.cancel();
     });
     tracing::info!(listen = %listener.local_addr()?, routes = routes.len(), "Gateway listening.");
+
+    // Small request/response exchanges on keep-alive connections must not wait for Nagle's
+    // algorithm to coalesce them with a later write.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "Cannot set TCP_NODELAY on a connection.");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(stop.clone().cancelled_owned())
         .await?;

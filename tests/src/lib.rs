@@ -66,6 +66,11 @@ impl Nats {
         }
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().and_then(NatsProcess::pid)
+    }
+
     /// Freezes the server (SIGSTOP): connections stay open, nothing is answered.
     pub fn pause(&self) {
         self.signal("-STOP");
@@ -77,11 +82,7 @@ impl Nats {
     }
 
     fn signal(&self, signal: &str) {
-        let pid = self
-            .process
-            .as_ref()
-            .and_then(NatsProcess::pid)
-            .expect("server running");
+        let pid = self.pid().expect("server running");
         let status = std::process::Command::new("kill")
             .args([signal, &pid.to_string()])
             .status()

@@ -14,7 +14,8 @@
 //! the gateway's CPU and RSS at a steady 1,000 requests/s, and overload at twice its peak. Writes
 //! `results.json`, `results.md` and `bench.svg` to `--out` (default `tests/bench-results`).
 //!
-//! Usage: bench --gateway-bin target/release/gateway [--quick] [--seconds N] [--concurrency N] [--out DIR]
+//! Usage: bench --gateway-bin target/release/gateway [--quick] [--seconds N] [--concurrency N]
+//! [--gateway-threads N] [--out DIR]
 //! (`scripts/bench` builds and runs it.)
 
 mod clients;
@@ -52,6 +53,8 @@ path = "/e2e"
 
 struct Options {
     gateway_bin: String,
+    /// `GATEWAY_WORKER_THREADS` of the measured gateways (their default: one per core).
+    gateway_threads: Option<String>,
     seconds: u64,
     concurrency: usize,
     out: PathBuf,
@@ -61,6 +64,7 @@ struct Options {
 fn options() -> anyhow::Result<Options> {
     let mut o = Options {
         gateway_bin: "target/release/gateway".into(),
+        gateway_threads: None,
         seconds: 8,
         concurrency: 32,
         out: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench-results"),
@@ -78,6 +82,7 @@ fn options() -> anyhow::Result<Options> {
             .with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--gateway-bin" => o.gateway_bin = value,
+            "--gateway-threads" => o.gateway_threads = Some(value),
             "--seconds" => o.seconds = value.parse()?,
             "--concurrency" => o.concurrency = value.parse()?,
             "--out" => o.out = value.into(),
@@ -116,8 +121,14 @@ async fn main() -> anyhow::Result<()> {
     let c = o.concurrency;
     let nats = Nats::start().await;
     let routes = RoutesFile::new(ROUTES);
-    let gw_a = GatewayProcess::spawn(&o.gateway_bin, &nats.url(), &routes, &[]).await;
-    let gw_b = GatewayProcess::spawn(&o.gateway_bin, &nats.url(), &routes, &[]).await;
+    let env: Vec<(&str, &str)> = o
+        .gateway_threads
+        .as_deref()
+        .map(|t| ("GATEWAY_WORKER_THREADS", t))
+        .into_iter()
+        .collect();
+    let gw_a = GatewayProcess::spawn(&o.gateway_bin, &nats.url(), &routes, &env).await;
+    let gw_b = GatewayProcess::spawn(&o.gateway_bin, &nats.url(), &routes, &env).await;
     let (a, b) = (gw_a.addr(), gw_b.addr());
     let pid = gw_a.pid().context("gateway pid")?;
     let _worker = TestWorker::start(&nats, worker_config(), "e2e", |r: Request| async move {
@@ -161,10 +172,18 @@ async fn main() -> anyhow::Result<()> {
 
     // Peak throughput, closed model.
     let raw_ids: Ids = Arc::default();
-    let raw_256 = report.record(
-        "raw publish 256 B",
-        drive(raw(256, "raw256", Some(raw_ids.clone())), Model::Closed, d).await,
-    );
+    let pids = [
+        ("nats-server", nats.pid().context("nats pid")?),
+        ("gateway", pid),
+        ("load generator", std::process::id()),
+    ];
+    let (run, cpu) = procstat::cpu_during(
+        &pids,
+        drive(raw(256, "raw256", Some(raw_ids.clone())), Model::Closed, d),
+    )
+    .await;
+    report.cpu_per_op("raw publish 256 B", run.ok, &cpu);
+    let raw_256 = report.record("raw publish 256 B", run);
     report.record(
         "raw publish 4 KiB",
         drive(raw(4096, "raw4k", None), Model::Closed, d).await,
@@ -180,15 +199,17 @@ async fn main() -> anyhow::Result<()> {
     report.record("raw status lookup", drive(lookups, Model::Closed, d).await);
 
     let gw_ids: Ids = Arc::default();
-    let gw_256 = report.record(
-        "gateway accept 256 B",
+    let (run, cpu) = procstat::cpu_during(
+        &pids,
         drive(
             submit(c, 256, "gw256", Some(gw_ids.clone())),
             Model::Closed,
             d,
-        )
-        .await,
-    );
+        ),
+    )
+    .await;
+    report.cpu_per_op("gateway accept 256 B", run.ok, &cpu);
+    let gw_256 = report.record("gateway accept 256 B", run);
     report.record(
         "gateway accept 4 KiB",
         drive(submit(c, 4096, "gw4k", None), Model::Closed, d).await,

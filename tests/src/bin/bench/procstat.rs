@@ -66,3 +66,24 @@ pub async fn watch(pid: u32, stop: impl std::future::Future<Output = ()>) -> (Sa
     }
     (first, last, peak)
 }
+
+/// CPU seconds each process spent while `work` ran, with `work`'s output.
+pub async fn cpu_during<T>(
+    pids: &[(&'static str, u32)],
+    work: impl std::future::Future<Output = T>,
+) -> (T, Vec<(&'static str, f64)>) {
+    let before: Vec<_> = pids.iter().map(|(_, pid)| sample(*pid)).collect();
+    let out = work.await;
+    let spent = pids
+        .iter()
+        .zip(before)
+        .map(|((name, pid), before)| {
+            let cpu = match (before, sample(*pid)) {
+                (Some(b), Some(a)) => (a.cpu - b.cpu).as_secs_f64(),
+                _ => f64::NAN,
+            };
+            (*name, cpu)
+        })
+        .collect();
+    (out, spent)
+}

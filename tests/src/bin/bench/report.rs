@@ -55,6 +55,8 @@ pub struct Report {
     quick: bool,
     phases: Vec<Phase>,
     values: BTreeMap<String, f64>,
+    /// Per phase: CPU microseconds per successful operation, per process.
+    cpu_us_per_op: BTreeMap<String, BTreeMap<String, f64>>,
 }
 
 fn cpu_model() -> String {
@@ -82,6 +84,7 @@ impl Report {
             quick,
             phases: Vec::new(),
             values: BTreeMap::new(),
+            cpu_us_per_op: BTreeMap::new(),
         }
     }
 
@@ -99,6 +102,15 @@ impl Report {
         let rate = phase.rate;
         self.phases.push(phase);
         rate
+    }
+
+    /// Records where a phase's CPU went: microseconds per successful operation, per process.
+    pub fn cpu_per_op(&mut self, phase: &str, ok: u64, cpu: &[(&str, f64)]) {
+        let per_op = cpu
+            .iter()
+            .map(|(name, secs)| (name.to_string(), secs * 1e6 / ok.max(1) as f64))
+            .collect();
+        self.cpu_us_per_op.insert(phase.to_owned(), per_op);
     }
 
     pub fn set(&mut self, name: &str, value: f64) {
@@ -214,6 +226,29 @@ impl Report {
                 "| {what} | {measured} | {goal} | {} |",
                 if met { "yes" } else { "**no**" }
             );
+        }
+        if !self.cpu_us_per_op.is_empty() {
+            md.push_str("\nCPU time per accepted request (µs), by process:\n\n| phase |");
+            let names: Vec<&String> = self
+                .cpu_us_per_op
+                .values()
+                .flat_map(|m| m.keys())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            for n in &names {
+                let _ = write!(md, " {n} |");
+            }
+            md.push_str(" total |\n|---|");
+            md.push_str(&"---|".repeat(names.len() + 1));
+            md.push('\n');
+            for (phase, per) in &self.cpu_us_per_op {
+                let _ = write!(md, "| {phase} |");
+                for n in &names {
+                    let _ = write!(md, " {:.1} |", per.get(*n).copied().unwrap_or(f64::NAN));
+                }
+                let _ = writeln!(md, " {:.1} |", per.values().sum::<f64>());
+            }
         }
         md.push_str("\n| phase | ok/s | ok | shed | errors |");
         for (_, label) in QUANTILES {
