@@ -13,8 +13,8 @@ use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy, Stor
 use bytes::Bytes;
 use handlers::contract::{ResultRecord, Subjects};
 use handlers::jetstream::{
-    CreateOutcome, JetStreamError, ResultWrite, create_if_absent, last_matching, last_on_subject,
-    last_on_subject_from_leader, publish_result,
+    Batcher, CreateOutcome, JetStreamError, ResultWrite, create_if_absent, last_matching,
+    last_on_subject, last_on_subject_from_leader, publish_result,
 };
 use time::OffsetDateTime;
 
@@ -76,6 +76,8 @@ pub struct StoredResult {
 pub struct Store {
     client: async_nats::Client,
     js: jetstream::Context,
+    /// Request publishes go through the batcher: concurrent requests share writes to NATS.
+    batcher: Batcher,
     subjects: Subjects,
     requests_stream: String,
     results_stream: String,
@@ -111,6 +113,7 @@ impl Store {
             .build(client.clone());
         Ok(Self {
             client,
+            batcher: Batcher::spawn(js.clone()),
             js,
             subjects: Subjects::new(settings.subject_prefix.clone()),
             requests_stream: settings.requests_stream.clone(),
@@ -224,7 +227,7 @@ impl Store {
     ) -> Result<CreateOutcome, StoreError> {
         self.ensure_provisioned()?;
         Ok(create_if_absent(
-            &self.js,
+            &self.batcher,
             message.subject,
             message.headers,
             body,

@@ -8,7 +8,9 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use std::future::Future;
+
+use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::message::StreamMessage;
 use async_nats::{HeaderMap, RequestErrorKind};
@@ -68,11 +70,95 @@ fn subject_taken(err: &PublishError) -> bool {
     false
 }
 
+/// Something that sends a JetStream publish and hands back the future of its ack: a
+/// [`Context`](async_nats::jetstream::Context) sends at once, a [`Batcher`] gathers publishes.
+pub trait SendPublish: Sync {
+    fn send(
+        &self,
+        subject: String,
+        message: PublishMessage,
+    ) -> impl Future<Output = Result<PublishAckFuture, PublishError>> + Send;
+}
+
+impl SendPublish for async_nats::jetstream::Context {
+    async fn send(
+        &self,
+        subject: String,
+        message: PublishMessage,
+    ) -> Result<PublishAckFuture, PublishError> {
+        self.send_publish(subject, message).await
+    }
+}
+
+/// Sends publishes from many concurrent callers in batches, so that they leave in one write.
+///
+/// Hand-written glue: async-nats writes each publish as soon as its connection task runs, and
+/// tokio runs that task right after each caller yields, so concurrent HTTP requests each cost
+/// nats-server a read and an ack write of their own. The batcher's task yields once before
+/// sending, which lets every request that is ready at that moment join the batch. Under light
+/// load nothing else is ready and the yield costs nothing.
+#[derive(Clone, Debug)]
+pub struct Batcher {
+    jobs: tokio::sync::mpsc::Sender<PublishJob>,
+}
+
+#[derive(Debug)]
+struct PublishJob {
+    subject: String,
+    message: PublishMessage,
+    sent: tokio::sync::oneshot::Sender<Result<PublishAckFuture, PublishError>>,
+}
+
+/// Most publishes gathered into one batch.
+const BATCH: usize = 256;
+
+impl Batcher {
+    /// Starts the batching task on the current runtime; it ends when every `Batcher` is dropped.
+    pub fn spawn(js: async_nats::jetstream::Context) -> Self {
+        let (jobs, mut queue) = tokio::sync::mpsc::channel::<PublishJob>(4 * BATCH);
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(BATCH);
+            while queue.recv_many(&mut batch, BATCH).await > 0 {
+                tokio::task::yield_now().await;
+                while batch.len() < BATCH {
+                    match queue.try_recv() {
+                        Ok(job) => batch.push(job),
+                        Err(_) => break,
+                    }
+                }
+                for job in batch.drain(..) {
+                    let sent = js.send_publish(job.subject, job.message).await;
+                    let _ = job.sent.send(sent);
+                }
+            }
+        });
+        Self { jobs }
+    }
+}
+
+impl SendPublish for Batcher {
+    async fn send(
+        &self,
+        subject: String,
+        message: PublishMessage,
+    ) -> Result<PublishAckFuture, PublishError> {
+        let (sent, receive) = tokio::sync::oneshot::channel();
+        let job = PublishJob {
+            subject,
+            message,
+            sent,
+        };
+        let gone = || PublishError::new(PublishErrorKind::BrokenPipe);
+        self.jobs.send(job).await.map_err(|_| gone())?;
+        receive.await.map_err(|_| gone())?
+    }
+}
+
 /// Writes `payload` to `subject` only if the subject holds no message yet.
 ///
 /// With `ttl`, the message carries `Nats-TTL` and the subject frees itself when it expires.
 pub async fn create_if_absent(
-    js: &async_nats::jetstream::Context,
+    js: &impl SendPublish,
     subject: String,
     headers: HeaderMap,
     payload: Bytes,
@@ -85,7 +171,7 @@ pub async fn create_if_absent(
     if let Some(ttl) = ttl {
         publish = publish.ttl(ttl);
     }
-    let ack = match js.send_publish(subject, publish).await {
+    let ack = match js.send(subject, publish).await {
         Ok(ack_future) => ack_future.await,
         Err(e) => Err(e),
     };

@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
+use futures::StreamExt;
 use gateway::config::{ByteSize, RouteConfig};
 use gateway_tests::{GatewayProcess, Nats, RoutesFile, TestWorker, worker_config};
 use handlers::contract::{DEFAULT_REQUESTS_STREAM, Subjects};
@@ -310,17 +311,21 @@ async fn main() -> anyhow::Result<()> {
     // Every 202 must have its message: the stream grew by at least the number of 202s, and each
     // collected id (the first 50,000) is found by a status lookup.
     let ids = taken(&overload_ids);
-    let mut missing = 0u64;
-    for id in ids.iter() {
-        let token = gateway::idempotency::key_token_of(id).expect("gateway-made id");
-        let found = handlers::jetstream::last_matching(
-            &client,
-            DEFAULT_REQUESTS_STREAM,
-            &subjects.request_any_route(token),
-        )
-        .await?;
-        missing += u64::from(found.is_none());
-    }
+    let missing = futures::stream::iter(ids.iter())
+        .map(|id| {
+            let (client, subjects) = (&client, &subjects);
+            async move {
+                let token = gateway::idempotency::key_token_of(id).expect("gateway-made id");
+                let pattern = subjects.request_any_route(token);
+                let found =
+                    handlers::jetstream::last_matching(client, DEFAULT_REQUESTS_STREAM, &pattern)
+                        .await;
+                u64::from(!matches!(found, Ok(Some(_))))
+            }
+        })
+        .buffer_unordered(32)
+        .fold(0u64, |sum, m| async move { sum + m })
+        .await;
     report.set("overload_accepted", accepted as f64);
     report.set("overload_shed", shed as f64);
     report.set("overload_stream_growth", (after - before) as f64);
