@@ -362,24 +362,39 @@ impl Report {
         chart
             .configure_mesh()
             .disable_x_mesh()
-            .x_labels(3)
-            .x_label_formatter(&|x| {
-                groups
-                    .get(x.floor() as usize)
-                    .map_or(String::new(), |g| g.0.to_owned())
-            })
+            .x_labels(0)
+            .y_label_formatter(&|v| format!("{:.0}k", v / 1000.0))
             .draw()?;
-        for (i, (_, raw, gw)) in groups.iter().enumerate() {
-            for (offset, name, color) in [(0.15, raw, BLUE), (0.5, gw, RED)] {
+        for (i, (group, raw, gw)) in groups.iter().enumerate() {
+            for (offset, name, color, label) in [
+                (0.15, raw, BLUE, "raw JetStream"),
+                (0.5, gw, RED, "gateway"),
+            ] {
                 if let Some(p) = self.phase(name) {
                     let x = i as f64 + offset;
-                    chart.draw_series(std::iter::once(Rectangle::new(
+                    let bar = chart.draw_series(std::iter::once(Rectangle::new(
                         [(x, 0.0), (x + 0.33, p.rate)],
                         color.mix(0.8).filled(),
                     )))?;
+                    if i == 0 {
+                        bar.label(label).legend(move |(x, y)| {
+                            Rectangle::new([(x, y - 5), (x + 14, y + 5)], color.mix(0.8).filled())
+                        });
+                    }
                 }
             }
+            chart.draw_series(std::iter::once(Text::new(
+                group.to_string(),
+                (i as f64 + 0.2, top * 0.03),
+                ("sans-serif", 14).into_font().color(&WHITE),
+            )))?;
         }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE)
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperRight)
+            .draw()?;
         root.present()?;
         Ok(())
     }
