@@ -47,6 +47,12 @@ pub struct Settings {
     /// queueing (health endpoints are never shed).
     #[arg(long, env = "GATEWAY_MAX_IN_FLIGHT", default_value_t = 256)]
     pub max_in_flight: usize,
+    /// Longest wait a client may ask for with `Prefer: wait=N` or `?wait=N`.
+    #[arg(long, env = "GATEWAY_MAX_WAIT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub max_wait: Duration,
+    /// Event streams (`GET /operations/{id}/events`) open at once; more get 429.
+    #[arg(long, env = "GATEWAY_MAX_EVENT_STREAMS", default_value_t = 10_000)]
+    pub max_event_streams: usize,
     /// Seconds in `Retry-After` on pending operations and on 503 answers.
     #[arg(long, env = "GATEWAY_RETRY_AFTER", default_value_t = 1)]
     pub retry_after_secs: u64,
@@ -94,6 +100,10 @@ pub struct RouteConfig {
     /// Largest accepted body: bytes, or a string such as "256KiB" or "1MiB".
     #[serde(default = "defaults::max_body")]
     pub max_body: ByteSize,
+    /// Wait this long for the result before answering 202, as if every request sent
+    /// `Prefer: wait` (a "sync route"); capped by `GATEWAY_MAX_WAIT`. None by default.
+    #[serde(default, with = "humantime_serde")]
+    pub wait: Option<Duration>,
 }
 
 mod defaults {

@@ -24,6 +24,9 @@ pub struct Problem {
     pub detail: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub operation_id: Option<String>,
+    /// The operation as it ended, for a cancellation that came too late.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub operation: Option<serde_json::Value>,
 }
 
 /// Everything a request can fail with.
@@ -43,6 +46,12 @@ pub enum ApiError {
     MessageTooLarge { max_payload: usize },
     #[error("cannot read the request body: {0}")]
     BadBody(String),
+    #[error("bad query string: {0}")]
+    BadQuery(String),
+    #[error("too many event streams are open; retry later")]
+    TooManyStreams,
+    #[error("the operation already finished; it cannot be cancelled")]
+    AlreadyFinished { operation: serde_json::Value },
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error("idempotency key already used for a different request")]
@@ -90,7 +99,11 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } | ApiError::MessageTooLarge { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
-            ApiError::BadBody(_) | ApiError::Key(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadBody(_) | ApiError::BadQuery(_) | ApiError::Key(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            ApiError::TooManyStreams => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::AlreadyFinished { .. } => StatusCode::CONFLICT,
             ApiError::KeyReused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::OutcomeUnknown(_) | ApiError::Unavailable(_) | ApiError::Overloaded => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -108,6 +121,9 @@ impl ApiError {
                 ("payload-too-large", "Request body too large")
             }
             ApiError::BadBody(_) => ("bad-body", "Unreadable request body"),
+            ApiError::BadQuery(_) => ("bad-query", "Bad query string"),
+            ApiError::TooManyStreams => ("too-many-streams", "Too many event streams"),
+            ApiError::AlreadyFinished { .. } => ("already-finished", "Operation already finished"),
             ApiError::Key(KeyError::Missing) => {
                 ("idempotency-key-missing", "Idempotency-Key required")
             }
@@ -164,6 +180,10 @@ impl ApiError {
             detail: self.detail(),
             operation_id: match self {
                 ApiError::KeyReused { operation_id } => Some(operation_id.clone()),
+                _ => None,
+            },
+            operation: match self {
+                ApiError::AlreadyFinished { operation } => Some(operation.clone()),
                 _ => None,
             },
         }

@@ -8,19 +8,20 @@ use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
-use axum::BoxError;
+use std::time::Duration;
+
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
-use axum::error_handling::HandleErrorLayer;
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, Request, State};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, MethodRouter, get};
-use serde::Serialize;
-use tower::ServiceBuilder;
-use tower::limit::GlobalConcurrencyLimitLayer;
+use handlers::contract::ResultRecord;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::Level;
@@ -29,8 +30,12 @@ use crate::accept::{Accepted, Submission, accept};
 use crate::config::{ConfigError, RouteConfig};
 use crate::error::ApiError;
 use crate::idempotency::{self, KeyError};
-use crate::operations::{DEFAULT_TENANT, Operation, Status, lookup};
+use crate::operations::{
+    Cancellation, DEFAULT_TENANT, Operation, Status, cancel, lookup, lookup_when_terminal,
+};
+use crate::prefer;
 use crate::store::Store;
+use crate::watch::Watch;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -38,8 +43,15 @@ pub struct AppState {
     pub store: Arc<Store>,
     /// Seconds in `Retry-After` on pending operations and 503 answers.
     pub retry_after_secs: u64,
-    /// Requests handled at once before shedding.
-    pub max_in_flight: usize,
+    /// Permits for requests doing JetStream work at once; none left means `503 overloaded`.
+    /// Waiting (for a result, in a long poll or an event stream) holds no permit.
+    pub in_flight: Arc<Semaphore>,
+    /// Longest wait a client may ask for (`Prefer: wait`, `?wait=`).
+    pub max_wait: Duration,
+    /// Permits for open event streams; none left means `429` with `Retry-After`.
+    pub event_streams: Arc<Semaphore>,
+    /// Wakes waiters when results land.
+    pub watch: Watch,
     /// Request headers forwarded to workers.
     pub forward_headers: Arc<[HeaderName]>,
     /// Reply headers replayed from results.
@@ -48,6 +60,7 @@ pub struct AppState {
     pub abort_after_publish: bool,
 }
 
+const PREFERENCE_APPLIED: HeaderName = HeaderName::from_static("preference-applied");
 const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -67,8 +80,14 @@ pub fn router(state: AppState, routes: &[RouteConfig]) -> Result<Router, ConfigE
         by_path.insert(&route.path, methods.on(filter, handler));
     }
     let mut app = Router::new()
-        .route("/operations/{id}", get(get_operation))
-        .route("/operations/{id}/result", get(get_result));
+        .route(
+            "/operations/{id}",
+            get(get_operation).delete(cancel_operation),
+        )
+        .route("/operations/{id}/result", get(get_result))
+        .route("/operations/{id}/events", get(operation_events))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz));
     for (path, methods) in by_path {
         // axum rejects path patterns that conflict (e.g. `/a/{x}` beside `/a/{y}`) by panicking;
         // that is a configuration error, reported as such.
@@ -76,23 +95,9 @@ pub fn router(state: AppState, routes: &[RouteConfig]) -> Result<Router, ConfigE
             |_| ConfigError::Invalid(format!("path {path:?} conflicts with another route")),
         )?;
     }
-    // Beyond the limit, requests are refused at once rather than queued: latency stays bounded
-    // and memory with it. Health checks sit outside the limit.
-    let shed = ServiceBuilder::new()
-        .layer(HandleErrorLayer::new(|_: BoxError| async {
-            ApiError::Overloaded
-        }))
-        .load_shed()
-        // Global: axum applies a layer to each route separately, and the limit is per process.
-        .layer(GlobalConcurrencyLimitLayer::new(state.max_in_flight));
-    let api = app
+    Ok(app
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(shed);
-    Ok(Router::new()
-        .route("/livez", get(livez))
-        .route("/readyz", get(readyz))
-        .merge(api)
         .layer(axum::middleware::map_response_with_state(
             state.clone(),
             add_retry_after,
@@ -105,11 +110,13 @@ pub fn router(state: AppState, routes: &[RouteConfig]) -> Result<Router, ConfigE
         .with_state(state))
 }
 
-/// Every 503 carries `Retry-After`: the client is expected to retry, so say when.
+/// Every 503 and 429 carries `Retry-After`: the client is expected to retry, so say when.
 async fn add_retry_after(State(state): State<AppState>, mut response: Response) -> Response {
-    if response.status() == StatusCode::SERVICE_UNAVAILABLE
-        && !response.headers().contains_key(header::RETRY_AFTER)
-    {
+    let retry = [
+        StatusCode::SERVICE_UNAVAILABLE,
+        StatusCode::TOO_MANY_REQUESTS,
+    ];
+    if retry.contains(&response.status()) && !response.headers().contains_key(header::RETRY_AFTER) {
         response.headers_mut().insert(
             header::RETRY_AFTER,
             HeaderValue::from(state.retry_after_secs),
@@ -210,8 +217,10 @@ async fn submit(
     route: Arc<RouteConfig>,
     request: Request,
 ) -> Result<Response, ApiError> {
+    let permit = admit(&state)?;
     let limit = route.max_body.0;
     let (parts, body) = request.into_parts();
+    let prefs = prefer::parse(&parts.headers);
     if content_length(&parts.headers).is_some_and(|len| len > limit) {
         return Err(ApiError::PayloadTooLarge { limit });
     }
@@ -261,21 +270,43 @@ async fn submit(
         tracing::warn!("Fault injection: aborting after the JetStream ack, before answering.");
         std::process::abort();
     }
-    Ok(accepted_response(&state, accepted))
-}
-
-fn accepted_response(state: &AppState, accepted: Accepted) -> Response {
+    drop(permit);
+    // `Prefer: wait=N`, or the route's own wait: answer with the result if it comes in time.
+    let wait = prefs.wait.or(route.wait).map(|w| w.min(state.max_wait));
     let (operation, replayed) = match accepted {
         Accepted::New(op) => (op, false),
         Accepted::Replayed(op) => (op, true),
     };
-    let body = AcceptedBody {
-        id: &operation.id,
-        status: operation.status(),
-        idempotency_key: &operation.idempotency_key,
-        links: Links::of(&operation.id),
+    let operation = match wait {
+        Some(wait) if !wait.is_zero() && !operation.status().is_terminal() => {
+            wait_for(&state, &operation.id, Some(wait)).await?
+        }
+        _ => operation,
     };
-    let mut response = still_running(state, &operation.id, Json(body));
+    let mut response = match (&operation.result, wait) {
+        (Some(result), Some(wait)) => {
+            let mut r = result_response(&state, &result.record);
+            r.headers_mut().insert(
+                header::LOCATION,
+                header_value(&operation_path(&operation.id)),
+            );
+            r.headers_mut().insert(
+                PREFERENCE_APPLIED,
+                header_value(&format!("wait={}", wait.as_secs())),
+            );
+            r
+        }
+        _ => {
+            let mut r = accepted_response(&state, &operation);
+            if prefs.respond_async {
+                r.headers_mut().insert(
+                    PREFERENCE_APPLIED,
+                    HeaderValue::from_static("respond-async"),
+                );
+            }
+            r
+        }
+    };
     let h = response.headers_mut();
     h.insert(
         HeaderName::from_static(idempotency::HEADER),
@@ -284,7 +315,45 @@ fn accepted_response(state: &AppState, accepted: Accepted) -> Response {
     if replayed {
         h.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
     }
-    response
+    Ok(response)
+}
+
+/// A permit to do JetStream work now, or `503 overloaded` at once: never a queue.
+fn admit(state: &AppState) -> Result<OwnedSemaphorePermit, ApiError> {
+    state
+        .in_flight
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::Overloaded)
+}
+
+/// Reads an operation, then waits (holding no permit) until it is terminal or `wait` passes.
+async fn wait_for(
+    state: &AppState,
+    id: &str,
+    wait: Option<Duration>,
+) -> Result<Operation, ApiError> {
+    let operation = match wait {
+        Some(wait) if !wait.is_zero() => {
+            let until = tokio::time::Instant::now() + wait.min(state.max_wait);
+            lookup_when_terminal(&state.store, &state.watch, DEFAULT_TENANT, id, until).await?
+        }
+        _ => {
+            let _permit = admit(state)?;
+            lookup(&state.store, DEFAULT_TENANT, id).await?
+        }
+    };
+    operation.ok_or(ApiError::OperationNotFound)
+}
+
+fn accepted_response(state: &AppState, operation: &Operation) -> Response {
+    let body = AcceptedBody {
+        id: &operation.id,
+        status: operation.status(),
+        idempotency_key: &operation.idempotency_key,
+        links: Links::of(&operation.id),
+    };
+    still_running(state, &operation.id, Json(body))
 }
 
 /// A 202 that points at the operation: `Location`, `Retry-After`, never cached.
@@ -304,24 +373,26 @@ fn header_value(text: &str) -> HeaderValue {
     HeaderValue::from_str(text).expect("gateway-made header values are visible ASCII")
 }
 
-async fn find(
-    state: &AppState,
-    id: Result<Path<String>, PathRejection>,
-) -> Result<Operation, ApiError> {
-    let Ok(Path(id)) = id else {
-        return Err(ApiError::OperationNotFound);
-    };
-    lookup(&state.store, DEFAULT_TENANT, &id)
-        .await?
-        .ok_or(ApiError::OperationNotFound)
+fn path_id(id: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    id.map(|Path(id)| id)
+        .map_err(|_| ApiError::OperationNotFound)
 }
 
-/// `GET /operations/{id}`: the status resource.
+/// `?wait=N` on a long poll.
+#[derive(Debug, Deserialize)]
+struct WaitQuery {
+    wait: Option<u64>,
+}
+
+/// `GET /operations/{id}`: the status resource. With `Prefer: wait=N`, answers as soon as the
+/// operation is terminal, or after N seconds.
 async fn get_operation(
     State(state): State<AppState>,
     id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let operation = find(&state, id).await?;
+    let wait = prefer::parse(&headers).wait;
+    let operation = wait_for(&state, &path_id(id)?, wait).await?;
     let mut response = Json(OperationBody::of(&operation)).into_response();
     let h = response.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -331,20 +402,41 @@ async fn get_operation(
             HeaderValue::from(state.retry_after_secs),
         );
     }
+    if let Some(wait) = wait {
+        h.insert(
+            PREFERENCE_APPLIED,
+            header_value(&format!("wait={}", wait.min(state.max_wait).as_secs())),
+        );
+    }
     Ok(response)
 }
 
-/// `GET /operations/{id}/result`: the stored reply replayed, or 202 while there is none.
+/// `GET /operations/{id}/result`: the stored reply replayed, or 202 while there is none. With
+/// `?wait=N` (or `Prefer: wait=N`) a long poll: answers as soon as there is a result, or after N.
 async fn get_result(
     State(state): State<AppState>,
     id: Result<Path<String>, PathRejection>,
+    query: Result<Query<WaitQuery>, QueryRejection>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let operation = find(&state, id).await?;
-    let Some(result) = &operation.result else {
-        let body = Json(OperationBody::of(&operation));
-        return Ok(still_running(&state, &operation.id, body));
-    };
-    let record = &result.record;
+    let Query(query) = query.map_err(|e| ApiError::BadQuery(e.body_text()))?;
+    let wait = query
+        .wait
+        .map(Duration::from_secs)
+        .or(prefer::parse(&headers).wait);
+    let operation = wait_for(&state, &path_id(id)?, wait).await?;
+    match &operation.result {
+        Some(result) => Ok(result_response(&state, &result.record)),
+        None => {
+            let body = Json(OperationBody::of(&operation));
+            Ok(still_running(&state, &operation.id, body))
+        }
+    }
+}
+
+/// A stored terminal record replayed as an HTTP response: its status, content type, body, and
+/// the headers on the result allow-list.
+fn result_response(state: &AppState, record: &ResultRecord) -> Response {
     let status = StatusCode::from_u16(record.status).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut response = Response::new(Body::from(record.body.clone()));
     *response.status_mut() = status;
@@ -367,7 +459,126 @@ async fn get_result(
             h.append(name, value);
         }
     }
-    Ok(response)
+    response
+}
+
+/// `DELETE /operations/{id}`: cancels an operation that has no result yet (202), or reports the
+/// outcome that won first (409). Repeating it is harmless.
+async fn cancel_operation(
+    State(state): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let _permit = admit(&state)?;
+    match cancel(&state.store, DEFAULT_TENANT, &path_id(id)?).await? {
+        None => Err(ApiError::OperationNotFound),
+        Some(Cancellation::Recorded(operation)) => {
+            let mut response =
+                (StatusCode::ACCEPTED, Json(OperationBody::of(&operation))).into_response();
+            response.headers_mut().insert(
+                header::LOCATION,
+                header_value(&operation_path(&operation.id)),
+            );
+            Ok(response)
+        }
+        Some(Cancellation::TooLate(operation)) => Err(ApiError::AlreadyFinished {
+            operation: serde_json::to_value(OperationBody::of(&operation))
+                .expect("an operation body serializes"),
+        }),
+    }
+}
+
+/// `GET /operations/{id}/events`: server-sent events of the operation's state changes:
+/// `accepted` (id `accepted`), then the terminal state (id `terminal`), then the stream ends. A
+/// client reconnecting with `Last-Event-ID` gets only what it has not seen.
+async fn operation_events(
+    State(state): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let stream_permit = state
+        .event_streams
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::TooManyStreams)?;
+    let id = path_id(id)?;
+    let first = wait_for(&state, &id, None).await?;
+    let seen = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let start = match seen {
+        "terminal" => EventStep::Done,
+        "accepted" => EventStep::Terminal,
+        _ => EventStep::Accepted(Box::new(first.clone())),
+    };
+    let until = first.deadline;
+    let events = futures::stream::unfold(
+        (start, state, id, stream_permit),
+        move |(step, state, id, permit)| async move {
+            let (event, next) = match step {
+                EventStep::Done => return None,
+                EventStep::Accepted(op) => {
+                    (event("accepted", "accepted", &op), EventStep::Terminal)
+                }
+                EventStep::Terminal => {
+                    // The deadline bounds the wait: past it the operation turns `expired`.
+                    let margin = std::time::Duration::from_secs(1);
+                    let left = (until - time::OffsetDateTime::now_utc())
+                        .try_into()
+                        .unwrap_or(Duration::ZERO);
+                    let until = tokio::time::Instant::now() + left + margin;
+                    let op = lookup_when_terminal(
+                        &state.store,
+                        &state.watch,
+                        DEFAULT_TENANT,
+                        &id,
+                        until,
+                    )
+                    .await
+                    .ok()
+                    .flatten()?;
+                    if !op.status().is_terminal() {
+                        return None;
+                    }
+                    (
+                        event("terminal", status_name(op.status()), &op),
+                        EventStep::Done,
+                    )
+                }
+            };
+            Some((
+                Ok::<_, std::convert::Infallible>(event),
+                (next, state, id, permit),
+            ))
+        },
+    );
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+enum EventStep {
+    Accepted(Box<Operation>),
+    Terminal,
+    Done,
+}
+
+fn status_name(status: Status) -> &'static str {
+    match status {
+        Status::Pending => "pending",
+        Status::Succeeded => "succeeded",
+        Status::Failed => "failed",
+        Status::Expired => "expired",
+        Status::Cancelled => "cancelled",
+    }
+}
+
+fn event(id: &'static str, name: &'static str, operation: &Operation) -> Event {
+    Event::default()
+        .id(id)
+        .event(name)
+        .json_data(OperationBody::of(operation))
+        .expect("an operation body serializes")
 }
 
 /// Liveness: the process answers. Never checks NATS, so a NATS outage cannot restart the gateway.
@@ -402,6 +613,7 @@ mod tests {
             retention: std::time::Duration::from_secs(60),
             timeout: std::time::Duration::from_secs(5),
             max_body: ByteSize(16),
+            wait: None,
         }
     }
 
@@ -434,7 +646,10 @@ mod tests {
         let state = AppState {
             store: Arc::new(store),
             retry_after_secs: 7,
-            max_in_flight,
+            in_flight: Arc::new(Semaphore::new(max_in_flight)),
+            max_wait: Duration::from_secs(5),
+            event_streams: Arc::new(Semaphore::new(1)),
+            watch: Watch::default(),
             forward_headers: Arc::from([]),
             result_headers: Arc::from([]),
             #[cfg(feature = "fault-injection")]

@@ -7,7 +7,11 @@
 //! - [`http`]: the router, the handlers and the tower layers, assembled in one place.
 //! - [`idempotency`]: Idempotency-Key parsing, key tokens, operation ids, fingerprints (pure).
 //! - [`accept`]: one request in, exactly one message per key written, or the existing operation found.
-//! - [`operations`]: reading an operation back and deriving its status; settling expiry.
+//! - [`operations`]: reading an operation back and deriving its status; settling expiry;
+//!   waiting for the end; cancelling.
+//! - [`watch`]: one results consumer per process waking in-process waiters (no subscription
+//!   per waiter).
+//! - [`prefer`]: the `Prefer` header (`wait=N`, `respond-async`).
 //! - [`store`]: the JetStream connection and streams; the only module that calls async-nats.
 //! - [`error`]: the one HTTP error type and its problem+json mapping.
 //! - [`dev`]: `gateway dev`, the one-command local setup (nats-server child + example worker).
@@ -24,7 +28,9 @@ pub mod error;
 pub mod http;
 pub mod idempotency;
 pub mod operations;
+pub mod prefer;
 pub mod store;
+pub mod watch;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -32,11 +38,13 @@ use std::time::Duration;
 
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigError, RouteConfig, Settings, header_allow_list};
 use crate::http::AppState;
 use crate::store::{Store, StoreError, StreamPlan};
+use crate::watch::Watch;
 
 /// Why the gateway stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -62,10 +70,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let store = Arc::new(Store::connect(&settings).await?);
+    let watch = Watch::default();
     let state = AppState {
         store: store.clone(),
         retry_after_secs: settings.retry_after_secs,
-        max_in_flight: settings.max_in_flight,
+        in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
+        max_wait: settings.max_wait,
+        event_streams: Arc::new(Semaphore::new(settings.max_event_streams)),
+        watch: watch.clone(),
         forward_headers: header_allow_list(&settings.forward_headers)?.into(),
         result_headers: header_allow_list(&settings.result_headers)?.into(),
         #[cfg(feature = "fault-injection")]
@@ -83,6 +95,12 @@ pub async fn run(
     };
 
     let stop = CancellationToken::new();
+    tokio::spawn(watch.follow(
+        store.jetstream().clone(),
+        store.results_stream().to_owned(),
+        store.subjects().all_results(),
+        stop.clone(),
+    ));
     let provisioning = tokio::spawn(provision_until_done(store, plan, stop.clone()));
     let serve_stop = stop.clone();
     tokio::spawn(async move {

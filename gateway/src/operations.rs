@@ -10,6 +10,7 @@
 //! | a reply with a 2xx or 3xx status | `succeeded` |
 //! | a reply with a 4xx or 5xx status | `failed`    |
 //! | the `expired` marker             | `expired`   |
+//! | the `cancelled` marker           | `cancelled` |
 //!
 //! "None, deadline passed" is not a status: the first reader to see it writes the `expired`
 //! marker (first writer wins, see `handlers::jetstream::publish_result`) and reports whatever
@@ -19,12 +20,15 @@
 use std::time::Duration;
 
 use async_nats::jetstream::message::StreamMessage;
-use handlers::contract::{ContractError, Outcome, Request, header};
+use handlers::contract::{ContractError, Outcome, Request, ResultRecord, header};
 use serde::Serialize;
 use time::OffsetDateTime;
 
+use tokio::time::Instant;
+
 use crate::idempotency::{decode_key, key_token_of};
 use crate::store::{Store, StoreError, StoredResult};
+use crate::watch::{RECHECK, Watch};
 
 /// The tenant every request belongs to until authentication maps callers to tenants. It is part of
 /// every key's scope already, so adding tenants changes no stored data.
@@ -38,6 +42,7 @@ pub enum Status {
     Succeeded,
     Failed,
     Expired,
+    Cancelled,
 }
 
 impl Status {
@@ -91,6 +96,7 @@ impl Operation {
         match &self.result {
             None => Status::Pending,
             Some(r) if r.record.outcome == Outcome::Expired => Status::Expired,
+            Some(r) if r.record.outcome == Outcome::Cancelled => Status::Cancelled,
             Some(r) if r.record.status < 400 => Status::Succeeded,
             Some(_) => Status::Failed,
         }
@@ -132,6 +138,42 @@ pub async fn lookup(
     Ok(Some(operation))
 }
 
+/// Reads an operation, and if it is still pending, waits until it is terminal or `until` passes
+/// (woken by the process's [`Watch`], re-reading at least every [`RECHECK`]). What it returns was
+/// read from JetStream last, so it is as true as any lookup.
+pub async fn lookup_when_terminal(
+    store: &Store,
+    watch: &Watch,
+    tenant: &str,
+    operation_id: &str,
+    until: Instant,
+) -> Result<Option<Operation>, StoreError> {
+    let registration = watch.register(operation_id);
+    loop {
+        let notified = registration.notify().notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let Some(operation) = lookup(store, tenant, operation_id).await? else {
+            return Ok(None);
+        };
+        let now = Instant::now();
+        if operation.status().is_terminal() || now >= until {
+            return Ok(Some(operation));
+        }
+        // Wake at the deadline too: that is when the operation turns `expired`.
+        let to_deadline = (operation.deadline - OffsetDateTime::now_utc())
+            .try_into()
+            .unwrap_or(Duration::ZERO);
+        let next = until
+            .min(now + RECHECK)
+            .min(now + to_deadline + Duration::from_millis(10));
+        tokio::select! {
+            () = notified => {}
+            () = tokio::time::sleep_until(next) => {}
+        }
+    }
+}
+
 /// Attaches the current result to an operation whose request was just read, settling expiry.
 pub async fn attach_result(store: &Store, operation: &mut Operation) -> Result<(), StoreError> {
     operation.result = store.result(&operation.id).await?;
@@ -144,9 +186,44 @@ async fn settle(store: &Store, operation: &mut Operation) -> Result<(), StoreErr
     if operation.result.is_some() || OffsetDateTime::now_utc() <= operation.deadline {
         return Ok(());
     }
+    let marker = ResultRecord::expired(&operation.id, operation.deadline);
     let winner = store
-        .record_expired(&operation.id, operation.deadline, operation.retention)
+        .record_marker(&operation.id, marker, operation.retention)
         .await?;
     operation.result = Some(winner);
     Ok(())
+}
+
+/// What a cancellation found.
+#[derive(Debug)]
+pub enum Cancellation {
+    /// The operation is cancelled (by this request or an earlier one).
+    Recorded(Operation),
+    /// A result (or expiry) won first; the operation as it ended.
+    TooLate(Operation),
+}
+
+/// Cancels an operation that has no terminal record yet. The `cancelled` marker competes for the
+/// same result slot as a worker's reply, first writer wins, so exactly one of them is the outcome
+/// and every replica reports the same one.
+pub async fn cancel(
+    store: &Store,
+    tenant: &str,
+    operation_id: &str,
+) -> Result<Option<Cancellation>, StoreError> {
+    let Some(mut operation) = lookup(store, tenant, operation_id).await? else {
+        return Ok(None);
+    };
+    if operation.result.is_none() {
+        let marker = ResultRecord::cancelled(operation_id);
+        let winner = store
+            .record_marker(operation_id, marker, operation.retention)
+            .await?;
+        operation.result = Some(winner);
+    }
+    Ok(Some(if operation.status() == Status::Cancelled {
+        Cancellation::Recorded(operation)
+    } else {
+        Cancellation::TooLate(operation)
+    }))
 }

@@ -126,6 +126,14 @@ impl Store {
         &self.subjects
     }
 
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    pub fn results_stream(&self) -> &str {
+        &self.results_stream
+    }
+
     /// The largest message (headers and payload) the connected server accepts.
     pub fn max_payload(&self) -> usize {
         self.client.server_info().max_payload
@@ -273,16 +281,15 @@ impl Store {
         }))
     }
 
-    /// Ends an operation as expired, unless a terminal record got there first; returns the record
-    /// that holds the slot either way.
-    pub async fn record_expired(
+    /// Ends an operation with a marker (expired, cancelled), unless a terminal record got there
+    /// first; returns the record that holds the slot either way.
+    pub async fn record_marker(
         &self,
         operation_id: &str,
-        deadline: OffsetDateTime,
+        marker: ResultRecord,
         ttl: Option<Duration>,
     ) -> Result<StoredResult, StoreError> {
         self.ensure_provisioned()?;
-        let marker = ResultRecord::expired(operation_id, deadline);
         let subject = self.subjects.result(operation_id);
         let write = publish_result(
             &self.js,

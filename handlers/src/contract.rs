@@ -9,8 +9,8 @@
 //! - `gw.req.<route>.<key-token>`: one accepted request. The key token is derived from
 //!   (tenant, route, idempotency key), so the subject *is* the idempotency record: the gateway
 //!   writes it with `Nats-Expected-Last-Subject-Sequence: 0` and a second write is refused.
-//! - `gw.res.<operation-id>`: the one terminal record of an operation, a worker's reply or the
-//!   gateway's `expired` marker. The results stream keeps at most one message per subject and
+//! - `gw.res.<operation-id>`: the one terminal record of an operation: a worker's reply, or the
+//!   gateway's `expired` or `cancelled` marker. The results stream keeps at most one message per subject and
 //!   refuses later ones (`discard_new_per_subject`), so the first terminal record wins for good.
 
 use async_nats::HeaderMap;
@@ -189,6 +189,9 @@ pub struct Request {
     /// All headers of the message, forwarded HTTP headers included.
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// Cancelled when a client cancels the operation while a worker handles it
+    /// (`handlers::Worker` watches for that; a long handler may check it and stop early).
+    pub cancellation: tokio_util::sync::CancellationToken,
 }
 
 impl Request {
@@ -217,6 +220,7 @@ impl Request {
             fingerprint: header_str(&headers, header::FINGERPRINT).map(str::to_owned),
             headers,
             body,
+            cancellation: tokio_util::sync::CancellationToken::new(),
         })
     }
 }
@@ -229,6 +233,8 @@ pub enum Outcome {
     /// Nobody answered before the deadline; written by the gateway (or a worker that finds the
     /// deadline passed) so that every reader sees the same terminal state.
     Expired,
+    /// A client cancelled the operation before any result; written by the gateway.
+    Cancelled,
 }
 
 impl Outcome {
@@ -236,6 +242,7 @@ impl Outcome {
         match self {
             Outcome::Reply => None,
             Outcome::Expired => Some("expired"),
+            Outcome::Cancelled => Some("cancelled"),
         }
     }
 }
@@ -265,19 +272,50 @@ impl ResultRecord {
 
     /// The marker that ends an operation nobody answered in time: an RFC 9457 problem, 504.
     pub fn expired(operation_id: &str, deadline: OffsetDateTime) -> Self {
+        let detail = format!(
+            "No result arrived before the operation's deadline ({}).",
+            format_time(deadline)
+        );
+        Self::marker(
+            Outcome::Expired,
+            operation_id,
+            504,
+            "Operation expired",
+            &detail,
+        )
+    }
+
+    /// The marker that ends an operation a client cancelled: an RFC 9457 problem, 410 (the
+    /// result will never exist).
+    pub fn cancelled(operation_id: &str) -> Self {
+        let detail = "The operation was cancelled before any result; none will be stored.";
+        Self::marker(
+            Outcome::Cancelled,
+            operation_id,
+            410,
+            "Operation cancelled",
+            detail,
+        )
+    }
+
+    fn marker(
+        outcome: Outcome,
+        operation_id: &str,
+        status: u16,
+        title: &str,
+        detail: &str,
+    ) -> Self {
+        let slug = outcome.as_header().unwrap_or("reply");
         let body = serde_json::json!({
-            "type": format!("{PROBLEM_TYPE_BASE}expired"),
-            "title": "Operation expired",
-            "status": 504,
-            "detail": format!(
-                "No result arrived before the operation's deadline ({}).",
-                format_time(deadline)
-            ),
+            "type": format!("{PROBLEM_TYPE_BASE}{slug}"),
+            "title": title,
+            "status": status,
+            "detail": detail,
             "operation_id": operation_id,
         });
         Self {
-            outcome: Outcome::Expired,
-            status: 504,
+            outcome,
+            status,
             content_type: Some("application/problem+json".to_owned()),
             headers: Vec::new(),
             body: Bytes::from(body.to_string()),
@@ -326,6 +364,7 @@ impl ResultRecord {
         let outcome = match header_str(headers, header::OUTCOME) {
             None | Some("reply") => Outcome::Reply,
             Some("expired") => Outcome::Expired,
+            Some("cancelled") => Outcome::Cancelled,
             Some(other) => {
                 return Err(ContractError::InvalidHeader {
                     name: header::OUTCOME,

@@ -28,7 +28,7 @@ use futures::{FutureExt, StreamExt};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use crate::contract::{Request, ResultRecord, Subjects};
+use crate::contract::{Outcome, Request, ResultRecord, Subjects, header, header_str};
 use crate::jetstream::{JetStreamError, ResultWrite, last_on_subject, publish_result};
 
 /// The error a handler returns: anything; the request is retried later.
@@ -167,6 +167,8 @@ pub struct WorkerStats {
     pub skipped: AtomicU64,
     /// Replies refused because a different result had won first.
     pub conflicts: AtomicU64,
+    /// Deliveries whose operation was cancelled while the handler ran (reply dropped).
+    pub cancelled: AtomicU64,
     /// Handler errors (each one a nak and a later redelivery).
     pub handler_errors: AtomicU64,
 }
@@ -306,11 +308,20 @@ impl RouteWorker {
         let op = request.operation_id.clone();
         match self.answer(request, delivered).await {
             Ok(Answered::Replied(write)) => {
-                if let ResultWrite::Conflict { existing } = &write {
-                    self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(operation_id = %op, stored_status = existing.status, "A different result was already stored; this reply is dropped.");
-                } else {
-                    self.stats.replied.fetch_add(1, Ordering::Relaxed);
+                match &write {
+                    ResultWrite::Conflict { existing }
+                        if existing.outcome == Outcome::Cancelled =>
+                    {
+                        self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(operation_id = %op, "Operation was cancelled while handled; reply dropped.");
+                    }
+                    ResultWrite::Conflict { existing } => {
+                        self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(operation_id = %op, stored_status = existing.status, "A different result was already stored; this reply is dropped.");
+                    }
+                    ResultWrite::Stored | ResultWrite::AlreadyStored => {
+                        self.stats.replied.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 ack(&message, AckKind::Ack).await;
             }
@@ -335,6 +346,9 @@ impl RouteWorker {
     async fn answer(&self, request: Request, delivered: i64) -> Result<Answered, Failure> {
         let client = self.js.client();
         let results = &self.config.results_stream;
+        // Watch before looking, so that a cancellation landing in between is not missed.
+        let _watching =
+            watch_cancellation(&client, &request.reply_subject, &request.cancellation).await;
         if last_on_subject(&client, results, &request.reply_subject)
             .await?
             .is_some()
@@ -377,6 +391,36 @@ enum Failure {
 impl From<JetStreamError> for Failure {
     fn from(e: JetStreamError) -> Self {
         Failure::JetStream(e)
+    }
+}
+
+/// Cancels `token` when the operation's `cancelled` marker is published, until the returned guard
+/// is dropped. One core subscription per delivery in flight; without one (NATS unreachable), the
+/// handler simply runs to the end and its reply loses to the marker.
+async fn watch_cancellation(
+    client: &async_nats::Client,
+    result_subject: &str,
+    token: &CancellationToken,
+) -> Option<AbortOnDrop> {
+    let mut subscription = client.subscribe(result_subject.to_owned()).await.ok()?;
+    let token = token.clone();
+    let task = tokio::spawn(async move {
+        while let Some(message) = subscription.next().await {
+            let headers = message.headers.unwrap_or_default();
+            if header_str(&headers, header::OUTCOME) == Some("cancelled") {
+                token.cancel();
+                break;
+            }
+        }
+    });
+    Some(AbortOnDrop(task))
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -108,6 +108,7 @@ fn bench_route() -> RouteConfig {
         retention: Duration::from_secs(24 * 3600),
         timeout: Duration::from_secs(300),
         max_body: ByteSize(64 * 1024),
+        wait: None,
     }
 }
 

@@ -1,0 +1,140 @@
+//! Waiting for results without a NATS subscription per waiter.
+//!
+//! Each gateway process runs one JetStream ordered consumer on the results stream (new messages,
+//! headers only) and keeps a map from operation id to an in-process [`Notify`]. A waiter (a
+//! `Prefer: wait` submit, a long poll, an SSE stream) registers, reads the operation, and sleeps
+//! until notified or until its time is up. A notification is only a hint to read again: what a
+//! waiter returns always comes from JetStream, so a missed notification (the consumer reconnecting)
+//! costs at most one re-check interval, never a wrong answer.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::DeliverPolicy;
+use async_nats::jetstream::consumer::pull::OrderedConfig;
+use futures::StreamExt;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// How often a waiter reads again even without a notification.
+pub const RECHECK: Duration = Duration::from_secs(2);
+
+/// The process-wide registry of waiters.
+#[derive(Clone, Default)]
+pub struct Watch {
+    waiters: Arc<Mutex<HashMap<String, Arc<Notify>>>>,
+}
+
+/// One waiter's interest in one operation; leaving the registry when dropped.
+pub struct Registration {
+    watch: Watch,
+    operation_id: String,
+    notify: Arc<Notify>,
+}
+
+impl Registration {
+    /// A future that completes at the next notification for this operation. Create it *before*
+    /// reading the operation, so that a result landing in between is not missed.
+    pub fn notify(&self) -> &Notify {
+        &self.notify
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut waiters = self.watch.waiters.lock().expect("watch map");
+        // The map holds one reference and this registration another: the last waiter leaves.
+        if Arc::strong_count(&self.notify) <= 2 {
+            waiters.remove(&self.operation_id);
+        }
+    }
+}
+
+impl Watch {
+    /// Registers interest in an operation.
+    pub fn register(&self, operation_id: &str) -> Registration {
+        let notify = self
+            .waiters
+            .lock()
+            .expect("watch map")
+            .entry(operation_id.to_owned())
+            .or_default()
+            .clone();
+        Registration {
+            watch: self.clone(),
+            operation_id: operation_id.to_owned(),
+            notify,
+        }
+    }
+
+    /// Operations with at least one waiter right now.
+    pub fn len(&self) -> usize {
+        self.waiters.lock().expect("watch map").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn wake(&self, operation_id: &str) {
+        if let Some(notify) = self.waiters.lock().expect("watch map").get(operation_id) {
+            notify.notify_waiters();
+        }
+    }
+
+    /// Follows the results stream until `stop`, waking the waiters of every operation that gets a
+    /// terminal record. Reconnects on its own; starts from new messages each time.
+    pub async fn follow(
+        self,
+        js: async_nats::jetstream::Context,
+        results_stream: String,
+        result_subjects: String,
+        stop: CancellationToken,
+    ) {
+        let prefix = result_subjects.trim_end_matches('>').to_owned();
+        while !stop.is_cancelled() {
+            let messages = async {
+                js.get_stream(&results_stream)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .create_consumer(OrderedConfig {
+                        filter_subject: result_subjects.clone(),
+                        deliver_policy: DeliverPolicy::New,
+                        headers_only: true,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .messages()
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            .await;
+            match messages {
+                Ok(messages) => {
+                    let messages = messages.take_until(stop.cancelled());
+                    tokio::pin!(messages);
+                    while let Some(message) = messages.next().await {
+                        match message {
+                            Ok(m) => {
+                                if let Some(id) = m.subject.strip_prefix(prefix.as_str()) {
+                                    self.wake(id);
+                                }
+                            }
+                            Err(error) => {
+                                tracing::debug!(%error, "Results watch interrupted; resuming.");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(error) => tracing::debug!(%error, "Cannot watch results yet; retrying."),
+            }
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+}
