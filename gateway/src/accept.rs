@@ -37,6 +37,8 @@ pub struct Submission<'a> {
     pub content_type: Option<&'a str>,
     /// Request headers on the forward allow-list, plus `traceparent`.
     pub forwarded: Vec<(String, String)>,
+    /// Where to POST the completion webhook (already checked against the allow-list).
+    pub callback_url: Option<String>,
     pub body: Bytes,
 }
 
@@ -125,6 +127,9 @@ impl Submission<'_> {
             format_key(&self.idempotency_key).as_str(),
         );
         h.insert(header::FINGERPRINT, fingerprint);
+        if let Some(url) = &self.callback_url {
+            h.insert(header::CALLBACK_URL, url.as_str());
+        }
         RequestMessage {
             subject: subjects.request(&self.route.name, key_token),
             operation_id,
@@ -175,6 +180,8 @@ pub async fn accept(store: &Store, s: Submission<'_>) -> Result<Accepted, Accept
                 deadline,
                 retention: Some(route.retention),
                 result: None,
+                callback_url: s.callback_url.clone(),
+                callback: None,
             }));
         }
         let Some(stored) = store.request_on_route(&route.name, &key_token).await? else {

@@ -34,6 +34,29 @@ pub struct Settings {
     /// Stream that holds results (one terminal record per operation).
     #[arg(long, env = "GATEWAY_RESULTS_STREAM", default_value = handlers::contract::DEFAULT_RESULTS_STREAM)]
     pub results_stream: String,
+    /// Stream that holds webhook delivery states and dead letters.
+    #[arg(long, env = "GATEWAY_CALLBACKS_STREAM", default_value = "GW_CALLBACKS")]
+    pub callbacks_stream: String,
+    /// URL prefixes a client's `Callback-Url` may start with (comma-separated); empty: the header
+    /// is refused. Routes' own `callback_url` need no entry.
+    #[arg(long, env = "GATEWAY_CALLBACK_ALLOW", value_delimiter = ',')]
+    pub callback_allow: Vec<String>,
+    /// Key that signs webhooks (Standard Webhooks: `whsec_` + base64, or any text). Required when
+    /// webhooks are possible.
+    #[arg(long, env = "GATEWAY_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+    /// Delivery attempts per webhook before it goes to the dead-letter subject.
+    #[arg(long, env = "GATEWAY_WEBHOOK_ATTEMPTS", default_value_t = 8)]
+    pub webhook_attempts: i64,
+    /// Delays between webhook attempts (comma-separated; the last repeats).
+    #[arg(
+        long,
+        env = "GATEWAY_WEBHOOK_BACKOFF",
+        value_delimiter = ',',
+        default_value = "1s,5s,30s,2m,10m,30m",
+        value_parser = humantime::parse_duration
+    )]
+    pub webhook_backoff: Vec<Duration>,
     /// Replicas of each stream (1 for a single server, 3 for a cluster).
     #[arg(long, env = "GATEWAY_STREAM_REPLICAS", default_value_t = 1)]
     pub stream_replicas: usize,
@@ -100,6 +123,9 @@ pub struct RouteConfig {
     /// Largest accepted body: bytes, or a string such as "256KiB" or "1MiB".
     #[serde(default = "defaults::max_body")]
     pub max_body: ByteSize,
+    /// Where to POST the signed completion webhook of every operation on this route.
+    #[serde(default)]
+    pub callback_url: Option<String>,
     /// Wait this long for the result before answering 202, as if every request sent
     /// `Prefer: wait` (a "sync route"); capped by `GATEWAY_MAX_WAIT`. None by default.
     #[serde(default, with = "humantime_serde")]
@@ -248,6 +274,14 @@ pub fn validate_routes(routes: &[RouteConfig]) -> Result<(), ConfigError> {
                 humantime::format_duration(r.retention),
                 humantime::format_duration(r.timeout)
             )));
+        }
+        if let Some(url) = &r.callback_url {
+            let ok = reqwest::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
+            if !ok {
+                return Err(invalid(format!(
+                    "{who}: callback_url {url:?} is not an http(s) URL"
+                )));
+            }
         }
         if r.max_body.0 == 0 {
             return Err(invalid(format!("{who}: max_body must be positive")));

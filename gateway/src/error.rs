@@ -48,6 +48,8 @@ pub enum ApiError {
     BadBody(String),
     #[error("bad query string: {0}")]
     BadQuery(String),
+    #[error("this Callback-Url is not allowed: {0}")]
+    CallbackNotAllowed(String),
     #[error("too many event streams are open; retry later")]
     TooManyStreams,
     #[error("the operation already finished; it cannot be cancelled")]
@@ -99,9 +101,10 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } | ApiError::MessageTooLarge { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
-            ApiError::BadBody(_) | ApiError::BadQuery(_) | ApiError::Key(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            ApiError::BadBody(_)
+            | ApiError::BadQuery(_)
+            | ApiError::Key(_)
+            | ApiError::CallbackNotAllowed(_) => StatusCode::BAD_REQUEST,
             ApiError::TooManyStreams => StatusCode::TOO_MANY_REQUESTS,
             ApiError::AlreadyFinished { .. } => StatusCode::CONFLICT,
             ApiError::KeyReused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
@@ -122,6 +125,9 @@ impl ApiError {
             }
             ApiError::BadBody(_) => ("bad-body", "Unreadable request body"),
             ApiError::BadQuery(_) => ("bad-query", "Bad query string"),
+            ApiError::CallbackNotAllowed(_) => {
+                ("callback-url-not-allowed", "Callback-Url not allowed")
+            }
             ApiError::TooManyStreams => ("too-many-streams", "Too many event streams"),
             ApiError::AlreadyFinished { .. } => ("already-finished", "Operation already finished"),
             ApiError::Key(KeyError::Missing) => {

@@ -31,7 +31,8 @@ use crate::config::{ConfigError, RouteConfig};
 use crate::error::ApiError;
 use crate::idempotency::{self, KeyError};
 use crate::operations::{
-    Cancellation, DEFAULT_TENANT, Operation, Status, cancel, lookup, lookup_when_terminal,
+    Cancellation, DEFAULT_TENANT, Links, Operation, OperationView, Status, cancel, lookup,
+    lookup_when_terminal, operation_path,
 };
 use crate::prefer;
 use crate::store::Store;
@@ -52,6 +53,8 @@ pub struct AppState {
     pub event_streams: Arc<Semaphore>,
     /// Wakes waiters when results land.
     pub watch: Watch,
+    /// URL prefixes a client's `Callback-Url` may start with.
+    pub callback_allow: Arc<[String]>,
     /// Request headers forwarded to workers.
     pub forward_headers: Arc<[HeaderName]>,
     /// Reply headers replayed from results.
@@ -125,70 +128,12 @@ async fn add_retry_after(State(state): State<AppState>, mut response: Response) 
     response
 }
 
-fn operation_path(id: &str) -> String {
-    format!("/operations/{id}")
-}
-
-#[derive(Serialize)]
-struct Links {
-    #[serde(rename = "self")]
-    this: String,
-    result: String,
-}
-
-impl Links {
-    fn of(id: &str) -> Self {
-        Self {
-            this: operation_path(id),
-            result: format!("{}/result", operation_path(id)),
-        }
-    }
-}
-
 #[derive(Serialize)]
 struct AcceptedBody<'a> {
     id: &'a str,
     status: Status,
     idempotency_key: &'a str,
     links: Links,
-}
-
-#[derive(Serialize)]
-struct ResultSummary<'a> {
-    status_code: u16,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    content_type: Option<&'a str>,
-}
-
-#[derive(Serialize)]
-struct OperationBody<'a> {
-    id: &'a str,
-    route: &'a str,
-    status: Status,
-    #[serde(with = "time::serde::rfc3339")]
-    created_at: time::OffsetDateTime,
-    #[serde(with = "time::serde::rfc3339")]
-    updated_at: time::OffsetDateTime,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    result: Option<ResultSummary<'a>>,
-    links: Links,
-}
-
-impl<'a> OperationBody<'a> {
-    fn of(op: &'a Operation) -> Self {
-        Self {
-            id: &op.id,
-            route: &op.route,
-            status: op.status(),
-            created_at: op.created_at,
-            updated_at: op.updated_at(),
-            result: op.result.as_ref().map(|r| ResultSummary {
-                status_code: r.record.status,
-                content_type: r.record.content_type.as_deref(),
-            }),
-            links: Links::of(&op.id),
-        }
-    }
 }
 
 fn content_length(headers: &HeaderMap) -> Option<usize> {
@@ -237,6 +182,10 @@ async fn submit(
         }
     })?;
     let text_header = |name: &HeaderName| parts.headers.get(name).and_then(|v| v.to_str().ok());
+    let callback_url = match parts.headers.get("callback-url") {
+        Some(value) => Some(allowed_callback(&state, value)?),
+        None => route.callback_url.clone(),
+    };
     let forwarded = state
         .forward_headers
         .iter()
@@ -261,6 +210,7 @@ async fn submit(
             query: parts.uri.query(),
             content_type: text_header(&header::CONTENT_TYPE),
             forwarded,
+            callback_url,
             body,
         },
     )
@@ -316,6 +266,30 @@ async fn submit(
         h.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
     }
     Ok(response)
+}
+
+/// A client's `Callback-Url`, if it is an http(s) URL that starts with an allowed prefix.
+fn allowed_callback(state: &AppState, value: &HeaderValue) -> Result<String, ApiError> {
+    let text = value
+        .to_str()
+        .map_err(|_| ApiError::CallbackNotAllowed("not text".to_owned()))?;
+    let url = reqwest::Url::parse(text)
+        .map_err(|e| ApiError::CallbackNotAllowed(format!("not a URL ({e})")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(ApiError::CallbackNotAllowed(
+            "only http and https".to_owned(),
+        ));
+    }
+    if !state
+        .callback_allow
+        .iter()
+        .any(|prefix| text.starts_with(prefix.as_str()))
+    {
+        return Err(ApiError::CallbackNotAllowed(
+            "it matches no allowed prefix (GATEWAY_CALLBACK_ALLOW)".to_owned(),
+        ));
+    }
+    Ok(text.to_owned())
 }
 
 /// A permit to do JetStream work now, or `503 overloaded` at once: never a queue.
@@ -393,7 +367,7 @@ async fn get_operation(
 ) -> Result<Response, ApiError> {
     let wait = prefer::parse(&headers).wait;
     let operation = wait_for(&state, &path_id(id)?, wait).await?;
-    let mut response = Json(OperationBody::of(&operation)).into_response();
+    let mut response = Json(OperationView::of(&operation)).into_response();
     let h = response.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if !operation.status().is_terminal() {
@@ -428,7 +402,7 @@ async fn get_result(
     match &operation.result {
         Some(result) => Ok(result_response(&state, &result.record)),
         None => {
-            let body = Json(OperationBody::of(&operation));
+            let body = Json(OperationView::of(&operation));
             Ok(still_running(&state, &operation.id, body))
         }
     }
@@ -473,7 +447,7 @@ async fn cancel_operation(
         None => Err(ApiError::OperationNotFound),
         Some(Cancellation::Recorded(operation)) => {
             let mut response =
-                (StatusCode::ACCEPTED, Json(OperationBody::of(&operation))).into_response();
+                (StatusCode::ACCEPTED, Json(OperationView::of(&operation))).into_response();
             response.headers_mut().insert(
                 header::LOCATION,
                 header_value(&operation_path(&operation.id)),
@@ -481,7 +455,7 @@ async fn cancel_operation(
             Ok(response)
         }
         Some(Cancellation::TooLate(operation)) => Err(ApiError::AlreadyFinished {
-            operation: serde_json::to_value(OperationBody::of(&operation))
+            operation: serde_json::to_value(OperationView::of(&operation))
                 .expect("an operation body serializes"),
         }),
     }
@@ -577,7 +551,7 @@ fn event(id: &'static str, name: &'static str, operation: &Operation) -> Event {
     Event::default()
         .id(id)
         .event(name)
-        .json_data(OperationBody::of(operation))
+        .json_data(OperationView::of(operation))
         .expect("an operation body serializes")
 }
 
@@ -614,6 +588,7 @@ mod tests {
             timeout: std::time::Duration::from_secs(5),
             max_body: ByteSize(16),
             wait: None,
+            callback_url: None,
         }
     }
 
@@ -650,6 +625,7 @@ mod tests {
             max_wait: Duration::from_secs(5),
             event_streams: Arc::new(Semaphore::new(1)),
             watch: Watch::default(),
+            callback_allow: Arc::from([]),
             forward_headers: Arc::from([]),
             result_headers: Arc::from([]),
             #[cfg(feature = "fault-injection")]

@@ -31,6 +31,7 @@ pub mod operations;
 pub mod prefer;
 pub mod store;
 pub mod watch;
+pub mod webhooks;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -45,6 +46,7 @@ use crate::config::{ConfigError, RouteConfig, Settings, header_allow_list};
 use crate::http::AppState;
 use crate::store::{Store, StoreError, StreamPlan};
 use crate::watch::Watch;
+use crate::webhooks::{WebhookError, Webhooks};
 
 /// Why the gateway stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +57,8 @@ pub enum RunError {
     Connect(#[from] async_nats::ConnectError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Webhooks(#[from] WebhookError),
     #[error("HTTP server failed: {0}")]
     Serve(#[from] std::io::Error),
 }
@@ -78,13 +82,17 @@ pub async fn run(
         max_wait: settings.max_wait,
         event_streams: Arc::new(Semaphore::new(settings.max_event_streams)),
         watch: watch.clone(),
+        callback_allow: settings.callback_allow.clone().into(),
         forward_headers: header_allow_list(&settings.forward_headers)?.into(),
         result_headers: header_allow_list(&settings.result_headers)?.into(),
         #[cfg(feature = "fault-injection")]
         abort_after_publish: settings.fault_abort_after_publish,
     };
     let app = http::router(state, &routes)?;
+    let any_route_callback = routes.iter().any(|r| r.callback_url.is_some());
+    let webhooks = Webhooks::new(store.clone(), &settings, any_route_callback)?;
     let plan = StreamPlan {
+        webhook_consumer: webhooks.as_ref().map(Webhooks::consumer_config),
         replicas: settings.stream_replicas,
         duplicate_window: settings.duplicate_window,
         max_retention: routes.iter().map(|r| r.retention).max().unwrap_or_default(),
@@ -101,6 +109,9 @@ pub async fn run(
         store.subjects().all_results(),
         stop.clone(),
     ));
+    if let Some(webhooks) = webhooks {
+        tokio::spawn(webhooks.run(stop.clone()));
+    }
     let provisioning = tokio::spawn(provision_until_done(store, plan, stop.clone()));
     let serve_stop = stop.clone();
     tokio::spawn(async move {

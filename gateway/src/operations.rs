@@ -29,6 +29,7 @@ use tokio::time::Instant;
 use crate::idempotency::{decode_key, key_token_of};
 use crate::store::{Store, StoreError, StoredResult};
 use crate::watch::{RECHECK, Watch};
+use crate::webhooks::{DeliveryState, decode_state};
 
 /// The tenant every request belongs to until authentication maps callers to tenants. It is part of
 /// every key's scope already, so adding tenants changes no stored data.
@@ -51,6 +52,74 @@ impl Status {
     }
 }
 
+/// The path of an operation's status resource.
+pub fn operation_path(id: &str) -> String {
+    format!("/operations/{id}")
+}
+
+/// Links from an operation to its resources.
+#[derive(Debug, Serialize)]
+pub struct Links {
+    #[serde(rename = "self")]
+    this: String,
+    result: String,
+    events: String,
+}
+
+impl Links {
+    pub fn of(id: &str) -> Self {
+        let this = operation_path(id);
+        Self {
+            result: format!("{this}/result"),
+            events: format!("{this}/events"),
+            this,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct ResultSummary<'a> {
+    status_code: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content_type: Option<&'a str>,
+}
+
+/// An operation as clients see it: the status resource's body, an SSE event's data, a webhook's
+/// `data`.
+#[derive(Debug, Serialize)]
+pub struct OperationView<'a> {
+    id: &'a str,
+    route: &'a str,
+    status: Status,
+    #[serde(with = "time::serde::rfc3339")]
+    created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    updated_at: OffsetDateTime,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<ResultSummary<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    callback: Option<&'a DeliveryState>,
+    links: Links,
+}
+
+impl<'a> OperationView<'a> {
+    pub fn of(op: &'a Operation) -> Self {
+        Self {
+            id: &op.id,
+            route: &op.route,
+            status: op.status(),
+            created_at: op.created_at,
+            updated_at: op.updated_at(),
+            result: op.result.as_ref().map(|r| ResultSummary {
+                status_code: r.record.status,
+                content_type: r.record.content_type.as_deref(),
+            }),
+            callback: op.callback.as_ref(),
+            links: Links::of(&op.id),
+        }
+    }
+}
+
 /// One operation as read from JetStream.
 #[derive(Debug, Clone)]
 pub struct Operation {
@@ -63,6 +132,10 @@ pub struct Operation {
     pub deadline: OffsetDateTime,
     pub retention: Option<Duration>,
     pub result: Option<StoredResult>,
+    /// The completion webhook's URL, if any.
+    pub callback_url: Option<String>,
+    /// Where the webhook stands (read by `lookup` when there is a callback URL).
+    pub callback: Option<DeliveryState>,
 }
 
 impl Operation {
@@ -89,6 +162,8 @@ impl Operation {
             deadline: request.deadline,
             retention: request.retention_secs.map(Duration::from_secs),
             result: None,
+            callback_url: request.callback_url,
+            callback: None,
         })
     }
 
@@ -135,6 +210,22 @@ pub async fn lookup(
     }
     operation.result = result?;
     settle(store, &mut operation).await?;
+    if let Some(url) = &operation.callback_url {
+        // Before the first attempt there is no stored state: the webhook is pending.
+        operation.callback = Some(
+            store
+                .callback_state(operation_id)
+                .await?
+                .and_then(|bytes| decode_state(&bytes))
+                .unwrap_or_else(|| DeliveryState {
+                    url: url.clone(),
+                    state: "pending".to_owned(),
+                    attempts: 0,
+                    last_status: None,
+                    last_error: None,
+                }),
+        );
+    }
     Ok(Some(operation))
 }
 

@@ -7,9 +7,10 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use async_nats::jetstream;
+use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::{HeaderMap, jetstream};
 use bytes::Bytes;
 use handlers::contract::{ResultRecord, Subjects};
 use handlers::jetstream::{
@@ -81,6 +82,7 @@ pub struct Store {
     subjects: Subjects,
     requests_stream: String,
     results_stream: String,
+    callbacks_stream: String,
     provisioned: AtomicBool,
 }
 
@@ -92,6 +94,8 @@ pub struct StreamPlan {
     pub max_retention: Duration,
     /// (route name, max body) pairs, checked against the server's max_payload.
     pub body_limits: Vec<(String, usize)>,
+    /// The durable consumer that delivers webhooks, when they are enabled.
+    pub webhook_consumer: Option<async_nats::jetstream::consumer::pull::Config>,
 }
 
 impl Store {
@@ -118,6 +122,7 @@ impl Store {
             subjects: Subjects::new(settings.subject_prefix.clone()),
             requests_stream: settings.requests_stream.clone(),
             results_stream: settings.results_stream.clone(),
+            callbacks_stream: settings.callbacks_stream.clone(),
             provisioned: AtomicBool::new(false),
         })
     }
@@ -132,6 +137,62 @@ impl Store {
 
     pub fn results_stream(&self) -> &str {
         &self.results_stream
+    }
+
+    /// The stored delivery state of an operation's webhook (opaque to the store).
+    pub async fn callback_state(&self, operation_id: &str) -> Result<Option<Bytes>, StoreError> {
+        self.ensure_provisioned()?;
+        let subject = self.subjects.callback_state(operation_id);
+        Ok(
+            last_on_subject(&self.client, &self.callbacks_stream, &subject)
+                .await?
+                .map(|m| m.payload),
+        )
+    }
+
+    /// Replaces the delivery state of an operation's webhook; waits for the ack.
+    pub async fn put_callback_state(
+        &self,
+        operation_id: &str,
+        state: Bytes,
+        ttl: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        let subject = self.subjects.callback_state(operation_id);
+        self.publish_acked(subject, HeaderMap::new(), state, ttl)
+            .await
+    }
+
+    /// Keeps a webhook that could not be delivered, headers and body as they were sent.
+    pub async fn dead_letter(
+        &self,
+        operation_id: &str,
+        headers: HeaderMap,
+        body: Bytes,
+        ttl: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        let subject = self.subjects.webhook_dead_letter(operation_id);
+        self.publish_acked(subject, headers, body, ttl).await
+    }
+
+    async fn publish_acked(
+        &self,
+        subject: String,
+        headers: HeaderMap,
+        payload: Bytes,
+        ttl: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        self.ensure_provisioned()?;
+        let mut message = PublishMessage::build().payload(payload).headers(headers);
+        if let Some(ttl) = ttl {
+            message = message.ttl(ttl.max(Duration::from_secs(1)));
+        }
+        self.js
+            .send_publish(subject, message)
+            .await
+            .map_err(JetStreamError::from)?
+            .await
+            .map_err(JetStreamError::from)?;
+        Ok(())
     }
 
     /// The largest message (headers and payload) the connected server accepts.
@@ -170,24 +231,38 @@ impl Store {
             duplicate_window: plan.duplicate_window.min(plan.max_retention),
             ..Default::default()
         };
+        // Delivery states change (attempt after attempt): the last message of a subject wins.
+        let replaced = Config {
+            discard: DiscardPolicy::Old,
+            discard_new_per_subject: false,
+            ..base.clone()
+        };
         let streams = [
             (
                 &self.requests_stream,
-                self.subjects.all_requests(),
+                vec![self.subjects.all_requests()],
+                &base,
                 "Requests accepted by the HTTP gateway, one per idempotency key.",
             ),
             (
                 &self.results_stream,
-                self.subjects.all_results(),
+                vec![self.subjects.all_results()],
+                &base,
                 "Terminal records of gateway operations, first writer wins.",
             ),
+            (
+                &self.callbacks_stream,
+                self.subjects.all_callbacks().to_vec(),
+                &replaced,
+                "Webhook delivery states and dead letters of gateway operations.",
+            ),
         ];
-        for (name, subject, description) in streams {
+        for (name, subjects, template, description) in streams {
             let config = Config {
                 name: name.clone(),
-                subjects: vec![subject],
+                subjects,
                 description: Some(description.to_owned()),
-                ..base.clone()
+                ..template.clone()
             };
             self.js
                 .create_or_update_stream(config)
@@ -195,6 +270,26 @@ impl Store {
                 .map_err(|e| StoreError::Provision {
                     stream: name.clone(),
                     detail: e.to_string(),
+                })?;
+        }
+        // The webhook consumer exists before the gateway is ready, so that no result of an
+        // accepted request can land before it (it starts from new messages).
+        if let Some(consumer) = &plan.webhook_consumer {
+            self.js
+                .get_stream(&self.results_stream)
+                .await
+                .map_err(|e| StoreError::Provision {
+                    stream: self.results_stream.clone(),
+                    detail: e.to_string(),
+                })?
+                .get_or_create_consumer(
+                    consumer.durable_name.as_deref().unwrap_or_default(),
+                    consumer.clone(),
+                )
+                .await
+                .map_err(|e| StoreError::Provision {
+                    stream: self.results_stream.clone(),
+                    detail: format!("webhook consumer: {e}"),
                 })?;
         }
         self.provisioned.store(true, Ordering::Release);

@@ -55,6 +55,8 @@ pub mod header {
     pub const IDEMPOTENCY_KEY: &str = "Gw-Idempotency-Key";
     /// Hex SHA-256 fingerprint of (method, path, query, content type, body).
     pub const FINGERPRINT: &str = "Gw-Fingerprint";
+    /// Where the gateway POSTs the signed completion notification (absent: no webhook).
+    pub const CALLBACK_URL: &str = "Gw-Callback-Url";
     /// On a result: the HTTP status code to replay (200..=599).
     pub const STATUS: &str = "Gw-Status";
     /// On a result: `reply` (a worker's answer, the default when absent) or `expired`.
@@ -107,6 +109,24 @@ impl Subjects {
     /// All result subjects (the results stream's subject filter).
     pub fn all_results(&self) -> String {
         format!("{}.res.>", self.prefix)
+    }
+
+    /// All webhook delivery states and dead letters (the callbacks stream's subject filters).
+    pub fn all_callbacks(&self) -> [String; 2] {
+        [
+            format!("{}.cb.>", self.prefix),
+            format!("{}.dlq.>", self.prefix),
+        ]
+    }
+
+    /// The delivery state of an operation's webhook (the last message wins).
+    pub fn callback_state(&self, operation_id: &str) -> String {
+        format!("{}.cb.{operation_id}", self.prefix)
+    }
+
+    /// Where a webhook that could not be delivered ends up.
+    pub fn webhook_dead_letter(&self, operation_id: &str) -> String {
+        format!("{}.dlq.webhook.{operation_id}", self.prefix)
     }
 
     /// A route's requests: the filter of that route's worker consumer.
@@ -186,6 +206,8 @@ pub struct Request {
     /// The idempotency key as an RFC 8941 sf-string (quoted, so no whitespace is lost on the wire).
     pub idempotency_key: Option<String>,
     pub fingerprint: Option<String>,
+    /// The completion webhook's URL, if the client or the route set one.
+    pub callback_url: Option<String>,
     /// All headers of the message, forwarded HTTP headers included.
     pub headers: HeaderMap,
     pub body: Bytes,
@@ -218,6 +240,7 @@ impl Request {
             tenant: header_str(&headers, header::TENANT).map(str::to_owned),
             idempotency_key: header_str(&headers, header::IDEMPOTENCY_KEY).map(str::to_owned),
             fingerprint: header_str(&headers, header::FINGERPRINT).map(str::to_owned),
+            callback_url: header_str(&headers, header::CALLBACK_URL).map(str::to_owned),
             headers,
             body,
             cancellation: tokio_util::sync::CancellationToken::new(),

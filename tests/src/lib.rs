@@ -44,6 +44,9 @@ pub struct Nats {
 
 impl Nats {
     pub async fn start() -> Self {
+        // Every test starts here: give reqwest (built with the gateway's TLS settings) its
+        // crypto provider before any client exists.
+        gateway::webhooks::install_crypto_provider();
         let dir = tempfile::tempdir().expect("temp dir");
         let process = NatsProcess::start(&nats_server_bin(), None, dir.path(), &[])
             .await

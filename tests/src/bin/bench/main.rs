@@ -109,6 +109,7 @@ fn bench_route() -> RouteConfig {
         timeout: Duration::from_secs(300),
         max_body: ByteSize(64 * 1024),
         wait: None,
+        callback_url: None,
     }
 }
 

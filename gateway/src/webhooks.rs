@@ -1,0 +1,342 @@
+//! Signed completion webhooks, delivered at least once by a durable JetStream consumer.
+//!
+//! Every gateway replica runs the same durable pull consumer on the results stream, so each
+//! terminal record is handled by one replica at a time and survives restarts: an unacknowledged
+//! record comes back after AckWait. For an operation with a callback URL (the client's
+//! `Callback-Url`, checked against the allow-list, or the route's `callback_url`), the gateway POSTs
+//! a JSON notification signed the Standard Webhooks way: `webhook-id` (the operation id, the same
+//! on every attempt), `webhook-timestamp`, and `webhook-signature: v1,<base64 HMAC-SHA256 of
+//! "id.timestamp.body">`. A 2xx ends it; anything else is retried after the configured back-off;
+//! after the last attempt the notification goes to `gw.dlq.webhook.<id>`. Each attempt's outcome is
+//! stored on `gw.cb.<id>`, and the status resource shows it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use async_nats::jetstream::{self, AckKind};
+use bytes::Bytes;
+use futures::StreamExt;
+use handlers::contract::ResultRecord;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::idempotency::key_token_of;
+use crate::operations::{Operation, OperationView};
+use crate::store::{Store, StoreError};
+
+/// Name of the durable consumer every replica shares.
+const CONSUMER: &str = "gateway-webhooks";
+/// How long one delivery attempt may take.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why webhooks cannot be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error(
+        "webhooks are possible (a callback allow-list or a route callback_url) but GATEWAY_WEBHOOK_SECRET is not set"
+    )]
+    MissingSecret,
+    #[error("GATEWAY_WEBHOOK_SECRET starts with whsec_ but the rest is not base64")]
+    BadSecret,
+    #[error("cannot build the webhook HTTP client: {0}")]
+    Client(String),
+}
+
+/// Where a webhook stands, as stored on `gw.cb.<id>` and shown by the status resource.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryState {
+    pub url: String,
+    /// `pending` (not yet delivered; more attempts to come), `delivered`, or `failed` (dead-lettered).
+    pub state: String,
+    pub attempts: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// The signing key from `GATEWAY_WEBHOOK_SECRET`: `whsec_<base64>` as Standard Webhooks issues
+/// them, or any other text used as is.
+pub fn secret_bytes(secret: &str) -> Result<Vec<u8>, WebhookError> {
+    match secret.strip_prefix("whsec_") {
+        Some(b64) => data_encoding::BASE64
+            .decode(b64.as_bytes())
+            .map_err(|_| WebhookError::BadSecret),
+        None => Ok(secret.as_bytes().to_vec()),
+    }
+}
+
+/// Installs ring as the process-wide rustls crypto provider (the one async-nats already links), as
+/// the webhook client's TLS needs one. Harmless to call again.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// `v1,<base64 HMAC-SHA256(secret, "id.timestamp.body")>`.
+pub fn sign(secret: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(id.as_bytes());
+    mac.update(b".");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!(
+        "v1,{}",
+        data_encoding::BASE64.encode(&mac.finalize().into_bytes())
+    )
+}
+
+/// The delivery loop of one gateway process.
+pub struct Webhooks {
+    store: Arc<Store>,
+    http: reqwest::Client,
+    secret: Vec<u8>,
+    attempts: i64,
+    backoff: Vec<Duration>,
+}
+
+impl Webhooks {
+    /// `None` when no webhook can ever be asked for (no allow-list, no route callback).
+    pub fn new(
+        store: Arc<Store>,
+        settings: &Settings,
+        any_route_callback: bool,
+    ) -> Result<Option<Self>, WebhookError> {
+        if settings.callback_allow.is_empty() && !any_route_callback {
+            return Ok(None);
+        }
+        let secret = secret_bytes(
+            settings
+                .webhook_secret
+                .as_deref()
+                .ok_or(WebhookError::MissingSecret)?,
+        )?;
+        install_crypto_provider();
+        let http = reqwest::Client::builder()
+            .timeout(ATTEMPT_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| WebhookError::Client(e.to_string()))?;
+        Ok(Some(Self {
+            store,
+            http,
+            secret,
+            attempts: settings.webhook_attempts.max(1),
+            backoff: settings.webhook_backoff.clone(),
+        }))
+    }
+
+    /// Delivers until `stop`; (re)creates the shared consumer as needed.
+    pub async fn run(self, stop: CancellationToken) {
+        let this = Arc::new(self);
+        while !stop.is_cancelled() {
+            match this.consume(&stop).await {
+                Ok(()) => {}
+                Err(error) => tracing::debug!(%error, "Webhook consumer not ready; retrying."),
+            }
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// The consumer every replica shares; provisioning creates it before the gateway is ready.
+    pub fn consumer_config(&self) -> pull::Config {
+        pull::Config {
+            durable_name: Some(CONSUMER.to_owned()),
+            filter_subject: self.store.subjects().all_results(),
+            deliver_policy: DeliverPolicy::New,
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: ATTEMPT_TIMEOUT * 3,
+            max_deliver: self.attempts,
+            max_ack_pending: 256,
+            ..Default::default()
+        }
+    }
+
+    async fn consume(self: &Arc<Self>, stop: &CancellationToken) -> Result<(), String> {
+        let js = self.store.jetstream();
+        let stream = js
+            .get_stream(self.store.results_stream())
+            .await
+            .map_err(|e| e.to_string())?;
+        let consumer = stream
+            .get_or_create_consumer(CONSUMER, self.consumer_config())
+            .await
+            .map_err(|e| e.to_string())?;
+        let messages = consumer.messages().await.map_err(|e| e.to_string())?;
+        messages
+            .take_until(stop.cancelled())
+            .for_each_concurrent(32, |message| {
+                let this = self.clone();
+                async move {
+                    if let Ok(message) = message {
+                        this.handle(message).await;
+                    }
+                }
+            })
+            .await;
+        Ok(())
+    }
+
+    async fn handle(&self, message: jetstream::Message) {
+        let attempt = message.info().map(|i| i.delivered).unwrap_or(1);
+        let prefix = self.store.subjects().result("");
+        let Some(id) = message
+            .subject
+            .strip_prefix(prefix.as_str())
+            .map(str::to_owned)
+        else {
+            return ack(&message, AckKind::Term).await;
+        };
+        let outcome = self.attempt(&id, &message, attempt).await;
+        let kind = match outcome {
+            Ok(Next::Done) => AckKind::Ack,
+            Ok(Next::Retry) => AckKind::Nak(Some(self.delay(attempt))),
+            Err(error) => {
+                // The store could not be reached: try again later, without spending an attempt's
+                // back-off on it.
+                tracing::warn!(operation_id = %id, %error, "Cannot process a webhook now.");
+                AckKind::Nak(Some(Duration::from_secs(1)))
+            }
+        };
+        ack(&message, kind).await;
+    }
+
+    fn delay(&self, attempt: i64) -> Duration {
+        let index = usize::try_from(attempt - 1).unwrap_or(0);
+        self.backoff
+            .get(index)
+            .or(self.backoff.last())
+            .copied()
+            .unwrap_or(Duration::from_secs(1))
+    }
+
+    async fn attempt(
+        &self,
+        id: &str,
+        message: &jetstream::Message,
+        attempt: i64,
+    ) -> Result<Next, StoreError> {
+        let Some(key_token) = key_token_of(id) else {
+            return Ok(Next::Done);
+        };
+        let Some(request) = self.store.request_by_key_token(key_token).await? else {
+            return Ok(Next::Done);
+        };
+        let mut operation = Operation::from_request(&request)?;
+        let Some(url) = operation.callback_url.clone() else {
+            return Ok(Next::Done);
+        };
+        let headers = message.headers.clone().unwrap_or_default();
+        let record = ResultRecord::from_parts(&headers, message.payload.clone())?;
+        operation.result = Some(crate::store::StoredResult {
+            record,
+            stored_at: message
+                .info()
+                .map(|i| i.published)
+                .unwrap_or(OffsetDateTime::now_utc()),
+        });
+        let body = serde_json::to_vec(&serde_json::json!({
+            "type": "operation.completed",
+            "timestamp": handlers::contract::format_time(OffsetDateTime::now_utc()),
+            "data": OperationView::of(&operation),
+        }))
+        .expect("a notification serializes");
+        let timestamp = OffsetDateTime::now_utc().unix_timestamp();
+        let signature = sign(&self.secret, id, timestamp, &body);
+        let sent = self
+            .http
+            .post(&url)
+            .header("content-type", "application/json")
+            .header("webhook-id", id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header("webhook-signature", &signature)
+            .body(body.clone())
+            .send()
+            .await;
+        let (delivered, last_status, last_error) = match &sent {
+            Ok(r) if r.status().is_success() => (true, Some(r.status().as_u16()), None),
+            Ok(r) => (false, Some(r.status().as_u16()), None),
+            Err(e) => (false, None, Some(e.to_string())),
+        };
+        let last = attempt >= self.attempts;
+        let state = DeliveryState {
+            url,
+            state: match (delivered, last) {
+                (true, _) => "delivered",
+                (false, true) => "failed",
+                (false, false) => "pending",
+            }
+            .to_owned(),
+            attempts: attempt,
+            last_status,
+            last_error,
+        };
+        if !delivered && last {
+            let mut dead = HeaderMap::new();
+            dead.insert("webhook-id", id);
+            dead.insert("webhook-timestamp", timestamp.to_string().as_str());
+            dead.insert("webhook-signature", signature.as_str());
+            dead.insert("Content-Type", "application/json");
+            self.store
+                .dead_letter(id, dead, Bytes::from(body), operation.retention)
+                .await?;
+            tracing::warn!(operation_id = %id, attempts = attempt, "Webhook not delivered; dead-lettered.");
+        }
+        let encoded = serde_json::to_vec(&state).expect("a delivery state serializes");
+        self.store
+            .put_callback_state(id, Bytes::from(encoded), operation.retention)
+            .await?;
+        Ok(if delivered || last {
+            Next::Done
+        } else {
+            Next::Retry
+        })
+    }
+}
+
+enum Next {
+    Done,
+    Retry,
+}
+
+async fn ack(message: &jetstream::Message, kind: AckKind) {
+    if let Err(error) = message.ack_with(kind).await {
+        tracing::debug!(%error, "Cannot acknowledge a webhook delivery.");
+    }
+}
+
+/// Reads a stored delivery state.
+pub fn decode_state(bytes: &[u8]) -> Option<DeliveryState> {
+    serde_json::from_slice(bytes).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signature_matches_the_standard_webhooks_example() {
+        // The example of the Standard Webhooks specification.
+        let secret = secret_bytes("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let body = br#"{"test": 2432232314}"#;
+        assert_eq!(
+            sign(&secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body),
+            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
+    }
+
+    #[test]
+    fn plain_secrets_are_used_as_is_and_bad_base64_is_refused() {
+        assert_eq!(secret_bytes("abc").unwrap(), b"abc");
+        assert!(secret_bytes("whsec_***").is_err());
+    }
+}

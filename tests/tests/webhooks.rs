@@ -1,0 +1,245 @@
+//! Signed completion webhooks against a real nats-server and a real local HTTP receiver: retried
+//! after a 500, signatures that verify, a stable webhook-id, delivery after a gateway restart, a
+//! dead letter after the last attempt, and the allow-list.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use gateway_tests::*;
+use handlers::contract::Subjects;
+use handlers::{Request, Response};
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const ROUTES: &str = "[[route]]\nname = \"orders\"\nmethod = \"POST\"\npath = \"/orders\"\n";
+
+/// A local webhook receiver: answers with the queued statuses (then 200), records every request.
+#[derive(Clone, Default)]
+struct Receiver {
+    statuses: Arc<Mutex<Vec<u16>>>,
+    received: Arc<Mutex<Vec<(HeaderMap, String)>>>,
+}
+
+impl Receiver {
+    async fn start(statuses: &[u16]) -> (Self, String) {
+        let receiver = Self {
+            statuses: Arc::new(Mutex::new(statuses.iter().rev().copied().collect())),
+            ..Default::default()
+        };
+        let app = axum::Router::new()
+            .route("/hook", axum::routing::post(receive))
+            .with_state(receiver.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (receiver, base)
+    }
+
+    fn set(&self, statuses: &[u16]) {
+        *self.statuses.lock().unwrap() = statuses.iter().rev().copied().collect();
+    }
+
+    fn received(&self) -> Vec<(HeaderMap, String)> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+async fn receive(State(r): State<Receiver>, headers: HeaderMap, body: String) -> StatusCode {
+    r.received.lock().unwrap().push((headers, body));
+    let status = r.statuses.lock().unwrap().pop().unwrap_or(200);
+    StatusCode::from_u16(status).unwrap()
+}
+
+fn webhook_settings(
+    nats: &Nats,
+    routes: &RoutesFile,
+    receiver: &str,
+    attempts: &str,
+) -> gateway::config::Settings {
+    let allow = format!("{receiver}/");
+    settings(
+        &nats.url(),
+        routes,
+        &[
+            "--callback-allow",
+            &allow,
+            "--webhook-secret",
+            SECRET,
+            "--webhook-attempts",
+            attempts,
+            "--webhook-backoff",
+            "300ms",
+        ],
+    )
+}
+
+async fn submit_with_callback(base: &str, key: &str, callback: &str) -> reqwest::Response {
+    http()
+        .post(format!("{base}/orders"))
+        .header("idempotency-key", format!("\"{key}\""))
+        .header("callback-url", callback)
+        .body("{}")
+        .send()
+        .await
+        .unwrap()
+}
+
+fn echo() -> impl handlers::Handler {
+    |_r: Request| async move { Ok(Response::text(201, "made")) }
+}
+
+/// Verifies a delivery's Standard Webhooks signature and returns its webhook-id.
+fn verified_id(headers: &HeaderMap, body: &str) -> String {
+    let id = headers["webhook-id"].to_str().unwrap().to_owned();
+    let timestamp: i64 = headers["webhook-timestamp"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let secret = gateway::webhooks::secret_bytes(SECRET).unwrap();
+    let expected = gateway::webhooks::sign(&secret, &id, timestamp, body.as_bytes());
+    assert_eq!(
+        headers["webhook-signature"].to_str().unwrap(),
+        expected,
+        "signature verifies"
+    );
+    id
+}
+
+async fn operation(gw: &InProcessGateway, id: &str) -> serde_json::Value {
+    json(
+        http()
+            .get(gw.url(&format!("/operations/{id}")))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+/// The receiver fails once, then accepts: two deliveries with the same webhook-id and valid
+/// signatures; the status resource shows `delivered` after 2 attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_is_signed_retried_and_its_state_shown() {
+    let nats = Nats::start().await;
+    let routes = RoutesFile::new(ROUTES);
+    let (receiver, base) = Receiver::start(&[500]).await;
+    let gw = InProcessGateway::start(webhook_settings(&nats, &routes, &base, "5"), true).await;
+    let _worker = TestWorker::start(&nats, worker_config(), "orders", echo()).await;
+
+    let r = submit_with_callback(&gw.base, "hook-1", &format!("{base}/hook")).await;
+    assert_eq!(r.status(), 202);
+    let id = json(r).await["id"].as_str().unwrap().to_owned();
+    let delivered = eventually("delivered", Duration::from_secs(20), || async {
+        let op = operation(&gw, &id).await;
+        (op["callback"]["state"] == "delivered").then_some(op)
+    })
+    .await;
+    assert_eq!(delivered["callback"]["attempts"], 2);
+    assert_eq!(delivered["callback"]["last_status"], 200);
+
+    let got = receiver.received();
+    assert_eq!(got.len(), 2, "one failed attempt, one delivery");
+    for (headers, body) in &got {
+        assert_eq!(verified_id(headers, body), id, "stable webhook-id");
+        let note: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(note["type"], "operation.completed");
+        assert_eq!(note["data"]["id"], id);
+        assert_eq!(note["data"]["status"], "succeeded");
+        assert_eq!(note["data"]["result"]["status_code"], 201);
+    }
+}
+
+/// A Callback-Url outside the allow-list (or not http) is a 400 problem and writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callback_urls_outside_the_allow_list_are_refused() {
+    let nats = Nats::start().await;
+    let routes = RoutesFile::new(ROUTES);
+    let (_receiver, base) = Receiver::start(&[]).await;
+    let gw = InProcessGateway::start(webhook_settings(&nats, &routes, &base, "5"), true).await;
+    for bad in [
+        "http://169.254.169.254/latest",
+        "ftp://127.0.0.1/x",
+        "not a url",
+        "http://127.0.0.1:1/hook",
+    ] {
+        let r = submit_with_callback(&gw.base, "hook-bad", bad).await;
+        assert_eq!(r.status(), 400, "{bad}");
+        assert!(
+            json(r).await["type"]
+                .as_str()
+                .unwrap()
+                .ends_with("callback-url-not-allowed")
+        );
+    }
+    let js = nats.jetstream().await;
+    assert_eq!(stream_messages(&js, "GW_REQUESTS").await, 0);
+}
+
+/// The receiver is down while the first gateway runs; that gateway stops; a new gateway process
+/// delivers the webhook (the durable consumer kept it), with the same webhook-id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_is_delivered_after_a_gateway_restart() {
+    let nats = Nats::start().await;
+    let routes = RoutesFile::new(ROUTES);
+    let (receiver, base) = Receiver::start(&[503, 503, 503, 503, 503, 503, 503, 503]).await;
+    let first = InProcessGateway::start(webhook_settings(&nats, &routes, &base, "20"), true).await;
+    let _worker = TestWorker::start(&nats, worker_config(), "orders", echo()).await;
+    let r = submit_with_callback(&first.base, "hook-restart", &format!("{base}/hook")).await;
+    let id = json(r).await["id"].as_str().unwrap().to_owned();
+    eventually("a failed attempt", Duration::from_secs(20), || async {
+        (!receiver.received().is_empty()).then_some(())
+    })
+    .await;
+    first.stop().await;
+    receiver.set(&[]);
+    let second = InProcessGateway::start(webhook_settings(&nats, &routes, &base, "20"), true).await;
+    let op = eventually(
+        "delivered by the new gateway",
+        Duration::from_secs(60),
+        || async {
+            let op = operation(&second, &id).await;
+            (op["callback"]["state"] == "delivered").then_some(op)
+        },
+    )
+    .await;
+    assert!(op["callback"]["attempts"].as_i64().unwrap() >= 2);
+    let got = receiver.received();
+    let (headers, body) = got.last().unwrap();
+    assert_eq!(verified_id(headers, body), id);
+}
+
+/// Every attempt fails: after the last one the notification is dead-lettered on
+/// `gw.dlq.webhook.<id>`, and the status resource shows `failed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undeliverable_webhook_is_dead_lettered() {
+    let nats = Nats::start().await;
+    let routes = RoutesFile::new(ROUTES);
+    let (receiver, base) = Receiver::start(&[500, 500, 500]).await;
+    let gw = InProcessGateway::start(webhook_settings(&nats, &routes, &base, "2"), true).await;
+    let _worker = TestWorker::start(&nats, worker_config(), "orders", echo()).await;
+    let r = submit_with_callback(&gw.base, "hook-dlq", &format!("{base}/hook")).await;
+    let id = json(r).await["id"].as_str().unwrap().to_owned();
+    let op = eventually("failed", Duration::from_secs(20), || async {
+        let op = operation(&gw, &id).await;
+        (op["callback"]["state"] == "failed").then_some(op)
+    })
+    .await;
+    assert_eq!(op["callback"]["attempts"], 2);
+    assert_eq!(receiver.received().len(), 2);
+    let dead = handlers::jetstream::last_on_subject(
+        &nats.client().await,
+        "GW_CALLBACKS",
+        &Subjects::default().webhook_dead_letter(&id),
+    )
+    .await
+    .unwrap()
+    .expect("dead letter stored");
+    let body = String::from_utf8(dead.payload.to_vec()).unwrap();
+    assert!(body.contains(&id));
+    assert_eq!(
+        handlers::contract::header_str(&dead.headers, "webhook-id"),
+        Some(id.as_str())
+    );
+}
