@@ -76,9 +76,13 @@ pub struct Settings {
     /// Event streams (`GET /operations/{id}/events`) open at once; more get 429.
     #[arg(long, env = "GATEWAY_MAX_EVENT_STREAMS", default_value_t = 10_000)]
     pub max_event_streams: usize,
-    /// Seconds in `Retry-After` on pending operations and on 503 answers.
+    /// Seconds in `Retry-After` on 503 and 429 answers, and on pending operations while there is
+    /// no estimate from the route's backlog.
     #[arg(long, env = "GATEWAY_RETRY_AFTER", default_value_t = 1)]
     pub retry_after_secs: u64,
+    /// Upper bound of the computed `Retry-After` of pending operations.
+    #[arg(long, env = "GATEWAY_RETRY_AFTER_MAX", default_value_t = 60)]
+    pub retry_after_max_secs: u64,
     /// Request headers forwarded to workers (comma-separated, case-insensitive).
     #[arg(
         long,
@@ -123,6 +127,10 @@ pub struct RouteConfig {
     /// Largest accepted body: bytes, or a string such as "256KiB" or "1MiB".
     #[serde(default = "defaults::max_body")]
     pub max_body: ByteSize,
+    /// The durable consumer of this route's workers, whose backlog sets `Retry-After`
+    /// (default `worker-<name>`, the `handlers` library's default).
+    #[serde(default)]
+    pub consumer: Option<String>,
     /// Where to POST the signed completion webhook of every operation on this route.
     #[serde(default)]
     pub callback_url: Option<String>,
@@ -313,6 +321,13 @@ fn validate_path(path: &str) -> Result<(), &'static str> {
 }
 
 impl RouteConfig {
+    /// The workers' consumer of this route.
+    pub fn consumer_name(&self) -> String {
+        self.consumer
+            .clone()
+            .unwrap_or_else(|| format!("worker-{}", self.name))
+    }
+
     /// The method as an `http` type; valid after `validate_routes`.
     pub fn http_method(&self) -> Method {
         Method::from_bytes(self.method.to_ascii_uppercase().as_bytes()).expect("validated method")

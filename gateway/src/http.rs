@@ -35,6 +35,7 @@ use crate::operations::{
     lookup_when_terminal, operation_path,
 };
 use crate::prefer;
+use crate::retry_after::RetryAfter;
 use crate::store::Store;
 use crate::watch::Watch;
 
@@ -42,8 +43,10 @@ use crate::watch::Watch;
 #[derive(Clone)]
 pub struct AppState {
     pub store: Arc<Store>,
-    /// Seconds in `Retry-After` on pending operations and 503 answers.
+    /// Seconds in `Retry-After` on 503 and 429 answers.
     pub retry_after_secs: u64,
+    /// `Retry-After` of pending operations, per route.
+    pub retry_after: RetryAfter,
     /// Permits for requests doing JetStream work at once; none left means `503 overloaded`.
     /// Waiting (for a result, in a long poll or an event stream) holds no permit.
     pub in_flight: Arc<Semaphore>,
@@ -327,17 +330,20 @@ fn accepted_response(state: &AppState, operation: &Operation) -> Response {
         idempotency_key: &operation.idempotency_key,
         links: Links::of(&operation.id),
     };
-    still_running(state, &operation.id, Json(body))
+    still_running(state, operation, Json(body))
 }
 
 /// A 202 that points at the operation: `Location`, `Retry-After`, never cached.
-fn still_running(state: &AppState, id: &str, body: impl IntoResponse) -> Response {
+fn still_running(state: &AppState, operation: &Operation, body: impl IntoResponse) -> Response {
     let mut response = (StatusCode::ACCEPTED, body).into_response();
     let h = response.headers_mut();
-    h.insert(header::LOCATION, header_value(&operation_path(id)));
+    h.insert(
+        header::LOCATION,
+        header_value(&operation_path(&operation.id)),
+    );
     h.insert(
         header::RETRY_AFTER,
-        HeaderValue::from(state.retry_after_secs),
+        HeaderValue::from(state.retry_after.seconds(&operation.route)),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
@@ -373,7 +379,7 @@ async fn get_operation(
     if !operation.status().is_terminal() {
         h.insert(
             header::RETRY_AFTER,
-            HeaderValue::from(state.retry_after_secs),
+            HeaderValue::from(state.retry_after.seconds(&operation.route)),
         );
     }
     if let Some(wait) = wait {
@@ -403,7 +409,7 @@ async fn get_result(
         Some(result) => Ok(result_response(&state, &result.record)),
         None => {
             let body = Json(OperationView::of(&operation));
-            Ok(still_running(&state, &operation.id, body))
+            Ok(still_running(&state, &operation, body))
         }
     }
 }
@@ -589,6 +595,7 @@ mod tests {
             max_body: ByteSize(16),
             wait: None,
             callback_url: None,
+            consumer: None,
         }
     }
 
@@ -621,6 +628,7 @@ mod tests {
         let state = AppState {
             store: Arc::new(store),
             retry_after_secs: 7,
+            retry_after: RetryAfter::new(7, []),
             in_flight: Arc::new(Semaphore::new(max_in_flight)),
             max_wait: Duration::from_secs(5),
             event_streams: Arc::new(Semaphore::new(1)),

@@ -29,6 +29,7 @@ pub mod http;
 pub mod idempotency;
 pub mod operations;
 pub mod prefer;
+pub mod retry_after;
 pub mod store;
 pub mod watch;
 pub mod webhooks;
@@ -44,6 +45,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigError, RouteConfig, Settings, header_allow_list};
 use crate::http::AppState;
+use crate::retry_after::RetryAfter;
 use crate::store::{Store, StoreError, StreamPlan};
 use crate::watch::Watch;
 use crate::webhooks::{WebhookError, Webhooks};
@@ -75,9 +77,14 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let store = Arc::new(Store::connect(&settings).await?);
     let watch = Watch::default();
+    let retry_after = RetryAfter::new(
+        settings.retry_after_secs,
+        routes.iter().map(|r| r.name.clone()),
+    );
     let state = AppState {
         store: store.clone(),
         retry_after_secs: settings.retry_after_secs,
+        retry_after: retry_after.clone(),
         in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
         max_wait: settings.max_wait,
         event_streams: Arc::new(Semaphore::new(settings.max_event_streams)),
@@ -109,6 +116,17 @@ pub async fn run(
         store.subjects().all_results(),
         stop.clone(),
     ));
+    tokio::spawn(
+        retry_after.follow(
+            store.clone(),
+            routes
+                .iter()
+                .map(|r| (r.name.clone(), r.consumer_name()))
+                .collect(),
+            settings.retry_after_max_secs,
+            stop.clone(),
+        ),
+    );
     if let Some(webhooks) = webhooks {
         tokio::spawn(webhooks.run(stop.clone()));
     }

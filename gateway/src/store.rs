@@ -139,6 +139,31 @@ impl Store {
         &self.results_stream
     }
 
+    /// A worker consumer's (backlog, acknowledged deliveries so far) on the requests stream.
+    pub async fn consumer_progress(&self, consumer: &str) -> Result<(u64, u64), StoreError> {
+        self.ensure_provisioned()?;
+        let unavailable = |e: String| StoreError::Provision {
+            stream: self.requests_stream.clone(),
+            detail: e,
+        };
+        let info = self
+            .js
+            .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+                consumer,
+                &self.requests_stream,
+            )
+            .await
+            .map_err(|e| unavailable(e.to_string()))?
+            .info()
+            .await
+            .map_err(|e| unavailable(e.to_string()))?
+            .clone();
+        let in_progress = info.num_ack_pending as u64;
+        let backlog = info.num_pending + in_progress;
+        let acknowledged = info.delivered.consumer_sequence.saturating_sub(in_progress);
+        Ok((backlog, acknowledged))
+    }
+
     /// The stored delivery state of an operation's webhook (opaque to the store).
     pub async fn callback_state(&self, operation_id: &str) -> Result<Option<Bytes>, StoreError> {
         self.ensure_provisioned()?;

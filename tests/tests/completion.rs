@@ -24,6 +24,12 @@ wait = "5s"
 name = "slow"
 method = "POST"
 path = "/slow"
+
+[[route]]
+name = "backlog"
+method = "POST"
+path = "/backlog"
+consumer = "test-backlog"
 "#;
 
 async fn submit(base: &str, path: &str, key: &str, prefer: Option<&str>) -> reqwest::Response {
@@ -434,4 +440,57 @@ async fn cancel_racing_completion_has_one_winner_seen_by_every_replica() {
         cancelled > 0 && completed > 0,
         "both sides must win some races to test the race"
     );
+}
+
+/// `Retry-After` of pending operations follows the route's backlog and completion rate, within
+/// the configured maximum; a route with no workers' consumer gets the default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_follows_the_backlog_within_bounds() {
+    let nats = Nats::start().await;
+    let routes = RoutesFile::new(ROUTES);
+    let gw = InProcessGateway::start(
+        settings(&nats.url(), &routes, &["--retry-after-max-secs", "8"]),
+        true,
+    )
+    .await;
+    // One slow worker: about three completions a second.
+    let config = handlers::WorkerConfig {
+        max_in_flight: 1,
+        ..worker_config()
+    };
+    let _worker =
+        TestWorker::start(&nats, config, "backlog", slow(Duration::from_millis(300))).await;
+    let mut last = String::new();
+    for i in 0..40 {
+        last = id_of(submit(&gw.base, "/backlog", &format!("b-{i}"), None).await).await;
+    }
+    let retry_after = |r: &reqwest::Response| -> u64 {
+        r.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let seconds = eventually(
+        "an estimate from the backlog",
+        Duration::from_secs(15),
+        || async {
+            let r = http()
+                .get(gw.url(&format!("/operations/{last}")))
+                .send()
+                .await
+                .unwrap();
+            let s = retry_after(&r);
+            (s > 1).then_some(s)
+        },
+    )
+    .await;
+    assert!(
+        seconds <= 8,
+        "bounded by GATEWAY_RETRY_AFTER_MAX: {seconds}"
+    );
+
+    // No worker has ever consumed `orders`: the configured default.
+    let r = submit(&gw.base, "/orders", "b-default", None).await;
+    assert_eq!(retry_after(&r), 1);
 }

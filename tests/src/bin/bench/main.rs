@@ -110,6 +110,7 @@ fn bench_route() -> RouteConfig {
         max_body: ByteSize(64 * 1024),
         wait: None,
         callback_url: None,
+        consumer: None,
     }
 }
 
