@@ -244,7 +244,8 @@ pub async fn lookup_when_terminal(
         let notified = registration.notify().notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let Some(operation) = lookup(store, tenant, operation_id).await? else {
+        // Boxed, so that a parked waiter keeps only the small wait state, not the lookup's.
+        let Some(operation) = Box::pin(lookup(store, tenant, operation_id)).await? else {
             return Ok(None);
         };
         let now = Instant::now();

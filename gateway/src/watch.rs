@@ -4,8 +4,9 @@
 //! headers only) and keeps a map from operation id to an in-process [`Notify`]. A waiter (a
 //! `Prefer: wait` submit, a long poll, an SSE stream) registers, reads the operation, and sleeps
 //! until notified or until its time is up. A notification is only a hint to read again: what a
-//! waiter returns always comes from JetStream, so a missed notification (the consumer reconnecting)
-//! costs at most one re-check interval, never a wrong answer.
+//! waiter returns always comes from JetStream. Notifications can only be missed while the consumer
+//! is re-created (it starts from new messages), so every waiter is woken to read again then; a
+//! slow periodic re-check covers the rest. A late notification costs latency, never a wrong answer.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,8 +18,9 @@ use futures::StreamExt;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-/// How often a waiter reads again even without a notification.
-pub const RECHECK: Duration = Duration::from_secs(2);
+/// How often a waiter reads again even without a notification. Long, because notifications are
+/// only missed while the watch consumer is being re-created, and then every waiter is woken.
+pub const RECHECK: Duration = Duration::from_secs(30);
 
 /// The process-wide registry of waiters.
 #[derive(Clone, Default)]
@@ -77,6 +79,12 @@ impl Watch {
         self.len() == 0
     }
 
+    fn wake_all(&self) {
+        for notify in self.waiters.lock().expect("watch map").values() {
+            notify.notify_waiters();
+        }
+    }
+
     fn wake(&self, operation_id: &str) {
         if let Some(notify) = self.waiters.lock().expect("watch map").get(operation_id) {
             notify.notify_waiters();
@@ -113,6 +121,8 @@ impl Watch {
             .await;
             match messages {
                 Ok(messages) => {
+                    // Results that landed while no consumer existed were not seen: read again.
+                    self.wake_all();
                     let messages = messages.take_until(stop.cancelled());
                     tokio::pin!(messages);
                     while let Some(message) = messages.next().await {

@@ -22,6 +22,7 @@ mod clients;
 mod load;
 mod procstat;
 mod report;
+mod waiters;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -60,6 +61,8 @@ struct Options {
     concurrency: usize,
     out: PathBuf,
     quick: bool,
+    /// Run only the waiters measurement, with this many waiters.
+    waiters: Option<usize>,
 }
 
 fn options() -> anyhow::Result<Options> {
@@ -70,6 +73,7 @@ fn options() -> anyhow::Result<Options> {
         concurrency: 32,
         out: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench-results"),
         quick: false,
+        waiters: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -87,6 +91,7 @@ fn options() -> anyhow::Result<Options> {
             "--seconds" => o.seconds = value.parse()?,
             "--concurrency" => o.concurrency = value.parse()?,
             "--out" => o.out = value.into(),
+            "--waiters" => o.waiters = Some(value.parse()?),
             other => anyhow::bail!("unknown flag {other}"),
         }
     }
@@ -142,6 +147,10 @@ async fn main() -> anyhow::Result<()> {
         })
     })
     .await;
+    if let Some(n) = o.waiters {
+        drop(_worker);
+        return measure_waiters(&nats, &gw_a, n, &o.out).await;
+    }
     let js = nats.jetstream().await;
     let client = nats.client().await;
     let subjects = Subjects::default();
@@ -346,5 +355,44 @@ async fn main() -> anyhow::Result<()> {
 
     report.write(&o.out)?;
     eprintln!("wrote {}", o.out.display());
+    Ok(())
+}
+
+/// `--waiters N`: memory per waiter and delivery to all of them (see `waiters.rs`).
+async fn measure_waiters(
+    nats: &Nats,
+    gateway: &GatewayProcess,
+    n: usize,
+    out: &std::path::Path,
+) -> anyhow::Result<()> {
+    let pid = gateway.pid().context("gateway pid")?;
+    let mut worker = None;
+    let measured = waiters::measure(gateway.addr(), pid, n, || async {
+        worker = Some(
+            TestWorker::start(nats, worker_config(), "orders", |_r: Request| async move {
+                Ok(Response::text(200, "done"))
+            })
+            .await,
+        );
+    })
+    .await;
+    let per_waiter =
+        (measured.rss_waiting.saturating_sub(measured.rss_before)) as f64 / measured.waiters as f64;
+    let text = format!(
+        "{} waiters on one gateway process (a third each: long poll, Prefer: wait, server-sent events; one connection and one operation each).\n\n\
+         | gateway RSS before | RSS with all waiting | per waiter | answered | time to answer all after the worker started |\n\
+         |---|---|---|---|---|\n\
+         | {:.1} MB | {:.1} MB | {:.1} KB | {} of {} | {:.1} s |\n",
+        measured.waiters,
+        measured.rss_before as f64 / 1e6,
+        measured.rss_waiting as f64 / 1e6,
+        per_waiter / 1e3,
+        measured.answered,
+        measured.waiters,
+        measured.answer_time.as_secs_f64()
+    );
+    eprint!("{text}");
+    std::fs::create_dir_all(out)?;
+    std::fs::write(out.join("waiters.md"), text)?;
     Ok(())
 }
