@@ -299,11 +299,13 @@ impl ResultRecord {
             "No result arrived before the operation's deadline ({}).",
             format_time(deadline)
         );
-        Self::marker(
+        let title = "Operation expired";
+        Self::problem(
             Outcome::Expired,
             operation_id,
             504,
-            "Operation expired",
+            "expired",
+            title,
             &detail,
         )
     }
@@ -312,23 +314,26 @@ impl ResultRecord {
     /// result will never exist).
     pub fn cancelled(operation_id: &str) -> Self {
         let detail = "The operation was cancelled before any result; none will be stored.";
-        Self::marker(
+        let title = "Operation cancelled";
+        Self::problem(
             Outcome::Cancelled,
             operation_id,
             410,
-            "Operation cancelled",
+            "cancelled",
+            title,
             detail,
         )
     }
 
-    fn marker(
+    /// A terminal record whose body is an RFC 9457 problem (`type` ends in `slug`).
+    pub fn problem(
         outcome: Outcome,
         operation_id: &str,
         status: u16,
+        slug: &str,
         title: &str,
         detail: &str,
     ) -> Self {
-        let slug = outcome.as_header().unwrap_or("reply");
         let body = serde_json::json!({
             "type": format!("{PROBLEM_TYPE_BASE}{slug}"),
             "title": title,

@@ -16,4 +16,4 @@ pub mod jetstream;
 pub mod worker;
 
 pub use contract::{Outcome, Request, ResultRecord, Subjects};
-pub use worker::{Handler, HandlerError, Response, Worker, WorkerConfig, WorkerStats};
+pub use worker::{Handler, HandlerError, Permanent, Response, Worker, WorkerConfig, WorkerStats};

@@ -31,8 +31,29 @@ use tokio_util::sync::CancellationToken;
 use crate::contract::{Outcome, Request, ResultRecord, Subjects, header, header_str};
 use crate::jetstream::{JetStreamError, ResultWrite, last_on_subject, publish_result};
 
-/// The error a handler returns: anything; the request is retried later.
+/// The error a handler returns: anything; the request is retried later, up to the last delivery,
+/// after which the operation ends `failed`. Return a [`Permanent`] to fail at once.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A failure that retrying cannot fix: the operation ends `failed` at once, with this problem
+/// (status 400-599) as its result, and the request is terminated.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{title}: {detail}")]
+pub struct Permanent {
+    pub status: u16,
+    pub title: String,
+    pub detail: String,
+}
+
+impl Permanent {
+    pub fn new(status: u16, title: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self {
+            status,
+            title: title.into(),
+            detail: detail.into(),
+        }
+    }
+}
 
 /// A handler's answer: replayed to the HTTP client as status, content type, headers and body.
 #[derive(Debug, Clone)]
@@ -169,8 +190,11 @@ pub struct WorkerStats {
     pub conflicts: AtomicU64,
     /// Deliveries whose operation was cancelled while the handler ran (reply dropped).
     pub cancelled: AtomicU64,
-    /// Handler errors (each one a nak and a later redelivery).
+    /// Handler errors (panics and unreplayable replies included).
     pub handler_errors: AtomicU64,
+    /// Operations this worker ended `failed`: a [`Permanent`] error, or an error on the last
+    /// delivery.
+    pub failed: AtomicU64,
 }
 
 /// A set of route handlers sharing one JetStream connection.
@@ -306,8 +330,8 @@ impl RouteWorker {
             }
         };
         let op = request.operation_id.clone();
-        match self.answer(request, delivered).await {
-            Ok(Answered::Replied(write)) => {
+        match self.answer(&message, request, delivered).await {
+            Ok(Answered::Replied { write, terminate }) => {
                 match &write {
                     ResultWrite::Conflict { existing }
                         if existing.outcome == Outcome::Cancelled =>
@@ -323,14 +347,18 @@ impl RouteWorker {
                         self.stats.replied.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                ack(&message, AckKind::Ack).await;
+                let kind = if terminate {
+                    AckKind::Term
+                } else {
+                    AckKind::Ack
+                };
+                ack(&message, kind).await;
             }
             Ok(Answered::AlreadyDone) => {
                 self.stats.skipped.fetch_add(1, Ordering::Relaxed);
                 ack(&message, AckKind::Ack).await;
             }
             Err(Failure::Handler(error)) => {
-                self.stats.handler_errors.fetch_add(1, Ordering::Relaxed);
                 let delay = self.config.retry_delay(delivered);
                 tracing::warn!(operation_id = %op, delivered, retry_in = ?delay, %error, "Handler failed; request will be redelivered.");
                 ack(&message, AckKind::Nak(Some(delay))).await;
@@ -343,7 +371,12 @@ impl RouteWorker {
         }
     }
 
-    async fn answer(&self, request: Request, delivered: i64) -> Result<Answered, Failure> {
+    async fn answer(
+        &self,
+        message: &jetstream::Message,
+        request: Request,
+        delivered: i64,
+    ) -> Result<Answered, Failure> {
         let client = self.js.client();
         let results = &self.config.results_stream;
         // Watch before looking, so that a cancellation landing in between is not missed.
@@ -357,29 +390,86 @@ impl RouteWorker {
         }
         let ttl = request.retention_secs.map(Duration::from_secs);
         let (op, reply_subject) = (request.operation_id.clone(), request.reply_subject.clone());
+        let mut terminate = false;
         let record = if OffsetDateTime::now_utc() > request.deadline {
             tracing::info!(operation_id = %op, delivered, "Deadline passed before handling; marking the operation expired.");
             ResultRecord::expired(&op, request.deadline)
         } else {
-            // A panicking handler is a failed attempt like any other, not the end of the route.
-            AssertUnwindSafe(self.handler.call(request))
-                .catch_unwind()
-                .await
-                .map_err(|_| Failure::Handler("the handler panicked".into()))?
-                .map_err(Failure::Handler)?
-                .into_record()
+            match self.run_handler(message, request).await {
+                Ok(record) => record,
+                Err(error) => {
+                    self.stats.handler_errors.fetch_add(1, Ordering::Relaxed);
+                    if let Some(p) = error.downcast_ref::<Permanent>() {
+                        terminate = true;
+                        self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                        let status = p.status.clamp(400, 599);
+                        let slug = "handler-rejected";
+                        ResultRecord::problem(
+                            Outcome::Reply,
+                            &op,
+                            status,
+                            slug,
+                            &p.title,
+                            &p.detail,
+                        )
+                    } else if delivered >= self.config.max_deliver {
+                        // The last delivery: end the operation `failed` rather than leave it
+                        // pending until it expires.
+                        self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                        let detail = format!(
+                            "The handler failed on all {delivered} deliveries; the last error: {error}"
+                        );
+                        let title = "Handler failed";
+                        ResultRecord::problem(
+                            Outcome::Reply,
+                            &op,
+                            500,
+                            "handler-failed",
+                            title,
+                            &detail,
+                        )
+                    } else {
+                        return Err(Failure::Handler(error));
+                    }
+                }
+            }
         };
-        // A reply the contract cannot carry is the handler's fault, not the store's.
-        record
-            .validate()
-            .map_err(|e| Failure::Handler(Box::new(e)))?;
         let write = publish_result(&self.js, results, &reply_subject, &op, &record, ttl).await?;
-        Ok(Answered::Replied(write))
+        Ok(Answered::Replied { write, terminate })
+    }
+
+    /// Runs the handler, keeping the delivery's lease alive (`+WPI` every third of AckWait), and
+    /// turns its answer into a record. A panic or a reply the contract cannot carry is an error
+    /// like any other.
+    async fn run_handler(
+        &self,
+        message: &jetstream::Message,
+        request: Request,
+    ) -> Result<ResultRecord, HandlerError> {
+        let handler = AssertUnwindSafe(self.handler.call(request)).catch_unwind();
+        tokio::pin!(handler);
+        let mut lease = tokio::time::interval(self.config.ack_wait / 3);
+        lease.tick().await;
+        let outcome = loop {
+            tokio::select! {
+                outcome = &mut handler => break outcome,
+                _ = lease.tick() => ack(message, AckKind::Progress).await,
+            }
+        };
+        let record = outcome
+            .map_err(|_| HandlerError::from("the handler panicked"))??
+            .into_record();
+        record.validate()?;
+        Ok(record)
     }
 }
 
 enum Answered {
-    Replied(ResultWrite),
+    /// A terminal record was written (or found); `terminate` ends the delivery with +TERM.
+    Replied {
+        write: ResultWrite,
+        terminate: bool,
+    },
     AlreadyDone,
 }
 

@@ -1,0 +1,141 @@
+//! The worker library's failure handling and leases, against a real nats-server: a handler that
+//! always fails ends `failed` after the last delivery, a permanent failure ends it at once, and a
+//! handler that outlives AckWait keeps its lease instead of being run twice.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use gateway_tests::*;
+use handlers::{Permanent, Request, Response, WorkerConfig};
+
+const ROUTES: &str = "[[route]]\nname = \"jobs\"\nmethod = \"POST\"\npath = \"/jobs\"\n";
+
+async fn submit(base: &str, key: &str) -> String {
+    let r = http()
+        .post(format!("{base}/jobs"))
+        .header("idempotency-key", format!("\"{key}\""))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    json(r).await["id"].as_str().unwrap().to_owned()
+}
+
+fn counting(calls: &Arc<AtomicU32>) -> Arc<AtomicU32> {
+    calls.clone()
+}
+
+/// Every delivery fails: after the last one the operation is `failed` with a 500 problem naming
+/// the last error, never left pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_always_fails_ends_failed_after_the_last_delivery() {
+    let nats = Nats::start().await;
+    let routes = RoutesFile::new(ROUTES);
+    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let calls = Arc::new(AtomicU32::new(0));
+    let seen = counting(&calls);
+    let config = WorkerConfig {
+        max_deliver: 3,
+        ..worker_config()
+    };
+    let worker = TestWorker::start(&nats, config, "jobs", move |_r: Request| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        async move { Err::<Response, _>("the database is down".into()) }
+    })
+    .await;
+    let id = submit(&gw.base, "always-fails").await;
+    let statuses = poll_until_terminal(&gw.base, &id, Duration::from_secs(15)).await;
+    assert_monotonic(&statuses);
+    assert_eq!(statuses.last().unwrap(), "failed");
+    assert_eq!(calls.load(Ordering::SeqCst), 3, "one call per delivery");
+    let result = http()
+        .get(gw.url(&format!("/operations/{id}/result")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(result.status(), 500);
+    assert_eq!(result.headers()["content-type"], "application/problem+json");
+    let problem = json(result).await;
+    assert!(
+        problem["type"]
+            .as_str()
+            .unwrap()
+            .ends_with("handler-failed")
+    );
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("the database is down")
+    );
+    assert_eq!(worker.stats.failed.load(Ordering::Relaxed), 1);
+}
+
+/// A permanent failure ends the operation at once with the handler's problem; no retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_failure_ends_the_operation_at_once() {
+    let nats = Nats::start().await;
+    let routes = RoutesFile::new(ROUTES);
+    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let calls = Arc::new(AtomicU32::new(0));
+    let seen = counting(&calls);
+    let _worker = TestWorker::start(&nats, worker_config(), "jobs", move |_r: Request| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        async move {
+            Err::<Response, _>(Permanent::new(422, "Unknown customer", "No customer 42.").into())
+        }
+    })
+    .await;
+    let id = submit(&gw.base, "permanent").await;
+    let statuses = poll_until_terminal(&gw.base, &id, Duration::from_secs(10)).await;
+    assert_eq!(statuses.last().unwrap(), "failed");
+    let result = http()
+        .get(gw.url(&format!("/operations/{id}/result")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(result.status(), 422);
+    let problem = json(result).await;
+    assert_eq!(problem["title"], "Unknown customer");
+    assert_eq!(problem["detail"], "No customer 42.");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "terminated, never redelivered"
+    );
+}
+
+/// A handler that runs for 2.5 times AckWait, with a second worker on the same consumer waiting
+/// for work: the lease is kept alive, so the handler runs once and nothing is redelivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_handler_keeps_its_lease() {
+    let nats = Nats::start().await;
+    let routes = RoutesFile::new(ROUTES);
+    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let calls = Arc::new(AtomicU32::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..2 {
+        let seen = counting(&calls);
+        workers.push(
+            TestWorker::start(&nats, worker_config(), "jobs", move |_r: Request| {
+                seen.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    Ok(Response::text(200, "slow but once"))
+                }
+            })
+            .await,
+        );
+    }
+    let id = submit(&gw.base, "long").await;
+    let statuses = poll_until_terminal(&gw.base, &id, Duration::from_secs(20)).await;
+    assert_eq!(statuses.last().unwrap(), "succeeded");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "AckWait is 2 s; the handler took 5 s, once"
+    );
+}
