@@ -27,6 +27,8 @@ enum Command {
     Serve(Settings),
     /// Run a local nats-server, the gateway and an example worker together (Ctrl-C stops all).
     Dev(DevArgs),
+    /// Be the worker of some routes by calling a local HTTP app (the worker-side sidecar).
+    Dispatch(crate::dispatch::DispatchArgs),
 }
 
 /// Entry point of the binary.
@@ -49,6 +51,15 @@ pub fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Serve(settings) => serve(settings).await,
             Command::Dev(args) => crate::dev::run(args).await,
+            Command::Dispatch(args) => {
+                let stop = tokio_util::sync::CancellationToken::new();
+                let on_signal = stop.clone();
+                tokio::spawn(async move {
+                    shutdown_signal().await;
+                    on_signal.cancel();
+                });
+                Ok(crate::dispatch::run(args, stop).await?)
+            }
         }
     })
 }

@@ -15,6 +15,7 @@
 //! - [`store`]: the JetStream connection and streams; the only module that calls async-nats.
 //! - [`error`]: the one HTTP error type and its problem+json mapping.
 //! - [`dev`]: `gateway dev`, the one-command local setup (nats-server child + example worker).
+//! - [`dispatch`]: `gateway dispatch`, the worker-side sidecar that calls a local HTTP app.
 //! - [`cli`]: the binary's entry point.
 //!
 //! The wire contract (subjects, headers, message shapes) is not here: it lives in the `handlers`
@@ -24,6 +25,7 @@ pub mod accept;
 pub mod cli;
 pub mod config;
 pub mod dev;
+pub mod dispatch;
 pub mod error;
 pub mod http;
 pub mod idempotency;

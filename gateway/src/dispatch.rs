@@ -1,0 +1,195 @@
+//! `gateway dispatch`: the worker-side sidecar. Consumes a route's requests (as a `handlers`
+//! worker) and calls a local HTTP app with the original method, path, query, headers and body;
+//! the app's response becomes the operation's result. So a service in any language becomes the
+//! worker behind the gateway without a NATS client.
+//!
+//! Upstream 5xx answers, timeouts and connection errors are retried with the worker's back-off
+//! (and end `failed` after the last delivery); 1xx-4xx answers are final results. Concurrency is
+//! the worker's `max_in_flight`. The app receives `Gw-Operation-Id`, so it can deduplicate the
+//! rare re-delivery after a crash between its answer and the result's write.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use handlers::contract::Subjects;
+use handlers::{HandlerError, Request, Response, Worker, WorkerConfig};
+use tokio_util::sync::CancellationToken;
+
+/// Flags of `gateway dispatch`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DispatchArgs {
+    /// Route(s) whose requests this sidecar handles (repeat the flag for several).
+    #[arg(
+        long = "route",
+        env = "GATEWAY_DISPATCH_ROUTES",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub routes: Vec<String>,
+    /// Base URL of the local app, e.g. http://127.0.0.1:3000.
+    #[arg(long, env = "GATEWAY_DISPATCH_UPSTREAM")]
+    pub upstream: reqwest::Url,
+    /// NATS server URL(s).
+    #[arg(
+        long,
+        env = "GATEWAY_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub nats_url: String,
+    #[arg(long, env = "GATEWAY_SUBJECT_PREFIX", default_value = handlers::contract::DEFAULT_PREFIX)]
+    pub subject_prefix: String,
+    #[arg(long, env = "GATEWAY_REQUESTS_STREAM", default_value = handlers::contract::DEFAULT_REQUESTS_STREAM)]
+    pub requests_stream: String,
+    #[arg(long, env = "GATEWAY_RESULTS_STREAM", default_value = handlers::contract::DEFAULT_RESULTS_STREAM)]
+    pub results_stream: String,
+    /// Durable consumer name prefix (`<prefix>-<route>`); the gateway's computed Retry-After reads
+    /// `worker-<route>` unless the route says otherwise.
+    #[arg(
+        long,
+        env = "GATEWAY_DISPATCH_CONSUMER_PREFIX",
+        default_value = "worker"
+    )]
+    pub consumer_prefix: String,
+    /// Upstream calls in flight at once, per route.
+    #[arg(long, env = "GATEWAY_DISPATCH_CONCURRENCY", default_value_t = 16)]
+    pub concurrency: usize,
+    /// How long one upstream call may take before it counts as failed (and is retried).
+    #[arg(long, env = "GATEWAY_DISPATCH_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Deliveries per request before the operation ends `failed`.
+    #[arg(long, env = "GATEWAY_DISPATCH_MAX_DELIVER", default_value_t = 10)]
+    pub max_deliver: i64,
+    /// First retry delay after a failed call; doubles per delivery.
+    #[arg(long, env = "GATEWAY_DISPATCH_RETRY_BASE", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub retry_base: Duration,
+    #[arg(long, env = "GATEWAY_DISPATCH_RETRY_MAX", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub retry_max: Duration,
+    /// AckWait of the consumer (the worker keeps the lease alive while a call runs).
+    #[arg(long, env = "GATEWAY_DISPATCH_ACK_WAIT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub ack_wait: Duration,
+}
+
+/// Why the dispatcher stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    #[error("cannot connect to NATS: {0}")]
+    Connect(#[from] async_nats::ConnectError),
+    #[error("cannot build the HTTP client: {0}")]
+    Client(String),
+    #[error(transparent)]
+    Worker(#[from] handlers::worker::WorkerError),
+}
+
+/// Headers of a request message that are the contract's, not the client's.
+fn is_contract_header(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    lower.starts_with("gw-") || lower.starts_with("nats-")
+}
+
+/// Runs until `shutdown`, retrying while the streams do not exist yet.
+pub async fn run(args: DispatchArgs, shutdown: CancellationToken) -> Result<(), DispatchError> {
+    crate::webhooks::install_crypto_provider();
+    let http = reqwest::Client::builder()
+        .timeout(args.timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| DispatchError::Client(e.to_string()))?;
+    let client = async_nats::ConnectOptions::new()
+        .name("gateway-dispatch")
+        .retry_on_initial_connect()
+        .connect(args.nats_url.as_str())
+        .await?;
+    let js = async_nats::jetstream::new(client);
+    let config = WorkerConfig {
+        subjects: Subjects::new(args.subject_prefix.clone()),
+        requests_stream: args.requests_stream.clone(),
+        results_stream: args.results_stream.clone(),
+        consumer_prefix: args.consumer_prefix.clone(),
+        ack_wait: args.ack_wait,
+        max_deliver: args.max_deliver,
+        max_in_flight: args.concurrency,
+        retry_base: args.retry_base,
+        retry_max: args.retry_max,
+    };
+    tracing::info!(routes = ?args.routes, upstream = %args.upstream, "Dispatching to the local app.");
+    while !shutdown.is_cancelled() {
+        let mut worker = Worker::new(js.clone(), config.clone());
+        for route in &args.routes {
+            let (http, upstream) = (http.clone(), args.upstream.clone());
+            worker = worker.route(route.clone(), move |request: Request| {
+                forward(http.clone(), upstream.clone(), request)
+            });
+        }
+        match worker.run(shutdown.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(error) => {
+                tracing::info!(%error, "Waiting for the gateway's streams.");
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One request, replayed against the app.
+async fn forward(
+    http: reqwest::Client,
+    upstream: reqwest::Url,
+    request: Request,
+) -> Result<Response, HandlerError> {
+    let mut url = upstream.join(request.path.trim_start_matches('/'))?;
+    url.set_query(request.query.as_deref());
+    let method = reqwest::Method::from_bytes(request.method.as_bytes())?;
+    let mut call = http
+        .request(method, url)
+        .header("gw-operation-id", &request.operation_id)
+        .body(request.body.clone());
+    for (name, values) in request.headers.iter() {
+        let name: &str = name.as_ref();
+        if is_contract_header(name) {
+            continue;
+        }
+        for value in values {
+            call = call.header(name, value.as_str());
+        }
+    }
+    if let Some(ct) = &request.content_type {
+        call = call.header("content-type", ct);
+    }
+    let answer = tokio::select! {
+        answer = call.send() => answer?,
+        () = request.cancellation.cancelled() => return Err("cancelled by the client".into()),
+    };
+    let status = answer.status();
+    if status.is_server_error() {
+        return Err(format!("upstream answered {status}").into());
+    }
+    let content_type = answer
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let headers = answer
+        .headers()
+        .iter()
+        .filter(|(name, _)| {
+            !matches!(
+                name.as_str(),
+                "content-type" | "content-length" | "transfer-encoding" | "connection" | "date"
+            )
+        })
+        .filter_map(|(name, value)| {
+            Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
+        })
+        .collect();
+    let body: Bytes = answer.bytes().await?;
+    Ok(Response {
+        status: status.as_u16(),
+        content_type,
+        headers,
+        body,
+    })
+}

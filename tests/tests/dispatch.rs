@@ -1,0 +1,230 @@
+//! `gateway dispatch` against a real nats-server and a real local HTTP app (axum): the original
+//! request reaches the app, its answer becomes the result, 5xx and timeouts are retried, 4xx are
+//! final, and concurrency is capped.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use clap::Parser;
+use gateway::dispatch::DispatchArgs;
+use gateway_tests::*;
+use tokio_util::sync::CancellationToken;
+
+const ROUTES: &str = r#"
+[[route]]
+name = "echo"
+method = "POST"
+path = "/echo/{thing}"
+
+[[route]]
+name = "flaky"
+method = "GET"
+path = "/flaky"
+
+[[route]]
+name = "missing"
+method = "POST"
+path = "/missing"
+
+[[route]]
+name = "slow"
+method = "POST"
+path = "/slow"
+
+[[route]]
+name = "capped"
+method = "POST"
+path = "/capped"
+"#;
+
+#[derive(Clone, Default)]
+struct App {
+    flaky_calls: Arc<AtomicU32>,
+    in_flight: Arc<AtomicUsize>,
+    most_in_flight: Arc<AtomicUsize>,
+}
+
+async fn echo(
+    Path(thing): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: String,
+) -> impl IntoResponse {
+    let h = |n: &str| {
+        headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let echoed = serde_json::json!({
+        "thing": thing,
+        "query": query,
+        "content_type": h("content-type"),
+        "accept_language": h("accept-language"),
+        "operation_id": h("gw-operation-id"),
+        "body": body,
+    });
+    (
+        StatusCode::CREATED,
+        [("etag", "\"e1\"")],
+        axum::Json(echoed),
+    )
+}
+
+async fn flaky(State(app): State<App>) -> (StatusCode, &'static str) {
+    if app.flaky_calls.fetch_add(1, Ordering::SeqCst) < 2 {
+        (StatusCode::SERVICE_UNAVAILABLE, "not yet")
+    } else {
+        (StatusCode::OK, "ok now")
+    }
+}
+
+async fn capped(State(app): State<App>) -> &'static str {
+    let now = app.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    app.most_in_flight.fetch_max(now, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    app.in_flight.fetch_sub(1, Ordering::SeqCst);
+    "done"
+}
+
+async fn start_app() -> (App, String) {
+    let app = App::default();
+    let router = axum::Router::new()
+        .route("/echo/{thing}", post(echo))
+        .route("/flaky", get(flaky))
+        .route(
+            "/missing",
+            post(|| async { (StatusCode::NOT_FOUND, "no such thing") }),
+        )
+        .route(
+            "/slow",
+            post(|| async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                "too late"
+            }),
+        )
+        .route("/capped", post(capped))
+        .with_state(app.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    (app, base)
+}
+
+#[derive(Parser)]
+struct Args {
+    #[command(flatten)]
+    dispatch: DispatchArgs,
+}
+
+fn start_dispatcher(nats: &Nats, upstream: &str) -> CancellationToken {
+    let args = Args::parse_from([
+        "dispatch",
+        "--route",
+        "echo,flaky,missing,slow,capped",
+        "--upstream",
+        upstream,
+        "--nats-url",
+        &nats.url(),
+        "--consumer-prefix",
+        "dispatch",
+        "--concurrency",
+        "2",
+        "--timeout",
+        "1s",
+        "--max-deliver",
+        "3",
+        "--retry-base",
+        "100ms",
+        "--retry-max",
+        "200ms",
+        "--ack-wait",
+        "3s",
+    ])
+    .dispatch;
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    tokio::spawn(async move { gateway::dispatch::run(args, token).await.unwrap() });
+    stop
+}
+
+async fn wait_result(gw: &InProcessGateway, id: &str) -> reqwest::Response {
+    let statuses = poll_until_terminal(&gw.base, id, Duration::from_secs(20)).await;
+    assert_monotonic(&statuses);
+    http()
+        .get(gw.url(&format!("/operations/{id}/result")))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn id_of(r: reqwest::Response) -> String {
+    assert_eq!(r.status(), 202);
+    json(r).await["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dispatcher_calls_the_local_app_and_stores_its_answers() {
+    let nats = Nats::start().await;
+    let routes = RoutesFile::new(ROUTES);
+    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let (app, upstream) = start_app().await;
+    let _stop = start_dispatcher(&nats, &upstream);
+    let http = http();
+
+    // The original method, path, query, headers and body reach the app; its answer comes back.
+    let r = http
+        .post(gw.url("/echo/widget?colour=blue"))
+        .header("content-type", "text/plain")
+        .header("accept-language", "fr")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    let id = id_of(r).await;
+    let result = wait_result(&gw, &id).await;
+    assert_eq!(result.status(), 201);
+    assert_eq!(result.headers()["etag"], "\"e1\"");
+    let echoed = json(result).await;
+    assert_eq!(echoed["thing"], "widget");
+    assert_eq!(echoed["query"], "colour=blue");
+    assert_eq!(echoed["content_type"], "text/plain");
+    assert_eq!(echoed["accept_language"], "fr");
+    assert_eq!(echoed["operation_id"], id);
+    assert_eq!(echoed["body"], "hello");
+
+    // 503 twice, then 200: retried with back-off until it works.
+    let id = id_of(http.get(gw.url("/flaky")).send().await.unwrap()).await;
+    let result = wait_result(&gw, &id).await;
+    assert_eq!(result.status(), 200);
+    assert_eq!(result.text().await.unwrap(), "ok now");
+    assert_eq!(app.flaky_calls.load(Ordering::SeqCst), 3);
+
+    // 404 is a final answer, stored as is.
+    let id = id_of(http.post(gw.url("/missing")).send().await.unwrap()).await;
+    let result = wait_result(&gw, &id).await;
+    assert_eq!(result.status(), 404);
+    assert_eq!(result.text().await.unwrap(), "no such thing");
+
+    // Always too slow: each call times out, and after the last delivery the operation fails.
+    let id = id_of(http.post(gw.url("/slow")).send().await.unwrap()).await;
+    let status = poll_until_terminal(&gw.base, &id, Duration::from_secs(30)).await;
+    assert_eq!(status.last().unwrap(), "failed");
+
+    // Concurrency is capped: ten requests, never more than two at once in the app.
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        ids.push(id_of(http.post(gw.url("/capped")).send().await.unwrap()).await);
+    }
+    for id in &ids {
+        assert_eq!(wait_result(&gw, id).await.status(), 200);
+    }
+    let most = app.most_in_flight.load(Ordering::SeqCst);
+    assert!((1..=2).contains(&most), "at most 2 in flight, saw {most}");
+}
