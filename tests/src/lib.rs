@@ -35,6 +35,20 @@ pub fn nats_server_bin() -> PathBuf {
     local
 }
 
+/// A Python with nats-py: the project's `.venv` (scripts/install-nats puts it there), or its
+/// `--target` fallback on the system Python.
+pub fn python_command() -> Command {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let venv = root.join(".venv/bin/python");
+    if venv.exists() {
+        Command::new(venv)
+    } else {
+        let mut c = Command::new("python3");
+        c.env("PYTHONPATH", root.join(".venv/target"));
+        c
+    }
+}
+
 /// A real nats-server with JetStream on an ephemeral loopback port.
 pub struct Nats {
     process: Option<NatsProcess>,

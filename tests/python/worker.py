@@ -1,0 +1,69 @@
+"""A gateway worker in Python with nothing but the plain NATS client (nats-py), following the wire
+contract in README.md ("Wire contract"). The any-language test runs it; it is also the smallest
+complete example of a worker outside Rust.
+
+Usage: python worker.py <nats-url> <route>
+"""
+
+import asyncio
+import json
+import sys
+
+import nats
+from nats.js.errors import APIError, NotFoundError
+
+ALREADY_STORED = (10071, 10077)  # wrong last sequence / per-subject limit: a result exists
+
+
+async def handle(js, msg):
+    h = msg.headers or {}
+    operation_id = h["Gw-Operation-Id"]
+    reply_subject = h["Gw-Reply-Subject"]
+    # 1. Skip what is already answered (a redelivery, or a cancelled/expired operation).
+    try:
+        await js.get_last_msg("GW_RESULTS", reply_subject, direct=True)
+        await msg.ack()
+        return
+    except NotFoundError:
+        pass
+    # 2. Answer: the reply's body and headers are what the gateway replays.
+    body = json.dumps({
+        "handled_by": "python",
+        "operation_id": operation_id,
+        "method": h.get("Gw-Method"),
+        "path": h.get("Gw-Path"),
+        "query": h.get("Gw-Query"),
+        "echo": msg.data.decode(),
+    }).encode()
+    headers = {
+        "Gw-Status": "201",
+        "Content-Type": "application/json",
+        "Nats-Expected-Last-Subject-Sequence": "0",
+        "Nats-TTL": h.get("Gw-Retention", "86400"),
+    }
+    try:
+        await js.publish(reply_subject, body, headers=headers)
+    except APIError as e:
+        if e.err_code not in ALREADY_STORED:
+            await msg.nak(delay=0.5)  # try again later
+            return
+    # 3. Ack last, after the reply's ack.
+    await msg.ack()
+
+
+async def main(url, route):
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    sub = await js.pull_subscribe(f"gw.req.{route}.>", durable=f"python-{route}", stream="GW_REQUESTS")
+    print("ready", flush=True)
+    while True:
+        try:
+            messages = await sub.fetch(16, timeout=1)
+        except nats.errors.TimeoutError:
+            continue
+        for msg in messages:
+            await handle(js, msg)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2]))

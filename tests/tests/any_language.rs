@@ -1,0 +1,61 @@
+//! A worker that is not the Rust library: `tests/python/worker.py`, written with the plain NATS
+//! client nats-py from README's wire contract alone, answers gateway requests end to end.
+
+use std::time::Duration;
+
+use gateway_tests::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+const ROUTES: &str = "[[route]]\nname = \"py\"\nmethod = \"POST\"\npath = \"/py/{item}\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_worker_on_a_plain_nats_client_answers_requests() {
+    let nats = Nats::start().await;
+    let routes = RoutesFile::new(ROUTES);
+    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/worker.py");
+    let mut worker = python_command()
+        .arg(script)
+        .args([nats.url(), "py".to_owned()])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the Python worker");
+    let mut lines = BufReader::new(worker.stdout.take().unwrap()).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await;
+    assert_eq!(ready.unwrap().unwrap().as_deref(), Some("ready"));
+
+    let http = http();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let r = http
+            .post(gw.url(&format!("/py/item-{i}?n={i}")))
+            .header("idempotency-key", format!("\"py-{i}\""))
+            .body(format!("payload {i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        ids.push(json(r).await["id"].as_str().unwrap().to_owned());
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let statuses = poll_until_terminal(&gw.base, id, Duration::from_secs(20)).await;
+        assert_eq!(statuses.last().unwrap(), "succeeded");
+        let result = http
+            .get(gw.url(&format!("/operations/{id}/result")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(result.status(), 201);
+        let body = json(result).await;
+        assert_eq!(body["handled_by"], "python");
+        assert_eq!(body["operation_id"], *id);
+        assert_eq!(body["path"], format!("/py/item-{i}"));
+        assert_eq!(body["query"], format!("n={i}"));
+        assert_eq!(body["echo"], format!("payload {i}"));
+    }
+    // Exactly one stored result per operation.
+    let js = nats.jetstream().await;
+    let stored = gateway_tests::stream_messages(&js, "GW_RESULTS").await;
+    assert_eq!(stored, 5);
+}
