@@ -180,6 +180,7 @@ pub async fn accept(store: &Store, s: Submission<'_>) -> Result<Accepted, Accept
                 deadline,
                 retention: Some(route.retention),
                 result: None,
+                progress: None,
                 callback_url: s.callback_url.clone(),
                 callback: None,
             }));

@@ -34,9 +34,9 @@ pub struct Settings {
     /// Stream that holds results (one terminal record per operation).
     #[arg(long, env = "GATEWAY_RESULTS_STREAM", default_value = handlers::contract::DEFAULT_RESULTS_STREAM)]
     pub results_stream: String,
-    /// Stream that holds webhook delivery states and dead letters.
-    #[arg(long, env = "GATEWAY_CALLBACKS_STREAM", default_value = "GW_CALLBACKS")]
-    pub callbacks_stream: String,
+    /// Stream that holds progress reports, webhook delivery states and dead letters.
+    #[arg(long, env = "GATEWAY_EVENTS_STREAM", default_value = "GW_EVENTS")]
+    pub events_stream: String,
     /// URL prefixes a client's `Callback-Url` may start with (comma-separated); empty: the header
     /// is refused. Routes' own `callback_url` need no entry.
     #[arg(long, env = "GATEWAY_CALLBACK_ALLOW", value_delimiter = ',')]

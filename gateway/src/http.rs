@@ -31,8 +31,8 @@ use crate::config::{ConfigError, RouteConfig};
 use crate::error::ApiError;
 use crate::idempotency::{self, KeyError};
 use crate::operations::{
-    Cancellation, DEFAULT_TENANT, Links, Operation, OperationView, Status, cancel, lookup,
-    lookup_when_terminal, operation_path,
+    Cancellation, DEFAULT_TENANT, Links, Operation, OperationView, Status, WakeOn, cancel, lookup,
+    lookup_when_changed, operation_path,
 };
 use crate::prefer;
 use crate::retry_after::RetryAfter;
@@ -232,7 +232,7 @@ async fn submit(
     };
     let operation = match wait {
         Some(wait) if !wait.is_zero() && !operation.status().is_terminal() => {
-            wait_for(&state, &operation.id, Some(wait)).await?
+            wait_for(&state, &operation.id, Some(wait), WakeOn::Terminal).await?
         }
         _ => operation,
     };
@@ -304,16 +304,19 @@ fn admit(state: &AppState) -> Result<OwnedSemaphorePermit, ApiError> {
         .map_err(|_| ApiError::Overloaded)
 }
 
-/// Reads an operation, then waits (holding no permit) until it is terminal or `wait` passes.
+/// Reads an operation, then waits (holding no permit) for what `wake_on` says, or until `wait`
+/// passes.
 async fn wait_for(
     state: &AppState,
     id: &str,
     wait: Option<Duration>,
+    wake_on: WakeOn,
 ) -> Result<Operation, ApiError> {
     let operation = match wait {
         Some(wait) if !wait.is_zero() => {
             let until = tokio::time::Instant::now() + wait.min(state.max_wait);
-            lookup_when_terminal(&state.store, &state.watch, DEFAULT_TENANT, id, until).await?
+            let (store, watch) = (&state.store, &state.watch);
+            lookup_when_changed(store, watch, DEFAULT_TENANT, id, until, wake_on).await?
         }
         _ => {
             let _permit = admit(state)?;
@@ -372,7 +375,8 @@ async fn get_operation(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let wait = prefer::parse(&headers).wait;
-    let operation = wait_for(&state, &path_id(id)?, wait).await?;
+    let wake_on = WakeOn::TerminalOrProgressAfter(None);
+    let operation = wait_for(&state, &path_id(id)?, wait, wake_on).await?;
     let mut response = Json(OperationView::of(&operation)).into_response();
     let h = response.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -404,7 +408,7 @@ async fn get_result(
         .wait
         .map(Duration::from_secs)
         .or(prefer::parse(&headers).wait);
-    let operation = wait_for(&state, &path_id(id)?, wait).await?;
+    let operation = wait_for(&state, &path_id(id)?, wait, WakeOn::Terminal).await?;
     match &operation.result {
         Some(result) => Ok(result_response(&state, &result.record)),
         None => {
@@ -468,8 +472,9 @@ async fn cancel_operation(
 }
 
 /// `GET /operations/{id}/events`: server-sent events of the operation's state changes:
-/// `accepted` (id `accepted`), then the terminal state (id `terminal`), then the stream ends. A
-/// client reconnecting with `Last-Event-ID` gets only what it has not seen.
+/// `accepted` (id `accepted`), `progress` each time a worker reports it (id `progress-<seq>`), then
+/// the terminal state (id `terminal`), and the stream ends. A client reconnecting with
+/// `Last-Event-ID` gets only what it has not seen (progress: only reports newer than its last).
 async fn operation_events(
     State(state): State<AppState>,
     id: Result<Path<String>, PathRejection>,
@@ -481,49 +486,52 @@ async fn operation_events(
         .try_acquire_owned()
         .map_err(|_| ApiError::TooManyStreams)?;
     let id = path_id(id)?;
-    let first = wait_for(&state, &id, None).await?;
+    let first = wait_for(&state, &id, None, WakeOn::Terminal).await?;
     let seen = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let start = match seen {
         "terminal" => EventStep::Done,
-        "accepted" => EventStep::Terminal,
-        _ => EventStep::Accepted(Box::new(first.clone())),
+        "accepted" => EventStep::Watching { after: 0 },
+        other => match other.strip_prefix("progress-").and_then(|n| n.parse().ok()) {
+            Some(after) => EventStep::Watching { after },
+            None => EventStep::Accepted(Box::new(first.clone())),
+        },
     };
-    let until = first.deadline;
+    let deadline = first.deadline;
     let events = futures::stream::unfold(
         (start, state, id, stream_permit),
         move |(step, state, id, permit)| async move {
             let (event, next) = match step {
                 EventStep::Done => return None,
-                EventStep::Accepted(op) => {
-                    (event("accepted", "accepted", &op), EventStep::Terminal)
-                }
-                EventStep::Terminal => {
+                EventStep::Accepted(op) => (
+                    operation_event("accepted".into(), "accepted", &op),
+                    EventStep::Watching { after: 0 },
+                ),
+                EventStep::Watching { after } => {
                     // The deadline bounds the wait: past it the operation turns `expired`.
-                    let margin = std::time::Duration::from_secs(1);
-                    let left = (until - time::OffsetDateTime::now_utc())
+                    let left = (deadline - time::OffsetDateTime::now_utc())
                         .try_into()
                         .unwrap_or(Duration::ZERO);
-                    let until = tokio::time::Instant::now() + left + margin;
-                    let op = lookup_when_terminal(
-                        &state.store,
-                        &state.watch,
-                        DEFAULT_TENANT,
-                        &id,
-                        until,
-                    )
-                    .await
-                    .ok()
-                    .flatten()?;
-                    if !op.status().is_terminal() {
-                        return None;
+                    let until = tokio::time::Instant::now() + left + Duration::from_secs(1);
+                    let wake_on = WakeOn::TerminalOrProgressAfter(Some(after));
+                    let (store, watch) = (&state.store, &state.watch);
+                    let op = lookup_when_changed(store, watch, DEFAULT_TENANT, &id, until, wake_on)
+                        .await
+                        .ok()
+                        .flatten()?;
+                    match (&op.progress, op.status().is_terminal()) {
+                        (_, true) => (
+                            operation_event("terminal".into(), status_name(op.status()), &op),
+                            EventStep::Done,
+                        ),
+                        (Some(p), false) if p.seq > after => (
+                            operation_event(format!("progress-{}", p.seq), "progress", &op),
+                            EventStep::Watching { after: p.seq },
+                        ),
+                        _ => return None,
                     }
-                    (
-                        event("terminal", status_name(op.status()), &op),
-                        EventStep::Done,
-                    )
                 }
             };
             Some((
@@ -539,7 +547,10 @@ async fn operation_events(
 
 enum EventStep {
     Accepted(Box<Operation>),
-    Terminal,
+    /// Waiting for the end, or for progress newer than `after`.
+    Watching {
+        after: u64,
+    },
     Done,
 }
 
@@ -553,7 +564,7 @@ fn status_name(status: Status) -> &'static str {
     }
 }
 
-fn event(id: &'static str, name: &'static str, operation: &Operation) -> Event {
+fn operation_event(id: String, name: &'static str, operation: &Operation) -> Event {
     Event::default()
         .id(id)
         .event(name)

@@ -112,10 +112,17 @@ pub async fn run(
     };
 
     let stop = CancellationToken::new();
-    tokio::spawn(watch.follow(
+    // Waiters wake on results and on progress reports.
+    tokio::spawn(watch.clone().follow(
         store.jetstream().clone(),
         store.results_stream().to_owned(),
         store.subjects().all_results(),
+        stop.clone(),
+    ));
+    tokio::spawn(watch.follow(
+        store.jetstream().clone(),
+        store.events_stream().to_owned(),
+        store.subjects().all_progress(),
         stop.clone(),
     ));
     tokio::spawn(

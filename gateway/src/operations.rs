@@ -98,6 +98,8 @@ pub struct OperationView<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     result: Option<ResultSummary<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    progress: Option<&'a ProgressState>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     callback: Option<&'a DeliveryState>,
     links: Links,
 }
@@ -114,10 +116,24 @@ impl<'a> OperationView<'a> {
                 status_code: r.record.status,
                 content_type: r.record.content_type.as_deref(),
             }),
+            progress: op.progress.as_ref(),
             callback: op.callback.as_ref(),
             links: Links::of(&op.id),
         }
     }
+}
+
+/// A worker's latest progress report, as the status resource shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProgressState {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u8>,
+    pub message: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    /// Stream sequence of the report: orders reports, and names SSE `progress-<seq>` events.
+    #[serde(skip)]
+    pub seq: u64,
 }
 
 /// One operation as read from JetStream.
@@ -132,6 +148,8 @@ pub struct Operation {
     pub deadline: OffsetDateTime,
     pub retention: Option<Duration>,
     pub result: Option<StoredResult>,
+    /// The latest progress report, while pending.
+    pub progress: Option<ProgressState>,
     /// The completion webhook's URL, if any.
     pub callback_url: Option<String>,
     /// Where the webhook stands (read by `lookup` when there is a callback URL).
@@ -162,6 +180,7 @@ impl Operation {
             deadline: request.deadline,
             retention: request.retention_secs.map(Duration::from_secs),
             result: None,
+            progress: None,
             callback_url: request.callback_url,
             callback: None,
         })
@@ -210,6 +229,9 @@ pub async fn lookup(
     }
     operation.result = result?;
     settle(store, &mut operation).await?;
+    if operation.result.is_none() {
+        operation.progress = store.progress(operation_id).await?;
+    }
     if let Some(url) = &operation.callback_url {
         // Before the first attempt there is no stored state: the webhook is pending.
         operation.callback = Some(
@@ -229,17 +251,32 @@ pub async fn lookup(
     Ok(Some(operation))
 }
 
-/// Reads an operation, and if it is still pending, waits until it is terminal or `until` passes
-/// (woken by the process's [`Watch`], re-reading at least every [`RECHECK`]). What it returns was
-/// read from JetStream last, so it is as true as any lookup.
-pub async fn lookup_when_terminal(
+/// What a waiter waits for.
+#[derive(Debug, Clone, Copy)]
+pub enum WakeOn {
+    /// The operation's end.
+    Terminal,
+    /// The end, or a progress report newer than this sequence (`None`: newer than what the first
+    /// read finds).
+    TerminalOrProgressAfter(Option<u64>),
+}
+
+/// Reads an operation, and if it is still pending, waits until it is terminal (or, per `wake_on`,
+/// has new progress) or `until` passes, woken by the process's [`Watch`] and re-reading at least
+/// every [`RECHECK`]. What it returns was read from JetStream last, so it is as true as any lookup.
+pub async fn lookup_when_changed(
     store: &Store,
     watch: &Watch,
     tenant: &str,
     operation_id: &str,
     until: Instant,
+    wake_on: WakeOn,
 ) -> Result<Option<Operation>, StoreError> {
     let registration = watch.register(operation_id);
+    let mut progress_after = match wake_on {
+        WakeOn::Terminal => None,
+        WakeOn::TerminalOrProgressAfter(seen) => Some(seen),
+    };
     loop {
         let notified = registration.notify().notified();
         tokio::pin!(notified);
@@ -249,7 +286,17 @@ pub async fn lookup_when_terminal(
             return Ok(None);
         };
         let now = Instant::now();
-        if operation.status().is_terminal() || now >= until {
+        let progress = operation.progress.as_ref().map(|p| p.seq);
+        let new_progress = match progress_after {
+            Some(Some(seen)) => progress.is_some_and(|p| p > seen),
+            Some(None) => {
+                // The first read sets what "new" means.
+                progress_after = Some(Some(progress.unwrap_or(0)));
+                false
+            }
+            None => false,
+        };
+        if operation.status().is_terminal() || new_progress || now >= until {
             return Ok(Some(operation));
         }
         // Wake at the deadline too: that is when the operation turns `expired`.

@@ -82,7 +82,7 @@ pub struct Store {
     subjects: Subjects,
     requests_stream: String,
     results_stream: String,
-    callbacks_stream: String,
+    events_stream: String,
     provisioned: AtomicBool,
 }
 
@@ -122,7 +122,7 @@ impl Store {
             subjects: Subjects::new(settings.subject_prefix.clone()),
             requests_stream: settings.requests_stream.clone(),
             results_stream: settings.results_stream.clone(),
-            callbacks_stream: settings.callbacks_stream.clone(),
+            events_stream: settings.events_stream.clone(),
             provisioned: AtomicBool::new(false),
         })
     }
@@ -164,15 +164,41 @@ impl Store {
         Ok((backlog, acknowledged))
     }
 
+    /// An operation's latest progress report.
+    pub async fn progress(
+        &self,
+        operation_id: &str,
+    ) -> Result<Option<crate::operations::ProgressState>, StoreError> {
+        self.ensure_provisioned()?;
+        let subject = self.subjects.progress(operation_id);
+        let Some(message) = last_on_subject(&self.client, &self.events_stream, &subject).await?
+        else {
+            return Ok(None);
+        };
+        // A report that does not parse is ignored, not fatal: progress is advisory.
+        Ok(
+            serde_json::from_slice::<handlers::contract::Progress>(&message.payload)
+                .ok()
+                .map(|p| crate::operations::ProgressState {
+                    percent: p.percent,
+                    message: p.message,
+                    updated_at: message.time,
+                    seq: message.sequence,
+                }),
+        )
+    }
+
+    pub fn events_stream(&self) -> &str {
+        &self.events_stream
+    }
+
     /// The stored delivery state of an operation's webhook (opaque to the store).
     pub async fn callback_state(&self, operation_id: &str) -> Result<Option<Bytes>, StoreError> {
         self.ensure_provisioned()?;
         let subject = self.subjects.callback_state(operation_id);
-        Ok(
-            last_on_subject(&self.client, &self.callbacks_stream, &subject)
-                .await?
-                .map(|m| m.payload),
-        )
+        Ok(last_on_subject(&self.client, &self.events_stream, &subject)
+            .await?
+            .map(|m| m.payload))
     }
 
     /// Replaces the delivery state of an operation's webhook; waits for the ack.
@@ -276,10 +302,10 @@ impl Store {
                 "Terminal records of gateway operations, first writer wins.",
             ),
             (
-                &self.callbacks_stream,
-                self.subjects.all_callbacks().to_vec(),
+                &self.events_stream,
+                self.subjects.all_events().to_vec(),
                 &replaced,
-                "Webhook delivery states and dead letters of gateway operations.",
+                "Progress reports, webhook delivery states and dead letters of gateway operations.",
             ),
         ];
         for (name, subjects, template, description) in streams {

@@ -91,23 +91,24 @@ impl Watch {
         }
     }
 
-    /// Follows the results stream until `stop`, waking the waiters of every operation that gets a
-    /// terminal record. Reconnects on its own; starts from new messages each time.
+    /// Follows `subjects` (`<prefix>.>`, whose last token is an operation id) of `stream` until
+    /// `stop`, waking the waiters of every operation that gets a message there: results, and
+    /// progress reports. Reconnects on its own; starts from new messages each time.
     pub async fn follow(
         self,
         js: async_nats::jetstream::Context,
-        results_stream: String,
-        result_subjects: String,
+        stream: String,
+        subjects: String,
         stop: CancellationToken,
     ) {
-        let prefix = result_subjects.trim_end_matches('>').to_owned();
+        let prefix = subjects.trim_end_matches('>').to_owned();
         while !stop.is_cancelled() {
             let messages = async {
-                js.get_stream(&results_stream)
+                js.get_stream(&stream)
                     .await
                     .map_err(|e| e.to_string())?
                     .create_consumer(OrderedConfig {
-                        filter_subject: result_subjects.clone(),
+                        filter_subject: subjects.clone(),
                         deliver_policy: DeliverPolicy::New,
                         headers_only: true,
                         ..Default::default()

@@ -111,12 +111,23 @@ impl Subjects {
         format!("{}.res.>", self.prefix)
     }
 
-    /// All webhook delivery states and dead letters (the callbacks stream's subject filters).
-    pub fn all_callbacks(&self) -> [String; 2] {
+    /// Progress reports, webhook delivery states and dead letters (the events stream's subjects).
+    pub fn all_events(&self) -> [String; 3] {
         [
+            self.all_progress(),
             format!("{}.cb.>", self.prefix),
             format!("{}.dlq.>", self.prefix),
         ]
+    }
+
+    /// All progress subjects.
+    pub fn all_progress(&self) -> String {
+        format!("{}.prog.>", self.prefix)
+    }
+
+    /// The latest progress report of an operation (the last message wins).
+    pub fn progress(&self, operation_id: &str) -> String {
+        format!("{}.prog.{operation_id}", self.prefix)
     }
 
     /// The delivery state of an operation's webhook (the last message wins).
@@ -214,6 +225,9 @@ pub struct Request {
     /// Cancelled when a client cancels the operation while a worker handles it
     /// (`handlers::Worker` watches for that; a long handler may check it and stop early).
     pub cancellation: tokio_util::sync::CancellationToken,
+    /// Reports progress that the status resource and event streams show (set by
+    /// `handlers::Worker`; a request read elsewhere reports nowhere).
+    pub progress: crate::jetstream::ProgressReporter,
 }
 
 impl Request {
@@ -244,8 +258,19 @@ impl Request {
             headers,
             body,
             cancellation: tokio_util::sync::CancellationToken::new(),
+            progress: crate::jetstream::ProgressReporter::detached(),
         })
     }
+}
+
+/// A worker's progress report on `gw.prog.<operation-id>` (JSON payload; the last one counts).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    /// 0-100, when the worker knows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u8>,
+    #[serde(default)]
+    pub message: String,
 }
 
 /// What a terminal record says happened.

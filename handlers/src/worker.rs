@@ -29,7 +29,9 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use crate::contract::{Outcome, Request, ResultRecord, Subjects, header, header_str};
-use crate::jetstream::{JetStreamError, ResultWrite, last_on_subject, publish_result};
+use crate::jetstream::{
+    JetStreamError, ProgressReporter, ResultWrite, last_on_subject, publish_result,
+};
 
 /// The error a handler returns: anything; the request is retried later, up to the last delivery,
 /// after which the operation ends `failed`. Return a [`Permanent`] to fail at once.
@@ -390,6 +392,9 @@ impl RouteWorker {
         }
         let ttl = request.retention_secs.map(Duration::from_secs);
         let (op, reply_subject) = (request.operation_id.clone(), request.reply_subject.clone());
+        let mut request = request;
+        request.progress =
+            ProgressReporter::new(self.js.clone(), self.config.subjects.progress(&op), ttl);
         let mut terminate = false;
         let record = if OffsetDateTime::now_utc() > request.deadline {
             tracing::info!(operation_id = %op, delivered, "Deadline passed before handling; marking the operation expired.");

@@ -494,3 +494,120 @@ async fn retry_after_follows_the_backlog_within_bounds() {
     let r = submit(&gw.base, "/orders", "b-default", None).await;
     assert_eq!(retry_after(&r), 1);
 }
+
+/// Reads the next complete server-sent event from a streaming response: (id, event, data).
+async fn next_event(
+    response: &mut reqwest::Response,
+    buffer: &mut String,
+) -> Option<(String, String, serde_json::Value)> {
+    loop {
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            if !block.contains("data:") {
+                continue; // a keep-alive comment
+            }
+            let field = |name: &str| {
+                block
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.trim().to_owned())
+                    .unwrap_or_default()
+            };
+            let data = serde_json::from_str(&field("data:")).unwrap();
+            return Some((field("id:"), field("event:"), data));
+        }
+        let chunk = tokio::time::timeout(Duration::from_secs(15), response.chunk())
+            .await
+            .ok()?
+            .ok()??;
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+    }
+}
+
+/// A worker reports progress: the status resource shows it, a `Prefer: wait` long poll on the
+/// status returns when it changes, SSE streams it as `progress-<seq>` events, and a reconnect with
+/// the last progress id gets only newer reports, then the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_reports_reach_the_status_long_polls_and_events() {
+    let nats = Nats::start().await;
+    let routes = RoutesFile::new(ROUTES);
+    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let step = Arc::new(tokio::sync::Semaphore::new(0));
+    let gate = step.clone();
+    let _worker = TestWorker::start(&nats, worker_config(), "orders", move |r: Request| {
+        let gate = gate.clone();
+        async move {
+            r.progress.report(Some(25), "step 1").await?;
+            gate.acquire().await?.forget();
+            r.progress.report(Some(75), "step 2").await?;
+            gate.acquire().await?.forget();
+            Ok(Response::text(200, "all steps done"))
+        }
+    })
+    .await;
+    let id = id_of(submit(&gw.base, "/orders", "progress", None).await).await;
+    let url = gw.url(&format!("/operations/{id}/events"));
+
+    let mut events = http().get(&url).send().await.unwrap();
+    let mut buffer = String::new();
+    let (ev_id, name, _) = next_event(&mut events, &mut buffer).await.unwrap();
+    assert_eq!((ev_id.as_str(), name.as_str()), ("accepted", "accepted"));
+    let (first_progress, name, data) = next_event(&mut events, &mut buffer).await.unwrap();
+    assert_eq!(name, "progress");
+    assert!(first_progress.starts_with("progress-"), "{first_progress}");
+    assert_eq!(data["progress"]["percent"], 25);
+    assert_eq!(data["status"], "pending");
+    drop(events);
+
+    let status = json(
+        http()
+            .get(gw.url(&format!("/operations/{id}")))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status["progress"]["message"], "step 1");
+
+    // A long poll on the status returns when the progress changes.
+    let poll = tokio::spawn({
+        let url = gw.url(&format!("/operations/{id}"));
+        async move {
+            http()
+                .get(url)
+                .header("prefer", "wait=20")
+                .send()
+                .await
+                .unwrap()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    step.add_permits(1);
+    let changed = json(poll.await.unwrap()).await;
+    assert_eq!(changed["status"], "pending");
+    assert_eq!(changed["progress"]["percent"], 75);
+
+    // Resume after the first progress event: only the newer report, then the end.
+    let mut resumed = http()
+        .get(&url)
+        .header("last-event-id", &first_progress)
+        .send()
+        .await
+        .unwrap();
+    let mut buffer = String::new();
+    let (second_progress, name, data) = next_event(&mut resumed, &mut buffer).await.unwrap();
+    assert_eq!(name, "progress");
+    assert_ne!(second_progress, first_progress);
+    assert_eq!(data["progress"]["message"], "step 2");
+    step.add_permits(1);
+    let (ev_id, name, data) = next_event(&mut resumed, &mut buffer).await.unwrap();
+    assert_eq!((ev_id.as_str(), name.as_str()), ("terminal", "succeeded"));
+    assert!(
+        data.get("progress").is_none(),
+        "progress is shown while pending only"
+    );
+    assert!(
+        next_event(&mut resumed, &mut buffer).await.is_none(),
+        "the stream ends"
+    );
+}

@@ -230,7 +230,7 @@ async fn undeliverable_webhook_is_dead_lettered() {
     assert_eq!(receiver.received().len(), 2);
     let dead = handlers::jetstream::last_on_subject(
         &nats.client().await,
-        "GW_CALLBACKS",
+        "GW_EVENTS",
         &Subjects::default().webhook_dead_letter(&id),
     )
     .await
