@@ -18,22 +18,8 @@ pub struct Settings {
     /// Address the HTTP server listens on.
     #[arg(long, env = "GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// NATS server URL(s), comma-separated.
-    #[arg(
-        long,
-        env = "GATEWAY_NATS_URL",
-        default_value = "nats://127.0.0.1:4222"
-    )]
-    pub nats_url: String,
-    /// First token of every subject the gateway uses.
-    #[arg(long, env = "GATEWAY_SUBJECT_PREFIX", default_value = handlers::contract::DEFAULT_PREFIX)]
-    pub subject_prefix: String,
-    /// Stream that holds accepted requests.
-    #[arg(long, env = "GATEWAY_REQUESTS_STREAM", default_value = handlers::contract::DEFAULT_REQUESTS_STREAM)]
-    pub requests_stream: String,
-    /// Stream that holds results (one terminal record per operation).
-    #[arg(long, env = "GATEWAY_RESULTS_STREAM", default_value = handlers::contract::DEFAULT_RESULTS_STREAM)]
-    pub results_stream: String,
+    #[command(flatten)]
+    pub nats: NatsArgs,
     /// Stream that holds progress reports, webhook delivery states and dead letters.
     #[arg(long, env = "GATEWAY_EVENTS_STREAM", default_value = "GW_EVENTS")]
     pub events_stream: String,
@@ -104,6 +90,40 @@ pub struct Settings {
     #[cfg(feature = "fault-injection")]
     #[arg(long, env = "GATEWAY_FAULT_ABORT_AFTER_PUBLISH", hide = true)]
     pub fault_abort_after_publish: bool,
+}
+
+/// Where the gateway's JetStream is: shared by `serve`, `dev` and `dispatch`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NatsArgs {
+    /// NATS server URL(s), comma-separated.
+    #[arg(
+        long,
+        env = "GATEWAY_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub nats_url: String,
+    /// First token of every subject the gateway uses.
+    #[arg(long, env = "GATEWAY_SUBJECT_PREFIX", default_value = handlers::contract::DEFAULT_PREFIX)]
+    pub subject_prefix: String,
+    /// Stream that holds accepted requests.
+    #[arg(long, env = "GATEWAY_REQUESTS_STREAM", default_value = handlers::contract::DEFAULT_REQUESTS_STREAM)]
+    pub requests_stream: String,
+    /// Stream that holds results (one terminal record per operation).
+    #[arg(long, env = "GATEWAY_RESULTS_STREAM", default_value = handlers::contract::DEFAULT_RESULTS_STREAM)]
+    pub results_stream: String,
+}
+
+impl NatsArgs {
+    /// Worker settings that match these streams and subjects; the rest are the defaults.
+    pub fn worker_config(&self, consumer_prefix: &str) -> handlers::WorkerConfig {
+        handlers::WorkerConfig {
+            subjects: handlers::Subjects::new(self.subject_prefix.clone()),
+            requests_stream: self.requests_stream.clone(),
+            results_stream: self.results_stream.clone(),
+            consumer_prefix: consumer_prefix.to_owned(),
+            ..handlers::WorkerConfig::default()
+        }
+    }
 }
 
 /// One route: an HTTP method and path whose requests become JetStream messages.

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use handlers::{Request, Response, Subjects, Worker, WorkerConfig};
+use handlers::{Request, Response, Worker};
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
@@ -143,7 +143,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let routes = load_routes(&settings.config)?;
     let mut nats =
         NatsProcess::start(&args.nats_server, Some(args.nats_port), &args.data_dir, &[]).await?;
-    settings.nats_url = nats.url();
+    settings.nats.nats_url = nats.url();
     let listener = TcpListener::bind(settings.listen).await?;
     print_walkthrough(&listener.local_addr()?.to_string(), &nats.url());
 
@@ -169,7 +169,7 @@ async fn run_example_worker(settings: Settings, stop: CancellationToken) {
     let client = match async_nats::ConnectOptions::new()
         .name("example-worker")
         .retry_on_initial_connect()
-        .connect(settings.nats_url.as_str())
+        .connect(settings.nats.nats_url.as_str())
         .await
     {
         Ok(client) => client,
@@ -178,13 +178,7 @@ async fn run_example_worker(settings: Settings, stop: CancellationToken) {
             return;
         }
     };
-    let config = WorkerConfig {
-        subjects: Subjects::new(settings.subject_prefix.clone()),
-        requests_stream: settings.requests_stream.clone(),
-        results_stream: settings.results_stream.clone(),
-        consumer_prefix: "example".to_owned(),
-        ..WorkerConfig::default()
-    };
+    let config = settings.nats.worker_config("example");
     let js = async_nats::jetstream::new(client);
     // The gateway provisions the streams; until it has, starting fails and is retried.
     while !stop.is_cancelled() {

@@ -10,8 +10,8 @@
 
 use std::time::Duration;
 
+use crate::config::NatsArgs;
 use bytes::Bytes;
-use handlers::contract::Subjects;
 use handlers::{HandlerError, Request, Response, Worker, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -29,19 +29,8 @@ pub struct DispatchArgs {
     /// Base URL of the local app, e.g. http://127.0.0.1:3000.
     #[arg(long, env = "GATEWAY_DISPATCH_UPSTREAM")]
     pub upstream: reqwest::Url,
-    /// NATS server URL(s).
-    #[arg(
-        long,
-        env = "GATEWAY_NATS_URL",
-        default_value = "nats://127.0.0.1:4222"
-    )]
-    pub nats_url: String,
-    #[arg(long, env = "GATEWAY_SUBJECT_PREFIX", default_value = handlers::contract::DEFAULT_PREFIX)]
-    pub subject_prefix: String,
-    #[arg(long, env = "GATEWAY_REQUESTS_STREAM", default_value = handlers::contract::DEFAULT_REQUESTS_STREAM)]
-    pub requests_stream: String,
-    #[arg(long, env = "GATEWAY_RESULTS_STREAM", default_value = handlers::contract::DEFAULT_RESULTS_STREAM)]
-    pub results_stream: String,
+    #[command(flatten)]
+    pub nats: NatsArgs,
     /// Durable consumer name prefix (`<prefix>-<route>`); the gateway's computed Retry-After reads
     /// `worker-<route>` unless the route says otherwise.
     #[arg(
@@ -97,19 +86,16 @@ pub async fn run(args: DispatchArgs, shutdown: CancellationToken) -> Result<(), 
     let client = async_nats::ConnectOptions::new()
         .name("gateway-dispatch")
         .retry_on_initial_connect()
-        .connect(args.nats_url.as_str())
+        .connect(args.nats.nats_url.as_str())
         .await?;
     let js = async_nats::jetstream::new(client);
     let config = WorkerConfig {
-        subjects: Subjects::new(args.subject_prefix.clone()),
-        requests_stream: args.requests_stream.clone(),
-        results_stream: args.results_stream.clone(),
-        consumer_prefix: args.consumer_prefix.clone(),
         ack_wait: args.ack_wait,
         max_deliver: args.max_deliver,
         max_in_flight: args.concurrency,
         retry_base: args.retry_base,
         retry_max: args.retry_max,
+        ..args.nats.worker_config(&args.consumer_prefix)
     };
     tracing::info!(routes = ?args.routes, upstream = %args.upstream, "Dispatching to the local app.");
     while !shutdown.is_cancelled() {

@@ -109,7 +109,7 @@ impl Store {
             .reconnect_delay_callback(|attempts| {
                 Duration::from_millis((100 * attempts as u64).min(1000))
             })
-            .connect(settings.nats_url.as_str())
+            .connect(settings.nats.nats_url.as_str())
             .await?;
         let js = jetstream::ContextBuilder::new()
             .timeout(settings.nats_timeout)
@@ -119,9 +119,9 @@ impl Store {
             client,
             batcher: Batcher::spawn(js.clone()),
             js,
-            subjects: Subjects::new(settings.subject_prefix.clone()),
-            requests_stream: settings.requests_stream.clone(),
-            results_stream: settings.results_stream.clone(),
+            subjects: Subjects::new(settings.nats.subject_prefix.clone()),
+            requests_stream: settings.nats.requests_stream.clone(),
+            results_stream: settings.nats.results_stream.clone(),
             events_stream: settings.events_stream.clone(),
             provisioned: AtomicBool::new(false),
         })
