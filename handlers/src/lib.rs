@@ -5,6 +5,8 @@
 //!   message shapes. The only place that defines how messages look.
 //! - [`jetstream`]: the JetStream primitives both sides use: create-if-absent, direct get,
 //!   first-writer-wins result writes.
+//! - [`stateful`]: stateful handlers: state, processed marker and reply committed in one atomic
+//!   batch, at most once per operation (the outbox pattern on JetStream).
 //! - [`worker`]: the worker API: register a handler per route, run, and the library consumes,
 //!   replies, acks and retries.
 //!
@@ -13,7 +15,9 @@
 
 pub mod contract;
 pub mod jetstream;
+pub mod stateful;
 pub mod worker;
 
 pub use contract::{Outcome, Request, ResultRecord, Subjects};
+pub use stateful::{StateStore, StatefulContext};
 pub use worker::{Handler, HandlerError, Permanent, Response, Worker, WorkerConfig, WorkerStats};

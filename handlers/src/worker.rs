@@ -32,6 +32,7 @@ use crate::contract::{Outcome, Request, ResultRecord, Subjects, header, header_s
 use crate::jetstream::{
     JetStreamError, ProgressReporter, ResultWrite, last_on_subject, publish_result,
 };
+use crate::stateful::{self, Committed, StateStore, StatefulHandler};
 
 /// The error a handler returns: anything; the request is retried later, up to the last delivery,
 /// after which the operation ends `failed`. Return a [`Permanent`] to fail at once.
@@ -101,7 +102,7 @@ impl Response {
         self
     }
 
-    fn into_record(self) -> ResultRecord {
+    pub(crate) fn into_record(self) -> ResultRecord {
         let mut record = ResultRecord::reply(self.status, self.content_type, self.body);
         record.headers = self.headers;
         record
@@ -203,7 +204,7 @@ pub struct WorkerStats {
 pub struct Worker {
     js: jetstream::Context,
     config: Arc<WorkerConfig>,
-    routes: Vec<(String, Arc<dyn Handler>)>,
+    routes: Vec<(String, RouteHandler)>,
     stats: Arc<WorkerStats>,
 }
 
@@ -219,7 +220,23 @@ impl Worker {
 
     /// Registers the handler of a route.
     pub fn route(mut self, name: impl Into<String>, handler: impl Handler) -> Self {
-        self.routes.push((name.into(), Arc::new(handler)));
+        self.routes
+            .push((name.into(), RouteHandler::Stateless(Arc::new(handler))));
+        self
+    }
+
+    /// Registers a stateful handler (see [`crate::stateful`]): state changes and the reply commit
+    /// atomically in `store`, at most once per operation.
+    pub fn stateful_route(
+        mut self,
+        name: impl Into<String>,
+        store: StateStore,
+        handler: impl StatefulHandler,
+    ) -> Self {
+        self.routes.push((
+            name.into(),
+            RouteHandler::Stateful(Arc::new(store), Arc::new(handler)),
+        ));
         self
     }
 
@@ -283,7 +300,7 @@ impl Worker {
 struct RouteWorker {
     js: jetstream::Context,
     config: Arc<WorkerConfig>,
-    handler: Arc<dyn Handler>,
+    handler: RouteHandler,
     stats: Arc<WorkerStats>,
 }
 
@@ -451,7 +468,21 @@ impl RouteWorker {
         message: &jetstream::Message,
         request: Request,
     ) -> Result<ResultRecord, HandlerError> {
-        let handler = AssertUnwindSafe(self.handler.call(request)).catch_unwind();
+        let work = async {
+            match &self.handler {
+                RouteHandler::Stateless(handler) => {
+                    let record = handler.call(request).await?.into_record();
+                    record.validate()?;
+                    Ok(record)
+                }
+                RouteHandler::Stateful(store, handler) => {
+                    match stateful::run(store, handler.as_ref(), request).await? {
+                        Committed::Now(record) | Committed::Before(record) => Ok(record),
+                    }
+                }
+            }
+        };
+        let handler = AssertUnwindSafe(work).catch_unwind();
         tokio::pin!(handler);
         let mut lease = tokio::time::interval(self.config.ack_wait / 3);
         lease.tick().await;
@@ -461,12 +492,15 @@ impl RouteWorker {
                 _ = lease.tick() => ack(message, AckKind::Progress).await,
             }
         };
-        let record = outcome
-            .map_err(|_| HandlerError::from("the handler panicked"))??
-            .into_record();
-        record.validate()?;
-        Ok(record)
+        outcome.map_err(|_| HandlerError::from("the handler panicked"))?
     }
+}
+
+/// A route's handler: stateless, or stateful with the store it commits to.
+#[derive(Clone)]
+enum RouteHandler {
+    Stateless(Arc<dyn Handler>),
+    Stateful(Arc<StateStore>, Arc<dyn StatefulHandler>),
 }
 
 enum Answered {

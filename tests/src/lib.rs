@@ -396,7 +396,16 @@ impl TestWorker {
         route: &str,
         handler: impl Handler,
     ) -> Self {
-        let worker = Worker::new(nats.jetstream().await, config).route(route, handler);
+        Self::start_with(nats, config, |w| w.route(route, handler)).await
+    }
+
+    /// A worker with whatever routes `build` registers (stateful ones included).
+    pub async fn start_with(
+        nats: &Nats,
+        config: WorkerConfig,
+        build: impl FnOnce(Worker) -> Worker,
+    ) -> Self {
+        let worker = build(Worker::new(nats.jetstream().await, config));
         let stats = worker.stats();
         let stop = CancellationToken::new();
         let token = stop.clone();

@@ -1,0 +1,307 @@
+//! Stateful handlers with exactly-once state changes: the outbox pattern on JetStream.
+//!
+//! A stateful handler loads state under keys it chooses, changes it, and answers. The library
+//! then commits, in **one atomic batch** on a stream the worker owns:
+//! - each changed key on `<prefix>.state.<key>`, expecting the sequence it loaded (optimistic
+//!   concurrency: a concurrent change makes the whole batch fail);
+//! - the processed marker `<prefix>.done.<operation-id>`, expecting none (so two attempts at one
+//!   operation cannot both commit), carrying the outbox: the reply.
+//!
+//! Only after the commit is the reply published (first writer wins), and only after that is the
+//! request acked. A delivery whose marker already exists (a redelivery after a crash, a duplicate
+//! publish, a concurrent attempt that lost) does not run the handler: it re-publishes the stored
+//! reply and acks. So each operation changes state at most once, and its one reply is computed
+//! from the state it committed (exactly-once.md H1-H7, H10).
+//!
+//! Markers are kept for `marker_ttl` (`Nats-TTL`), which must cover the longest redelivery or
+//! re-drive horizon and the gateway's key retention; after that a re-driven duplicate would run
+//! again. Handlers may still run more than once (only one run commits): side effects outside the
+//! state and the reply are not protected.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::stream::{Config, DiscardPolicy, StorageType};
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::contract::{Request, ResultRecord, err_code};
+use crate::jetstream::{JetStreamError, last_on_subject_from_leader};
+use crate::worker::{HandlerError, Response};
+
+/// The worker-owned stream that holds state and markers.
+#[derive(Clone, Debug)]
+pub struct StateStore {
+    js: async_nats::jetstream::Context,
+    stream: String,
+    prefix: String,
+    marker_ttl: Duration,
+}
+
+/// Errors of the state store.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot create or update state stream {stream}: {detail}")]
+    Provision { stream: String, detail: String },
+    #[error("state of {key} is not valid JSON for this type: {source}")]
+    Decode {
+        key: String,
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    JetStream(#[from] JetStreamError),
+    #[error("atomic commit failed: {0}")]
+    Commit(String),
+}
+
+impl StateStore {
+    /// Creates or updates the stream `stream` on `<prefix>.state.>` and `<prefix>.done.>`.
+    pub async fn ensure(
+        js: async_nats::jetstream::Context,
+        stream: &str,
+        prefix: &str,
+        marker_ttl: Duration,
+    ) -> Result<Self, StateError> {
+        js.create_or_update_stream(Config {
+            name: stream.to_owned(),
+            subjects: vec![format!("{prefix}.state.>"), format!("{prefix}.done.>")],
+            storage: StorageType::File,
+            max_messages_per_subject: 1,
+            discard: DiscardPolicy::Old,
+            allow_direct: true,
+            allow_message_ttl: true,
+            allow_atomic_publish: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| StateError::Provision {
+            stream: stream.to_owned(),
+            detail: e.to_string(),
+        })?;
+        Ok(Self {
+            js,
+            stream: stream.to_owned(),
+            prefix: prefix.to_owned(),
+            marker_ttl,
+        })
+    }
+
+    fn state_subject(&self, key: &str) -> String {
+        format!("{}.state.{key}", self.prefix)
+    }
+
+    fn marker_subject(&self, operation_id: &str) -> String {
+        format!("{}.done.{operation_id}", self.prefix)
+    }
+
+    /// The stored reply of an operation that already committed, if it did.
+    pub async fn committed_reply(
+        &self,
+        operation_id: &str,
+    ) -> Result<Option<ResultRecord>, StateError> {
+        let subject = self.marker_subject(operation_id);
+        let Some(marker) = last_on_subject_from_leader(&self.js, &self.stream, &subject).await?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(
+            ResultRecord::from_parts(&marker.headers, marker.payload)
+                .map_err(JetStreamError::from)?,
+        ))
+    }
+
+    /// Loads a key's value and the sequence it was stored at (0: never stored).
+    async fn load_raw(&self, key: &str) -> Result<(u64, Option<Bytes>), StateError> {
+        let subject = self.state_subject(key);
+        Ok(
+            match last_on_subject_from_leader(&self.js, &self.stream, &subject).await? {
+                Some(m) => (m.sequence, Some(m.payload)),
+                None => (0, None),
+            },
+        )
+    }
+
+    /// Commits changed state and the marker (holding the reply) atomically. `Ok(false)`: the batch
+    /// was refused by an expected-sequence check (a concurrent change or commit), nothing stored.
+    async fn commit(
+        &self,
+        operation_id: &str,
+        changes: Vec<(String, u64, Bytes)>,
+        reply: &ResultRecord,
+    ) -> Result<bool, StateError> {
+        let client = self.js.client();
+        let batch_id = format!(
+            "{}-{}",
+            &operation_id[..operation_id.len().min(40)],
+            client.new_inbox().rsplit('.').next().unwrap_or("0")
+        );
+        let batch_id: String = batch_id.chars().take(64).collect();
+        let mut messages: Vec<(String, HeaderMap, Bytes)> = changes
+            .into_iter()
+            .map(|(key, expected, value)| {
+                let mut h = HeaderMap::new();
+                h.insert(
+                    "Nats-Expected-Last-Subject-Sequence",
+                    expected.to_string().as_str(),
+                );
+                (self.state_subject(&key), h, value)
+            })
+            .collect();
+        let mut marker = reply.to_headers(operation_id);
+        marker.insert("Nats-Expected-Last-Subject-Sequence", "0");
+        marker.insert(
+            "Nats-TTL",
+            self.marker_ttl.as_secs().max(1).to_string().as_str(),
+        );
+        messages.push((
+            self.marker_subject(operation_id),
+            marker,
+            reply.body.clone(),
+        ));
+        let count = messages.len();
+        for (index, (subject, mut headers, payload)) in messages.into_iter().enumerate() {
+            headers.insert("Nats-Batch-Id", batch_id.as_str());
+            headers.insert("Nats-Batch-Sequence", (index + 1).to_string().as_str());
+            if index + 1 < count {
+                client
+                    .publish_with_headers(subject, headers, payload)
+                    .await
+                    .map_err(|e| StateError::Commit(e.to_string()))?;
+                continue;
+            }
+            headers.insert("Nats-Batch-Commit", "1");
+            let answer = client
+                .request_with_headers(subject, headers, payload)
+                .await
+                .map_err(|e| StateError::Commit(e.to_string()))?;
+            let v: serde_json::Value = serde_json::from_slice(&answer.payload)
+                .map_err(|e| StateError::Commit(e.to_string()))?;
+            return match v["error"]["err_code"].as_u64() {
+                None if v["batch"].is_string() => Ok(true),
+                Some(err_code::WRONG_LAST_SEQUENCE) => Ok(false),
+                _ => Err(StateError::Commit(v.to_string())),
+            };
+        }
+        unreachable!("a batch always has the marker")
+    }
+}
+
+/// What a stateful handler works with: the request, state to load and save, deterministic ids.
+pub struct StatefulContext {
+    request: Request,
+    store: StateStore,
+    loaded: Mutex<HashMap<String, u64>>,
+    saved: Mutex<Vec<(String, Bytes)>>,
+    next_id: Mutex<u64>,
+}
+
+impl StatefulContext {
+    pub fn request(&self) -> &Request {
+        &self.request
+    }
+
+    /// Loads a key's state (`None` if never saved). The version read is what a later `save` of
+    /// this key expects to replace.
+    pub async fn load<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StateError> {
+        let (seq, bytes) = self.store.load_raw(key).await?;
+        self.loaded
+            .lock()
+            .expect("context lock")
+            .insert(key.to_owned(), seq);
+        bytes
+            .map(|b| serde_json::from_slice(&b))
+            .transpose()
+            .map_err(|source| StateError::Decode {
+                key: key.to_owned(),
+                source,
+            })
+    }
+
+    /// Stages a new value for a key (committed with the reply, or not at all). Keys are subject
+    /// tokens: letters, digits, `-` and `_`.
+    pub fn save<T: Serialize>(&self, key: &str, value: &T) {
+        let bytes = serde_json::to_vec(value).expect("state serializes");
+        self.saved
+            .lock()
+            .expect("context lock")
+            .push((key.to_owned(), Bytes::from(bytes)));
+    }
+
+    /// An id derived from the operation id: the same on every run of this operation.
+    pub fn new_id(&self) -> String {
+        let mut n = self.next_id.lock().expect("context lock");
+        *n += 1;
+        format!("{}-{}", self.request.operation_id, *n)
+    }
+}
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+/// A handler with state: `async fn(Arc<StatefulContext>) -> Result<Response, HandlerError>`.
+pub trait StatefulHandler: Send + Sync + 'static {
+    fn call(&self, ctx: Arc<StatefulContext>) -> BoxFuture<Result<Response, HandlerError>>;
+}
+
+impl<F, Fut> StatefulHandler for F
+where
+    F: Fn(Arc<StatefulContext>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Response, HandlerError>> + Send + 'static,
+{
+    fn call(&self, ctx: Arc<StatefulContext>) -> BoxFuture<Result<Response, HandlerError>> {
+        Box::pin(self(ctx))
+    }
+}
+
+/// What a stateful run produced.
+pub enum Committed {
+    /// This run committed; publish this reply.
+    Now(ResultRecord),
+    /// An earlier run of the operation committed; re-publish its reply, the handler did not run.
+    Before(ResultRecord),
+}
+
+/// Runs a stateful handler for one request under the commit protocol above. `Err` with a
+/// `HandlerError` means: nothing was committed, retry later.
+pub async fn run(
+    store: &StateStore,
+    handler: &dyn StatefulHandler,
+    request: Request,
+) -> Result<Committed, HandlerError> {
+    let op = request.operation_id.clone();
+    if let Some(reply) = store.committed_reply(&op).await? {
+        return Ok(Committed::Before(reply));
+    }
+    let ctx = Arc::new(StatefulContext {
+        request,
+        store: store.clone(),
+        loaded: Mutex::default(),
+        saved: Mutex::default(),
+        next_id: Mutex::new(0),
+    });
+    let response = handler.call(ctx.clone()).await?;
+    let record = response.into_record();
+    record.validate()?;
+    let changes = {
+        let loaded = ctx.loaded.lock().expect("context lock");
+        let mut changes: Vec<(String, u64, Bytes)> = Vec::new();
+        for (key, value) in ctx.saved.lock().expect("context lock").drain(..) {
+            // A key saved without being loaded expects to be new.
+            let expected = loaded.get(&key).copied().unwrap_or(0);
+            changes.retain(|(k, _, _)| *k != key);
+            changes.push((key, expected, value));
+        }
+        changes
+    };
+    if store.commit(&op, changes, &record).await? {
+        return Ok(Committed::Now(record));
+    }
+    // Refused: either another run of this operation committed (use its reply), or the state
+    // changed under us (run again later, against the new state).
+    match store.committed_reply(&op).await? {
+        Some(reply) => Ok(Committed::Before(reply)),
+        None => Err("state changed concurrently; the operation will run again".into()),
+    }
+}

@@ -1,0 +1,212 @@
+//! Stateful handlers against a real nats-server: state, marker and reply commit atomically, once
+//! per operation, whatever duplicates and concurrent workers do.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use gateway_tests::*;
+use handlers::contract::{DEFAULT_REQUESTS_STREAM, Subjects};
+use handlers::jetstream::last_matching;
+use handlers::{Response, StateStore, StatefulContext};
+
+const ROUTES: &str = "[[route]]\nname = \"count\"\nmethod = \"POST\"\npath = \"/count\"\n";
+
+/// Starts a worker whose stateful handler increments one counter and replies with the new value.
+async fn counting_worker(nats: &Nats, runs: Arc<AtomicU32>) -> TestWorker {
+    let js = nats.jetstream().await;
+    let store = StateStore::ensure(js.clone(), "WK_COUNT", "wk", Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let handler = move |ctx: Arc<StatefulContext>| {
+        let runs = runs.clone();
+        async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            let value: u64 = ctx.load("counter").await?.unwrap_or(0);
+            ctx.save("counter", &(value + 1));
+            Ok(Response::json(
+                200,
+                &serde_json::json!({ "counter": value + 1 }),
+            ))
+        }
+    };
+    TestWorker::start_with(nats, worker_config(), |w| {
+        w.stateful_route("count", store, handler)
+    })
+    .await
+}
+
+/// Deliveries a worker finished: replied (committed or re-published) or skipped (already answered).
+fn handled(worker: &TestWorker) -> u64 {
+    worker.stats.replied.load(Ordering::Relaxed) + worker.stats.skipped.load(Ordering::Relaxed)
+}
+
+async fn counter(nats: &Nats) -> u64 {
+    let m =
+        handlers::jetstream::last_on_subject(&nats.client().await, "WK_COUNT", "wk.state.counter")
+            .await
+            .unwrap()
+            .expect("counter stored");
+    serde_json::from_slice(&m.payload).unwrap()
+}
+
+async fn submit(base: &str, key: &str) -> String {
+    let r = http()
+        .post(format!("{base}/count"))
+        .header("idempotency-key", format!("\"{key}\""))
+        .send()
+        .await
+        .unwrap();
+    json(r).await["id"].as_str().unwrap().to_owned()
+}
+
+async fn reply_value(gw: &InProcessGateway, id: &str) -> u64 {
+    poll_until_terminal(&gw.base, id, Duration::from_secs(30)).await;
+    let r = http()
+        .get(gw.url(&format!("/operations/{id}/result")))
+        .send()
+        .await
+        .unwrap();
+    json(r).await["counter"].as_u64().unwrap()
+}
+
+/// Re-publishes an accepted request under another subject: the same operation delivered again,
+/// as a producer duplicate would be.
+async fn duplicate(nats: &Nats, id: &str, copy: &str) {
+    let token = gateway::idempotency::key_token_of(id).unwrap();
+    let client = nats.client().await;
+    let original = last_matching(
+        &client,
+        DEFAULT_REQUESTS_STREAM,
+        &Subjects::default().request_any_route(token),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    for (name, values) in original.headers.iter() {
+        let name: &str = name.as_ref();
+        if !name.starts_with("Nats-") {
+            for v in values {
+                headers.append(name, v.as_str());
+            }
+        }
+    }
+    let subject = Subjects::default().request("count", copy);
+    nats.jetstream()
+        .await
+        .publish_with_headers(subject, headers, original.payload.clone())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+/// Two workers, twenty operations: the counter is 20 and the replies are exactly 1..=20, each
+/// computed from the state its operation committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_operation_changes_state_once_and_replies_with_what_it_committed() {
+    let nats = Nats::start().await;
+    let routes = RoutesFile::new(ROUTES);
+    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let runs = Arc::new(AtomicU32::new(0));
+    let _a = counting_worker(&nats, runs.clone()).await;
+    let _b = counting_worker(&nats, runs.clone()).await;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(submit(&gw.base, &format!("c-{i}")).await);
+    }
+    let mut replies = Vec::new();
+    for id in &ids {
+        replies.push(reply_value(&gw, id).await);
+    }
+    replies.sort_unstable();
+    assert_eq!(replies, (1..=20).collect::<Vec<u64>>());
+    assert_eq!(counter(&nats).await, 20);
+    assert!(
+        runs.load(Ordering::SeqCst) >= 20,
+        "concurrent conflicts re-run, never double-commit"
+    );
+}
+
+/// A duplicate of an operation that already committed does not run the handler; two concurrent
+/// copies of a fresh operation commit once. The counter moves once per operation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_never_commit_twice() {
+    let nats = Nats::start().await;
+    let routes = RoutesFile::new(ROUTES);
+    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let runs = Arc::new(AtomicU32::new(0));
+    let worker_a = counting_worker(&nats, runs.clone()).await;
+    let worker_b = counting_worker(&nats, runs.clone()).await;
+
+    let first = submit(&gw.base, "d-1").await;
+    assert_eq!(reply_value(&gw, &first).await, 1);
+    let runs_before = runs.load(Ordering::SeqCst);
+    duplicate(&nats, &first, "copy-of-d1").await;
+    eventually(
+        "the duplicate is acked",
+        Duration::from_secs(10),
+        || async {
+            let handled = handled(&worker_a) + handled(&worker_b);
+            (handled >= 2).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        runs_before,
+        "the handler did not run again"
+    );
+    assert_eq!(counter(&nats).await, 1);
+
+    // A fresh operation, published three times at once to two workers.
+    let second = submit(&gw.base, "d-2").await;
+    duplicate(&nats, &second, "copy-a-of-d2").await;
+    duplicate(&nats, &second, "copy-b-of-d2").await;
+    assert_eq!(reply_value(&gw, &second).await, 2);
+    eventually(
+        "all three copies handled",
+        Duration::from_secs(15),
+        || async {
+            let handled = handled(&worker_a) + handled(&worker_b);
+            (handled >= 5).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        counter(&nats).await,
+        2,
+        "one state change for three deliveries"
+    );
+
+    // A crash between the commit and the reply's publish, made real: the stored reply is gone
+    // from the results stream, the request comes again. The marker's outbox restores the same
+    // reply and the handler does not run.
+    let js = nats.jetstream().await;
+    let results = js.get_stream("GW_RESULTS").await.unwrap();
+    let stored = results
+        .get_last_raw_message_by_subject(&Subjects::default().result(&first))
+        .await
+        .unwrap();
+    results.delete_message(stored.sequence).await.unwrap();
+    let runs_before = runs.load(Ordering::SeqCst);
+    duplicate(&nats, &first, "redelivery-of-d1").await;
+    assert_eq!(
+        reply_value(&gw, &first).await,
+        1,
+        "the reply committed with the state, again"
+    );
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        runs_before,
+        "restored from the outbox, not re-run"
+    );
+    assert_eq!(counter(&nats).await, 2);
+    let conflicts = worker_a.stats.conflicts.load(Ordering::Relaxed)
+        + worker_b.stats.conflicts.load(Ordering::Relaxed);
+    assert_eq!(
+        conflicts, 0,
+        "every copy re-published the same committed reply"
+    );
+}
