@@ -14,6 +14,7 @@
 //! the same contract in prose, and a plain NATS client is enough to follow it.
 
 pub mod contract;
+pub mod faults;
 pub mod jetstream;
 pub mod stateful;
 pub mod worker;

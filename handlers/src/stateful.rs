@@ -295,7 +295,9 @@ pub async fn run(
         }
         changes
     };
+    crate::faults::crash_point("before-commit");
     if store.commit(&op, changes, &record).await? {
+        crate::faults::crash_point("after-commit");
         return Ok(Committed::Now(record));
     }
     // Refused: either another run of this operation committed (use its reply), or the state

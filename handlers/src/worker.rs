@@ -366,6 +366,7 @@ impl RouteWorker {
                         self.stats.replied.fetch_add(1, Ordering::Relaxed);
                     }
                 }
+                crate::faults::crash_point("after-publish");
                 let kind = if terminate {
                     AckKind::Term
                 } else {

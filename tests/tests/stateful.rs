@@ -6,8 +6,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use gateway_tests::*;
-use handlers::contract::{DEFAULT_REQUESTS_STREAM, Subjects};
-use handlers::jetstream::last_matching;
+use handlers::contract::Subjects;
 use handlers::{Response, StateStore, StatefulContext};
 
 const ROUTES: &str = "[[route]]\nname = \"count\"\nmethod = \"POST\"\npath = \"/count\"\n";
@@ -70,38 +69,6 @@ async fn reply_value(gw: &InProcessGateway, id: &str) -> u64 {
     json(r).await["counter"].as_u64().unwrap()
 }
 
-/// Re-publishes an accepted request under another subject: the same operation delivered again,
-/// as a producer duplicate would be.
-async fn duplicate(nats: &Nats, id: &str, copy: &str) {
-    let token = gateway::idempotency::key_token_of(id).unwrap();
-    let client = nats.client().await;
-    let original = last_matching(
-        &client,
-        DEFAULT_REQUESTS_STREAM,
-        &Subjects::default().request_any_route(token),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    let mut headers = async_nats::HeaderMap::new();
-    for (name, values) in original.headers.iter() {
-        let name: &str = name.as_ref();
-        if !name.starts_with("Nats-") {
-            for v in values {
-                headers.append(name, v.as_str());
-            }
-        }
-    }
-    let subject = Subjects::default().request("count", copy);
-    nats.jetstream()
-        .await
-        .publish_with_headers(subject, headers, original.payload.clone())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-}
-
 /// Two workers, twenty operations: the counter is 20 and the replies are exactly 1..=20, each
 /// computed from the state its operation committed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -143,7 +110,7 @@ async fn duplicates_never_commit_twice() {
     let first = submit(&gw.base, "d-1").await;
     assert_eq!(reply_value(&gw, &first).await, 1);
     let runs_before = runs.load(Ordering::SeqCst);
-    duplicate(&nats, &first, "copy-of-d1").await;
+    duplicate_request(&nats, "count", &first, "copy-of-d1").await;
     eventually(
         "the duplicate is acked",
         Duration::from_secs(10),
@@ -162,8 +129,8 @@ async fn duplicates_never_commit_twice() {
 
     // A fresh operation, published three times at once to two workers.
     let second = submit(&gw.base, "d-2").await;
-    duplicate(&nats, &second, "copy-a-of-d2").await;
-    duplicate(&nats, &second, "copy-b-of-d2").await;
+    duplicate_request(&nats, "count", &second, "copy-a-of-d2").await;
+    duplicate_request(&nats, "count", &second, "copy-b-of-d2").await;
     assert_eq!(reply_value(&gw, &second).await, 2);
     eventually(
         "all three copies handled",
@@ -191,7 +158,7 @@ async fn duplicates_never_commit_twice() {
         .unwrap();
     results.delete_message(stored.sequence).await.unwrap();
     let runs_before = runs.load(Ordering::SeqCst);
-    duplicate(&nats, &first, "redelivery-of-d1").await;
+    duplicate_request(&nats, "count", &first, "redelivery-of-d1").await;
     assert_eq!(
         reply_value(&gw, &first).await,
         1,

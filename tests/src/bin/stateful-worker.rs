@@ -1,0 +1,55 @@
+//! A stateful counting worker process for the fault test: each operation adds one to a counter and
+//! replies with the value it committed. Built with the `handlers` crash points, so the test can
+//! make it abort (`HANDLERS_CRASH_PERCENT`, `HANDLERS_CRASH_POINTS`); with `STALL_PERCENT` a handler
+//! sometimes blocks its thread past AckWait, so the request is redelivered to another worker
+//! while it still runs.
+//!
+//! Usage: stateful-worker <nats-url> <route>
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use handlers::{Response, StateStore, StatefulContext, Worker};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let (Some(url), Some(route)) = (args.next(), args.next()) else {
+        anyhow::bail!("usage: stateful-worker <nats-url> <route>");
+    };
+    let stall_percent: u64 = std::env::var("STALL_PERCENT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let js = async_nats::jetstream::new(async_nats::connect(url).await?);
+    let store = StateStore::ensure(js.clone(), "WK_COUNT", "wk", Duration::from_secs(3600)).await?;
+    let config = gateway_tests::worker_config();
+    let stall = config.ack_wait * 3 / 2;
+    let handler = move |ctx: Arc<StatefulContext>| async move {
+        let value: u64 = ctx.load("counter").await?.unwrap_or(0);
+        let roll = ctx
+            .request()
+            .operation_id
+            .bytes()
+            .map(u64::from)
+            .sum::<u64>()
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .subsec_nanos() as u64;
+        if roll % 100 < stall_percent {
+            // Block the thread (a CPU-bound handler): the lease stops too, AckWait runs out.
+            std::thread::sleep(stall);
+        }
+        ctx.save("counter", &(value + 1));
+        Ok(Response::json(
+            200,
+            &serde_json::json!({ "counter": value + 1 }),
+        ))
+    };
+    Worker::new(js, config)
+        .stateful_route(route, store, handler)
+        .run(CancellationToken::new())
+        .await?;
+    Ok(())
+}
