@@ -97,20 +97,19 @@ impl StateStore {
         format!("{}.done.{operation_id}", self.prefix)
     }
 
-    /// The stored reply of an operation that already committed, if it did.
-    pub async fn committed_reply(
-        &self,
-        operation_id: &str,
-    ) -> Result<Option<ResultRecord>, StateError> {
+    /// The outbox of an operation that already committed, if it did.
+    pub async fn committed(&self, operation_id: &str) -> Result<Option<Outbox>, StateError> {
         let subject = self.marker_subject(operation_id);
         let Some(marker) = last_on_subject_from_leader(&self.js, &self.stream, &subject).await?
         else {
             return Ok(None);
         };
-        Ok(Some(
-            ResultRecord::from_parts(&marker.headers, marker.payload)
-                .map_err(JetStreamError::from)?,
-        ))
+        serde_json::from_slice(&marker.payload)
+            .map(Some)
+            .map_err(|source| StateError::Decode {
+                key: subject,
+                source,
+            })
     }
 
     /// Loads a key's value and the sequence it was stored at (0: never stored).
@@ -130,7 +129,7 @@ impl StateStore {
         &self,
         operation_id: &str,
         changes: Vec<(String, u64, Bytes)>,
-        reply: &ResultRecord,
+        outbox: &Outbox,
     ) -> Result<bool, StateError> {
         let client = self.js.client();
         let batch_id = format!(
@@ -150,16 +149,18 @@ impl StateStore {
                 (self.state_subject(&key), h, value)
             })
             .collect();
-        let mut marker = reply.to_headers(operation_id);
+        let mut marker = HeaderMap::new();
+        marker.insert(crate::contract::header::OPERATION_ID, operation_id);
         marker.insert("Nats-Expected-Last-Subject-Sequence", "0");
         marker.insert(
             "Nats-TTL",
             self.marker_ttl.as_secs().max(1).to_string().as_str(),
         );
+        let outbox = serde_json::to_vec(outbox).expect("an outbox serializes");
         messages.push((
             self.marker_subject(operation_id),
             marker,
-            reply.body.clone(),
+            Bytes::from(outbox),
         ));
         let count = messages.len();
         for (index, (subject, mut headers, payload)) in messages.into_iter().enumerate() {
@@ -189,12 +190,70 @@ impl StateStore {
     }
 }
 
-/// What a stateful handler works with: the request, state to load and save, deterministic ids.
+/// What a commit stores beside the state, and what is published after it: the reply and the
+/// outgoing messages. A duplicate publishes the same again, with the same ids.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Outbox {
+    status: u16,
+    content_type: Option<String>,
+    headers: Vec<(String, String)>,
+    /// Base64.
+    body: String,
+    pub emits: Vec<Emit>,
+}
+
+impl Outbox {
+    fn new(reply: &ResultRecord, emits: Vec<Emit>) -> Self {
+        Self {
+            status: reply.status,
+            content_type: reply.content_type.clone(),
+            headers: reply.headers.clone(),
+            body: data_encoding::BASE64.encode(&reply.body),
+            emits,
+        }
+    }
+
+    /// The reply to publish.
+    pub fn reply(&self) -> ResultRecord {
+        let body = data_encoding::BASE64
+            .decode(self.body.as_bytes())
+            .unwrap_or_default();
+        let mut record =
+            ResultRecord::reply(self.status, self.content_type.clone(), Bytes::from(body));
+        record.headers = self.headers.clone();
+        record
+    }
+}
+
+/// An outgoing message of a stateful handler: published after the commit with
+/// `Nats-Msg-Id: <id>` (derived from the operation id), so that a re-publish is a duplicate
+/// JetStream drops within its window, and one a downstream handler can recognise after it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Emit {
+    pub subject: String,
+    pub id: String,
+    /// Base64.
+    payload: String,
+}
+
+impl Emit {
+    pub fn payload(&self) -> Bytes {
+        Bytes::from(
+            data_encoding::BASE64
+                .decode(self.payload.as_bytes())
+                .unwrap_or_default(),
+        )
+    }
+}
+
+/// What a stateful handler works with: the request, state to load and save, outgoing messages,
+/// deterministic ids.
 pub struct StatefulContext {
     request: Request,
     store: StateStore,
     loaded: Mutex<HashMap<String, u64>>,
     saved: Mutex<Vec<(String, Bytes)>>,
+    emits: Mutex<Vec<Emit>>,
     next_id: Mutex<u64>,
 }
 
@@ -230,6 +289,18 @@ impl StatefulContext {
             .push((key.to_owned(), Bytes::from(bytes)));
     }
 
+    /// Stages an outgoing message to `subject` (a JetStream subject), published after the commit
+    /// with a deterministic id; returns that id.
+    pub fn emit(&self, subject: impl Into<String>, payload: impl AsRef<[u8]>) -> String {
+        let id = self.new_id();
+        self.emits.lock().expect("context lock").push(Emit {
+            subject: subject.into(),
+            id: id.clone(),
+            payload: data_encoding::BASE64.encode(payload.as_ref()),
+        });
+        id
+    }
+
     /// An id derived from the operation id: the same on every run of this operation.
     pub fn new_id(&self) -> String {
         let mut n = self.next_id.lock().expect("context lock");
@@ -255,12 +326,11 @@ where
     }
 }
 
-/// What a stateful run produced.
+/// What a stateful run produced: the outbox to publish, from this run's commit or an earlier one
+/// (then the handler did not run).
 pub enum Committed {
-    /// This run committed; publish this reply.
-    Now(ResultRecord),
-    /// An earlier run of the operation committed; re-publish its reply, the handler did not run.
-    Before(ResultRecord),
+    Now(Outbox),
+    Before(Outbox),
 }
 
 /// Runs a stateful handler for one request under the commit protocol above. `Err` with a
@@ -271,14 +341,15 @@ pub async fn run(
     request: Request,
 ) -> Result<Committed, HandlerError> {
     let op = request.operation_id.clone();
-    if let Some(reply) = store.committed_reply(&op).await? {
-        return Ok(Committed::Before(reply));
+    if let Some(outbox) = store.committed(&op).await? {
+        return Ok(Committed::Before(outbox));
     }
     let ctx = Arc::new(StatefulContext {
         request,
         store: store.clone(),
         loaded: Mutex::default(),
         saved: Mutex::default(),
+        emits: Mutex::default(),
         next_id: Mutex::new(0),
     });
     let response = handler.call(ctx.clone()).await?;
@@ -295,15 +366,17 @@ pub async fn run(
         }
         changes
     };
+    let emits = std::mem::take(&mut *ctx.emits.lock().expect("context lock"));
+    let outbox = Outbox::new(&record, emits);
     crate::faults::crash_point("before-commit");
-    if store.commit(&op, changes, &record).await? {
+    if store.commit(&op, changes, &outbox).await? {
         crate::faults::crash_point("after-commit");
-        return Ok(Committed::Now(record));
+        return Ok(Committed::Now(outbox));
     }
-    // Refused: either another run of this operation committed (use its reply), or the state
+    // Refused: either another run of this operation committed (use its outbox), or the state
     // changed under us (run again later, against the new state).
-    match store.committed_reply(&op).await? {
-        Some(reply) => Ok(Committed::Before(reply)),
+    match store.committed(&op).await? {
+        Some(outbox) => Ok(Committed::Before(outbox)),
         None => Err("state changed concurrently; the operation will run again".into()),
     }
 }

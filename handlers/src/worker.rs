@@ -32,7 +32,8 @@ use crate::contract::{Outcome, Request, ResultRecord, Subjects, header, header_s
 use crate::jetstream::{
     JetStreamError, ProgressReporter, ResultWrite, last_on_subject, publish_result,
 };
-use crate::stateful::{self, Committed, StateStore, StatefulHandler};
+use crate::stateful::{self, Committed, Emit, StateStore, StatefulHandler};
+use async_nats::jetstream::message::PublishMessage;
 
 /// The error a handler returns: anything; the request is retried later, up to the last delivery,
 /// after which the operation ends `failed`. Return a [`Permanent`] to fail at once.
@@ -414,12 +415,16 @@ impl RouteWorker {
         request.progress =
             ProgressReporter::new(self.js.clone(), self.config.subjects.progress(&op), ttl);
         let mut terminate = false;
+        let mut emits = Vec::new();
         let record = if OffsetDateTime::now_utc() > request.deadline {
             tracing::info!(operation_id = %op, delivered, "Deadline passed before handling; marking the operation expired.");
             ResultRecord::expired(&op, request.deadline)
         } else {
             match self.run_handler(message, request).await {
-                Ok(record) => record,
+                Ok((record, outgoing)) => {
+                    emits = outgoing;
+                    record
+                }
                 Err(error) => {
                     self.stats.handler_errors.fetch_add(1, Ordering::Relaxed);
                     if let Some(p) = error.downcast_ref::<Permanent>() {
@@ -457,6 +462,19 @@ impl RouteWorker {
                 }
             }
         };
+        // Outgoing messages first, then the reply: both only after the commit, both with ids that
+        // a re-publish repeats.
+        for emit in &emits {
+            let message = PublishMessage::build()
+                .payload(emit.payload())
+                .message_id(&emit.id);
+            self.js
+                .send_publish(emit.subject.clone(), message)
+                .await
+                .map_err(JetStreamError::from)?
+                .await
+                .map_err(JetStreamError::from)?;
+        }
         let write = publish_result(&self.js, results, &reply_subject, &op, &record, ttl).await?;
         Ok(Answered::Replied { write, terminate })
     }
@@ -468,17 +486,19 @@ impl RouteWorker {
         &self,
         message: &jetstream::Message,
         request: Request,
-    ) -> Result<ResultRecord, HandlerError> {
+    ) -> Result<(ResultRecord, Vec<Emit>), HandlerError> {
         let work = async {
             match &self.handler {
                 RouteHandler::Stateless(handler) => {
                     let record = handler.call(request).await?.into_record();
                     record.validate()?;
-                    Ok(record)
+                    Ok((record, Vec::new()))
                 }
                 RouteHandler::Stateful(store, handler) => {
                     match stateful::run(store, handler.as_ref(), request).await? {
-                        Committed::Now(record) | Committed::Before(record) => Ok(record),
+                        Committed::Now(outbox) | Committed::Before(outbox) => {
+                            Ok((outbox.reply(), outbox.emits))
+                        }
                     }
                 }
             }

@@ -14,6 +14,14 @@ const ROUTES: &str = "[[route]]\nname = \"count\"\nmethod = \"POST\"\npath = \"/
 /// Starts a worker whose stateful handler increments one counter and replies with the new value.
 async fn counting_worker(nats: &Nats, runs: Arc<AtomicU32>) -> TestWorker {
     let js = nats.jetstream().await;
+    // Where the handler's outgoing messages go.
+    js.create_or_update_stream(async_nats::jetstream::stream::Config {
+        name: "AUDIT".into(),
+        subjects: vec!["audit.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let store = StateStore::ensure(js.clone(), "WK_COUNT", "wk", Duration::from_secs(3600))
         .await
         .unwrap();
@@ -23,6 +31,7 @@ async fn counting_worker(nats: &Nats, runs: Arc<AtomicU32>) -> TestWorker {
             runs.fetch_add(1, Ordering::SeqCst);
             let value: u64 = ctx.load("counter").await?.unwrap_or(0);
             ctx.save("counter", &(value + 1));
+            ctx.emit("audit.count", (value + 1).to_string());
             Ok(Response::json(
                 200,
                 &serde_json::json!({ "counter": value + 1 }),
@@ -90,6 +99,12 @@ async fn every_operation_changes_state_once_and_replies_with_what_it_committed()
     replies.sort_unstable();
     assert_eq!(replies, (1..=20).collect::<Vec<u64>>());
     assert_eq!(counter(&nats).await, 20);
+    let js = nats.jetstream().await;
+    assert_eq!(
+        stream_messages(&js, "AUDIT").await,
+        20,
+        "one outgoing message per operation"
+    );
     assert!(
         runs.load(Ordering::SeqCst) >= 20,
         "concurrent conflicts re-run, never double-commit"
@@ -170,6 +185,12 @@ async fn duplicates_never_commit_twice() {
         "restored from the outbox, not re-run"
     );
     assert_eq!(counter(&nats).await, 2);
+    // The outbox was published again with the same ids: JetStream dropped the copies.
+    assert_eq!(
+        stream_messages(&js, "AUDIT").await,
+        2,
+        "one outgoing message per operation"
+    );
     let conflicts = worker_a.stats.conflicts.load(Ordering::Relaxed)
         + worker_b.stats.conflicts.load(Ordering::Relaxed);
     assert_eq!(
