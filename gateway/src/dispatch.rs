@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use crate::config::NatsArgs;
 use bytes::Bytes;
-use handlers::{HandlerError, Request, Response, Worker, WorkerConfig};
+use handlers::{HandlerError, Permanent, Request, Response, Worker, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
 /// Flags of `gateway dispatch`.
@@ -69,10 +69,11 @@ pub enum DispatchError {
     Worker(#[from] handlers::worker::WorkerError),
 }
 
-/// Headers of a request message that are the contract's, not the client's.
+/// Headers of a request message that are the contract's, not the client's (`Content-Type` is
+/// set from the request's own field).
 fn is_contract_header(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
-    lower.starts_with("gw-") || lower.starts_with("nats-")
+    lower.starts_with("gw-") || lower.starts_with("nats-") || lower == "content-type"
 }
 
 /// Runs until `shutdown`, retrying while the streams do not exist yet.
@@ -120,14 +121,33 @@ pub async fn run(args: DispatchArgs, shutdown: CancellationToken) -> Result<(), 
     Ok(())
 }
 
+/// The app's URL for a request: the upstream's own path prefix, then the request's path and
+/// query. A path with `.` or `..` segments is refused for good (a URL library would resolve them
+/// and reach another path of the app than the route named).
+fn upstream_url(
+    upstream: &reqwest::Url,
+    path: &str,
+    query: Option<&str>,
+) -> Result<reqwest::Url, HandlerError> {
+    if path
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
+    {
+        return Err(Permanent::new(400, "Bad path", "The path has dot segments.").into());
+    }
+    let mut url = upstream.clone();
+    url.set_path(&format!("{}{path}", upstream.path().trim_end_matches('/')));
+    url.set_query(query);
+    Ok(url)
+}
+
 /// One request, replayed against the app.
 async fn forward(
     http: reqwest::Client,
     upstream: reqwest::Url,
     request: Request,
 ) -> Result<Response, HandlerError> {
-    let mut url = upstream.join(request.path.trim_start_matches('/'))?;
-    url.set_query(request.query.as_deref());
+    let url = upstream_url(&upstream, &request.path, request.query.as_deref())?;
     let method = reqwest::Method::from_bytes(request.method.as_bytes())?;
     let mut call = http
         .request(method, url)
@@ -178,4 +198,23 @@ async fn forward(
         headers,
         body,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_urls_keep_the_prefix_and_refuse_dot_segments() {
+        let base = reqwest::Url::parse("http://127.0.0.1:3000/api/").unwrap();
+        let url = upstream_url(&base, "/orders/7", Some("a=1")).unwrap();
+        assert_eq!(url.as_str(), "http://127.0.0.1:3000/api/orders/7?a=1");
+        let bare = reqwest::Url::parse("http://127.0.0.1:3000").unwrap();
+        assert_eq!(
+            upstream_url(&bare, "/x", None).unwrap().as_str(),
+            "http://127.0.0.1:3000/x"
+        );
+        assert!(upstream_url(&base, "/orders/../admin", None).is_err());
+        assert!(upstream_url(&base, "/./x", None).is_err());
+    }
 }
