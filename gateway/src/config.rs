@@ -362,6 +362,21 @@ pub fn header_allow_list(names: &[String]) -> Result<Vec<HeaderName>, ConfigErro
         .filter(|n| !n.is_empty())
         .map(|n| {
             let lower = n.to_ascii_lowercase();
+            const HOP_BY_HOP: &[&str] = &[
+                "host",
+                "connection",
+                "keep-alive",
+                "transfer-encoding",
+                "te",
+                "trailer",
+                "upgrade",
+                "content-length",
+            ];
+            if HOP_BY_HOP.contains(&lower.as_str()) || lower.starts_with("proxy-") {
+                return Err(invalid(format!(
+                    "header {n:?} cannot be forwarded or replayed: it belongs to one connection"
+                )));
+            }
             if lower.starts_with("gw-") || lower.starts_with("nats-") {
                 return Err(invalid(format!(
                     "header {n:?} cannot be forwarded: Gw-* and Nats-* names belong to the wire contract"
@@ -468,6 +483,16 @@ mod tests {
         assert!(header_allow_list(&["accept".into(), " X-Trace ".into()]).is_ok());
         assert!(header_allow_list(&["Gw-Route".into()]).is_err());
         assert!(header_allow_list(&["nats-msg-id".into()]).is_err());
+        for hop in [
+            "Host",
+            "connection",
+            "Transfer-Encoding",
+            "content-length",
+            "upgrade",
+            "proxy-authorization",
+        ] {
+            assert!(header_allow_list(&[hop.into()]).is_err(), "{hop}");
+        }
         assert!(header_allow_list(&["bad header".into()]).is_err());
     }
 }

@@ -136,7 +136,13 @@ fn upstream_url(
         return Err(Permanent::new(400, "Bad path", "The path has dot segments.").into());
     }
     let mut url = upstream.clone();
-    url.set_path(&format!("{}{path}", upstream.path().trim_end_matches('/')));
+    let wanted = format!("{}{path}", upstream.path().trim_end_matches('/'));
+    url.set_path(&wanted);
+    // Encoded dot segments (`%2e%2e`) are resolved by the URL parser too: what it made must be
+    // what was asked for.
+    if url.path() != wanted {
+        return Err(Permanent::new(400, "Bad path", "The path has dot segments.").into());
+    }
     url.set_query(query);
     Ok(url)
 }
@@ -216,5 +222,7 @@ mod tests {
         );
         assert!(upstream_url(&base, "/orders/../admin", None).is_err());
         assert!(upstream_url(&base, "/./x", None).is_err());
+        assert!(upstream_url(&base, "/files/%2e%2e/%2E%2e/admin", None).is_err());
+        assert!(upstream_url(&base, "/files/.%2e/admin", None).is_err());
     }
 }

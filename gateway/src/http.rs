@@ -232,7 +232,12 @@ async fn submit(
     };
     let operation = match wait {
         Some(wait) if !wait.is_zero() && !operation.status().is_terminal() => {
-            wait_for(&state, &operation.id, Some(wait), WakeOn::Terminal).await?
+            // The request is accepted whatever the wait finds: if reading it back fails, the
+            // answer is still the 202 of the operation in hand, never an error a client would
+            // retry with a new key.
+            wait_for(&state, &operation.id, Some(wait), WakeOn::Terminal)
+                .await
+                .unwrap_or(operation)
         }
         _ => operation,
     };
@@ -491,8 +496,11 @@ async fn operation_events(
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
+    if seen == "terminal" {
+        // Nothing more will ever come; 204 tells EventSource not to reconnect.
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
     let start = match seen {
-        "terminal" => EventStep::Done,
         "accepted" => EventStep::Watching { after: 0 },
         other => match other.strip_prefix("progress-").and_then(|n| n.parse().ok()) {
             Some(after) => EventStep::Watching { after },

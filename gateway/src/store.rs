@@ -333,10 +333,7 @@ impl Store {
                     stream: self.results_stream.clone(),
                     detail: e.to_string(),
                 })?
-                .get_or_create_consumer(
-                    consumer.durable_name.as_deref().unwrap_or_default(),
-                    consumer.clone(),
-                )
+                .create_consumer(consumer.clone())
                 .await
                 .map_err(|e| StoreError::Provision {
                     stream: self.results_stream.clone(),

@@ -155,8 +155,11 @@ impl Webhooks {
             deliver_policy: DeliverPolicy::New,
             ack_policy: AckPolicy::Explicit,
             ack_wait: ATTEMPT_TIMEOUT * 3,
-            max_deliver: self.attempts,
-            max_ack_pending: 256,
+            // A margin over the attempts: a delivery spent on a store outage (nak without an HTTP
+            // attempt) must not leave the last attempt without its redelivery or dead letter.
+            max_deliver: self.attempts + 5,
+            // No more buffered than are handled at once, so none waits out its AckWait.
+            max_ack_pending: 32,
             ..Default::default()
         }
     }
@@ -168,7 +171,7 @@ impl Webhooks {
             .await
             .map_err(|e| e.to_string())?;
         let consumer = stream
-            .get_or_create_consumer(CONSUMER, self.consumer_config())
+            .create_consumer(self.consumer_config())
             .await
             .map_err(|e| e.to_string())?;
         let messages = consumer.messages().await.map_err(|e| e.to_string())?;

@@ -13,6 +13,9 @@
 //! reply and acks. So each operation changes state at most once, and its one reply is computed
 //! from the state it committed (exactly-once.md H1-H7, H10).
 //!
+//! Only the keys a handler saves are checked for concurrent changes: a key it only loads is not
+//! (write skew is possible; save a loaded key back to make it part of the check).
+//!
 //! Markers are kept for `marker_ttl` (`Nats-TTL`), which must cover the longest redelivery or
 //! re-drive horizon and the gateway's key retention; after that a re-driven duplicate would run
 //! again. Handlers may still run more than once (only one run commits): side effects outside the
@@ -368,6 +371,12 @@ pub async fn run(
     };
     let emits = std::mem::take(&mut *ctx.emits.lock().expect("context lock"));
     let outbox = Outbox::new(&record, emits);
+    // A client cancelled while the handler ran (the worker watches for the marker): commit
+    // nothing. A cancellation landing after this check and before the commit can still lose to
+    // it; then the reply is refused by the cancelled result slot while the state changed.
+    if ctx.request.cancellation.is_cancelled() {
+        return Err("the operation was cancelled; nothing was committed".into());
+    }
     crate::faults::crash_point("before-commit");
     if store.commit(&op, changes, &outbox).await? {
         crate::faults::crash_point("after-commit");

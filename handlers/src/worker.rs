@@ -261,21 +261,17 @@ impl Worker {
         for (route, handler) in self.routes {
             let name = format!("{}-{route}", self.config.consumer_prefix);
             let consumer = stream
-                .get_or_create_consumer(
-                    &name,
-                    pull::Config {
-                        durable_name: Some(name.clone()),
-                        filter_subject: self.config.subjects.route_requests(&route),
-                        ack_policy: AckPolicy::Explicit,
-                        ack_wait: self.config.ack_wait,
-                        max_deliver: self.config.max_deliver,
-                        // No more deliveries outstanding than can be handled at once, so none
-                        // waits in a buffer while its AckWait runs out.
-                        max_ack_pending: i64::try_from(self.config.max_in_flight)
-                            .unwrap_or(i64::MAX),
-                        ..Default::default()
-                    },
-                )
+                .create_consumer(pull::Config {
+                    durable_name: Some(name.clone()),
+                    filter_subject: self.config.subjects.route_requests(&route),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: self.config.ack_wait,
+                    max_deliver: self.config.max_deliver,
+                    // No more deliveries outstanding than can be handled at once, so none
+                    // waits in a buffer while its AckWait runs out.
+                    max_ack_pending: i64::try_from(self.config.max_in_flight).unwrap_or(i64::MAX),
+                    ..Default::default()
+                })
                 .await
                 .map_err(|e| WorkerError::Consumer {
                     consumer: name.clone(),
@@ -416,7 +412,13 @@ impl RouteWorker {
             ProgressReporter::new(self.js.clone(), self.config.subjects.progress(&op), ttl);
         let mut terminate = false;
         let mut emits = Vec::new();
-        let record = if OffsetDateTime::now_utc() > request.deadline {
+        // A stateful operation that already committed publishes its outbox, deadline or not: its
+        // state changed, so its reply must be the outcome it can still be.
+        let committed = self.committed_outbox(&op).await?;
+        let record = if let Some(outbox) = committed {
+            emits = outbox.emits.clone();
+            outbox.reply()
+        } else if OffsetDateTime::now_utc() > request.deadline {
             tracing::info!(operation_id = %op, delivered, "Deadline passed before handling; marking the operation expired.");
             ResultRecord::expired(&op, request.deadline)
         } else {
@@ -442,7 +444,26 @@ impl RouteWorker {
                         )
                     } else if delivered >= self.config.max_deliver {
                         // The last delivery: end the operation `failed` rather than leave it
-                        // pending until it expires.
+                        // pending until it expires; unless a stateful run did commit after all
+                        // (its outbox is the outcome), or that cannot be told now.
+                        if let Some(outbox) = self
+                            .committed_outbox(&op)
+                            .await
+                            .map_err(|_| Failure::Handler(error.to_string().into()))?
+                        {
+                            emits = outbox.emits.clone();
+                            let write = publish_result(
+                                &self.js,
+                                results,
+                                &reply_subject,
+                                &op,
+                                &outbox.reply(),
+                                ttl,
+                            )
+                            .await?;
+                            self.publish_emits(&emits).await?;
+                            return Ok(Answered::Replied { write, terminate });
+                        }
                         self.stats.failed.fetch_add(1, Ordering::Relaxed);
                         let detail = format!(
                             "The handler failed on all {delivered} deliveries; the last error: {error}"
@@ -464,7 +485,27 @@ impl RouteWorker {
         };
         // Outgoing messages first, then the reply: both only after the commit, both with ids that
         // a re-publish repeats.
-        for emit in &emits {
+        self.publish_emits(&emits).await?;
+        let write = publish_result(&self.js, results, &reply_subject, &op, &record, ttl).await?;
+        Ok(Answered::Replied { write, terminate })
+    }
+
+    /// The committed outbox of a stateful route's operation (`None` on stateless routes).
+    async fn committed_outbox(&self, op: &str) -> Result<Option<stateful::Outbox>, Failure> {
+        match &self.handler {
+            RouteHandler::Stateless(_) => Ok(None),
+            RouteHandler::Stateful(store, _) => store.committed(op).await.map_err(|e| {
+                Failure::JetStream(JetStreamError::Get {
+                    stream: "state".to_owned(),
+                    detail: e.to_string(),
+                })
+            }),
+        }
+    }
+
+    /// Publishes a committed outbox's outgoing messages, each with its deterministic id.
+    async fn publish_emits(&self, emits: &[Emit]) -> Result<(), Failure> {
+        for emit in emits {
             let message = PublishMessage::build()
                 .payload(emit.payload())
                 .message_id(&emit.id);
@@ -475,8 +516,7 @@ impl RouteWorker {
                 .await
                 .map_err(JetStreamError::from)?;
         }
-        let write = publish_result(&self.js, results, &reply_subject, &op, &record, ttl).await?;
-        Ok(Answered::Replied { write, terminate })
+        Ok(())
     }
 
     /// Runs the handler, keeping the delivery's lease alive (`+WPI` every third of AckWait), and
