@@ -1,5 +1,6 @@
-//! The gateway's JetStream: the connection, the two streams it provisions at start, and the few
-//! reads and writes the HTTP side needs. The only module of the gateway that talks to async-nats.
+//! The gateway's JetStream: the connection, the three streams it provisions at start, and the few
+//! reads and writes the HTTP side needs. The request path reaches JetStream only through here
+//! (`watch` and `webhooks` run their own consumers).
 //!
 //! JetStream is the only source of truth. Nothing here caches an operation, so every replica
 //! answers every request the same way, and a restarted replica has lost nothing.
@@ -251,9 +252,10 @@ impl Store {
         self.client.server_info().max_payload
     }
 
-    /// Creates or updates both streams. Requests: one message per subject (the idempotency
-    /// record), refusing a second; results: the same, so the first terminal record wins. Both
-    /// refuse new messages when full rather than dropping accepted ones.
+    /// Creates or updates the streams. Requests: one message per subject (the idempotency
+    /// record), refusing a second; results: the same, so the first terminal record wins; both
+    /// refuse new messages when full rather than dropping accepted ones. Events: the last message
+    /// per subject (progress, delivery state) wins.
     pub async fn provision(&self, plan: &StreamPlan) -> Result<(), StoreError> {
         // max_payload is only known once connected.
         if self.client.connection_state() != async_nats::connection::State::Connected {

@@ -1,7 +1,7 @@
 //! Waiting for results without a NATS subscription per waiter.
 //!
-//! Each gateway process runs one JetStream ordered consumer on the results stream (new messages,
-//! headers only) and keeps a map from operation id to an in-process [`Notify`]. A waiter (a
+//! Each gateway process runs JetStream ordered consumers on the results and progress subjects (new
+//! messages, headers only) and keeps a map from operation id to an in-process [`Notify`]. A waiter (a
 //! `Prefer: wait` submit, a long poll, an SSE stream) registers, reads the operation, and sleeps
 //! until notified or until its time is up. A notification is only a hint to read again: what a
 //! waiter returns always comes from JetStream. Notifications can only be missed while the consumer
