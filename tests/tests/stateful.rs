@@ -38,10 +38,11 @@ async fn counting_worker(nats: &Nats, runs: Arc<AtomicU32>) -> TestWorker {
             ))
         }
     };
-    TestWorker::start_with(nats, worker_config(), |w| {
-        w.stateful_route("count", store, handler)
-    })
-    .await
+    let config = handlers::WorkerConfig {
+        max_deliver: 1000,
+        ..worker_config()
+    };
+    TestWorker::start_with(nats, config, |w| w.stateful_route("count", store, handler)).await
 }
 
 /// Deliveries a worker finished: replied (committed or re-published) or skipped (already answered).

@@ -24,7 +24,12 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or(0);
     let js = async_nats::jetstream::new(async_nats::connect(url).await?);
     let store = StateStore::ensure(js.clone(), "WK_COUNT", "wk", Duration::from_secs(3600)).await?;
-    let config = gateway_tests::worker_config();
+    // Every optimistic-concurrency conflict on the one counter spends a delivery: with three
+    // workers racing, an operation can need many. Stateful consumers want a generous max_deliver.
+    let config = handlers::WorkerConfig {
+        max_deliver: 1000,
+        ..gateway_tests::worker_config()
+    };
     let stall = config.ack_wait * 3 / 2;
     let handler = move |ctx: Arc<StatefulContext>| async move {
         let value: u64 = ctx.load("counter").await?.unwrap_or(0);
