@@ -672,6 +672,10 @@ mod tests {
         (parts.status, parts.headers, json)
     }
 
+    fn get_request(path: &str) -> axum::http::Request<Body> {
+        axum::http::Request::get(path).body(Body::empty()).unwrap()
+    }
+
     fn post(path: &str) -> axum::http::request::Builder {
         axum::http::Request::post(path)
     }
@@ -744,21 +748,9 @@ mod tests {
         assert_eq!(headers[header::RETRY_AFTER], "7");
         assert!(problem["detail"].as_str().unwrap().contains("retry"));
 
-        let (status, _, _) = call(
-            &app,
-            axum::http::Request::get("/livez")
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await;
+        let (status, _, _) = call(&app, get_request("/livez")).await;
         assert_eq!(status, StatusCode::OK, "liveness never checks NATS");
-        let (status, headers, _) = call(
-            &app,
-            axum::http::Request::get("/readyz")
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await;
+        let (status, headers, _) = call(&app, get_request("/readyz")).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(headers[header::RETRY_AFTER], "7");
     }
@@ -778,37 +770,19 @@ mod tests {
         let holder = tokio::spawn(app.clone().oneshot(stalled));
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
 
-        let (status, headers, problem) = call(
-            &app,
-            axum::http::Request::get("/operations/x")
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await;
+        let (status, headers, problem) = call(&app, get_request("/operations/x")).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(headers[header::RETRY_AFTER], "7");
         assert!(
             problem["type"].as_str().unwrap().ends_with("overloaded"),
             "{problem}"
         );
-        let (status, _, _) = call(
-            &app,
-            axum::http::Request::get("/livez")
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await;
+        let (status, _, _) = call(&app, get_request("/livez")).await;
         assert_eq!(status, StatusCode::OK);
 
         holder.abort();
         let _ = holder.await;
-        let (status, _, _) = call(
-            &app,
-            axum::http::Request::get("/operations/x")
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await;
+        let (status, _, _) = call(&app, get_request("/operations/x")).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "the slot is free again");
     }
 
