@@ -278,21 +278,13 @@ async fn main() -> anyhow::Result<()> {
     );
 
     // CPU and memory at a steady 1,000 requests/s.
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let watcher = tokio::spawn(procstat::watch(pid, async move {
-        let _ = stop_rx.await;
-    }));
-    report.record(
-        "gateway accept @ 1,000/s",
-        drive(
-            submit(16, 256, "steady", None),
-            Model::Open { rate: 1000.0 },
-            d,
-        )
-        .await,
+    let steady = drive(
+        submit(16, 256, "steady", None),
+        Model::Open { rate: 1000.0 },
+        d,
     );
-    let _ = stop_tx.send(());
-    let (first, last, peak) = watcher.await?;
+    let (run, first, last, peak) = procstat::watch_during(pid, steady).await;
+    report.record("gateway accept @ 1,000/s", run);
     let cores = (last.cpu - first.cpu).as_secs_f64() / (last.at - first.at).as_secs_f64();
     report.set("steady_cores", cores);
     report.set("steady_rss_mb", last.rss_bytes as f64 / 1e6);
@@ -305,19 +297,13 @@ async fn main() -> anyhow::Result<()> {
 
     // Overload: twice the gateway's peak, from many connections.
     let overload_ids: Ids = Arc::default();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let watcher = tokio::spawn(procstat::watch(pid, async move {
-        let _ = stop_rx.await;
-    }));
     let before = gateway_tests::stream_messages(&js, DEFAULT_REQUESTS_STREAM).await;
-    let over = drive(
+    let overload = drive(
         submit(512, 256, "overload", Some(overload_ids.clone())),
         Model::Open { rate: 2.0 * gw_256 },
         d,
-    )
-    .await;
-    let _ = stop_tx.send(());
-    let (_, _, peak) = watcher.await?;
+    );
+    let (over, _, _, peak) = procstat::watch_during(pid, overload).await;
     let accepted = over.ok;
     let shed = over.shed;
     report.record("gateway accept @ 2x its peak", over);

@@ -43,15 +43,19 @@ pub fn sample(pid: u32) -> Option<Sample> {
     })
 }
 
-/// Samples a process every 100 ms until `stop` resolves; returns (first, last, peak RSS).
-pub async fn watch(pid: u32, stop: impl std::future::Future<Output = ()>) -> (Sample, Sample, u64) {
+/// Runs `work` while sampling a process every 100 ms; returns `work`'s output, the first and last
+/// samples, and the peak RSS seen.
+pub async fn watch_during<T>(
+    pid: u32,
+    work: impl std::future::Future<Output = T>,
+) -> (T, Sample, Sample, u64) {
     let first = sample(pid).expect("process is running");
     let mut last = first;
     let mut peak = first.rss_bytes;
-    tokio::pin!(stop);
-    loop {
+    tokio::pin!(work);
+    let out = loop {
         tokio::select! {
-            () = &mut stop => break,
+            out = &mut work => break out,
             () = tokio::time::sleep(Duration::from_millis(100)) => {
                 if let Some(s) = sample(pid) {
                     peak = peak.max(s.rss_bytes);
@@ -59,12 +63,12 @@ pub async fn watch(pid: u32, stop: impl std::future::Future<Output = ()>) -> (Sa
                 }
             }
         }
-    }
+    };
     if let Some(s) = sample(pid) {
         peak = peak.max(s.rss_bytes);
         last = s;
     }
-    (first, last, peak)
+    (out, first, last, peak)
 }
 
 /// CPU seconds each process spent while `work` ran, with `work`'s output.
