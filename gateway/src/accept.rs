@@ -183,6 +183,7 @@ pub async fn accept(store: &Store, s: Submission<'_>) -> Result<Accepted, Accept
                 progress: None,
                 callback_url: s.callback_url.clone(),
                 callback: None,
+                trace: None,
             }));
         }
         let Some(stored) = store.request_on_route(&route.name, &key_token).await? else {

@@ -1,11 +1,13 @@
 //! The `gateway` binary: `gateway serve` runs the gateway; `gateway dev` runs the one-command local
-//! setup. Logging is set up here, from `RUST_LOG` (default `info`).
+//! setup; `gateway dispatch` is the worker-side sidecar; `gateway openapi` prints the OpenAPI
+//! document of a routes file. Telemetry is set up here (see [`crate::telemetry`]).
 
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 
 use crate::config::{Settings, load_routes};
 use crate::dev::DevArgs;
+use crate::telemetry::LogFormat;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -19,6 +21,15 @@ struct Cli {
     /// Threads of the async runtime (default: one per core).
     #[arg(long, env = "GATEWAY_WORKER_THREADS", global = true)]
     worker_threads: Option<usize>,
+    /// Log line format on stderr.
+    #[arg(
+        long,
+        env = "GATEWAY_LOG_FORMAT",
+        global = true,
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
 }
 
 #[derive(Debug, Subcommand)]
@@ -29,19 +40,28 @@ enum Command {
     Dev(DevArgs),
     /// Be the worker of some routes by calling a local HTTP app (the worker-side sidecar).
     Dispatch(crate::dispatch::DispatchArgs),
+    /// Print the OpenAPI 3.1 document for a routes file, and exit.
+    Openapi {
+        /// TOML file with the routes.
+        #[arg(long, env = "GATEWAY_CONFIG")]
+        config: std::path::PathBuf,
+    },
 }
 
 /// Entry point of the binary.
 pub fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,tower_http=warn".into()),
-        )
-        .init();
     let cli = Cli::parse();
+    if let Command::Openapi { config } = &cli.command {
+        let document = crate::openapi::document(&load_routes(config)?);
+        println!("{}", crate::openapi::to_json(&document));
+        return Ok(());
+    }
+    let service = match cli.command {
+        Command::Dispatch(_) => "nats-http-gateway-dispatch",
+        _ => "nats-http-gateway",
+    };
+    // Dropped last, after the runtime: flushing exported spans blocks.
+    let _telemetry = crate::telemetry::init(cli.log_format, service)?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = cli.worker_threads {
         runtime.worker_threads(threads.max(1));
@@ -60,6 +80,7 @@ pub fn main() -> anyhow::Result<()> {
                 });
                 Ok(crate::dispatch::run(args, stop).await?)
             }
+            Command::Openapi { .. } => unreachable!("answered before the runtime starts"),
         }
     })
 }

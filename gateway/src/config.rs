@@ -19,6 +19,12 @@ pub struct Settings {
     #[arg(long, env = "GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     #[command(flatten)]
+    pub admin: AdminArgs,
+    /// After SIGTERM: readiness turns false and new requests get 503 at once; requests in
+    /// flight finish and waiters get their answer, within this much time, then the process exits.
+    #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+    #[command(flatten)]
     pub nats: NatsArgs,
     /// Stream that holds progress reports, webhook delivery states and dead letters.
     #[arg(long, env = "GATEWAY_EVENTS_STREAM", default_value = "GW_EVENTS")]
@@ -90,6 +96,15 @@ pub struct Settings {
     #[cfg(feature = "fault-injection")]
     #[arg(long, env = "GATEWAY_FAULT_ABORT_AFTER_PUBLISH", hide = true)]
     pub fault_abort_after_publish: bool,
+}
+
+/// The admin server, shared by `serve` and `dispatch`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AdminArgs {
+    /// Address of the admin server: Prometheus `/metrics` and `/livez`, apart from client
+    /// traffic (port 0 picks a free one).
+    #[arg(long, env = "GATEWAY_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
+    pub admin_listen: SocketAddr,
 }
 
 /// Where the gateway's JetStream is: shared by `serve`, `dev` and `dispatch`.
@@ -238,7 +253,7 @@ fn invalid(message: impl Into<String>) -> ConfigError {
 }
 
 /// Paths the gateway serves itself; no route may take them.
-const RESERVED_PREFIXES: &[&str] = &["/operations", "/livez", "/readyz"];
+const RESERVED_PREFIXES: &[&str] = &["/operations", "/livez", "/readyz", "/openapi.json"];
 
 /// Reads and validates the routes file.
 pub fn load_routes(path: &Path) -> Result<Vec<RouteConfig>, ConfigError> {

@@ -169,7 +169,7 @@ async fn run_example_worker(settings: Settings, stop: CancellationToken) {
     let client = match async_nats::ConnectOptions::new()
         .name("example-worker")
         .retry_on_initial_connect()
-        .connect(settings.nats.nats_url.as_str())
+        .connect(crate::store::server_addrs(&settings.nats.nats_url))
         .await
     {
         Ok(client) => client,

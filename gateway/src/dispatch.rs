@@ -10,9 +10,10 @@
 
 use std::time::Duration;
 
-use crate::config::NatsArgs;
+use crate::config::{AdminArgs, NatsArgs};
+use crate::metrics::DISPATCH_REPLIES;
 use bytes::Bytes;
-use handlers::{HandlerError, Permanent, Request, Response, Worker, WorkerConfig};
+use handlers::{HandlerError, Permanent, Request, Response, Worker, WorkerConfig, WorkerStats};
 use tokio_util::sync::CancellationToken;
 
 /// Flags of `gateway dispatch`.
@@ -31,6 +32,8 @@ pub struct DispatchArgs {
     pub upstream: reqwest::Url,
     #[command(flatten)]
     pub nats: NatsArgs,
+    #[command(flatten)]
+    pub admin: AdminArgs,
     /// Durable consumer name prefix (`<prefix>-<route>`); the gateway's computed Retry-After reads
     /// `worker-<route>` unless the route says otherwise.
     #[arg(
@@ -67,6 +70,8 @@ pub enum DispatchError {
     Client(String),
     #[error(transparent)]
     Worker(#[from] handlers::worker::WorkerError),
+    #[error(transparent)]
+    Admin(#[from] crate::metrics::MetricsError),
 }
 
 /// Headers of a request message that are the contract's, not the client's (`Content-Type` is
@@ -79,6 +84,8 @@ fn is_contract_header(name: &str) -> bool {
 /// Runs until `shutdown`, retrying while the streams do not exist yet.
 pub async fn run(args: DispatchArgs, shutdown: CancellationToken) -> Result<(), DispatchError> {
     crate::webhooks::install_crypto_provider();
+    let admin = crate::metrics::bind_admin(args.admin.admin_listen).await?;
+    tokio::spawn(crate::metrics::serve_admin(admin, shutdown.clone()));
     let http = reqwest::Client::builder()
         .timeout(args.timeout)
         .redirect(reqwest::redirect::Policy::none())
@@ -107,7 +114,11 @@ pub async fn run(args: DispatchArgs, shutdown: CancellationToken) -> Result<(), 
                 forward(http.clone(), upstream.clone(), request)
             });
         }
-        match worker.run(shutdown.clone()).await {
+        let mirroring = shutdown.child_token();
+        tokio::spawn(mirror_stats(worker.stats(), mirroring.clone()));
+        let ran = worker.run(shutdown.clone()).await;
+        mirroring.cancel();
+        match ran {
             Ok(()) => return Ok(()),
             Err(error) => {
                 tracing::info!(%error, "Waiting for the gateway's streams.");
@@ -119,6 +130,26 @@ pub async fn run(args: DispatchArgs, shutdown: CancellationToken) -> Result<(), 
         }
     }
     Ok(())
+}
+
+/// Mirrors the worker library's counters into the dispatcher's metrics, once a second.
+async fn mirror_stats(stats: std::sync::Arc<WorkerStats>, stop: CancellationToken) {
+    use std::sync::atomic::Ordering::Relaxed;
+    while !stop.is_cancelled() {
+        for (outcome, count) in [
+            ("replied", &stats.replied),
+            ("failed", &stats.failed),
+            ("conflict", &stats.conflicts),
+            ("cancelled", &stats.cancelled),
+            ("skipped", &stats.skipped),
+        ] {
+            metrics::counter!(DISPATCH_REPLIES, "outcome" => outcome).absolute(count.load(Relaxed));
+        }
+        tokio::select! {
+            () = stop.cancelled() => {}
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
 }
 
 /// The app's URL for a request: the upstream's own path prefix, then the request's path and
@@ -159,9 +190,13 @@ async fn forward(
         .request(method, url)
         .header("gw-operation-id", &request.operation_id)
         .body(request.body.clone());
+    // The app continues the worker's span, which continues the HTTP request's.
+    for (name, value) in handlers::trace::outgoing(&tracing::Span::current(), &request.headers) {
+        call = call.header(name, value);
+    }
     for (name, values) in request.headers.iter() {
         let name: &str = name.as_ref();
-        if is_contract_header(name) {
+        if is_contract_header(name) || handlers::trace::TRACE_HEADERS.contains(&name) {
             continue;
         }
         for value in values {

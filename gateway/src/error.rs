@@ -12,11 +12,13 @@ use serde::Serialize;
 
 use crate::accept::AcceptError;
 use crate::idempotency::KeyError;
+use crate::metrics::{JETSTREAM_ERRORS, SHED};
 use crate::store::StoreError;
 
 /// An RFC 9457 problem body.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Problem {
+    /// A URI naming the kind of problem (`tag:nats-http-gateway,2026:problem/<slug>`).
     #[serde(rename = "type")]
     pub kind: String,
     pub title: &'static str,
@@ -26,6 +28,7 @@ pub struct Problem {
     pub operation_id: Option<String>,
     /// The operation as it ended, for a cancellation that came too late.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub operation: Option<serde_json::Value>,
 }
 
@@ -64,6 +67,9 @@ pub enum ApiError {
     /// More requests in flight than configured: refused before any work.
     #[error("the gateway is at its limit of requests in flight")]
     Overloaded,
+    /// The process is draining after SIGTERM: it takes no new work.
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
     /// A read (or readiness check) that could not be done.
     #[error("JetStream unavailable: {0}")]
     Unavailable(StoreError),
@@ -108,9 +114,10 @@ impl ApiError {
             ApiError::TooManyStreams => StatusCode::TOO_MANY_REQUESTS,
             ApiError::AlreadyFinished { .. } => StatusCode::CONFLICT,
             ApiError::KeyReused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::OutcomeUnknown(_) | ApiError::Unavailable(_) | ApiError::Overloaded => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::OutcomeUnknown(_)
+            | ApiError::Unavailable(_)
+            | ApiError::Overloaded
+            | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadStoredMessage(_) => StatusCode::BAD_GATEWAY,
         }
     }
@@ -141,6 +148,7 @@ impl ApiError {
             ApiError::OutcomeUnknown(_) => ("outcome-unknown", "Outcome unknown, retry"),
             ApiError::Unavailable(_) => ("unavailable", "Service unavailable"),
             ApiError::Overloaded => ("overloaded", "Too many requests in flight"),
+            ApiError::ShuttingDown => ("shutting-down", "Shutting down"),
             ApiError::BadStoredMessage(_) => ("bad-stored-message", "Unreadable stored message"),
         }
     }
@@ -157,6 +165,9 @@ impl ApiError {
             }
             ApiError::Overloaded => "The gateway is handling as many requests as it is \
                 configured to; nothing was done with this one. Retry after the Retry-After delay."
+                .to_owned(),
+            ApiError::ShuttingDown => "This gateway process is stopping and takes no new \
+                requests; nothing was done with this one. Retry (another replica will answer)."
                 .to_owned(),
             ApiError::BadStoredMessage(_) => "A worker stored a message this gateway cannot \
                 read (it breaks the wire contract). Retrying will not help; the operator has \
@@ -201,9 +212,15 @@ impl IntoResponse for ApiError {
     /// configured value.
     fn into_response(self) -> Response {
         match &self {
-            ApiError::OutcomeUnknown(cause) | ApiError::Unavailable(cause) => {
+            ApiError::OutcomeUnknown(cause) => {
                 tracing::warn!(error = %cause, "Answering 503; the client may retry.");
+                metrics::counter!(JETSTREAM_ERRORS, "kind" => "outcome_unknown").increment(1);
             }
+            ApiError::Unavailable(cause) => {
+                tracing::warn!(error = %cause, "Answering 503; the client may retry.");
+                metrics::counter!(JETSTREAM_ERRORS, "kind" => "unavailable").increment(1);
+            }
+            ApiError::Overloaded => metrics::counter!(SHED).increment(1),
             ApiError::BadStoredMessage(cause) => {
                 tracing::error!(error = %cause, "A stored message breaks the wire contract.");
             }

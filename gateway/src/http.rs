@@ -4,7 +4,7 @@
 //! Handlers parse and validate, call `accept` or `operations`, and shape the answer. They never
 //! touch async-nats; every error leaves them as an [`ApiError`] and becomes problem+json there.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, MethodRouter, get};
@@ -25,11 +25,13 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::Level;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::accept::{Accepted, Submission, accept};
 use crate::config::{ConfigError, RouteConfig};
-use crate::error::ApiError;
+use crate::error::{ApiError, Problem};
 use crate::idempotency::{self, KeyError};
+use crate::metrics::{ACCEPT_SECONDS, HTTP_REQUESTS, IDEMPOTENT_REPLAYS};
 use crate::operations::{
     Cancellation, DEFAULT_TENANT, Links, Operation, OperationView, Status, WakeOn, cancel, lookup,
     lookup_when_changed, operation_path,
@@ -68,19 +70,34 @@ pub struct AppState {
 
 const PREFERENCE_APPLIED: HeaderName = HeaderName::from_static("preference-applied");
 const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
-const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Builds the router: the configured routes, `/operations/…`, `/livez`, `/readyz`, and the layers.
 pub fn router(state: AppState, routes: &[RouteConfig]) -> Result<Router, ConfigError> {
+    let document = Bytes::from(crate::openapi::to_json(&crate::openapi::document(routes)));
+    let openapi_document = move || {
+        let document = document.clone();
+        async move { ([(header::CONTENT_TYPE, "application/json")], document) }
+    };
     let mut by_path: BTreeMap<&str, MethodRouter<AppState>> = BTreeMap::new();
+    let route_names: RouteNames = routes
+        .iter()
+        .map(|r| ((r.http_method(), r.path.clone()), r.name.clone()))
+        .collect();
     for route in routes {
         let filter = MethodFilter::try_from(route.http_method())
             .map_err(|e| ConfigError::Invalid(format!("route {:?}: {e}", route.name)))?;
         let config = Arc::new(route.clone());
         let handler = move |State(state): State<AppState>, request: Request| {
             let config = config.clone();
-            async move { submit(state, config, request).await }
+            async move {
+                let started = std::time::Instant::now();
+                let name = config.name.clone();
+                let answer = submit(state, config, request).await;
+                metrics::histogram!(ACCEPT_SECONDS, "route" => name)
+                    .record(started.elapsed().as_secs_f64());
+                answer
+            }
         };
         let methods = by_path.remove(route.path.as_str()).unwrap_or_default();
         by_path.insert(&route.path, methods.on(filter, handler));
@@ -93,7 +110,8 @@ pub fn router(state: AppState, routes: &[RouteConfig]) -> Result<Router, ConfigE
         .route("/operations/{id}/result", get(get_result))
         .route("/operations/{id}/events", get(operation_events))
         .route("/livez", get(livez))
-        .route("/readyz", get(readyz));
+        .route("/readyz", get(readyz))
+        .route("/openapi.json", get(openapi_document));
     for (path, methods) in by_path {
         // axum rejects path patterns that conflict (e.g. `/a/{x}` beside `/a/{y}`) by panicking;
         // that is a configuration error, reported as such.
@@ -108,10 +126,18 @@ pub fn router(state: AppState, routes: &[RouteConfig]) -> Result<Router, ConfigE
             state.clone(),
             add_retry_after,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(route_names),
+            count_request,
+        ))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         // 5xx answers are expected operational states here (NATS down, outcome unknown) and are
         // logged where they arise; ERROR is kept for data loss.
-        .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(Level::WARN)))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_failure(DefaultOnFailure::new().level(Level::WARN)),
+        )
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .with_state(state))
 }
@@ -131,8 +157,10 @@ async fn add_retry_after(State(state): State<AppState>, mut response: Response) 
     response
 }
 
-#[derive(Serialize)]
-struct AcceptedBody<'a> {
+/// The body of a `202 Accepted` answer to a submission.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = Accepted)]
+pub(crate) struct AcceptedBody<'a> {
     id: &'a str,
     status: Status,
     idempotency_key: &'a str,
@@ -189,10 +217,12 @@ async fn submit(
         Some(value) => Some(allowed_callback(&state, value)?),
         None => route.callback_url.clone(),
     };
+    // The worker continues this request's span: the trace crosses the async hop.
+    let trace = handlers::trace::outgoing(&tracing::Span::current(), &parts.headers);
     let forwarded = state
         .forward_headers
         .iter()
-        .chain(std::iter::once(&TRACEPARENT))
+        .filter(|name| !handlers::trace::TRACE_HEADERS.contains(&name.as_str()))
         .flat_map(|name| {
             parts
                 .headers
@@ -201,6 +231,7 @@ async fn submit(
                 .filter_map(|v| v.to_str().ok())
                 .map(|v| (name.as_str().to_owned(), v.to_owned()))
         })
+        .chain(trace)
         .collect();
     let accepted = accept(
         &state.store,
@@ -228,8 +259,12 @@ async fn submit(
     let wait = prefs.wait.or(route.wait).map(|w| w.min(state.max_wait));
     let (operation, replayed) = match accepted {
         Accepted::New(op) => (op, false),
-        Accepted::Replayed(op) => (op, true),
+        Accepted::Replayed(op) => {
+            metrics::counter!(IDEMPOTENT_REPLAYS, "route" => route.name.clone()).increment(1);
+            (op, true)
+        }
     };
+    note_operation(&operation);
     let operation = match wait {
         Some(wait) if !wait.is_zero() && !operation.status().is_terminal() => {
             // The request is accepted whatever the wait finds: if reading it back fails, the
@@ -300,8 +335,12 @@ fn allowed_callback(state: &AppState, value: &HeaderValue) -> Result<String, Api
     Ok(text.to_owned())
 }
 
-/// A permit to do JetStream work now, or `503 overloaded` at once: never a queue.
+/// A permit to do JetStream work now, or `503 overloaded` at once: never a queue. A draining
+/// process takes no new work at all.
 fn admit(state: &AppState) -> Result<OwnedSemaphorePermit, ApiError> {
+    if state.watch.is_draining() {
+        return Err(ApiError::ShuttingDown);
+    }
     state
         .in_flight
         .clone()
@@ -328,8 +367,69 @@ async fn wait_for(
             lookup(&state.store, DEFAULT_TENANT, id).await?
         }
     };
-    operation.ok_or(ApiError::OperationNotFound)
+    let operation = operation.ok_or(ApiError::OperationNotFound)?;
+    note_operation(&operation);
+    Ok(operation)
 }
+
+/// Names the operation in the request's span (so its logs carry `operation_id`) and links the
+/// span to the one that accepted the request: a status read belongs to the original trace.
+fn note_operation(operation: &Operation) {
+    let span = tracing::Span::current();
+    span.record("operation_id", operation.id.as_str());
+    if let Some(accepted_in) = &operation.trace {
+        span.add_link(accepted_in.clone());
+    }
+}
+
+/// The span of one HTTP request: it continues the caller's trace (W3C `traceparent`), and its
+/// fields are what every log line of the request carries.
+fn request_span(request: &axum::http::Request<Body>) -> tracing::Span {
+    let request_id = request
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let span = tracing::info_span!(
+        "request",
+        method = %request.method(),
+        path = %request.uri().path(),
+        request_id,
+        operation_id = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    handlers::trace::continue_trace(&span, request.headers());
+    if let Some(trace_id) = handlers::trace::trace_id(&span) {
+        span.record("trace_id", trace_id);
+    }
+    span
+}
+
+/// Counts every answer by route and status. Configured routes are labelled with their names,
+/// the gateway's own endpoints with their path patterns; the label set stays bounded.
+async fn count_request(
+    State(names): State<Arc<RouteNames>>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|path| {
+            names
+                .get(&(request.method().clone(), path.as_str().to_owned()))
+                .cloned()
+                .unwrap_or_else(|| path.as_str().to_owned())
+        })
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!(HTTP_REQUESTS, "route" => route, "status" => status).increment(1);
+    response
+}
+
+/// Route names by (method, path pattern).
+type RouteNames = HashMap<(Method, String), String>;
 
 fn accepted_response(state: &AppState, operation: &Operation) -> Response {
     let body = AcceptedBody {
@@ -361,22 +461,63 @@ fn header_value(text: &str) -> HeaderValue {
     HeaderValue::from_str(text).expect("gateway-made header values are visible ASCII")
 }
 
-fn path_id(id: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
-    id.map(|Path(id)| id)
+fn path_id(id: Result<Path<OperationId>, PathRejection>) -> Result<String, ApiError> {
+    id.map(|Path(path)| path.id)
         .map_err(|_| ApiError::OperationNotFound)
 }
 
 /// `?wait=N` on a long poll.
-#[derive(Debug, Deserialize)]
-struct WaitQuery {
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct WaitQuery {
+    /// Seconds to wait for a result before answering (capped by the gateway's maximum).
     wait: Option<u64>,
+}
+
+/// The `{id}` of `/operations/{id}`.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub(crate) struct OperationId {
+    /// The operation's id, as `Location` gave it.
+    id: String,
+}
+
+/// The `Prefer` request header (RFC 7240) as status reads use it.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(
+    dead_code,
+    reason = "describes the header to OpenAPI; prefer::parse reads it"
+)]
+pub(crate) struct PreferHeader {
+    /// `wait=N`: answer as soon as there is news, or after N seconds.
+    #[param(rename = "Prefer")]
+    prefer: Option<String>,
 }
 
 /// `GET /operations/{id}`: the status resource. With `Prefer: wait=N`, answers as soon as the
 /// operation is terminal, or after N seconds.
-async fn get_operation(
+#[utoipa::path(
+    get,
+    path = "/operations/{id}",
+    tag = "operations",
+    summary = "Status of an operation",
+    description = "The operation's status resource, from any gateway replica. With `Prefer: wait=N` the answer comes as soon as the operation is terminal (or has new progress), or after N seconds.",
+    params(OperationId, PreferHeader),
+    responses(
+        (status = 200, description = "The operation.", body = OperationView<'static>,
+            headers(
+                ("Retry-After" = u64, description = "While pending: seconds until a status read is worth repeating."),
+                ("Preference-Applied" = String, description = "`wait=N` when `Prefer: wait` was honoured."),
+            )),
+        (status = 404, description = "No such operation (or not yours).", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "JetStream unavailable, overloaded, or shutting down; retry after `Retry-After`.", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+    )
+)]
+pub(crate) async fn get_operation(
     State(state): State<AppState>,
-    id: Result<Path<String>, PathRejection>,
+    id: Result<Path<OperationId>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let wait = prefer::parse(&headers).wait;
@@ -402,9 +543,30 @@ async fn get_operation(
 
 /// `GET /operations/{id}/result`: the stored reply replayed, or 202 while there is none. With
 /// `?wait=N` (or `Prefer: wait=N`) a long poll: answers as soon as there is a result, or after N.
-async fn get_result(
+#[utoipa::path(
+    get,
+    path = "/operations/{id}/result",
+    tag = "operations",
+    summary = "Result of an operation",
+    description = "The worker's reply, replayed byte for byte (status, content type, allow-listed headers, body), or `202` with the status resource while there is none. An expired operation answers `504`, a cancelled one `410` (problem+json). With `?wait=N` or `Prefer: wait=N`, a long poll.",
+    params(OperationId, WaitQuery, PreferHeader),
+    responses(
+        (status = 202, description = "No result yet.", body = OperationView<'static>,
+            headers(
+                ("Location" = String, description = "The status resource."),
+                ("Retry-After" = u64, description = "Seconds until a read is worth repeating."),
+            )),
+        (status = "2XX", description = "The worker's reply (any content type).", content_type = "*/*"),
+        (status = 404, description = "No such operation (or not yours).", body = Problem, content_type = "application/problem+json"),
+        (status = "4XX", description = "The worker's reply, when it was a client error; or `400` for a bad query; or `410` (problem+json) when the operation was cancelled.", content_type = "*/*"),
+        (status = 503, description = "JetStream unavailable, overloaded, or shutting down; retry after `Retry-After`.", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+        (status = "5XX", description = "The worker's reply, when it was a server error; or `504` (problem+json) when the operation expired.", content_type = "*/*"),
+    )
+)]
+pub(crate) async fn get_result(
     State(state): State<AppState>,
-    id: Result<Path<String>, PathRejection>,
+    id: Result<Path<OperationId>, PathRejection>,
     query: Result<Query<WaitQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -453,14 +615,34 @@ fn result_response(state: &AppState, record: &ResultRecord) -> Response {
 
 /// `DELETE /operations/{id}`: cancels an operation that has no result yet (202), or reports the
 /// outcome that won first (409). Repeating it is harmless.
-async fn cancel_operation(
+#[utoipa::path(
+    delete,
+    path = "/operations/{id}",
+    tag = "operations",
+    summary = "Cancel an operation",
+    description = "Records `cancelled` as the operation's outcome unless a result is already stored; the first outcome written wins, whoever writes it. Repeating it is harmless.",
+    params(OperationId),
+    responses(
+        (status = 202, description = "Cancelled (now or before).", body = OperationView<'static>,
+            headers(("Location" = String, description = "The status resource."))),
+        (status = 404, description = "No such operation (or not yours).", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Already finished; `operation` shows how.", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "JetStream unavailable, overloaded, or shutting down; retry after `Retry-After`.", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+    )
+)]
+pub(crate) async fn cancel_operation(
     State(state): State<AppState>,
-    id: Result<Path<String>, PathRejection>,
+    id: Result<Path<OperationId>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let _permit = admit(&state)?;
-    match cancel(&state.store, DEFAULT_TENANT, &path_id(id)?).await? {
-        None => Err(ApiError::OperationNotFound),
-        Some(Cancellation::Recorded(operation)) => {
+    let cancellation = cancel(&state.store, DEFAULT_TENANT, &path_id(id)?)
+        .await?
+        .ok_or(ApiError::OperationNotFound)?;
+    let (Cancellation::Recorded(operation) | Cancellation::TooLate(operation)) = &cancellation;
+    note_operation(operation);
+    match cancellation {
+        Cancellation::Recorded(operation) => {
             let mut response =
                 (StatusCode::ACCEPTED, Json(OperationView::of(&operation))).into_response();
             response.headers_mut().insert(
@@ -469,7 +651,7 @@ async fn cancel_operation(
             );
             Ok(response)
         }
-        Some(Cancellation::TooLate(operation)) => Err(ApiError::AlreadyFinished {
+        Cancellation::TooLate(operation) => Err(ApiError::AlreadyFinished {
             operation: serde_json::to_value(OperationView::of(&operation))
                 .expect("an operation body serializes"),
         }),
@@ -480,9 +662,27 @@ async fn cancel_operation(
 /// `accepted` (id `accepted`), `progress` each time a worker reports it (id `progress-<seq>`), then
 /// the terminal state (id `terminal`), and the stream ends. A client reconnecting with
 /// `Last-Event-ID` gets only what it has not seen (progress: only reports newer than its last).
-async fn operation_events(
+#[utoipa::path(
+    get,
+    path = "/operations/{id}/events",
+    tag = "operations",
+    summary = "Server-sent events of an operation",
+    description = "`accepted`, then `progress` events as a worker reports them, then the terminal event (`succeeded`, `failed`, `expired` or `cancelled`), each with the operation as JSON data; then the stream ends. Reconnect with `Last-Event-ID` to get only what was not seen.",
+    params(OperationId,
+        ("Last-Event-ID" = Option<String>, Header, description = "The id of the last event received (`accepted`, `progress-<n>`, `terminal`).")),
+    responses(
+        (status = 200, description = "An event stream.", content_type = "text/event-stream", body = String),
+        (status = 204, description = "`Last-Event-ID: terminal`: nothing more will come."),
+        (status = 404, description = "No such operation (or not yours).", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many event streams open; retry after `Retry-After`.", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+        (status = 503, description = "JetStream unavailable, overloaded, or shutting down; retry after `Retry-After`.", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+    )
+)]
+pub(crate) async fn operation_events(
     State(state): State<AppState>,
-    id: Result<Path<String>, PathRejection>,
+    id: Result<Path<OperationId>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let stream_permit = state
@@ -531,7 +731,7 @@ async fn operation_events(
                         .flatten()?;
                     match (&op.progress, op.status().is_terminal()) {
                         (_, true) => (
-                            operation_event("terminal".into(), status_name(op.status()), &op),
+                            operation_event("terminal".into(), op.status().name(), &op),
                             EventStep::Done,
                         ),
                         (Some(p), false) if p.seq > after => (
@@ -562,16 +762,6 @@ enum EventStep {
     Done,
 }
 
-fn status_name(status: Status) -> &'static str {
-    match status {
-        Status::Pending => "pending",
-        Status::Succeeded => "succeeded",
-        Status::Failed => "failed",
-        Status::Expired => "expired",
-        Status::Cancelled => "cancelled",
-    }
-}
-
 fn operation_event(id: String, name: &'static str, operation: &Operation) -> Event {
     Event::default()
         .id(id)
@@ -581,12 +771,33 @@ fn operation_event(id: String, name: &'static str, operation: &Operation) -> Eve
 }
 
 /// Liveness: the process answers. Never checks NATS, so a NATS outage cannot restart the gateway.
-async fn livez() -> impl IntoResponse {
+#[utoipa::path(
+    get,
+    path = "/livez",
+    tag = "health",
+    summary = "Liveness",
+    responses((status = 200, description = "The process answers.", body = Object)),
+)]
+pub(crate) async fn livez() -> impl IntoResponse {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
 /// Readiness: JetStream reachable and both streams in place.
-async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    summary = "Readiness",
+    responses(
+        (status = 200, description = "JetStream reachable, streams in place.", body = Object),
+        (status = 503, description = "Not ready (JetStream unreachable, streams missing, or shutting down).", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+    ),
+)]
+pub(crate) async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    if state.watch.is_draining() {
+        return Err(ApiError::ShuttingDown);
+    }
     state.store.check_ready().await?;
     Ok(Json(serde_json::json!({ "status": "ready" })))
 }

@@ -29,10 +29,13 @@ pub mod dispatch;
 pub mod error;
 pub mod http;
 pub mod idempotency;
+pub mod metrics;
+pub mod openapi;
 pub mod operations;
 pub mod prefer;
 pub mod retry_after;
 pub mod store;
+pub mod telemetry;
 pub mod watch;
 pub mod webhooks;
 
@@ -49,7 +52,7 @@ use crate::config::{ConfigError, RouteConfig, Settings, header_allow_list};
 use crate::http::AppState;
 use crate::retry_after::RetryAfter;
 use crate::store::{Store, StoreError, StreamPlan};
-use crate::watch::Watch;
+use crate::watch::{Followed, Watch};
 use crate::webhooks::{WebhookError, Webhooks};
 
 /// Why the gateway stopped with an error.
@@ -63,22 +66,32 @@ pub enum RunError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Webhooks(#[from] WebhookError),
+    #[error(transparent)]
+    Admin(#[from] crate::metrics::MetricsError),
     #[error("HTTP server failed: {0}")]
     Serve(#[from] std::io::Error),
 }
 
-/// Runs the gateway on `listener` until `shutdown` resolves, then drains in-flight requests.
+/// Runs the gateway on `listener` until `shutdown` resolves, then drains.
 ///
 /// The listener opens at once; JetStream is connected and the streams provisioned in the
 /// background (retrying), and until then `/readyz` says not ready and submissions get 503.
+///
+/// Draining, when `shutdown` resolves: `/readyz` answers 503 and new requests get
+/// `503 shutting-down` at once; the listener closes; requests in flight finish (an accept answers
+/// 202 only after its JetStream ack, as always); waiters (`Prefer: wait`, long polls, event
+/// streams) answer at once with the state they have. Whatever is still open when
+/// `GATEWAY_SHUTDOWN_GRACE` has passed is dropped.
 pub async fn run(
     settings: Settings,
     routes: Vec<RouteConfig>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
+    let admin = crate::metrics::bind_admin(settings.admin.admin_listen).await?;
     let store = Arc::new(Store::connect(&settings).await?);
     let watch = Watch::default();
+    let waiters = watch.clone();
     let retry_after = RetryAfter::new(
         settings.retry_after_secs,
         routes.iter().map(|r| r.name.clone()),
@@ -117,12 +130,14 @@ pub async fn run(
         store.jetstream().clone(),
         store.results_stream().to_owned(),
         store.subjects().all_results(),
+        Followed::Results,
         stop.clone(),
     ));
     tokio::spawn(watch.follow(
         store.jetstream().clone(),
         store.events_stream().to_owned(),
         store.subjects().all_progress(),
+        Followed::Progress,
         stop.clone(),
     ));
     tokio::spawn(
@@ -139,11 +154,20 @@ pub async fn run(
     if let Some(webhooks) = webhooks {
         tokio::spawn(webhooks.run(stop.clone()));
     }
+    tokio::spawn(crate::metrics::serve_admin(admin, stop.clone()));
     let provisioning = tokio::spawn(provision_until_done(store, plan, stop.clone()));
-    let serve_stop = stop.clone();
+    let draining = CancellationToken::new();
+    let on_signal = (draining.clone(), stop.clone());
     tokio::spawn(async move {
-        shutdown.await;
-        serve_stop.cancel();
+        tokio::select! {
+            () = shutdown => {}
+            // A fatal provisioning error stops the gateway without a signal.
+            () = on_signal.1.cancelled() => {}
+        }
+        tracing::info!("Draining: not ready, taking no new requests, finishing those in flight.");
+        ::metrics::gauge!(crate::metrics::DRAINING).set(1.0);
+        waiters.drain();
+        on_signal.0.cancel();
     });
     tracing::info!(listen = %listener.local_addr()?, routes = routes.len(), "Gateway listening.");
 
@@ -154,9 +178,15 @@ pub async fn run(
             tracing::debug!(%error, "Cannot set TCP_NODELAY on a connection.");
         }
     });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(stop.clone().cancelled_owned())
-        .await?;
+    let server =
+        axum::serve(listener, app).with_graceful_shutdown(draining.clone().cancelled_owned());
+    let grace = settings.shutdown_grace;
+    tokio::select! {
+        served = server => served?,
+        () = async { draining.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(?grace, "Grace period over; dropping requests still open.");
+        }
+    }
     stop.cancel();
     match provisioning.await {
         Ok(Err(fatal)) => Err(fatal.into()),

@@ -36,7 +36,7 @@ use crate::webhooks::{DeliveryState, decode_state};
 pub const DEFAULT_TENANT: &str = "default";
 
 /// Status of an operation, as clients see it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Pending,
@@ -47,6 +47,27 @@ pub enum Status {
 }
 
 impl Status {
+    /// The status a terminal record gives its operation.
+    pub fn of(record: &ResultRecord) -> Status {
+        match record.outcome {
+            Outcome::Expired => Status::Expired,
+            Outcome::Cancelled => Status::Cancelled,
+            Outcome::Reply if record.status < 400 => Status::Succeeded,
+            Outcome::Reply => Status::Failed,
+        }
+    }
+
+    /// The status as clients see it in bodies and event names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Succeeded => "succeeded",
+            Status::Failed => "failed",
+            Status::Expired => "expired",
+            Status::Cancelled => "cancelled",
+        }
+    }
+
     pub fn is_terminal(self) -> bool {
         self != Status::Pending
     }
@@ -58,7 +79,7 @@ pub fn operation_path(id: &str) -> String {
 }
 
 /// Links from an operation to its resources.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Links {
     #[serde(rename = "self")]
     this: String,
@@ -77,8 +98,9 @@ impl Links {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct ResultSummary<'a> {
+    /// The HTTP status code `/result` replays.
     status_code: u16,
     #[serde(skip_serializing_if = "Option::is_none")]
     content_type: Option<&'a str>,
@@ -86,7 +108,8 @@ struct ResultSummary<'a> {
 
 /// An operation as clients see it: the status resource's body, an SSE event's data, a webhook's
 /// `data`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = Operation)]
 pub struct OperationView<'a> {
     id: &'a str,
     route: &'a str,
@@ -124,7 +147,8 @@ impl<'a> OperationView<'a> {
 }
 
 /// A worker's latest progress report, as the status resource shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(as = Progress)]
 pub struct ProgressState {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub percent: Option<u8>,
@@ -154,6 +178,8 @@ pub struct Operation {
     pub callback_url: Option<String>,
     /// Where the webhook stands (read by `lookup` when there is a callback URL).
     pub callback: Option<DeliveryState>,
+    /// The span that accepted the request (its `traceparent`), which reads link to.
+    pub trace: Option<opentelemetry::trace::SpanContext>,
 }
 
 impl Operation {
@@ -161,6 +187,7 @@ impl Operation {
     /// parsed by the contract; only the fields a worker may ignore are required here.
     pub fn from_request(message: &StreamMessage) -> Result<Self, ContractError> {
         let request = Request::from_parts(message.headers.clone(), message.payload.clone())?;
+        let trace = handlers::trace::remote_span(&message.headers);
         let required = |value: Option<String>, name: &'static str| {
             value.ok_or(ContractError::MissingHeader(name))
         };
@@ -183,17 +210,14 @@ impl Operation {
             progress: None,
             callback_url: request.callback_url,
             callback: None,
+            trace,
         })
     }
 
     pub fn status(&self) -> Status {
-        match &self.result {
-            None => Status::Pending,
-            Some(r) if r.record.outcome == Outcome::Expired => Status::Expired,
-            Some(r) if r.record.outcome == Outcome::Cancelled => Status::Cancelled,
-            Some(r) if r.record.status < 400 => Status::Succeeded,
-            Some(_) => Status::Failed,
-        }
+        self.result
+            .as_ref()
+            .map_or(Status::Pending, |r| Status::of(&r.record))
     }
 
     pub fn updated_at(&self) -> OffsetDateTime {
@@ -296,7 +320,8 @@ pub async fn lookup_when_changed(
             }
             None => false,
         };
-        if operation.status().is_terminal() || new_progress || now >= until {
+        let done = operation.status().is_terminal() || new_progress;
+        if done || now >= until || watch.is_draining() {
             return Ok(Some(operation));
         }
         // Wake at the deadline too: that is when the operation turns `expired`.
@@ -308,6 +333,7 @@ pub async fn lookup_when_changed(
             .min(now + to_deadline + Duration::from_millis(10));
         tokio::select! {
             () = notified => {}
+            () = watch.draining() => {}
             () = tokio::time::sleep_until(next) => {}
         }
     }

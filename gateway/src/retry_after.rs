@@ -7,6 +7,7 @@
 //! drain time, clamped to `[1, GATEWAY_RETRY_AFTER_MAX]`. Requests only read an atomic. With no
 //! consumer (no worker ever started) or no data yet, the configured default applies.
 
+use crate::metrics::PENDING_OPERATIONS;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -62,6 +63,7 @@ impl RetryAfter {
                     slot.store(self.default_secs, Ordering::Relaxed);
                     continue;
                 };
+                metrics::gauge!(PENDING_OPERATIONS, "route" => route.clone()).set(backlog as f64);
                 let now = Instant::now();
                 let rate = match last.get(route) {
                     Some((at, before, rate)) => {

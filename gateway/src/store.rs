@@ -13,7 +13,7 @@ use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy, StorageType};
 use async_nats::{HeaderMap, jetstream};
 use bytes::Bytes;
-use handlers::contract::{ResultRecord, Subjects};
+use handlers::contract::{Outcome, ResultRecord, Subjects};
 use handlers::jetstream::{
     Batcher, CreateOutcome, JetStreamError, ResultWrite, create_if_absent, last_matching,
     last_on_subject, last_on_subject_from_leader, publish_result,
@@ -22,6 +22,7 @@ use time::OffsetDateTime;
 
 use crate::accept::RequestMessage;
 use crate::config::Settings;
+use crate::metrics::RESULT_CONFLICTS;
 
 /// Errors of the store. All of them leave the outcome of a write unknown or a read undone: the
 /// HTTP edge answers 503 and the client retries with the same key.
@@ -74,6 +75,16 @@ pub struct StoredResult {
     pub stored_at: OffsetDateTime,
 }
 
+/// The servers in a `--nats-url` value: comma-separated URLs. (async-nats reads one string as
+/// one URL, so a list must be split before it connects.)
+pub fn server_addrs(urls: &str) -> Vec<String> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// Connection, stream names and subjects.
 pub struct Store {
     client: async_nats::Client,
@@ -110,7 +121,7 @@ impl Store {
             .reconnect_delay_callback(|attempts| {
                 Duration::from_millis((100 * attempts as u64).min(1000))
             })
-            .connect(settings.nats.nats_url.as_str())
+            .connect(server_addrs(&settings.nats.nats_url))
             .await?;
         let js = jetstream::ContextBuilder::new()
             .timeout(settings.nats_timeout)
@@ -446,7 +457,14 @@ impl Store {
         )
         .await?;
         let record = match write {
-            ResultWrite::Conflict { existing } => existing,
+            ResultWrite::Conflict { existing } => {
+                let writer = match marker.outcome {
+                    Outcome::Cancelled => "cancel",
+                    _ => "expiry",
+                };
+                metrics::counter!(RESULT_CONFLICTS, "writer" => writer).increment(1);
+                existing
+            }
             ResultWrite::Stored | ResultWrite::AlreadyStored => marker,
         };
         // The stream's own timestamp is not worth another read; the write happened just now.
@@ -454,5 +472,19 @@ impl Store {
             record,
             stored_at: OffsetDateTime::now_utc(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_addrs;
+
+    #[test]
+    fn a_url_list_is_split_into_servers() {
+        assert_eq!(server_addrs("nats://a:1"), ["nats://a:1"]);
+        assert_eq!(
+            server_addrs("nats://a:1, nats://b:2,,nats://c:3"),
+            ["nats://a:1", "nats://b:2", "nats://c:3"]
+        );
     }
 }

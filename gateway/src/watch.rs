@@ -18,6 +18,28 @@ use futures::StreamExt;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use handlers::contract::ResultRecord;
+
+use crate::metrics::{RESULTS, WAITERS};
+use crate::operations::Status;
+
+/// What a watch follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Followed {
+    /// Terminal records: also counted by status.
+    Results,
+    /// Progress reports.
+    Progress,
+}
+
+/// Counts a terminal record that landed, by the status clients see (headers are all it takes).
+fn count_result(headers: Option<&async_nats::HeaderMap>) {
+    let Some(headers) = headers else { return };
+    if let Ok(record) = ResultRecord::from_parts(headers, bytes::Bytes::new()) {
+        metrics::counter!(RESULTS, "status" => Status::of(&record).name()).increment(1);
+    }
+}
+
 /// How often a waiter reads again even without a notification. Long, because notifications are
 /// only missed while the watch consumer is being re-created, and then every waiter is woken.
 pub const RECHECK: Duration = Duration::from_secs(30);
@@ -26,6 +48,8 @@ pub const RECHECK: Duration = Duration::from_secs(30);
 #[derive(Clone, Default)]
 pub struct Watch {
     waiters: Arc<Mutex<HashMap<String, Arc<Notify>>>>,
+    /// Cancelled when the process drains: every waiter answers with what it has.
+    draining: CancellationToken,
 }
 
 /// One waiter's interest in one operation; leaving the registry when dropped.
@@ -50,12 +74,14 @@ impl Drop for Registration {
         if Arc::strong_count(&self.notify) <= 2 {
             waiters.remove(&self.operation_id);
         }
+        metrics::gauge!(WAITERS).decrement(1);
     }
 }
 
 impl Watch {
     /// Registers interest in an operation.
     pub fn register(&self, operation_id: &str) -> Registration {
+        metrics::gauge!(WAITERS).increment(1);
         let notify = self
             .waiters
             .lock()
@@ -79,6 +105,20 @@ impl Watch {
         self.len() == 0
     }
 
+    /// Ends every wait, now and from now on: the process is shutting down.
+    pub fn drain(&self) {
+        self.draining.cancel();
+    }
+
+    /// Completes when the process starts draining.
+    pub async fn draining(&self) {
+        self.draining.cancelled().await;
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.is_cancelled()
+    }
+
     fn wake_all(&self) {
         for notify in self.waiters.lock().expect("watch map").values() {
             notify.notify_waiters();
@@ -99,6 +139,7 @@ impl Watch {
         js: async_nats::jetstream::Context,
         stream: String,
         subjects: String,
+        followed: Followed,
         stop: CancellationToken,
     ) {
         let prefix = subjects.trim_end_matches('>').to_owned();
@@ -131,6 +172,9 @@ impl Watch {
                             Ok(m) => {
                                 if let Some(id) = m.subject.strip_prefix(prefix.as_str()) {
                                     self.wake(id);
+                                }
+                                if followed == Followed::Results {
+                                    count_result(m.headers.as_ref());
                                 }
                             }
                             Err(error) => {

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::idempotency::key_token_of;
+use crate::metrics::WEBHOOK_DELIVERIES;
 use crate::operations::{Operation, OperationView};
 use crate::store::{Store, StoreError};
 
@@ -49,7 +50,8 @@ pub enum WebhookError {
 }
 
 /// Where a webhook stands, as stored on `gw.cb.<id>` and shown by the status resource.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(as = Callback)]
 pub struct DeliveryState {
     pub url: String,
     /// `pending` (not yet delivered; more attempts to come), `delivered`, or `failed` (dead-lettered).
@@ -283,6 +285,12 @@ impl Webhooks {
             last_status,
             last_error,
         };
+        let outcome = match (delivered, last) {
+            (true, _) => "delivered",
+            (false, true) => "dead_lettered",
+            (false, false) => "failed",
+        };
+        metrics::counter!(WEBHOOK_DELIVERIES, "outcome" => outcome).increment(1);
         if !delivered && last {
             let mut dead = HeaderMap::new();
             dead.insert("webhook-id", id);

@@ -7,6 +7,7 @@
 //!   first-writer-wins result writes.
 //! - [`stateful`]: stateful handlers: state, processed marker and reply committed in one atomic
 //!   batch, at most once per operation (the outbox pattern on JetStream).
+//! - [`trace`]: W3C trace context across the async hop (request in, reply out).
 //! - [`worker`]: the worker API: register a handler per route, run, and the library consumes,
 //!   replies, acks and retries.
 //!
@@ -17,6 +18,7 @@ pub mod contract;
 pub mod faults;
 pub mod jetstream;
 pub mod stateful;
+pub mod trace;
 pub mod worker;
 
 pub use contract::{Outcome, Request, ResultRecord, Subjects};

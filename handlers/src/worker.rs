@@ -27,6 +27,7 @@ use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::contract::{Outcome, Request, ResultRecord, Subjects, header, header_str};
 use crate::jetstream::{
@@ -346,7 +347,16 @@ impl RouteWorker {
             }
         };
         let op = request.operation_id.clone();
-        match self.answer(&message, request, delivered).await {
+        // The span continues the trace the gateway started for the HTTP request, so the handler's
+        // work and the reply belong to it.
+        let span =
+            tracing::info_span!("handle", route = %request.route, operation_id = %op, delivered);
+        crate::trace::continue_trace(&span, &request.headers);
+        let answered = self
+            .answer(&message, request, delivered)
+            .instrument(span.clone())
+            .await;
+        match answered {
             Ok(Answered::Replied { write, terminate }) => {
                 match &write {
                     ResultWrite::Conflict { existing }
@@ -407,6 +417,7 @@ impl RouteWorker {
         }
         let ttl = request.retention_secs.map(Duration::from_secs);
         let (op, reply_subject) = (request.operation_id.clone(), request.reply_subject.clone());
+        let trace = crate::trace::outgoing(&tracing::Span::current(), &request.headers);
         let mut request = request;
         request.progress =
             ProgressReporter::new(self.js.clone(), self.config.subjects.progress(&op), ttl);
@@ -486,6 +497,8 @@ impl RouteWorker {
         // Outgoing messages first, then the reply: both only after the commit, both with ids that
         // a re-publish repeats.
         self.publish_emits(&emits).await?;
+        let mut record = record;
+        record.headers.extend(trace);
         let write = publish_result(&self.js, results, &reply_subject, &op, &record, ttl).await?;
         Ok(Answered::Replied { write, terminate })
     }

@@ -134,6 +134,8 @@ fn start_dispatcher(nats: &Nats, upstream: &str) -> CancellationToken {
         &nats.url(),
         "--consumer-prefix",
         "dispatch",
+        "--admin-listen",
+        "127.0.0.1:0",
         "--concurrency",
         "2",
         "--timeout",

@@ -1,0 +1,139 @@
+//! Prometheus metrics: every metric name the gateway records, the recorder, and the admin HTTP
+//! server that serves `/metrics` on its own port (so scraping never competes with, or is exposed
+//! beside, client traffic).
+//!
+//! Code records through the `metrics` facade with the names below; nothing else names a metric.
+//! The recorder is process-wide; several gateways in one process (tests) share it.
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+
+use axum::Router;
+use axum::routing::get;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// HTTP requests answered, by `route` (a configured route's name, or the gateway endpoint) and
+/// `status` (the HTTP status code).
+pub const HTTP_REQUESTS: &str = "gateway_http_requests_total";
+/// Seconds from a submission's arrival to its answer (202, or the result when waited for), by
+/// `route`.
+pub const ACCEPT_SECONDS: &str = "gateway_accept_duration_seconds";
+/// Submissions answered from an existing operation (same key), by `route`.
+pub const IDEMPOTENT_REPLAYS: &str = "gateway_idempotent_replays_total";
+/// Terminal records the gateway saw land, by `status` (succeeded, failed, expired, cancelled).
+/// Every replica sees every result: aggregate with `max`, not `sum`.
+pub const RESULTS: &str = "gateway_results_total";
+/// Results refused because another one was stored first (a worker's second, different reply,
+/// or an expiry/cancel that lost the race), by `writer`.
+pub const RESULT_CONFLICTS: &str = "gateway_result_conflicts_total";
+/// Requests a route's workers have not finished (the workers' consumer's pending plus
+/// unacknowledged messages), by `route`; absent while the consumer does not exist.
+pub const PENDING_OPERATIONS: &str = "gateway_pending_operations";
+/// JetStream calls that failed or timed out behind an HTTP answer, by `kind`
+/// (`unavailable`, `outcome_unknown`).
+pub const JETSTREAM_ERRORS: &str = "gateway_jetstream_errors_total";
+/// Operations some client is waiting on right now (long polls, `Prefer: wait`, event streams).
+pub const WAITERS: &str = "gateway_waiters";
+/// Webhook delivery attempts, by `outcome` (`delivered`, `failed`, `dead_lettered`).
+pub const WEBHOOK_DELIVERIES: &str = "gateway_webhook_deliveries_total";
+/// Requests refused at once because `GATEWAY_MAX_IN_FLIGHT` requests were busy.
+pub const SHED: &str = "gateway_shed_total";
+/// 1 while the process is draining after SIGTERM.
+pub const DRAINING: &str = "gateway_draining";
+/// `gateway dispatch`: replies stored, by `outcome` (`replied`, `failed`, `conflict`,
+/// `cancelled`, `skipped`), mirrored from the worker library's counters.
+pub const DISPATCH_REPLIES: &str = "gateway_dispatch_replies_total";
+
+/// Upper bounds of the accept-latency histogram, in seconds.
+const ACCEPT_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Why the admin server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("cannot listen on the admin address {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The process's recorder, installed on first use.
+pub fn handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(ACCEPT_SECONDS.to_owned()), ACCEPT_BUCKETS)
+                .expect("the bucket list is not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder (an embedding application's) wins; this one then stays empty.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        HTTP_REQUESTS,
+        "HTTP requests answered, by route and status code."
+    );
+    describe_histogram!(
+        ACCEPT_SECONDS,
+        Unit::Seconds,
+        "Time from a submission's arrival to its answer, by route."
+    );
+    describe_counter!(
+        IDEMPOTENT_REPLAYS,
+        "Submissions answered from an existing operation."
+    );
+    describe_counter!(RESULTS, "Terminal records seen, by status.");
+    describe_counter!(
+        RESULT_CONFLICTS,
+        "Results refused because another was stored first."
+    );
+    describe_gauge!(
+        PENDING_OPERATIONS,
+        "Requests the route's workers have not finished."
+    );
+    describe_counter!(
+        JETSTREAM_ERRORS,
+        "JetStream failures behind an HTTP answer."
+    );
+    describe_gauge!(WAITERS, "Operations clients are waiting on.");
+    describe_counter!(WEBHOOK_DELIVERIES, "Webhook delivery attempts, by outcome.");
+    describe_counter!(SHED, "Requests refused at once for lack of capacity.");
+    describe_gauge!(DRAINING, "1 while draining after SIGTERM.");
+    describe_counter!(DISPATCH_REPLIES, "Dispatcher replies, by outcome.");
+}
+
+/// Binds the admin server's address (port 0 picks one).
+pub async fn bind_admin(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| MetricsError::Bind { addr, source })
+}
+
+/// Serves `/metrics` (Prometheus text format) and `/livez` until `stop`.
+pub async fn serve_admin(listener: TcpListener, stop: CancellationToken) {
+    let handle = handle();
+    let app = Router::new()
+        .route("/metrics", get(move || async move { handle.render() }))
+        .route("/livez", get(|| async { "ok" }));
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(admin_listen = %addr, "Admin server listening.");
+    }
+    if let Err(error) = axum::serve(listener, app)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+    {
+        tracing::warn!(%error, "Admin server stopped.");
+    }
+}

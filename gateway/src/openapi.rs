@@ -1,0 +1,335 @@
+//! The OpenAPI 3.1 document: the gateway's own endpoints, described where they are written
+//! (`#[utoipa::path]` on the handlers in [`crate::http`]), plus one operation per configured
+//! route, built here from the routes file, because routes are data, not code.
+//!
+//! The same function serves `GET /openapi.json`, `gateway openapi --config FILE`, and the
+//! committed `openapi/openapi.json` (a test fails when that file drifts from the example routes).
+
+use utoipa::OpenApi;
+use utoipa::openapi::path::{
+    HttpMethod, Operation, OperationBuilder, ParameterBuilder, ParameterIn,
+};
+use utoipa::openapi::request_body::RequestBodyBuilder;
+use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
+use utoipa::openapi::{
+    ContentBuilder, HeaderBuilder, RefOr, Required, ResponseBuilder, ResponsesBuilder,
+};
+
+use crate::config::RouteConfig;
+use crate::error::Problem;
+use crate::http::AcceptedBody;
+use crate::idempotency::MAX_KEY_LEN;
+use crate::operations::{Links, OperationView, ProgressState, Status};
+use crate::webhooks::DeliveryState;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "NATS HTTP gateway",
+        description = "An HTTP front door for NATS JetStream workers. Each configured route turns a request into exactly one JetStream message per Idempotency-Key and answers `202 Accepted` with a status resource (`Location`, `Retry-After`); the worker's reply is served later from any replica. Errors are RFC 9457 `application/problem+json`.",
+        license(name = "Apache-2.0", identifier = "Apache-2.0"),
+    ),
+    paths(
+        crate::http::get_operation,
+        crate::http::cancel_operation,
+        crate::http::get_result,
+        crate::http::operation_events,
+        crate::http::livez,
+        crate::http::readyz,
+    ),
+    components(schemas(Problem, AcceptedBody<'static>, OperationView<'static>, Status, Links, ProgressState, DeliveryState)),
+    tags(
+        (name = "routes", description = "The configured routes: each request becomes one JetStream message."),
+        (name = "operations", description = "Status, result, events and cancellation of accepted requests."),
+        (name = "health", description = "Probes."),
+    ),
+)]
+struct GatewayApi;
+
+/// The document for these routes.
+pub fn document(routes: &[RouteConfig]) -> utoipa::openapi::OpenApi {
+    let mut document = GatewayApi::openapi();
+    for route in routes {
+        let (path, operation) = route_operation(route);
+        document
+            .paths
+            .add_path_operation(path, vec![http_method(route)], operation);
+    }
+    document
+}
+
+/// The document as the pretty JSON that `/openapi.json` serves and the repository commits.
+pub fn to_json(document: &utoipa::openapi::OpenApi) -> String {
+    document
+        .to_pretty_json()
+        .expect("an OpenAPI document serializes")
+}
+
+fn http_method(route: &RouteConfig) -> HttpMethod {
+    match route.http_method().as_str() {
+        "GET" => HttpMethod::Get,
+        "PUT" => HttpMethod::Put,
+        "PATCH" => HttpMethod::Patch,
+        "DELETE" => HttpMethod::Delete,
+        _ => HttpMethod::Post,
+    }
+}
+
+/// An Idempotency-Key as the gateway reads it: an RFC 8941 sf-string (`"..."`, printable ASCII,
+/// `\"` and `\\` escaped) or a token, 1 to 255 characters.
+const KEY_PATTERN: &str = r#"^("([\x20\x21\x23-\x5B\x5D-\x7E]|\\[\\"]){1,255}"|[A-Za-z*][!#$%&'*+.^_`|~0-9A-Za-z:/-]{0,254})$"#;
+
+// The pattern's bounds spell out the parser's limit.
+const _: () = assert!(MAX_KEY_LEN == 255);
+
+/// One configured route: its path (OpenAPI syntax) and its operation.
+fn route_operation(route: &RouteConfig) -> (String, Operation) {
+    let string = || ObjectBuilder::new().schema_type(Type::String);
+    let mut operation = OperationBuilder::new()
+        .tags(Some(["routes"]))
+        .operation_id(Some(format!("submit_{}", route.name)))
+        .summary(Some(format!("Submit to route `{}`", route.name)))
+        .description(Some(format!(
+            "Accepted once per Idempotency-Key into JetStream (`{}.req.{}.…`); the answer is `202` \
+             with the operation, or, with `Prefer: wait=N`{}, the worker's reply if it comes in \
+             time. A retry with the same key and request is answered from the same operation \
+             (`Idempotent-Replayed: true`). Results are kept {} and due within {}.",
+            handlers::contract::DEFAULT_PREFIX,
+            route.name,
+            match route.wait {
+                Some(wait) => format!(
+                    " (this route waits {} by default)",
+                    humantime::format_duration(wait)
+                ),
+                None => String::new(),
+            },
+            humantime::format_duration(route.retention),
+            humantime::format_duration(route.timeout),
+        )));
+    let mut path = String::new();
+    for segment in route.path.split('/').skip(1) {
+        path.push('/');
+        match segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+            Some(name) => {
+                let name = name.trim_start_matches('*');
+                path.push_str(&format!("{{{name}}}"));
+                operation = operation.parameter(
+                    ParameterBuilder::new()
+                        .name(name)
+                        .parameter_in(ParameterIn::Path)
+                        .required(Required::True)
+                        .schema(Some(string())),
+                );
+            }
+            None => path.push_str(segment),
+        }
+    }
+    let key_required = if route.require_idempotency_key {
+        Required::True
+    } else {
+        Required::False
+    };
+    operation = operation
+        .parameter(
+            ParameterBuilder::new()
+                .name("Idempotency-Key")
+                .parameter_in(ParameterIn::Header)
+                .required(key_required)
+                .description(Some(
+                    "The request's idempotency key (IETF draft): an sf-string such as \
+                     `\"8e03978e-40d5\"`, or a token. Without it the gateway assigns one and \
+                     returns it.",
+                ))
+                .schema(Some(string().pattern(Some(KEY_PATTERN)))),
+        )
+        .parameter(
+            ParameterBuilder::new()
+                .name("Prefer")
+                .parameter_in(ParameterIn::Header)
+                .description(Some(
+                    "RFC 7240: `respond-async`, and `wait=N` to get the result itself if it comes \
+                     within N seconds.",
+                ))
+                .schema(Some(string())),
+        )
+        .parameter(
+            ParameterBuilder::new()
+                .name("Callback-Url")
+                .parameter_in(ParameterIn::Header)
+                .description(Some(
+                    "Where to POST the signed completion webhook (Standard Webhooks); must match \
+                     an allowed prefix.",
+                ))
+                .schema(Some(string().format(Some(
+                    utoipa::openapi::SchemaFormat::Custom("uri".to_owned()),
+                )))),
+        );
+    if !matches!(http_method(route), HttpMethod::Get | HttpMethod::Delete) {
+        operation = operation.request_body(Some(
+            RequestBodyBuilder::new()
+                .description(Some(format!(
+                    "Forwarded to the worker byte for byte, with its content type; at most {} \
+                     bytes.",
+                    route.max_body.0
+                )))
+                .content("*/*", ContentBuilder::new().build())
+                .build(),
+        ));
+    }
+    let header = |description: &str| {
+        HeaderBuilder::new()
+            .schema(string())
+            .description(Some(description))
+            .build()
+    };
+    let problem = |description: &str| {
+        ResponseBuilder::new().description(description).content(
+            "application/problem+json",
+            ContentBuilder::new()
+                .schema(Some(RefOr::<Schema>::Ref(
+                    utoipa::openapi::Ref::from_schema_name("Problem"),
+                )))
+                .build(),
+        )
+    };
+    let any = |description: &str| {
+        ResponseBuilder::new()
+            .description(description)
+            .content("*/*", ContentBuilder::new().build())
+    };
+    let responses = ResponsesBuilder::new()
+        .response(
+            "202",
+            ResponseBuilder::new()
+                .description("Accepted (or found: the same key and request seen before).")
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(RefOr::<Schema>::Ref(
+                            utoipa::openapi::Ref::from_schema_name("Accepted"),
+                        )))
+                        .build(),
+                )
+                .header("Location", header("The status resource, `/operations/{id}`."))
+                .header(
+                    "Retry-After",
+                    header("Seconds until a status read is worth making (from the route's backlog)."),
+                )
+                .header("Idempotency-Key", header("The key in effect (sent or assigned)."))
+                .header(
+                    "Idempotent-Replayed",
+                    header("`true` when the answer comes from an earlier request with this key."),
+                )
+                .header(
+                    "Preference-Applied",
+                    header("`respond-async` when asked for; `wait=N` when the wait was honoured."),
+                ),
+        )
+        .response(
+            "2XX",
+            any("The worker's reply, when `Prefer: wait` saw it in time (with `Location` and `Preference-Applied`)."),
+        )
+        .response(
+            "400",
+            problem("Malformed Idempotency-Key, Callback-Url not allowed, or an unreadable body."),
+        )
+        .response("413", problem("Body over the route's limit, or over the NATS server's max_payload."))
+        .response(
+            "422",
+            problem("The Idempotency-Key was used before for a different request (`operation_id` names it)."),
+        )
+        .response(
+            "4XX",
+            any("The worker's reply when it was a client error and `Prefer: wait` saw it in time."),
+        )
+        .response(
+            "503",
+            problem(
+                "JetStream did not confirm (`outcome-unknown`: retry with the same key), is \
+                 unavailable, the gateway is overloaded, or it is shutting down. Nothing is lost \
+                 by retrying.",
+            )
+            .header("Retry-After", header("Seconds to wait before retrying.")),
+        )
+        .response(
+            "5XX",
+            any("The worker's reply when it was a server error and `Prefer: wait` saw it in time."),
+        )
+        .build();
+    (path, operation.responses(responses).build())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `openapi/openapi.json` is the document of the example routes (`gateway/config/dev.toml`);
+    /// regenerate it with
+    /// `cargo run -p gateway -- openapi --config gateway/config/dev.toml > openapi/openapi.json`.
+    #[test]
+    fn the_committed_document_is_the_generated_one() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let routes = crate::config::load_routes(&root.join("config/dev.toml")).unwrap();
+        let generated = to_json(&document(&routes));
+        let committed = std::fs::read_to_string(root.join("../openapi/openapi.json")).unwrap();
+        assert!(
+            committed.trim_end() == generated.trim_end(),
+            "openapi/openapi.json is stale; regenerate it with `cargo run -p gateway -- openapi \
+             --config gateway/config/dev.toml > openapi/openapi.json`"
+        );
+    }
+
+    #[test]
+    fn route_paths_become_openapi_paths_with_their_parameters() {
+        let route: RouteConfig = toml::from_str(
+            r#"
+            name = "files"
+            method = "PUT"
+            path = "/files/{bucket}/{*key}"
+            require_idempotency_key = true
+            "#,
+        )
+        .unwrap();
+        let (path, operation) = route_operation(&route);
+        assert_eq!(path, "/files/{bucket}/{key}");
+        let names: Vec<_> = operation
+            .parameters
+            .unwrap()
+            .into_iter()
+            .map(|p| (p.name, p.required == Required::True))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("bucket".to_owned(), true),
+                ("key".to_owned(), true),
+                ("Idempotency-Key".to_owned(), true),
+                ("Prefer".to_owned(), false),
+                ("Callback-Url".to_owned(), false),
+            ]
+        );
+        assert!(operation.request_body.is_some());
+    }
+
+    #[test]
+    fn the_key_pattern_matches_what_the_parser_accepts() {
+        let regex = regex::Regex::new(KEY_PATTERN).expect("the pattern compiles");
+        let pattern = |key: &str| regex.is_match(key);
+        for (key, ok) in [
+            (r#""abc""#, true),
+            (r#"" spaced ""#, true),
+            (r#""with \"quote\"""#, true),
+            ("token-1", true),
+            (r#""""#, false),
+            ("1token", false),
+            (r#""bad"tail"#, false),
+            (format!("\"{}\"", "k".repeat(255)).as_str(), true),
+            (format!("\"{}\"", "k".repeat(256)).as_str(), false),
+        ] {
+            assert_eq!(pattern(key), ok, "{key}");
+            let mut headers = axum::http::HeaderMap::new();
+            headers.insert("idempotency-key", key.parse().unwrap());
+            assert_eq!(crate::idempotency::parse_key(&headers).is_ok(), ok, "{key}");
+        }
+    }
+}
