@@ -423,8 +423,10 @@ async fn count_request(
         })
         .unwrap_or_else(|| "unmatched".to_owned());
     let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
-    metrics::counter!(HTTP_REQUESTS, "route" => route, "status" => status).increment(1);
+    let status = response.status().as_u16();
+    // The access line: inside the request's span, so it carries request, operation and trace ids.
+    tracing::debug!(%route, status, "Answered.");
+    metrics::counter!(HTTP_REQUESTS, "route" => route, "status" => status.to_string()).increment(1);
     response
 }
 
@@ -782,7 +784,8 @@ pub(crate) async fn livez() -> impl IntoResponse {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
-/// Readiness: JetStream reachable and both streams in place.
+/// Readiness: JetStream reachable, both streams in place, and the results watch running (so
+/// waiters are woken from the first request on).
 #[utoipa::path(
     get,
     path = "/readyz",
@@ -799,6 +802,9 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Result<impl IntoRes
         return Err(ApiError::ShuttingDown);
     }
     state.store.check_ready().await?;
+    if !state.watch.is_watching_results() {
+        return Err(ApiError::Unavailable(crate::store::StoreError::NotReady));
+    }
     Ok(Json(serde_json::json!({ "status": "ready" })))
 }
 

@@ -78,10 +78,10 @@ pub enum RunError {
 /// background (retrying), and until then `/readyz` says not ready and submissions get 503.
 ///
 /// Draining, when `shutdown` resolves: `/readyz` answers 503 and new requests get
-/// `503 shutting-down` at once; the listener closes; requests in flight finish (an accept answers
-/// 202 only after its JetStream ack, as always); waiters (`Prefer: wait`, long polls, event
-/// streams) answer at once with the state they have. Whatever is still open when
-/// `GATEWAY_SHUTDOWN_GRACE` has passed is dropped.
+/// `503 shutting-down` at once; waiters (`Prefer: wait`, long polls, event streams) answer at once
+/// with the state they have; requests in flight finish (an accept answers 202 only after its
+/// JetStream ack, as always); then the listener closes and idle connections with it. Whatever is
+/// still open when `GATEWAY_SHUTDOWN_GRACE` has passed is dropped.
 pub async fn run(
     settings: Settings,
     routes: Vec<RouteConfig>,
@@ -110,6 +110,7 @@ pub async fn run(
         #[cfg(feature = "fault-injection")]
         abort_after_publish: settings.fault_abort_after_publish,
     };
+    let state_in_flight = state.in_flight.clone();
     let app = http::router(state, &routes)?;
     let any_route_callback = routes.iter().any(|r| r.callback_url.is_some());
     let webhooks = Webhooks::new(store.clone(), &settings, any_route_callback)?;
@@ -178,8 +179,16 @@ pub async fn run(
             tracing::debug!(%error, "Cannot set TCP_NODELAY on a connection.");
         }
     });
-    let server =
-        axum::serve(listener, app).with_graceful_shutdown(draining.clone().cancelled_owned());
+    let (in_flight, capacity) = (state_in_flight, settings.max_in_flight);
+    let drained = draining.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        drained.cancelled().await;
+        // The listener stays open while accepts are in flight: a request arriving meanwhile gets
+        // a `503 shutting-down` it can act on, not a refused connection.
+        while in_flight.available_permits() < capacity {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
     let grace = settings.shutdown_grace;
     tokio::select! {
         served = server => served?,

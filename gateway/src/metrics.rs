@@ -22,8 +22,10 @@ pub const HTTP_REQUESTS: &str = "gateway_http_requests_total";
 pub const ACCEPT_SECONDS: &str = "gateway_accept_duration_seconds";
 /// Submissions answered from an existing operation (same key), by `route`.
 pub const IDEMPOTENT_REPLAYS: &str = "gateway_idempotent_replays_total";
-/// Terminal records the gateway saw land, by `status` (succeeded, failed, expired, cancelled).
-/// Every replica sees every result: aggregate with `max`, not `sum`.
+/// Terminal records the gateway saw land, by `status` (succeeded, failed, expired, cancelled),
+/// counted by the replica's watch of the results stream (from just after readiness; results that
+/// land while the watch reconnects are not counted). Every replica sees every result: aggregate
+/// with `max`, not `sum`.
 pub const RESULTS: &str = "gateway_results_total";
 /// Results refused because another one was stored first (a worker's second, different reply,
 /// or an expiry/cancel that lost the race), by `writer`.

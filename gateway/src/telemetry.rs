@@ -57,6 +57,8 @@ pub fn init(format: LogFormat, service: &'static str) -> Result<Telemetry, Telem
     let exporting = std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
         || std::env::var_os("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some();
     if exporting {
+        // The exporter's HTTP client is reqwest with rustls, like the webhooks'.
+        crate::webhooks::install_crypto_provider();
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .build()?;

@@ -9,6 +9,7 @@
 //! slow periodic re-check covers the rest. A late notification costs latency, never a wrong answer.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,6 +51,8 @@ pub struct Watch {
     waiters: Arc<Mutex<HashMap<String, Arc<Notify>>>>,
     /// Cancelled when the process drains: every waiter answers with what it has.
     draining: CancellationToken,
+    /// Whether the results watch runs now (readiness waits for it).
+    watching_results: Arc<AtomicBool>,
 }
 
 /// One waiter's interest in one operation; leaving the registry when dropped.
@@ -119,6 +122,11 @@ impl Watch {
         self.draining.is_cancelled()
     }
 
+    /// Whether results wake waiters (and are counted) right now.
+    pub fn is_watching_results(&self) -> bool {
+        self.watching_results.load(Ordering::Relaxed)
+    }
+
     fn wake_all(&self) {
         for notify in self.waiters.lock().expect("watch map").values() {
             notify.notify_waiters();
@@ -165,6 +173,9 @@ impl Watch {
                 Ok(messages) => {
                     // Results that landed while no consumer existed were not seen: read again.
                     self.wake_all();
+                    if followed == Followed::Results {
+                        self.watching_results.store(true, Ordering::Relaxed);
+                    }
                     let messages = messages.take_until(stop.cancelled());
                     tokio::pin!(messages);
                     while let Some(message) = messages.next().await {
@@ -179,6 +190,9 @@ impl Watch {
                             }
                             Err(error) => {
                                 tracing::debug!(%error, "Results watch interrupted; resuming.");
+                                if followed == Followed::Results {
+                                    self.watching_results.store(false, Ordering::Relaxed);
+                                }
                                 break;
                             }
                         }

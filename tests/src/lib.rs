@@ -230,14 +230,23 @@ impl NatsCluster {
             eventually(&format!("JetStream answers on node {i}"), timeout, || {
                 let client = client.clone();
                 async move {
-                    let reply = client.request("$JS.API.INFO", "".into()).await.ok()?;
+                    // Without a meta leader there may be no answer at all: ask briefly.
+                    let reply = tokio::time::timeout(
+                        Duration::from_millis(500),
+                        client.request("$JS.API.INFO", "".into()),
+                    )
+                    .await
+                    .ok()?
+                    .ok()?;
                     let info: serde_json::Value = serde_json::from_slice(&reply.payload).ok()?;
                     info.get("error").is_none().then_some(())
                 }
             })
             .await;
         }
-        let js = async_nats::jetstream::new(self.client_any().await);
+        let js = async_nats::jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(2))
+            .build(self.client_any().await);
         let probe = format!("CLUSTER_PROBE_{}", uuid::Uuid::new_v4().simple());
         eventually("an R3 stream can be created", timeout, || {
             let js = js.clone();
@@ -354,7 +363,9 @@ impl NatsCluster {
 
     /// Stream info, read from the stream leader through any running node.
     pub async fn stream_info(&self, stream: &str) -> Option<async_nats::jetstream::stream::Info> {
-        let js = async_nats::jetstream::new(self.client_any().await);
+        let js = async_nats::jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(2))
+            .build(self.client_any().await);
         js.get_stream_no_info(stream)
             .await
             .ok()?
@@ -583,6 +594,21 @@ impl Drop for InProcessGateway {
 pub struct GatewayProcess {
     pub base: String,
     child: Child,
+    logs: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+/// A field of a log line, in the text format (`name=value`) or the JSON one (`"name":"value"`).
+pub fn log_field(line: &str, name: &str) -> Option<String> {
+    if line.starts_with('{') {
+        let value: serde_json::Value = serde_json::from_str(line).ok()?;
+        let fields = [&value["fields"], &value["span"], &value];
+        return fields
+            .iter()
+            .find_map(|f| f[name].as_str().map(str::to_owned));
+    }
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+        .map(str::to_owned)
 }
 
 impl GatewayProcess {
@@ -612,14 +638,15 @@ impl GatewayProcess {
         }
         let mut child = cmd.spawn().expect("spawn gateway process");
         let mut lines = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
+        let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = logs.clone();
         let addr = tokio::time::timeout(Duration::from_secs(20), async {
             while let Some(line) = lines.next_line().await.expect("read gateway log") {
                 eprintln!("[gateway] {line}");
-                if let Some(addr) = line
-                    .split_whitespace()
-                    .find_map(|w| w.strip_prefix("listen="))
-                {
-                    return addr.to_owned();
+                let addr = log_field(&line, "listen");
+                kept.lock().unwrap().push(line);
+                if let Some(addr) = addr {
+                    return addr;
                 }
             }
             panic!("gateway process exited before listening");
@@ -630,11 +657,46 @@ impl GatewayProcess {
         tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
                 eprintln!("[gateway] {line}");
+                kept.lock().unwrap().push(line);
             }
         });
         let base = format!("http://{addr}");
         wait_until_ready(&base).await;
-        Self { base, child }
+        Self { base, child, logs }
+    }
+
+    /// The log lines so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// The admin server's base URL (`/metrics`), once the process has logged it.
+    pub async fn admin_base(&self) -> String {
+        let addr = eventually("admin address logged", Duration::from_secs(10), || async {
+            self.logs()
+                .iter()
+                .find_map(|l| log_field(l, "admin_listen"))
+        })
+        .await;
+        format!("http://{addr}")
+    }
+
+    /// Sends SIGTERM: the process drains and exits.
+    pub fn terminate(&self) {
+        let pid = self.pid().expect("gateway process runs");
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "SIGTERM sent");
+    }
+
+    /// Waits (at most `timeout`) for the process to exit; its exit status.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .expect("gateway process exits in time")
+            .expect("wait for gateway process")
     }
 
     pub fn url(&self, path: &str) -> String {
