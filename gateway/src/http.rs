@@ -473,8 +473,13 @@ fn path_id(id: Result<Path<OperationId>, PathRejection>) -> Result<String, ApiEr
 #[into_params(parameter_in = Query)]
 pub(crate) struct WaitQuery {
     /// Seconds to wait for a result before answering (capped by the gateway's maximum).
+    #[param(minimum = 0, maximum = 3600)]
     wait: Option<u64>,
 }
+
+/// The largest `?wait=` a client may write; the gateway's own cap (`GATEWAY_MAX_WAIT`) applies
+/// below it.
+const MAX_WAIT_QUERY: u64 = 3600;
 
 /// The `{id}` of `/operations/{id}`.
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -573,6 +578,11 @@ pub(crate) async fn get_result(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::BadQuery(e.body_text()))?;
+    if query.wait.is_some_and(|w| w > MAX_WAIT_QUERY) {
+        return Err(ApiError::BadQuery(format!(
+            "wait is at most {MAX_WAIT_QUERY} seconds"
+        )));
+    }
     let wait = query
         .wait
         .map(Duration::from_secs)
@@ -673,7 +683,7 @@ pub(crate) async fn cancel_operation(
     params(OperationId,
         ("Last-Event-ID" = Option<String>, Header, description = "The id of the last event received (`accepted`, `progress-<n>`, `terminal`).")),
     responses(
-        (status = 200, description = "An event stream.", content_type = "text/event-stream", body = String),
+        (status = 200, description = "An event stream; each event's data is the operation.", content_type = "text/event-stream", body = OperationEvent),
         (status = 204, description = "`Last-Event-ID: terminal`: nothing more will come."),
         (status = 404, description = "No such operation (or not yours).", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "Too many event streams open; retry after `Retry-After`.", body = Problem, content_type = "application/problem+json",
@@ -764,12 +774,29 @@ enum EventStep {
     Done,
 }
 
-fn operation_event(id: String, name: &'static str, operation: &Operation) -> Event {
-    Event::default()
-        .id(id)
-        .event(name)
-        .json_data(OperationView::of(operation))
-        .expect("an operation body serializes")
+/// One server-sent event of an operation, as the OpenAPI document describes it.
+#[derive(utoipa::ToSchema)]
+pub(crate) struct OperationEvent {
+    /// `accepted`, `progress-<n>` or `terminal`: what `Last-Event-ID` resumes after.
+    id: String,
+    /// `accepted`, `progress`, or the terminal status.
+    #[schema(value_type = String, pattern = "^(accepted|progress|succeeded|failed|expired|cancelled)$")]
+    event: &'static str,
+    /// The operation (the status resource's body), as JSON.
+    #[schema(content_media_type = "application/json")]
+    data: String,
+}
+
+impl From<OperationEvent> for Event {
+    fn from(e: OperationEvent) -> Self {
+        Event::default().id(e.id).event(e.event).data(e.data)
+    }
+}
+
+fn operation_event(id: String, event: &'static str, operation: &Operation) -> Event {
+    let data =
+        serde_json::to_string(&OperationView::of(operation)).expect("an operation body serializes");
+    OperationEvent { id, event, data }.into()
 }
 
 /// Liveness: the process answers. Never checks NATS, so a NATS outage cannot restart the gateway.

@@ -17,7 +17,7 @@ use utoipa::openapi::{
 
 use crate::config::RouteConfig;
 use crate::error::Problem;
-use crate::http::AcceptedBody;
+use crate::http::{AcceptedBody, OperationEvent};
 use crate::idempotency::MAX_KEY_LEN;
 use crate::operations::{Links, OperationView, ProgressState, Status};
 use crate::webhooks::DeliveryState;
@@ -37,7 +37,7 @@ use crate::webhooks::DeliveryState;
         crate::http::livez,
         crate::http::readyz,
     ),
-    components(schemas(Problem, AcceptedBody<'static>, OperationView<'static>, Status, Links, ProgressState, DeliveryState)),
+    components(schemas(Problem, AcceptedBody<'static>, OperationView<'static>, OperationEvent, Status, Links, ProgressState, DeliveryState)),
     tags(
         (name = "routes", description = "The configured routes: each request becomes one JetStream message."),
         (name = "operations", description = "Status, result, events and cancellation of accepted requests."),

@@ -35,6 +35,24 @@ pub fn nats_server_bin() -> PathBuf {
     local
 }
 
+/// A command that scripts/install-tools put in the project's `.venv` (or its `--target`
+/// fallback, whose Python tools need `PYTHONPATH`). Panics with what to run when it is missing.
+pub fn venv_tool(name: &str) -> std::process::Command {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let venv = root.join(".venv/bin").join(name);
+    if venv.exists() {
+        return std::process::Command::new(venv);
+    }
+    let target = root.join(".venv/target/bin").join(name);
+    assert!(
+        target.exists(),
+        "{name} not found in .venv: run scripts/install-tools (scripts/test does)"
+    );
+    let mut command = std::process::Command::new(target);
+    command.env("PYTHONPATH", root.join(".venv/target"));
+    command
+}
+
 /// A Python with nats-py: the project's `.venv` (scripts/install-nats puts it there), or its
 /// `--target` fallback on the system Python.
 pub fn python_command() -> Command {
