@@ -54,6 +54,7 @@ pub struct DispatchArgs {
     /// First retry delay after a failed call; doubles per delivery.
     #[arg(long, env = "GATEWAY_DISPATCH_RETRY_BASE", default_value = "500ms", value_parser = humantime::parse_duration)]
     pub retry_base: Duration,
+    /// Longest retry delay: the doubling stops here.
     #[arg(long, env = "GATEWAY_DISPATCH_RETRY_MAX", default_value = "30s", value_parser = humantime::parse_duration)]
     pub retry_max: Duration,
     /// AckWait of the consumer (the worker keeps the lease alive while a call runs).

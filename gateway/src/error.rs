@@ -70,7 +70,10 @@ pub enum ApiError {
     /// The process is draining after SIGTERM: it takes no new work.
     #[error("the gateway is shutting down")]
     ShuttingDown,
-    /// A read (or readiness check) that could not be done.
+    /// Readiness: JetStream not reachable, streams not provisioned, or results not watched yet.
+    #[error("not ready: JetStream is not reachable or not provisioned yet")]
+    NotReady,
+    /// A read that could not be done.
     #[error("JetStream unavailable: {0}")]
     Unavailable(StoreError),
     /// A stored message the gateway cannot read: a worker broke the wire contract.
@@ -117,7 +120,8 @@ impl ApiError {
             ApiError::OutcomeUnknown(_)
             | ApiError::Unavailable(_)
             | ApiError::Overloaded
-            | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            | ApiError::ShuttingDown
+            | ApiError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadStoredMessage(_) => StatusCode::BAD_GATEWAY,
         }
     }
@@ -149,6 +153,7 @@ impl ApiError {
             ApiError::Unavailable(_) => ("unavailable", "Service unavailable"),
             ApiError::Overloaded => ("overloaded", "Too many requests in flight"),
             ApiError::ShuttingDown => ("shutting-down", "Shutting down"),
+            ApiError::NotReady => ("not-ready", "Not ready"),
             ApiError::BadStoredMessage(_) => ("bad-stored-message", "Unreadable stored message"),
         }
     }

@@ -23,8 +23,7 @@ use handlers::contract::ResultRecord;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::{DefaultOnFailure, TraceLayer};
-use tracing::Level;
+use tower_http::trace::TraceLayer;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::accept::{Accepted, Submission, accept};
@@ -131,12 +130,12 @@ pub fn router(state: AppState, routes: &[RouteConfig]) -> Result<Router, ConfigE
             count_request,
         ))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        // 5xx answers are expected operational states here (NATS down, outcome unknown) and are
-        // logged where they arise; ERROR is kept for data loss.
+        // 5xx answers are expected operational states here (NATS down, outcome unknown, not
+        // ready) and are logged, once, where they arise; ERROR is kept for data loss.
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(request_span)
-                .on_failure(DefaultOnFailure::new().level(Level::WARN)),
+                .on_failure(()),
         )
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .with_state(state))
@@ -828,9 +827,14 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Result<impl IntoRes
     if state.watch.is_draining() {
         return Err(ApiError::ShuttingDown);
     }
-    state.store.check_ready().await?;
+    // Probes repeat every few seconds: not being ready is an answer, not an event to log.
+    state
+        .store
+        .check_ready()
+        .await
+        .map_err(|_| ApiError::NotReady)?;
     if !state.watch.is_watching_results() {
-        return Err(ApiError::Unavailable(crate::store::StoreError::NotReady));
+        return Err(ApiError::NotReady);
     }
     Ok(Json(serde_json::json!({ "status": "ready" })))
 }
