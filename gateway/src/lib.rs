@@ -12,7 +12,13 @@
 //! - [`watch`]: one results consumer per process waking in-process waiters (no subscription
 //!   per waiter).
 //! - [`prefer`]: the `Prefer` header (`wait=N`, `respond-async`).
-//! - [`store`]: the JetStream connection and streams; the only module that calls async-nats.
+//! - [`store`]: the JetStream connection and streams; the request path's JetStream work (the
+//!   HTTP handlers never call async-nats).
+//! - [`openapi`]: the OpenAPI 3.1 document (the handlers' annotations plus the configured routes).
+//! - [`metrics`]: every metric name, the Prometheus recorder, the admin server.
+//! - [`telemetry`]: the process's logs (text or JSON) and OpenTelemetry spans.
+//! - [`retry_after`]: `Retry-After` of pending operations from each route's backlog.
+//! - [`webhooks`]: signed completion webhooks.
 //! - [`error`]: the one HTTP error type and its problem+json mapping.
 //! - [`dev`]: `gateway dev`, the one-command local setup (nats-server child + example worker).
 //! - [`dispatch`]: `gateway dispatch`, the worker-side sidecar that calls a local HTTP app.

@@ -27,8 +27,10 @@ pub const IDEMPOTENT_REPLAYS: &str = "gateway_idempotent_replays_total";
 /// land while the watch reconnects are not counted). Every replica sees every result: aggregate
 /// with `max`, not `sum`.
 pub const RESULTS: &str = "gateway_results_total";
-/// Results refused because another one was stored first (a worker's second, different reply,
-/// or an expiry/cancel that lost the race), by `writer`.
+/// The gateway's own terminal markers refused because a result was stored first (an expiry or a
+/// cancellation that lost the race), by `writer` (`expiry`, `cancel`). Workers' conflicting
+/// replies are counted where they happen: `gateway_dispatch_replies_total{outcome="conflict"}`,
+/// or `WorkerStats::conflicts` in a `handlers` worker.
 pub const RESULT_CONFLICTS: &str = "gateway_result_conflicts_total";
 /// Requests a route's workers have not finished (the workers' consumer's pending plus
 /// unacknowledged messages), by `route`; absent while the consumer does not exist.
