@@ -95,7 +95,7 @@ pub async fn run(args: DispatchArgs, shutdown: CancellationToken) -> Result<(), 
     let client = async_nats::ConnectOptions::new()
         .name("gateway-dispatch")
         .retry_on_initial_connect()
-        .connect(args.nats.nats_url.as_str())
+        .connect(crate::store::server_addrs(&args.nats.nats_url))
         .await?;
     let js = async_nats::jetstream::new(client);
     let config = WorkerConfig {

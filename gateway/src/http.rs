@@ -398,7 +398,11 @@ fn request_span(request: &axum::http::Request<Body>) -> tracing::Span {
         trace_id = tracing::field::Empty,
     );
     handlers::trace::continue_trace(&span, request.headers());
-    if let Some(trace_id) = handlers::trace::trace_id(&span) {
+    // The span's own trace when OpenTelemetry tracks it, else the caller's.
+    let trace_id = handlers::trace::trace_id(&span).or_else(|| {
+        handlers::trace::remote_span(request.headers()).map(|s| s.trace_id().to_string())
+    });
+    if let Some(trace_id) = trace_id {
         span.record("trace_id", trace_id);
     }
     span

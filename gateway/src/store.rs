@@ -96,6 +96,8 @@ pub struct Store {
     results_stream: String,
     events_stream: String,
     provisioned: AtomicBool,
+    /// The streams have more than one replica: a direct get may come from a lagging follower.
+    replicated: AtomicBool,
 }
 
 /// What provisioning needs to know about the routes.
@@ -136,6 +138,7 @@ impl Store {
             results_stream: settings.nats.results_stream.clone(),
             events_stream: settings.events_stream.clone(),
             provisioned: AtomicBool::new(false),
+            replicated: AtomicBool::new(false),
         })
     }
 
@@ -353,6 +356,7 @@ impl Store {
                     detail: format!("webhook consumer: {e}"),
                 })?;
         }
+        self.replicated.store(plan.replicas > 1, Ordering::Release);
         self.provisioned.store(true, Ordering::Release);
         Ok(())
     }
@@ -412,21 +416,27 @@ impl Store {
         Ok(last_on_subject_from_leader(&self.js, &self.requests_stream, &subject).await?)
     }
 
-    /// The request stored for a key token on whatever route: one wildcard direct get.
+    /// The request stored for a key token on whatever route: one wildcard direct get (and a
+    /// leader read if that misses on a replicated stream, see [`Store::confirm_miss`]).
     pub async fn request_by_key_token(
         &self,
         key_token: &str,
     ) -> Result<Option<StreamMessage>, StoreError> {
         self.ensure_provisioned()?;
         let pattern = self.subjects.request_any_route(key_token);
-        Ok(last_matching(&self.client, &self.requests_stream, &pattern).await?)
+        let found = last_matching(&self.client, &self.requests_stream, &pattern).await?;
+        self.confirm_miss(found, &self.requests_stream, &pattern)
+            .await
     }
 
     /// The terminal record of an operation, if any.
     pub async fn result(&self, operation_id: &str) -> Result<Option<StoredResult>, StoreError> {
         self.ensure_provisioned()?;
         let subject = self.subjects.result(operation_id);
-        let Some(message) = last_on_subject(&self.client, &self.results_stream, &subject).await?
+        let found = last_on_subject(&self.client, &self.results_stream, &subject).await?;
+        let Some(message) = self
+            .confirm_miss(found, &self.results_stream, &subject)
+            .await?
         else {
             return Ok(None);
         };
@@ -435,6 +445,25 @@ impl Store {
             record,
             stored_at: message.time,
         }))
+    }
+
+    /// A direct get is answered by any replica, and a follower can lag behind writes that were
+    /// already acknowledged: on nats-server 2.15.1, after a leader change, about 1 in 100 direct
+    /// gets issued right after a publish's ack missed it (tests/tests/cluster.rs saw a 404 for an
+    /// operation just accepted through the other gateway). So on a replicated stream a miss is
+    /// asked again of the stream leader, and what one read has seen no later read misses: an
+    /// accepted operation never 404s, a terminal one never reads `pending` again. A hit needs no
+    /// check: requests and results are written once per subject and never change.
+    async fn confirm_miss(
+        &self,
+        found: Option<StreamMessage>,
+        stream: &str,
+        subject: &str,
+    ) -> Result<Option<StreamMessage>, StoreError> {
+        if found.is_some() || !self.replicated.load(Ordering::Acquire) {
+            return Ok(found);
+        }
+        Ok(last_on_subject_from_leader(&self.js, stream, subject).await?)
     }
 
     /// Ends an operation with a marker (expired, cancelled), unless a terminal record got there

@@ -2,10 +2,12 @@
 //!
 //! - Logs go to stderr, as text or as JSON lines (`GATEWAY_LOG_FORMAT`), filtered by `RUST_LOG`.
 //!   JSON lines carry the fields of the current span: `request_id`, `operation_id`, `trace_id`.
-//! - Spans go to OpenTelemetry. Every process tracks span contexts, so the `traceparent` it
-//!   writes into request messages (and workers into replies) names its own span; spans are
-//!   exported over OTLP/HTTP only when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (the exporter reads
-//!   the standard `OTEL_*` variables itself).
+//! - Spans go to OpenTelemetry when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) is
+//!   set: exported over OTLP/HTTP (the exporter reads the standard `OTEL_*` variables itself), and
+//!   the `traceparent` the process writes into request messages (workers: into replies) names its
+//!   own span. Without an endpoint no span is tracked (that costs about as much CPU as the rest of
+//!   an accept, measured with scripts/bench), and trace headers
+//!   travel on unchanged, so a worker still continues the client's trace.
 //!
 //! OpenTelemetry sees the gateway's and the worker library's spans at INFO whatever `RUST_LOG`
 //! says, so quieting the logs never cuts a trace.
@@ -39,12 +41,12 @@ pub enum TelemetryError {
 /// Keeps the tracer provider; flushes exported spans when dropped. Drop it outside the async
 /// runtime: the OTLP exporter's HTTP client blocks.
 pub struct Telemetry {
-    provider: SdkTracerProvider,
+    provider: Option<SdkTracerProvider>,
 }
 
 impl Drop for Telemetry {
     fn drop(&mut self) {
-        if let Err(error) = self.provider.shutdown() {
+        if let Some(Err(error)) = self.provider.as_ref().map(SdkTracerProvider::shutdown) {
             eprintln!("Cannot flush traces: {error}");
         }
     }
@@ -52,26 +54,32 @@ impl Drop for Telemetry {
 
 /// Installs the process's subscriber. `service` names the process in exported traces.
 pub fn init(format: LogFormat, service: &'static str) -> Result<Telemetry, TelemetryError> {
-    let mut provider = SdkTracerProvider::builder()
-        .with_resource(Resource::builder().with_service_name(service).build());
     let exporting = std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
         || std::env::var_os("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some();
-    if exporting {
+    let provider = if exporting {
         // The exporter's HTTP client is reqwest with rustls, like the webhooks'.
         crate::webhooks::install_crypto_provider();
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .build()?;
-        provider = provider.with_batch_exporter(exporter);
-    }
-    let provider = provider.build();
-    let spans = tracing_opentelemetry::layer()
-        .with_tracer(provider.tracer(service))
-        .with_filter(
-            Targets::new()
-                .with_target("gateway", tracing::Level::INFO)
-                .with_target("handlers", tracing::Level::INFO),
-        );
+        Some(
+            SdkTracerProvider::builder()
+                .with_resource(Resource::builder().with_service_name(service).build())
+                .with_batch_exporter(exporter)
+                .build(),
+        )
+    } else {
+        None
+    };
+    let spans = provider.as_ref().map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer(service))
+            .with_filter(
+                Targets::new()
+                    .with_target("gateway", tracing::Level::INFO)
+                    .with_target("handlers", tracing::Level::INFO),
+            )
+    });
     let filter =
         || EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,tower_http=warn".into());
     let logs = match format {
