@@ -80,5 +80,9 @@ async fn the_live_gateway_conforms_to_its_openapi_document() {
         "schemathesis found problems:\n{report}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(report.contains("No issues found"), "{report}");
+    // Warnings (say, an operation that mostly answered 404 to random ids) are not failures.
+    assert!(
+        report.contains("Test cases:") && !report.contains("FAILURES"),
+        "{report}"
+    );
 }
