@@ -521,8 +521,6 @@ pub(crate) struct PreferHeader {
                 ("Preference-Applied" = String, description = "`wait=N` when `Prefer: wait` was honoured."),
             )),
         (status = 404, description = "No such operation (or not yours).", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "JetStream unavailable, overloaded, or shutting down; retry after `Retry-After`.", body = Problem, content_type = "application/problem+json",
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
     )
 )]
 pub(crate) async fn get_operation(
@@ -569,8 +567,6 @@ pub(crate) async fn get_operation(
         (status = "2XX", description = "The worker's reply (any content type).", content_type = "*/*"),
         (status = 404, description = "No such operation (or not yours).", body = Problem, content_type = "application/problem+json"),
         (status = "4XX", description = "The worker's reply, when it was a client error; or `400` for a bad query; or `410` (problem+json) when the operation was cancelled.", content_type = "*/*"),
-        (status = 503, description = "JetStream unavailable, overloaded, or shutting down; retry after `Retry-After`.", body = Problem, content_type = "application/problem+json",
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
         (status = "5XX", description = "The worker's reply, when it was a server error; or `504` (problem+json) when the operation expired.", content_type = "*/*"),
     )
 )]
@@ -642,8 +638,6 @@ fn result_response(state: &AppState, record: &ResultRecord) -> Response {
             headers(("Location" = String, description = "The status resource."))),
         (status = 404, description = "No such operation (or not yours).", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Already finished; `operation` shows how.", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "JetStream unavailable, overloaded, or shutting down; retry after `Retry-After`.", body = Problem, content_type = "application/problem+json",
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
     )
 )]
 pub(crate) async fn cancel_operation(
@@ -690,8 +684,6 @@ pub(crate) async fn cancel_operation(
         (status = 204, description = "`Last-Event-ID: terminal`: nothing more will come."),
         (status = 404, description = "No such operation (or not yours).", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "Too many event streams open; retry after `Retry-After`.", body = Problem, content_type = "application/problem+json",
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
-        (status = 503, description = "JetStream unavailable, overloaded, or shutting down; retry after `Retry-After`.", body = Problem, content_type = "application/problem+json",
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
     )
 )]

@@ -55,7 +55,66 @@ pub fn document(routes: &[RouteConfig]) -> utoipa::openapi::OpenApi {
             .paths
             .add_path_operation(path, vec![http_method(route)], operation);
     }
+    // Every endpoint but liveness can be refused for now (overloaded, shutting down, JetStream
+    // unreachable): said once here rather than on each handler.
+    for (path, item) in document.paths.paths.iter_mut() {
+        if path == "/livez" {
+            continue;
+        }
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.patch,
+            &mut item.delete,
+        ];
+        for operation in operations.into_iter().flatten() {
+            operation
+                .responses
+                .responses
+                .entry("503".to_owned())
+                .or_insert_with(|| {
+                    retry_later(
+                        "JetStream unavailable, overloaded, or shutting down; retry after \
+                         `Retry-After`.",
+                    )
+                    .into()
+                });
+        }
+    }
     document
+}
+
+/// An RFC 9457 problem response.
+fn problem(description: &str) -> ResponseBuilder {
+    ResponseBuilder::new().description(description).content(
+        "application/problem+json",
+        ContentBuilder::new()
+            .schema(Some(RefOr::<Schema>::Ref(
+                utoipa::openapi::Ref::from_schema_name("Problem"),
+            )))
+            .build(),
+    )
+}
+
+/// A `503` problem with `Retry-After`.
+fn retry_later(description: &str) -> utoipa::openapi::Response {
+    problem(description)
+        .header(
+            "Retry-After",
+            HeaderBuilder::new()
+                .schema(
+                    ObjectBuilder::new()
+                        .schema_type(Type::Integer)
+                        .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
+                            utoipa::openapi::KnownFormat::Int64,
+                        )))
+                        .minimum(Some(0)),
+                )
+                .description(Some("Seconds to wait before retrying."))
+                .build(),
+        )
+        .build()
 }
 
 /// The document as the pretty JSON that `/openapi.json` serves and the repository commits.
@@ -182,16 +241,6 @@ fn route_operation(route: &RouteConfig) -> (String, Operation) {
             .description(Some(description))
             .build()
     };
-    let problem = |description: &str| {
-        ResponseBuilder::new().description(description).content(
-            "application/problem+json",
-            ContentBuilder::new()
-                .schema(Some(RefOr::<Schema>::Ref(
-                    utoipa::openapi::Ref::from_schema_name("Problem"),
-                )))
-                .build(),
-        )
-    };
     let any = |description: &str| {
         ResponseBuilder::new()
             .description(description)
@@ -244,12 +293,11 @@ fn route_operation(route: &RouteConfig) -> (String, Operation) {
         )
         .response(
             "503",
-            problem(
+            retry_later(
                 "JetStream did not confirm (`outcome-unknown`: retry with the same key), is \
                  unavailable, the gateway is overloaded, or it is shutting down. Nothing is lost \
                  by retrying.",
-            )
-            .header("Retry-After", header("Seconds to wait before retrying.")),
+            ),
         )
         .response(
             "5XX",
