@@ -5,7 +5,7 @@
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 
-use crate::config::{Settings, load_routes};
+use crate::config::{Settings, load_config};
 use crate::dev::DevArgs;
 use crate::telemetry::LogFormat;
 
@@ -52,7 +52,8 @@ enum Command {
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Command::Openapi { config } = &cli.command {
-        let document = crate::openapi::document(&load_routes(config)?);
+        let config = load_config(config)?;
+        let document = crate::openapi::document(&config.routes, config.auth.is_some());
         println!("{}", crate::openapi::to_json(&document));
         return Ok(());
     }
@@ -86,9 +87,9 @@ pub fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
-    let routes = load_routes(&settings.config)?;
+    let config = load_config(&settings.config)?;
     let listener = TcpListener::bind(settings.listen).await?;
-    crate::run(settings, routes, listener, shutdown_signal()).await?;
+    crate::run(settings, config, listener, shutdown_signal()).await?;
     Ok(())
 }
 

@@ -58,6 +58,31 @@ pub struct Settings {
     /// How long to wait for a JetStream ack or read before answering 503.
     #[arg(long, env = "GATEWAY_NATS_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub nats_timeout: Duration,
+    /// Requests a second per tenant (token bucket); more get 429 with `Retry-After`. 0: no limit.
+    #[arg(long, env = "GATEWAY_TENANT_RATE", default_value_t = 0)]
+    pub tenant_rate: u32,
+    /// Burst a tenant may send above its rate (default: the rate).
+    #[arg(long, env = "GATEWAY_TENANT_BURST", default_value_t = 0)]
+    pub tenant_burst: u32,
+    /// Client connections open at once; more wait in the kernel's accept queue.
+    #[arg(long, env = "GATEWAY_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers (slowloris); the connection is closed after.
+    #[arg(long, env = "GATEWAY_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+    /// Time a client has to send a request's whole body; 408 after.
+    #[arg(long, env = "GATEWAY_BODY_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub body_read_timeout: Duration,
+    /// Headers a request may have; more: 431.
+    #[arg(long, env = "GATEWAY_MAX_HEADERS", default_value_t = 64)]
+    pub max_headers: usize,
+    /// Bytes a request's head (request line and headers) may take; more: 431.
+    #[arg(long, env = "GATEWAY_MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
+    pub max_header_bytes: usize,
+    /// Let `Callback-Url` (and routes' `callback_url`) reach loopback, link-local, private and
+    /// other non-public addresses. Off: the gateway never calls them (SSRF).
+    #[arg(long, env = "GATEWAY_CALLBACK_ALLOW_PRIVATE", default_value_t = false)]
+    pub callback_allow_private: bool,
     /// Requests handled at once; more are shed at once with 503 and `Retry-After` instead of
     /// queueing (health endpoints are never shed).
     #[arg(long, env = "GATEWAY_MAX_IN_FLIGHT", default_value_t = 256)]
@@ -153,6 +178,10 @@ pub struct RouteConfig {
     pub path: String,
     #[serde(default)]
     pub require_idempotency_key: bool,
+    /// Callable without credentials when `[auth]` is configured (anonymous callers are the
+    /// `public` tenant). Routes are authenticated by default.
+    #[serde(default)]
+    pub public: bool,
     /// How long request, status and result are kept.
     #[serde(default = "defaults::retention", with = "humantime_serde")]
     pub retention: Duration,
@@ -224,11 +253,15 @@ impl TryFrom<ByteSizeInput> for ByteSize {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// The routes file: its routes, and who may call them.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RoutesFile {
+pub struct RoutesFile {
     #[serde(rename = "route", default)]
-    routes: Vec<RouteConfig>,
+    pub routes: Vec<RouteConfig>,
+    /// API keys and JWTs; absent: no authentication, every caller is the `default` tenant.
+    #[serde(default)]
+    pub auth: Option<crate::auth::AuthConfig>,
 }
 
 /// Why the configuration cannot be used.
@@ -255,8 +288,8 @@ fn invalid(message: impl Into<String>) -> ConfigError {
 /// Paths the gateway serves itself; no route may take them.
 const RESERVED_PREFIXES: &[&str] = &["/operations", "/livez", "/readyz", "/openapi.json"];
 
-/// Reads and validates the routes file.
-pub fn load_routes(path: &Path) -> Result<Vec<RouteConfig>, ConfigError> {
+/// Reads and validates the routes file: routes, and authentication if it has an `[auth]` table.
+pub fn load_config(path: &Path) -> Result<RoutesFile, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
         source,
@@ -266,7 +299,17 @@ pub fn load_routes(path: &Path) -> Result<Vec<RouteConfig>, ConfigError> {
         source: Box::new(source),
     })?;
     validate_routes(&file.routes)?;
-    Ok(file.routes)
+    if file.auth.is_none() && file.routes.iter().any(|r| r.public) {
+        return Err(invalid(
+            "`public = true` needs an [auth] table: without one every route is open",
+        ));
+    }
+    Ok(file)
+}
+
+/// Reads and validates the routes file's routes.
+pub fn load_routes(path: &Path) -> Result<Vec<RouteConfig>, ConfigError> {
+    load_config(path).map(|file| file.routes)
 }
 
 /// Checks what serde cannot: names usable as subject tokens, known methods, well-formed and

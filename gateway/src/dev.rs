@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Settings, load_routes};
+use crate::config::{Settings, load_config};
 
 /// A nats-server child process with JetStream, bound to 127.0.0.1. Killed when dropped.
 pub struct NatsProcess {
@@ -140,7 +140,7 @@ pub struct DevArgs {
 /// Runs nats-server, the gateway and the example worker until Ctrl-C.
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let mut settings = args.settings;
-    let routes = load_routes(&settings.config)?;
+    let config = load_config(&settings.config)?;
     let mut nats =
         NatsProcess::start(&args.nats_server, Some(args.nats_port), &args.data_dir, &[]).await?;
     settings.nats.nats_url = nats.url();
@@ -150,7 +150,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let worker = tokio::spawn(run_example_worker(settings.clone(), stop.clone()));
     let gateway_stop = stop.clone();
-    let result = crate::run(settings, routes, listener, async move {
+    let result = crate::run(settings, config, listener, async move {
         tokio::select! {
             () = crate::cli::shutdown_signal() => {}
             () = gateway_stop.cancelled() => {}

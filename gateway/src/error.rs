@@ -67,6 +67,15 @@ pub enum ApiError {
     /// More requests in flight than configured: refused before any work.
     #[error("the gateway is at its limit of requests in flight")]
     Overloaded,
+    /// Credentials missing where needed, or not valid.
+    #[error(transparent)]
+    Unauthorized(#[from] crate::auth::AuthError),
+    /// The tenant is over its request rate.
+    #[error("this tenant is over its request rate; retry after {retry_after_secs} s")]
+    RateLimited { retry_after_secs: u64 },
+    /// The body did not arrive within `GATEWAY_BODY_READ_TIMEOUT`.
+    #[error("the request body did not arrive in time")]
+    BodyTimeout,
     /// The process is draining after SIGTERM: it takes no new work.
     #[error("the gateway is shutting down")]
     ShuttingDown,
@@ -114,7 +123,11 @@ impl ApiError {
             | ApiError::BadQuery(_)
             | ApiError::Key(_)
             | ApiError::CallbackNotAllowed(_) => StatusCode::BAD_REQUEST,
-            ApiError::TooManyStreams => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::TooManyStreams | ApiError::RateLimited { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::AlreadyFinished { .. } => StatusCode::CONFLICT,
             ApiError::KeyReused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::OutcomeUnknown(_)
@@ -140,6 +153,9 @@ impl ApiError {
                 ("callback-url-not-allowed", "Callback-Url not allowed")
             }
             ApiError::TooManyStreams => ("too-many-streams", "Too many event streams"),
+            ApiError::Unauthorized(_) => ("unauthorized", "Unauthorized"),
+            ApiError::RateLimited { .. } => ("rate-limited", "Too many requests"),
+            ApiError::BodyTimeout => ("body-timeout", "Request body too slow"),
             ApiError::AlreadyFinished { .. } => ("already-finished", "Operation already finished"),
             ApiError::Key(KeyError::Missing) => {
                 ("idempotency-key-missing", "Idempotency-Key required")
@@ -231,7 +247,25 @@ impl IntoResponse for ApiError {
             }
             _ => {}
         }
-        (self.status(), problem_json(&self.problem())).into_response()
+        let mut response = (self.status(), problem_json(&self.problem())).into_response();
+        let h = response.headers_mut();
+        match &self {
+            ApiError::Unauthorized(_) => {
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"nats-http-gateway\""),
+                );
+            }
+            ApiError::RateLimited { retry_after_secs } => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            }
+            ApiError::BodyTimeout => {
+                // The rest of the body may still be on its way: do not read it.
+                h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
+        }
+        response
     }
 }
 

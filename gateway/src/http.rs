@@ -4,7 +4,7 @@
 //! Handlers parse and validate, call `accept` or `operations`, and shape the answer. They never
 //! touch async-nats; every error leaves them as an [`ApiError`] and becomes problem+json there.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
@@ -14,7 +14,7 @@ use axum::Json;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::extract::{Extension, MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -23,10 +23,12 @@ use handlers::contract::ResultRecord;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::RequestBodyDeadlineLayer;
 use tower_http::trace::TraceLayer;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::accept::{Accepted, Submission, accept};
+use crate::auth::{AuthError, Authenticator, PUBLIC_TENANT, RateLimits};
 use crate::config::{ConfigError, RouteConfig};
 use crate::error::{ApiError, Problem};
 use crate::idempotency::{self, KeyError};
@@ -59,6 +61,14 @@ pub struct AppState {
     pub watch: Watch,
     /// URL prefixes a client's `Callback-Url` may start with.
     pub callback_allow: Arc<[String]>,
+    /// Whether callbacks may reach loopback, private and other non-public addresses.
+    pub callback_allow_private: bool,
+    /// Credentials checker; `None`: every caller is the `default` tenant.
+    pub auth: Option<Arc<Authenticator>>,
+    /// Per-tenant request rates.
+    pub rate_limits: RateLimits,
+    /// Time a client has to send a whole request body.
+    pub body_read_timeout: Duration,
     /// Request headers forwarded to workers.
     pub forward_headers: Arc<[HeaderName]>,
     /// Reply headers replayed from results.
@@ -73,7 +83,10 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Builds the router: the configured routes, `/operations/…`, `/livez`, `/readyz`, and the layers.
 pub fn router(state: AppState, routes: &[RouteConfig]) -> Result<Router, ConfigError> {
-    let document = Bytes::from(crate::openapi::to_json(&crate::openapi::document(routes)));
+    let document = Bytes::from(crate::openapi::to_json(&crate::openapi::document(
+        routes,
+        state.auth.is_some(),
+    )));
     let openapi_document = move || {
         let document = document.clone();
         async move { ([(header::CONTENT_TYPE, "application/json")], document) }
@@ -101,23 +114,36 @@ pub fn router(state: AppState, routes: &[RouteConfig]) -> Result<Router, ConfigE
         let methods = by_path.remove(route.path.as_str()).unwrap_or_default();
         by_path.insert(&route.path, methods.on(filter, handler));
     }
-    let mut app = Router::new()
+    let mut guarded = Router::new()
         .route(
             "/operations/{id}",
             get(get_operation).delete(cancel_operation),
         )
         .route("/operations/{id}/result", get(get_result))
-        .route("/operations/{id}/events", get(operation_events))
-        .route("/livez", get(livez))
-        .route("/readyz", get(readyz))
-        .route("/openapi.json", get(openapi_document));
+        .route("/operations/{id}/events", get(operation_events));
     for (path, methods) in by_path {
         // axum rejects path patterns that conflict (e.g. `/a/{x}` beside `/a/{y}`) by panicking;
         // that is a configuration error, reported as such.
-        app = std::panic::catch_unwind(AssertUnwindSafe(|| app.route(path, methods))).map_err(
-            |_| ConfigError::Invalid(format!("path {path:?} conflicts with another route")),
-        )?;
+        guarded = std::panic::catch_unwind(AssertUnwindSafe(|| guarded.route(path, methods)))
+            .map_err(|_| {
+                ConfigError::Invalid(format!("path {path:?} conflicts with another route"))
+            })?;
     }
+    let access = Arc::new(Access {
+        auth: state.auth.clone(),
+        rate_limits: state.rate_limits.clone(),
+        public: routes
+            .iter()
+            .filter(|r| r.public)
+            .map(|r| (r.http_method(), r.path.clone()))
+            .collect(),
+    });
+    // Health and the document are open to all; everything else knows its caller first.
+    let app = guarded
+        .route_layer(axum::middleware::from_fn_with_state(access, identify))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/openapi.json", get(openapi_document));
     Ok(app
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
@@ -125,6 +151,11 @@ pub fn router(state: AppState, routes: &[RouteConfig]) -> Result<Router, ConfigE
             state.clone(),
             add_retry_after,
         ))
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(RequestBodyDeadlineLayer::new(state.body_read_timeout))
+                .map_request(|request: axum::http::Request<_>| request.map(Body::new)),
+        )
         .layer(axum::middleware::from_fn_with_state(
             Arc::new(route_names),
             count_request,
@@ -175,15 +206,69 @@ fn content_length(headers: &HeaderMap) -> Option<usize> {
         .ok()
 }
 
-fn is_length_limit(error: &axum::Error) -> bool {
+/// Whether an error of type `E` is somewhere in `error`'s chain of causes.
+fn caused_by<E: std::error::Error + 'static>(error: &axum::Error) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = source {
-        if e.is::<http_body_util::LengthLimitError>() {
+        if e.is::<E>() {
             return true;
         }
         source = e.source();
     }
     false
+}
+
+/// The caller's tenant, set by [`identify`] on every route but health and the document.
+#[derive(Debug, Clone)]
+pub struct Tenant(pub Arc<str>);
+
+/// What [`identify`] needs.
+struct Access {
+    auth: Option<Arc<Authenticator>>,
+    rate_limits: RateLimits,
+    /// Routes callable without credentials, by (method, path pattern).
+    public: HashSet<(Method, String)>,
+}
+
+/// Knows the caller before anything else happens: its tenant from its credentials (401 if they
+/// are wrong or missing where needed), then its rate (429 with `Retry-After` when over).
+/// Anonymous callers may use public routes and read operations (of the `public` tenant) when
+/// some route is public.
+async fn identify(
+    State(access): State<Arc<Access>>,
+    mut request: Request,
+    next: axum::middleware::Next,
+) -> Result<Response, ApiError> {
+    let tenant = match &access.auth {
+        None => DEFAULT_TENANT.to_owned(),
+        Some(auth) => match auth.tenant(request.headers())? {
+            Some(tenant) => tenant,
+            None => {
+                let pattern = request
+                    .extensions()
+                    .get::<MatchedPath>()
+                    .map(|p| p.as_str())
+                    .unwrap_or_default();
+                let public_route = access
+                    .public
+                    .contains(&(request.method().clone(), pattern.to_owned()));
+                let public_read = pattern.starts_with("/operations/") && !access.public.is_empty();
+                if !(public_route || public_read) {
+                    return Err(AuthError::Missing.into());
+                }
+                PUBLIC_TENANT.to_owned()
+            }
+        },
+    };
+    access
+        .rate_limits
+        .check(&tenant)
+        .map_err(|wait| ApiError::RateLimited {
+            retry_after_secs: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
+        })?;
+    tracing::Span::current().record("tenant", tenant.as_str());
+    request.extensions_mut().insert(Tenant(tenant.into()));
+    Ok(next.run(request).await)
 }
 
 /// `POST /<route>` (or whatever the route's method is): validate, accept, answer 202.
@@ -195,6 +280,11 @@ async fn submit(
     let permit = admit(&state)?;
     let limit = route.max_body.0;
     let (parts, body) = request.into_parts();
+    let Tenant(tenant) = parts
+        .extensions
+        .get::<Tenant>()
+        .cloned()
+        .expect("identify runs before every route");
     let prefs = prefer::parse(&parts.headers);
     if content_length(&parts.headers).is_some_and(|len| len > limit) {
         return Err(ApiError::PayloadTooLarge { limit });
@@ -205,15 +295,17 @@ async fn submit(
         None => idempotency::assign_key(),
     };
     let body = axum::body::to_bytes(body, limit).await.map_err(|e| {
-        if is_length_limit(&e) {
+        if caused_by::<http_body_util::LengthLimitError>(&e) {
             ApiError::PayloadTooLarge { limit }
+        } else if caused_by::<tower_http::timeout::TimeoutError>(&e) {
+            ApiError::BodyTimeout
         } else {
             ApiError::BadBody(e.to_string())
         }
     })?;
     let text_header = |name: &HeaderName| parts.headers.get(name).and_then(|v| v.to_str().ok());
     let callback_url = match parts.headers.get("callback-url") {
-        Some(value) => Some(allowed_callback(&state, value)?),
+        Some(value) => Some(allowed_callback(&state, value).await?),
         None => route.callback_url.clone(),
     };
     // The worker continues this request's span: the trace crosses the async hop.
@@ -236,7 +328,7 @@ async fn submit(
         &state.store,
         Submission {
             route: &route,
-            tenant: DEFAULT_TENANT,
+            tenant: &tenant,
             idempotency_key,
             method: parts.method.as_str(),
             path: parts.uri.path(),
@@ -269,7 +361,7 @@ async fn submit(
             // The request is accepted whatever the wait finds: if reading it back fails, the
             // answer is still the 202 of the operation in hand, never an error a client would
             // retry with a new key.
-            wait_for(&state, &operation.id, Some(wait), WakeOn::Terminal)
+            wait_for(&state, &tenant, &operation.id, Some(wait), WakeOn::Terminal)
                 .await
                 .unwrap_or(operation)
         }
@@ -311,7 +403,7 @@ async fn submit(
 }
 
 /// A client's `Callback-Url`, if it is an http(s) URL that starts with an allowed prefix.
-fn allowed_callback(state: &AppState, value: &HeaderValue) -> Result<String, ApiError> {
+async fn allowed_callback(state: &AppState, value: &HeaderValue) -> Result<String, ApiError> {
     let text = value
         .to_str()
         .map_err(|_| ApiError::CallbackNotAllowed("not text".to_owned()))?;
@@ -331,6 +423,9 @@ fn allowed_callback(state: &AppState, value: &HeaderValue) -> Result<String, Api
             "it matches no allowed prefix (GATEWAY_CALLBACK_ALLOW)".to_owned(),
         ));
     }
+    crate::webhooks::check_destination(&url, state.callback_allow_private)
+        .await
+        .map_err(ApiError::CallbackNotAllowed)?;
     Ok(text.to_owned())
 }
 
@@ -351,6 +446,7 @@ fn admit(state: &AppState) -> Result<OwnedSemaphorePermit, ApiError> {
 /// passes.
 async fn wait_for(
     state: &AppState,
+    tenant: &str,
     id: &str,
     wait: Option<Duration>,
     wake_on: WakeOn,
@@ -359,11 +455,11 @@ async fn wait_for(
         Some(wait) if !wait.is_zero() => {
             let until = tokio::time::Instant::now() + wait.min(state.max_wait);
             let (store, watch) = (&state.store, &state.watch);
-            lookup_when_changed(store, watch, DEFAULT_TENANT, id, until, wake_on).await?
+            lookup_when_changed(store, watch, tenant, id, until, wake_on).await?
         }
         _ => {
             let _permit = admit(state)?;
-            lookup(&state.store, DEFAULT_TENANT, id).await?
+            lookup(&state.store, tenant, id).await?
         }
     };
     let operation = operation.ok_or(ApiError::OperationNotFound)?;
@@ -525,12 +621,13 @@ pub(crate) struct PreferHeader {
 )]
 pub(crate) async fn get_operation(
     State(state): State<AppState>,
+    Extension(Tenant(tenant)): Extension<Tenant>,
     id: Result<Path<OperationId>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let wait = prefer::parse(&headers).wait;
     let wake_on = WakeOn::TerminalOrProgressAfter(None);
-    let operation = wait_for(&state, &path_id(id)?, wait, wake_on).await?;
+    let operation = wait_for(&state, &tenant, &path_id(id)?, wait, wake_on).await?;
     let mut response = Json(OperationView::of(&operation)).into_response();
     let h = response.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -572,6 +669,7 @@ pub(crate) async fn get_operation(
 )]
 pub(crate) async fn get_result(
     State(state): State<AppState>,
+    Extension(Tenant(tenant)): Extension<Tenant>,
     id: Result<Path<OperationId>, PathRejection>,
     query: Result<Query<WaitQuery>, QueryRejection>,
     headers: HeaderMap,
@@ -586,7 +684,7 @@ pub(crate) async fn get_result(
         .wait
         .map(Duration::from_secs)
         .or(prefer::parse(&headers).wait);
-    let operation = wait_for(&state, &path_id(id)?, wait, WakeOn::Terminal).await?;
+    let operation = wait_for(&state, &tenant, &path_id(id)?, wait, WakeOn::Terminal).await?;
     match &operation.result {
         Some(result) => Ok(result_response(&state, &result.record)),
         None => {
@@ -642,10 +740,11 @@ fn result_response(state: &AppState, record: &ResultRecord) -> Response {
 )]
 pub(crate) async fn cancel_operation(
     State(state): State<AppState>,
+    Extension(Tenant(tenant)): Extension<Tenant>,
     id: Result<Path<OperationId>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let _permit = admit(&state)?;
-    let cancellation = cancel(&state.store, DEFAULT_TENANT, &path_id(id)?)
+    let cancellation = cancel(&state.store, &tenant, &path_id(id)?)
         .await?
         .ok_or(ApiError::OperationNotFound)?;
     let (Cancellation::Recorded(operation) | Cancellation::TooLate(operation)) = &cancellation;
@@ -689,6 +788,7 @@ pub(crate) async fn cancel_operation(
 )]
 pub(crate) async fn operation_events(
     State(state): State<AppState>,
+    Extension(Tenant(tenant)): Extension<Tenant>,
     id: Result<Path<OperationId>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -698,7 +798,7 @@ pub(crate) async fn operation_events(
         .try_acquire_owned()
         .map_err(|_| ApiError::TooManyStreams)?;
     let id = path_id(id)?;
-    let first = wait_for(&state, &id, None, WakeOn::Terminal).await?;
+    let first = wait_for(&state, &tenant, &id, None, WakeOn::Terminal).await?;
     let seen = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -716,8 +816,8 @@ pub(crate) async fn operation_events(
     };
     let deadline = first.deadline;
     let events = futures::stream::unfold(
-        (start, state, id, stream_permit),
-        move |(step, state, id, permit)| async move {
+        (start, state, (tenant, id), stream_permit),
+        move |(step, state, (tenant, id), permit)| async move {
             let (event, next) = match step {
                 EventStep::Done => return None,
                 EventStep::Accepted(op) => (
@@ -732,7 +832,7 @@ pub(crate) async fn operation_events(
                     let until = tokio::time::Instant::now() + left + Duration::from_secs(1);
                     let wake_on = WakeOn::TerminalOrProgressAfter(Some(after));
                     let (store, watch) = (&state.store, &state.watch);
-                    let op = lookup_when_changed(store, watch, DEFAULT_TENANT, &id, until, wake_on)
+                    let op = lookup_when_changed(store, watch, &tenant, &id, until, wake_on)
                         .await
                         .ok()
                         .flatten()?;
@@ -751,7 +851,7 @@ pub(crate) async fn operation_events(
             };
             Some((
                 Ok::<_, std::convert::Infallible>(event),
-                (next, state, id, permit),
+                (next, state, (tenant, id), permit),
             ))
         },
     );
@@ -853,6 +953,7 @@ mod tests {
             method: method.into(),
             path: path.into(),
             require_idempotency_key: require_key,
+            public: false,
             retention: std::time::Duration::from_secs(60),
             timeout: std::time::Duration::from_secs(5),
             max_body: ByteSize(16),
@@ -870,6 +971,15 @@ mod tests {
     async fn app_with_limit(
         routes: &[RouteConfig],
         max_in_flight: usize,
+    ) -> Result<Router, ConfigError> {
+        app_with_access(routes, max_in_flight, None, RateLimits::new(0, 0)).await
+    }
+
+    async fn app_with_access(
+        routes: &[RouteConfig],
+        max_in_flight: usize,
+        auth: Option<Authenticator>,
+        rate_limits: RateLimits,
     ) -> Result<Router, ConfigError> {
         use clap::Parser;
         #[derive(Parser)]
@@ -897,6 +1007,10 @@ mod tests {
             event_streams: Arc::new(Semaphore::new(1)),
             watch: Watch::default(),
             callback_allow: Arc::from([]),
+            callback_allow_private: false,
+            auth: auth.map(Arc::new),
+            rate_limits,
+            body_read_timeout: Duration::from_secs(5),
             forward_headers: Arc::from([]),
             result_headers: Arc::from([]),
             #[cfg(feature = "fault-injection")]

@@ -4,6 +4,8 @@
 //!
 //! # Layout
 //! - [`config`]: process settings (flags, `GATEWAY_*` env) and the routes file; validation.
+//! - [`auth`]: API keys and JWTs mapped to tenants; per-tenant rate limits.
+//! - [`server`]: the HTTP server loop: connection cap, header timeout and size caps, draining.
 //! - [`http`]: the router, the handlers and the tower layers, assembled in one place.
 //! - [`idempotency`]: Idempotency-Key parsing, key tokens, operation ids, fingerprints (pure).
 //! - [`accept`]: one request in, exactly one message per key written, or the existing operation found.
@@ -28,6 +30,7 @@
 //! crate, which workers use too.
 
 pub mod accept;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod dev;
@@ -40,6 +43,7 @@ pub mod openapi;
 pub mod operations;
 pub mod prefer;
 pub mod retry_after;
+pub mod server;
 pub mod store;
 pub mod telemetry;
 pub mod watch;
@@ -49,12 +53,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ConfigError, RouteConfig, Settings, header_allow_list};
+use crate::config::{ConfigError, RoutesFile, Settings, header_allow_list};
 use crate::http::AppState;
 use crate::retry_after::RetryAfter;
 use crate::store::{Store, StoreError, StreamPlan};
@@ -74,6 +77,8 @@ pub enum RunError {
     Webhooks(#[from] WebhookError),
     #[error(transparent)]
     Admin(#[from] crate::metrics::MetricsError),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthConfigError),
     #[error("HTTP server failed: {0}")]
     Serve(#[from] std::io::Error),
 }
@@ -90,10 +95,16 @@ pub enum RunError {
 /// still open when `GATEWAY_SHUTDOWN_GRACE` has passed is dropped.
 pub async fn run(
     settings: Settings,
-    routes: Vec<RouteConfig>,
+    config: RoutesFile,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
+    let RoutesFile { routes, auth } = config;
+    let authenticator = auth
+        .as_ref()
+        .map(crate::auth::Authenticator::new)
+        .transpose()?
+        .map(Arc::new);
     let admin = crate::metrics::bind_admin(settings.admin.admin_listen).await?;
     let store = Arc::new(Store::connect(&settings).await?);
     let watch = Watch::default();
@@ -111,6 +122,10 @@ pub async fn run(
         event_streams: Arc::new(Semaphore::new(settings.max_event_streams)),
         watch: watch.clone(),
         callback_allow: settings.callback_allow.clone().into(),
+        callback_allow_private: settings.callback_allow_private,
+        auth: authenticator,
+        rate_limits: crate::auth::RateLimits::new(settings.tenant_rate, settings.tenant_burst),
+        body_read_timeout: settings.body_read_timeout,
         forward_headers: header_allow_list(&settings.forward_headers)?.into(),
         result_headers: header_allow_list(&settings.result_headers)?.into(),
         #[cfg(feature = "fault-injection")]
@@ -178,16 +193,15 @@ pub async fn run(
     });
     tracing::info!(listen = %listener.local_addr()?, routes = routes.len(), "Gateway listening.");
 
-    // Small request/response exchanges on keep-alive connections must not wait for Nagle's
-    // algorithm to coalesce them with a later write.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%error, "Cannot set TCP_NODELAY on a connection.");
-        }
-    });
     let (in_flight, capacity) = (state_in_flight, settings.max_in_flight);
     let drained = draining.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let limits = crate::server::ConnectionLimits {
+        max_connections: settings.max_connections,
+        header_read_timeout: settings.header_read_timeout,
+        max_headers: settings.max_headers,
+        max_header_bytes: settings.max_header_bytes,
+    };
+    let server = crate::server::serve(listener, app, limits, async move {
         drained.cancelled().await;
         // The listener stays open while accepts are in flight: a request arriving meanwhile gets
         // a `503 shutting-down` it can act on, not a refused connection.
@@ -197,7 +211,7 @@ pub async fn run(
     });
     let grace = settings.shutdown_grace;
     tokio::select! {
-        served = server => served?,
+        () = server => {}
         () = async { draining.cancelled().await; tokio::time::sleep(grace).await } => {
             tracing::warn!(?grace, "Grace period over; dropping requests still open.");
         }

@@ -46,9 +46,14 @@ use crate::webhooks::DeliveryState;
 )]
 struct GatewayApi;
 
-/// The document for these routes.
-pub fn document(routes: &[RouteConfig]) -> utoipa::openapi::OpenApi {
+/// The document for these routes; `authenticated` when the routes file has an `[auth]` table.
+pub fn document(routes: &[RouteConfig], authenticated: bool) -> utoipa::openapi::OpenApi {
     let mut document = GatewayApi::openapi();
+    let public_paths: Vec<(String, HttpMethod)> = routes
+        .iter()
+        .filter(|r| r.public)
+        .map(|r| (route_operation(r).0, http_method(r)))
+        .collect();
     for route in routes {
         let (path, operation) = route_operation(route);
         document
@@ -61,6 +66,7 @@ pub fn document(routes: &[RouteConfig]) -> utoipa::openapi::OpenApi {
         if path == "/livez" {
             continue;
         }
+        let open = OPEN_PATHS.contains(&path.as_str());
         let operations = [
             &mut item.get,
             &mut item.put,
@@ -69,6 +75,26 @@ pub fn document(routes: &[RouteConfig]) -> utoipa::openapi::OpenApi {
             &mut item.delete,
         ];
         for operation in operations.into_iter().flatten() {
+            if authenticated && !open {
+                operation.responses.responses.insert(
+                    "401".to_owned(),
+                    problem("Credentials missing or not valid (`WWW-Authenticate` says how).")
+                        .build()
+                        .into(),
+                );
+            }
+            if !open {
+                operation
+                    .responses
+                    .responses
+                    .entry("429".to_owned())
+                    .or_insert_with(|| {
+                        problem("The tenant is over its request rate.")
+                            .header("Retry-After", retry_after_header())
+                            .build()
+                            .into()
+                    });
+            }
             operation
                 .responses
                 .responses
@@ -81,6 +107,9 @@ pub fn document(routes: &[RouteConfig]) -> utoipa::openapi::OpenApi {
                     .into()
                 });
         }
+    }
+    if authenticated {
+        declare_security(&mut document, &public_paths);
     }
     document
 }
@@ -100,21 +129,80 @@ fn problem(description: &str) -> ResponseBuilder {
 /// A `503` problem with `Retry-After`.
 fn retry_later(description: &str) -> utoipa::openapi::Response {
     problem(description)
-        .header(
-            "Retry-After",
-            HeaderBuilder::new()
-                .schema(
-                    ObjectBuilder::new()
-                        .schema_type(Type::Integer)
-                        .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
-                            utoipa::openapi::KnownFormat::Int64,
-                        )))
-                        .minimum(Some(0)),
-                )
-                .description(Some("Seconds to wait before retrying."))
-                .build(),
-        )
+        .header("Retry-After", retry_after_header())
         .build()
+}
+
+fn retry_after_header() -> utoipa::openapi::Header {
+    HeaderBuilder::new()
+        .schema(
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
+                    utoipa::openapi::KnownFormat::Int64,
+                )))
+                .minimum(Some(0)),
+        )
+        .description(Some("Seconds to wait before retrying."))
+        .build()
+}
+
+/// Paths every caller may use: no credentials, no rate limit.
+const OPEN_PATHS: [&str; 3] = ["/livez", "/readyz", "/openapi.json"];
+
+/// Declares API keys and bearer JWTs, required everywhere but on the open paths, and optional on
+/// public routes (and on status reads, which anonymous callers of public routes make).
+fn declare_security(
+    document: &mut utoipa::openapi::OpenApi,
+    public_paths: &[(String, HttpMethod)],
+) {
+    use utoipa::openapi::security::{
+        ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+    };
+    let components = document.components.get_or_insert_with(Default::default);
+    components.add_security_scheme(
+        "apiKey",
+        SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-API-Key"))),
+    );
+    components.add_security_scheme(
+        "bearer",
+        SecurityScheme::Http(
+            HttpBuilder::new()
+                .scheme(HttpAuthScheme::Bearer)
+                .bearer_format("JWT")
+                .build(),
+        ),
+    );
+    let required = vec![
+        SecurityRequirement::new("apiKey", Vec::<String>::new()),
+        SecurityRequirement::new("bearer", Vec::<String>::new()),
+    ];
+    let optional = || {
+        let mut optional = vec![SecurityRequirement::default()];
+        optional.extend(required.iter().cloned());
+        optional
+    };
+    document.security = Some(required.clone());
+    for (path, item) in document.paths.paths.iter_mut() {
+        let open = OPEN_PATHS.contains(&path.as_str());
+        let reads_of_public = path.starts_with("/operations/") && !public_paths.is_empty();
+        let methods = [
+            (HttpMethod::Get, &mut item.get),
+            (HttpMethod::Put, &mut item.put),
+            (HttpMethod::Post, &mut item.post),
+            (HttpMethod::Patch, &mut item.patch),
+            (HttpMethod::Delete, &mut item.delete),
+        ];
+        for (method, operation) in methods {
+            let Some(operation) = operation else { continue };
+            let public = public_paths.contains(&(path.clone(), method));
+            if open {
+                operation.security = Some(vec![SecurityRequirement::default()]);
+            } else if public || reads_of_public {
+                operation.security = Some(optional());
+            }
+        }
+    }
 }
 
 /// The document as the pretty JSON that `/openapi.json` serves and the repository commits.
@@ -318,7 +406,7 @@ mod tests {
     fn the_committed_document_is_the_generated_one() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
         let routes = crate::config::load_routes(&root.join("config/dev.toml")).unwrap();
-        let generated = to_json(&document(&routes));
+        let generated = to_json(&document(&routes, false));
         let committed = std::fs::read_to_string(root.join("../openapi/openapi.json")).unwrap();
         assert!(
             committed.trim_end() == generated.trim_end(),

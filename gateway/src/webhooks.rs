@@ -10,6 +10,7 @@
 //! after the last attempt the notification goes to `gw.dlq.webhook.<id>`. Each attempt's outcome is
 //! stored on `gw.cb.<id>`, and the status resource shows it.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -76,6 +77,88 @@ pub fn secret_bytes(secret: &str) -> Result<Vec<u8>, WebhookError> {
 
 /// Installs ring as the process-wide rustls crypto provider (the one async-nats already links), as
 /// the webhook client's TLS needs one. Harmless to call again.
+/// Addresses a webhook must never reach unless `GATEWAY_CALLBACK_ALLOW_PRIVATE` says so (SSRF):
+/// anything that is not a public unicast address.
+pub fn is_non_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b)) // shared address space (CGNAT)
+                || (a == 198 && (b == 18 || b == 19)) // benchmarking
+                || a >= 240
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_non_public(IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00 // unique local
+                || (first & 0xffc0) == 0xfe80 // link-local
+                || first == 0x2001 && v6.segments()[1] == 0x0db8 // documentation
+                || first == 0x0064 && v6.segments()[1] == 0xff9b // NAT64, may map to private v4
+        }
+    }
+}
+
+/// Checks where a callback URL leads: its host (an IP literal, or every address its name
+/// resolves to now) must be public, unless private destinations are allowed. Deliveries check
+/// again at connect time (see [`PublicOnly`]), so a name that later resolves elsewhere (DNS
+/// rebinding) still cannot reach a private address.
+pub async fn check_destination(url: &reqwest::Url, allow_private: bool) -> Result<(), String> {
+    if allow_private {
+        return Ok(());
+    }
+    let port = url.port_or_known_default().unwrap_or(443);
+    let addrs: Vec<SocketAddr> = match url.host() {
+        Some(url::Host::Ipv4(ip)) => vec![SocketAddr::new(ip.into(), port)],
+        Some(url::Host::Ipv6(ip)) => vec![SocketAddr::new(ip.into(), port)],
+        Some(url::Host::Domain(name)) => tokio::net::lookup_host((name, port))
+            .await
+            .map_err(|e| format!("its host does not resolve ({e})"))?
+            .collect(),
+        None => return Err("it has no host".to_owned()),
+    };
+    match addrs.iter().find(|a| is_non_public(a.ip())) {
+        Some(addr) => Err(format!(
+            "it leads to {}, which is not a public address (GATEWAY_CALLBACK_ALLOW_PRIVATE)",
+            addr.ip()
+        )),
+        None if addrs.is_empty() => Err("its host resolves to no address".to_owned()),
+        None => Ok(()),
+    }
+}
+
+/// A DNS resolver for deliveries that drops non-public addresses, so the address connected to is
+/// one that was checked.
+struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .filter(|a| !is_non_public(a.ip()))
+                .collect();
+            if addrs.is_empty() {
+                return Err(format!("{host} resolves to no public address").into());
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
@@ -101,6 +184,7 @@ pub struct Webhooks {
     secret: Vec<u8>,
     attempts: i64,
     backoff: Vec<Duration>,
+    allow_private: bool,
 }
 
 impl Webhooks {
@@ -120,9 +204,13 @@ impl Webhooks {
                 .ok_or(WebhookError::MissingSecret)?,
         )?;
         install_crypto_provider();
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .timeout(ATTEMPT_TIMEOUT)
-            .redirect(reqwest::redirect::Policy::none())
+            .redirect(reqwest::redirect::Policy::none());
+        if !settings.callback_allow_private {
+            http = http.dns_resolver(Arc::new(PublicOnly));
+        }
+        let http = http
             .build()
             .map_err(|e| WebhookError::Client(e.to_string()))?;
         Ok(Some(Self {
@@ -131,6 +219,7 @@ impl Webhooks {
             secret,
             attempts: settings.webhook_attempts.max(1),
             backoff: settings.webhook_backoff.clone(),
+            allow_private: settings.callback_allow_private,
         }))
     }
 
@@ -257,20 +346,29 @@ impl Webhooks {
         .expect("a notification serializes");
         let timestamp = OffsetDateTime::now_utc().unix_timestamp();
         let signature = sign(&self.secret, id, timestamp, &body);
-        let sent = self
-            .http
-            .post(&url)
-            .header("content-type", "application/json")
-            .header("webhook-id", id)
-            .header("webhook-timestamp", timestamp.to_string())
-            .header("webhook-signature", &signature)
-            .body(body.clone())
-            .send()
-            .await;
+        // IP literals never reach the resolver that filters names: check them here.
+        let destination = match reqwest::Url::parse(&url) {
+            Ok(parsed) => check_destination(&parsed, self.allow_private).await,
+            Err(e) => Err(e.to_string()),
+        };
+        let sent = match destination {
+            Err(reason) => Err(format!("destination refused: {reason}")),
+            Ok(()) => self
+                .http
+                .post(&url)
+                .header("content-type", "application/json")
+                .header("webhook-id", id)
+                .header("webhook-timestamp", timestamp.to_string())
+                .header("webhook-signature", &signature)
+                .body(body.clone())
+                .send()
+                .await
+                .map_err(|e| e.to_string()),
+        };
         let (delivered, last_status, last_error) = match &sent {
             Ok(r) if r.status().is_success() => (true, Some(r.status().as_u16()), None),
             Ok(r) => (false, Some(r.status().as_u16()), None),
-            Err(e) => (false, None, Some(e.to_string())),
+            Err(e) => (false, None, Some(e.clone())),
         };
         let last = attempt >= self.attempts;
         let state = DeliveryState {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use gateway::config::{Settings, load_routes};
+use gateway::config::{Settings, load_config};
 use gateway::dev::NatsProcess;
 use handlers::{Handler, Worker, WorkerConfig, WorkerStats};
 use tempfile::TempDir;
@@ -568,13 +568,13 @@ pub struct InProcessGateway {
 impl InProcessGateway {
     /// Starts a gateway and, when `wait_ready`, waits until `/readyz` says ready.
     pub async fn start(settings: Settings, wait_ready: bool) -> Self {
-        let routes = load_routes(&settings.config).expect("valid routes");
+        let config = load_config(&settings.config).expect("valid routes");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let base = format!("http://{}", listener.local_addr().unwrap());
         let stop = CancellationToken::new();
         let token = stop.clone();
         let task = tokio::spawn(async move {
-            gateway::run(settings, routes, listener, token.cancelled_owned())
+            gateway::run(settings, config, listener, token.cancelled_owned())
                 .await
                 .expect("gateway runs");
         });

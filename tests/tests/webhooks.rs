@@ -64,6 +64,8 @@ fn webhook_settings(
         &[
             "--callback-allow",
             &allow,
+            // The receiver is on loopback.
+            "--callback-allow-private",
             "--webhook-secret",
             SECRET,
             "--webhook-attempts",

@@ -110,6 +110,7 @@ fn bench_route() -> RouteConfig {
         method: "POST".into(),
         path: "/orders".into(),
         require_idempotency_key: false,
+        public: false,
         retention: Duration::from_secs(24 * 3600),
         timeout: Duration::from_secs(300),
         max_body: ByteSize(64 * 1024),

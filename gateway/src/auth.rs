@@ -1,0 +1,361 @@
+//! Who is calling: API keys and JWT bearer tokens, each mapped to a tenant; and how fast each
+//! tenant may call (a token bucket per tenant).
+//!
+//! Configured in the `[auth]` table of the routes file. API keys are stored as SHA-256 digests
+//! (hex), never in clear; a presented key is hashed and compared with every stored digest in
+//! constant time (`subtle`), so neither the comparison nor the lookup order says how close a
+//! guess came. JWTs are verified with `jsonwebtoken` (signature, `exp`/`nbf`, issuer, audience)
+//! against keys from a JWKS file (chosen by `kid`) or one static key, and the tenant is a claim.
+//!
+//! With no `[auth]` table every caller is the `default` tenant, as before. With one, routes need
+//! credentials unless marked `public = true`; anonymous callers (of public routes, and of
+//! `/operations/…`) are the `public` tenant, so they can only ever see anonymous operations.
+//! Tenants scope idempotency keys and operations (see `idempotency::key_token`); another tenant's
+//! operation answers 404, exactly like one that does not exist.
+
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::HeaderMap;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+/// The tenant of anonymous callers when authentication is configured.
+pub const PUBLIC_TENANT: &str = "public";
+
+/// The header that carries an API key.
+pub const API_KEY_HEADER: &str = "x-api-key";
+
+/// The `[auth]` table of the routes file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// API keys, as SHA-256 digests, each with its tenant.
+    #[serde(default, rename = "api_key")]
+    pub api_keys: Vec<ApiKeyConfig>,
+    /// JWT bearer tokens.
+    #[serde(default)]
+    pub jwt: Option<JwtConfig>,
+}
+
+/// One API key: `sha256` is the lowercase hex SHA-256 of the key (`printf %s KEY | sha256sum`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    pub tenant: String,
+    pub sha256: String,
+}
+
+/// How JWTs are verified and mapped to a tenant.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// Required `iss`.
+    pub issuer: String,
+    /// Required `aud` (one of).
+    pub audience: String,
+    /// A JWKS file (keys chosen by `kid`).
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// One PEM public key (RSA or EC), for tokens without a JWKS.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Accepted algorithms (default RS256).
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<Algorithm>,
+    /// The claim that names the tenant.
+    #[serde(default = "default_tenant_claim")]
+    pub tenant_claim: String,
+}
+
+fn default_algorithms() -> Vec<Algorithm> {
+    vec![Algorithm::RS256]
+}
+
+fn default_tenant_claim() -> String {
+    "tenant".to_owned()
+}
+
+/// Why the auth configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthConfigError {
+    #[error("api_key for tenant {0:?}: sha256 must be 64 lowercase hex digits")]
+    BadDigest(String),
+    #[error("tenant names must be 1-64 characters of [A-Za-z0-9_-], not \"public\": {0:?}")]
+    BadTenant(String),
+    #[error("[auth.jwt] needs exactly one of jwks_file and key_file")]
+    JwtKeySource,
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a usable key: {detail}")]
+    BadKey { path: PathBuf, detail: String },
+}
+
+/// Why a request's credentials were refused (all answer 401).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    #[error("credentials are required (an X-API-Key header or an Authorization: Bearer token)")]
+    Missing,
+    #[error("the API key is not valid")]
+    BadApiKey,
+    #[error("the bearer token is not valid: {0}")]
+    BadToken(String),
+}
+
+/// The credentials checker built from [`AuthConfig`].
+pub struct Authenticator {
+    keys: Vec<([u8; 32], String)>,
+    jwt: Option<JwtVerifier>,
+}
+
+struct JwtVerifier {
+    validation: Validation,
+    keys: JwtKeys,
+    tenant_claim: String,
+}
+
+enum JwtKeys {
+    Set(Vec<(Option<String>, DecodingKey)>),
+    Static(DecodingKey),
+}
+
+/// A tenant name a credential may map to: not the anonymous tenant, and usable anywhere.
+fn valid_tenant(tenant: &str) -> bool {
+    tenant != PUBLIC_TENANT
+        && (1..=64).contains(&tenant.len())
+        && tenant
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+impl Authenticator {
+    /// Checks the configuration and loads the key files.
+    pub fn new(config: &AuthConfig) -> Result<Self, AuthConfigError> {
+        let mut keys = Vec::new();
+        for key in &config.api_keys {
+            if !valid_tenant(&key.tenant) {
+                return Err(AuthConfigError::BadTenant(key.tenant.clone()));
+            }
+            let digest = data_encoding::HEXLOWER
+                .decode(key.sha256.as_bytes())
+                .ok()
+                .and_then(|d| <[u8; 32]>::try_from(d).ok())
+                .ok_or_else(|| AuthConfigError::BadDigest(key.tenant.clone()))?;
+            keys.push((digest, key.tenant.clone()));
+        }
+        let jwt = config.jwt.as_ref().map(JwtVerifier::new).transpose()?;
+        Ok(Self { keys, jwt })
+    }
+
+    /// The caller's tenant: `Ok(None)` when the request carries no credentials.
+    pub fn tenant(&self, headers: &HeaderMap) -> Result<Option<String>, AuthError> {
+        if let Some(key) = headers.get(API_KEY_HEADER) {
+            return self.api_key_tenant(key.as_bytes()).map(Some);
+        }
+        let Some(authorization) = headers.get(axum::http::header::AUTHORIZATION) else {
+            return Ok(None);
+        };
+        let token = authorization
+            .to_str()
+            .ok()
+            .and_then(|v| {
+                let (scheme, token) = v.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+            })
+            .ok_or_else(|| AuthError::BadToken("expected `Bearer <token>`".to_owned()))?;
+        match &self.jwt {
+            Some(jwt) => jwt.tenant(token).map(Some),
+            None => Err(AuthError::BadToken(
+                "bearer tokens are not configured".to_owned(),
+            )),
+        }
+    }
+
+    fn api_key_tenant(&self, key: &[u8]) -> Result<String, AuthError> {
+        let presented: [u8; 32] = Sha256::digest(key).into();
+        // Every stored digest is compared, whatever matches, in constant time each.
+        let mut found: Option<&String> = None;
+        for (digest, tenant) in &self.keys {
+            if bool::from(digest.ct_eq(&presented)) {
+                found = Some(tenant);
+            }
+        }
+        found.cloned().ok_or(AuthError::BadApiKey)
+    }
+}
+
+impl JwtVerifier {
+    fn new(config: &JwtConfig) -> Result<Self, AuthConfigError> {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|source| AuthConfigError::Read {
+                path: path.clone(),
+                source,
+            })
+        };
+        let bad = |path: &PathBuf, detail: String| AuthConfigError::BadKey {
+            path: path.clone(),
+            detail,
+        };
+        let keys = match (&config.jwks_file, &config.key_file) {
+            (Some(path), None) => {
+                let set: JwkSet =
+                    serde_json::from_slice(&read(path)?).map_err(|e| bad(path, e.to_string()))?;
+                let keys = set
+                    .keys
+                    .iter()
+                    .map(|jwk| {
+                        let key =
+                            DecodingKey::from_jwk(jwk).map_err(|e| bad(path, e.to_string()))?;
+                        Ok((jwk.common.key_id.clone(), key))
+                    })
+                    .collect::<Result<_, AuthConfigError>>()?;
+                JwtKeys::Set(keys)
+            }
+            (None, Some(path)) => {
+                let pem = read(path)?;
+                let key = DecodingKey::from_rsa_pem(&pem)
+                    .or_else(|_| DecodingKey::from_ec_pem(&pem))
+                    .or_else(|_| DecodingKey::from_ed_pem(&pem))
+                    .map_err(|e| bad(path, e.to_string()))?;
+                JwtKeys::Static(key)
+            }
+            _ => return Err(AuthConfigError::JwtKeySource),
+        };
+        let mut validation = Validation::new(config.algorithms[0]);
+        validation.algorithms = config.algorithms.clone();
+        validation.set_issuer(&[&config.issuer]);
+        validation.set_audience(&[&config.audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+        Ok(Self {
+            validation,
+            keys,
+            tenant_claim: config.tenant_claim.clone(),
+        })
+    }
+
+    fn tenant(&self, token: &str) -> Result<String, AuthError> {
+        let bad = |e: jsonwebtoken::errors::Error| AuthError::BadToken(e.to_string());
+        let key = match &self.keys {
+            JwtKeys::Static(key) => key,
+            JwtKeys::Set(keys) => {
+                let kid = jsonwebtoken::decode_header(token).map_err(bad)?.kid;
+                keys.iter()
+                    .find(|(id, _)| kid.is_none() || *id == kid)
+                    .map(|(_, key)| key)
+                    .ok_or_else(|| AuthError::BadToken("no key with this kid".to_owned()))?
+            }
+        };
+        let claims =
+            jsonwebtoken::decode::<serde_json::Value>(token, key, &self.validation).map_err(bad)?;
+        let tenant = claims.claims[&self.tenant_claim]
+            .as_str()
+            .filter(|t| valid_tenant(t))
+            .ok_or_else(|| {
+                AuthError::BadToken(format!(
+                    "claim {:?} names no valid tenant",
+                    self.tenant_claim
+                ))
+            })?;
+        Ok(tenant.to_owned())
+    }
+}
+
+/// Per-tenant token buckets.
+#[derive(Clone)]
+pub struct RateLimits {
+    limiter: Option<Arc<DefaultKeyedRateLimiter<String>>>,
+}
+
+impl RateLimits {
+    /// `per_second` requests a second per tenant, bursts of `burst`; 0 turns limiting off.
+    pub fn new(per_second: u32, burst: u32) -> Self {
+        let limiter = NonZeroU32::new(per_second).map(|rate| {
+            let burst = NonZeroU32::new(burst).unwrap_or(rate);
+            Arc::new(RateLimiter::keyed(
+                Quota::per_second(rate).allow_burst(burst),
+            ))
+        });
+        Self { limiter }
+    }
+
+    /// `Ok` if the tenant may make a request now, else how long until it may.
+    pub fn check(&self, tenant: &str) -> Result<(), Duration> {
+        let Some(limiter) = &self.limiter else {
+            return Ok(());
+        };
+        limiter
+            .check_key(&tenant.to_owned())
+            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex_sha256(key: &str) -> String {
+        data_encoding::HEXLOWER.encode(&Sha256::digest(key.as_bytes()))
+    }
+
+    #[test]
+    fn api_keys_map_to_their_tenant_and_unknown_keys_are_refused() {
+        let auth = Authenticator::new(&AuthConfig {
+            api_keys: vec![
+                ApiKeyConfig {
+                    tenant: "acme".into(),
+                    sha256: hex_sha256("k-acme"),
+                },
+                ApiKeyConfig {
+                    tenant: "globex".into(),
+                    sha256: hex_sha256("k-globex"),
+                },
+            ],
+            jwt: None,
+        })
+        .unwrap();
+        let mut headers = HeaderMap::new();
+        assert_eq!(auth.tenant(&headers), Ok(None));
+        headers.insert(API_KEY_HEADER, "k-globex".parse().unwrap());
+        assert_eq!(auth.tenant(&headers), Ok(Some("globex".to_owned())));
+        headers.insert(API_KEY_HEADER, "k-acmE".parse().unwrap());
+        assert_eq!(auth.tenant(&headers), Err(AuthError::BadApiKey));
+    }
+
+    #[test]
+    fn digests_and_tenants_are_checked_at_start() {
+        let config = |tenant: &str, sha256: &str| AuthConfig {
+            api_keys: vec![ApiKeyConfig {
+                tenant: tenant.into(),
+                sha256: sha256.into(),
+            }],
+            jwt: None,
+        };
+        assert!(Authenticator::new(&config("acme", "abc")).is_err());
+        assert!(Authenticator::new(&config("a.b", &hex_sha256("k"))).is_err());
+        assert!(Authenticator::new(&config("acme", &hex_sha256("k"))).is_ok());
+    }
+
+    #[test]
+    fn each_tenant_has_its_own_bucket() {
+        let limits = RateLimits::new(1, 2);
+        assert!(limits.check("a").is_ok());
+        assert!(limits.check("a").is_ok());
+        let wait = limits.check("a").unwrap_err();
+        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1));
+        assert!(limits.check("b").is_ok(), "another tenant is not limited");
+        assert!(
+            RateLimits::new(0, 0).check("a").is_ok(),
+            "0 turns limits off"
+        );
+    }
+}

@@ -1,0 +1,430 @@
+//! Who may do what: API keys and JWTs mapped to tenants, tenants isolating keys and operations,
+//! per-tenant rate limits, slow and oversized clients cut off, and callbacks that cannot reach
+//! private addresses (SSRF). Every refusal is a problem+json answer with nothing published.
+
+use std::time::Duration;
+
+use gateway_tests::{
+    InProcessGateway, Nats, RoutesFile, TestWorker, http, json, settings, stream_messages,
+    worker_config,
+};
+use handlers::contract::DEFAULT_REQUESTS_STREAM;
+use handlers::{Request, Response};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const ACME_KEY: &str = "k-acme-3f7c1e";
+const GLOBEX_KEY: &str = "k-globex-9b20d4";
+const ISSUER: &str = "https://issuer.test";
+const AUDIENCE: &str = "nats-http-gateway";
+
+fn fixture(name: &str) -> String {
+    format!("{}/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn sha256_hex(key: &str) -> String {
+    data_encoding::HEXLOWER.encode(&Sha256::digest(key.as_bytes()))
+}
+
+fn routes_with_auth() -> RoutesFile {
+    RoutesFile::new(&format!(
+        r#"
+[[route]]
+name = "orders"
+method = "POST"
+path = "/orders"
+
+[[route]]
+name = "ping"
+method = "POST"
+path = "/ping"
+public = true
+
+[auth]
+[[auth.api_key]]
+tenant = "acme"
+sha256 = "{acme}"
+
+[[auth.api_key]]
+tenant = "globex"
+sha256 = "{globex}"
+
+[auth.jwt]
+issuer = "{ISSUER}"
+audience = "{AUDIENCE}"
+jwks_file = "{jwks}"
+algorithms = ["EdDSA"]
+"#,
+        acme = sha256_hex(ACME_KEY),
+        globex = sha256_hex(GLOBEX_KEY),
+        jwks = fixture("jwks.json"),
+    ))
+}
+
+fn token(tenant: &str, audience: &str, expires_in: i64) -> String {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let claims = serde_json::json!({
+        "iss": ISSUER, "aud": audience, "sub": "someone", "tenant": tenant,
+        "iat": now, "exp": now + expires_in,
+    });
+    let mut header = Header::new(Algorithm::EdDSA);
+    header.kid = Some("test-key-1".to_owned());
+    let pem = std::fs::read(fixture("jwt-test-private.pem")).unwrap();
+    jsonwebtoken::encode(&header, &claims, &EncodingKey::from_ed_pem(&pem).unwrap()).unwrap()
+}
+
+fn echo() -> impl handlers::Handler {
+    |r: Request| async move { Ok(Response::text(200, String::from_utf8_lossy(&r.body))) }
+}
+
+async fn assert_problem(response: reqwest::Response, status: u16, slug: &str) {
+    assert_eq!(response.status(), status);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let body = json(response).await;
+    assert!(
+        body["type"].as_str().unwrap().ends_with(slug),
+        "{slug}: {body}"
+    );
+}
+
+/// Credentials map to tenants; a tenant's operations are invisible to others (404, as if they did
+/// not exist); the same key in two tenants makes two operations; anonymous callers use public
+/// routes only and see only anonymous operations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_map_to_tenants_and_tenants_are_isolated() {
+    let nats = Nats::start().await;
+    let routes = routes_with_auth();
+    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let _worker = TestWorker::start(&nats, worker_config(), "orders", echo()).await;
+    let js = nats.jetstream().await;
+    let http = http();
+    let post = |key: Option<&str>, bearer: Option<String>| {
+        let mut request = http
+            .post(gw.url("/orders"))
+            .header("idempotency-key", "\"same-key\"")
+            .body("{}");
+        if let Some(key) = key {
+            request = request.header("x-api-key", key);
+        }
+        if let Some(token) = bearer {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+
+    // Refused before anything is written.
+    let anonymous = post(None, None).await.unwrap();
+    assert!(
+        anonymous.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer")
+    );
+    assert_problem(anonymous, 401, "unauthorized").await;
+    assert_problem(
+        post(Some("k-nobody"), None).await.unwrap(),
+        401,
+        "unauthorized",
+    )
+    .await;
+    assert_problem(
+        post(None, Some(token("acme", "someone-else", 60)))
+            .await
+            .unwrap(),
+        401,
+        "unauthorized",
+    )
+    .await;
+    assert_problem(
+        post(None, Some(token("acme", AUDIENCE, -120)))
+            .await
+            .unwrap(),
+        401,
+        "unauthorized",
+    )
+    .await;
+    assert_problem(
+        post(None, Some(token("public", AUDIENCE, 60)))
+            .await
+            .unwrap(),
+        401,
+        "unauthorized",
+    )
+    .await;
+    assert_eq!(stream_messages(&js, DEFAULT_REQUESTS_STREAM).await, 0);
+
+    // The same key in two tenants: two operations.
+    let acme = post(Some(ACME_KEY), None).await.unwrap();
+    assert_eq!(acme.status(), 202);
+    let acme_id = json(acme).await["id"].as_str().unwrap().to_owned();
+    let globex = post(Some(GLOBEX_KEY), None).await.unwrap();
+    assert_eq!(globex.status(), 202);
+    let globex_id = json(globex).await["id"].as_str().unwrap().to_owned();
+    assert_ne!(acme_id, globex_id);
+    assert_eq!(stream_messages(&js, DEFAULT_REQUESTS_STREAM).await, 2);
+    // A JWT for acme is acme: its retry with the key is a replay of acme's operation.
+    let replay = post(None, Some(token("acme", AUDIENCE, 60))).await.unwrap();
+    assert_eq!(replay.status(), 202);
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert_eq!(json(replay).await["id"], acme_id.as_str());
+
+    // Another tenant's operation does not exist, whatever is asked of it.
+    let as_tenant = |key: &'static str, method: reqwest::Method, path: String| {
+        http.request(method, gw.url(&path))
+            .header("x-api-key", key)
+            .send()
+    };
+    for path in [
+        format!("/operations/{acme_id}"),
+        format!("/operations/{acme_id}/result"),
+        format!("/operations/{acme_id}/events"),
+    ] {
+        let r = as_tenant(GLOBEX_KEY, reqwest::Method::GET, path.clone())
+            .await
+            .unwrap();
+        assert_problem(r, 404, "operation-not-found").await;
+        let own = as_tenant(ACME_KEY, reqwest::Method::GET, path)
+            .await
+            .unwrap();
+        assert!(own.status().is_success(), "{}", own.status());
+    }
+    let cancel = as_tenant(
+        GLOBEX_KEY,
+        reqwest::Method::DELETE,
+        format!("/operations/{acme_id}"),
+    )
+    .await
+    .unwrap();
+    assert_problem(cancel, 404, "operation-not-found").await;
+
+    // Public route: anonymous works, and anonymous operations are only anonymous callers'.
+    let ping = http.post(gw.url("/ping")).body("hi").send().await.unwrap();
+    assert_eq!(ping.status(), 202);
+    let ping_id = json(ping).await["id"].as_str().unwrap().to_owned();
+    let read = http
+        .get(gw.url(&format!("/operations/{ping_id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), 200);
+    let by_acme = as_tenant(
+        ACME_KEY,
+        reqwest::Method::GET,
+        format!("/operations/{ping_id}"),
+    )
+    .await
+    .unwrap();
+    assert_problem(by_acme, 404, "operation-not-found").await;
+    let anonymous_read_of_acme = http
+        .get(gw.url(&format!("/operations/{acme_id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(anonymous_read_of_acme, 404, "operation-not-found").await;
+    // Health and the document need no credentials.
+    for path in ["/livez", "/readyz", "/openapi.json"] {
+        assert_eq!(http.get(gw.url(path)).send().await.unwrap().status(), 200);
+    }
+    gw.stop().await;
+}
+
+/// Each tenant has its own token bucket: over it, 429 with `Retry-After` and nothing published;
+/// another tenant is not slowed down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_are_per_tenant() {
+    let nats = Nats::start().await;
+    let routes = routes_with_auth();
+    let extra = ["--tenant-rate", "1", "--tenant-burst", "2"];
+    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &extra), true).await;
+    let js = nats.jetstream().await;
+    let http = http();
+    let post = |key: &'static str, n: usize| {
+        http.post(gw.url("/orders"))
+            .header("x-api-key", key)
+            .body(format!("{{\"n\":{n}}}"))
+            .send()
+    };
+    assert_eq!(post(ACME_KEY, 1).await.unwrap().status(), 202);
+    assert_eq!(post(ACME_KEY, 2).await.unwrap().status(), 202);
+    let limited = post(ACME_KEY, 3).await.unwrap();
+    let retry_after: u64 = limited.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry_after), "{retry_after}");
+    assert_problem(limited, 429, "rate-limited").await;
+    assert_eq!(post(GLOBEX_KEY, 4).await.unwrap().status(), 202);
+    assert_eq!(stream_messages(&js, DEFAULT_REQUESTS_STREAM).await, 3);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        post(ACME_KEY, 5).await.unwrap().status(),
+        202,
+        "the bucket refills"
+    );
+    gw.stop().await;
+}
+
+const ROUTES: &str = r#"
+[[route]]
+name = "orders"
+method = "POST"
+path = "/orders"
+"#;
+
+async fn read_all(stream: &mut TcpStream) -> String {
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .expect("the gateway ends the connection")
+        .ok();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Slowloris heads are cut off, slow bodies get 408, too many or too large headers get 431, and
+/// at most `GATEWAY_MAX_CONNECTIONS` connections are served at once; nothing is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_oversized_clients_are_cut_off() {
+    let nats = Nats::start().await;
+    let routes = RoutesFile::new(ROUTES);
+    let extra = [
+        "--header-read-timeout",
+        "1s",
+        "--body-read-timeout",
+        "1s",
+        "--max-headers",
+        "20",
+        "--max-header-bytes",
+        "8192",
+        "--max-connections",
+        "2",
+    ];
+    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &extra), true).await;
+    let addr = gw.base.trim_start_matches("http://").to_owned();
+    let js = nats.jetstream().await;
+
+    // A head that never ends: the connection is closed.
+    let mut slow_head = TcpStream::connect(&addr).await.unwrap();
+    slow_head
+        .write_all(b"POST /orders HTTP/1.1\r\nhost: gw\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let answer = read_all(&mut slow_head).await;
+    assert!(!answer.starts_with("HTTP/1.1 2"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(9));
+
+    // A body that never ends: 408 problem.
+    let mut slow_body = TcpStream::connect(&addr).await.unwrap();
+    slow_body
+        .write_all(b"POST /orders HTTP/1.1\r\nhost: gw\r\ncontent-length: 100\r\n\r\n{\"a\":")
+        .await
+        .unwrap();
+    let answer = read_all(&mut slow_body).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("application/problem+json"), "{answer}");
+    assert!(answer.contains("body-timeout"), "{answer}");
+
+    // Too many headers, and too large a head: 431.
+    let http = http();
+    let mut many = http.post(gw.url("/orders")).body("{}");
+    for i in 0..30 {
+        many = many.header(format!("x-h{i}"), "v");
+    }
+    assert_eq!(many.send().await.unwrap().status(), 431);
+    let large = http
+        .post(gw.url("/orders"))
+        .header("x-large", "v".repeat(20_000))
+        .body("{}")
+        .send()
+        .await;
+    match large {
+        Ok(r) => assert_eq!(r.status(), 431),
+        Err(e) => panic!("expected a 431 answer, got {e}"),
+    }
+
+    // Two idle connections fill the cap: a third is not served until one closes.
+    let first = TcpStream::connect(&addr).await.unwrap();
+    let _second = TcpStream::connect(&addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut third = TcpStream::connect(&addr).await.unwrap();
+    third
+        .write_all(b"GET /livez HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let waited = tokio::time::timeout(Duration::from_millis(500), third.read(&mut byte)).await;
+    assert!(
+        waited.is_err(),
+        "the third connection waits while two are open"
+    );
+    drop(first);
+    let answer = read_all(&mut third).await;
+    assert!(
+        answer.contains("200 OK"),
+        "served once a slot frees: {answer}"
+    );
+
+    assert_eq!(stream_messages(&js, DEFAULT_REQUESTS_STREAM).await, 0);
+    gw.stop().await;
+}
+
+/// A `Callback-Url` that leads to a loopback, private, link-local or unspecified address is refused
+/// (400) even when its prefix is allowed, unless private destinations are allowed explicitly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callbacks_cannot_reach_private_addresses() {
+    let nats = Nats::start().await;
+    let routes = RoutesFile::new(ROUTES);
+    let extra = ["--callback-allow", "http://", "--webhook-secret", "s3cret"];
+    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &extra), true).await;
+    let js = nats.jetstream().await;
+    let http = http();
+    for url in [
+        "http://127.0.0.1:8080/hook",
+        "http://localhost:8080/hook",
+        "http://[::1]/hook",
+        "http://10.1.2.3/hook",
+        "http://192.168.0.10/hook",
+        "http://172.16.5.5/hook",
+        "http://169.254.169.254/latest/meta-data",
+        "http://0.0.0.0/hook",
+        "http://[::ffff:127.0.0.1]/hook",
+        "http://100.64.0.1/hook",
+    ] {
+        let r = http
+            .post(gw.url("/orders"))
+            .header("callback-url", url)
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_problem(r, 400, "callback-url-not-allowed").await;
+    }
+    assert_eq!(stream_messages(&js, DEFAULT_REQUESTS_STREAM).await, 0);
+    gw.stop().await;
+
+    // Allowed explicitly (a webhook receiver on the same host, say): accepted.
+    let extra = [
+        "--callback-allow",
+        "http://",
+        "--webhook-secret",
+        "s3cret",
+        "--callback-allow-private",
+    ];
+    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &extra), true).await;
+    let r = http
+        .post(gw.url("/orders"))
+        .header("callback-url", "http://127.0.0.1:9/hook")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(stream_messages(&js, DEFAULT_REQUESTS_STREAM).await, 1);
+    gw.stop().await;
+}
