@@ -29,8 +29,34 @@ fn echo() -> impl handlers::Handler {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_live_gateway_conforms_to_its_openapi_document() {
+    conforms(&dev_routes(), &[]).await;
+}
+
+/// With `[auth]`: the document declares the API key and bearer schemes, schemathesis calls with
+/// an API key, and its `ignored_auth` check sends requests without (or with broken) credentials,
+/// which must be refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_authenticated_gateway_conforms_and_refuses_missing_credentials() {
+    const KEY: &str = "k-schemathesis-71c2";
+    let routes = format!(
+        "{}\n[auth]\n[[auth.api_key]]\ntenant = \"fuzz\"\nsha256 = \"{}\"\n",
+        dev_routes(),
+        sha256_hex(KEY)
+    );
+    conforms(&routes, &["-H", &format!("X-API-Key: {KEY}")]).await;
+}
+
+fn sha256_hex(key: &str) -> String {
+    use sha2::Digest;
+    data_encoding::HEXLOWER.encode(&sha2::Sha256::digest(key.as_bytes()))
+}
+
+/// Runs a gateway with these routes and workers for `orders` and `reports`, checks that
+/// `/openapi.json` is what `gateway openapi` prints, and runs schemathesis (`extra`: its
+/// arguments, such as credentials).
+async fn conforms(routes_toml: &str, extra: &[&str]) {
     let nats = Nats::start().await;
-    let routes = RoutesFile::new(&dev_routes());
+    let routes = RoutesFile::new(routes_toml);
     let gw = GatewayProcess::spawn(GATEWAY_BIN, &nats.url(), &routes, &[]).await;
     let _workers = [
         TestWorker::start(&nats, worker_config(), "orders", echo()).await,
@@ -53,6 +79,7 @@ async fn the_live_gateway_conforms_to_its_openapi_document() {
     );
 
     let base = gw.base.clone();
+    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
     // Schemathesis keeps a cache in its working directory; not in the repository.
     let scratch = tempfile::tempdir().unwrap();
     let cwd = scratch.path().to_owned();
@@ -66,6 +93,7 @@ async fn the_live_gateway_conforms_to_its_openapi_document() {
                 "use_after_free,positive_data_acceptance",
             ])
             .args(["--max-examples", "50", "--workers", "1", "--no-color"])
+            .args(&extra)
             .env("SCHEMATHESIS_HOOKS", "")
             .output()
             .expect("run schemathesis")
