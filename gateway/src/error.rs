@@ -73,6 +73,14 @@ pub enum ApiError {
     /// The tenant is over its request rate.
     #[error("this tenant is over its request rate; retry after {retry_after_secs} s")]
     RateLimited { retry_after_secs: u64 },
+    /// More headers, or larger ones, than `GATEWAY_MAX_HEADERS` / `GATEWAY_MAX_HEADER_BYTES`.
+    #[error(
+        "the request has more than {max_headers} headers or more than {max_bytes} bytes of them"
+    )]
+    HeadersTooLarge {
+        max_headers: usize,
+        max_bytes: usize,
+    },
     /// The body did not arrive within `GATEWAY_BODY_READ_TIMEOUT`.
     #[error("the request body did not arrive in time")]
     BodyTimeout,
@@ -128,6 +136,7 @@ impl ApiError {
             }
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::AlreadyFinished { .. } => StatusCode::CONFLICT,
             ApiError::KeyReused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::OutcomeUnknown(_)
@@ -156,6 +165,9 @@ impl ApiError {
             ApiError::Unauthorized(_) => ("unauthorized", "Unauthorized"),
             ApiError::RateLimited { .. } => ("rate-limited", "Too many requests"),
             ApiError::BodyTimeout => ("body-timeout", "Request body too slow"),
+            ApiError::HeadersTooLarge { .. } => {
+                ("headers-too-large", "Request header fields too large")
+            }
             ApiError::AlreadyFinished { .. } => ("already-finished", "Operation already finished"),
             ApiError::Key(KeyError::Missing) => {
                 ("idempotency-key-missing", "Idempotency-Key required")

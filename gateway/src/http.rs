@@ -69,6 +69,9 @@ pub struct AppState {
     pub rate_limits: RateLimits,
     /// Time a client has to send a whole request body.
     pub body_read_timeout: Duration,
+    /// Headers a request may have, and bytes its headers may take.
+    pub max_headers: usize,
+    pub max_header_bytes: usize,
     /// Request headers forwarded to workers.
     pub forward_headers: Arc<[HeaderName]>,
     /// Reply headers replayed from results.
@@ -151,6 +154,10 @@ pub fn router(state: AppState, routes: &[RouteConfig]) -> Result<Router, ConfigE
             state.clone(),
             add_retry_after,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            check_head,
+        ))
         .layer(
             tower::ServiceBuilder::new()
                 .layer(RequestBodyDeadlineLayer::new(state.body_read_timeout))
@@ -170,6 +177,27 @@ pub fn router(state: AppState, routes: &[RouteConfig]) -> Result<Router, ConfigE
         )
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .with_state(state))
+}
+
+/// Refuses requests with more headers, or larger ones, than configured (431 problem+json). hyper
+/// cuts off heads at twice these caps before any of this runs.
+async fn check_head(
+    State(state): State<AppState>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Result<Response, ApiError> {
+    let headers = request.headers();
+    let bytes: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if headers.len() > state.max_headers || bytes > state.max_header_bytes {
+        return Err(ApiError::HeadersTooLarge {
+            max_headers: state.max_headers,
+            max_bytes: state.max_header_bytes,
+        });
+    }
+    Ok(next.run(request).await)
 }
 
 /// Every 503 and 429 carries `Retry-After`: the client is expected to retry, so say when.
@@ -1011,6 +1039,8 @@ mod tests {
             auth: auth.map(Arc::new),
             rate_limits,
             body_read_timeout: Duration::from_secs(5),
+            max_headers: 64,
+            max_header_bytes: 16 * 1024,
             forward_headers: Arc::from([]),
             result_headers: Arc::from([]),
             #[cfg(feature = "fault-injection")]

@@ -126,6 +126,8 @@ pub async fn run(
         auth: authenticator,
         rate_limits: crate::auth::RateLimits::new(settings.tenant_rate, settings.tenant_burst),
         body_read_timeout: settings.body_read_timeout,
+        max_headers: settings.max_headers,
+        max_header_bytes: settings.max_header_bytes,
         forward_headers: header_allow_list(&settings.forward_headers)?.into(),
         result_headers: header_allow_list(&settings.result_headers)?.into(),
         #[cfg(feature = "fault-injection")]

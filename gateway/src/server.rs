@@ -5,7 +5,8 @@
 //! - at most `max_connections` connections at once; more wait in the kernel's accept queue;
 //! - a deadline for a request's head (`header_read_timeout`, HTTP/1: slowloris), after which
 //!   hyper closes the connection;
-//! - caps on header count and head size (hyper answers `431`);
+//! - a backstop on header count and head size at twice the configured caps (hyper answers a bare
+//!   `431`); the caps themselves are checked in [`crate::http`], which answers problem+json;
 //! - `TCP_NODELAY`, so small exchanges on keep-alive connections are not held by Nagle;
 //! - graceful shutdown: stop accepting, let open requests finish, close idle connections.
 //!
@@ -45,13 +46,15 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
-        .max_headers(limits.max_headers)
+        .max_headers(limits.max_headers.saturating_mul(2))
         // hyper's read buffer bounds the head; it cannot go below 8 KiB.
-        .max_buf_size(limits.max_header_bytes.max(8192));
+        .max_buf_size(limits.max_header_bytes.saturating_mul(2).max(8192));
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+        .max_header_list_size(
+            u32::try_from(limits.max_header_bytes.saturating_mul(2)).unwrap_or(u32::MAX),
+        );
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
