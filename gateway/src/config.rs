@@ -285,6 +285,9 @@ fn invalid(message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid(message.into())
 }
 
+/// The longest retention (and so timeout) a route may have.
+const MAX_RETENTION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// Paths the gateway serves itself; no route may take them.
 const RESERVED_PREFIXES: &[&str] = &["/operations", "/livez", "/readyz", "/openapi.json"];
 
@@ -351,6 +354,13 @@ pub fn validate_routes(routes: &[RouteConfig]) -> Result<(), ConfigError> {
         }
         if r.timeout.is_zero() {
             return Err(invalid(format!("{who}: timeout must be positive")));
+        }
+        // Deadlines are instants: they must stay far inside what a timestamp can hold.
+        if r.retention > MAX_RETENTION {
+            return Err(invalid(format!(
+                "{who}: retention ({}) must be at most 10 years",
+                humantime::format_duration(r.retention)
+            )));
         }
         // The request message is the operation's record: it must outlive the deadline, or an
         // accepted operation could vanish before it ends (and a 202 would lead to a 404).

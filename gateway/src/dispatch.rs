@@ -13,6 +13,7 @@ use std::time::Duration;
 use crate::config::{AdminArgs, NatsArgs};
 use crate::metrics::DISPATCH_REPLIES;
 use bytes::Bytes;
+use handlers::contract::is_contract_header;
 use handlers::{HandlerError, Permanent, Request, Response, Worker, WorkerConfig, WorkerStats};
 use tokio_util::sync::CancellationToken;
 
@@ -73,13 +74,6 @@ pub enum DispatchError {
     Worker(#[from] handlers::worker::WorkerError),
     #[error(transparent)]
     Admin(#[from] crate::metrics::MetricsError),
-}
-
-/// Headers of a request message that are the contract's, not the client's (`Content-Type` is
-/// set from the request's own field).
-fn is_contract_header(name: &str) -> bool {
-    let lower = name.to_ascii_lowercase();
-    lower.starts_with("gw-") || lower.starts_with("nats-") || lower == "content-type"
 }
 
 /// Runs until `shutdown`, retrying while the streams do not exist yet.
@@ -223,11 +217,13 @@ async fn forward(
     let headers = answer
         .headers()
         .iter()
+        // Framing and the contract's own headers are not the app's to store.
         .filter(|(name, _)| {
-            !matches!(
-                name.as_str(),
-                "content-type" | "content-length" | "transfer-encoding" | "connection" | "date"
-            )
+            !is_contract_header(name.as_str())
+                && !matches!(
+                    name.as_str(),
+                    "content-length" | "transfer-encoding" | "connection" | "date"
+                )
         })
         .filter_map(|(name, value)| {
             Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))

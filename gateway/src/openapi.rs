@@ -95,6 +95,12 @@ pub fn document(routes: &[RouteConfig], authenticated: bool) -> utoipa::openapi:
                             .into()
                     });
             }
+            operation.responses.responses.insert(
+                "431".to_owned(),
+                problem("More request headers, or larger ones, than the gateway takes.")
+                    .build()
+                    .into(),
+            );
             operation
                 .responses
                 .responses
@@ -369,6 +375,10 @@ fn route_operation(route: &RouteConfig) -> (String, Operation) {
         .response(
             "400",
             problem("Malformed Idempotency-Key, Callback-Url not allowed, or an unreadable body."),
+        )
+        .response(
+            "408",
+            problem("The body did not arrive within the gateway's body read timeout."),
         )
         .response("413", problem("Body over the route's limit, or over the NATS server's max_payload."))
         .response(

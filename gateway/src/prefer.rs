@@ -17,10 +17,11 @@ pub struct Preferences {
     pub respond_async: bool,
 }
 
-/// Reads every `Prefer` header of a request. The first `wait` wins, as for any repeated
-/// preference.
+/// Reads every `Prefer` header of a request. Only the first `wait` counts, readable or not
+/// (RFC 7240, section 2: a repeated preference's later instances are ignored).
 pub fn parse(headers: &HeaderMap) -> Preferences {
     let mut prefs = Preferences::default();
+    let mut wait_seen = false;
     for value in headers.get_all("prefer") {
         let Ok(text) = value.to_str() else { continue };
         for preference in split_outside_quotes(text, ',') {
@@ -32,7 +33,8 @@ pub fn parse(headers: &HeaderMap) -> Preferences {
             };
             match (name.to_ascii_lowercase().as_str(), value) {
                 ("respond-async", _) => prefs.respond_async = true,
-                ("wait", Some(v)) if prefs.wait.is_none() => {
+                ("wait", Some(v)) if !wait_seen => {
+                    wait_seen = true;
                     prefs.wait = v.parse::<u64>().ok().map(Duration::from_secs);
                 }
                 _ => {}

@@ -82,6 +82,8 @@ pub enum ContractError {
     MissingHeader(&'static str),
     #[error("header {name} has an invalid value {value:?}")]
     InvalidHeader { name: &'static str, value: String },
+    #[error("header {name:?} cannot be stored: {why}")]
+    Unstorable { name: String, why: &'static str },
 }
 
 /// Builds every subject from one prefix, so gateway and workers cannot disagree.
@@ -393,16 +395,38 @@ impl ResultRecord {
     }
 
     /// Checks what a writer controls: the status must be one HTTP can replay for a finished
-    /// operation (200-599).
+    /// operation (200-599), and the content type and extra headers must be storable as NATS
+    /// headers without touching the contract's own (a reply cannot set `Gw-Outcome`).
     pub fn validate(&self) -> Result<(), ContractError> {
-        if (200..=599).contains(&self.status) {
-            Ok(())
-        } else {
-            Err(ContractError::InvalidHeader {
+        if !(200..=599).contains(&self.status) {
+            return Err(ContractError::InvalidHeader {
                 name: header::STATUS,
                 value: self.status.to_string(),
-            })
+            });
         }
+        let unstorable = |name: &str, why: &'static str| {
+            Err(ContractError::Unstorable {
+                name: name.to_owned(),
+                why,
+            })
+        };
+        if let Some(ct) = &self.content_type
+            && ct.parse::<async_nats::HeaderValue>().is_err()
+        {
+            return unstorable(header::CONTENT_TYPE, "its value is not a header value");
+        }
+        for (name, value) in &self.headers {
+            if is_contract_header(name) {
+                return unstorable(name, "the contract owns it");
+            }
+            if name.parse::<async_nats::HeaderName>().is_err() {
+                return unstorable(name, "it is not a header name");
+            }
+            if value.parse::<async_nats::HeaderValue>().is_err() {
+                return unstorable(name, "its value is not a header value");
+            }
+        }
+        Ok(())
     }
 
     /// Reads a stored result message.
@@ -461,8 +485,9 @@ impl ResultRecord {
     }
 }
 
-/// Headers that belong to the contract or to JetStream, never to the replayed HTTP response.
-fn is_contract_header(name: &str) -> bool {
+/// Headers that belong to the contract or to JetStream, never to a forwarded request or a
+/// replayed HTTP response (`Content-Type` travels in its own field).
+pub fn is_contract_header(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
     lower.starts_with("gw-") || lower.starts_with("nats-") || lower == "content-type"
 }
