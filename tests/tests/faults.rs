@@ -25,6 +25,19 @@ const WORKER_BIN: &str = env!("CARGO_BIN_EXE_fault-worker");
 
 const GATEWAY_LOG: (&str, &str) = ("RUST_LOG", "warn,gateway=info,tower_http=error");
 
+/// An in-process echo worker on `orders` that logs every handler execution.
+async fn echo_worker(nats: &Nats) -> (TestWorker, EffectLog) {
+    let effects = EffectLog::memory();
+    let worker = TestWorker::start(
+        nats,
+        fault_worker_config(),
+        "orders",
+        echo_handler(effects.clone()),
+    )
+    .await;
+    (worker, effects)
+}
+
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
@@ -40,14 +53,7 @@ async fn nats_server_killed_under_load() {
     let env = [GATEWAY_LOG];
     let g0 = GatewayProcess::spawn(GATEWAY_BIN, &nats.url(), &routes, &env).await;
     let g1 = GatewayProcess::spawn(GATEWAY_BIN, &nats.url(), &routes, &env).await;
-    let effects = EffectLog::memory();
-    let worker = TestWorker::start(
-        &nats,
-        fault_worker_config(),
-        "orders",
-        echo_handler(effects.clone()),
-    )
-    .await;
+    let (worker, effects) = echo_worker(&nats).await;
     let run = Run::new(
         "nats-kill",
         "nats-server SIGKILLed every 2-3 s under load",
@@ -92,14 +98,7 @@ async fn gateway_killed_at_random_points() {
         GatewayProcess::spawn(GATEWAY_BIN, &nats.url(), &routes, &env).await,
     ];
     let mut hooked = [false, false];
-    let effects = EffectLog::memory();
-    let worker = TestWorker::start(
-        &nats,
-        fault_worker_config(),
-        "orders",
-        echo_handler(effects.clone()),
-    )
-    .await;
+    let (worker, effects) = echo_worker(&nats).await;
     let bases: Vec<String> = gateways.iter().map(|g| g.base.clone()).collect();
     let run = Run::new(
         "gateway-kill",
@@ -316,14 +315,7 @@ async fn proxy_stalls_and_drops_gateway_connections() {
     let env = [GATEWAY_LOG, ("GATEWAY_MAX_IN_FLIGHT", "3")];
     let g0 = GatewayProcess::spawn(GATEWAY_BIN, &proxy.nats_url(), &routes, &env).await;
     let g1 = GatewayProcess::spawn(GATEWAY_BIN, &proxy.nats_url(), &routes, &env).await;
-    let effects = EffectLog::memory();
-    let worker = TestWorker::start(
-        &nats,
-        fault_worker_config(),
-        "orders",
-        echo_handler(effects.clone()),
-    )
-    .await;
+    let (worker, effects) = echo_worker(&nats).await;
     let run = Run::new(
         "proxy",
         "TCP proxy between the gateways and NATS stalls, drops and refuses connections",
@@ -495,14 +487,7 @@ async fn the_checker_sees_a_lost_and_an_unexpected_request() {
     let nats = Nats::start().await;
     let routes = RoutesFile::new(FAULT_ROUTES);
     let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
-    let effects = EffectLog::memory();
-    let worker = TestWorker::start(
-        &nats,
-        fault_worker_config(),
-        "orders",
-        echo_handler(effects.clone()),
-    )
-    .await;
+    let (worker, effects) = echo_worker(&nats).await;
     let (history, http) = (History::new(), fault_http());
     let endpoints = Endpoints::new(std::slice::from_ref(&gw.base));
     let mut ops = Vec::new();
