@@ -58,7 +58,6 @@ pub fn init(format: LogFormat, service: &'static str) -> Result<Telemetry, Telem
         || std::env::var_os("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some();
     let provider = if exporting {
         // The exporter's HTTP client is reqwest with rustls, like the webhooks'.
-        crate::webhooks::install_crypto_provider();
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .build()?;

@@ -12,13 +12,13 @@ use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderValue};
 use bytes::Bytes;
-use gateway::accept::Submission;
 use gateway::config::{ByteSize, ConfigError, RouteConfig, header_allow_list, load_routes};
-use gateway::idempotency::{
+use gateway::http::prefer::{self, Preferences};
+use gateway::operations::Submission;
+use gateway::operations::idempotency::{
     self, KEY_TOKEN_LEN, KeyError, MAX_KEY_LEN, OPERATION_ID_LEN, RequestIdentity, decode_key,
     format_key, key_token, key_token_of, new_operation_id, parse_key,
 };
-use gateway::prefer::{self, Preferences};
 use handlers::contract::{Request, Subjects, header};
 use proptest::prelude::*;
 use time::OffsetDateTime;
@@ -126,7 +126,7 @@ proptest! {
         prop_assert!(formatted.starts_with('"') && formatted.ends_with('"'), "{}", formatted);
         prop_assert_eq!(decode_key(formatted.as_bytes()), Ok(key.clone()));
         let h = headers(idempotency::HEADER, &[formatted.into_bytes()]);
-        prop_assert_eq!(parse_key(&h), Ok(Some(key)));
+        prop_assert_eq!(parse_key(h.get_all(idempotency::HEADER)), Ok(Some(key)));
     }
 
     /// Any header bytes: no panic; an accepted key is 1-255 characters of printable ASCII and
@@ -147,7 +147,7 @@ proptest! {
         if let Ok(hv) = HeaderValue::from_bytes(&value) {
             let mut h = HeaderMap::new();
             h.insert(idempotency::HEADER, hv);
-            prop_assert_eq!(parse_key(&h), decoded.map(Some));
+            prop_assert_eq!(parse_key(h.get_all(idempotency::HEADER)), decoded.map(Some));
         }
     }
 
@@ -188,7 +188,7 @@ proptest! {
     fn repeated_headers_are_refused(
         values in proptest::collection::vec("[ -~]{0,20}".prop_map(String::into_bytes), 2..5),
     ) {
-        prop_assert_eq!(parse_key(&headers(idempotency::HEADER, &values)), Err(KeyError::Repeated));
+        prop_assert_eq!(parse_key(headers(idempotency::HEADER, &values).get_all(idempotency::HEADER)), Err(KeyError::Repeated));
     }
 
     /// The key token is deterministic, 26 characters of lowercase base32, and two different
@@ -1215,19 +1215,19 @@ proptest! {
         let message = submission.message(&subjects, &token, &fingerprint, now());
 
         prop_assert_eq!(&message.subject, &subjects.request(&loaded.name, &token));
-        prop_assert_eq!(key_token_of(&message.operation_id), Some(token.as_str()));
-        prop_assert_eq!(Some(message.deadline), deadline);
+        prop_assert_eq!(key_token_of(&message.head.operation_id), Some(token.as_str()));
+        prop_assert_eq!(Some(message.head.deadline), deadline);
         prop_assert_eq!(message.ttl, loaded.retention);
 
         let request = Request::from_parts(message.headers.clone(), Bytes::from(body.clone())).unwrap();
-        prop_assert_eq!(&request.operation_id, &message.operation_id);
+        prop_assert_eq!(&request.operation_id, &message.head.operation_id);
         prop_assert_eq!(&request.route, &loaded.name);
         prop_assert_eq!(request.method.as_str(), method.as_str());
         prop_assert_eq!(&request.path, &path);
         prop_assert_eq!(&request.query, &query);
         prop_assert_eq!(&request.content_type, &content_type);
-        prop_assert_eq!(&request.reply_subject, &subjects.result(&message.operation_id));
-        prop_assert_eq!(request.deadline, message.deadline);
+        prop_assert_eq!(&request.reply_subject, &subjects.result(&message.head.operation_id));
+        prop_assert_eq!(request.deadline, message.head.deadline);
         prop_assert_eq!(request.retention_secs, Some(loaded.retention.as_secs().max(1)));
         prop_assert_eq!(request.tenant.as_deref(), Some(tenant.as_str()));
         prop_assert_eq!(request.fingerprint.as_deref(), Some(fingerprint.as_str()));
@@ -1244,7 +1244,7 @@ proptest! {
         // A forwarded header can never shadow a contract header.
         prop_assert_eq!(
             handlers::contract::header_str(&request.headers, header::OPERATION_ID),
-            Some(message.operation_id.as_str())
+            Some(message.head.operation_id.as_str())
         );
     }
 }

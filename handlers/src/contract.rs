@@ -201,9 +201,11 @@ fn parse_time(name: &'static str, value: &str) -> Result<OffsetDateTime, Contrac
     })
 }
 
-/// An accepted request as a worker sees it.
-#[derive(Debug, Clone)]
-pub struct Request {
+/// The contract's part of a request message: every field the gateway writes as a `Gw-*` header
+/// (plus `Content-Type`), and every reader parses. [`RequestHead::to_headers`] is the one writer,
+/// [`RequestHead::from_headers`] the one reader; a property test holds them to each other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHead {
     pub operation_id: String,
     pub route: String,
     pub method: String,
@@ -221,6 +223,77 @@ pub struct Request {
     pub fingerprint: Option<String>,
     /// The completion webhook's URL, if the client or the route set one.
     pub callback_url: Option<String>,
+}
+
+impl RequestHead {
+    /// The NATS headers of a request message: `forwarded` (client headers on the allow-list) first,
+    /// then the contract's own, so that no forwarded header can shadow a contract header.
+    pub fn to_headers(&self, forwarded: &[(String, String)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (name, value) in forwarded {
+            h.append(name.as_str(), value.as_str());
+        }
+        let retention = self.retention_secs.map(|secs| secs.to_string());
+        let deadline = format_time(self.deadline);
+        let fields = [
+            (header::OPERATION_ID, Some(self.operation_id.as_str())),
+            (header::ROUTE, Some(self.route.as_str())),
+            (header::METHOD, Some(self.method.as_str())),
+            (header::PATH, Some(self.path.as_str())),
+            (header::QUERY, self.query.as_deref()),
+            (header::CONTENT_TYPE, self.content_type.as_deref()),
+            (header::REPLY_SUBJECT, Some(self.reply_subject.as_str())),
+            (header::DEADLINE, Some(deadline.as_str())),
+            (header::RETENTION, retention.as_deref()),
+            (header::TENANT, self.tenant.as_deref()),
+            (header::IDEMPOTENCY_KEY, self.idempotency_key.as_deref()),
+            (header::FINGERPRINT, self.fingerprint.as_deref()),
+            (header::CALLBACK_URL, self.callback_url.as_deref()),
+        ];
+        for (name, value) in fields {
+            if let Some(value) = value {
+                h.insert(name, value);
+            }
+        }
+        h
+    }
+
+    /// Reads the contract's fields of a request message. Names match in any case (a foreign
+    /// writer may lowercase them); the six a worker needs are required.
+    pub fn from_headers(headers: &HeaderMap) -> Result<Self, ContractError> {
+        let deadline = parse_time(header::DEADLINE, required(headers, header::DEADLINE)?)?;
+        let retention_secs = match header_str(headers, header::RETENTION) {
+            None => None,
+            Some(v) => Some(v.parse().map_err(|_| ContractError::InvalidHeader {
+                name: header::RETENTION,
+                value: v.to_owned(),
+            })?),
+        };
+        let optional = |name| header_str(headers, name).map(str::to_owned);
+        Ok(Self {
+            operation_id: required(headers, header::OPERATION_ID)?.to_owned(),
+            route: required(headers, header::ROUTE)?.to_owned(),
+            method: required(headers, header::METHOD)?.to_owned(),
+            path: required(headers, header::PATH)?.to_owned(),
+            query: optional(header::QUERY),
+            content_type: optional(header::CONTENT_TYPE),
+            reply_subject: required(headers, header::REPLY_SUBJECT)?.to_owned(),
+            deadline,
+            retention_secs,
+            tenant: optional(header::TENANT),
+            idempotency_key: optional(header::IDEMPOTENCY_KEY),
+            fingerprint: optional(header::FINGERPRINT),
+            callback_url: optional(header::CALLBACK_URL),
+        })
+    }
+}
+
+/// An accepted request as a worker sees it: the contract's fields (reachable as fields of the
+/// request itself, `request.route`, through `Deref`), all headers, the body, and the handles a
+/// running handler uses.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub head: RequestHead,
     /// All headers of the message, forwarded HTTP headers included.
     pub headers: HeaderMap,
     pub body: Bytes,
@@ -229,50 +302,28 @@ pub struct Request {
     pub cancellation: tokio_util::sync::CancellationToken,
     /// Reports progress that the status resource and event streams show (set by
     /// `handlers::Worker`; a request read elsewhere reports nowhere).
-    pub progress: crate::jetstream::ProgressReporter,
+    pub progress: crate::progress::ProgressReporter,
 }
 
 impl Request {
     /// Reads a request message (payload = HTTP body).
     pub fn from_parts(headers: HeaderMap, body: Bytes) -> Result<Self, ContractError> {
-        let deadline = parse_time(header::DEADLINE, required(&headers, header::DEADLINE)?)?;
-        let retention_secs = match header_str(&headers, header::RETENTION) {
-            None => None,
-            Some(v) => Some(v.parse().map_err(|_| ContractError::InvalidHeader {
-                name: header::RETENTION,
-                value: v.to_owned(),
-            })?),
-        };
         Ok(Self {
-            operation_id: required(&headers, header::OPERATION_ID)?.to_owned(),
-            route: required(&headers, header::ROUTE)?.to_owned(),
-            method: required(&headers, header::METHOD)?.to_owned(),
-            path: required(&headers, header::PATH)?.to_owned(),
-            query: header_str(&headers, header::QUERY).map(str::to_owned),
-            content_type: header_str(&headers, header::CONTENT_TYPE).map(str::to_owned),
-            reply_subject: required(&headers, header::REPLY_SUBJECT)?.to_owned(),
-            deadline,
-            retention_secs,
-            tenant: header_str(&headers, header::TENANT).map(str::to_owned),
-            idempotency_key: header_str(&headers, header::IDEMPOTENCY_KEY).map(str::to_owned),
-            fingerprint: header_str(&headers, header::FINGERPRINT).map(str::to_owned),
-            callback_url: header_str(&headers, header::CALLBACK_URL).map(str::to_owned),
+            head: RequestHead::from_headers(&headers)?,
             headers,
             body,
             cancellation: tokio_util::sync::CancellationToken::new(),
-            progress: crate::jetstream::ProgressReporter::detached(),
+            progress: crate::progress::ProgressReporter::detached(),
         })
     }
 }
 
-/// A worker's progress report on `gw.prog.<operation-id>` (JSON payload; the last one counts).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Progress {
-    /// 0-100, when the worker knows.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub percent: Option<u8>,
-    #[serde(default)]
-    pub message: String,
+impl std::ops::Deref for Request {
+    type Target = RequestHead;
+
+    fn deref(&self) -> &RequestHead {
+        &self.head
+    }
 }
 
 /// What a terminal record says happened.

@@ -275,49 +275,6 @@ pub async fn last_matching(
     .await
 }
 
-/// Publishes an operation's progress reports (`gw.prog.<id>`, the last one counts).
-#[derive(Clone, Debug, Default)]
-pub struct ProgressReporter {
-    target: Option<(async_nats::jetstream::Context, String, Option<Duration>)>,
-}
-
-impl ProgressReporter {
-    /// A reporter that publishes to `subject`, each report kept for `ttl`.
-    pub fn new(js: async_nats::jetstream::Context, subject: String, ttl: Option<Duration>) -> Self {
-        Self {
-            target: Some((js, subject, ttl)),
-        }
-    }
-
-    /// A reporter that reports nowhere.
-    pub fn detached() -> Self {
-        Self::default()
-    }
-
-    /// Reports progress; waits for JetStream's ack. Reporting is best effort for the handler: an
-    /// error here does not fail the operation unless the handler chooses so.
-    pub async fn report(
-        &self,
-        percent: Option<u8>,
-        message: impl Into<String>,
-    ) -> Result<(), JetStreamError> {
-        let Some((js, subject, ttl)) = &self.target else {
-            return Ok(());
-        };
-        let progress = crate::contract::Progress {
-            percent: percent.map(|p| p.min(100)),
-            message: message.into(),
-        };
-        let payload = serde_json::to_vec(&progress).expect("progress serializes");
-        let mut publish = PublishMessage::build().payload(Bytes::from(payload));
-        if let Some(ttl) = ttl {
-            publish = publish.ttl(*ttl);
-        }
-        js.send_publish(subject.clone(), publish).await?.await?;
-        Ok(())
-    }
-}
-
 /// What happened to a terminal record written with [`publish_result`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ResultWrite {

@@ -3,6 +3,8 @@
 //! # Layout
 //! - [`contract`]: the wire contract: subjects, header names, and the request and result
 //!   message shapes. The only place that defines how messages look.
+//! - [`progress`]: progress reports of pending operations (advisory).
+//! - [`handler`]: what a worker's code implements and returns (no NATS in it).
 //! - [`jetstream`]: the JetStream primitives both sides use: create-if-absent, direct get,
 //!   first-writer-wins result writes.
 //! - [`stateful`]: stateful handlers: state, processed marker and reply committed in one atomic
@@ -16,11 +18,15 @@
 
 pub mod contract;
 pub mod faults;
+pub mod handler;
 pub mod jetstream;
+pub mod progress;
 pub mod stateful;
 pub mod trace;
 pub mod worker;
 
-pub use contract::{Outcome, Request, ResultRecord, Subjects};
+pub use contract::{Outcome, Request, RequestHead, ResultRecord, Subjects};
+pub use handler::{Handler, HandlerError, Permanent, Response};
+pub use progress::{Progress, ProgressReporter};
 pub use stateful::{StateStore, StatefulContext};
-pub use worker::{Handler, HandlerError, Permanent, Response, Worker, WorkerConfig, WorkerStats};
+pub use worker::{Worker, WorkerConfig, WorkerStats};

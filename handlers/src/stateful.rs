@@ -32,8 +32,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::contract::{Request, ResultRecord, err_code};
+use crate::handler::{BoxFuture, HandlerError, Response};
 use crate::jetstream::{JetStreamError, last_on_subject_from_leader};
-use crate::worker::{HandlerError, Response};
 
 /// The worker-owned stream that holds state and markers.
 #[derive(Clone, Debug)]
@@ -311,8 +311,6 @@ impl StatefulContext {
         format!("{}-{}", self.request.operation_id, *n)
     }
 }
-
-type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
 /// A handler with state: `async fn(Arc<StatefulContext>) -> Result<Response, HandlerError>`.
 pub trait StatefulHandler: Send + Sync + 'static {

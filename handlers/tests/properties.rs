@@ -11,8 +11,9 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
 use handlers::contract::{
-    ContractError, Outcome, Progress, Request, ResultRecord, format_time, header, header_str,
+    ContractError, Outcome, Request, RequestHead, ResultRecord, format_time, header, header_str,
 };
+use handlers::progress::Progress;
 use proptest::prelude::*;
 use time::OffsetDateTime;
 
@@ -499,6 +500,30 @@ proptest! {
         assert_request_matches(&r, &f, &body);
     }
 
+    /// The contract's writer and reader agree: what `RequestHead::to_headers` writes,
+    /// `Request::from_parts` reads back field for field, with the forwarded headers beside it.
+    #[test]
+    fn written_requests_read_back(f in request_fields(), body in body()) {
+        let head = RequestHead {
+            operation_id: f.operation_id.clone(),
+            route: f.route.clone(),
+            method: f.method.clone(),
+            path: f.path.clone(),
+            query: f.query.clone(),
+            content_type: f.content_type.clone(),
+            reply_subject: f.reply_subject.clone(),
+            deadline: f.deadline,
+            retention_secs: f.retention_secs,
+            tenant: f.tenant.clone(),
+            idempotency_key: f.idempotency_key.clone(),
+            fingerprint: f.fingerprint.clone(),
+            callback_url: f.callback_url.clone(),
+        };
+        let r = Request::from_parts(head.to_headers(&f.extra), body.clone()).unwrap();
+        prop_assert_eq!(&r.head, &head);
+        assert_request_matches(&r, &f, &body);
+    }
+
     /// Leaving out any one required header gives `MissingHeader` naming exactly that header.
     #[test]
     fn request_missing_header_is_named(
@@ -509,7 +534,7 @@ proptest! {
         let result = Request::from_parts(request_headers(&f, lowercase, Some(which)), Bytes::new());
         prop_assert!(
             matches!(result, Err(ContractError::MissingHeader(name)) if name == which),
-            "without {}: {:?}", which, result.map(|r| r.operation_id)
+            "without {}: {:?}", which, result.map(|r| r.head.operation_id)
         );
     }
 

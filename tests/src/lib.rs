@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use gateway::cli::dev::NatsProcess;
 use gateway::config::{Settings, load_config};
-use gateway::dev::NatsProcess;
 use handlers::{Handler, Worker, WorkerConfig, WorkerStats};
 use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -84,7 +84,7 @@ impl Nats {
     pub async fn start() -> Self {
         // Every test starts here: give reqwest (built with the gateway's TLS settings) its
         // crypto provider before any client exists.
-        gateway::webhooks::install_crypto_provider();
+        gateway::install_crypto_provider();
         let dir = tempfile::tempdir().expect("temp dir");
         let process = NatsProcess::start(&nats_server_bin(), None, dir.path(), &[])
             .await
@@ -167,7 +167,7 @@ struct ClusterNode {
 impl NatsCluster {
     /// Starts `size` nodes and waits until the cluster can serve replicated JetStream streams.
     pub async fn start(size: usize) -> Self {
-        gateway::webhooks::install_crypto_provider();
+        gateway::install_crypto_provider();
         // Cluster ports must be known before the first node starts (each node routes to all).
         // They are reserved by binding and releasing; a port taken in between makes a node fail
         // to start, and then the whole cluster is tried again on new ports.
@@ -184,7 +184,7 @@ impl NatsCluster {
         panic!("nats cluster does not start: {last_error:?}");
     }
 
-    async fn try_start(size: usize) -> Result<Self, gateway::dev::NatsProcessError> {
+    async fn try_start(size: usize) -> Result<Self, gateway::cli::dev::NatsProcessError> {
         static CLUSTERS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let name = format!(
             "gw-test-{}-{}",
@@ -217,7 +217,7 @@ impl NatsCluster {
             async move {
                 let process =
                     NatsProcess::start(&nats_server_bin(), None, dir.path(), &args).await?;
-                Ok::<_, gateway::dev::NatsProcessError>(ClusterNode {
+                Ok::<_, gateway::cli::dev::NatsProcessError>(ClusterNode {
                     server_name,
                     port: process.port(),
                     process: Some(process),
@@ -469,7 +469,8 @@ fn signal(pid: u32, signal: &str) {
 /// delivered again, as a producer duplicate (or a re-drive) would be.
 pub async fn duplicate_request(nats: &Nats, route: &str, operation_id: &str, copy: &str) {
     use handlers::contract::{DEFAULT_REQUESTS_STREAM, Subjects};
-    let token = gateway::idempotency::key_token_of(operation_id).expect("gateway-made id");
+    let token =
+        gateway::operations::idempotency::key_token_of(operation_id).expect("gateway-made id");
     let original = handlers::jetstream::last_matching(
         &nats.client().await,
         DEFAULT_REQUESTS_STREAM,

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use gateway::idempotency::key_token;
+use gateway::operations::idempotency::key_token;
 use gateway_tests::*;
 use handlers::contract::{DEFAULT_REQUESTS_STREAM, DEFAULT_RESULTS_STREAM, ResultRecord, Subjects};
 use handlers::jetstream::{ResultWrite, last_on_subject, publish_result};

@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use clap::Parser;
-use gateway::dispatch::DispatchArgs;
+use gateway::cli::dispatch::DispatchArgs;
 use gateway_tests::*;
 use tokio_util::sync::CancellationToken;
 
@@ -152,7 +152,7 @@ fn start_dispatcher(nats: &Nats, upstream: &str) -> CancellationToken {
     .dispatch;
     let stop = CancellationToken::new();
     let token = stop.clone();
-    tokio::spawn(async move { gateway::dispatch::run(args, token).await.unwrap() });
+    tokio::spawn(async move { gateway::cli::dispatch::run(args, token).await.unwrap() });
     stop
 }
 

@@ -99,8 +99,8 @@ fn verified_id(headers: &HeaderMap, body: &str) -> String {
         .unwrap()
         .parse()
         .unwrap();
-    let secret = gateway::webhooks::secret_bytes(SECRET).unwrap();
-    let expected = gateway::webhooks::sign(&secret, &id, timestamp, body.as_bytes());
+    let secret = gateway::operations::webhooks::secret_bytes(SECRET).unwrap();
+    let expected = gateway::operations::webhooks::sign(&secret, &id, timestamp, body.as_bytes());
     assert_eq!(
         headers["webhook-signature"].to_str().unwrap(),
         expected,

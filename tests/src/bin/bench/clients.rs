@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use gateway::accept::Submission;
 use gateway::config::RouteConfig;
-use gateway::operations::DEFAULT_TENANT;
+use gateway::http::auth::DEFAULT_TENANT;
+use gateway::operations::Submission;
 use handlers::contract::{DEFAULT_REQUESTS_STREAM, DEFAULT_RESULTS_STREAM, Subjects};
 use handlers::jetstream::{CreateOutcome, create_if_absent, last_matching, last_on_subject};
 use http_body_util::{BodyExt, Full};
@@ -229,7 +229,7 @@ impl Client for RawPublish {
                 &submission.fingerprint(),
                 OffsetDateTime::now_utc(),
             );
-            let id = message.operation_id.clone();
+            let id = message.head.operation_id.clone();
             let written = create_if_absent(
                 &self.js,
                 message.subject,
@@ -260,7 +260,8 @@ impl Client for RawLookup {
     fn call(&mut self, seq: u64) -> OpFuture<'_> {
         Box::pin(async move {
             let id = &self.ids[seq as usize % self.ids.len()];
-            let key_token = gateway::idempotency::key_token_of(id).expect("gateway-made id");
+            let key_token =
+                gateway::operations::idempotency::key_token_of(id).expect("gateway-made id");
             let request_pattern = self.subjects.request_any_route(key_token);
             let result_subject = self.subjects.result(id);
             let (request, result) = tokio::join!(

@@ -316,7 +316,8 @@ async fn main() -> anyhow::Result<()> {
         .map(|id| {
             let (client, subjects) = (&client, &subjects);
             async move {
-                let token = gateway::idempotency::key_token_of(id).expect("gateway-made id");
+                let token =
+                    gateway::operations::idempotency::key_token_of(id).expect("gateway-made id");
                 let pattern = subjects.request_any_route(token);
                 let found =
                     handlers::jetstream::last_matching(client, DEFAULT_REQUESTS_STREAM, &pattern)

@@ -143,7 +143,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let config = load_config(&settings.config)?;
     let mut nats =
         NatsProcess::start(&args.nats_server, Some(args.nats_port), &args.data_dir, &[]).await?;
-    settings.nats.nats_url = nats.url();
+    settings.jetstream.nats.nats_url = nats.url();
     let listener = TcpListener::bind(settings.listen).await?;
     print_walkthrough(&listener.local_addr()?.to_string(), &nats.url());
 
@@ -152,7 +152,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let gateway_stop = stop.clone();
     let result = crate::run(settings, config, listener, async move {
         tokio::select! {
-            () = crate::cli::shutdown_signal() => {}
+            () = crate::shutdown_signal() => {}
             () = gateway_stop.cancelled() => {}
         }
     })
@@ -169,7 +169,7 @@ async fn run_example_worker(settings: Settings, stop: CancellationToken) {
     let client = match async_nats::ConnectOptions::new()
         .name("example-worker")
         .retry_on_initial_connect()
-        .connect(crate::store::server_addrs(&settings.nats.nats_url))
+        .connect(settings.jetstream.nats.server_addrs())
         .await
     {
         Ok(client) => client,
@@ -178,7 +178,7 @@ async fn run_example_worker(settings: Settings, stop: CancellationToken) {
             return;
         }
     };
-    let config = settings.nats.worker_config("example");
+    let config = settings.jetstream.nats.worker_config("example");
     let js = async_nats::jetstream::new(client);
     // The gateway provisions the streams; until it has, starting fails and is retried.
     while !stop.is_cancelled() {

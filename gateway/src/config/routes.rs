@@ -1,170 +1,15 @@
-//! Configuration: process settings from flags and `GATEWAY_*` environment variables (clap), routes
-//! from a TOML file. Everything is validated once at start; nothing reads the environment later.
+//! The routes file (TOML): each route's method, path, limits and timings, and the `[auth]` table
+//! of who may call. Read and validated once at start.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use axum::http::{HeaderName, Method};
+use axum::http::Method;
+use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 
-/// Process settings. Every flag has a `GATEWAY_*` environment variable.
-#[derive(Debug, Clone, clap::Args)]
-pub struct Settings {
-    /// TOML file with the routes.
-    #[arg(long, env = "GATEWAY_CONFIG")]
-    pub config: PathBuf,
-    /// Address the HTTP server listens on.
-    #[arg(long, env = "GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
-    pub listen: SocketAddr,
-    #[command(flatten)]
-    pub admin: AdminArgs,
-    /// After SIGTERM: readiness turns false and new requests get 503 at once; requests in
-    /// flight finish and waiters get their answer, within this much time, then the process exits.
-    #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
-    pub shutdown_grace: Duration,
-    #[command(flatten)]
-    pub nats: NatsArgs,
-    /// Stream that holds progress reports, webhook delivery states and dead letters.
-    #[arg(long, env = "GATEWAY_EVENTS_STREAM", default_value = "GW_EVENTS")]
-    pub events_stream: String,
-    /// URL prefixes a client's `Callback-Url` may start with (comma-separated); empty: the header
-    /// is refused. Routes' own `callback_url` need no entry.
-    #[arg(long, env = "GATEWAY_CALLBACK_ALLOW", value_delimiter = ',')]
-    pub callback_allow: Vec<String>,
-    /// Key that signs webhooks (Standard Webhooks: `whsec_` + base64, or any text). Required when
-    /// webhooks are possible.
-    #[arg(long, env = "GATEWAY_WEBHOOK_SECRET", hide_env_values = true)]
-    pub webhook_secret: Option<String>,
-    /// Delivery attempts per webhook before it goes to the dead-letter subject.
-    #[arg(long, env = "GATEWAY_WEBHOOK_ATTEMPTS", default_value_t = 8)]
-    pub webhook_attempts: i64,
-    /// Delays between webhook attempts (comma-separated; the last repeats).
-    #[arg(
-        long,
-        env = "GATEWAY_WEBHOOK_BACKOFF",
-        value_delimiter = ',',
-        default_value = "1s,5s,30s,2m,10m,30m",
-        value_parser = humantime::parse_duration
-    )]
-    pub webhook_backoff: Vec<Duration>,
-    /// Replicas of each stream (1 for a single server, 3 for a cluster).
-    #[arg(long, env = "GATEWAY_STREAM_REPLICAS", default_value_t = 1)]
-    pub stream_replicas: usize,
-    /// JetStream's duplicate window on the requests stream. Idempotency does not depend on it.
-    #[arg(long, env = "GATEWAY_DUPLICATE_WINDOW", default_value = "2m", value_parser = humantime::parse_duration)]
-    pub duplicate_window: Duration,
-    /// How long to wait for a JetStream ack or read before answering 503.
-    #[arg(long, env = "GATEWAY_NATS_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
-    pub nats_timeout: Duration,
-    /// Requests a second per tenant (token bucket); more get 429 with `Retry-After`. 0: no limit.
-    #[arg(long, env = "GATEWAY_TENANT_RATE", default_value_t = 0)]
-    pub tenant_rate: u32,
-    /// Burst a tenant may send above its rate (default: the rate).
-    #[arg(long, env = "GATEWAY_TENANT_BURST", default_value_t = 0)]
-    pub tenant_burst: u32,
-    /// Client connections open at once; more wait in the kernel's accept queue.
-    #[arg(long, env = "GATEWAY_MAX_CONNECTIONS", default_value_t = 10_000)]
-    pub max_connections: usize,
-    /// Time a client has to send a request's headers (slowloris); the connection is closed after.
-    #[arg(long, env = "GATEWAY_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub header_read_timeout: Duration,
-    /// Time a client has to send a request's whole body; 408 after.
-    #[arg(long, env = "GATEWAY_BODY_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub body_read_timeout: Duration,
-    /// Headers a request may have; more: 431.
-    #[arg(long, env = "GATEWAY_MAX_HEADERS", default_value_t = 64)]
-    pub max_headers: usize,
-    /// Bytes a request's head (request line and headers) may take; more: 431.
-    #[arg(long, env = "GATEWAY_MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
-    pub max_header_bytes: usize,
-    /// Let `Callback-Url` (and routes' `callback_url`) reach loopback, link-local, private and
-    /// other non-public addresses. Off: the gateway never calls them (SSRF).
-    #[arg(long, env = "GATEWAY_CALLBACK_ALLOW_PRIVATE", default_value_t = false)]
-    pub callback_allow_private: bool,
-    /// Requests handled at once; more are shed at once with 503 and `Retry-After` instead of
-    /// queueing (health endpoints are never shed).
-    #[arg(long, env = "GATEWAY_MAX_IN_FLIGHT", default_value_t = 256)]
-    pub max_in_flight: usize,
-    /// Longest wait a client may ask for with `Prefer: wait=N` or `?wait=N`.
-    #[arg(long, env = "GATEWAY_MAX_WAIT", default_value = "60s", value_parser = humantime::parse_duration)]
-    pub max_wait: Duration,
-    /// Event streams (`GET /operations/{id}/events`) open at once; more get 429.
-    #[arg(long, env = "GATEWAY_MAX_EVENT_STREAMS", default_value_t = 10_000)]
-    pub max_event_streams: usize,
-    /// Seconds in `Retry-After` on 503 and 429 answers, and on pending operations while there is
-    /// no estimate from the route's backlog.
-    #[arg(long, env = "GATEWAY_RETRY_AFTER", default_value_t = 1)]
-    pub retry_after_secs: u64,
-    /// Upper bound of the computed `Retry-After` of pending operations.
-    #[arg(long, env = "GATEWAY_RETRY_AFTER_MAX", default_value_t = 60)]
-    pub retry_after_max_secs: u64,
-    /// Request headers forwarded to workers (comma-separated, case-insensitive).
-    #[arg(
-        long,
-        env = "GATEWAY_FORWARD_HEADERS",
-        value_delimiter = ',',
-        default_value = "accept,accept-language,user-agent,x-request-id"
-    )]
-    pub forward_headers: Vec<String>,
-    /// Headers of a worker's reply that `GET /operations/{id}/result` replays.
-    #[arg(
-        long,
-        env = "GATEWAY_RESULT_HEADERS",
-        value_delimiter = ',',
-        default_value = "cache-control,content-language,etag,last-modified,location"
-    )]
-    pub result_headers: Vec<String>,
-    /// Crash (abort) right after the JetStream ack of an accepted request, before answering.
-    /// Test builds only: the end-to-end tests use it to prove a retry after such a crash converges.
-    #[cfg(feature = "fault-injection")]
-    #[arg(long, env = "GATEWAY_FAULT_ABORT_AFTER_PUBLISH", hide = true)]
-    pub fault_abort_after_publish: bool,
-}
-
-/// The admin server, shared by `serve` and `dispatch`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct AdminArgs {
-    /// Address of the admin server: Prometheus `/metrics` and `/livez`, apart from client
-    /// traffic (port 0 picks a free one).
-    #[arg(long, env = "GATEWAY_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
-    pub admin_listen: SocketAddr,
-}
-
-/// Where the gateway's JetStream is: shared by `serve`, `dev` and `dispatch`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct NatsArgs {
-    /// NATS server URL(s), comma-separated.
-    #[arg(
-        long,
-        env = "GATEWAY_NATS_URL",
-        default_value = "nats://127.0.0.1:4222"
-    )]
-    pub nats_url: String,
-    /// First token of every subject the gateway uses.
-    #[arg(long, env = "GATEWAY_SUBJECT_PREFIX", default_value = handlers::contract::DEFAULT_PREFIX)]
-    pub subject_prefix: String,
-    /// Stream that holds accepted requests.
-    #[arg(long, env = "GATEWAY_REQUESTS_STREAM", default_value = handlers::contract::DEFAULT_REQUESTS_STREAM)]
-    pub requests_stream: String,
-    /// Stream that holds results (one terminal record per operation).
-    #[arg(long, env = "GATEWAY_RESULTS_STREAM", default_value = handlers::contract::DEFAULT_RESULTS_STREAM)]
-    pub results_stream: String,
-}
-
-impl NatsArgs {
-    /// Worker settings that match these streams and subjects; the rest are the defaults.
-    pub fn worker_config(&self, consumer_prefix: &str) -> handlers::WorkerConfig {
-        handlers::WorkerConfig {
-            subjects: handlers::Subjects::new(self.subject_prefix.clone()),
-            requests_stream: self.requests_stream.clone(),
-            results_stream: self.results_stream.clone(),
-            consumer_prefix: consumer_prefix.to_owned(),
-            ..handlers::WorkerConfig::default()
-        }
-    }
-}
+use super::error::{ConfigError, invalid};
 
 /// One route: an HTTP method and path whose requests become JetStream messages.
 #[derive(Debug, Clone, Deserialize)]
@@ -261,28 +106,7 @@ pub struct RoutesFile {
     pub routes: Vec<RouteConfig>,
     /// API keys and JWTs; absent: no authentication, every caller is the `default` tenant.
     #[serde(default)]
-    pub auth: Option<crate::auth::AuthConfig>,
-}
-
-/// Why the configuration cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path} is not a valid routes file: {source}")]
-    Parse {
-        path: PathBuf,
-        source: Box<toml::de::Error>,
-    },
-    #[error("{0}")]
-    Invalid(String),
-}
-
-fn invalid(message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid(message.into())
+    pub auth: Option<AuthConfig>,
 }
 
 /// The longest retention (and so timeout) a route may have.
@@ -422,38 +246,54 @@ impl RouteConfig {
     }
 }
 
-/// Parses a header allow-list, refusing names the contract reserves.
-pub fn header_allow_list(names: &[String]) -> Result<Vec<HeaderName>, ConfigError> {
-    names
-        .iter()
-        .map(|n| n.trim())
-        .filter(|n| !n.is_empty())
-        .map(|n| {
-            let lower = n.to_ascii_lowercase();
-            const HOP_BY_HOP: &[&str] = &[
-                "host",
-                "connection",
-                "keep-alive",
-                "transfer-encoding",
-                "te",
-                "trailer",
-                "upgrade",
-                "content-length",
-            ];
-            if HOP_BY_HOP.contains(&lower.as_str()) || lower.starts_with("proxy-") {
-                return Err(invalid(format!(
-                    "header {n:?} cannot be forwarded or replayed: it belongs to one connection"
-                )));
-            }
-            if lower.starts_with("gw-") || lower.starts_with("nats-") {
-                return Err(invalid(format!(
-                    "header {n:?} cannot be forwarded: Gw-* and Nats-* names belong to the wire contract"
-                )));
-            }
-            HeaderName::from_bytes(lower.as_bytes())
-                .map_err(|_| invalid(format!("{n:?} is not a valid header name")))
-        })
-        .collect()
+/// The `[auth]` table of the routes file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// API keys, as SHA-256 digests, each with its tenant.
+    #[serde(default, rename = "api_key")]
+    pub api_keys: Vec<ApiKeyConfig>,
+    /// JWT bearer tokens.
+    #[serde(default)]
+    pub jwt: Option<JwtConfig>,
+}
+
+/// One API key: `sha256` is the lowercase hex SHA-256 of the key (`printf %s KEY | sha256sum`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    pub tenant: String,
+    pub sha256: String,
+}
+
+/// How JWTs are verified and mapped to a tenant.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// Required `iss`.
+    pub issuer: String,
+    /// Required `aud` (one of).
+    pub audience: String,
+    /// A JWKS file (keys chosen by `kid`).
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// One PEM public key (RSA or EC), for tokens without a JWKS.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Accepted algorithms (default RS256).
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<Algorithm>,
+    /// The claim that names the tenant.
+    #[serde(default = "default_tenant_claim")]
+    pub tenant_claim: String,
+}
+
+fn default_algorithms() -> Vec<Algorithm> {
+    vec![Algorithm::RS256]
+}
+
+fn default_tenant_claim() -> String {
+    "tenant".to_owned()
 }
 
 #[cfg(test)]
@@ -544,23 +384,5 @@ mod tests {
             let err = parse(text).expect_err(text).to_string();
             assert!(err.contains(expected), "{text:?}: {err}");
         }
-    }
-
-    #[test]
-    fn contract_headers_cannot_be_forwarded() {
-        assert!(header_allow_list(&["accept".into(), " X-Trace ".into()]).is_ok());
-        assert!(header_allow_list(&["Gw-Route".into()]).is_err());
-        assert!(header_allow_list(&["nats-msg-id".into()]).is_err());
-        for hop in [
-            "Host",
-            "connection",
-            "Transfer-Encoding",
-            "content-length",
-            "upgrade",
-            "proxy-authorization",
-        ] {
-            assert!(header_allow_list(&[hop.into()]).is_err(), "{hop}");
-        }
-        assert!(header_allow_list(&["bad header".into()]).is_err());
     }
 }

@@ -9,7 +9,6 @@
 //! slow periodic re-check covers the rest. A late notification costs latency, never a wrong answer.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,8 +20,9 @@ use tokio_util::sync::CancellationToken;
 
 use handlers::contract::ResultRecord;
 
+use super::model::Status;
+use crate::lifecycle::Lifecycle;
 use crate::metrics::{RESULTS, WAITERS};
-use crate::operations::Status;
 
 /// What a watch follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,13 +46,11 @@ fn count_result(headers: Option<&async_nats::HeaderMap>) {
 pub const RECHECK: Duration = Duration::from_secs(30);
 
 /// The process-wide registry of waiters.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Watch {
     waiters: Arc<Mutex<HashMap<String, Arc<Notify>>>>,
-    /// Cancelled when the process drains: every waiter answers with what it has.
-    draining: CancellationToken,
-    /// Whether the results watch runs now (readiness waits for it).
-    watching_results: Arc<AtomicBool>,
+    /// Draining ends every wait; the results watch reports whether it runs.
+    lifecycle: Lifecycle,
 }
 
 /// One waiter's interest in one operation; leaving the registry when dropped.
@@ -82,6 +80,13 @@ impl Drop for Registration {
 }
 
 impl Watch {
+    pub fn new(lifecycle: Lifecycle) -> Self {
+        Self {
+            waiters: Arc::default(),
+            lifecycle,
+        }
+    }
+
     /// Registers interest in an operation.
     pub fn register(&self, operation_id: &str) -> Registration {
         metrics::gauge!(WAITERS).increment(1);
@@ -99,32 +104,9 @@ impl Watch {
         }
     }
 
-    /// Operations with at least one waiter right now.
-    pub fn len(&self) -> usize {
-        self.waiters.lock().expect("watch map").len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Ends every wait, now and from now on: the process is shutting down.
-    pub fn drain(&self) {
-        self.draining.cancel();
-    }
-
-    /// Completes when the process starts draining.
-    pub async fn draining(&self) {
-        self.draining.cancelled().await;
-    }
-
-    pub fn is_draining(&self) -> bool {
-        self.draining.is_cancelled()
-    }
-
-    /// Whether results wake waiters (and are counted) right now.
-    pub fn is_watching_results(&self) -> bool {
-        self.watching_results.load(Ordering::Relaxed)
+    /// The lifecycle this registry answers to: a draining process ends every wait.
+    pub fn lifecycle(&self) -> &Lifecycle {
+        &self.lifecycle
     }
 
     fn wake_all(&self) {
@@ -174,7 +156,7 @@ impl Watch {
                     // Results that landed while no consumer existed were not seen: read again.
                     self.wake_all();
                     if followed == Followed::Results {
-                        self.watching_results.store(true, Ordering::Relaxed);
+                        self.lifecycle.set_watching_results(true);
                     }
                     let messages = messages.take_until(stop.cancelled());
                     tokio::pin!(messages);
@@ -191,7 +173,7 @@ impl Watch {
                             Err(error) => {
                                 tracing::debug!(%error, "Results watch interrupted; resuming.");
                                 if followed == Followed::Results {
-                                    self.watching_results.store(false, Ordering::Relaxed);
+                                    self.lifecycle.set_watching_results(false);
                                 }
                                 break;
                             }

@@ -15,12 +15,12 @@ use utoipa::openapi::{
     ContentBuilder, HeaderBuilder, RefOr, Required, ResponseBuilder, ResponsesBuilder,
 };
 
+use super::error::Problem;
+use super::events::OperationEvent;
+use super::responses::AcceptedBody;
 use crate::config::RouteConfig;
-use crate::error::Problem;
-use crate::http::{AcceptedBody, OperationEvent};
-use crate::idempotency::MAX_KEY_LEN;
-use crate::operations::{Links, OperationView, ProgressState, Status};
-use crate::webhooks::DeliveryState;
+use crate::operations::idempotency::MAX_KEY_LEN;
+use crate::operations::{DeliveryState, Links, OperationView, ProgressState, Status};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -30,12 +30,12 @@ use crate::webhooks::DeliveryState;
         license(name = "Apache-2.0", identifier = "Apache-2.0"),
     ),
     paths(
-        crate::http::get_operation,
-        crate::http::cancel_operation,
-        crate::http::get_result,
-        crate::http::operation_events,
-        crate::http::livez,
-        crate::http::readyz,
+        super::reads::get_operation,
+        super::reads::cancel_operation,
+        super::reads::get_result,
+        super::events::operation_events,
+        super::health::livez,
+        super::health::readyz,
     ),
     components(schemas(Problem, AcceptedBody<'static>, OperationView<'static>, OperationEvent, Status, Links, ProgressState, DeliveryState)),
     tags(
@@ -473,9 +473,8 @@ mod tests {
             (format!("\"{}\"", "k".repeat(256)).as_str(), false),
         ] {
             assert_eq!(pattern(key), ok, "{key}");
-            let mut headers = axum::http::HeaderMap::new();
-            headers.insert("idempotency-key", key.parse().unwrap());
-            assert_eq!(crate::idempotency::parse_key(&headers).is_ok(), ok, "{key}");
+            let parsed = crate::operations::idempotency::parse_key([key]);
+            assert_eq!(parsed.is_ok(), ok, "{key}");
         }
     }
 }

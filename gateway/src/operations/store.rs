@@ -20,8 +20,8 @@ use handlers::jetstream::{
 };
 use time::OffsetDateTime;
 
-use crate::accept::RequestMessage;
-use crate::config::Settings;
+use super::model::{ProgressState, StoredResult};
+use crate::config::JetStreamSettings;
 use crate::metrics::RESULT_CONFLICTS;
 
 /// Errors of the store. All of them leave the outcome of a write unknown or a read undone: the
@@ -30,6 +30,8 @@ use crate::metrics::RESULT_CONFLICTS;
 pub enum StoreError {
     #[error("JetStream is not set up yet (not connected, or streams not provisioned)")]
     NotReady,
+    #[error("cannot connect to NATS: {0}")]
+    Connect(#[source] async_nats::ConnectError),
     #[error(transparent)]
     JetStream(#[from] JetStreamError),
     #[error("cannot provision stream {stream}: {detail}")]
@@ -68,23 +70,6 @@ impl StoreError {
     }
 }
 
-/// A result as stored: the record and when it was stored.
-#[derive(Debug, Clone)]
-pub struct StoredResult {
-    pub record: ResultRecord,
-    pub stored_at: OffsetDateTime,
-}
-
-/// The servers in a `--nats-url` value: comma-separated URLs. (async-nats reads one string as
-/// one URL, so a list must be split before it connects.)
-pub fn server_addrs(urls: &str) -> Vec<String> {
-    urls.split(',')
-        .map(str::trim)
-        .filter(|url| !url.is_empty())
-        .map(str::to_owned)
-        .collect()
-}
-
 /// Connection, stream names and subjects.
 pub struct Store {
     client: async_nats::Client,
@@ -115,7 +100,7 @@ pub struct StreamPlan {
 impl Store {
     /// Connects in the background: the returned store works once NATS is reachable and
     /// [`Store::provision`] has run.
-    pub async fn connect(settings: &Settings) -> Result<Self, async_nats::ConnectError> {
+    pub async fn connect(settings: &JetStreamSettings) -> Result<Self, StoreError> {
         let client = async_nats::ConnectOptions::new()
             .name("gateway")
             .retry_on_initial_connect()
@@ -123,8 +108,9 @@ impl Store {
             .reconnect_delay_callback(|attempts| {
                 Duration::from_millis((100 * attempts as u64).min(1000))
             })
-            .connect(server_addrs(&settings.nats.nats_url))
-            .await?;
+            .connect(settings.nats.server_addrs())
+            .await
+            .map_err(StoreError::Connect)?;
         let js = jetstream::ContextBuilder::new()
             .timeout(settings.nats_timeout)
             .ack_timeout(settings.nats_timeout)
@@ -180,10 +166,7 @@ impl Store {
     }
 
     /// An operation's latest progress report.
-    pub async fn progress(
-        &self,
-        operation_id: &str,
-    ) -> Result<Option<crate::operations::ProgressState>, StoreError> {
+    pub async fn progress(&self, operation_id: &str) -> Result<Option<ProgressState>, StoreError> {
         self.ensure_provisioned()?;
         let subject = self.subjects.progress(operation_id);
         let Some(message) = last_on_subject(&self.client, &self.events_stream, &subject).await?
@@ -192,9 +175,9 @@ impl Store {
         };
         // A report that does not parse is ignored, not fatal: progress is advisory.
         Ok(
-            serde_json::from_slice::<handlers::contract::Progress>(&message.payload)
+            serde_json::from_slice::<handlers::Progress>(&message.payload)
                 .ok()
-                .map(|p| crate::operations::ProgressState {
+                .map(|p| ProgressState {
                     percent: p.percent,
                     message: p.message,
                     updated_at: message.time,
@@ -390,18 +373,13 @@ impl Store {
     /// Writes an accepted request on its key's subject unless the subject already holds one.
     pub async fn create_request(
         &self,
-        message: RequestMessage,
+        subject: String,
+        headers: HeaderMap,
         body: Bytes,
+        ttl: Duration,
     ) -> Result<CreateOutcome, StoreError> {
         self.ensure_provisioned()?;
-        Ok(create_if_absent(
-            &self.batcher,
-            message.subject,
-            message.headers,
-            body,
-            Some(message.ttl),
-        )
-        .await?)
+        Ok(create_if_absent(&self.batcher, subject, headers, body, Some(ttl)).await?)
     }
 
     /// The request stored for a key on a known route, read from the stream leader: this runs right
@@ -501,19 +479,5 @@ impl Store {
             record,
             stored_at: OffsetDateTime::now_utc(),
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::server_addrs;
-
-    #[test]
-    fn a_url_list_is_split_into_servers() {
-        assert_eq!(server_addrs("nats://a:1"), ["nats://a:1"]);
-        assert_eq!(
-            server_addrs("nats://a:1, nats://b:2,,nats://c:3"),
-            ["nats://a:1", "nats://b:2", "nats://c:3"]
-        );
     }
 }

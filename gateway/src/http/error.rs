@@ -2,18 +2,17 @@
 //!
 //! Module errors (`KeyError`, `AcceptError`, `StoreError`) convert into [`ApiError`]; handlers
 //! return it with `?`; [`IntoResponse`] is the only place that picks a status code. A hand-written
-//! `Problem` type is used rather than a crate: it is a few lines, and the problem crates lag behind
-//! the stack's versions (../shared/reference/style-and-ecosystem.md, B10).
+//! `Problem` type is used rather than a crate: it is a few lines of glue, and the problem+json
+//! crates on crates.io did not support this stack's axum and http versions when it was written.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use handlers::contract::PROBLEM_TYPE_BASE;
 use serde::Serialize;
 
-use crate::accept::AcceptError;
-use crate::idempotency::KeyError;
 use crate::metrics::{JETSTREAM_ERRORS, SHED};
-use crate::store::StoreError;
+use crate::operations::idempotency::KeyError;
+use crate::operations::{AcceptError, Operation, OperationView, StoreError};
 
 /// An RFC 9457 problem body.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -56,7 +55,7 @@ pub enum ApiError {
     #[error("too many event streams are open; retry later")]
     TooManyStreams,
     #[error("the operation already finished; it cannot be cancelled")]
-    AlreadyFinished { operation: serde_json::Value },
+    AlreadyFinished(Box<Operation>),
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error("idempotency key already used for a different request")]
@@ -69,7 +68,7 @@ pub enum ApiError {
     Overloaded,
     /// Credentials missing where needed, or not valid.
     #[error(transparent)]
-    Unauthorized(#[from] crate::auth::AuthError),
+    Unauthorized(#[from] super::auth::AuthError),
     /// The tenant is over its request rate.
     #[error("this tenant is over its request rate; retry after {retry_after_secs} s")]
     RateLimited { retry_after_secs: u64 },
@@ -137,7 +136,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            ApiError::AlreadyFinished { .. } => StatusCode::CONFLICT,
+            ApiError::AlreadyFinished(_) => StatusCode::CONFLICT,
             ApiError::KeyReused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::OutcomeUnknown(_)
             | ApiError::Unavailable(_)
@@ -168,7 +167,7 @@ impl ApiError {
             ApiError::HeadersTooLarge { .. } => {
                 ("headers-too-large", "Request header fields too large")
             }
-            ApiError::AlreadyFinished { .. } => ("already-finished", "Operation already finished"),
+            ApiError::AlreadyFinished(_) => ("already-finished", "Operation already finished"),
             ApiError::Key(KeyError::Missing) => {
                 ("idempotency-key-missing", "Idempotency-Key required")
             }
@@ -233,7 +232,10 @@ impl ApiError {
                 _ => None,
             },
             operation: match self {
-                ApiError::AlreadyFinished { operation } => Some(operation.clone()),
+                ApiError::AlreadyFinished(operation) => Some(
+                    serde_json::to_value(OperationView::of(operation))
+                        .expect("an operation body serializes"),
+                ),
                 _ => None,
             },
         }

@@ -2,12 +2,15 @@
 //! setup; `gateway dispatch` is the worker-side sidecar; `gateway openapi` prints the OpenAPI
 //! document of a routes file. Telemetry is set up here (see [`crate::telemetry`]).
 
+pub mod dev;
+pub mod dispatch;
+
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 
 use crate::config::{Settings, load_config};
-use crate::dev::DevArgs;
 use crate::telemetry::LogFormat;
+use dev::DevArgs;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -39,7 +42,7 @@ enum Command {
     /// Run a local nats-server, the gateway and an example worker together (Ctrl-C stops all).
     Dev(DevArgs),
     /// Be the worker of some routes by calling a local HTTP app (the worker-side sidecar).
-    Dispatch(crate::dispatch::DispatchArgs),
+    Dispatch(dispatch::DispatchArgs),
     /// Print the OpenAPI 3.1 document for a routes file, and exit.
     Openapi {
         /// TOML file with the routes.
@@ -53,8 +56,8 @@ pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Command::Openapi { config } = &cli.command {
         let config = load_config(config)?;
-        let document = crate::openapi::document(&config.routes, config.auth.is_some());
-        println!("{}", crate::openapi::to_json(&document));
+        let document = crate::http::openapi::document(&config.routes, config.auth.is_some());
+        println!("{}", crate::http::openapi::to_json(&document));
         return Ok(());
     }
     let service = match cli.command {
@@ -62,6 +65,7 @@ pub fn main() -> anyhow::Result<()> {
         _ => "nats-http-gateway",
     };
     // Dropped last, after the runtime: flushing exported spans blocks.
+    crate::install_crypto_provider();
     let _telemetry = crate::telemetry::init(cli.log_format, service)?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = cli.worker_threads {
@@ -71,15 +75,15 @@ pub fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         match cli.command {
             Command::Serve(settings) => serve(settings).await,
-            Command::Dev(args) => crate::dev::run(args).await,
+            Command::Dev(args) => dev::run(args).await,
             Command::Dispatch(args) => {
                 let stop = tokio_util::sync::CancellationToken::new();
                 let on_signal = stop.clone();
                 tokio::spawn(async move {
-                    shutdown_signal().await;
+                    crate::shutdown_signal().await;
                     on_signal.cancel();
                 });
-                Ok(crate::dispatch::run(args, stop).await?)
+                Ok(dispatch::run(args, stop).await?)
             }
             Command::Openapi { .. } => unreachable!("answered before the runtime starts"),
         }
@@ -89,29 +93,6 @@ pub fn main() -> anyhow::Result<()> {
 async fn serve(settings: Settings) -> anyhow::Result<()> {
     let config = load_config(&settings.config)?;
     let listener = TcpListener::bind(settings.listen).await?;
-    crate::run(settings, config, listener, shutdown_signal()).await?;
+    crate::run(settings, config, listener, crate::shutdown_signal()).await?;
     Ok(())
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
-    }
-    tracing::info!("Shutdown signal received; draining.");
 }

@@ -2,28 +2,32 @@
 //!
 //! One write decides everything. The request is published on its key's subject with
 //! `Nats-Expected-Last-Subject-Sequence: 0`, so the message *is* the idempotency record and no
-//! second write, sweep or lock exists (../shared/reference/jetstream-facts.md, "create-if-absent";
-//! exactly-once.md's note on G5-G8). If the subject is taken, the stored request is read back and
-//! compared by fingerprint: the same request is a replay of the same operation, another one is a
-//! key reused (422). Because the subject is freed only when the record's retention ends, this holds
-//! long after JetStream's duplicate window (G9).
+//! second write, sweep or lock exists. (JetStream refuses a publish whose expected last subject
+//! sequence does not match with error 10071, "wrong last sequence": see "Expected last subject
+//! sequence" in https://docs.nats.io/nats-concepts/jetstream/headers.) If the subject is taken,
+//! the stored request is read back and compared by fingerprint: the same request is a replay of
+//! the same operation, another one is a key reused (422), as the IETF Idempotency-Key draft
+//! asks (https://datatracker.ietf.org/doc/draft-ietf-httpapi-idempotency-key-header/, section
+//! 2.7). Because the subject is freed only when the record's retention ends, this holds long after
+//! JetStream's duplicate window, which only deduplicates by `Nats-Msg-Id` for a few minutes.
 //!
 //! When the write's outcome is unknown (no ack in time, connection lost), the caller answers 503
 //! and the client retries with the same key: the retry either creates the record or finds the one
-//! the first attempt wrote, so it converges on one message (G7, G13).
+//! the first attempt wrote, so it converges on one message.
 
 use std::time::Duration;
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use handlers::contract::{Subjects, format_time, header};
+use handlers::contract::{RequestHead, Subjects};
 use handlers::jetstream::CreateOutcome;
 use time::OffsetDateTime;
 
+use super::idempotency::{RequestIdentity, format_key, key_token, new_operation_id};
+use super::lookup::attach_result;
+use super::model::Operation;
+use super::store::{Store, StoreError};
 use crate::config::RouteConfig;
-use crate::idempotency::{RequestIdentity, format_key, key_token, new_operation_id};
-use crate::operations::{Operation, attach_result};
-use crate::store::{Store, StoreError};
 
 /// A validated request, ready to be accepted.
 #[derive(Debug)]
@@ -96,45 +100,25 @@ impl Submission<'_> {
         now: OffsetDateTime,
     ) -> RequestMessage {
         let operation_id = new_operation_id(key_token);
-        let deadline = now + self.route.timeout;
-        let mut h = HeaderMap::new();
-        // Forwarded client headers first, so that none can shadow a contract header.
-        for (name, value) in &self.forwarded {
-            h.append(name.as_str(), value.as_str());
-        }
-        h.insert(header::OPERATION_ID, operation_id.as_str());
-        h.insert(header::ROUTE, self.route.name.as_str());
-        h.insert(header::METHOD, self.method);
-        h.insert(header::PATH, self.path);
-        if let Some(q) = self.query {
-            h.insert(header::QUERY, q);
-        }
-        if let Some(ct) = self.content_type {
-            h.insert(header::CONTENT_TYPE, ct);
-        }
-        h.insert(
-            header::REPLY_SUBJECT,
-            subjects.result(&operation_id).as_str(),
-        );
-        h.insert(header::DEADLINE, format_time(deadline).as_str());
-        h.insert(
-            header::RETENTION,
-            self.route.retention.as_secs().max(1).to_string().as_str(),
-        );
-        h.insert(header::TENANT, self.tenant);
-        h.insert(
-            header::IDEMPOTENCY_KEY,
-            format_key(&self.idempotency_key).as_str(),
-        );
-        h.insert(header::FINGERPRINT, fingerprint);
-        if let Some(url) = &self.callback_url {
-            h.insert(header::CALLBACK_URL, url.as_str());
-        }
+        let head = RequestHead {
+            reply_subject: subjects.result(&operation_id),
+            operation_id,
+            route: self.route.name.clone(),
+            method: self.method.to_owned(),
+            path: self.path.to_owned(),
+            query: self.query.map(str::to_owned),
+            content_type: self.content_type.map(str::to_owned),
+            deadline: now + self.route.timeout,
+            retention_secs: Some(self.route.retention.as_secs().max(1)),
+            tenant: Some(self.tenant.to_owned()),
+            idempotency_key: Some(format_key(&self.idempotency_key)),
+            fingerprint: Some(fingerprint.to_owned()),
+            callback_url: self.callback_url.clone(),
+        };
         RequestMessage {
             subject: subjects.request(&self.route.name, key_token),
-            operation_id,
-            deadline,
-            headers: h,
+            headers: head.to_headers(&self.forwarded),
+            head,
             ttl: self.route.retention,
         }
     }
@@ -144,8 +128,9 @@ impl Submission<'_> {
 #[derive(Debug)]
 pub struct RequestMessage {
     pub subject: String,
-    pub operation_id: String,
-    pub deadline: OffsetDateTime,
+    /// The contract's fields, as written (the new operation is built from them).
+    pub head: RequestHead,
+    /// The message's headers: forwarded client headers, then the contract's from `head`.
     pub headers: HeaderMap,
     /// `Nats-TTL`: the route's retention.
     pub ttl: Duration,
@@ -153,15 +138,21 @@ pub struct RequestMessage {
 
 /// Accepts a submission as exactly one request message, or finds the operation it repeats.
 pub async fn accept(store: &Store, s: Submission<'_>) -> Result<Accepted, AcceptError> {
-    let route = s.route;
     let key_token = s.key_token();
     let fingerprint = s.fingerprint();
 
     for _ in 0..RACE_RETRIES {
         let now = OffsetDateTime::now_utc();
-        let message = s.message(store.subjects(), &key_token, &fingerprint, now);
-        let (operation_id, deadline) = (message.operation_id.clone(), message.deadline);
-        let written = match store.create_request(message, s.body.clone()).await {
+        let RequestMessage {
+            subject,
+            head,
+            headers,
+            ttl,
+        } = s.message(store.subjects(), &key_token, &fingerprint, now);
+        let written = match store
+            .create_request(subject, headers, s.body.clone(), ttl)
+            .await
+        {
             Err(e) if e.is_too_large() => {
                 return Err(AcceptError::TooLarge {
                     max_payload: store.max_payload(),
@@ -170,29 +161,19 @@ pub async fn accept(store: &Store, s: Submission<'_>) -> Result<Accepted, Accept
             written => written?,
         };
         if written == CreateOutcome::Created {
-            return Ok(Accepted::New(Operation {
-                id: operation_id,
-                route: route.name.clone(),
-                tenant: s.tenant.to_owned(),
-                idempotency_key: s.idempotency_key,
-                fingerprint,
-                created_at: now,
-                deadline,
-                retention: Some(route.retention),
-                result: None,
-                progress: None,
-                callback_url: s.callback_url.clone(),
-                callback: None,
-                trace: None,
-            }));
+            return Ok(Accepted::New(Operation::accepted(
+                head,
+                s.idempotency_key,
+                now,
+            )));
         }
-        let Some(stored) = store.request_on_route(&route.name, &key_token).await? else {
+        let Some(stored) = store.request_on_route(&s.route.name, &key_token).await? else {
             continue;
         };
         let mut existing = Operation::from_request(&stored).map_err(StoreError::from)?;
-        if existing.fingerprint != fingerprint {
+        if existing.fingerprint() != fingerprint {
             return Err(AcceptError::KeyReused {
-                operation_id: existing.id,
+                operation_id: existing.id().to_owned(),
             });
         }
         attach_result(store, &mut existing).await?;

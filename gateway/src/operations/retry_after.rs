@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::store::Store;
+use super::store::Store;
 
 /// Per-route estimates, shared by every request of the process.
 #[derive(Clone)]

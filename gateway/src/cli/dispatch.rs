@@ -78,7 +78,6 @@ pub enum DispatchError {
 
 /// Runs until `shutdown`, retrying while the streams do not exist yet.
 pub async fn run(args: DispatchArgs, shutdown: CancellationToken) -> Result<(), DispatchError> {
-    crate::webhooks::install_crypto_provider();
     let admin = crate::metrics::bind_admin(args.admin.admin_listen).await?;
     tokio::spawn(crate::metrics::serve_admin(admin, shutdown.clone()));
     let http = reqwest::Client::builder()
@@ -89,7 +88,7 @@ pub async fn run(args: DispatchArgs, shutdown: CancellationToken) -> Result<(), 
     let client = async_nats::ConnectOptions::new()
         .name("gateway-dispatch")
         .retry_on_initial_connect()
-        .connect(crate::store::server_addrs(&args.nats.nats_url))
+        .connect(args.nats.server_addrs())
         .await?;
     let js = async_nats::jetstream::new(client);
     let config = WorkerConfig {

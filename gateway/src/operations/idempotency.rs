@@ -4,11 +4,11 @@
 //! Pure functions only; the JetStream side of idempotency (create-if-absent, read back, compare)
 //! lives in `accept`.
 //!
-//! Following the IETF Idempotency-Key draft (../shared/reference/anchors.md, 1.1): the header is an
+//! Following the IETF Idempotency-Key draft
+//! (https://datatracker.ietf.org/doc/draft-ietf-httpapi-idempotency-key-header/): the header is an
 //! RFC 8941 sf-string (`Idempotency-Key: "8e03..."`); a bare token is accepted too. The key is
 //! scoped by (tenant, route) and bound to a fingerprint of the request.
 
-use axum::http::HeaderMap;
 use data_encoding::BASE32_NOPAD;
 use sfv::{BareItem, FieldType, Item, Parser};
 use sha2::{Digest, Sha256};
@@ -37,16 +37,19 @@ pub enum KeyError {
     Malformed(String),
 }
 
-/// Reads the Idempotency-Key header: `Ok(None)` when absent.
-pub fn parse_key(headers: &HeaderMap) -> Result<Option<String>, KeyError> {
-    let mut values = headers.get_all(HEADER).iter();
+/// Reads the Idempotency-Key header from all its values in a request (an HTTP header map's
+/// `get_all(HEADER)`): `Ok(None)` when absent, an error when repeated or malformed.
+pub fn parse_key<V: AsRef<[u8]>>(
+    values: impl IntoIterator<Item = V>,
+) -> Result<Option<String>, KeyError> {
+    let mut values = values.into_iter();
     let Some(value) = values.next() else {
         return Ok(None);
     };
     if values.next().is_some() {
         return Err(KeyError::Repeated);
     }
-    decode_key(value.as_bytes()).map(Some)
+    decode_key(value.as_ref()).map(Some)
 }
 
 /// Reads one key from its header form (an sf-string or token), as sent by a client or as stored
@@ -156,45 +159,38 @@ impl RequestIdentity<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::http::HeaderValue;
 
-    fn headers(values: &[&str]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for v in values {
-            h.append(HEADER, HeaderValue::from_str(v).unwrap());
-        }
-        h
+    /// The values of a request's Idempotency-Key headers.
+    fn headers<'a>(values: &[&'a str]) -> Vec<&'a str> {
+        values.to_vec()
     }
 
     #[test]
     fn accepts_sf_strings_and_tokens() {
         assert_eq!(
-            parse_key(&headers(&["\"abc 123\""])),
+            parse_key(headers(&["\"abc 123\""])),
             Ok(Some("abc 123".into()))
         );
+        assert_eq!(parse_key(headers(&["\"a\\\"b\""])), Ok(Some("a\"b".into())));
         assert_eq!(
-            parse_key(&headers(&["\"a\\\"b\""])),
-            Ok(Some("a\"b".into()))
-        );
-        assert_eq!(
-            parse_key(&headers(&["order-42"])),
+            parse_key(headers(&["order-42"])),
             Ok(Some("order-42".into()))
         );
-        assert_eq!(parse_key(&headers(&["\"k\";v=1"])), Ok(Some("k".into())));
-        assert_eq!(parse_key(&headers(&[])), Ok(None));
+        assert_eq!(parse_key(headers(&["\"k\";v=1"])), Ok(Some("k".into())));
+        assert_eq!(parse_key(headers(&[])), Ok(None));
     }
 
     #[test]
     fn rejects_bad_keys() {
-        assert_eq!(parse_key(&headers(&["\"\""])), Err(KeyError::Empty));
+        assert_eq!(parse_key(headers(&["\"\""])), Err(KeyError::Empty));
         assert_eq!(
-            parse_key(&headers(&["\"a\"", "\"b\""])),
+            parse_key(headers(&["\"a\"", "\"b\""])),
             Err(KeyError::Repeated)
         );
         let long = format!("\"{}\"", "x".repeat(256));
-        assert_eq!(parse_key(&headers(&[&long])), Err(KeyError::TooLong(256)));
+        assert_eq!(parse_key(headers(&[&long])), Err(KeyError::TooLong(256)));
         let max = format!("\"{}\"", "x".repeat(255));
-        assert!(parse_key(&headers(&[&max])).is_ok());
+        assert!(parse_key(headers(&[&max])).is_ok());
         for bad in [
             "\"unterminated",
             "12",
@@ -205,7 +201,7 @@ mod tests {
             ":YQ==:",
         ] {
             assert!(
-                matches!(parse_key(&headers(&[bad])), Err(KeyError::Malformed(_))),
+                matches!(parse_key(headers(&[bad])), Err(KeyError::Malformed(_))),
                 "{bad} should be malformed"
             );
         }
@@ -220,7 +216,7 @@ mod tests {
             "8e03978e-40d5-43e8-bc93-6894a57f9324",
         ] {
             let formatted = format_key(key);
-            assert_eq!(parse_key(&headers(&[&formatted])), Ok(Some(key.to_owned())));
+            assert_eq!(parse_key(headers(&[&formatted])), Ok(Some(key.to_owned())));
         }
     }
 

@@ -18,70 +18,44 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::FromRequestParts;
 use axum::http::HeaderMap;
+use axum::http::request::Parts;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use jsonwebtoken::jwk::JwkSet;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use serde::Deserialize;
+use jsonwebtoken::{DecodingKey, Validation};
+
+use crate::config::routes::{AuthConfig, JwtConfig};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+
+/// The tenant every request belongs to until authentication maps callers to tenants. It is part of
+/// every key's scope already, so adding tenants changes no stored data.
+pub const DEFAULT_TENANT: &str = "default";
 
 /// The tenant of anonymous callers when authentication is configured.
 pub const PUBLIC_TENANT: &str = "public";
 
+/// The caller's tenant, set by `identify` (a route layer) on every route but health and the
+/// document; handlers take it as an extractor.
+#[derive(Debug, Clone)]
+pub struct Tenant(pub Arc<str>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Tenant {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(parts
+            .extensions
+            .get::<Tenant>()
+            .cloned()
+            .expect("identify runs before every route that takes a tenant"))
+    }
+}
+
 /// The header that carries an API key.
 pub const API_KEY_HEADER: &str = "x-api-key";
-
-/// The `[auth]` table of the routes file.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuthConfig {
-    /// API keys, as SHA-256 digests, each with its tenant.
-    #[serde(default, rename = "api_key")]
-    pub api_keys: Vec<ApiKeyConfig>,
-    /// JWT bearer tokens.
-    #[serde(default)]
-    pub jwt: Option<JwtConfig>,
-}
-
-/// One API key: `sha256` is the lowercase hex SHA-256 of the key (`printf %s KEY | sha256sum`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ApiKeyConfig {
-    pub tenant: String,
-    pub sha256: String,
-}
-
-/// How JWTs are verified and mapped to a tenant.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JwtConfig {
-    /// Required `iss`.
-    pub issuer: String,
-    /// Required `aud` (one of).
-    pub audience: String,
-    /// A JWKS file (keys chosen by `kid`).
-    #[serde(default)]
-    pub jwks_file: Option<PathBuf>,
-    /// One PEM public key (RSA or EC), for tokens without a JWKS.
-    #[serde(default)]
-    pub key_file: Option<PathBuf>,
-    /// Accepted algorithms (default RS256).
-    #[serde(default = "default_algorithms")]
-    pub algorithms: Vec<Algorithm>,
-    /// The claim that names the tenant.
-    #[serde(default = "default_tenant_claim")]
-    pub tenant_claim: String,
-}
-
-fn default_algorithms() -> Vec<Algorithm> {
-    vec![Algorithm::RS256]
-}
-
-fn default_tenant_claim() -> String {
-    "tenant".to_owned()
-}
 
 /// Why the auth configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -302,6 +276,7 @@ impl RateLimits {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::routes::ApiKeyConfig;
 
     fn hex_sha256(key: &str) -> String {
         data_encoding::HEXLOWER.encode(&Sha256::digest(key.as_bytes()))

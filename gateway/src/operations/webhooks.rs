@@ -10,7 +10,6 @@
 //! after the last attempt the notification goes to `gw.dlq.webhook.<id>`. Each attempt's outcome is
 //! stored on `gw.cb.<id>`, and the status resource shows it.
 
-use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,16 +20,17 @@ use bytes::Bytes;
 use futures::StreamExt;
 use handlers::contract::ResultRecord;
 use hmac::{Hmac, Mac};
-use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Settings;
-use crate::idempotency::key_token_of;
+use super::destination::{PublicOnly, check_destination};
+use super::idempotency::key_token_of;
+use super::model::{DeliveryState, Operation, StoredResult};
+use super::store::{Store, StoreError};
+use super::view::OperationView;
+use crate::config::WebhookSettings;
 use crate::metrics::WEBHOOK_DELIVERIES;
-use crate::operations::{Operation, OperationView};
-use crate::store::{Store, StoreError};
 
 /// Name of the durable consumer every replica shares.
 const CONSUMER: &str = "gateway-webhooks";
@@ -50,20 +50,6 @@ pub enum WebhookError {
     Client(String),
 }
 
-/// Where a webhook stands, as stored on `gw.cb.<id>` and shown by the status resource.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[schema(as = Callback)]
-pub struct DeliveryState {
-    pub url: String,
-    /// `pending` (not yet delivered; more attempts to come), `delivered`, or `failed` (dead-lettered).
-    pub state: String,
-    pub attempts: i64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub last_status: Option<u16>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
-}
-
 /// The signing key from `GATEWAY_WEBHOOK_SECRET`: `whsec_<base64>` as Standard Webhooks issues
 /// them, or any other text used as is.
 pub fn secret_bytes(secret: &str) -> Result<Vec<u8>, WebhookError> {
@@ -73,94 +59,6 @@ pub fn secret_bytes(secret: &str) -> Result<Vec<u8>, WebhookError> {
             .map_err(|_| WebhookError::BadSecret),
         None => Ok(secret.as_bytes().to_vec()),
     }
-}
-
-/// Installs ring as the process-wide rustls crypto provider (the one async-nats already links), as
-/// the webhook client's TLS needs one. Harmless to call again.
-/// Addresses a webhook must never reach unless `GATEWAY_CALLBACK_ALLOW_PRIVATE` says so (SSRF):
-/// anything that is not a public unicast address.
-pub fn is_non_public(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
-            v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.is_multicast()
-                || v4.is_documentation()
-                || a == 0
-                || (a == 100 && (64..128).contains(&b)) // shared address space (CGNAT)
-                || (a == 198 && (b == 18 || b == 19)) // benchmarking
-                || a >= 240
-        }
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_non_public(IpAddr::V4(v4));
-            }
-            let first = v6.segments()[0];
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (first & 0xfe00) == 0xfc00 // unique local
-                || (first & 0xffc0) == 0xfe80 // link-local
-                || first == 0x2001 && v6.segments()[1] == 0x0db8 // documentation
-                || first == 0x0064 && v6.segments()[1] == 0xff9b // NAT64, may map to private v4
-        }
-    }
-}
-
-/// Checks where a callback URL leads: its host (an IP literal, or every address its name
-/// resolves to now) must be public, unless private destinations are allowed. Deliveries check
-/// again at connect time (see [`PublicOnly`]), so a name that later resolves elsewhere (DNS
-/// rebinding) still cannot reach a private address.
-pub async fn check_destination(url: &reqwest::Url, allow_private: bool) -> Result<(), String> {
-    if allow_private {
-        return Ok(());
-    }
-    let port = url.port_or_known_default().unwrap_or(443);
-    let addrs: Vec<SocketAddr> = match url.host() {
-        Some(url::Host::Ipv4(ip)) => vec![SocketAddr::new(ip.into(), port)],
-        Some(url::Host::Ipv6(ip)) => vec![SocketAddr::new(ip.into(), port)],
-        Some(url::Host::Domain(name)) => tokio::net::lookup_host((name, port))
-            .await
-            .map_err(|e| format!("its host does not resolve ({e})"))?
-            .collect(),
-        None => return Err("it has no host".to_owned()),
-    };
-    match addrs.iter().find(|a| is_non_public(a.ip())) {
-        Some(addr) => Err(format!(
-            "it leads to {}, which is not a public address (GATEWAY_CALLBACK_ALLOW_PRIVATE)",
-            addr.ip()
-        )),
-        None if addrs.is_empty() => Err("its host resolves to no address".to_owned()),
-        None => Ok(()),
-    }
-}
-
-/// A DNS resolver for deliveries that drops non-public addresses, so the address connected to is
-/// one that was checked.
-struct PublicOnly;
-
-impl reqwest::dns::Resolve for PublicOnly {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let host = name.as_str().to_owned();
-        Box::pin(async move {
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .filter(|a| !is_non_public(a.ip()))
-                .collect();
-            if addrs.is_empty() {
-                return Err(format!("{host} resolves to no public address").into());
-            }
-            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
-        })
-    }
-}
-
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// `v1,<base64 HMAC-SHA256(secret, "id.timestamp.body")>`.
@@ -191,7 +89,7 @@ impl Webhooks {
     /// `None` when no webhook can ever be asked for (no allow-list, no route callback).
     pub fn new(
         store: Arc<Store>,
-        settings: &Settings,
+        settings: &WebhookSettings,
         any_route_callback: bool,
     ) -> Result<Option<Self>, WebhookError> {
         if settings.callback_allow.is_empty() && !any_route_callback {
@@ -203,7 +101,6 @@ impl Webhooks {
                 .as_deref()
                 .ok_or(WebhookError::MissingSecret)?,
         )?;
-        install_crypto_provider();
         let mut http = reqwest::Client::builder()
             .timeout(ATTEMPT_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none());
@@ -326,12 +223,12 @@ impl Webhooks {
             return Ok(Next::Done);
         };
         let mut operation = Operation::from_request(&request)?;
-        let Some(url) = operation.callback_url.clone() else {
+        let Some(url) = operation.callback_url().map(str::to_owned) else {
             return Ok(Next::Done);
         };
         let headers = message.headers.clone().unwrap_or_default();
         let record = ResultRecord::from_parts(&headers, message.payload.clone())?;
-        operation.result = Some(crate::store::StoredResult {
+        operation.result = Some(StoredResult {
             record,
             stored_at: message
                 .info()
@@ -348,7 +245,9 @@ impl Webhooks {
         let signature = sign(&self.secret, id, timestamp, &body);
         // IP literals never reach the resolver that filters names: check them here.
         let destination = match reqwest::Url::parse(&url) {
-            Ok(parsed) => check_destination(&parsed, self.allow_private).await,
+            Ok(parsed) => check_destination(&parsed, self.allow_private)
+                .await
+                .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
         let sent = match destination {
@@ -396,13 +295,13 @@ impl Webhooks {
             dead.insert("webhook-signature", signature.as_str());
             dead.insert("Content-Type", "application/json");
             self.store
-                .dead_letter(id, dead, Bytes::from(body), operation.retention)
+                .dead_letter(id, dead, Bytes::from(body), operation.retention())
                 .await?;
             tracing::warn!(operation_id = %id, attempts = attempt, "Webhook not delivered; dead-lettered.");
         }
         let encoded = serde_json::to_vec(&state).expect("a delivery state serializes");
         self.store
-            .put_callback_state(id, Bytes::from(encoded), operation.retention)
+            .put_callback_state(id, Bytes::from(encoded), operation.retention())
             .await?;
         Ok(if delivered || last {
             Next::Done
@@ -423,45 +322,9 @@ async fn ack(message: &jetstream::Message, kind: AckKind) {
     }
 }
 
-/// Reads a stored delivery state.
-pub fn decode_state(bytes: &[u8]) -> Option<DeliveryState> {
-    serde_json::from_slice(bytes).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_public_unicast_addresses_are_public() {
-        for private in [
-            "127.0.0.1",
-            "10.0.0.1",
-            "172.31.255.255",
-            "192.168.1.1",
-            "169.254.169.254",
-            "0.0.0.0",
-            "100.64.0.1",
-            "255.255.255.255",
-            "224.0.0.1",
-            "::1",
-            "::",
-            "fe80::1",
-            "fd00::1",
-            "::ffff:10.0.0.1",
-            "64:ff9b::a00:1",
-        ] {
-            assert!(is_non_public(private.parse().unwrap()), "{private}");
-        }
-        for public in [
-            "93.184.216.34",
-            "1.1.1.1",
-            "2606:4700:4700::1111",
-            "172.32.0.1",
-        ] {
-            assert!(!is_non_public(public.parse().unwrap()), "{public}");
-        }
-    }
 
     #[test]
     fn signature_matches_the_standard_webhooks_example() {

@@ -1,0 +1,204 @@
+//! Reading and cancelling an operation: `GET /operations/{id}`, `GET /operations/{id}/result`,
+//! `DELETE /operations/{id}`.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use super::error::{ApiError, Problem};
+use super::extract::{OperationId, OperationRef, Wait};
+use super::prefer;
+use super::responses::{
+    pending, result_response, set_location, set_no_store, set_preference_applied, set_retry_after,
+};
+use super::state::AppState;
+use crate::operations::{Cancellation, Operation, OperationView, WakeOn};
+
+/// `?wait=N` on a long poll.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct WaitQuery {
+    /// Seconds to wait for a result before answering (capped by the gateway's maximum).
+    #[param(minimum = 0, maximum = 3600)]
+    wait: Option<u64>,
+}
+
+/// The largest `?wait=` a client may write; the gateway's own cap (`GATEWAY_MAX_WAIT`) applies
+/// below it.
+const MAX_WAIT_QUERY: u64 = 3600;
+
+/// The `Prefer` request header (RFC 7240) as status reads use it.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(
+    dead_code,
+    reason = "describes the header to OpenAPI; prefer::parse reads it"
+)]
+pub(crate) struct PreferHeader {
+    /// `wait=N`: answer as soon as there is news, or after N seconds.
+    #[param(rename = "Prefer")]
+    prefer: Option<String>,
+}
+
+/// `GET /operations/{id}`: the status resource. With `Prefer: wait=N`, answers as soon as the
+/// operation is terminal, or after N seconds.
+#[utoipa::path(
+    get,
+    path = "/operations/{id}",
+    tag = "operations",
+    summary = "Status of an operation",
+    description = "The operation's status resource, from any gateway replica. With `Prefer: wait=N` the answer comes as soon as the operation is terminal (or has new progress), or after N seconds.",
+    params(OperationId, PreferHeader),
+    responses(
+        (status = 200, description = "The operation.", body = OperationView<'static>,
+            headers(
+                ("Retry-After" = u64, description = "While pending: seconds until a status read is worth repeating."),
+                ("Preference-Applied" = String, description = "`wait=N` when `Prefer: wait` was honoured."),
+            )),
+        (status = 404, description = "No such operation (or not yours).", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn get_operation(
+    State(state): State<AppState>,
+    operation: OperationRef,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let wait = Wait::capped(prefer::parse(&headers).wait, state.limits.max_wait);
+    let wake_on = WakeOn::TerminalOrProgressAfter(None);
+    let operation = wait_for(&state, &operation, wait, wake_on).await?;
+    let mut response = Json(OperationView::of(&operation)).into_response();
+    set_no_store(&mut response);
+    if !operation.status().is_terminal() {
+        set_retry_after(&mut response, &state, &operation);
+    }
+    if let Some(wait) = wait.asked() {
+        set_preference_applied(&mut response, &format!("wait={}", wait.as_secs()));
+    }
+    Ok(response)
+}
+
+/// `GET /operations/{id}/result`: the stored reply replayed, or 202 while there is none. With
+/// `?wait=N` (or `Prefer: wait=N`) a long poll: answers as soon as there is a result, or after N.
+#[utoipa::path(
+    get,
+    path = "/operations/{id}/result",
+    tag = "operations",
+    summary = "Result of an operation",
+    description = "The worker's reply, replayed byte for byte (status, content type, allow-listed headers, body), or `202` with the status resource while there is none. An expired operation answers `504`, a cancelled one `410` (problem+json). With `?wait=N` or `Prefer: wait=N`, a long poll.",
+    params(OperationId, WaitQuery, PreferHeader),
+    responses(
+        (status = 202, description = "No result yet.", body = OperationView<'static>,
+            headers(
+                ("Location" = String, description = "The status resource."),
+                ("Retry-After" = u64, description = "Seconds until a read is worth repeating."),
+            )),
+        (status = "2XX", description = "The worker's reply (any content type).", content_type = "*/*"),
+        (status = 404, description = "No such operation (or not yours).", body = Problem, content_type = "application/problem+json"),
+        (status = "4XX", description = "The worker's reply, when it was a client error; or `400` for a bad query; or `410` (problem+json) when the operation was cancelled.", content_type = "*/*"),
+        (status = "5XX", description = "The worker's reply, when it was a server error; or `504` (problem+json) when the operation expired.", content_type = "*/*"),
+    )
+)]
+pub(crate) async fn get_result(
+    State(state): State<AppState>,
+    operation: OperationRef,
+    query: Result<Query<WaitQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::BadQuery(e.body_text()))?;
+    if query.wait.is_some_and(|w| w > MAX_WAIT_QUERY) {
+        return Err(ApiError::BadQuery(format!(
+            "wait is at most {MAX_WAIT_QUERY} seconds"
+        )));
+    }
+    let asked = query
+        .wait
+        .map(Duration::from_secs)
+        .or(prefer::parse(&headers).wait);
+    let wait = Wait::capped(asked, state.limits.max_wait);
+    let operation = wait_for(&state, &operation, wait, WakeOn::Terminal).await?;
+    match &operation.result {
+        Some(result) => Ok(result_response(&state, &result.record)),
+        None => {
+            let body = Json(OperationView::of(&operation));
+            Ok(pending(&state, &operation, body))
+        }
+    }
+}
+
+/// `DELETE /operations/{id}`: cancels an operation that has no result yet (202), or reports the
+/// outcome that won first (409). Repeating it is harmless.
+#[utoipa::path(
+    delete,
+    path = "/operations/{id}",
+    tag = "operations",
+    summary = "Cancel an operation",
+    description = "Records `cancelled` as the operation's outcome unless a result is already stored; the first outcome written wins, whoever writes it. Repeating it is harmless.",
+    params(OperationId),
+    responses(
+        (status = 202, description = "Cancelled (now or before).", body = OperationView<'static>,
+            headers(("Location" = String, description = "The status resource."))),
+        (status = 404, description = "No such operation (or not yours).", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Already finished; `operation` shows how.", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn cancel_operation(
+    State(state): State<AppState>,
+    OperationRef { tenant, id }: OperationRef,
+) -> Result<Response, ApiError> {
+    let _permit = state.admit()?;
+    let cancellation = state
+        .ops
+        .cancel(&tenant, &id)
+        .await?
+        .ok_or(ApiError::OperationNotFound)?;
+    let (Cancellation::Recorded(operation) | Cancellation::TooLate(operation)) = &cancellation;
+    note_operation(operation);
+    match cancellation {
+        Cancellation::Recorded(operation) => {
+            let mut response =
+                (StatusCode::ACCEPTED, Json(OperationView::of(&operation))).into_response();
+            set_location(&mut response, &operation);
+            Ok(response)
+        }
+        Cancellation::TooLate(operation) => Err(ApiError::AlreadyFinished(Box::new(operation))),
+    }
+}
+
+/// Reads an operation, then waits (holding no permit) for what `wake_on` says, or until `wait`
+/// passes.
+pub(super) async fn wait_for(
+    state: &AppState,
+    OperationRef { tenant, id }: &OperationRef,
+    wait: Wait,
+    wake_on: WakeOn,
+) -> Result<Operation, ApiError> {
+    let operation = match wait.to_do() {
+        Some(wait) => {
+            let until = tokio::time::Instant::now() + wait;
+            state.ops.wait(tenant, id, until, wake_on).await?
+        }
+        None => {
+            let _permit = state.admit()?;
+            state.ops.find(tenant, id).await?
+        }
+    };
+    let operation = operation.ok_or(ApiError::OperationNotFound)?;
+    note_operation(&operation);
+    Ok(operation)
+}
+
+/// Names the operation in the request's span (so its logs carry `operation_id`) and links the
+/// span to the one that accepted the request: a status read belongs to the original trace.
+pub(super) fn note_operation(operation: &Operation) {
+    let span = tracing::Span::current();
+    span.record("operation_id", operation.id());
+    if let Some(accepted_in) = &operation.trace {
+        span.add_link(accepted_in.clone());
+    }
+}

@@ -1,0 +1,127 @@
+//! The router: the configured routes, the gateway's own endpoints, and the tower layer stack, built
+//! in one chain. Layers are listed innermost first: a request passes them bottom to top.
+
+use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::header;
+use axum::routing::{MethodFilter, MethodRouter, get};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::RequestBodyDeadlineLayer;
+use tower_http::trace::TraceLayer;
+
+use super::auth::Tenant;
+use super::error::ApiError;
+use super::events::operation_events;
+use super::health::{livez, readyz};
+use super::layers::{
+    Access, REQUEST_ID, RouteNames, add_retry_after, check_head, count_request, identify,
+    request_span,
+};
+use super::openapi;
+use super::reads::{cancel_operation, get_operation, get_result};
+use super::state::AppState;
+use super::submit::submit;
+use crate::config::{ConfigError, RouteConfig};
+use crate::metrics::ACCEPT_SECONDS;
+
+/// Builds the router: the configured routes, `/operations/…`, `/livez`, `/readyz`, and the layers.
+pub fn router(state: AppState, routes: &[RouteConfig]) -> Result<Router, ConfigError> {
+    let document = Bytes::from(openapi::to_json(&openapi::document(
+        routes,
+        state.auth.is_some(),
+    )));
+    let openapi_document = move || {
+        let document = document.clone();
+        async move { ([(header::CONTENT_TYPE, "application/json")], document) }
+    };
+    let mut by_path: BTreeMap<&str, MethodRouter<AppState>> = BTreeMap::new();
+    let route_names: RouteNames = routes
+        .iter()
+        .map(|r| ((r.http_method(), r.path.clone()), r.name.clone()))
+        .collect();
+    for route in routes {
+        let filter = MethodFilter::try_from(route.http_method())
+            .map_err(|e| ConfigError::Invalid(format!("route {:?}: {e}", route.name)))?;
+        let config = Arc::new(route.clone());
+        let handler = move |State(state): State<AppState>, tenant: Tenant, request: Request| {
+            let config = config.clone();
+            async move {
+                let started = std::time::Instant::now();
+                let name = config.name.clone();
+                let answer = submit(state, config, tenant, request).await;
+                metrics::histogram!(ACCEPT_SECONDS, "route" => name)
+                    .record(started.elapsed().as_secs_f64());
+                answer
+            }
+        };
+        let methods = by_path.remove(route.path.as_str()).unwrap_or_default();
+        by_path.insert(&route.path, methods.on(filter, handler));
+    }
+    let mut guarded = Router::new()
+        .route(
+            "/operations/{id}",
+            get(get_operation).delete(cancel_operation),
+        )
+        .route("/operations/{id}/result", get(get_result))
+        .route("/operations/{id}/events", get(operation_events));
+    for (path, methods) in by_path {
+        // axum rejects path patterns that conflict (e.g. `/a/{x}` beside `/a/{y}`) by panicking;
+        // that is a configuration error, reported as such.
+        guarded = std::panic::catch_unwind(AssertUnwindSafe(|| guarded.route(path, methods)))
+            .map_err(|_| {
+                ConfigError::Invalid(format!("path {path:?} conflicts with another route"))
+            })?;
+    }
+    let access = Arc::new(Access {
+        auth: state.auth.clone(),
+        rate_limits: state.rate_limits.clone(),
+        public: routes
+            .iter()
+            .filter(|r| r.public)
+            .map(|r| (r.http_method(), r.path.clone()))
+            .collect(),
+    });
+    // Health and the document are open to all; everything else knows its caller first.
+    let app = guarded
+        .route_layer(axum::middleware::from_fn_with_state(access, identify))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/openapi.json", get(openapi_document));
+    Ok(app
+        .fallback(|| async { ApiError::RouteNotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(axum::middleware::map_response_with_state(
+            state.clone(),
+            add_retry_after,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            check_head,
+        ))
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(RequestBodyDeadlineLayer::new(
+                    state.limits.body_read_timeout,
+                ))
+                .map_request(|request: axum::http::Request<_>| request.map(Body::new)),
+        )
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(route_names),
+            count_request,
+        ))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        // 5xx answers are expected operational states here (NATS down, outcome unknown, not
+        // ready) and are logged, once, where they arise; ERROR is kept for data loss.
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_failure(()),
+        )
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .with_state(state))
+}

@@ -1,0 +1,122 @@
+//! What every handler shares ([`AppState`]), built once from the settings by [`AppState::new`],
+//! and admission: whether a request may start JetStream work now.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::HeaderName;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::auth::{Authenticator, RateLimits};
+use super::error::ApiError;
+use crate::config::{ConfigError, Settings, header_allow_list};
+use crate::lifecycle::Lifecycle;
+use crate::operations::Operations;
+
+/// What every handler shares; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    /// The core: accept, find, wait, cancel.
+    pub ops: Operations,
+    /// Draining and readiness.
+    pub lifecycle: Lifecycle,
+    pub limits: Limits,
+    pub callbacks: Callbacks,
+    /// Credentials checker; `None`: every caller is the `default` tenant.
+    pub auth: Option<Arc<Authenticator>>,
+    /// Per-tenant request rates.
+    pub rate_limits: RateLimits,
+    /// Request headers forwarded to workers.
+    pub forward_headers: Arc<[HeaderName]>,
+    /// Reply headers replayed from results.
+    pub result_headers: Arc<[HeaderName]>,
+    #[cfg(feature = "fault-injection")]
+    pub abort_after_publish: bool,
+}
+
+/// How much of the gateway one request may take, and for how long.
+#[derive(Clone)]
+pub struct Limits {
+    /// Permits for requests doing JetStream work at once; none left means `503 overloaded`.
+    /// Waiting (for a result, in a long poll or an event stream) holds no permit.
+    pub in_flight: Arc<Semaphore>,
+    /// How many permits `in_flight` has.
+    pub max_in_flight: usize,
+    /// Longest wait a client may ask for (`Prefer: wait`, `?wait=`).
+    pub max_wait: Duration,
+    /// Permits for open event streams; none left means `429` with `Retry-After`.
+    pub event_streams: Arc<Semaphore>,
+    /// Time a client has to send a whole request body.
+    pub body_read_timeout: Duration,
+    /// Headers a request may have, and bytes its headers may take.
+    pub max_headers: usize,
+    pub max_header_bytes: usize,
+    /// Seconds in `Retry-After` on 503 and 429 answers.
+    pub retry_after_secs: u64,
+}
+
+/// Where a client's `Callback-Url` may point.
+#[derive(Clone)]
+pub struct Callbacks {
+    /// URL prefixes a client's `Callback-Url` may start with.
+    pub allow: Arc<[String]>,
+    /// Whether callbacks may reach loopback, private and other non-public addresses.
+    pub allow_private: bool,
+}
+
+impl AppState {
+    /// The state of a gateway with these settings. Fails on a header allow-list that names a
+    /// header the gateway cannot forward or replay.
+    pub fn new(
+        settings: &Settings,
+        ops: Operations,
+        lifecycle: Lifecycle,
+        auth: Option<Arc<Authenticator>>,
+    ) -> Result<Self, ConfigError> {
+        let limits = &settings.limits;
+        Ok(Self {
+            ops,
+            lifecycle,
+            limits: Limits {
+                in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
+                max_in_flight: limits.max_in_flight,
+                max_wait: limits.max_wait,
+                event_streams: Arc::new(Semaphore::new(limits.max_event_streams)),
+                body_read_timeout: limits.body_read_timeout,
+                max_headers: limits.max_headers,
+                max_header_bytes: limits.max_header_bytes,
+                retry_after_secs: settings.retry_after_secs,
+            },
+            callbacks: Callbacks {
+                allow: settings.webhooks.callback_allow.clone().into(),
+                allow_private: settings.webhooks.callback_allow_private,
+            },
+            auth,
+            rate_limits: RateLimits::new(limits.tenant_rate, limits.tenant_burst),
+            forward_headers: header_allow_list(&settings.forward_headers)?.into(),
+            result_headers: header_allow_list(&settings.result_headers)?.into(),
+            #[cfg(feature = "fault-injection")]
+            abort_after_publish: settings.fault_abort_after_publish,
+        })
+    }
+
+    /// A permit to do JetStream work now, or `503 overloaded` at once: never a queue. A draining
+    /// process takes no new work at all.
+    pub fn admit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        if self.lifecycle.is_draining() {
+            return Err(ApiError::ShuttingDown);
+        }
+        self.limits
+            .in_flight
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::Overloaded)
+    }
+
+    /// Completes when no request holds a JetStream permit any more (used while draining, when
+    /// no new permit is handed out).
+    pub async fn idle(&self) {
+        let all = u32::try_from(self.limits.max_in_flight).unwrap_or(u32::MAX);
+        let _all = self.limits.in_flight.acquire_many(all).await;
+    }
+}

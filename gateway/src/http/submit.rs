@@ -1,0 +1,241 @@
+//! `POST /<route>` (or whatever method the route has): read and validate the request
+//! ([`read_submission`]), accept it as exactly one JetStream message, and answer
+//! ([`answer`]): `202` with the status resource, or the result itself when a wait was asked for
+//! and the result came in time.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::Request;
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
+use axum::response::Response;
+
+use super::auth::Tenant;
+use super::error::ApiError;
+use super::extract::{OperationRef, Wait};
+use super::prefer::{self, Preferences};
+use super::reads::{note_operation, wait_for};
+use super::responses::{
+    IDEMPOTENT_REPLAYED, accepted, header_value, result_response, set_location,
+    set_preference_applied,
+};
+use super::state::AppState;
+use crate::config::RouteConfig;
+use crate::metrics::IDEMPOTENT_REPLAYS;
+use crate::operations::idempotency::{self, KeyError};
+use crate::operations::{Accepted, Operation, Submission, WakeOn, check_destination};
+
+/// Validates, accepts, answers. Holds a JetStream permit only while accepting.
+pub(super) async fn submit(
+    state: AppState,
+    route: Arc<RouteConfig>,
+    Tenant(tenant): Tenant,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let permit = state.admit()?;
+    let (parts, body) = request.into_parts();
+    let read = read_submission(&state, &route, &parts, body).await?;
+    let submission = Submission {
+        route: &route,
+        tenant: &tenant,
+        idempotency_key: read.idempotency_key,
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        query: parts.uri.query(),
+        content_type: parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok()),
+        forwarded: read.forwarded,
+        callback_url: read.callback_url,
+        body: read.body,
+    };
+    let accepted = state.ops.accept(submission).await?;
+    #[cfg(feature = "fault-injection")]
+    if state.abort_after_publish && matches!(accepted, Accepted::New(_)) {
+        tracing::warn!("Fault injection: aborting after the JetStream ack, before answering.");
+        std::process::abort();
+    }
+    drop(permit);
+    let (operation, replayed) = match accepted {
+        Accepted::New(op) => (op, false),
+        Accepted::Replayed(op) => {
+            metrics::counter!(IDEMPOTENT_REPLAYS, "route" => route.name.clone()).increment(1);
+            (op, true)
+        }
+    };
+    note_operation(&operation);
+    // `Prefer: wait=N`, or the route's own wait: answer with the result if it comes in time.
+    let wait = Wait::capped(read.preferences.wait.or(route.wait), state.limits.max_wait);
+    answer(&state, tenant, operation, replayed, wait, &read.preferences).await
+}
+
+/// What a submission carries besides its method, path and tenant, read and checked.
+struct ReadSubmission {
+    preferences: Preferences,
+    idempotency_key: String,
+    body: Bytes,
+    callback_url: Option<String>,
+    /// Request headers on the forward allow-list, plus the trace context to continue.
+    forwarded: Vec<(String, String)>,
+}
+
+/// Reads and validates a submission: `Prefer`, the body's size (before and while reading it),
+/// the Idempotency-Key (assigned when the route does not require one), the `Callback-Url`, and
+/// the headers to forward. Nothing is written for a request that fails here.
+async fn read_submission(
+    state: &AppState,
+    route: &RouteConfig,
+    parts: &Parts,
+    body: axum::body::Body,
+) -> Result<ReadSubmission, ApiError> {
+    let limit = route.max_body.0;
+    let preferences = prefer::parse(&parts.headers);
+    if content_length(&parts.headers).is_some_and(|len| len > limit) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    let idempotency_key = match idempotency::parse_key(parts.headers.get_all(idempotency::HEADER))?
+    {
+        Some(key) => key,
+        None if route.require_idempotency_key => return Err(KeyError::Missing.into()),
+        None => idempotency::assign_key(),
+    };
+    let body = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if caused_by::<http_body_util::LengthLimitError>(&e) {
+            ApiError::PayloadTooLarge { limit }
+        } else if caused_by::<tower_http::timeout::TimeoutError>(&e) {
+            ApiError::BodyTimeout
+        } else {
+            ApiError::BadBody(e.to_string())
+        }
+    })?;
+    let callback_url = match parts.headers.get("callback-url") {
+        Some(value) => Some(allowed_callback(state, value).await?),
+        None => route.callback_url.clone(),
+    };
+    // The worker continues this request's span: the trace crosses the async hop.
+    let trace = handlers::trace::outgoing(&tracing::Span::current(), &parts.headers);
+    let forwarded = state
+        .forward_headers
+        .iter()
+        .filter(|name| !handlers::trace::TRACE_HEADERS.contains(&name.as_str()))
+        .flat_map(|name| {
+            parts
+                .headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .map(|v| (name.as_str().to_owned(), v.to_owned()))
+        })
+        .chain(trace)
+        .collect();
+    Ok(ReadSubmission {
+        preferences,
+        idempotency_key,
+        body,
+        callback_url,
+        forwarded,
+    })
+}
+
+/// The answer to an accepted submission: after waiting (holding no permit) when asked to, the
+/// result if there is one, else `202`; with the key in effect, and `Idempotent-Replayed` when
+/// the key named an existing operation.
+async fn answer(
+    state: &AppState,
+    tenant: Arc<str>,
+    operation: Operation,
+    replayed: bool,
+    wait: Wait,
+    preferences: &Preferences,
+) -> Result<Response, ApiError> {
+    let operation = match wait.to_do() {
+        Some(_) if !operation.status().is_terminal() => {
+            // The request is accepted whatever the wait finds: if reading it back fails, the
+            // answer is still the 202 of the operation in hand, never an error a client would
+            // retry with a new key.
+            let named = OperationRef {
+                tenant,
+                id: operation.id().to_owned(),
+            };
+            wait_for(state, &named, wait, WakeOn::Terminal)
+                .await
+                .unwrap_or(operation)
+        }
+        _ => operation,
+    };
+    let mut response = match (&operation.result, wait.asked()) {
+        (Some(result), Some(wait)) => {
+            let mut r = result_response(state, &result.record);
+            set_location(&mut r, &operation);
+            set_preference_applied(&mut r, &format!("wait={}", wait.as_secs()));
+            r
+        }
+        _ => {
+            let mut r = accepted(state, &operation);
+            if preferences.respond_async {
+                set_preference_applied(&mut r, "respond-async");
+            }
+            r
+        }
+    };
+    let h = response.headers_mut();
+    h.insert(
+        HeaderName::from_static(idempotency::HEADER),
+        header_value(&idempotency::format_key(&operation.idempotency_key)),
+    );
+    if replayed {
+        h.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+/// A client's `Callback-Url`, if it is an http(s) URL that starts with an allowed prefix.
+async fn allowed_callback(state: &AppState, value: &HeaderValue) -> Result<String, ApiError> {
+    let text = value
+        .to_str()
+        .map_err(|_| ApiError::CallbackNotAllowed("not text".to_owned()))?;
+    let url = reqwest::Url::parse(text)
+        .map_err(|e| ApiError::CallbackNotAllowed(format!("not a URL ({e})")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(ApiError::CallbackNotAllowed(
+            "only http and https".to_owned(),
+        ));
+    }
+    if !state
+        .callbacks
+        .allow
+        .iter()
+        .any(|prefix| text.starts_with(prefix.as_str()))
+    {
+        return Err(ApiError::CallbackNotAllowed(
+            "it matches no allowed prefix (GATEWAY_CALLBACK_ALLOW)".to_owned(),
+        ));
+    }
+    check_destination(&url, state.callbacks.allow_private)
+        .await
+        .map_err(|e| ApiError::CallbackNotAllowed(e.to_string()))?;
+    Ok(text.to_owned())
+}
+
+fn content_length(headers: &HeaderMap) -> Option<usize> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// Whether an error of type `E` is somewhere in `error`'s chain of causes.
+fn caused_by<E: std::error::Error + 'static>(error: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if e.is::<E>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}

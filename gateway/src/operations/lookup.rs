@@ -1,0 +1,188 @@
+//! Reading an operation back from JetStream, settling its expiry, waiting for it to change, and
+//! cancelling it.
+//!
+//! "No terminal record, deadline passed" is not a status (see [`super::model`]): the first reader
+//! to see it writes the `expired` marker (first writer wins, see
+//! `handlers::jetstream::publish_result`) and reports whatever record won. So a status, once
+//! terminal, never changes, on any replica: a late reply after the marker is refused by the
+//! results stream; a reply that beat the marker is what everyone sees.
+
+use std::time::Duration;
+
+use handlers::contract::ResultRecord;
+use time::OffsetDateTime;
+use tokio::time::Instant;
+
+use super::idempotency::key_token_of;
+use super::model::{DeliveryState, Operation, Status, decode_state};
+use super::store::{Store, StoreError};
+use super::watch::{RECHECK, Watch};
+
+/// Finds an operation by id for a tenant, settling expiry on the way. `None` for ids that do not
+/// exist, no longer exist (retention), or belong to another tenant.
+///
+/// Costs two direct gets, issued together. A reader that finds the deadline passed with no result
+/// also writes the `expired` marker (and reads the slot back from the leader if it lost the race).
+pub async fn lookup(
+    store: &Store,
+    tenant: &str,
+    operation_id: &str,
+) -> Result<Option<Operation>, StoreError> {
+    let Some(key_token) = key_token_of(operation_id) else {
+        return Ok(None);
+    };
+    let (request, result) = tokio::join!(
+        store.request_by_key_token(key_token),
+        store.result(operation_id)
+    );
+    let Some(request) = request? else {
+        return Ok(None);
+    };
+    let mut operation = Operation::from_request(&request)?;
+    if operation.id() != operation_id || operation.tenant() != tenant {
+        return Ok(None);
+    }
+    operation.result = result?;
+    settle(store, &mut operation).await?;
+    if operation.result.is_none() {
+        operation.progress = store.progress(operation_id).await?;
+    }
+    if let Some(url) = operation.callback_url() {
+        // Before the first attempt there is no stored state: the webhook is pending.
+        operation.callback = Some(
+            store
+                .callback_state(operation_id)
+                .await?
+                .and_then(|bytes| decode_state(&bytes))
+                .unwrap_or_else(|| DeliveryState {
+                    url: url.to_owned(),
+                    state: "pending".to_owned(),
+                    attempts: 0,
+                    last_status: None,
+                    last_error: None,
+                }),
+        );
+    }
+    Ok(Some(operation))
+}
+
+/// What a waiter waits for.
+#[derive(Debug, Clone, Copy)]
+pub enum WakeOn {
+    /// The operation's end.
+    Terminal,
+    /// The end, or a progress report newer than this sequence (`None`: newer than what the first
+    /// read finds).
+    TerminalOrProgressAfter(Option<u64>),
+}
+
+/// Reads an operation, and if it is still pending, waits until it is terminal (or, per `wake_on`,
+/// has new progress) or `until` passes, woken by the process's [`Watch`] and re-reading at least
+/// every [`RECHECK`]. What it returns was read from JetStream last, so it is as true as any lookup.
+pub async fn lookup_when_changed(
+    store: &Store,
+    watch: &Watch,
+    tenant: &str,
+    operation_id: &str,
+    until: Instant,
+    wake_on: WakeOn,
+) -> Result<Option<Operation>, StoreError> {
+    let registration = watch.register(operation_id);
+    let mut progress_after = match wake_on {
+        WakeOn::Terminal => None,
+        WakeOn::TerminalOrProgressAfter(seen) => Some(seen),
+    };
+    loop {
+        let notified = registration.notify().notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        // Boxed, so that a parked waiter keeps only the small wait state, not the lookup's.
+        let Some(operation) = Box::pin(lookup(store, tenant, operation_id)).await? else {
+            return Ok(None);
+        };
+        let now = Instant::now();
+        let progress = operation.progress.as_ref().map(|p| p.seq);
+        let new_progress = match progress_after {
+            Some(Some(seen)) => progress.is_some_and(|p| p > seen),
+            Some(None) => {
+                // The first read sets what "new" means.
+                progress_after = Some(Some(progress.unwrap_or(0)));
+                false
+            }
+            None => false,
+        };
+        let done = operation.status().is_terminal() || new_progress;
+        if done || now >= until || watch.lifecycle().is_draining() {
+            return Ok(Some(operation));
+        }
+        // Wake at the deadline too: that is when the operation turns `expired`.
+        let to_deadline = (operation.deadline() - OffsetDateTime::now_utc())
+            .try_into()
+            .unwrap_or(Duration::ZERO);
+        let next = until
+            .min(now + RECHECK)
+            .min(now + to_deadline + Duration::from_millis(10));
+        tokio::select! {
+            () = notified => {}
+            () = watch.lifecycle().draining() => {}
+            () = tokio::time::sleep_until(next) => {}
+        }
+    }
+}
+
+/// Attaches the current result to an operation whose request was just read, settling expiry.
+pub(super) async fn attach_result(
+    store: &Store,
+    operation: &mut Operation,
+) -> Result<(), StoreError> {
+    operation.result = store.result(operation.id()).await?;
+    settle(store, operation).await
+}
+
+/// Past its deadline with no terminal record, an operation is made `expired` for good; if a reply
+/// or another replica's marker won the slot a moment earlier, that one is reported instead.
+async fn settle(store: &Store, operation: &mut Operation) -> Result<(), StoreError> {
+    if operation.result.is_some() || OffsetDateTime::now_utc() <= operation.deadline() {
+        return Ok(());
+    }
+    let marker = ResultRecord::expired(operation.id(), operation.deadline());
+    let winner = store
+        .record_marker(operation.id(), marker, operation.retention())
+        .await?;
+    operation.result = Some(winner);
+    Ok(())
+}
+
+/// What a cancellation found.
+#[derive(Debug)]
+pub enum Cancellation {
+    /// The operation is cancelled (by this request or an earlier one).
+    Recorded(Operation),
+    /// A result (or expiry) won first; the operation as it ended.
+    TooLate(Operation),
+}
+
+/// Cancels an operation that has no terminal record yet. The `cancelled` marker competes for the
+/// same result slot as a worker's reply, first writer wins, so exactly one of them is the outcome
+/// and every replica reports the same one.
+pub async fn cancel(
+    store: &Store,
+    tenant: &str,
+    operation_id: &str,
+) -> Result<Option<Cancellation>, StoreError> {
+    let Some(mut operation) = lookup(store, tenant, operation_id).await? else {
+        return Ok(None);
+    };
+    if operation.result.is_none() {
+        let marker = ResultRecord::cancelled(operation_id);
+        let winner = store
+            .record_marker(operation_id, marker, operation.retention())
+            .await?;
+        operation.result = Some(winner);
+    }
+    Ok(Some(if operation.status() == Status::Cancelled {
+        Cancellation::Recorded(operation)
+    } else {
+        Cancellation::TooLate(operation)
+    }))
+}

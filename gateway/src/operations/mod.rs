@@ -1,0 +1,207 @@
+//! THE CORE: operations read and written in JetStream. Never names axum, hyper or tower: what
+//! comes in is a [`Submission`] or an operation id, what goes out is an [`Operation`] (the model)
+//! or one of this module's errors, which the edge maps to problem+json.
+//!
+//! [`Operations`] is the one handle the edge holds: accept, find, wait, cancel, readiness. Below
+//! it, by level:
+//! - [`model`]: `Operation`, `Status`, stored results, progress and delivery states (data only);
+//!   [`view`]: the one client-facing JSON of an operation;
+//! - [`idempotency`]: key tokens, operation ids, fingerprints, the key's sf-string form (pure);
+//! - `store`: the JetStream connection, provisioning, and the request path's reads and writes;
+//!   `watch`: the waiter registry and the ordered consumers that wake it;
+//! - `accept` (create-if-absent, read back, compare) and `lookup` (read, settle expiry, wait,
+//!   cancel);
+//! - [`webhooks`] (the delivery loop), `destination` (the SSRF guard), `retry_after` (backlog-based
+//!   `Retry-After`).
+
+mod accept;
+mod destination;
+pub mod idempotency;
+mod lookup;
+pub mod model;
+mod retry_after;
+mod store;
+pub mod view;
+mod watch;
+pub mod webhooks;
+
+use std::sync::Arc;
+
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub use accept::{AcceptError, Accepted, RequestMessage, Submission};
+pub use destination::{DestinationError, check_destination};
+pub use lookup::{Cancellation, WakeOn};
+pub use model::{DeliveryState, Operation, ProgressState, Status, StoredResult};
+pub use retry_after::RetryAfter;
+pub use store::{StoreError, StreamPlan};
+pub use view::{Links, OperationView, operation_path};
+pub use webhooks::{WebhookError, Webhooks};
+
+use crate::config::{JetStreamSettings, WebhookSettings};
+use crate::lifecycle::Lifecycle;
+use store::Store;
+use watch::{Followed, Watch};
+
+/// The edge's one handle on operations: cheap to clone, shared by every request.
+#[derive(Clone)]
+pub struct Operations {
+    store: Arc<Store>,
+    watch: Watch,
+    retry_after: RetryAfter,
+}
+
+/// The background work of [`Operations::start`]: the routes' worker consumers (for
+/// `Retry-After`), and the webhook loop when webhooks are on.
+pub struct Background {
+    /// (route name, its workers' durable consumer).
+    pub consumers: Vec<(String, String)>,
+    /// Upper bound of a computed `Retry-After`, seconds.
+    pub retry_after_max_secs: u64,
+    pub webhooks: Option<Webhooks>,
+}
+
+impl Operations {
+    /// Connects to JetStream in the background: the handle works once NATS is reachable and
+    /// [`Operations::start`] has provisioned the streams; until then calls fail with
+    /// [`StoreError::NotReady`].
+    pub async fn connect(
+        settings: &JetStreamSettings,
+        retry_after: RetryAfter,
+        lifecycle: Lifecycle,
+    ) -> Result<Self, StoreError> {
+        Ok(Self {
+            store: Arc::new(Store::connect(settings).await?),
+            watch: Watch::new(lifecycle),
+            retry_after,
+        })
+    }
+
+    /// The webhook delivery loop, or `None` when no webhook can ever be asked for.
+    pub fn webhooks(
+        &self,
+        settings: &WebhookSettings,
+        any_route_callback: bool,
+    ) -> Result<Option<Webhooks>, WebhookError> {
+        Webhooks::new(self.store.clone(), settings, any_route_callback)
+    }
+
+    /// Starts what runs beside the requests until `stop`: the two watches that wake waiters,
+    /// the `Retry-After` estimates, the webhook loop, and provisioning (retried while NATS is
+    /// unreachable). The returned task ends with provisioning; a configuration the server cannot
+    /// honour (a body limit above its max_payload) cancels `stop` and is its error.
+    pub fn start(
+        &self,
+        mut plan: StreamPlan,
+        background: Background,
+        stop: CancellationToken,
+    ) -> JoinHandle<Result<(), StoreError>> {
+        let store = &self.store;
+        for (stream, subjects, followed) in [
+            (
+                store.results_stream(),
+                store.subjects().all_results(),
+                Followed::Results,
+            ),
+            (
+                store.events_stream(),
+                store.subjects().all_progress(),
+                Followed::Progress,
+            ),
+        ] {
+            tokio::spawn(self.watch.clone().follow(
+                store.jetstream().clone(),
+                stream.to_owned(),
+                subjects,
+                followed,
+                stop.clone(),
+            ));
+        }
+        tokio::spawn(self.retry_after.clone().follow(
+            store.clone(),
+            background.consumers,
+            background.retry_after_max_secs,
+            stop.clone(),
+        ));
+        if let Some(webhooks) = background.webhooks {
+            plan.webhook_consumer = Some(webhooks.consumer_config());
+            tokio::spawn(webhooks.run(stop.clone()));
+        }
+        tokio::spawn(provision_until_done(store.clone(), plan, stop))
+    }
+
+    /// Accepts a submission as exactly one request message, or finds the operation it repeats.
+    pub async fn accept(&self, submission: Submission<'_>) -> Result<Accepted, AcceptError> {
+        accept::accept(&self.store, submission).await
+    }
+
+    /// The operation `id` of `tenant`, with expiry settled; `None` when there is no such
+    /// operation, no longer one (retention), or it is another tenant's.
+    pub async fn find(&self, tenant: &str, id: &str) -> Result<Option<Operation>, StoreError> {
+        lookup::lookup(&self.store, tenant, id).await
+    }
+
+    /// Like [`Operations::find`], then waits until `wake_on` is met or `until` passes, or the
+    /// process drains; holds nothing but a waiter registration meanwhile.
+    pub async fn wait(
+        &self,
+        tenant: &str,
+        id: &str,
+        until: Instant,
+        wake_on: WakeOn,
+    ) -> Result<Option<Operation>, StoreError> {
+        lookup::lookup_when_changed(&self.store, &self.watch, tenant, id, until, wake_on).await
+    }
+
+    /// Cancels an operation that has no terminal record yet; `None` when there is no such
+    /// operation for `tenant`.
+    pub async fn cancel(&self, tenant: &str, id: &str) -> Result<Option<Cancellation>, StoreError> {
+        lookup::cancel(&self.store, tenant, id).await
+    }
+
+    /// Ready for requests: JetStream connected, streams in place, and the results watch running
+    /// (so waiters are woken from the first request on).
+    pub async fn check_ready(&self) -> Result<(), StoreError> {
+        self.store.check_ready().await?;
+        if !self.watch.lifecycle().is_watching_results() {
+            return Err(StoreError::NotReady);
+        }
+        Ok(())
+    }
+
+    /// Seconds a client should wait before asking about a pending operation of `route` again.
+    pub fn retry_after(&self, route: &str) -> u64 {
+        self.retry_after.seconds(route)
+    }
+}
+
+/// Provisions the streams, retrying while NATS is unreachable. A configuration the server cannot
+/// honour (a body limit above its max_payload) stops the gateway.
+async fn provision_until_done(
+    store: Arc<Store>,
+    plan: StreamPlan,
+    stop: CancellationToken,
+) -> Result<(), StoreError> {
+    loop {
+        match store.provision(&plan).await {
+            Ok(()) => {
+                tracing::info!("JetStream streams provisioned; gateway ready.");
+                return Ok(());
+            }
+            Err(fatal @ StoreError::PayloadLimit { .. }) => {
+                tracing::error!(error = %fatal, "Configuration does not fit the NATS server; stopping.");
+                stop.cancel();
+                return Err(fatal);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "Cannot provision streams yet; retrying.");
+                tokio::select! {
+                    () = stop.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+}

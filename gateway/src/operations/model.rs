@@ -1,0 +1,213 @@
+//! The operation model: what the gateway knows of one accepted request, and the states clients
+//! see. Data only: nothing here reads or writes JetStream, so every room above can use these
+//! types without a loop back (the store returns them, lookups fill them, views show them).
+//!
+//! An operation is two stream messages at most: its request (on the key's subject) and its
+//! terminal record (on `gw.res.<id>`). Status is a function of those two and the clock:
+//!
+//! | terminal record                  | status      |
+//! |----------------------------------|-------------|
+//! | none, deadline ahead             | `pending`   |
+//! | a reply with a 2xx or 3xx status | `succeeded` |
+//! | a reply with a 4xx or 5xx status | `failed`    |
+//! | the `expired` marker             | `expired`   |
+//! | the `cancelled` marker           | `cancelled` |
+//!
+//! "None, deadline passed" is not a status: the first reader to see it writes the `expired`
+//! marker (see [`super::lookup`]).
+
+use std::time::Duration;
+
+use async_nats::jetstream::message::StreamMessage;
+use handlers::contract::{ContractError, Outcome, RequestHead, ResultRecord, header};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use super::idempotency::decode_key;
+
+/// Status of an operation, as clients see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Pending,
+    Succeeded,
+    Failed,
+    Expired,
+    Cancelled,
+}
+
+impl Status {
+    /// The status a terminal record gives its operation.
+    pub fn of(record: &ResultRecord) -> Status {
+        match record.outcome {
+            Outcome::Expired => Status::Expired,
+            Outcome::Cancelled => Status::Cancelled,
+            Outcome::Reply if record.status < 400 => Status::Succeeded,
+            Outcome::Reply => Status::Failed,
+        }
+    }
+
+    /// The status as clients see it in bodies and event names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Succeeded => "succeeded",
+            Status::Failed => "failed",
+            Status::Expired => "expired",
+            Status::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        self != Status::Pending
+    }
+}
+
+/// A result as stored: the record and when it was stored.
+#[derive(Debug, Clone)]
+pub struct StoredResult {
+    pub record: ResultRecord,
+    pub stored_at: OffsetDateTime,
+}
+
+/// A worker's latest progress report, as the status resource shows it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(as = Progress)]
+pub struct ProgressState {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u8>,
+    pub message: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    /// Stream sequence of the report: orders reports, and names SSE `progress-<seq>` events.
+    #[serde(skip)]
+    pub seq: u64,
+}
+
+/// One operation as read from JetStream.
+#[derive(Debug, Clone)]
+pub struct Operation {
+    /// The request message's contract fields, as the gateway wrote them; `tenant` and
+    /// `fingerprint` are always present (checked when read).
+    pub request: RequestHead,
+    /// The idempotency key in effect, decoded from the message's sf-string.
+    pub idempotency_key: String,
+    /// When JetStream stored the request.
+    pub created_at: OffsetDateTime,
+    pub result: Option<StoredResult>,
+    /// The latest progress report, while pending.
+    pub progress: Option<ProgressState>,
+    /// Where the webhook stands (read by the lookup when there is a callback URL).
+    pub callback: Option<DeliveryState>,
+    /// The span that accepted the request (its `traceparent`), which reads link to.
+    pub trace: Option<opentelemetry::trace::SpanContext>,
+}
+
+impl Operation {
+    /// A new operation, as its request message was just written.
+    pub fn accepted(
+        request: RequestHead,
+        idempotency_key: String,
+        created_at: OffsetDateTime,
+    ) -> Self {
+        Self {
+            request,
+            idempotency_key,
+            created_at,
+            result: None,
+            progress: None,
+            callback: None,
+            trace: None,
+        }
+    }
+
+    /// Reads an operation's request message (its result is attached separately). The message is
+    /// parsed by the contract; the fields a worker may ignore but the gateway needs are required
+    /// here.
+    pub fn from_request(message: &StreamMessage) -> Result<Self, ContractError> {
+        let request = RequestHead::from_headers(&message.headers)?;
+        for (value, name) in [
+            (&request.tenant, header::TENANT),
+            (&request.fingerprint, header::FINGERPRINT),
+        ] {
+            if value.is_none() {
+                return Err(ContractError::MissingHeader(name));
+            }
+        }
+        let stored_key = request
+            .idempotency_key
+            .as_deref()
+            .ok_or(ContractError::MissingHeader(header::IDEMPOTENCY_KEY))?;
+        let idempotency_key =
+            decode_key(stored_key.as_bytes()).map_err(|_| ContractError::InvalidHeader {
+                name: header::IDEMPOTENCY_KEY,
+                value: stored_key.to_owned(),
+            })?;
+        let mut operation = Self::accepted(request, idempotency_key, message.time);
+        operation.trace = handlers::trace::remote_span(&message.headers);
+        Ok(operation)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.request.operation_id
+    }
+
+    pub fn route(&self) -> &str {
+        &self.request.route
+    }
+
+    pub fn tenant(&self) -> &str {
+        self.request.tenant.as_deref().unwrap_or_default()
+    }
+
+    /// The fingerprint the key is bound to.
+    pub fn fingerprint(&self) -> &str {
+        self.request.fingerprint.as_deref().unwrap_or_default()
+    }
+
+    /// After this instant, an operation with no terminal record is `expired`.
+    pub fn deadline(&self) -> OffsetDateTime {
+        self.request.deadline
+    }
+
+    /// How long JetStream keeps the operation's messages.
+    pub fn retention(&self) -> Option<Duration> {
+        self.request.retention_secs.map(Duration::from_secs)
+    }
+
+    /// The completion webhook's URL, if any.
+    pub fn callback_url(&self) -> Option<&str> {
+        self.request.callback_url.as_deref()
+    }
+
+    pub fn status(&self) -> Status {
+        self.result
+            .as_ref()
+            .map_or(Status::Pending, |r| Status::of(&r.record))
+    }
+
+    pub fn updated_at(&self) -> OffsetDateTime {
+        self.result
+            .as_ref()
+            .map_or(self.created_at, |r| r.stored_at)
+    }
+}
+
+/// Where a webhook stands, as stored on `gw.cb.<id>` and shown by the status resource.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(as = Callback)]
+pub struct DeliveryState {
+    pub url: String,
+    /// `pending` (not yet delivered; more attempts to come), `delivered`, or `failed` (dead-lettered).
+    pub state: String,
+    pub attempts: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// Reads a stored delivery state.
+pub fn decode_state(bytes: &[u8]) -> Option<DeliveryState> {
+    serde_json::from_slice(bytes).ok()
+}

@@ -1,0 +1,74 @@
+//! Progress reports: a worker's "how far along" for an operation that is still pending.
+//!
+//! A report is a JSON [`Progress`] on `<prefix>.prog.<operation-id>` in the events stream, which
+//! keeps the last message per subject: the status resource shows the latest report and event
+//! streams send each new one. Progress is advisory: it never decides an operation's outcome, so
+//! a lost report costs information, never correctness.
+
+use std::time::Duration;
+
+use async_nats::jetstream::context::PublishError;
+use async_nats::jetstream::message::PublishMessage;
+use bytes::Bytes;
+
+/// A worker's progress report on `gw.prog.<operation-id>` (JSON payload; the last one counts).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    /// 0-100, when the worker knows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u8>,
+    #[serde(default)]
+    pub message: String,
+}
+
+/// A progress report JetStream did not acknowledge (not connected, no stream, or a timeout).
+#[derive(Debug, thiserror::Error)]
+#[error("progress report not stored: {0}")]
+pub struct ProgressError(#[source] PublishError);
+
+/// Publishes an operation's progress reports (`gw.prog.<id>`, the last one counts).
+#[derive(Clone, Debug, Default)]
+pub struct ProgressReporter {
+    target: Option<(async_nats::jetstream::Context, String, Option<Duration>)>,
+}
+
+impl ProgressReporter {
+    /// A reporter that publishes to `subject`, each report kept for `ttl`.
+    pub fn new(js: async_nats::jetstream::Context, subject: String, ttl: Option<Duration>) -> Self {
+        Self {
+            target: Some((js, subject, ttl)),
+        }
+    }
+
+    /// A reporter that reports nowhere.
+    pub fn detached() -> Self {
+        Self::default()
+    }
+
+    /// Reports progress; waits for JetStream's ack. Reporting is best effort for the handler: an
+    /// error here does not fail the operation unless the handler chooses so.
+    pub async fn report(
+        &self,
+        percent: Option<u8>,
+        message: impl Into<String>,
+    ) -> Result<(), ProgressError> {
+        let Some((js, subject, ttl)) = &self.target else {
+            return Ok(());
+        };
+        let progress = Progress {
+            percent: percent.map(|p| p.min(100)),
+            message: message.into(),
+        };
+        let payload = serde_json::to_vec(&progress).expect("progress serializes");
+        let mut publish = PublishMessage::build().payload(Bytes::from(payload));
+        if let Some(ttl) = ttl {
+            publish = publish.ttl(*ttl);
+        }
+        js.send_publish(subject.clone(), publish)
+            .await
+            .map_err(ProgressError)?
+            .await
+            .map_err(ProgressError)?;
+        Ok(())
+    }
+}
