@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -41,5 +42,14 @@ impl Lifecycle {
     /// Whether results wake waiters (and are counted) right now.
     pub fn is_watching_results(&self) -> bool {
         self.watching_results.load(Ordering::Relaxed)
+    }
+}
+
+/// Sleeps for `pause`, or less if `stop` is cancelled meanwhile; `true` when stopped. The pause
+/// of every retry and polling loop, so that none delays a shutdown.
+pub async fn sleep_or_stop(stop: &CancellationToken, pause: Duration) -> bool {
+    tokio::select! {
+        () = stop.cancelled() => true,
+        () = tokio::time::sleep(pause) => stop.is_cancelled(),
     }
 }

@@ -2,8 +2,8 @@
 //! and the two message shapes (an accepted request, a stored result).
 //!
 //! This module is the only place that knows how a request or a result looks on the wire. A worker
-//! written in another language follows the same rules with a plain NATS client; README.md ("Wire
-//! contract") spells them out for that reader.
+//! written in another language follows the same rules with a plain NATS client;
+//! docs/wire-contract.md spells them out for that reader.
 //!
 //! Subjects (prefix `gw` by default):
 //! - `gw.req.<route>.<key-token>`: one accepted request. The key token is derived from
@@ -27,7 +27,7 @@ pub const DEFAULT_REQUESTS_STREAM: &str = "GW_REQUESTS";
 pub const DEFAULT_RESULTS_STREAM: &str = "GW_RESULTS";
 
 /// Prefix of every RFC 9457 problem `type` the gateway emits (a tag URI, RFC 4151: an identifier,
-/// not a page). README.md lists each problem type.
+/// not a page). docs/http-api.md ("Problems") lists each problem type.
 pub const PROBLEM_TYPE_BASE: &str = "tag:nats-http-gateway,2026:problem/";
 
 /// Header names. Lookups in received messages must use these constants, never a string typed

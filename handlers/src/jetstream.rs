@@ -324,3 +324,12 @@ pub async fn publish_result(
         Ok(ResultWrite::Conflict { existing })
     }
 }
+
+/// Acknowledges a delivery (or naks or terms it, per `kind`). A failure is only logged: an
+/// unacknowledged delivery comes back after AckWait, and every consumer here treats a
+/// redelivery as harmless (the result check, the webhook's stored state).
+pub async fn ack(message: &async_nats::jetstream::Message, kind: async_nats::jetstream::AckKind) {
+    if let Err(error) = message.ack_with(kind).await {
+        tracing::debug!(subject = %message.subject, %error, "Cannot acknowledge a delivery.");
+    }
+}

@@ -13,8 +13,8 @@
 //! - [`worker`]: the worker API: register a handler per route, run, and the library consumes,
 //!   replies, acks and retries.
 //!
-//! A worker in another language needs none of this code: README.md's "Wire contract" section is
-//! the same contract in prose, and a plain NATS client is enough to follow it.
+//! A worker in another language needs none of this code: docs/wire-contract.md is the same
+//! contract in prose, and a plain NATS client is enough to follow it.
 
 pub mod contract;
 pub mod faults;

@@ -11,7 +11,12 @@
 //! request acked. A delivery whose marker already exists (a redelivery after a crash, a duplicate
 //! publish, a concurrent attempt that lost) does not run the handler: it re-publishes the stored
 //! reply and acks. So each operation changes state at most once, and its one reply is computed
-//! from the state it committed (exactly-once.md H1-H7, H10).
+//! from the state it committed. In detail: a duplicate is recognised by its operation id, not by
+//! JetStream's delivery; nothing is published before the commit; two concurrent attempts commit
+//! at most once; a duplicate after the commit never runs the handler and re-publishes the stored
+//! outbox unchanged (emitted messages with the same `Nats-Msg-Id`, derived from the operation id;
+//! the reply on the same result subject, first writer wins); the reply travels through the
+//! outbox and the results stream, never core request/reply; the request is acked last.
 //!
 //! Only the keys a handler saves are checked for concurrent changes: a key it only loads is not
 //! (write skew is possible; save a loaded key back to make it part of the check).

@@ -28,7 +28,7 @@ use tracing::Instrument;
 
 use crate::contract::{Outcome, Request, ResultRecord, Subjects, header, header_str};
 use crate::handler::{Handler, HandlerError, Permanent};
-use crate::jetstream::{JetStreamError, ResultWrite, last_on_subject, publish_result};
+use crate::jetstream::{JetStreamError, ResultWrite, ack, last_on_subject, publish_result};
 use crate::progress::ProgressReporter;
 use crate::stateful::{self, Committed, Emit, StateStore, StatefulHandler};
 use async_nats::jetstream::message::PublishMessage;
@@ -528,13 +528,6 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-async fn ack(message: &jetstream::Message, kind: AckKind) {
-    if let Err(error) = message.ack_with(kind).await {
-        // The delivery will simply come back after AckWait; the result check makes that harmless.
-        tracing::debug!(%error, "Cannot acknowledge a delivery.");
     }
 }
 

@@ -14,6 +14,7 @@ use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Settings, load_config};
+use crate::lifecycle::sleep_or_stop;
 
 /// A nats-server child process with JetStream, bound to 127.0.0.1. Killed when dropped.
 pub struct NatsProcess {
@@ -189,9 +190,8 @@ async fn run_example_worker(settings: Settings, stop: CancellationToken) {
             Ok(()) => return,
             Err(error) => {
                 tracing::debug!(%error, "Example worker waiting for the streams.");
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_millis(300)) => {}
+                if sleep_or_stop(&stop, Duration::from_millis(300)).await {
+                    return;
                 }
             }
         }

@@ -11,6 +11,7 @@
 use std::time::Duration;
 
 use crate::config::{AdminArgs, NatsArgs};
+use crate::lifecycle::sleep_or_stop;
 use crate::metrics::DISPATCH_REPLIES;
 use bytes::Bytes;
 use handlers::contract::is_contract_header;
@@ -116,9 +117,8 @@ pub async fn run(args: DispatchArgs, shutdown: CancellationToken) -> Result<(), 
             Ok(()) => return Ok(()),
             Err(error) => {
                 tracing::info!(%error, "Waiting for the gateway's streams.");
-                tokio::select! {
-                    () = shutdown.cancelled() => return Ok(()),
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                if sleep_or_stop(&shutdown, Duration::from_secs(1)).await {
+                    return Ok(());
                 }
             }
         }
@@ -139,10 +139,7 @@ async fn mirror_stats(stats: std::sync::Arc<WorkerStats>, stop: CancellationToke
         ] {
             metrics::counter!(DISPATCH_REPLIES, "outcome" => outcome).absolute(count.load(Relaxed));
         }
-        tokio::select! {
-            () = stop.cancelled() => {}
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
+        sleep_or_stop(&stop, Duration::from_secs(1)).await;
     }
 }
 

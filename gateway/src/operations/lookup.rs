@@ -28,20 +28,11 @@ pub async fn lookup(
     tenant: &str,
     operation_id: &str,
 ) -> Result<Option<Operation>, StoreError> {
-    let Some(key_token) = key_token_of(operation_id) else {
+    let (request, result) =
+        tokio::join!(request_of(store, operation_id), store.result(operation_id));
+    let Some(mut operation) = request?.filter(|op| op.tenant() == tenant) else {
         return Ok(None);
     };
-    let (request, result) = tokio::join!(
-        store.request_by_key_token(key_token),
-        store.result(operation_id)
-    );
-    let Some(request) = request? else {
-        return Ok(None);
-    };
-    let mut operation = Operation::from_request(&request)?;
-    if operation.id() != operation_id || operation.tenant() != tenant {
-        return Ok(None);
-    }
     operation.result = result?;
     settle(store, &mut operation).await?;
     if operation.result.is_none() {
@@ -64,6 +55,23 @@ pub async fn lookup(
         );
     }
     Ok(Some(operation))
+}
+
+/// The operation `operation_id` as its request message says (no result, no tenant check):
+/// one direct get by the key token the id carries. `None` when there is no such request, or the
+/// key's request now belongs to another operation (the key was reused after retention).
+pub(super) async fn request_of(
+    store: &Store,
+    operation_id: &str,
+) -> Result<Option<Operation>, StoreError> {
+    let Some(key_token) = key_token_of(operation_id) else {
+        return Ok(None);
+    };
+    let Some(request) = store.request_by_key_token(key_token).await? else {
+        return Ok(None);
+    };
+    let operation = Operation::from_request(&request)?;
+    Ok((operation.id() == operation_id).then_some(operation))
 }
 
 /// What a waiter waits for.

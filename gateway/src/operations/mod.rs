@@ -26,6 +26,7 @@ mod watch;
 pub mod webhooks;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -41,7 +42,7 @@ pub use view::{Links, OperationView, operation_path};
 pub use webhooks::{WebhookError, Webhooks};
 
 use crate::config::{JetStreamSettings, WebhookSettings};
-use crate::lifecycle::Lifecycle;
+use crate::lifecycle::{Lifecycle, sleep_or_stop};
 use store::Store;
 use watch::{Followed, Watch};
 
@@ -197,9 +198,8 @@ async fn provision_until_done(
             }
             Err(error) => {
                 tracing::warn!(%error, "Cannot provision streams yet; retrying.");
-                tokio::select! {
-                    () = stop.cancelled() => return Ok(()),
-                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                if sleep_or_stop(&stop, Duration::from_secs(1)).await {
+                    return Ok(());
                 }
             }
         }

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::lifecycle::sleep_or_stop;
+
 use super::store::Store;
 
 /// Per-route estimates, shared by every request of the process.
@@ -80,10 +82,7 @@ impl RetryAfter {
                     Ordering::Relaxed,
                 );
             }
-            tokio::select! {
-                () = stop.cancelled() => {}
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
+            sleep_or_stop(&stop, Duration::from_secs(1)).await;
         }
     }
 }

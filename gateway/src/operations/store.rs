@@ -34,8 +34,18 @@ pub enum StoreError {
     Connect(#[source] async_nats::ConnectError),
     #[error(transparent)]
     JetStream(#[from] JetStreamError),
-    #[error("cannot provision stream {stream}: {detail}")]
-    Provision { stream: String, detail: String },
+    #[error("cannot create the webhook consumer on stream {stream}: {source}")]
+    ProvisionConsumer {
+        stream: String,
+        #[source]
+        source: async_nats::jetstream::stream::ConsumerError,
+    },
+    #[error("cannot provision stream {stream}: {source}")]
+    Provision {
+        stream: String,
+        #[source]
+        source: async_nats::Error,
+    },
     #[error(
         "route {route} allows bodies of {max_body} bytes, more than the server's max_payload of {max_payload}"
     )]
@@ -68,6 +78,17 @@ impl StoreError {
             })
         )
     }
+}
+
+/// Why a background consumer (the watches, the webhook loop) cannot run now; it retries.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumeError {
+    #[error("cannot find the stream: {0}")]
+    Stream(#[from] async_nats::jetstream::context::GetStreamError),
+    #[error("cannot create the consumer: {0}")]
+    Consumer(#[from] async_nats::jetstream::stream::ConsumerError),
+    #[error("cannot read messages: {0}")]
+    Messages(#[source] async_nats::Error),
 }
 
 /// Connection, stream names and subjects.
@@ -143,9 +164,9 @@ impl Store {
     /// A worker consumer's (backlog, acknowledged deliveries so far) on the requests stream.
     pub async fn consumer_progress(&self, consumer: &str) -> Result<(u64, u64), StoreError> {
         self.ensure_provisioned()?;
-        let unavailable = |e: String| StoreError::Provision {
+        let unavailable = |e: async_nats::Error| StoreError::Provision {
             stream: self.requests_stream.clone(),
-            detail: e,
+            source: e,
         };
         let info = self
             .js
@@ -154,10 +175,10 @@ impl Store {
                 &self.requests_stream,
             )
             .await
-            .map_err(|e| unavailable(e.to_string()))?
+            .map_err(|e| unavailable(e.into()))?
             .info()
             .await
-            .map_err(|e| unavailable(e.to_string()))?
+            .map_err(|e| unavailable(e.into()))?
             .clone();
         let in_progress = info.num_ack_pending as u64;
         let backlog = info.num_pending + in_progress;
@@ -319,7 +340,7 @@ impl Store {
                 .await
                 .map_err(|e| StoreError::Provision {
                     stream: name.clone(),
-                    detail: e.to_string(),
+                    source: e.into(),
                 })?;
         }
         // The webhook consumer exists before the gateway is ready, so that no result of an
@@ -330,13 +351,13 @@ impl Store {
                 .await
                 .map_err(|e| StoreError::Provision {
                     stream: self.results_stream.clone(),
-                    detail: e.to_string(),
+                    source: e.into(),
                 })?
                 .create_consumer(consumer.clone())
                 .await
-                .map_err(|e| StoreError::Provision {
+                .map_err(|e| StoreError::ProvisionConsumer {
                     stream: self.results_stream.clone(),
-                    detail: format!("webhook consumer: {e}"),
+                    source: e,
                 })?;
         }
         self.replicated.store(plan.replicas > 1, Ordering::Release);

@@ -21,7 +21,8 @@ use tokio_util::sync::CancellationToken;
 use handlers::contract::ResultRecord;
 
 use super::model::Status;
-use crate::lifecycle::Lifecycle;
+use super::store::ConsumeError;
+use crate::lifecycle::{Lifecycle, sleep_or_stop};
 use crate::metrics::{RESULTS, WAITERS};
 
 /// What a watch follows.
@@ -136,19 +137,17 @@ impl Watch {
         while !stop.is_cancelled() {
             let messages = async {
                 js.get_stream(&stream)
-                    .await
-                    .map_err(|e| e.to_string())?
+                    .await?
                     .create_consumer(OrderedConfig {
                         filter_subject: subjects.clone(),
                         deliver_policy: DeliverPolicy::New,
                         headers_only: true,
                         ..Default::default()
                     })
-                    .await
-                    .map_err(|e| e.to_string())?
+                    .await?
                     .messages()
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| ConsumeError::Messages(e.into()))
             }
             .await;
             match messages {
@@ -182,10 +181,7 @@ impl Watch {
                 }
                 Err(error) => tracing::debug!(%error, "Cannot watch results yet; retrying."),
             }
-            tokio::select! {
-                () = stop.cancelled() => {}
-                () = tokio::time::sleep(Duration::from_millis(500)) => {}
-            }
+            sleep_or_stop(&stop, Duration::from_millis(500)).await;
         }
     }
 }

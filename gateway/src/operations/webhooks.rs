@@ -19,15 +19,18 @@ use async_nats::jetstream::{self, AckKind};
 use bytes::Bytes;
 use futures::StreamExt;
 use handlers::contract::ResultRecord;
+use handlers::jetstream::ack;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
+use crate::lifecycle::sleep_or_stop;
+
 use super::destination::{PublicOnly, check_destination};
-use super::idempotency::key_token_of;
+use super::lookup::request_of;
 use super::model::{DeliveryState, Operation, StoredResult};
-use super::store::{Store, StoreError};
+use super::store::{ConsumeError, Store, StoreError};
 use super::view::OperationView;
 use crate::config::WebhookSettings;
 use crate::metrics::WEBHOOK_DELIVERIES;
@@ -128,10 +131,7 @@ impl Webhooks {
                 Ok(()) => {}
                 Err(error) => tracing::debug!(%error, "Webhook consumer not ready; retrying."),
             }
-            tokio::select! {
-                () = stop.cancelled() => {}
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
+            sleep_or_stop(&stop, Duration::from_secs(1)).await;
         }
     }
 
@@ -152,17 +152,14 @@ impl Webhooks {
         }
     }
 
-    async fn consume(self: &Arc<Self>, stop: &CancellationToken) -> Result<(), String> {
+    async fn consume(self: &Arc<Self>, stop: &CancellationToken) -> Result<(), ConsumeError> {
         let js = self.store.jetstream();
-        let stream = js
-            .get_stream(self.store.results_stream())
+        let stream = js.get_stream(self.store.results_stream()).await?;
+        let consumer = stream.create_consumer(self.consumer_config()).await?;
+        let messages = consumer
+            .messages()
             .await
-            .map_err(|e| e.to_string())?;
-        let consumer = stream
-            .create_consumer(self.consumer_config())
-            .await
-            .map_err(|e| e.to_string())?;
-        let messages = consumer.messages().await.map_err(|e| e.to_string())?;
+            .map_err(|e| ConsumeError::Messages(e.into()))?;
         messages
             .take_until(stop.cancelled())
             .for_each_concurrent(32, |message| {
@@ -210,19 +207,17 @@ impl Webhooks {
             .unwrap_or(Duration::from_secs(1))
     }
 
+    /// One delivery attempt: build the signed notification, POST it, record how it went (and
+    /// dead-letter it after the last attempt). Store errors leave the attempt unspent.
     async fn attempt(
         &self,
         id: &str,
         message: &jetstream::Message,
         attempt: i64,
     ) -> Result<Next, StoreError> {
-        let Some(key_token) = key_token_of(id) else {
+        let Some(mut operation) = request_of(&self.store, id).await? else {
             return Ok(Next::Done);
         };
-        let Some(request) = self.store.request_by_key_token(key_token).await? else {
-            return Ok(Next::Done);
-        };
-        let mut operation = Operation::from_request(&request)?;
         let Some(url) = operation.callback_url().map(str::to_owned) else {
             return Ok(Next::Done);
         };
@@ -235,91 +230,172 @@ impl Webhooks {
                 .map(|i| i.published)
                 .unwrap_or(OffsetDateTime::now_utc()),
         });
-        let body = serde_json::to_vec(&serde_json::json!({
-            "type": "operation.completed",
-            "timestamp": handlers::contract::format_time(OffsetDateTime::now_utc()),
-            "data": OperationView::of(&operation),
-        }))
-        .expect("a notification serializes");
-        let timestamp = OffsetDateTime::now_utc().unix_timestamp();
-        let signature = sign(&self.secret, id, timestamp, &body);
-        // IP literals never reach the resolver that filters names: check them here.
-        let destination = match reqwest::Url::parse(&url) {
-            Ok(parsed) => check_destination(&parsed, self.allow_private)
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        let sent = match destination {
-            Err(reason) => Err(format!("destination refused: {reason}")),
-            Ok(()) => self
-                .http
-                .post(&url)
-                .header("content-type", "application/json")
-                .header("webhook-id", id)
-                .header("webhook-timestamp", timestamp.to_string())
-                .header("webhook-signature", &signature)
-                .body(body.clone())
-                .send()
-                .await
-                .map_err(|e| e.to_string()),
-        };
-        let (delivered, last_status, last_error) = match &sent {
-            Ok(r) if r.status().is_success() => (true, Some(r.status().as_u16()), None),
-            Ok(r) => (false, Some(r.status().as_u16()), None),
-            Err(e) => (false, None, Some(e.clone())),
-        };
-        let last = attempt >= self.attempts;
-        let state = DeliveryState {
-            url,
-            state: match (delivered, last) {
-                (true, _) => "delivered",
-                (false, true) => "failed",
-                (false, false) => "pending",
-            }
-            .to_owned(),
-            attempts: attempt,
-            last_status,
-            last_error,
-        };
-        let outcome = match (delivered, last) {
-            (true, _) => "delivered",
-            (false, true) => "dead_lettered",
-            (false, false) => "failed",
-        };
-        metrics::counter!(WEBHOOK_DELIVERIES, "outcome" => outcome).increment(1);
-        if !delivered && last {
-            let mut dead = HeaderMap::new();
-            dead.insert("webhook-id", id);
-            dead.insert("webhook-timestamp", timestamp.to_string().as_str());
-            dead.insert("webhook-signature", signature.as_str());
-            dead.insert("Content-Type", "application/json");
+        let notification = Notification::of(&operation, &self.secret);
+        let sent = self.deliver(&url, &notification).await;
+        let result = Attempt::judge(sent, attempt >= self.attempts);
+        metrics::counter!(WEBHOOK_DELIVERIES, "outcome" => result.metric()).increment(1);
+        if let Attempt::LastFailed { .. } = result {
             self.store
-                .dead_letter(id, dead, Bytes::from(body), operation.retention())
+                .dead_letter(
+                    id,
+                    notification.headers(),
+                    notification.body.clone(),
+                    operation.retention(),
+                )
                 .await?;
             tracing::warn!(operation_id = %id, attempts = attempt, "Webhook not delivered; dead-lettered.");
         }
+        let state = result.state(url, attempt);
         let encoded = serde_json::to_vec(&state).expect("a delivery state serializes");
         self.store
             .put_callback_state(id, Bytes::from(encoded), operation.retention())
             .await?;
-        Ok(if delivered || last {
-            Next::Done
-        } else {
-            Next::Retry
+        Ok(match result {
+            Attempt::Failed { .. } => Next::Retry,
+            Attempt::Delivered { .. } | Attempt::LastFailed { .. } => Next::Done,
         })
+    }
+
+    /// POSTs a notification: the HTTP status it got, or why none came.
+    async fn deliver(&self, url: &str, notification: &Notification) -> Result<u16, String> {
+        // IP literals never reach the resolver that filters names: check them here.
+        let parsed = reqwest::Url::parse(url).map_err(|e| format!("destination refused: {e}"))?;
+        check_destination(&parsed, self.allow_private)
+            .await
+            .map_err(|e| format!("destination refused: {e}"))?;
+        let response = self
+            .http
+            .post(parsed)
+            .headers(notification.http_headers())
+            .body(notification.body.clone())
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(response.status().as_u16())
+    }
+}
+
+/// A signed completion notification: the same bytes and headers on every attempt of one
+/// delivery state's life, and in the dead letter.
+struct Notification {
+    id: String,
+    timestamp: i64,
+    signature: String,
+    body: Bytes,
+}
+
+impl Notification {
+    fn of(operation: &Operation, secret: &[u8]) -> Self {
+        let now = OffsetDateTime::now_utc();
+        let body = serde_json::to_vec(&serde_json::json!({
+            "type": "operation.completed",
+            "timestamp": handlers::contract::format_time(now),
+            "data": OperationView::of(operation),
+        }))
+        .expect("a notification serializes");
+        let timestamp = now.unix_timestamp();
+        Self {
+            id: operation.id().to_owned(),
+            timestamp,
+            signature: sign(secret, operation.id(), timestamp, &body),
+            body: Bytes::from(body),
+        }
+    }
+
+    /// The Standard Webhooks headers (and the content type), as (name, value) pairs.
+    fn header_pairs(&self) -> [(&'static str, String); 4] {
+        [
+            ("content-type", "application/json".to_owned()),
+            ("webhook-id", self.id.clone()),
+            ("webhook-timestamp", self.timestamp.to_string()),
+            ("webhook-signature", self.signature.clone()),
+        ]
+    }
+
+    /// The headers as NATS carries them, for the dead letter (NATS names are case-sensitive:
+    /// the content type is spelled as the contract spells it).
+    fn headers(&self) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in self.header_pairs() {
+            let name = match name {
+                "content-type" => handlers::contract::header::CONTENT_TYPE,
+                other => other,
+            };
+            headers.insert(name, value.as_str());
+        }
+        headers
+    }
+
+    /// The headers as HTTP carries them, for the POST.
+    fn http_headers(&self) -> reqwest::header::HeaderMap {
+        self.header_pairs()
+            .into_iter()
+            .filter_map(|(name, value)| {
+                let value = reqwest::header::HeaderValue::from_str(&value).ok()?;
+                Some((reqwest::header::HeaderName::from_static(name), value))
+            })
+            .collect()
+    }
+}
+
+/// How one attempt went.
+enum Attempt {
+    /// A 2xx: done.
+    Delivered { status: u16 },
+    /// Not delivered; more attempts to come.
+    Failed {
+        status: Option<u16>,
+        error: Option<String>,
+    },
+    /// Not delivered, and that was the last attempt: dead-lettered.
+    LastFailed {
+        status: Option<u16>,
+        error: Option<String>,
+    },
+}
+
+impl Attempt {
+    fn judge(sent: Result<u16, String>, last: bool) -> Self {
+        let (status, error) = match sent {
+            Ok(status) if (200..300).contains(&status) => return Attempt::Delivered { status },
+            Ok(status) => (Some(status), None),
+            Err(error) => (None, Some(error)),
+        };
+        if last {
+            Attempt::LastFailed { status, error }
+        } else {
+            Attempt::Failed { status, error }
+        }
+    }
+
+    fn metric(&self) -> &'static str {
+        match self {
+            Attempt::Delivered { .. } => "delivered",
+            Attempt::Failed { .. } => "failed",
+            Attempt::LastFailed { .. } => "dead_lettered",
+        }
+    }
+
+    /// The delivery state this attempt leaves, as the status resource shows it.
+    fn state(&self, url: String, attempts: i64) -> DeliveryState {
+        let (state, last_status, last_error) = match self {
+            Attempt::Delivered { status } => ("delivered", Some(*status), None),
+            Attempt::Failed { status, error } => ("pending", *status, error.clone()),
+            Attempt::LastFailed { status, error } => ("failed", *status, error.clone()),
+        };
+        DeliveryState {
+            url,
+            state: state.to_owned(),
+            attempts,
+            last_status,
+            last_error,
+        }
     }
 }
 
 enum Next {
     Done,
     Retry,
-}
-
-async fn ack(message: &jetstream::Message, kind: AckKind) {
-    if let Err(error) = message.ack_with(kind).await {
-        tracing::debug!(%error, "Cannot acknowledge a webhook delivery.");
-    }
 }
 
 #[cfg(test)]
