@@ -5,7 +5,7 @@
 //! - each changed key on `<prefix>.state.<key>`, expecting the sequence it loaded (optimistic
 //!   concurrency: a concurrent change makes the whole batch fail);
 //! - the processed marker `<prefix>.done.<operation-id>`, expecting none (so two attempts at one
-//!   operation cannot both commit), carrying the outbox: the reply.
+//!   operation cannot both commit), carrying the outbox: the reply and the emitted messages.
 //!
 //! Only after the commit is the reply published (first writer wins), and only after that is the
 //! request acked. A delivery whose marker already exists (a redelivery after a crash, a duplicate

@@ -5,12 +5,9 @@ use axum::body::Body;
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 
-use std::sync::Arc;
-
 use axum::Router;
 use axum::http::{HeaderMap, StatusCode, header};
 
-use super::auth::Authenticator;
 use super::{AppState, router};
 use crate::config::{ByteSize, ConfigError, RouteConfig, Settings};
 use crate::lifecycle::Lifecycle;
@@ -37,17 +34,11 @@ async fn app(routes: &[RouteConfig]) -> Result<Router, ConfigError> {
     app_with_limit(routes, 8).await
 }
 
+/// A router built the way `gateway::run` builds it (`AppState::new` from parsed settings), with
+/// a store that points at a port where nothing listens.
 async fn app_with_limit(
     routes: &[RouteConfig],
     max_in_flight: usize,
-) -> Result<Router, ConfigError> {
-    app_with_access(routes, max_in_flight, None).await
-}
-
-async fn app_with_access(
-    routes: &[RouteConfig],
-    max_in_flight: usize,
-    auth: Option<Authenticator>,
 ) -> Result<Router, ConfigError> {
     use clap::Parser;
     #[derive(Parser)]
@@ -74,7 +65,7 @@ async fn app_with_access(
     let ops = Operations::connect(&settings.jetstream, retry_after, lifecycle.clone())
         .await
         .expect("connect returns at once");
-    let state = AppState::new(&settings, ops, lifecycle, auth.map(Arc::new))?;
+    let state = AppState::new(&settings, ops, lifecycle, None)?;
     router(state, routes)
 }
 
