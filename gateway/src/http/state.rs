@@ -13,9 +13,21 @@ use crate::config::{ConfigError, Settings, header_allow_list};
 use crate::lifecycle::Lifecycle;
 use crate::operations::Operations;
 
-/// What every handler shares; cheap to clone.
+/// What every handler shares: one allocation, so that the clones axum makes for each request
+/// and layer cost one reference count.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The fields of [`AppState`].
+pub struct Shared {
     /// The core: accept, find, wait, cancel.
     pub ops: Operations,
     /// Draining and readiness.
@@ -74,7 +86,7 @@ impl AppState {
         auth: Option<Arc<Authenticator>>,
     ) -> Result<Self, ConfigError> {
         let limits = &settings.limits;
-        Ok(Self {
+        Ok(Self(Arc::new(Shared {
             ops,
             lifecycle,
             limits: Limits {
@@ -97,7 +109,7 @@ impl AppState {
             result_headers: header_allow_list(&settings.result_headers)?.into(),
             #[cfg(feature = "fault-injection")]
             abort_after_publish: settings.fault_abort_after_publish,
-        })
+        })))
     }
 
     /// A permit to do JetStream work now, or `503 overloaded` at once: never a queue. A draining
