@@ -12,7 +12,7 @@
 //! - below them all, the `handlers` crate: the wire contract and the JetStream primitives.
 //!
 //! Leaves anyone may use: [`config`] (settings and the routes file), [`metrics`], [`telemetry`],
-//! [`lifecycle`] (draining and readiness flags).
+//! [`lifecycle`] (draining and readiness flags), [`tls`] (the process-wide crypto provider).
 
 pub mod cli;
 pub mod config;
@@ -21,6 +21,9 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod operations;
 pub mod telemetry;
+pub mod tls;
+
+pub use tls::install_crypto_provider;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -81,14 +84,13 @@ pub async fn run(
         routes.iter().map(|r| r.name.clone()),
     );
     let ops = Operations::connect(&settings.jetstream, retry_after, lifecycle.clone()).await?;
-    let any_route_callback = routes.iter().any(|r| r.callback_url.is_some());
-    let webhooks = ops.webhooks(&settings.webhooks, any_route_callback)?;
     let state = AppState::new(&settings, ops.clone(), lifecycle.clone(), authenticator)?;
     let app = http::router(state.clone(), &routes)?;
+    let any_route_callback = routes.iter().any(|r| r.callback_url.is_some());
+    let webhooks = ops.webhooks(&settings.webhooks, any_route_callback)?;
 
     let stop = CancellationToken::new();
     let plan = StreamPlan {
-        webhook_consumer: None,
         replicas: settings.jetstream.stream_replicas,
         duplicate_window: settings.jetstream.duplicate_window,
         max_retention: routes.iter().map(|r| r.retention).max().unwrap_or_default(),
@@ -168,10 +170,4 @@ pub async fn shutdown_signal() {
         () = terminate => {}
     }
     tracing::info!("Shutdown signal received; draining.");
-}
-
-/// Installs ring as the process-wide rustls crypto provider (the one async-nats already links):
-/// the webhook client's and the OTLP exporter's TLS need one. Harmless to call again.
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
 }

@@ -35,7 +35,7 @@ impl Lifecycle {
     }
 
     /// Records whether results wake waiters (and are counted) right now.
-    pub fn set_watching_results(&self, watching: bool) {
+    pub(crate) fn set_watching_results(&self, watching: bool) {
         self.watching_results.store(watching, Ordering::Relaxed);
     }
 

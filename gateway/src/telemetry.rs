@@ -52,7 +52,8 @@ impl Drop for Telemetry {
     }
 }
 
-/// Installs the process's subscriber. `service` names the process in exported traces.
+/// Installs the process's subscriber. `service` names the process in exported traces. Exporting
+/// needs a rustls crypto provider ([`crate::tls`]; `cli::main` installs it first).
 pub fn init(format: LogFormat, service: &'static str) -> Result<Telemetry, TelemetryError> {
     let exporting = std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
         || std::env::var_os("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some();

@@ -19,6 +19,10 @@ use bytes::Bytes;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+// A progress report is a wire shape too; it lives in `progress` with its reporter, and stays
+// reachable here, where it was first defined.
+pub use crate::progress::Progress;
+
 /// Default subject prefix.
 pub const DEFAULT_PREFIX: &str = "gw";
 /// Default name of the stream holding accepted requests.

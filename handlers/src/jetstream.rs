@@ -18,6 +18,9 @@ use bytes::Bytes;
 
 use crate::contract::{ContractError, ResultRecord, err_code};
 
+// The reporter moved to `progress` with the report's shape; it stays reachable here.
+pub use crate::progress::ProgressReporter;
+
 /// Errors talking to JetStream. Every variant except `Contract` means "the outcome of this call
 /// is unknown or it did not happen": a caller may retry the same call.
 #[derive(Debug, thiserror::Error)]

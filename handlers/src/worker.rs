@@ -27,7 +27,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::contract::{Outcome, Request, ResultRecord, Subjects, header, header_str};
-use crate::handler::{Handler, HandlerError, Permanent};
+// The handler API lived here before it had a file of its own; worker code that imports it from
+// `handlers::worker` keeps working.
+pub use crate::handler::{Handler, HandlerError, Permanent, Response};
 use crate::jetstream::{JetStreamError, ResultWrite, ack, last_on_subject, publish_result};
 use crate::progress::ProgressReporter;
 use crate::stateful::{self, Committed, Emit, StateStore, StatefulHandler};

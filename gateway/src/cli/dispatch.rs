@@ -79,6 +79,7 @@ pub enum DispatchError {
 
 /// Runs until `shutdown`, retrying while the streams do not exist yet.
 pub async fn run(args: DispatchArgs, shutdown: CancellationToken) -> Result<(), DispatchError> {
+    crate::tls::install_crypto_provider();
     let admin = crate::metrics::bind_admin(args.admin.admin_listen).await?;
     tokio::spawn(crate::metrics::serve_admin(admin, shutdown.clone()));
     let http = reqwest::Client::builder()

@@ -65,7 +65,7 @@ pub fn main() -> anyhow::Result<()> {
         _ => "nats-http-gateway",
     };
     // Dropped last, after the runtime: flushing exported spans blocks.
-    crate::install_crypto_provider();
+    crate::tls::install_crypto_provider();
     let _telemetry = crate::telemetry::init(cli.log_format, service)?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = cli.worker_threads {

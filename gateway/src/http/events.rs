@@ -8,7 +8,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 
 use super::error::{ApiError, Problem};
-use super::extract::{OperationId, OperationRef, Wait};
+use super::extract::{EventStreamSlot, OperationId, OperationRef, Wait};
 use super::reads::wait_for;
 use super::state::AppState;
 use crate::operations::{Operation, OperationView, WakeOn};
@@ -35,15 +35,10 @@ use crate::operations::{Operation, OperationView, WakeOn};
 )]
 pub(crate) async fn operation_events(
     State(state): State<AppState>,
+    stream_permit: EventStreamSlot,
     operation: OperationRef,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let stream_permit = state
-        .limits
-        .event_streams
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| ApiError::TooManyStreams)?;
     let first = wait_for(&state, &operation, Wait::AT_ONCE, WakeOn::Terminal).await?;
     let OperationRef { tenant, id } = operation;
     let seen = headers

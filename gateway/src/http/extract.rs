@@ -1,16 +1,55 @@
 //! Extractors whose rejections are the gateway's own errors, so handlers never see axum's
-//! rejection types: the operation a request names ([`OperationRef`]) and the wait it asks for
-//! ([`Wait`], capped once).
+//! rejection types: the permits a request needs ([`Admission`], [`EventStreamSlot`]), the
+//! operation it names ([`OperationRef`]), and the wait it asks for ([`WaitQuery`], then [`Wait`],
+//! capped once). Extractors run in the order of the handler's arguments, so that order is the
+//! order in which a request's problems are reported: a full or draining gateway says so first.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{FromRequestParts, Path};
+use axum::extract::{FromRequestParts, Path, Query};
 use axum::http::request::Parts;
 use serde::Deserialize;
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::auth::Tenant;
 use super::error::ApiError;
+use super::state::AppState;
+
+/// A permit to do JetStream work now ([`AppState::admit`]), held until the handler returns.
+pub struct Admission {
+    _permit: OwnedSemaphorePermit,
+}
+
+impl FromRequestParts<AppState> for Admission {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(_: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        Ok(Self {
+            _permit: state.admit()?,
+        })
+    }
+}
+
+/// One of the event streams the gateway keeps open at once (`GATEWAY_MAX_EVENT_STREAMS`), held
+/// for the stream's life; none left is `429` with `Retry-After`.
+pub struct EventStreamSlot {
+    _permit: OwnedSemaphorePermit,
+}
+
+impl FromRequestParts<AppState> for EventStreamSlot {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(_: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let permit = state
+            .limits
+            .event_streams
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::TooManyStreams)?;
+        Ok(Self { _permit: permit })
+    }
+}
 
 /// The `{id}` of `/operations/{id}`.
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -62,3 +101,38 @@ impl Wait {
         self.0.filter(|wait| !wait.is_zero())
     }
 }
+
+/// `?wait=N` on a long poll.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct WaitQuery {
+    /// Seconds to wait for a result before answering (capped by the gateway's maximum).
+    #[param(minimum = 0, maximum = 3600)]
+    wait: Option<u64>,
+}
+
+impl WaitQuery {
+    pub fn duration(&self) -> Option<Duration> {
+        self.wait.map(Duration::from_secs)
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for WaitQuery {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Query(query) = Query::<WaitQuery>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::BadQuery(e.body_text()))?;
+        if query.wait.is_some_and(|w| w > MAX_WAIT_QUERY) {
+            return Err(ApiError::BadQuery(format!(
+                "wait is at most {MAX_WAIT_QUERY} seconds"
+            )));
+        }
+        Ok(query)
+    }
+}
+
+/// The largest `?wait=` a client may write; the gateway's own cap (`GATEWAY_MAX_WAIT`) applies
+/// below it.
+const MAX_WAIT_QUERY: u64 = 3600;

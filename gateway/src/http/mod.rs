@@ -1,6 +1,7 @@
-//! THE EDGE: HTTP in, HTTP out (axum, tower, hyper). Never names async-nats: every request goes
-//! to the core through one handle, [`crate::operations::Operations`], and every error leaves as
-//! an [`error::ApiError`], which becomes problem+json in one place.
+//! THE EDGE: HTTP in, HTTP out (axum, tower, hyper). Never names async-nats: every JetStream read
+//! or write goes through one handle, [`crate::operations::Operations`] (the core's pure helpers,
+//! the Idempotency-Key parser and the callback destination check, are called directly), and
+//! every error leaves as an [`error::ApiError`], which becomes problem+json in one place.
 //!
 //! By request family, as in restate's ingress: [`submit`] (a configured route), `reads`
 //! (status, result, cancel), `events` (SSE), `health`. Around them: [`router`] (the routes and the

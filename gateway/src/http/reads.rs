@@ -1,37 +1,20 @@
 //! Reading and cancelling an operation: `GET /operations/{id}`, `GET /operations/{id}/result`,
 //! `DELETE /operations/{id}`.
 
-use std::time::Duration;
-
 use axum::Json;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::error::{ApiError, Problem};
-use super::extract::{OperationId, OperationRef, Wait};
+use super::extract::{Admission, OperationId, OperationRef, Wait, WaitQuery};
 use super::prefer;
 use super::responses::{
     pending, result_response, set_location, set_no_store, set_preference_applied, set_retry_after,
 };
 use super::state::AppState;
 use crate::operations::{Cancellation, Operation, OperationView, WakeOn};
-
-/// `?wait=N` on a long poll.
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-pub(crate) struct WaitQuery {
-    /// Seconds to wait for a result before answering (capped by the gateway's maximum).
-    #[param(minimum = 0, maximum = 3600)]
-    wait: Option<u64>,
-}
-
-/// The largest `?wait=` a client may write; the gateway's own cap (`GATEWAY_MAX_WAIT`) applies
-/// below it.
-const MAX_WAIT_QUERY: u64 = 3600;
 
 /// The `Prefer` request header (RFC 7240) as status reads use it.
 #[derive(utoipa::IntoParams)]
@@ -106,20 +89,11 @@ pub(crate) async fn get_operation(
 )]
 pub(crate) async fn get_result(
     State(state): State<AppState>,
+    query: WaitQuery,
     operation: OperationRef,
-    query: Result<Query<WaitQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::BadQuery(e.body_text()))?;
-    if query.wait.is_some_and(|w| w > MAX_WAIT_QUERY) {
-        return Err(ApiError::BadQuery(format!(
-            "wait is at most {MAX_WAIT_QUERY} seconds"
-        )));
-    }
-    let asked = query
-        .wait
-        .map(Duration::from_secs)
-        .or(prefer::parse(&headers).wait);
+    let asked = query.duration().or(prefer::parse(&headers).wait);
     let wait = Wait::capped(asked, state.limits.max_wait);
     let operation = wait_for(&state, &operation, wait, WakeOn::Terminal).await?;
     match &operation.result {
@@ -149,9 +123,9 @@ pub(crate) async fn get_result(
 )]
 pub(crate) async fn cancel_operation(
     State(state): State<AppState>,
+    _admitted: Admission,
     OperationRef { tenant, id }: OperationRef,
 ) -> Result<Response, ApiError> {
-    let _permit = state.admit()?;
     let cancellation = state
         .ops
         .cancel(&tenant, &id)

@@ -13,7 +13,7 @@ use super::state::AppState;
 use crate::operations::{Links, Operation, Status, operation_path};
 
 /// RFC 7240, section 3.
-pub(super) const PREFERENCE_APPLIED: HeaderName = HeaderName::from_static("preference-applied");
+const PREFERENCE_APPLIED: HeaderName = HeaderName::from_static("preference-applied");
 /// The IETF Idempotency-Key draft's mark of a replayed answer.
 pub(super) const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 

@@ -53,7 +53,7 @@ pub struct Limits {
     /// Waiting (for a result, in a long poll or an event stream) holds no permit.
     pub in_flight: Arc<Semaphore>,
     /// How many permits `in_flight` has.
-    pub max_in_flight: usize,
+    pub max_in_flight: u32,
     /// Longest wait a client may ask for (`Prefer: wait`, `?wait=`).
     pub max_wait: Duration,
     /// Permits for open event streams; none left means `429` with `Retry-After`.
@@ -86,12 +86,20 @@ impl AppState {
         auth: Option<Arc<Authenticator>>,
     ) -> Result<Self, ConfigError> {
         let limits = &settings.limits;
+        // A u32, as `Semaphore::acquire_many` counts (see `idle`).
+        let max_in_flight = u32::try_from(limits.max_in_flight).map_err(|_| {
+            ConfigError::Invalid(format!(
+                "GATEWAY_MAX_IN_FLIGHT is at most {}, not {}",
+                u32::MAX,
+                limits.max_in_flight
+            ))
+        })?;
         Ok(Self(Arc::new(Shared {
             ops,
             lifecycle,
             limits: Limits {
                 in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
-                max_in_flight: limits.max_in_flight,
+                max_in_flight,
                 max_wait: limits.max_wait,
                 event_streams: Arc::new(Semaphore::new(limits.max_event_streams)),
                 body_read_timeout: limits.body_read_timeout,
@@ -125,10 +133,13 @@ impl AppState {
             .map_err(|_| ApiError::Overloaded)
     }
 
-    /// Completes when no request holds a JetStream permit any more (used while draining, when
-    /// no new permit is handed out).
-    pub async fn idle(&self) {
-        let all = u32::try_from(self.limits.max_in_flight).unwrap_or(u32::MAX);
-        let _all = self.limits.in_flight.acquire_many(all).await;
+    /// Completes when no request holds a JetStream permit any more. Only while draining, when
+    /// `admit` hands out none: it takes every permit as it comes back.
+    pub(crate) async fn idle(&self) {
+        let _all = self
+            .limits
+            .in_flight
+            .acquire_many(self.limits.max_in_flight)
+            .await;
     }
 }

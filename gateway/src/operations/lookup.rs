@@ -28,6 +28,10 @@ pub async fn lookup(
     tenant: &str,
     operation_id: &str,
 ) -> Result<Option<Operation>, StoreError> {
+    if key_token_of(operation_id).is_none() {
+        // Not an id this gateway makes: no read is spent on it.
+        return Ok(None);
+    }
     let (request, result) =
         tokio::join!(request_of(store, operation_id), store.result(operation_id));
     let Some(mut operation) = request?.filter(|op| op.tenant() == tenant) else {

@@ -95,7 +95,7 @@ impl Operations {
     /// honour (a body limit above its max_payload) cancels `stop` and is its error.
     pub fn start(
         &self,
-        mut plan: StreamPlan,
+        plan: StreamPlan,
         background: Background,
         stop: CancellationToken,
     ) -> JoinHandle<Result<(), StoreError>> {
@@ -126,11 +126,17 @@ impl Operations {
             background.retry_after_max_secs,
             stop.clone(),
         ));
-        if let Some(webhooks) = background.webhooks {
-            plan.webhook_consumer = Some(webhooks.consumer_config());
+        let webhook_consumer = background.webhooks.map(|webhooks| {
+            let consumer = webhooks.consumer_config();
             tokio::spawn(webhooks.run(stop.clone()));
-        }
-        tokio::spawn(provision_until_done(store.clone(), plan, stop))
+            consumer
+        });
+        tokio::spawn(provision_until_done(
+            store.clone(),
+            plan,
+            webhook_consumer,
+            stop,
+        ))
     }
 
     /// Accepts a submission as exactly one request message, or finds the operation it repeats.
@@ -183,10 +189,11 @@ impl Operations {
 async fn provision_until_done(
     store: Arc<Store>,
     plan: StreamPlan,
+    webhook_consumer: Option<async_nats::jetstream::consumer::pull::Config>,
     stop: CancellationToken,
 ) -> Result<(), StoreError> {
     loop {
-        match store.provision(&plan).await {
+        match store.provision(&plan, webhook_consumer.as_ref()).await {
             Ok(()) => {
                 tracing::info!("JetStream streams provisioned; gateway ready.");
                 return Ok(());

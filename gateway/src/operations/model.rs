@@ -105,7 +105,7 @@ pub struct Operation {
 
 impl Operation {
     /// A new operation, as its request message was just written.
-    pub fn accepted(
+    pub(super) fn accepted(
         request: RequestHead,
         idempotency_key: String,
         created_at: OffsetDateTime,
@@ -126,14 +126,6 @@ impl Operation {
     /// here.
     pub fn from_request(message: &StreamMessage) -> Result<Self, ContractError> {
         let request = RequestHead::from_headers(&message.headers)?;
-        for (value, name) in [
-            (&request.tenant, header::TENANT),
-            (&request.fingerprint, header::FINGERPRINT),
-        ] {
-            if value.is_none() {
-                return Err(ContractError::MissingHeader(name));
-            }
-        }
         let stored_key = request
             .idempotency_key
             .as_deref()
@@ -143,6 +135,14 @@ impl Operation {
                 name: header::IDEMPOTENCY_KEY,
                 value: stored_key.to_owned(),
             })?;
+        for (value, name) in [
+            (&request.tenant, header::TENANT),
+            (&request.fingerprint, header::FINGERPRINT),
+        ] {
+            if value.is_none() {
+                return Err(ContractError::MissingHeader(name));
+            }
+        }
         let mut operation = Self::accepted(request, idempotency_key, message.time);
         operation.trace = handlers::trace::remote_span(&message.headers);
         Ok(operation)

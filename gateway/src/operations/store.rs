@@ -114,8 +114,6 @@ pub struct StreamPlan {
     pub max_retention: Duration,
     /// (route name, max body) pairs, checked against the server's max_payload.
     pub body_limits: Vec<(String, usize)>,
-    /// The durable consumer that delivers webhooks, when they are enabled.
-    pub webhook_consumer: Option<async_nats::jetstream::consumer::pull::Config>,
 }
 
 impl Store {
@@ -274,7 +272,12 @@ impl Store {
     /// record), refusing a second; results: the same, so the first terminal record wins; both
     /// refuse new messages when full rather than dropping accepted ones. Events: the last message
     /// per subject (progress, delivery state) wins.
-    pub async fn provision(&self, plan: &StreamPlan) -> Result<(), StoreError> {
+    /// `webhook_consumer`, when webhooks are on, is created too.
+    pub async fn provision(
+        &self,
+        plan: &StreamPlan,
+        webhook_consumer: Option<&async_nats::jetstream::consumer::pull::Config>,
+    ) -> Result<(), StoreError> {
         // max_payload is only known once connected.
         if self.client.connection_state() != async_nats::connection::State::Connected {
             return Err(StoreError::NotReady);
@@ -345,7 +348,7 @@ impl Store {
         }
         // The webhook consumer exists before the gateway is ready, so that no result of an
         // accepted request can land before it (it starts from new messages).
-        if let Some(consumer) = &plan.webhook_consumer {
+        if let Some(consumer) = webhook_consumer {
             self.js
                 .get_stream(&self.results_stream)
                 .await

@@ -104,6 +104,7 @@ impl Webhooks {
                 .as_deref()
                 .ok_or(WebhookError::MissingSecret)?,
         )?;
+        crate::tls::install_crypto_provider();
         let mut http = reqwest::Client::builder()
             .timeout(ATTEMPT_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none());
@@ -305,10 +306,10 @@ impl Notification {
     /// The Standard Webhooks headers (and the content type), as (name, value) pairs.
     fn header_pairs(&self) -> [(&'static str, String); 4] {
         [
-            ("content-type", "application/json".to_owned()),
             ("webhook-id", self.id.clone()),
             ("webhook-timestamp", self.timestamp.to_string()),
             ("webhook-signature", self.signature.clone()),
+            ("content-type", "application/json".to_owned()),
         ]
     }
 
