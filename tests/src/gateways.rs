@@ -1,14 +1,20 @@
 //! Gateways under test: in the test process (fast, for most tests) or as their own OS process
 //! (for what needs a process: SIGTERM, SIGKILL, the fault-injection hook, log lines), each with
 //! its routes file in a temp dir.
+//!
+//! Every test starts its gateways the same way, through one builder: [`TestGateway::builder`]
+//! with the routes, then the options that differ (extra flags, environment of a process, an
+//! existing nats-server or a URL, waiting for readiness), then [`GatewayBuilder::start`] (in the
+//! test process) or [`GatewayBuilder::spawn`] (a child process). The settings every test gateway
+//! shares (loopback ports, a 2 s NATS timeout, an admin port) are set here once.
 
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use gateway::config::{Settings, load_config};
-use std::path::PathBuf;
 use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
@@ -17,16 +23,155 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::http::http;
+use crate::nats::Nats;
 use crate::wait::eventually;
 
-/// A routes file in a temp dir.
-pub struct RoutesFile {
+/// Starts a gateway for a test. Made by [`TestGateway::builder`]; `N` says where its NATS is:
+/// [`NewNats`] (the builder starts a nats-server and hands it back in a [`TestGateway`]) or
+/// [`NatsUrl`] (after [`GatewayBuilder::nats`] or [`GatewayBuilder::nats_url`]: the builder
+/// returns the gateway alone).
+#[must_use = "a builder starts nothing until `start` or `spawn`"]
+pub struct GatewayBuilder<N = NewNats> {
+    routes: String,
+    nats: N,
+    flags: Vec<String>,
+    env: Vec<(String, String)>,
+    wait_ready: bool,
+}
+
+/// Where a [`GatewayBuilder`] gets its NATS: a nats-server of its own, started with the gateway.
+pub struct NewNats;
+
+/// Where a [`GatewayBuilder`] gets its NATS: this URL (a server, a cluster's URL list, a proxy).
+pub struct NatsUrl(String);
+
+/// A gateway and the nats-server its builder started for it.
+pub struct TestGateway<G = InProcessGateway> {
+    pub nats: Nats,
+    pub gw: G,
+}
+
+impl TestGateway {
+    /// A builder for a gateway on these routes (TOML, written to a temp file the gateway owns).
+    pub fn builder(routes: &str) -> GatewayBuilder {
+        GatewayBuilder {
+            routes: routes.to_owned(),
+            nats: NewNats,
+            flags: Vec::new(),
+            env: Vec::new(),
+            wait_ready: true,
+        }
+    }
+}
+
+impl<N> GatewayBuilder<N> {
+    /// One more `gateway serve` argument (`--max-connections`, `2`, `--callback-allow-private`).
+    pub fn flag(mut self, arg: impl Into<String>) -> Self {
+        self.flags.push(arg.into());
+        self
+    }
+
+    /// More `gateway serve` arguments, in order.
+    pub fn flags<S: Into<String>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.flags.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// An environment variable of the gateway process (`GATEWAY_*`, `RUST_LOG`, the
+    /// fault-injection hook). For [`GatewayBuilder::spawn`] only: an in-process gateway shares the
+    /// test's environment, so it takes flags instead.
+    pub fn env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((name.into(), value.into()));
+        self
+    }
+
+    /// More environment variables of the gateway process, in order (later ones win).
+    pub fn envs<K: Into<String>, V: Into<String>>(
+        mut self,
+        vars: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        self.env
+            .extend(vars.into_iter().map(|(k, v)| (k.into(), v.into())));
+        self
+    }
+
+    /// Whether starting waits until `/readyz` answers 200 (the default), or returns as soon as
+    /// the gateway listens.
+    pub fn wait_ready(mut self, wait: bool) -> Self {
+        self.wait_ready = wait;
+        self
+    }
+}
+
+impl GatewayBuilder<NewNats> {
+    /// Connects the gateway to this nats-server instead of starting one.
+    pub fn nats(self, nats: &Nats) -> GatewayBuilder<NatsUrl> {
+        self.nats_url(nats.url())
+    }
+
+    /// Connects the gateway to this NATS URL (or comma-separated list) instead of starting a
+    /// nats-server.
+    pub fn nats_url(self, url: impl Into<String>) -> GatewayBuilder<NatsUrl> {
+        GatewayBuilder {
+            routes: self.routes,
+            nats: NatsUrl(url.into()),
+            flags: self.flags,
+            env: self.env,
+            wait_ready: self.wait_ready,
+        }
+    }
+
+    /// Starts a nats-server, then the gateway in the test process.
+    pub async fn start(self) -> TestGateway {
+        let nats = Nats::start().await;
+        let gw = self.nats(&nats).start().await;
+        TestGateway { nats, gw }
+    }
+
+    /// Starts a nats-server, then the gateway as a child process running `bin serve`.
+    pub async fn spawn(self, bin: &str) -> TestGateway<GatewayProcess> {
+        let nats = Nats::start().await;
+        let gw = self.nats(&nats).spawn(bin).await;
+        TestGateway { nats, gw }
+    }
+}
+
+impl GatewayBuilder<NatsUrl> {
+    /// Starts the gateway in the test process.
+    pub async fn start(self) -> InProcessGateway {
+        assert!(
+            self.env.is_empty(),
+            "environment variables are for a gateway process (spawn); in-process, use flags"
+        );
+        let routes = RoutesFile::new(&self.routes);
+        let settings = settings(&self.nats.0, &routes, &self.flags);
+        InProcessGateway::start(settings, routes, self.wait_ready).await
+    }
+
+    /// Starts the gateway as a child process running `bin serve` (the test build of the
+    /// `gateway` binary, `env!("CARGO_BIN_EXE_gateway-under-test")`, or a release build).
+    pub async fn spawn(self, bin: &str) -> GatewayProcess {
+        let routes = RoutesFile::new(&self.routes);
+        GatewayProcess::spawn(
+            bin,
+            &self.nats.0,
+            routes,
+            &self.flags,
+            &self.env,
+            self.wait_ready,
+        )
+        .await
+    }
+}
+
+/// A routes file in a temp dir, kept as long as the gateway that reads it.
+struct RoutesFile {
     _dir: TempDir,
-    pub path: PathBuf,
+    path: PathBuf,
 }
 
 impl RoutesFile {
-    pub fn new(toml: &str) -> Self {
+    fn new(toml: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("routes.toml");
         std::fs::write(&path, toml).expect("write routes");
@@ -58,7 +203,7 @@ struct SettingsArgs {
 }
 
 /// Gateway settings as the binary would parse them from these arguments.
-pub fn settings(nats_url: &str, routes: &RoutesFile, extra: &[&str]) -> Settings {
+fn settings(nats_url: &str, routes: &RoutesFile, extra: &[String]) -> Settings {
     let mut args = vec![
         "gateway".to_owned(),
         "--config".to_owned(),
@@ -70,22 +215,23 @@ pub fn settings(nats_url: &str, routes: &RoutesFile, extra: &[&str]) -> Settings
         "--admin-listen".to_owned(),
         "127.0.0.1:0".to_owned(),
     ];
-    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend(extra.iter().cloned());
     SettingsArgs::try_parse_from(args)
         .expect("valid test settings")
         .settings
 }
 
-/// A gateway running inside the test process.
+/// A gateway running inside the test process ([`GatewayBuilder::start`]).
 pub struct InProcessGateway {
     pub base: String,
     stop: CancellationToken,
     task: Option<JoinHandle<()>>,
+    _routes: RoutesFile,
 }
 
 impl InProcessGateway {
     /// Starts a gateway and, when `wait_ready`, waits until `/readyz` says ready.
-    pub async fn start(settings: Settings, wait_ready: bool) -> Self {
+    async fn start(settings: Settings, routes: RoutesFile, wait_ready: bool) -> Self {
         let config = load_config(&settings.config).expect("valid routes");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let base = format!("http://{}", listener.local_addr().unwrap());
@@ -100,6 +246,7 @@ impl InProcessGateway {
             base,
             stop,
             task: Some(task),
+            _routes: routes,
         };
         if wait_ready {
             wait_until_ready(&gw.base).await;
@@ -125,12 +272,13 @@ impl Drop for InProcessGateway {
     }
 }
 
-/// A gateway running as its own OS process (the test build of the `gateway` binary, with the
-/// fault-injection hook compiled in). Killed when dropped.
+/// A gateway running as its own OS process ([`GatewayBuilder::spawn`]; the test build of the
+/// `gateway` binary has the fault-injection hook compiled in). Killed when dropped.
 pub struct GatewayProcess {
     pub base: String,
     child: Child,
     logs: Arc<std::sync::Mutex<Vec<String>>>,
+    routes: RoutesFile,
 }
 
 /// A field of a log line, in the text format (`name=value`) or the JSON one (`"name":"value"`).
@@ -148,17 +296,21 @@ pub fn log_field(line: &str, name: &str) -> Option<String> {
 }
 
 impl GatewayProcess {
-    /// Spawns `bin serve` against `nats_url` with these routes and extra environment, and waits
-    /// until it is ready. The child binds port 0 and its log line "Gateway listening." says which
-    /// port it got, so parallel tests never race for a port.
-    pub async fn spawn(
+    /// Spawns `bin serve` with these extra arguments against `nats_url` with these routes and
+    /// extra environment, and waits until it listens (and, when `wait_ready`, until it is ready).
+    /// The child binds port 0 and its log line "Gateway listening." says which port it got, so
+    /// parallel tests never race for a port.
+    async fn spawn(
         bin: &str,
         nats_url: &str,
-        routes: &RoutesFile,
-        env: &[(&str, &str)],
+        routes: RoutesFile,
+        flags: &[String],
+        env: &[(String, String)],
+        wait_ready: bool,
     ) -> Self {
         let mut cmd = Command::new(bin);
         cmd.arg("serve")
+            .args(flags)
             .env("GATEWAY_CONFIG", &routes.path)
             .env("GATEWAY_LISTEN", "127.0.0.1:0")
             .env("GATEWAY_ADMIN_LISTEN", "127.0.0.1:0")
@@ -197,8 +349,20 @@ impl GatewayProcess {
             }
         });
         let base = format!("http://{addr}");
-        wait_until_ready(&base).await;
-        Self { base, child, logs }
+        if wait_ready {
+            wait_until_ready(&base).await;
+        }
+        Self {
+            base,
+            child,
+            logs,
+            routes,
+        }
+    }
+
+    /// The routes file the process reads.
+    pub fn routes_path(&self) -> &Path {
+        &self.routes.path
     }
 
     /// The log lines so far.

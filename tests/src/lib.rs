@@ -31,8 +31,8 @@ mod workers;
 
 pub use cluster::NatsCluster;
 pub use gateways::{
-    GatewayProcess, InProcessGateway, RoutesFile, TEST_ROUTES, log_field, settings,
-    wait_until_ready,
+    GatewayBuilder, GatewayProcess, InProcessGateway, NatsUrl, NewNats, TEST_ROUTES, TestGateway,
+    log_field, wait_until_ready,
 };
 pub use http::{assert_monotonic, http, json, poll_until_terminal};
 pub use nats::{Nats, nats_server_bin, signal_process};

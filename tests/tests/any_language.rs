@@ -10,9 +10,7 @@ const ROUTES: &str = "[[route]]\nname = \"py\"\nmethod = \"POST\"\npath = \"/py/
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_worker_on_a_plain_nats_client_answers_requests() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/worker.py");
     let mut worker = python_command()
         .arg(script)

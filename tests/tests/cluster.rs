@@ -240,7 +240,6 @@ async fn cluster_serves_through_any_node_and_survives_a_node_kill_mid_load() {
         cluster.urls(),
         test_start.elapsed()
     );
-    let routes = RoutesFile::new(TEST_ROUTES);
     let env = [
         ("GATEWAY_STREAM_REPLICAS", "3"),
         ("RUST_LOG", "warn,gateway=info,tower_http=error"),
@@ -248,8 +247,13 @@ async fn cluster_serves_through_any_node_and_survives_a_node_kill_mid_load() {
     // Both gateways know every node, each listing a different one first. One after the other:
     // two processes creating the same R3 streams at once both time out on nats-server 2.15.1
     // and retry for about 10 s.
-    let a = GatewayProcess::spawn(GATEWAY_BIN, &cluster.url_list_from(0), &routes, &env).await;
-    let b = GatewayProcess::spawn(GATEWAY_BIN, &cluster.url_list_from(1), &routes, &env).await;
+    let gateway = |nats_url: String| {
+        TestGateway::builder(TEST_ROUTES)
+            .nats_url(nats_url)
+            .envs(env)
+    };
+    let a = gateway(cluster.url_list_from(0)).spawn(GATEWAY_BIN).await;
+    let b = gateway(cluster.url_list_from(1)).spawn(GATEWAY_BIN).await;
     let gateways = [a.base.clone(), b.base.clone()];
     eprintln!("gateways ready after {:?}", test_start.elapsed());
 
@@ -494,7 +498,7 @@ async fn cluster_serves_through_any_node_and_survives_a_node_kill_mid_load() {
          {DEFAULT_REQUESTS_STREAM} now {:?}",
         cluster.stream_leader(DEFAULT_REQUESTS_STREAM).await
     );
-    let c = GatewayProcess::spawn(GATEWAY_BIN, &cluster.url(victim), &routes, &env).await;
+    let c = gateway(cluster.url(victim)).spawn(GATEWAY_BIN).await;
     all_succeeded(&c.base, &ids).await;
     let r = http
         .post(c.url("/orders"))

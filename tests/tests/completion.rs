@@ -71,9 +71,7 @@ async fn id_of(r: reqwest::Response) -> String {
 /// without any header; a retry with the same key and `Prefer: wait` waits on the same operation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_answers_with_the_result_when_fast_and_202_when_slow() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
     let _fast = TestWorker::start(&nats, worker_config(), "orders", echo()).await;
 
     let r = submit(
@@ -128,9 +126,7 @@ async fn wait_answers_with_the_result_when_fast_and_202_when_slow() {
 /// on the status; with nothing to report within N they answer as a plain read would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_polls_return_when_the_result_lands() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
     let id = id_of(submit(&gw.base, "/orders", "lp", None).await).await;
     let http = http();
 
@@ -210,13 +206,10 @@ async fn read_events(response: reqwest::Response) -> Vec<(String, String, String
 /// terminal event; one that saw everything gets nothing more. A per-process cap answers 429.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_stream_every_transition_and_resume_after_last_event_id() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let gw = InProcessGateway::start(
-        settings(&nats.url(), &routes, &["--max-event-streams", "2"]),
-        true,
-    )
-    .await;
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES)
+        .flags(["--max-event-streams", "2"])
+        .start()
+        .await;
     let id = id_of(submit(&gw.base, "/orders", "sse", None).await).await;
     let url = gw.url(&format!("/operations/{id}/events"));
 
@@ -289,9 +282,7 @@ async fn events_stream_every_transition_and_resume_after_last_event_id() {
 /// sees the cancellation; after completion DELETE is a 409 that shows the outcome.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancellation_before_a_result_wins_and_after_it_is_refused() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
     let http = http();
 
     let id = id_of(submit(&gw.base, "/orders", "c-queued", None).await).await;
@@ -386,9 +377,9 @@ async fn cancellation_before_a_result_wins_and_after_it_is_refused() {
 async fn cancel_racing_completion_has_one_winner_seen_by_every_replica() {
     const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_gateway-under-test");
     let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let a = GatewayProcess::spawn(GATEWAY_BIN, &nats.url(), &routes, &[]).await;
-    let b = GatewayProcess::spawn(GATEWAY_BIN, &nats.url(), &routes, &[]).await;
+    let gateway = || TestGateway::builder(ROUTES).nats(&nats);
+    let a = gateway().spawn(GATEWAY_BIN).await;
+    let b = gateway().spawn(GATEWAY_BIN).await;
     // The worker takes 0-6 ms and the DELETE leaves 0-6 ms after the 202, so that both sides win
     // some races.
     let _worker = TestWorker::start(&nats, worker_config(), "slow", |r: Request| async move {
@@ -444,13 +435,10 @@ async fn cancel_racing_completion_has_one_winner_seen_by_every_replica() {
 /// the configured maximum; a route with no workers' consumer gets the default.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_follows_the_backlog_within_bounds() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let gw = InProcessGateway::start(
-        settings(&nats.url(), &routes, &["--retry-after-max-secs", "8"]),
-        true,
-    )
-    .await;
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES)
+        .flags(["--retry-after-max-secs", "8"])
+        .start()
+        .await;
     // One slow worker: about three completions a second.
     let config = handlers::WorkerConfig {
         max_in_flight: 1,
@@ -527,9 +515,7 @@ async fn next_event(
 /// the last progress id gets only newer reports, then the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn progress_reports_reach_the_status_long_polls_and_events() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
     let step = Arc::new(tokio::sync::Semaphore::new(0));
     let gate = step.clone();
     let _worker = TestWorker::start(&nats, worker_config(), "orders", move |r: Request| {

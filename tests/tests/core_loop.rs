@@ -61,9 +61,7 @@ fn echo_handler() -> impl handlers::Handler {
 /// content type and allow-listed headers; repeated reads are identical.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_is_accepted_polled_and_its_result_replayed() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(TEST_ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(TEST_ROUTES).start().await;
     let http = http();
 
     let r = http
@@ -184,13 +182,10 @@ async fn request_is_accepted_polled_and_its_result_replayed() {
 /// passed, replays the same operation and writes no second message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_key_replays_after_completion_and_after_the_duplicate_window() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(TEST_ROUTES);
-    let gw = InProcessGateway::start(
-        settings(&nats.url(), &routes, &["--duplicate-window", "1s"]),
-        true,
-    )
-    .await;
+    let TestGateway { nats, gw } = TestGateway::builder(TEST_ROUTES)
+        .flags(["--duplicate-window", "1s"])
+        .start()
+        .await;
     let js = nats.jetstream().await;
     let stream = js.get_stream(DEFAULT_REQUESTS_STREAM).await.unwrap();
     assert_eq!(
@@ -224,9 +219,7 @@ async fn same_key_replays_after_completion_and_after_the_duplicate_window() {
 /// stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_key_with_another_body_is_422_and_nothing_is_written() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(TEST_ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(TEST_ROUTES).start().await;
 
     let first = post_order(&gw.base, "k-422", r#"{"qty":1}"#).await;
     assert_eq!(first.status(), 202);
@@ -258,9 +251,9 @@ async fn same_key_with_another_body_is_422_and_nothing_is_written() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_same_key_over_two_processes_writes_one_message() {
     let nats = Nats::start().await;
-    let routes = RoutesFile::new(TEST_ROUTES);
-    let a = GatewayProcess::spawn(GATEWAY_BIN, &nats.url(), &routes, &[]).await;
-    let b = GatewayProcess::spawn(GATEWAY_BIN, &nats.url(), &routes, &[]).await;
+    let gateway = || TestGateway::builder(TEST_ROUTES).nats(&nats);
+    let a = gateway().spawn(GATEWAY_BIN).await;
+    let b = gateway().spawn(GATEWAY_BIN).await;
 
     let requests = (0..50).map(|i| {
         let base = if i % 2 == 0 {
@@ -291,15 +284,13 @@ async fn concurrent_same_key_over_two_processes_writes_one_message() {
 /// gateway created: one message, same id, status not reset.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_between_publish_and_answer_converges_on_retry() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(TEST_ROUTES);
-    let mut doomed = GatewayProcess::spawn(
-        GATEWAY_BIN,
-        &nats.url(),
-        &routes,
-        &[("GATEWAY_FAULT_ABORT_AFTER_PUBLISH", "true")],
-    )
-    .await;
+    let TestGateway {
+        nats,
+        gw: mut doomed,
+    } = TestGateway::builder(TEST_ROUTES)
+        .env("GATEWAY_FAULT_ABORT_AFTER_PUBLISH", "true")
+        .spawn(GATEWAY_BIN)
+        .await;
     let attempt = http()
         .post(doomed.url("/orders"))
         .header("idempotency-key", "\"k-crash\"")
@@ -316,7 +307,10 @@ async fn crash_between_publish_and_answer_converges_on_retry() {
         .unwrap()
         .to_owned();
 
-    let survivor = GatewayProcess::spawn(GATEWAY_BIN, &nats.url(), &routes, &[]).await;
+    let survivor = TestGateway::builder(TEST_ROUTES)
+        .nats(&nats)
+        .spawn(GATEWAY_BIN)
+        .await;
     let retry = http()
         .post(survivor.url("/orders"))
         .header("idempotency-key", "\"k-crash\"")
@@ -338,9 +332,7 @@ async fn crash_between_publish_and_answer_converges_on_retry() {
 /// liveness does not. NATS back: the same retry succeeds, and there is one message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_outage_answers_503_and_the_retry_converges() {
-    let mut nats = Nats::start().await;
-    let routes = RoutesFile::new(TEST_ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { mut nats, gw } = TestGateway::builder(TEST_ROUTES).start().await;
     nats.kill().await;
 
     let r = post_order(&gw.base, "k-outage", r#"{"n":1}"#).await;
@@ -388,9 +380,7 @@ async fn nats_outage_answers_503_and_the_retry_converges() {
 /// thaws, the retry with the same key finds the stored request: a replay, one message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ack_timeout_answers_503_and_the_retry_finds_the_stored_request() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(TEST_ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(TEST_ROUTES).start().await;
 
     nats.pause();
     let r = post_order(&gw.base, "k-slow-ack", r#"{"n":2}"#).await;
@@ -430,9 +420,7 @@ async fn ack_timeout_answers_503_and_the_retry_finds_the_stored_request() {
 /// stream itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_result_wins_and_a_conflicting_one_is_counted() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(TEST_ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(TEST_ROUTES).start().await;
     let js = nats.jetstream().await;
 
     // The handler plays two workers racing on one request: a rival reply lands first.
@@ -511,9 +499,7 @@ async fn first_result_wins_and_a_conflicting_one_is_counted() {
 /// makes its retry safe.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejected_requests_get_problems_and_write_nothing() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(TEST_ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(TEST_ROUTES).start().await;
     let http = http();
     let too_big = vec![b'x'; 64 * 1024 + 1];
 
@@ -670,9 +656,7 @@ async fn rejected_requests_get_problems_and_write_nothing() {
 /// another worker; exactly one result is stored, and polls never go from terminal back to pending.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_killed_before_replying_is_redelivered_and_answered_once() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(TEST_ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(TEST_ROUTES).start().await;
 
     let mut doomed = tokio::process::Command::new(HANGING_WORKER_BIN)
         .args([nats.url(), "orders".to_owned()])
@@ -744,9 +728,8 @@ async fn worker_killed_before_replying_is_redelivered_and_answered_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operation_without_result_before_timeout_expires_for_good() {
     let nats = Nats::start().await;
-    let routes = RoutesFile::new(TEST_ROUTES);
-    let a = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
-    let b = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let gateway = || TestGateway::builder(TEST_ROUTES).nats(&nats);
+    let (a, b) = (gateway().start().await, gateway().start().await);
     let http = http();
 
     let r = http
@@ -822,9 +805,7 @@ async fn operation_without_result_before_timeout_expires_for_good() {
 /// stores nothing; the request is redelivered with back-off until a valid reply is stored, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_handlers_are_retried_until_a_valid_reply_is_stored() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(TEST_ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(TEST_ROUTES).start().await;
     let attempts = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let counter = attempts.clone();
     let worker = TestWorker::start(&nats, worker_config(), "orders", move |_r: Request| {
@@ -875,9 +856,7 @@ async fn failing_handlers_are_retried_until_a_valid_reply_is_stored() {
 /// key the gateway echoed finds the same operation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_with_outer_spaces_round_trips_exactly() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(TEST_ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats: _nats, gw } = TestGateway::builder(TEST_ROUTES).start().await;
     let first = post_order(&gw.base, " padded key ", "{}").await;
     assert_eq!(first.headers()["idempotency-key"], "\" padded key \"");
     let echoed = first.headers()["idempotency-key"]

@@ -173,9 +173,7 @@ async fn id_of(r: reqwest::Response) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dispatcher_calls_the_local_app_and_stores_its_answers() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
     let (app, upstream) = start_app().await;
     let _stop = start_dispatcher(&nats, &upstream);
     let http = http();

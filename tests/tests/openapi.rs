@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use gateway_tests::{GatewayProcess, Nats, RoutesFile, TestWorker, http, venv_tool, worker_config};
+use gateway_tests::{TestGateway, TestWorker, http, venv_tool, worker_config};
 use handlers::{Request, Response};
 
 const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_gateway-under-test");
@@ -55,9 +55,7 @@ fn sha256_hex(key: &str) -> String {
 /// `/openapi.json` is what `gateway openapi` prints, and runs schemathesis (`extra`: its
 /// arguments, such as credentials).
 async fn conforms(routes_toml: &str, extra: &[&str]) {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(routes_toml);
-    let gw = GatewayProcess::spawn(GATEWAY_BIN, &nats.url(), &routes, &[]).await;
+    let TestGateway { nats, gw } = TestGateway::builder(routes_toml).spawn(GATEWAY_BIN).await;
     let _workers = [
         TestWorker::start(&nats, worker_config(), "orders", echo()).await,
         TestWorker::start(&nats, worker_config(), "reports", echo()).await,
@@ -68,7 +66,7 @@ async fn conforms(routes_toml: &str, extra: &[&str]) {
     let served = served.text().await.unwrap();
     let printed = std::process::Command::new(GATEWAY_BIN)
         .args(["openapi", "--config"])
-        .arg(&routes.path)
+        .arg(gw.routes_path())
         .output()
         .expect("run gateway openapi");
     assert!(printed.status.success());

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use gateway_tests::{
-    GatewayProcess, Nats, RoutesFile, TestWorker, eventually, http, json, log_field,
-    poll_until_terminal, worker_config,
+    Nats, TestGateway, TestWorker, eventually, http, json, log_field, poll_until_terminal,
+    worker_config,
 };
 use handlers::contract::{DEFAULT_REQUESTS_STREAM, DEFAULT_RESULTS_STREAM, Subjects};
 use handlers::jetstream::last_matching;
@@ -43,10 +43,10 @@ fn echo() -> impl handlers::Handler {
 /// what it has; then the process exits by itself, cleanly, well within the grace period.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_work_and_answers_waiters() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let env = [("GATEWAY_SHUTDOWN_GRACE", "15s")];
-    let mut gw = GatewayProcess::spawn(GATEWAY_BIN, &nats.url(), &routes, &env).await;
+    let TestGateway { nats, mut gw } = TestGateway::builder(ROUTES)
+        .env("GATEWAY_SHUTDOWN_GRACE", "15s")
+        .spawn(GATEWAY_BIN)
+        .await;
     let http = http();
 
     // A pending operation (no worker on `parked`) and a client long-polling its result.
@@ -129,9 +129,7 @@ async fn sigterm_drains_in_flight_work_and_answers_waiters() {
 /// results by status and waiters, with the names of `gateway::metrics`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_requests_replays_results_and_latency() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let gw = GatewayProcess::spawn(GATEWAY_BIN, &nats.url(), &routes, &[]).await;
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).spawn(GATEWAY_BIN).await;
     let _worker = TestWorker::start(&nats, worker_config(), "orders", echo()).await;
     let http = http();
     let submit = || {
@@ -241,7 +239,6 @@ async fn the_trace_crosses_the_async_hop_and_reads_link_back_to_it() {
         .map(|i| u8::from_str_radix(&TRACE[2 * i..2 * i + 2], 16).unwrap())
         .collect();
     let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
     let (collector, exports) = otlp_collector().await;
     let env = [
         ("GATEWAY_LOG_FORMAT", "json"),
@@ -250,7 +247,11 @@ async fn the_trace_crosses_the_async_hop_and_reads_link_back_to_it() {
         // The access line of each request is at DEBUG.
         ("RUST_LOG", "warn,gateway=debug"),
     ];
-    let gw = GatewayProcess::spawn(GATEWAY_BIN, &nats.url(), &routes, &env).await;
+    let gw = TestGateway::builder(ROUTES)
+        .nats(&nats)
+        .envs(env)
+        .spawn(GATEWAY_BIN)
+        .await;
     let _worker = TestWorker::start(&nats, worker_config(), "orders", echo()).await;
     let http = http();
 

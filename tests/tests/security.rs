@@ -4,10 +4,7 @@
 
 use std::time::Duration;
 
-use gateway_tests::{
-    InProcessGateway, Nats, RoutesFile, TestWorker, http, json, settings, stream_messages,
-    worker_config,
-};
+use gateway_tests::{Nats, TestGateway, TestWorker, http, json, stream_messages, worker_config};
 use handlers::contract::DEFAULT_REQUESTS_STREAM;
 use handlers::{Request, Response};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -28,8 +25,8 @@ fn sha256_hex(key: &str) -> String {
     data_encoding::HEXLOWER.encode(&Sha256::digest(key.as_bytes()))
 }
 
-fn routes_with_auth() -> RoutesFile {
-    RoutesFile::new(&format!(
+fn routes_with_auth() -> String {
+    format!(
         r#"
 [[route]]
 name = "orders"
@@ -60,7 +57,7 @@ algorithms = ["EdDSA"]
         acme = sha256_hex(ACME_KEY),
         globex = sha256_hex(GLOBEX_KEY),
         jwks = fixture("jwks.json"),
-    ))
+    )
 }
 
 fn token(tenant: &str, audience: &str, expires_in: i64) -> String {
@@ -97,9 +94,7 @@ async fn assert_problem(response: reqwest::Response, status: u16, slug: &str) {
 /// routes only and see only anonymous operations.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_map_to_tenants_and_tenants_are_isolated() {
-    let nats = Nats::start().await;
-    let routes = routes_with_auth();
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(&routes_with_auth()).start().await;
     let _worker = TestWorker::start(&nats, worker_config(), "orders", echo()).await;
     let js = nats.jetstream().await;
     let http = http();
@@ -237,10 +232,10 @@ async fn credentials_map_to_tenants_and_tenants_are_isolated() {
 /// another tenant is not slowed down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limits_are_per_tenant() {
-    let nats = Nats::start().await;
-    let routes = routes_with_auth();
-    let extra = ["--tenant-rate", "1", "--tenant-burst", "2"];
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &extra), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(&routes_with_auth())
+        .flags(["--tenant-rate", "1", "--tenant-burst", "2"])
+        .start()
+        .await;
     let js = nats.jetstream().await;
     let http = http();
     let post = |key: &'static str, n: usize| {
@@ -290,21 +285,12 @@ async fn read_all(stream: &mut TcpStream) -> String {
 /// at most `GATEWAY_MAX_CONNECTIONS` connections are served at once; nothing is published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_and_oversized_clients_are_cut_off() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let extra = [
-        "--header-read-timeout",
-        "1s",
-        "--body-read-timeout",
-        "1s",
-        "--max-headers",
-        "20",
-        "--max-header-bytes",
-        "8192",
-        "--max-connections",
-        "2",
-    ];
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &extra), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES)
+        .flags(["--header-read-timeout", "1s", "--body-read-timeout", "1s"])
+        .flags(["--max-headers", "20", "--max-header-bytes", "8192"])
+        .flags(["--max-connections", "2"])
+        .start()
+        .await;
     let addr = gw.base.trim_start_matches("http://").to_owned();
     let js = nats.jetstream().await;
 
@@ -377,9 +363,12 @@ async fn slow_and_oversized_clients_are_cut_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callbacks_cannot_reach_private_addresses() {
     let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
     let extra = ["--callback-allow", "http://", "--webhook-secret", "s3cret"];
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &extra), true).await;
+    let gw = TestGateway::builder(ROUTES)
+        .nats(&nats)
+        .flags(extra)
+        .start()
+        .await;
     let js = nats.jetstream().await;
     let http = http();
     for url in [
@@ -414,7 +403,11 @@ async fn callbacks_cannot_reach_private_addresses() {
         "s3cret",
         "--callback-allow-private",
     ];
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &extra), true).await;
+    let gw = TestGateway::builder(ROUTES)
+        .nats(&nats)
+        .flags(extra)
+        .start()
+        .await;
     let r = http
         .post(gw.url("/orders"))
         .header("callback-url", "http://127.0.0.1:9/hook")

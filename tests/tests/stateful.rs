@@ -83,9 +83,7 @@ async fn reply_value(gw: &InProcessGateway, id: &str) -> u64 {
 /// computed from the state its operation committed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_operation_changes_state_once_and_replies_with_what_it_committed() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
     let runs = Arc::new(AtomicU32::new(0));
     let _a = counting_worker(&nats, runs.clone()).await;
     let _b = counting_worker(&nats, runs.clone()).await;
@@ -116,9 +114,7 @@ async fn every_operation_changes_state_once_and_replies_with_what_it_committed()
 /// copies of a fresh operation commit once. The counter moves once per operation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicates_never_commit_twice() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
     let runs = Arc::new(AtomicU32::new(0));
     let worker_a = counting_worker(&nats, runs.clone()).await;
     let worker_b = counting_worker(&nats, runs.clone()).await;

@@ -51,29 +51,15 @@ async fn receive(State(r): State<Receiver>, headers: HeaderMap, body: String) ->
     StatusCode::from_u16(status).unwrap()
 }
 
-fn webhook_settings(
-    nats: &Nats,
-    routes: &RoutesFile,
-    receiver: &str,
-    attempts: &str,
-) -> gateway::config::Settings {
-    let allow = format!("{receiver}/");
-    settings(
-        &nats.url(),
-        routes,
-        &[
-            "--callback-allow",
-            &allow,
-            // The receiver is on loopback.
-            "--callback-allow-private",
-            "--webhook-secret",
-            SECRET,
-            "--webhook-attempts",
-            attempts,
-            "--webhook-backoff",
-            "300ms",
-        ],
-    )
+/// A gateway that may call `receiver` back, with this many attempts per webhook.
+fn webhook_gateway(receiver: &str, attempts: &str) -> GatewayBuilder {
+    TestGateway::builder(ROUTES)
+        .flag("--callback-allow")
+        .flag(format!("{receiver}/"))
+        // The receiver is on loopback.
+        .flag("--callback-allow-private")
+        .flags(["--webhook-secret", SECRET, "--webhook-attempts", attempts])
+        .flags(["--webhook-backoff", "300ms"])
 }
 
 async fn submit_with_callback(base: &str, key: &str, callback: &str) -> reqwest::Response {
@@ -124,10 +110,8 @@ async fn operation(gw: &InProcessGateway, id: &str) -> serde_json::Value {
 /// signatures; the status resource shows `delivered` after 2 attempts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_is_signed_retried_and_its_state_shown() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
     let (receiver, base) = Receiver::start(&[500]).await;
-    let gw = InProcessGateway::start(webhook_settings(&nats, &routes, &base, "5"), true).await;
+    let TestGateway { nats, gw } = webhook_gateway(&base, "5").start().await;
     let _worker = TestWorker::start(&nats, worker_config(), "orders", echo()).await;
 
     let r = submit_with_callback(&gw.base, "hook-1", &format!("{base}/hook")).await;
@@ -156,10 +140,8 @@ async fn webhook_is_signed_retried_and_its_state_shown() {
 /// A Callback-Url outside the allow-list (or not http) is a 400 problem and writes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callback_urls_outside_the_allow_list_are_refused() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
     let (_receiver, base) = Receiver::start(&[]).await;
-    let gw = InProcessGateway::start(webhook_settings(&nats, &routes, &base, "5"), true).await;
+    let TestGateway { nats, gw } = webhook_gateway(&base, "5").start().await;
     for bad in [
         "http://169.254.169.254/latest",
         "ftp://127.0.0.1/x",
@@ -183,10 +165,8 @@ async fn callback_urls_outside_the_allow_list_are_refused() {
 /// delivers the webhook (the durable consumer kept it), with the same webhook-id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_is_delivered_after_a_gateway_restart() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
     let (receiver, base) = Receiver::start(&[503, 503, 503, 503, 503, 503, 503, 503]).await;
-    let first = InProcessGateway::start(webhook_settings(&nats, &routes, &base, "20"), true).await;
+    let TestGateway { nats, gw: first } = webhook_gateway(&base, "20").start().await;
     let _worker = TestWorker::start(&nats, worker_config(), "orders", echo()).await;
     let r = submit_with_callback(&first.base, "hook-restart", &format!("{base}/hook")).await;
     let id = json(r).await["id"].as_str().unwrap().to_owned();
@@ -196,7 +176,7 @@ async fn webhook_is_delivered_after_a_gateway_restart() {
     .await;
     first.stop().await;
     receiver.set(&[]);
-    let second = InProcessGateway::start(webhook_settings(&nats, &routes, &base, "20"), true).await;
+    let second = webhook_gateway(&base, "20").nats(&nats).start().await;
     let op = eventually(
         "delivered by the new gateway",
         Duration::from_secs(60),
@@ -216,10 +196,8 @@ async fn webhook_is_delivered_after_a_gateway_restart() {
 /// `gw.dlq.webhook.<id>`, and the status resource shows `failed`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undeliverable_webhook_is_dead_lettered() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
     let (receiver, base) = Receiver::start(&[500, 500, 500]).await;
-    let gw = InProcessGateway::start(webhook_settings(&nats, &routes, &base, "2"), true).await;
+    let TestGateway { nats, gw } = webhook_gateway(&base, "2").start().await;
     let _worker = TestWorker::start(&nats, worker_config(), "orders", echo()).await;
     let r = submit_with_callback(&gw.base, "hook-dlq", &format!("{base}/hook")).await;
     let id = json(r).await["id"].as_str().unwrap().to_owned();

@@ -31,9 +31,7 @@ fn counting(calls: &Arc<AtomicU32>) -> Arc<AtomicU32> {
 /// the last error, never left pending.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_that_always_fails_ends_failed_after_the_last_delivery() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
     let calls = Arc::new(AtomicU32::new(0));
     let seen = counting(&calls);
     let config = WorkerConfig {
@@ -76,9 +74,7 @@ async fn a_handler_that_always_fails_ends_failed_after_the_last_delivery() {
 /// A permanent failure ends the operation at once with the handler's problem; no retry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_permanent_failure_ends_the_operation_at_once() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
     let calls = Arc::new(AtomicU32::new(0));
     let seen = counting(&calls);
     let _worker = TestWorker::start(&nats, worker_config(), "jobs", move |_r: Request| {
@@ -112,9 +108,7 @@ async fn a_permanent_failure_ends_the_operation_at_once() {
 /// for work: the lease is kept alive, so the handler runs once and nothing is redelivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_handler_keeps_its_lease() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
     let calls = Arc::new(AtomicU32::new(0));
     let mut workers = Vec::new();
     for _ in 0..2 {
