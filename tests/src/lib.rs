@@ -39,4 +39,4 @@ pub use nats::{Nats, nats_server_bin, signal_process};
 pub use streams::{duplicate_request, stream_messages};
 pub use tools::{python_command, venv_tool};
 pub use wait::eventually;
-pub use workers::{TestWorker, worker_config};
+pub use workers::{Echo, TestWorker, WorkerCounts, echo, worker_config};

@@ -2,7 +2,6 @@
 //! server-sent events with Last-Event-ID, and cancellation racing completion.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use gateway_tests::*;
@@ -43,25 +42,6 @@ async fn submit(base: &str, path: &str, key: &str, prefer: Option<&str>) -> reqw
     request.send().await.expect("submit")
 }
 
-fn echo() -> impl handlers::Handler {
-    |r: Request| async move {
-        Ok(Response::text(
-            201,
-            String::from_utf8_lossy(&r.body).into_owned(),
-        ))
-    }
-}
-
-fn slow(delay: Duration) -> impl handlers::Handler {
-    move |r: Request| async move {
-        tokio::time::sleep(delay).await;
-        Ok(Response::text(
-            200,
-            String::from_utf8_lossy(&r.body).into_owned(),
-        ))
-    }
-}
-
 async fn id_of(r: reqwest::Response) -> String {
     json(r).await["id"].as_str().unwrap().to_owned()
 }
@@ -72,7 +52,7 @@ async fn id_of(r: reqwest::Response) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_answers_with_the_result_when_fast_and_202_when_slow() {
     let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
-    let _fast = TestWorker::start(&nats, worker_config(), "orders", echo()).await;
+    let _fast = TestWorker::start(&nats, worker_config(), "orders", echo().status(201)).await;
 
     let r = submit(
         &gw.base,
@@ -98,7 +78,7 @@ async fn wait_answers_with_the_result_when_fast_and_202_when_slow() {
     assert_eq!(again.headers()["idempotent-replayed"], "true");
 
     // A sync route waits without being asked.
-    let _sync_worker = TestWorker::start(&nats, worker_config(), "sync", echo()).await;
+    let _sync_worker = TestWorker::start(&nats, worker_config(), "sync", echo().status(201)).await;
     let r = submit(&gw.base, "/sync", "w-sync", None).await;
     assert_eq!(r.status(), 201);
     assert_eq!(r.headers()["preference-applied"], "wait=5");
@@ -108,7 +88,7 @@ async fn wait_answers_with_the_result_when_fast_and_202_when_slow() {
         &nats,
         worker_config(),
         "slow",
-        slow(Duration::from_millis(2500)),
+        echo().delay(Duration::from_millis(2500)),
     )
     .await;
     let r = submit(&gw.base, "/slow", "w-slow", Some("respond-async, wait=1")).await;
@@ -153,7 +133,7 @@ async fn long_polls_return_when_the_result_lands() {
         }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let _worker = TestWorker::start(&nats, worker_config(), "orders", echo()).await;
+    let _worker = TestWorker::start(&nats, worker_config(), "orders", echo().status(201)).await;
     let result = poll_result.await.unwrap();
     assert_eq!(result.status(), 201);
     assert_eq!(result.text().await.unwrap(), r#"{"key":"lp"}"#);
@@ -243,7 +223,7 @@ async fn events_stream_every_transition_and_resume_after_last_event_id() {
         .send()
         .await
         .unwrap();
-    let _worker = TestWorker::start(&nats, worker_config(), "orders", echo()).await;
+    let _worker = TestWorker::start(&nats, worker_config(), "orders", echo().status(201)).await;
     let events = read_events(resumed).await;
     assert_eq!(
         events,
@@ -308,14 +288,14 @@ async fn cancellation_before_a_result_wins_and_after_it_is_refused() {
             .ends_with("cancelled")
     );
 
-    let worker = TestWorker::start(&nats, worker_config(), "orders", echo()).await;
+    let worker = TestWorker::start(&nats, worker_config(), "orders", echo().status(201)).await;
     eventually(
         "the queued request is skipped",
         Duration::from_secs(10),
-        || async { (worker.stats.skipped.load(Ordering::Relaxed) == 1).then_some(()) },
+        || async { (worker.stats().skipped == 1).then_some(()) },
     )
     .await;
-    assert_eq!(worker.stats.replied.load(Ordering::Relaxed), 0);
+    assert_eq!(worker.stats().replied, 0);
     worker.stop().await;
 
     // A handler that is running when the cancellation lands observes it.
@@ -346,13 +326,13 @@ async fn cancellation_before_a_result_wins_and_after_it_is_refused() {
     eventually(
         "the late reply is dropped as cancelled",
         Duration::from_secs(10),
-        || async { (running.stats.cancelled.load(Ordering::Relaxed) == 1).then_some(()) },
+        || async { (running.stats().cancelled == 1).then_some(()) },
     )
     .await;
     running.stop().await;
 
     // After completion: 409 with the outcome.
-    let _w = TestWorker::start(&nats, worker_config(), "orders", echo()).await;
+    let _w = TestWorker::start(&nats, worker_config(), "orders", echo().status(201)).await;
     let r = submit(&gw.base, "/orders", "c-done", Some("wait=10")).await;
     let id = r.headers()["location"]
         .to_str()
@@ -444,8 +424,13 @@ async fn retry_after_follows_the_backlog_within_bounds() {
         max_in_flight: 1,
         ..worker_config()
     };
-    let _worker =
-        TestWorker::start(&nats, config, "backlog", slow(Duration::from_millis(300))).await;
+    let _worker = TestWorker::start(
+        &nats,
+        config,
+        "backlog",
+        echo().delay(Duration::from_millis(300)),
+    )
+    .await;
     let mut last = String::new();
     for i in 0..40 {
         last = id_of(submit(&gw.base, "/backlog", &format!("b-{i}"), None).await).await;

@@ -47,15 +47,6 @@ async fn stored_order(
         .unwrap()
 }
 
-fn echo_handler() -> impl handlers::Handler {
-    |r: Request| async move {
-        Ok(Response::json(
-            200,
-            &serde_json::json!({ "echo": String::from_utf8_lossy(&r.body) }),
-        ))
-    }
-}
-
 /// Happy path: 202 with the documented headers and body; the status resource exists at once and
 /// stays pending with no worker; the worker's reply is replayed byte for byte with its status code,
 /// content type and allow-listed headers; repeated reads are identical.
@@ -165,13 +156,7 @@ async fn request_is_accepted_polled_and_its_result_replayed() {
     assert_eq!(status["status"], "succeeded");
     assert_eq!(status["result"]["status_code"], 201);
     assert_eq!(status["result"]["content_type"], "application/octet-stream");
-    assert_eq!(
-        worker
-            .stats
-            .replied
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    assert_eq!(worker.stats().replied, 1);
     assert_eq!(
         stream_messages(&nats.jetstream().await, DEFAULT_REQUESTS_STREAM).await,
         1
@@ -192,7 +177,7 @@ async fn same_key_replays_after_completion_and_after_the_duplicate_window() {
         stream.cached_info().config.duplicate_window,
         Duration::from_secs(1)
     );
-    let _worker = TestWorker::start(&nats, worker_config(), "orders", echo_handler()).await;
+    let _worker = TestWorker::start(&nats, worker_config(), "orders", echo().json()).await;
 
     let first = post_order(&gw.base, "k-dup", "{}").await;
     assert_eq!(first.status(), 202);
@@ -449,12 +434,7 @@ async fn first_result_wins_and_a_conflicting_one_is_counted() {
     let id = json(r).await["id"].as_str().unwrap().to_owned();
     poll_until_terminal(&gw.base, &id, Duration::from_secs(10)).await;
     eventually("conflict counted", Duration::from_secs(5), || async {
-        (worker
-            .stats
-            .conflicts
-            .load(std::sync::atomic::Ordering::Relaxed)
-            == 1)
-            .then_some(())
+        (worker.stats().conflicts == 1).then_some(())
     })
     .await;
 
@@ -689,7 +669,7 @@ async fn worker_killed_before_replying_is_redelivered_and_answered_once() {
     }
     assert!(statuses.iter().all(|s| s == "pending"));
 
-    let survivor = TestWorker::start(&nats, worker_config(), "orders", echo_handler()).await;
+    let survivor = TestWorker::start(&nats, worker_config(), "orders", echo().json()).await;
     statuses.extend(poll_until_terminal(&gw.base, &id, Duration::from_secs(15)).await);
     for _ in 0..10 {
         let s = json(
@@ -704,13 +684,7 @@ async fn worker_killed_before_replying_is_redelivered_and_answered_once() {
     }
     assert_monotonic(&statuses);
     assert_eq!(statuses.last().unwrap(), "succeeded");
-    assert_eq!(
-        survivor
-            .stats
-            .replied
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    assert_eq!(survivor.stats().replied, 1);
     assert_eq!(
         stream_messages(&nats.jetstream().await, DEFAULT_RESULTS_STREAM).await,
         1
@@ -774,27 +748,14 @@ async fn operation_without_result_before_timeout_expires_for_good() {
         .unwrap();
     assert!(matches!(w, ResultWrite::Conflict { ref existing } if existing.status == 504));
 
-    let worker = TestWorker::start(&nats, worker_config(), "jobs", echo_handler()).await;
+    let worker = TestWorker::start(&nats, worker_config(), "jobs", echo().json()).await;
     eventually(
         "late worker skips the expired request",
         Duration::from_secs(10),
-        || async {
-            (worker
-                .stats
-                .skipped
-                .load(std::sync::atomic::Ordering::Relaxed)
-                == 1)
-                .then_some(())
-        },
+        || async { (worker.stats().skipped == 1).then_some(()) },
     )
     .await;
-    assert_eq!(
-        worker
-            .stats
-            .replied
-            .load(std::sync::atomic::Ordering::Relaxed),
-        0
-    );
+    assert_eq!(worker.stats().replied, 0);
     assert_eq!(
         json(http.get(a.url(&op)).send().await.unwrap()).await["status"],
         "expired"
@@ -832,20 +793,8 @@ async fn failing_handlers_are_retried_until_a_valid_reply_is_stored() {
         .unwrap();
     assert_eq!(result.text().await.unwrap(), "finally");
     assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 4);
-    assert_eq!(
-        worker
-            .stats
-            .handler_errors
-            .load(std::sync::atomic::Ordering::Relaxed),
-        3
-    );
-    assert_eq!(
-        worker
-            .stats
-            .replied
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    assert_eq!(worker.stats().handler_errors, 3);
+    assert_eq!(worker.stats().replied, 1);
     assert_eq!(
         stream_messages(&nats.jetstream().await, DEFAULT_RESULTS_STREAM).await,
         1

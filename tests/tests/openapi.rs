@@ -13,18 +13,13 @@
 
 use std::time::Duration;
 
-use gateway_tests::{TestGateway, TestWorker, http, venv_tool, worker_config};
-use handlers::{Request, Response};
+use gateway_tests::{TestGateway, TestWorker, echo, http, venv_tool, worker_config};
 
 const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_gateway-under-test");
 
 fn dev_routes() -> String {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../gateway/config/dev.toml");
     std::fs::read_to_string(path).expect("read the example routes")
-}
-
-fn echo() -> impl handlers::Handler {
-    |r: Request| async move { Ok(Response::text(200, String::from_utf8_lossy(&r.body))) }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

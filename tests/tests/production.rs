@@ -7,12 +7,11 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use gateway_tests::{
-    Nats, TestGateway, TestWorker, eventually, http, json, log_field, poll_until_terminal,
+    Nats, TestGateway, TestWorker, echo, eventually, http, json, log_field, poll_until_terminal,
     worker_config,
 };
 use handlers::contract::{DEFAULT_REQUESTS_STREAM, DEFAULT_RESULTS_STREAM, Subjects};
 use handlers::jetstream::last_matching;
-use handlers::{Request, Response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -33,10 +32,6 @@ path = "/parked"
 timeout = "60s"
 retention = "10m"
 "#;
-
-fn echo() -> impl handlers::Handler {
-    |r: Request| async move { Ok(Response::text(200, String::from_utf8_lossy(&r.body))) }
-}
 
 /// SIGTERM: readiness turns false and new work gets `503 shutting-down` while an accept that was
 /// in flight still finishes with 202 after its JetStream ack; a long poll answers at once with

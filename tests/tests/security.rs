@@ -4,9 +4,10 @@
 
 use std::time::Duration;
 
-use gateway_tests::{Nats, TestGateway, TestWorker, http, json, stream_messages, worker_config};
+use gateway_tests::{
+    Nats, TestGateway, TestWorker, echo, http, json, stream_messages, worker_config,
+};
 use handlers::contract::DEFAULT_REQUESTS_STREAM;
-use handlers::{Request, Response};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -70,10 +71,6 @@ fn token(tenant: &str, audience: &str, expires_in: i64) -> String {
     header.kid = Some("test-key-1".to_owned());
     let pem = std::fs::read(fixture("jwt-test-private.pem")).unwrap();
     jsonwebtoken::encode(&header, &claims, &EncodingKey::from_ed_pem(&pem).unwrap()).unwrap()
-}
-
-fn echo() -> impl handlers::Handler {
-    |r: Request| async move { Ok(Response::text(200, String::from_utf8_lossy(&r.body))) }
 }
 
 async fn assert_problem(response: reqwest::Response, status: u16, slug: &str) {

@@ -47,7 +47,8 @@ async fn counting_worker(nats: &Nats, runs: Arc<AtomicU32>) -> TestWorker {
 
 /// Deliveries a worker finished: replied (committed or re-published) or skipped (already answered).
 fn handled(worker: &TestWorker) -> u64 {
-    worker.stats.replied.load(Ordering::Relaxed) + worker.stats.skipped.load(Ordering::Relaxed)
+    let stats = worker.stats();
+    stats.replied + stats.skipped
 }
 
 async fn counter(nats: &Nats) -> u64 {
@@ -188,8 +189,7 @@ async fn duplicates_never_commit_twice() {
         2,
         "one outgoing message per operation"
     );
-    let conflicts = worker_a.stats.conflicts.load(Ordering::Relaxed)
-        + worker_b.stats.conflicts.load(Ordering::Relaxed);
+    let conflicts = worker_a.stats().conflicts + worker_b.stats().conflicts;
     assert_eq!(
         conflicts, 0,
         "every copy re-published the same committed reply"

@@ -73,7 +73,8 @@ async fn submit_with_callback(base: &str, key: &str, callback: &str) -> reqwest:
         .unwrap()
 }
 
-fn echo() -> impl handlers::Handler {
+/// The worker: 201 with a fixed body (the webhook tests look at the status only).
+fn made() -> impl handlers::Handler {
     |_r: Request| async move { Ok(Response::text(201, "made")) }
 }
 
@@ -112,7 +113,7 @@ async fn operation(gw: &InProcessGateway, id: &str) -> serde_json::Value {
 async fn webhook_is_signed_retried_and_its_state_shown() {
     let (receiver, base) = Receiver::start(&[500]).await;
     let TestGateway { nats, gw } = webhook_gateway(&base, "5").start().await;
-    let _worker = TestWorker::start(&nats, worker_config(), "orders", echo()).await;
+    let _worker = TestWorker::start(&nats, worker_config(), "orders", made()).await;
 
     let r = submit_with_callback(&gw.base, "hook-1", &format!("{base}/hook")).await;
     assert_eq!(r.status(), 202);
@@ -167,7 +168,7 @@ async fn callback_urls_outside_the_allow_list_are_refused() {
 async fn webhook_is_delivered_after_a_gateway_restart() {
     let (receiver, base) = Receiver::start(&[503, 503, 503, 503, 503, 503, 503, 503]).await;
     let TestGateway { nats, gw: first } = webhook_gateway(&base, "20").start().await;
-    let _worker = TestWorker::start(&nats, worker_config(), "orders", echo()).await;
+    let _worker = TestWorker::start(&nats, worker_config(), "orders", made()).await;
     let r = submit_with_callback(&first.base, "hook-restart", &format!("{base}/hook")).await;
     let id = json(r).await["id"].as_str().unwrap().to_owned();
     eventually("a failed attempt", Duration::from_secs(20), || async {
@@ -198,7 +199,7 @@ async fn webhook_is_delivered_after_a_gateway_restart() {
 async fn undeliverable_webhook_is_dead_lettered() {
     let (receiver, base) = Receiver::start(&[500, 500, 500]).await;
     let TestGateway { nats, gw } = webhook_gateway(&base, "2").start().await;
-    let _worker = TestWorker::start(&nats, worker_config(), "orders", echo()).await;
+    let _worker = TestWorker::start(&nats, worker_config(), "orders", made()).await;
     let r = submit_with_callback(&gw.base, "hook-dlq", &format!("{base}/hook")).await;
     let id = json(r).await["id"].as_str().unwrap().to_owned();
     let op = eventually("failed", Duration::from_secs(20), || async {

@@ -68,7 +68,7 @@ async fn a_handler_that_always_fails_ends_failed_after_the_last_delivery() {
             .unwrap()
             .contains("the database is down")
     );
-    assert_eq!(worker.stats.failed.load(Ordering::Relaxed), 1);
+    assert_eq!(worker.stats().failed, 1);
 }
 
 /// A permanent failure ends the operation at once with the handler's problem; no retry.
