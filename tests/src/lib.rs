@@ -34,7 +34,10 @@ pub use gateways::{
     GatewayBuilder, GatewayProcess, InProcessGateway, NatsUrl, NewNats, TEST_ROUTES, TestGateway,
     log_field, wait_until_ready,
 };
-pub use http::{assert_monotonic, http, json, poll_until_terminal};
+pub use http::{
+    Submit, assert_monotonic, assert_problem, get_operation, get_result, http, id_of, json,
+    location, poll_until_terminal, quoted, submit,
+};
 pub use nats::{Nats, nats_server_bin, signal_process};
 pub use streams::{duplicate_request, stream_messages};
 pub use tools::{python_command, venv_tool};

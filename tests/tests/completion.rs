@@ -31,19 +31,9 @@ path = "/backlog"
 consumer = "test-backlog"
 "#;
 
-async fn submit(base: &str, path: &str, key: &str, prefer: Option<&str>) -> reqwest::Response {
-    let mut request = http()
-        .post(format!("{base}{path}"))
-        .header("idempotency-key", format!("\"{key}\""))
-        .body(format!("{{\"key\":\"{key}\"}}"));
-    if let Some(prefer) = prefer {
-        request = request.header("prefer", prefer);
-    }
-    request.send().await.expect("submit")
-}
-
-async fn id_of(r: reqwest::Response) -> String {
-    json(r).await["id"].as_str().unwrap().to_owned()
+/// A submission whose body names its key: `{"key":"<key>"}`.
+fn submit_keyed(base: &str, path: &str, key: &str) -> Submit {
+    submit(base, path, key).body(format!("{{\"key\":\"{key}\"}}"))
 }
 
 /// `Prefer: respond-async, wait=N`: the result itself when the worker is fast (with
@@ -54,13 +44,10 @@ async fn wait_answers_with_the_result_when_fast_and_202_when_slow() {
     let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
     let _fast = TestWorker::start(&nats, worker_config(), "orders", echo().status(201)).await;
 
-    let r = submit(
-        &gw.base,
-        "/orders",
-        "w-fast",
-        Some("respond-async, wait=10"),
-    )
-    .await;
+    let r = submit_keyed(&gw.base, "/orders", "w-fast")
+        .header("prefer", "respond-async, wait=10")
+        .send()
+        .await;
     assert_eq!(r.status(), 201, "the worker's own status");
     assert_eq!(r.headers()["preference-applied"], "wait=10");
     assert!(
@@ -73,13 +60,16 @@ async fn wait_answers_with_the_result_when_fast_and_202_when_slow() {
     assert_eq!(r.text().await.unwrap(), r#"{"key":"w-fast"}"#);
 
     // The same key again with a wait: a replay, answered with the same result.
-    let again = submit(&gw.base, "/orders", "w-fast", Some("wait=10")).await;
+    let again = submit_keyed(&gw.base, "/orders", "w-fast")
+        .header("prefer", "wait=10")
+        .send()
+        .await;
     assert_eq!(again.status(), 201);
     assert_eq!(again.headers()["idempotent-replayed"], "true");
 
     // A sync route waits without being asked.
     let _sync_worker = TestWorker::start(&nats, worker_config(), "sync", echo().status(201)).await;
-    let r = submit(&gw.base, "/sync", "w-sync", None).await;
+    let r = submit_keyed(&gw.base, "/sync", "w-sync").send().await;
     assert_eq!(r.status(), 201);
     assert_eq!(r.headers()["preference-applied"], "wait=5");
 
@@ -91,12 +81,18 @@ async fn wait_answers_with_the_result_when_fast_and_202_when_slow() {
         echo().delay(Duration::from_millis(2500)),
     )
     .await;
-    let r = submit(&gw.base, "/slow", "w-slow", Some("respond-async, wait=1")).await;
+    let r = submit_keyed(&gw.base, "/slow", "w-slow")
+        .header("prefer", "respond-async, wait=1")
+        .send()
+        .await;
     assert_eq!(r.status(), 202);
     assert_eq!(r.headers()["preference-applied"], "respond-async");
     let id = id_of(r).await;
     // Attaching again with a longer wait gets the result.
-    let r = submit(&gw.base, "/slow", "w-slow", Some("wait=10")).await;
+    let r = submit_keyed(&gw.base, "/slow", "w-slow")
+        .header("prefer", "wait=10")
+        .send()
+        .await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["idempotent-replayed"], "true");
     assert_eq!(r.headers()["location"], format!("/operations/{id}"));
@@ -107,7 +103,7 @@ async fn wait_answers_with_the_result_when_fast_and_202_when_slow() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_polls_return_when_the_result_lands() {
     let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
-    let id = id_of(submit(&gw.base, "/orders", "lp", None).await).await;
+    let id = submit_keyed(&gw.base, "/orders", "lp").accepted().await;
     let http = http();
 
     let r = http
@@ -190,7 +186,7 @@ async fn events_stream_every_transition_and_resume_after_last_event_id() {
         .flags(["--max-event-streams", "2"])
         .start()
         .await;
-    let id = id_of(submit(&gw.base, "/orders", "sse", None).await).await;
+    let id = submit_keyed(&gw.base, "/orders", "sse").accepted().await;
     let url = gw.url(&format!("/operations/{id}/events"));
 
     // First connection: read the `accepted` event, then drop the connection while pending.
@@ -265,7 +261,9 @@ async fn cancellation_before_a_result_wins_and_after_it_is_refused() {
     let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
     let http = http();
 
-    let id = id_of(submit(&gw.base, "/orders", "c-queued", None).await).await;
+    let id = submit_keyed(&gw.base, "/orders", "c-queued")
+        .accepted()
+        .await;
     let op = gw.url(&format!("/operations/{id}"));
     let r = http.delete(&op).send().await.unwrap();
     assert_eq!(r.status(), 202);
@@ -312,7 +310,9 @@ async fn cancellation_before_a_result_wins_and_after_it_is_refused() {
         }
     })
     .await;
-    let id = id_of(submit(&gw.base, "/orders", "c-running", None).await).await;
+    let id = submit_keyed(&gw.base, "/orders", "c-running")
+        .accepted()
+        .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let r = http
         .delete(gw.url(&format!("/operations/{id}")))
@@ -333,12 +333,11 @@ async fn cancellation_before_a_result_wins_and_after_it_is_refused() {
 
     // After completion: 409 with the outcome.
     let _w = TestWorker::start(&nats, worker_config(), "orders", echo().status(201)).await;
-    let r = submit(&gw.base, "/orders", "c-done", Some("wait=10")).await;
-    let id = r.headers()["location"]
-        .to_str()
-        .unwrap()
-        .trim_start_matches("/operations/")
-        .to_owned();
+    let r = submit_keyed(&gw.base, "/orders", "c-done")
+        .header("prefer", "wait=10")
+        .send()
+        .await;
+    let id = location(&r).trim_start_matches("/operations/").to_owned();
     let r = http
         .delete(gw.url(&format!("/operations/{id}")))
         .send()
@@ -371,7 +370,9 @@ async fn cancel_racing_completion_has_one_winner_seen_by_every_replica() {
     let http = http();
     let (mut cancelled, mut completed) = (0, 0);
     for i in 0..200u64 {
-        let id = id_of(submit(&a.base, "/slow", &format!("race-{i}"), None).await).await;
+        let id = submit_keyed(&a.base, "/slow", &format!("race-{i}"))
+            .accepted()
+            .await;
         tokio::time::sleep(Duration::from_micros((i * 7 % 13) * 500)).await;
         let delete = http
             .delete(b.url(&format!("/operations/{id}")))
@@ -433,7 +434,9 @@ async fn retry_after_follows_the_backlog_within_bounds() {
     .await;
     let mut last = String::new();
     for i in 0..40 {
-        last = id_of(submit(&gw.base, "/backlog", &format!("b-{i}"), None).await).await;
+        last = submit_keyed(&gw.base, "/backlog", &format!("b-{i}"))
+            .accepted()
+            .await;
     }
     let retry_after = |r: &reqwest::Response| -> u64 {
         r.headers()["retry-after"]
@@ -446,11 +449,7 @@ async fn retry_after_follows_the_backlog_within_bounds() {
         "an estimate from the backlog",
         Duration::from_secs(15),
         || async {
-            let r = http()
-                .get(gw.url(&format!("/operations/{last}")))
-                .send()
-                .await
-                .unwrap();
+            let r = get_operation(&gw.base, &last).await;
             let s = retry_after(&r);
             (s > 1).then_some(s)
         },
@@ -462,7 +461,7 @@ async fn retry_after_follows_the_backlog_within_bounds() {
     );
 
     // No worker has ever consumed `orders`: the configured default.
-    let r = submit(&gw.base, "/orders", "b-default", None).await;
+    let r = submit_keyed(&gw.base, "/orders", "b-default").send().await;
     assert_eq!(retry_after(&r), 1);
 }
 
@@ -514,7 +513,9 @@ async fn progress_reports_reach_the_status_long_polls_and_events() {
         }
     })
     .await;
-    let id = id_of(submit(&gw.base, "/orders", "progress", None).await).await;
+    let id = submit_keyed(&gw.base, "/orders", "progress")
+        .accepted()
+        .await;
     let url = gw.url(&format!("/operations/{id}/events"));
 
     let mut events = http().get(&url).send().await.unwrap();
@@ -528,14 +529,7 @@ async fn progress_reports_reach_the_status_long_polls_and_events() {
     assert_eq!(data["status"], "pending");
     drop(events);
 
-    let status = json(
-        http()
-            .get(gw.url(&format!("/operations/{id}")))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let status = json(get_operation(&gw.base, &id).await).await;
     assert_eq!(status["progress"]["message"], "step 1");
 
     // A long poll on the status returns when the progress changes.

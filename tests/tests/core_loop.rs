@@ -17,23 +17,11 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_gateway-under-test");
 const HANGING_WORKER_BIN: &str = env!("CARGO_BIN_EXE_hanging-worker");
 
-fn quoted(key: &str) -> String {
-    format!("\"{key}\"")
-}
-
 async fn post_order(base: &str, key: &str, body: &str) -> reqwest::Response {
-    http()
-        .post(format!("{base}/orders"))
-        .header("content-type", "application/json")
-        .header("idempotency-key", quoted(key))
-        .body(body.to_owned())
+    submit(base, "/orders", key)
+        .json_body(body.to_owned())
         .send()
         .await
-        .expect("POST /orders")
-}
-
-fn location(r: &reqwest::Response) -> String {
-    r.headers()["location"].to_str().unwrap().to_owned()
 }
 
 /// The request message stored for a key on `orders`.
@@ -182,7 +170,7 @@ async fn same_key_replays_after_completion_and_after_the_duplicate_window() {
     let first = post_order(&gw.base, "k-dup", "{}").await;
     assert_eq!(first.status(), 202);
     let loc = location(&first);
-    let id = json(first).await["id"].as_str().unwrap().to_owned();
+    let id = id_of(first).await;
     poll_until_terminal(&gw.base, &id, Duration::from_secs(10)).await;
 
     let again = post_order(&gw.base, "k-dup", "{}").await;
@@ -207,21 +195,12 @@ async fn same_key_with_another_body_is_422_and_nothing_is_written() {
     let TestGateway { nats, gw } = TestGateway::builder(TEST_ROUTES).start().await;
 
     let first = post_order(&gw.base, "k-422", r#"{"qty":1}"#).await;
-    assert_eq!(first.status(), 202);
-    let id = json(first).await["id"].as_str().unwrap().to_owned();
+    let id = id_of(first).await;
 
     let second = post_order(&gw.base, "k-422", r#"{"qty":2}"#).await;
-    assert_eq!(second.status(), 422);
-    assert_eq!(second.headers()["content-type"], "application/problem+json");
-    let problem = json(second).await;
+    let problem = assert_problem(second, 422, "idempotency-key-reused").await;
     assert_eq!(problem["status"], 422);
     assert_eq!(problem["operation_id"], id);
-    assert!(
-        problem["type"]
-            .as_str()
-            .unwrap()
-            .ends_with("idempotency-key-reused")
-    );
 
     assert_eq!(
         stream_messages(&nats.jetstream().await, DEFAULT_REQUESTS_STREAM).await,
@@ -296,13 +275,10 @@ async fn crash_between_publish_and_answer_converges_on_retry() {
         .nats(&nats)
         .spawn(GATEWAY_BIN)
         .await;
-    let retry = http()
-        .post(survivor.url("/orders"))
-        .header("idempotency-key", "\"k-crash\"")
+    let retry = submit(&survivor.base, "/orders", "k-crash")
         .body("{}")
         .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(retry.status(), 202);
     assert_eq!(retry.headers()["idempotent-replayed"], "true");
     assert_eq!(location(&retry), format!("/operations/{stored_id}"));
@@ -431,18 +407,14 @@ async fn first_result_wins_and_a_conflicting_one_is_counted() {
     })
     .await;
     let r = post_order(&gw.base, "k-conflict", "{}").await;
-    let id = json(r).await["id"].as_str().unwrap().to_owned();
+    let id = id_of(r).await;
     poll_until_terminal(&gw.base, &id, Duration::from_secs(10)).await;
     eventually("conflict counted", Duration::from_secs(5), || async {
         (worker.stats().conflicts == 1).then_some(())
     })
     .await;
 
-    let result = http()
-        .get(gw.url(&format!("/operations/{id}/result")))
-        .send()
-        .await
-        .unwrap();
+    let result = get_result(&gw.base, &id).await;
     assert_eq!(result.text().await.unwrap(), "first");
 
     let subject = Subjects::default().result(&id);
@@ -464,11 +436,7 @@ async fn first_result_wins_and_a_conflicting_one_is_counted() {
         "the results stream refuses a second message per subject"
     );
 
-    let result = http()
-        .get(gw.url(&format!("/operations/{id}/result")))
-        .send()
-        .await
-        .unwrap();
+    let result = get_result(&gw.base, &id).await;
     assert_eq!(result.status(), 200);
     assert_eq!(result.text().await.unwrap(), "first");
     assert_eq!(stream_messages(&js, DEFAULT_RESULTS_STREAM).await, 1);
@@ -552,20 +520,8 @@ async fn rejected_requests_get_problems_and_write_nothing() {
         ),
     ];
     for (request, status, slug) in cases {
-        let r = request.send().await.unwrap();
-        let url = r.url().clone();
-        assert_eq!(r.status(), status, "{url}");
-        assert_eq!(
-            r.headers()["content-type"],
-            "application/problem+json",
-            "{url}"
-        );
-        let problem = json(r).await;
+        let problem = assert_problem(request.send().await.unwrap(), status, slug).await;
         assert_eq!(problem["status"], status);
-        assert!(
-            problem["type"].as_str().unwrap().ends_with(slug),
-            "{url}: {problem}"
-        );
         assert!(!problem["title"].as_str().unwrap().is_empty());
         assert!(!problem["detail"].as_str().unwrap().is_empty());
     }
@@ -645,7 +601,7 @@ async fn worker_killed_before_replying_is_redelivered_and_answered_once() {
         .spawn()
         .unwrap();
     let r = post_order(&gw.base, "k-worker-crash", r#"{"n":7}"#).await;
-    let id = json(r).await["id"].as_str().unwrap().to_owned();
+    let id = id_of(r).await;
     let mut lines = BufReader::new(doomed.stdout.take().unwrap()).lines();
     let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
         .await
@@ -657,14 +613,7 @@ async fn worker_killed_before_replying_is_redelivered_and_answered_once() {
 
     let mut statuses = Vec::new();
     for _ in 0..5 {
-        let s = json(
-            http()
-                .get(gw.url(&format!("/operations/{id}")))
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        let s = json(get_operation(&gw.base, &id).await).await;
         statuses.push(s["status"].as_str().unwrap().to_owned());
     }
     assert!(statuses.iter().all(|s| s == "pending"));
@@ -672,14 +621,7 @@ async fn worker_killed_before_replying_is_redelivered_and_answered_once() {
     let survivor = TestWorker::start(&nats, worker_config(), "orders", echo().json()).await;
     statuses.extend(poll_until_terminal(&gw.base, &id, Duration::from_secs(15)).await);
     for _ in 0..10 {
-        let s = json(
-            http()
-                .get(gw.url(&format!("/operations/{id}")))
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        let s = json(get_operation(&gw.base, &id).await).await;
         statuses.push(s["status"].as_str().unwrap().to_owned());
     }
     assert_monotonic(&statuses);
@@ -689,11 +631,7 @@ async fn worker_killed_before_replying_is_redelivered_and_answered_once() {
         stream_messages(&nats.jetstream().await, DEFAULT_RESULTS_STREAM).await,
         1
     );
-    let body = http()
-        .get(gw.url(&format!("/operations/{id}/result")))
-        .send()
-        .await
-        .unwrap();
+    let body = get_result(&gw.base, &id).await;
     assert_eq!(json(body).await["echo"], r#"{"n":7}"#);
 }
 
@@ -706,14 +644,7 @@ async fn operation_without_result_before_timeout_expires_for_good() {
     let (a, b) = (gateway().start().await, gateway().start().await);
     let http = http();
 
-    let r = http
-        .post(a.url("/jobs/build"))
-        .header("idempotency-key", "\"k-expire\"")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    let id = json(r).await["id"].as_str().unwrap().to_owned();
+    let id = submit(&a.base, "/jobs/build", "k-expire").accepted().await;
     let op = format!("/operations/{id}");
     assert_eq!(
         json(http.get(b.url(&op)).send().await.unwrap()).await["status"],
@@ -731,14 +662,7 @@ async fn operation_without_result_before_timeout_expires_for_good() {
         .send()
         .await
         .unwrap();
-    assert_eq!(result.status(), 504);
-    assert_eq!(result.headers()["content-type"], "application/problem+json");
-    assert!(
-        json(result).await["type"]
-            .as_str()
-            .unwrap()
-            .ends_with("expired")
-    );
+    assert_problem(result, 504, "expired").await;
 
     let js = nats.jetstream().await;
     let late = ResultRecord::reply(200, None, Bytes::from_static(b"too late"));
@@ -782,15 +706,11 @@ async fn failing_handlers_are_retried_until_a_valid_reply_is_stored() {
     })
     .await;
     let r = post_order(&gw.base, "k-flaky", "{}").await;
-    let id = json(r).await["id"].as_str().unwrap().to_owned();
+    let id = id_of(r).await;
     let statuses = poll_until_terminal(&gw.base, &id, Duration::from_secs(15)).await;
     assert_monotonic(&statuses);
     assert_eq!(statuses.last().unwrap(), "succeeded");
-    let result = http()
-        .get(gw.url(&format!("/operations/{id}/result")))
-        .send()
-        .await
-        .unwrap();
+    let result = get_result(&gw.base, &id).await;
     assert_eq!(result.text().await.unwrap(), "finally");
     assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 4);
     assert_eq!(worker.stats().handler_errors, 3);

@@ -159,16 +159,7 @@ fn start_dispatcher(nats: &Nats, upstream: &str) -> CancellationToken {
 async fn wait_result(gw: &InProcessGateway, id: &str) -> reqwest::Response {
     let statuses = poll_until_terminal(&gw.base, id, Duration::from_secs(20)).await;
     assert_monotonic(&statuses);
-    http()
-        .get(gw.url(&format!("/operations/{id}/result")))
-        .send()
-        .await
-        .unwrap()
-}
-
-async fn id_of(r: reqwest::Response) -> String {
-    assert_eq!(r.status(), 202);
-    json(r).await["id"].as_str().unwrap().to_owned()
+    get_result(&gw.base, id).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use gateway_tests::{
-    Nats, TestGateway, TestWorker, echo, eventually, http, json, log_field, poll_until_terminal,
-    worker_config,
+    Nats, TestGateway, TestWorker, echo, eventually, get_operation, http, id_of, json, log_field,
+    poll_until_terminal, worker_config,
 };
 use handlers::contract::{DEFAULT_REQUESTS_STREAM, DEFAULT_RESULTS_STREAM, Subjects};
 use handlers::jetstream::last_matching;
@@ -46,8 +46,7 @@ async fn sigterm_drains_in_flight_work_and_answers_waiters() {
 
     // A pending operation (no worker on `parked`) and a client long-polling its result.
     let accepted = http.post(gw.url("/parked")).body("x").send().await.unwrap();
-    assert_eq!(accepted.status(), 202);
-    let id = json(accepted).await["id"].as_str().unwrap().to_owned();
+    let id = id_of(accepted).await;
     let poll_url = gw.url(&format!("/operations/{id}/result?wait=30"));
     let long_poll = tokio::spawn({
         let http = http.clone();
@@ -258,8 +257,7 @@ async fn the_trace_crosses_the_async_hop_and_reads_link_back_to_it() {
         .send()
         .await
         .unwrap();
-    assert_eq!(accepted.status(), 202);
-    let id = json(accepted).await["id"].as_str().unwrap().to_owned();
+    let id = id_of(accepted).await;
     poll_until_terminal(&gw.base, &id, Duration::from_secs(20)).await;
 
     // The request message carries the trace, with the gateway's own span as the parent.
@@ -302,11 +300,7 @@ async fn the_trace_crosses_the_async_hop_and_reads_link_back_to_it() {
     .await;
     // A later read, in a new trace, links to the accepting span: a new export names the trace.
     let before = exports_naming(&exports, &trace_bytes);
-    let read = http
-        .get(gw.url(&format!("/operations/{id}")))
-        .send()
-        .await
-        .unwrap();
+    let read = get_operation(&gw.base, &id).await;
     assert_eq!(read.status(), 200);
     eventually("read span linked", Duration::from_secs(10), || async {
         (exports_naming(&exports, &trace_bytes) > before).then_some(())

@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use gateway_tests::{
-    Nats, TestGateway, TestWorker, echo, http, json, stream_messages, worker_config,
+    Nats, TestGateway, TestWorker, assert_problem, echo, get_operation, http, id_of, json,
+    stream_messages, worker_config,
 };
 use handlers::contract::DEFAULT_REQUESTS_STREAM;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -71,19 +72,6 @@ fn token(tenant: &str, audience: &str, expires_in: i64) -> String {
     header.kid = Some("test-key-1".to_owned());
     let pem = std::fs::read(fixture("jwt-test-private.pem")).unwrap();
     jsonwebtoken::encode(&header, &claims, &EncodingKey::from_ed_pem(&pem).unwrap()).unwrap()
-}
-
-async fn assert_problem(response: reqwest::Response, status: u16, slug: &str) {
-    assert_eq!(response.status(), status);
-    assert_eq!(
-        response.headers()["content-type"],
-        "application/problem+json"
-    );
-    let body = json(response).await;
-    assert!(
-        body["type"].as_str().unwrap().ends_with(slug),
-        "{slug}: {body}"
-    );
 }
 
 /// Credentials map to tenants; a tenant's operations are invisible to others (404, as if they did
@@ -152,11 +140,9 @@ async fn credentials_map_to_tenants_and_tenants_are_isolated() {
 
     // The same key in two tenants: two operations.
     let acme = post(Some(ACME_KEY), None).await.unwrap();
-    assert_eq!(acme.status(), 202);
-    let acme_id = json(acme).await["id"].as_str().unwrap().to_owned();
+    let acme_id = id_of(acme).await;
     let globex = post(Some(GLOBEX_KEY), None).await.unwrap();
-    assert_eq!(globex.status(), 202);
-    let globex_id = json(globex).await["id"].as_str().unwrap().to_owned();
+    let globex_id = id_of(globex).await;
     assert_ne!(acme_id, globex_id);
     assert_eq!(stream_messages(&js, DEFAULT_REQUESTS_STREAM).await, 2);
     // A JWT for acme is acme: its retry with the key is a replay of acme's operation.
@@ -196,13 +182,8 @@ async fn credentials_map_to_tenants_and_tenants_are_isolated() {
 
     // Public route: anonymous works, and anonymous operations are only anonymous callers'.
     let ping = http.post(gw.url("/ping")).body("hi").send().await.unwrap();
-    assert_eq!(ping.status(), 202);
-    let ping_id = json(ping).await["id"].as_str().unwrap().to_owned();
-    let read = http
-        .get(gw.url(&format!("/operations/{ping_id}")))
-        .send()
-        .await
-        .unwrap();
+    let ping_id = id_of(ping).await;
+    let read = get_operation(&gw.base, &ping_id).await;
     assert_eq!(read.status(), 200);
     let by_acme = as_tenant(
         ACME_KEY,
@@ -212,11 +193,7 @@ async fn credentials_map_to_tenants_and_tenants_are_isolated() {
     .await
     .unwrap();
     assert_problem(by_acme, 404, "operation-not-found").await;
-    let anonymous_read_of_acme = http
-        .get(gw.url(&format!("/operations/{acme_id}")))
-        .send()
-        .await
-        .unwrap();
+    let anonymous_read_of_acme = get_operation(&gw.base, &acme_id).await;
     assert_problem(anonymous_read_of_acme, 404, "operation-not-found").await;
     // Health and the document need no credentials.
     for path in ["/livez", "/readyz", "/openapi.json"] {

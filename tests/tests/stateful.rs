@@ -60,23 +60,9 @@ async fn counter(nats: &Nats) -> u64 {
     serde_json::from_slice(&m.payload).unwrap()
 }
 
-async fn submit(base: &str, key: &str) -> String {
-    let r = http()
-        .post(format!("{base}/count"))
-        .header("idempotency-key", format!("\"{key}\""))
-        .send()
-        .await
-        .unwrap();
-    json(r).await["id"].as_str().unwrap().to_owned()
-}
-
 async fn reply_value(gw: &InProcessGateway, id: &str) -> u64 {
     poll_until_terminal(&gw.base, id, Duration::from_secs(30)).await;
-    let r = http()
-        .get(gw.url(&format!("/operations/{id}/result")))
-        .send()
-        .await
-        .unwrap();
+    let r = get_result(&gw.base, id).await;
     json(r).await["counter"].as_u64().unwrap()
 }
 
@@ -90,7 +76,11 @@ async fn every_operation_changes_state_once_and_replies_with_what_it_committed()
     let _b = counting_worker(&nats, runs.clone()).await;
     let mut ids = Vec::new();
     for i in 0..20 {
-        ids.push(submit(&gw.base, &format!("c-{i}")).await);
+        ids.push(
+            submit(&gw.base, "/count", &format!("c-{i}"))
+                .accepted()
+                .await,
+        );
     }
     let mut replies = Vec::new();
     for id in &ids {
@@ -120,7 +110,7 @@ async fn duplicates_never_commit_twice() {
     let worker_a = counting_worker(&nats, runs.clone()).await;
     let worker_b = counting_worker(&nats, runs.clone()).await;
 
-    let first = submit(&gw.base, "d-1").await;
+    let first = submit(&gw.base, "/count", "d-1").accepted().await;
     assert_eq!(reply_value(&gw, &first).await, 1);
     let runs_before = runs.load(Ordering::SeqCst);
     duplicate_request(&nats, "count", &first, "copy-of-d1").await;
@@ -141,7 +131,7 @@ async fn duplicates_never_commit_twice() {
     assert_eq!(counter(&nats).await, 1);
 
     // A fresh operation, published three times at once to two workers.
-    let second = submit(&gw.base, "d-2").await;
+    let second = submit(&gw.base, "/count", "d-2").accepted().await;
     duplicate_request(&nats, "count", &second, "copy-a-of-d2").await;
     duplicate_request(&nats, "count", &second, "copy-b-of-d2").await;
     assert_eq!(reply_value(&gw, &second).await, 2);

@@ -86,8 +86,7 @@ async fn crashes_duplicates_and_stalls_never_break_exactly_once_processing() {
                     .send()
                     .await
                     .unwrap();
-                assert_eq!(r.status(), 202);
-                json(r).await["id"].as_str().unwrap().to_owned()
+                id_of(r).await
             }
         })
         .buffered(32)

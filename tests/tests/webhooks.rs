@@ -63,14 +63,11 @@ fn webhook_gateway(receiver: &str, attempts: &str) -> GatewayBuilder {
 }
 
 async fn submit_with_callback(base: &str, key: &str, callback: &str) -> reqwest::Response {
-    http()
-        .post(format!("{base}/orders"))
-        .header("idempotency-key", format!("\"{key}\""))
+    submit(base, "/orders", key)
         .header("callback-url", callback)
         .body("{}")
         .send()
         .await
-        .unwrap()
 }
 
 /// The worker: 201 with a fixed body (the webhook tests look at the status only).
@@ -97,14 +94,7 @@ fn verified_id(headers: &HeaderMap, body: &str) -> String {
 }
 
 async fn operation(gw: &InProcessGateway, id: &str) -> serde_json::Value {
-    json(
-        http()
-            .get(gw.url(&format!("/operations/{id}")))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await
+    json(get_operation(&gw.base, id).await).await
 }
 
 /// The receiver fails once, then accepts: two deliveries with the same webhook-id and valid
@@ -116,8 +106,7 @@ async fn webhook_is_signed_retried_and_its_state_shown() {
     let _worker = TestWorker::start(&nats, worker_config(), "orders", made()).await;
 
     let r = submit_with_callback(&gw.base, "hook-1", &format!("{base}/hook")).await;
-    assert_eq!(r.status(), 202);
-    let id = json(r).await["id"].as_str().unwrap().to_owned();
+    let id = id_of(r).await;
     let delivered = eventually("delivered", Duration::from_secs(20), || async {
         let op = operation(&gw, &id).await;
         (op["callback"]["state"] == "delivered").then_some(op)
@@ -170,7 +159,7 @@ async fn webhook_is_delivered_after_a_gateway_restart() {
     let TestGateway { nats, gw: first } = webhook_gateway(&base, "20").start().await;
     let _worker = TestWorker::start(&nats, worker_config(), "orders", made()).await;
     let r = submit_with_callback(&first.base, "hook-restart", &format!("{base}/hook")).await;
-    let id = json(r).await["id"].as_str().unwrap().to_owned();
+    let id = id_of(r).await;
     eventually("a failed attempt", Duration::from_secs(20), || async {
         (!receiver.received().is_empty()).then_some(())
     })
@@ -201,7 +190,7 @@ async fn undeliverable_webhook_is_dead_lettered() {
     let TestGateway { nats, gw } = webhook_gateway(&base, "2").start().await;
     let _worker = TestWorker::start(&nats, worker_config(), "orders", made()).await;
     let r = submit_with_callback(&gw.base, "hook-dlq", &format!("{base}/hook")).await;
-    let id = json(r).await["id"].as_str().unwrap().to_owned();
+    let id = id_of(r).await;
     let op = eventually("failed", Duration::from_secs(20), || async {
         let op = operation(&gw, &id).await;
         (op["callback"]["state"] == "failed").then_some(op)
