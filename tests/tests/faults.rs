@@ -98,14 +98,16 @@ async fn nats_server_killed_under_load() {
 async fn gateway_killed_at_random_points() {
     let started = Instant::now();
     let nats = Nats::start().await;
-    let hooked_env = [("GATEWAY_FAULT_ABORT_AFTER_PUBLISH", "true")];
-    let mut gateways = vec![
-        fault_gateway(&nats.url(), &[]).await,
-        fault_gateway(&nats.url(), &[]).await,
-    ];
-    let mut hooked = [false, false];
+    let mut gateways = Gateways {
+        nats_url: nats.url(),
+        processes: vec![
+            fault_gateway(&nats.url(), &[]).await,
+            fault_gateway(&nats.url(), &[]).await,
+        ],
+        hooked: vec![false, false],
+    };
     let (worker, effects) = echo_worker(&nats).await;
-    let bases: Vec<String> = gateways.iter().map(|g| g.base.clone()).collect();
+    let bases: Vec<String> = gateways.processes.iter().map(|g| g.base.clone()).collect();
     let run = Run::new(
         "gateway-kill",
         "gateway processes SIGKILLed at random points under load",
@@ -116,58 +118,38 @@ async fn gateway_killed_at_random_points() {
     while run.in_fault_phase() {
         run.pause(run.rand_between(ms(1000), ms(2500))).await;
         // A hooked gateway that aborted after a publish: a crash at the worst moment.
-        for i in 0..gateways.len() {
-            if hooked[i] && gateways[i].exited() {
-                run.fault(
-                    "gateway crash between the JetStream ack and the 202",
-                    format!("g{i}, the abort-after-publish hook"),
-                );
+        for i in 0..gateways.processes.len() {
+            if gateways.hooked[i] && gateways.processes[i].exited() {
+                Gateways::hook_fired(&run, i);
                 let hook = run.in_fault_phase() && run.chance(30);
-                let g = fault_gateway(&nats.url(), if hook { &hooked_env[..] } else { &[] }).await;
-                run.endpoints.set(i, &g.base);
-                run.note(format!(
-                    "g{i} restarted{}",
-                    if hook { " with the hook" } else { "" }
-                ));
-                gateways[i] = g;
-                hooked[i] = hook;
+                gateways.respawn(&run, i, hook).await;
+                run.note(Gateways::restarted(i, hook));
             }
         }
         if !run.in_fault_phase() {
             break;
         }
-        let victim = run.rand_below(gateways.len());
-        gateways[victim].kill().await;
+        let victim = run.rand_below(gateways.processes.len());
+        gateways.processes[victim].kill().await;
         run.fault("kill -9 gateway", format!("g{victim}"));
         run.hold(run.rand_between(ms(200), ms(1500))).await;
         // At most one gateway carries the hook at a time.
-        let hook = !hooked[1 - victim] && run.chance(30);
-        let g = fault_gateway(&nats.url(), if hook { &hooked_env[..] } else { &[] }).await;
-        run.endpoints.set(victim, &g.base);
-        run.note(format!(
-            "g{victim} restarted{}",
-            if hook { " with the hook" } else { "" }
-        ));
-        gateways[victim] = g;
-        hooked[victim] = hook;
+        let hook = !gateways.hooked[1 - victim] && run.chance(30);
+        gateways.respawn(&run, victim, hook).await;
+        run.note(Gateways::restarted(victim, hook));
     }
     run.end_faults(&load);
     let healed_at = Instant::now();
-    for i in 0..gateways.len() {
-        if hooked[i] {
-            if !gateways[i].exited() {
-                gateways[i].kill().await;
+    for i in 0..gateways.processes.len() {
+        if gateways.hooked[i] {
+            if !gateways.processes[i].exited() {
+                gateways.processes[i].kill().await;
                 run.note(format!("g{i} (hooked) stopped for healing"));
             } else {
-                run.fault(
-                    "gateway crash between the JetStream ack and the 202",
-                    format!("g{i}, the abort-after-publish hook"),
-                );
+                Gateways::hook_fired(&run, i);
             }
-            let g = fault_gateway(&nats.url(), &[]).await;
-            run.endpoints.set(i, &g.base);
+            gateways.respawn(&run, i, false).await;
             run.note(format!("g{i} restarted without the hook"));
-            gateways[i] = g;
         }
     }
     let js = nats.jetstream().await;
@@ -175,6 +157,42 @@ async fn gateway_killed_at_random_points() {
     worker.stop().await;
     drop(gateways);
     report.assert_passed();
+}
+
+/// The gateway processes of [`gateway_killed_at_random_points`], and which of them carry the
+/// fault-injection hook that aborts the process between the JetStream ack and the answer.
+struct Gateways {
+    nats_url: String,
+    processes: Vec<GatewayProcess>,
+    hooked: Vec<bool>,
+}
+
+impl Gateways {
+    /// Starts gateway `i` again, with the hook or without, and tells the clients its new address.
+    async fn respawn(&mut self, run: &Run, i: usize, hook: bool) {
+        let env: &[(&str, &str)] = if hook {
+            &[("GATEWAY_FAULT_ABORT_AFTER_PUBLISH", "true")]
+        } else {
+            &[]
+        };
+        let g = fault_gateway(&self.nats_url, env).await;
+        run.endpoints.set(i, &g.base);
+        self.processes[i] = g;
+        self.hooked[i] = hook;
+    }
+
+    /// Records that gateway `i` was found aborted by its hook.
+    fn hook_fired(run: &Run, i: usize) {
+        run.fault(
+            "gateway crash between the JetStream ack and the 202",
+            format!("g{i}, the abort-after-publish hook"),
+        );
+    }
+
+    /// The nemesis note of a restart during the fault phase.
+    fn restarted(i: usize, hook: bool) -> String {
+        format!("g{i} restarted{}", if hook { " with the hook" } else { "" })
+    }
 }
 
 /// A 3-node cluster with R3 streams, two gateways (each listing a different node first) and two
