@@ -127,6 +127,25 @@ impl Outcome {
         }
     }
 
+    /// `unknown`: no answer came, or not all of it (`http`: the status, when the head came).
+    fn no_answer(http: Option<u16>, error: &dyn std::error::Error) -> Self {
+        Outcome::Unknown {
+            http,
+            problem: None,
+            error: Some(error_chain(error)),
+        }
+    }
+
+    /// `unknown` from a whole answer: a status that leaves the outcome open (`503
+    /// outcome-unknown`, a `5xx` from elsewhere), with its problem slug if it has one.
+    fn unknown_answer(http: u16, body: &serde_json::Value) -> Self {
+        Outcome::Unknown {
+            http: Some(http),
+            problem: problem_slug(body),
+            error: None,
+        }
+    }
+
     pub fn is_ok(&self) -> bool {
         matches!(self, Outcome::Ok { .. })
     }
@@ -309,55 +328,56 @@ pub async fn submit(
     payload: &str,
     attempt: u32,
 ) -> Outcome {
-    let id = history.invoke(
-        process,
-        Call::Submit {
-            key: key.to_owned(),
-            payload: payload.to_owned(),
-            attempt,
-            via: via.to_owned(),
-        },
-    );
-    let sent = http
+    let call = Call::Submit {
+        key: key.to_owned(),
+        payload: payload.to_owned(),
+        attempt,
+        via: via.to_owned(),
+    };
+    let request = http
         .post(format!("{base}{path}"))
         .header("content-type", "application/json")
         .header("idempotency-key", format!("\"{key}\""))
-        .body(payload.to_owned())
-        .send()
-        .await;
-    let outcome = match sent {
-        Err(e) => Outcome::Unknown {
-            http: None,
-            problem: None,
-            error: Some(error_chain(&e)),
-        },
-        Ok(r) => {
-            let http = r.status().as_u16();
-            let location = r
-                .headers()
-                .get("location")
-                .and_then(|l| l.to_str().ok())
-                .map(|l| l.trim_start_matches("/operations/").to_owned());
-            let replayed = r.headers().contains_key("idempotent-replayed");
-            match r.bytes().await {
-                // The answer was cut off: the gateway decided, the client cannot tell what.
-                Err(e) if http == 202 => Outcome::Unknown {
-                    http: Some(http),
-                    problem: None,
-                    error: Some(error_chain(&e)),
-                },
-                Err(e) => Outcome::Unknown {
-                    http: Some(http),
-                    problem: None,
-                    error: Some(error_chain(&e)),
-                },
-                Ok(bytes) => {
-                    let body: serde_json::Value =
-                        serde_json::from_slice(&bytes).unwrap_or_default();
-                    classify_submit(http, location, replayed, &body)
-                }
+        .body(payload.to_owned());
+    record(history, process, call, request, |r| async move {
+        let http = r.status().as_u16();
+        let location = r
+            .headers()
+            .get("location")
+            .and_then(|l| l.to_str().ok())
+            .map(|l| l.trim_start_matches("/operations/").to_owned());
+        let replayed = r.headers().contains_key("idempotent-replayed");
+        match r.bytes().await {
+            // The answer was cut off (a 202 included): the gateway decided, the client cannot
+            // tell what.
+            Err(e) => Outcome::no_answer(Some(http), &e),
+            Ok(bytes) => {
+                let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+                classify_submit(http, location, replayed, &body)
             }
         }
+    })
+    .await
+}
+
+/// Records one call in the history: invokes it, sends `request`, and completes the call with
+/// the outcome `classify` reads from the answer, or `unknown` when no answer came (a timeout, a
+/// broken or refused connection). Every call kind records this way; only `classify` differs.
+async fn record<F, Fut>(
+    history: &History,
+    process: &str,
+    call: Call,
+    request: reqwest::RequestBuilder,
+    classify: F,
+) -> Outcome
+where
+    F: FnOnce(reqwest::Response) -> Fut,
+    Fut: std::future::Future<Output = Outcome>,
+{
+    let id = history.invoke(process, call);
+    let outcome = match request.send().await {
+        Err(e) => Outcome::no_answer(None, &e),
+        Ok(r) => classify(r).await,
     };
     history.complete(id, outcome.clone());
     outcome
@@ -395,11 +415,7 @@ fn classify_submit(
             http,
             problem: problem_slug(body),
         },
-        _ => Outcome::Unknown {
-            http: Some(http),
-            problem: problem_slug(body),
-            error: None,
-        },
+        _ => Outcome::unknown_answer(http, body),
     }
 }
 
@@ -412,47 +428,33 @@ pub async fn read_status(
     base: &str,
     op: &str,
 ) -> Outcome {
-    let id = history.invoke(
-        process,
-        Call::Read {
-            op: op.to_owned(),
-            via: via.to_owned(),
-        },
-    );
-    let outcome = match http.get(format!("{base}/operations/{op}")).send().await {
-        Err(e) => Outcome::Unknown {
-            http: None,
-            problem: None,
-            error: Some(error_chain(&e)),
-        },
-        Ok(r) => {
-            let http = r.status().as_u16();
-            let body: serde_json::Value = match r.bytes().await {
-                Ok(b) => serde_json::from_slice(&b).unwrap_or_default(),
-                Err(_) => serde_json::Value::Null,
-            };
-            match http {
-                200 if body["status"].is_string() => Outcome::Ok {
-                    http,
-                    op: Some(op.to_owned()),
-                    status: body["status"].as_str().map(str::to_owned),
-                    replayed: false,
-                    body: None,
-                },
-                404 => Outcome::Fail {
-                    http,
-                    problem: problem_slug(&body),
-                },
-                _ => Outcome::Unknown {
-                    http: Some(http),
-                    problem: problem_slug(&body),
-                    error: None,
-                },
-            }
-        }
+    let call = Call::Read {
+        op: op.to_owned(),
+        via: via.to_owned(),
     };
-    history.complete(id, outcome.clone());
-    outcome
+    let request = http.get(format!("{base}/operations/{op}"));
+    record(history, process, call, request, |r| async move {
+        let http = r.status().as_u16();
+        let body: serde_json::Value = match r.bytes().await {
+            Ok(b) => serde_json::from_slice(&b).unwrap_or_default(),
+            Err(_) => serde_json::Value::Null,
+        };
+        match http {
+            200 if body["status"].is_string() => Outcome::Ok {
+                http,
+                op: Some(op.to_owned()),
+                status: body["status"].as_str().map(str::to_owned),
+                replayed: false,
+                body: None,
+            },
+            404 => Outcome::Fail {
+                http,
+                problem: problem_slug(&body),
+            },
+            _ => Outcome::unknown_answer(http, &body),
+        }
+    })
+    .await
 }
 
 /// Reads an operation's result through one gateway and records it: `ok` with the pending status
@@ -465,71 +467,48 @@ pub async fn read_result(
     base: &str,
     op: &str,
 ) -> Outcome {
-    let id = history.invoke(
-        process,
-        Call::ReadResult {
-            op: op.to_owned(),
-            via: via.to_owned(),
-        },
-    );
-    let outcome = match http
-        .get(format!("{base}/operations/{op}/result"))
-        .send()
-        .await
-    {
-        Err(e) => Outcome::Unknown {
-            http: None,
-            problem: None,
-            error: Some(error_chain(&e)),
-        },
-        Ok(r) => {
-            let http = r.status().as_u16();
-            let from_gateway = r
-                .headers()
-                .get("content-type")
-                .is_some_and(|t| t.as_bytes().starts_with(b"application/problem+json"));
-            match r.bytes().await {
-                Err(e) => Outcome::Unknown {
-                    http: Some(http),
-                    problem: None,
-                    error: Some(error_chain(&e)),
-                },
-                Ok(bytes) => {
-                    let text = String::from_utf8_lossy(&bytes).into_owned();
-                    let json: serde_json::Value =
-                        serde_json::from_slice(&bytes).unwrap_or_default();
-                    let pending = http == 202 && json["status"] == "pending";
-                    match http {
-                        _ if pending => Outcome::Ok {
-                            http,
-                            op: Some(op.to_owned()),
-                            status: Some("pending".to_owned()),
-                            replayed: false,
-                            body: None,
-                        },
-                        404 if from_gateway => Outcome::Fail {
-                            http,
-                            problem: problem_slug(&json),
-                        },
-                        503 if from_gateway => Outcome::Unknown {
-                            http: Some(http),
-                            problem: problem_slug(&json),
-                            error: None,
-                        },
-                        _ => Outcome::Ok {
-                            http,
-                            op: Some(op.to_owned()),
-                            status: None,
-                            replayed: false,
-                            body: Some(text),
-                        },
-                    }
+    let call = Call::ReadResult {
+        op: op.to_owned(),
+        via: via.to_owned(),
+    };
+    let request = http.get(format!("{base}/operations/{op}/result"));
+    record(history, process, call, request, |r| async move {
+        let http = r.status().as_u16();
+        let from_gateway = r
+            .headers()
+            .get("content-type")
+            .is_some_and(|t| t.as_bytes().starts_with(b"application/problem+json"));
+        match r.bytes().await {
+            Err(e) => Outcome::no_answer(Some(http), &e),
+            Ok(bytes) => {
+                let text = String::from_utf8_lossy(&bytes).into_owned();
+                let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+                let pending = http == 202 && json["status"] == "pending";
+                match http {
+                    _ if pending => Outcome::Ok {
+                        http,
+                        op: Some(op.to_owned()),
+                        status: Some("pending".to_owned()),
+                        replayed: false,
+                        body: None,
+                    },
+                    404 if from_gateway => Outcome::Fail {
+                        http,
+                        problem: problem_slug(&json),
+                    },
+                    503 if from_gateway => Outcome::unknown_answer(http, &json),
+                    _ => Outcome::Ok {
+                        http,
+                        op: Some(op.to_owned()),
+                        status: None,
+                        replayed: false,
+                        body: Some(text),
+                    },
                 }
             }
         }
-    };
-    history.complete(id, outcome.clone());
-    outcome
+    })
+    .await
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

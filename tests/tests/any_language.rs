@@ -10,9 +10,7 @@ const ROUTES: &str = "[[route]]\nname = \"py\"\nmethod = \"POST\"\npath = \"/py/
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_worker_on_a_plain_nats_client_answers_requests() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/worker.py");
     let mut worker = python_command()
         .arg(script)
@@ -35,17 +33,12 @@ async fn a_python_worker_on_a_plain_nats_client_answers_requests() {
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 202);
-        ids.push(json(r).await["id"].as_str().unwrap().to_owned());
+        ids.push(id_of(r).await);
     }
     for (i, id) in ids.iter().enumerate() {
         let statuses = poll_until_terminal(&gw.base, id, Duration::from_secs(20)).await;
         assert_eq!(statuses.last().unwrap(), "succeeded");
-        let result = http
-            .get(gw.url(&format!("/operations/{id}/result")))
-            .send()
-            .await
-            .unwrap();
+        let result = get_result(&gw.base, id).await;
         assert_eq!(result.status(), 201);
         let body = json(result).await;
         assert_eq!(body["handled_by"], "python");

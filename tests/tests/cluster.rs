@@ -3,13 +3,11 @@
 //! and keep working, with nothing lost, when the node leading the requests stream is killed
 //! (SIGKILL) in the middle of a load. Then the node comes back and the cluster heals.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::HashSet;
 use std::time::Duration;
 
 use gateway_tests::*;
 use handlers::contract::{DEFAULT_REQUESTS_STREAM, DEFAULT_RESULTS_STREAM};
-use handlers::{Request, Response};
 use tokio::time::Instant;
 
 const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_gateway-under-test");
@@ -25,24 +23,6 @@ const BURST: usize = 32;
 const BURST_GAP: Duration = Duration::from_micros(500);
 /// How long one client keeps retrying a 503 (or polling) before the test calls it lost.
 const CLIENT_PATIENCE: Duration = Duration::from_secs(30);
-
-/// Echoes the body, and counts how often each operation was handled.
-fn echo_handler(handled: Arc<Mutex<HashMap<String, u32>>>) -> impl handlers::Handler {
-    move |r: Request| {
-        let handled = handled.clone();
-        async move {
-            *handled
-                .lock()
-                .unwrap()
-                .entry(r.operation_id.clone())
-                .or_default() += 1;
-            Ok(Response::json(
-                200,
-                &serde_json::json!({ "echo": String::from_utf8_lossy(&r.body) }),
-            ))
-        }
-    }
-}
 
 /// What one client saw for one operation.
 #[derive(Debug, Default)]
@@ -240,7 +220,6 @@ async fn cluster_serves_through_any_node_and_survives_a_node_kill_mid_load() {
         cluster.urls(),
         test_start.elapsed()
     );
-    let routes = RoutesFile::new(TEST_ROUTES);
     let env = [
         ("GATEWAY_STREAM_REPLICAS", "3"),
         ("RUST_LOG", "warn,gateway=info,tower_http=error"),
@@ -248,18 +227,24 @@ async fn cluster_serves_through_any_node_and_survives_a_node_kill_mid_load() {
     // Both gateways know every node, each listing a different one first. One after the other:
     // two processes creating the same R3 streams at once both time out on nats-server 2.15.1
     // and retry for about 10 s.
-    let a = GatewayProcess::spawn(GATEWAY_BIN, &cluster.url_list_from(0), &routes, &env).await;
-    let b = GatewayProcess::spawn(GATEWAY_BIN, &cluster.url_list_from(1), &routes, &env).await;
+    let gateway = |nats_url: String| {
+        TestGateway::builder(TEST_ROUTES)
+            .nats_url(nats_url)
+            .envs(env)
+    };
+    let a = gateway(cluster.url_list_from(0)).spawn(GATEWAY_BIN).await;
+    let b = gateway(cluster.url_list_from(1)).spawn(GATEWAY_BIN).await;
     let gateways = [a.base.clone(), b.base.clone()];
     eprintln!("gateways ready after {:?}", test_start.elapsed());
 
     // Workers through the third node (and the second): R3 durable consumer from the stream.
-    let handled = Arc::new(Mutex::new(HashMap::<String, u32>::new()));
+    // Echoes the body, and counts how often each operation was handled.
+    let echo = echo().json();
     let mut workers = Vec::new();
     for first in [2, 1] {
         let js = cluster.jetstream_from(first).await;
         workers.push(TestWorker::start_on(js, worker_config(), |w| {
-            w.route("orders", echo_handler(handled.clone()))
+            w.route("orders", echo.clone())
         }));
     }
     for stream in [DEFAULT_REQUESTS_STREAM, DEFAULT_RESULTS_STREAM] {
@@ -461,17 +446,15 @@ async fn cluster_serves_through_any_node_and_survives_a_node_kill_mid_load() {
         "one result per operation"
     );
     let (conflicts, failed): (u64, u64) = workers.iter().fold((0, 0), |(c, f), w| {
-        (
-            c + w.stats.conflicts.load(std::sync::atomic::Ordering::Relaxed),
-            f + w.stats.failed.load(std::sync::atomic::Ordering::Relaxed),
-        )
+        let stats = w.stats();
+        (c + stats.conflicts, f + stats.failed)
     });
     assert_eq!(
         (conflicts, failed),
         (0, 0),
         "no conflicting or failed results"
     );
-    let handled = handled.lock().unwrap().clone();
+    let handled = echo.handled();
     let handled_twice = handled.values().filter(|&&n| n > 1).count();
     for id in &ids {
         assert!(handled.contains_key(*id), "{id} was handled");
@@ -494,7 +477,7 @@ async fn cluster_serves_through_any_node_and_survives_a_node_kill_mid_load() {
          {DEFAULT_REQUESTS_STREAM} now {:?}",
         cluster.stream_leader(DEFAULT_REQUESTS_STREAM).await
     );
-    let c = GatewayProcess::spawn(GATEWAY_BIN, &cluster.url(victim), &routes, &env).await;
+    let c = gateway(cluster.url(victim)).spawn(GATEWAY_BIN).await;
     all_succeeded(&c.base, &ids).await;
     let r = http
         .post(c.url("/orders"))

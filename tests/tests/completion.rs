@@ -2,7 +2,6 @@
 //! server-sent events with Last-Event-ID, and cancellation racing completion.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use gateway_tests::*;
@@ -32,38 +31,9 @@ path = "/backlog"
 consumer = "test-backlog"
 "#;
 
-async fn submit(base: &str, path: &str, key: &str, prefer: Option<&str>) -> reqwest::Response {
-    let mut request = http()
-        .post(format!("{base}{path}"))
-        .header("idempotency-key", format!("\"{key}\""))
-        .body(format!("{{\"key\":\"{key}\"}}"));
-    if let Some(prefer) = prefer {
-        request = request.header("prefer", prefer);
-    }
-    request.send().await.expect("submit")
-}
-
-fn echo() -> impl handlers::Handler {
-    |r: Request| async move {
-        Ok(Response::text(
-            201,
-            String::from_utf8_lossy(&r.body).into_owned(),
-        ))
-    }
-}
-
-fn slow(delay: Duration) -> impl handlers::Handler {
-    move |r: Request| async move {
-        tokio::time::sleep(delay).await;
-        Ok(Response::text(
-            200,
-            String::from_utf8_lossy(&r.body).into_owned(),
-        ))
-    }
-}
-
-async fn id_of(r: reqwest::Response) -> String {
-    json(r).await["id"].as_str().unwrap().to_owned()
+/// A submission whose body names its key: `{"key":"<key>"}`.
+fn submit_keyed(base: &str, path: &str, key: &str) -> Submit {
+    submit(base, path, key).body(format!("{{\"key\":\"{key}\"}}"))
 }
 
 /// `Prefer: respond-async, wait=N`: the result itself when the worker is fast (with
@@ -71,18 +41,13 @@ async fn id_of(r: reqwest::Response) -> String {
 /// without any header; a retry with the same key and `Prefer: wait` waits on the same operation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_answers_with_the_result_when_fast_and_202_when_slow() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
-    let _fast = TestWorker::start(&nats, worker_config(), "orders", echo()).await;
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
+    let _fast = TestWorker::start(&nats, worker_config(), "orders", echo().status(201)).await;
 
-    let r = submit(
-        &gw.base,
-        "/orders",
-        "w-fast",
-        Some("respond-async, wait=10"),
-    )
-    .await;
+    let r = submit_keyed(&gw.base, "/orders", "w-fast")
+        .header("prefer", "respond-async, wait=10")
+        .send()
+        .await;
     assert_eq!(r.status(), 201, "the worker's own status");
     assert_eq!(r.headers()["preference-applied"], "wait=10");
     assert!(
@@ -95,13 +60,16 @@ async fn wait_answers_with_the_result_when_fast_and_202_when_slow() {
     assert_eq!(r.text().await.unwrap(), r#"{"key":"w-fast"}"#);
 
     // The same key again with a wait: a replay, answered with the same result.
-    let again = submit(&gw.base, "/orders", "w-fast", Some("wait=10")).await;
+    let again = submit_keyed(&gw.base, "/orders", "w-fast")
+        .header("prefer", "wait=10")
+        .send()
+        .await;
     assert_eq!(again.status(), 201);
     assert_eq!(again.headers()["idempotent-replayed"], "true");
 
     // A sync route waits without being asked.
-    let _sync_worker = TestWorker::start(&nats, worker_config(), "sync", echo()).await;
-    let r = submit(&gw.base, "/sync", "w-sync", None).await;
+    let _sync_worker = TestWorker::start(&nats, worker_config(), "sync", echo().status(201)).await;
+    let r = submit_keyed(&gw.base, "/sync", "w-sync").send().await;
     assert_eq!(r.status(), 201);
     assert_eq!(r.headers()["preference-applied"], "wait=5");
 
@@ -110,15 +78,21 @@ async fn wait_answers_with_the_result_when_fast_and_202_when_slow() {
         &nats,
         worker_config(),
         "slow",
-        slow(Duration::from_millis(2500)),
+        echo().delay(Duration::from_millis(2500)),
     )
     .await;
-    let r = submit(&gw.base, "/slow", "w-slow", Some("respond-async, wait=1")).await;
+    let r = submit_keyed(&gw.base, "/slow", "w-slow")
+        .header("prefer", "respond-async, wait=1")
+        .send()
+        .await;
     assert_eq!(r.status(), 202);
     assert_eq!(r.headers()["preference-applied"], "respond-async");
     let id = id_of(r).await;
     // Attaching again with a longer wait gets the result.
-    let r = submit(&gw.base, "/slow", "w-slow", Some("wait=10")).await;
+    let r = submit_keyed(&gw.base, "/slow", "w-slow")
+        .header("prefer", "wait=10")
+        .send()
+        .await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["idempotent-replayed"], "true");
     assert_eq!(r.headers()["location"], format!("/operations/{id}"));
@@ -128,10 +102,8 @@ async fn wait_answers_with_the_result_when_fast_and_202_when_slow() {
 /// on the status; with nothing to report within N they answer as a plain read would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_polls_return_when_the_result_lands() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
-    let id = id_of(submit(&gw.base, "/orders", "lp", None).await).await;
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
+    let id = submit_keyed(&gw.base, "/orders", "lp").accepted().await;
     let http = http();
 
     let r = http
@@ -157,7 +129,7 @@ async fn long_polls_return_when_the_result_lands() {
         }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let _worker = TestWorker::start(&nats, worker_config(), "orders", echo()).await;
+    let _worker = TestWorker::start(&nats, worker_config(), "orders", echo().status(201)).await;
     let result = poll_result.await.unwrap();
     assert_eq!(result.status(), 201);
     assert_eq!(result.text().await.unwrap(), r#"{"key":"lp"}"#);
@@ -210,14 +182,11 @@ async fn read_events(response: reqwest::Response) -> Vec<(String, String, String
 /// terminal event; one that saw everything gets nothing more. A per-process cap answers 429.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_stream_every_transition_and_resume_after_last_event_id() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let gw = InProcessGateway::start(
-        settings(&nats.url(), &routes, &["--max-event-streams", "2"]),
-        true,
-    )
-    .await;
-    let id = id_of(submit(&gw.base, "/orders", "sse", None).await).await;
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES)
+        .flags(["--max-event-streams", "2"])
+        .start()
+        .await;
+    let id = submit_keyed(&gw.base, "/orders", "sse").accepted().await;
     let url = gw.url(&format!("/operations/{id}/events"));
 
     // First connection: read the `accepted` event, then drop the connection while pending.
@@ -250,7 +219,7 @@ async fn events_stream_every_transition_and_resume_after_last_event_id() {
         .send()
         .await
         .unwrap();
-    let _worker = TestWorker::start(&nats, worker_config(), "orders", echo()).await;
+    let _worker = TestWorker::start(&nats, worker_config(), "orders", echo().status(201)).await;
     let events = read_events(resumed).await;
     assert_eq!(
         events,
@@ -289,12 +258,12 @@ async fn events_stream_every_transition_and_resume_after_last_event_id() {
 /// sees the cancellation; after completion DELETE is a 409 that shows the outcome.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancellation_before_a_result_wins_and_after_it_is_refused() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
     let http = http();
 
-    let id = id_of(submit(&gw.base, "/orders", "c-queued", None).await).await;
+    let id = submit_keyed(&gw.base, "/orders", "c-queued")
+        .accepted()
+        .await;
     let op = gw.url(&format!("/operations/{id}"));
     let r = http.delete(&op).send().await.unwrap();
     assert_eq!(r.status(), 202);
@@ -317,14 +286,14 @@ async fn cancellation_before_a_result_wins_and_after_it_is_refused() {
             .ends_with("cancelled")
     );
 
-    let worker = TestWorker::start(&nats, worker_config(), "orders", echo()).await;
+    let worker = TestWorker::start(&nats, worker_config(), "orders", echo().status(201)).await;
     eventually(
         "the queued request is skipped",
         Duration::from_secs(10),
-        || async { (worker.stats.skipped.load(Ordering::Relaxed) == 1).then_some(()) },
+        || async { (worker.stats().skipped == 1).then_some(()) },
     )
     .await;
-    assert_eq!(worker.stats.replied.load(Ordering::Relaxed), 0);
+    assert_eq!(worker.stats().replied, 0);
     worker.stop().await;
 
     // A handler that is running when the cancellation lands observes it.
@@ -341,7 +310,9 @@ async fn cancellation_before_a_result_wins_and_after_it_is_refused() {
         }
     })
     .await;
-    let id = id_of(submit(&gw.base, "/orders", "c-running", None).await).await;
+    let id = submit_keyed(&gw.base, "/orders", "c-running")
+        .accepted()
+        .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let r = http
         .delete(gw.url(&format!("/operations/{id}")))
@@ -355,19 +326,18 @@ async fn cancellation_before_a_result_wins_and_after_it_is_refused() {
     eventually(
         "the late reply is dropped as cancelled",
         Duration::from_secs(10),
-        || async { (running.stats.cancelled.load(Ordering::Relaxed) == 1).then_some(()) },
+        || async { (running.stats().cancelled == 1).then_some(()) },
     )
     .await;
     running.stop().await;
 
     // After completion: 409 with the outcome.
-    let _w = TestWorker::start(&nats, worker_config(), "orders", echo()).await;
-    let r = submit(&gw.base, "/orders", "c-done", Some("wait=10")).await;
-    let id = r.headers()["location"]
-        .to_str()
-        .unwrap()
-        .trim_start_matches("/operations/")
-        .to_owned();
+    let _w = TestWorker::start(&nats, worker_config(), "orders", echo().status(201)).await;
+    let r = submit_keyed(&gw.base, "/orders", "c-done")
+        .header("prefer", "wait=10")
+        .send()
+        .await;
+    let id = location(&r).trim_start_matches("/operations/").to_owned();
     let r = http
         .delete(gw.url(&format!("/operations/{id}")))
         .send()
@@ -386,9 +356,9 @@ async fn cancellation_before_a_result_wins_and_after_it_is_refused() {
 async fn cancel_racing_completion_has_one_winner_seen_by_every_replica() {
     const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_gateway-under-test");
     let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let a = GatewayProcess::spawn(GATEWAY_BIN, &nats.url(), &routes, &[]).await;
-    let b = GatewayProcess::spawn(GATEWAY_BIN, &nats.url(), &routes, &[]).await;
+    let gateway = || TestGateway::builder(ROUTES).nats(&nats);
+    let a = gateway().spawn(GATEWAY_BIN).await;
+    let b = gateway().spawn(GATEWAY_BIN).await;
     // The worker takes 0-6 ms and the DELETE leaves 0-6 ms after the 202, so that both sides win
     // some races.
     let _worker = TestWorker::start(&nats, worker_config(), "slow", |r: Request| async move {
@@ -400,7 +370,9 @@ async fn cancel_racing_completion_has_one_winner_seen_by_every_replica() {
     let http = http();
     let (mut cancelled, mut completed) = (0, 0);
     for i in 0..200u64 {
-        let id = id_of(submit(&a.base, "/slow", &format!("race-{i}"), None).await).await;
+        let id = submit_keyed(&a.base, "/slow", &format!("race-{i}"))
+            .accepted()
+            .await;
         tokio::time::sleep(Duration::from_micros((i * 7 % 13) * 500)).await;
         let delete = http
             .delete(b.url(&format!("/operations/{id}")))
@@ -444,23 +416,27 @@ async fn cancel_racing_completion_has_one_winner_seen_by_every_replica() {
 /// the configured maximum; a route with no workers' consumer gets the default.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_follows_the_backlog_within_bounds() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let gw = InProcessGateway::start(
-        settings(&nats.url(), &routes, &["--retry-after-max-secs", "8"]),
-        true,
-    )
-    .await;
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES)
+        .flags(["--retry-after-max-secs", "8"])
+        .start()
+        .await;
     // One slow worker: about three completions a second.
     let config = handlers::WorkerConfig {
         max_in_flight: 1,
         ..worker_config()
     };
-    let _worker =
-        TestWorker::start(&nats, config, "backlog", slow(Duration::from_millis(300))).await;
+    let _worker = TestWorker::start(
+        &nats,
+        config,
+        "backlog",
+        echo().delay(Duration::from_millis(300)),
+    )
+    .await;
     let mut last = String::new();
     for i in 0..40 {
-        last = id_of(submit(&gw.base, "/backlog", &format!("b-{i}"), None).await).await;
+        last = submit_keyed(&gw.base, "/backlog", &format!("b-{i}"))
+            .accepted()
+            .await;
     }
     let retry_after = |r: &reqwest::Response| -> u64 {
         r.headers()["retry-after"]
@@ -473,11 +449,7 @@ async fn retry_after_follows_the_backlog_within_bounds() {
         "an estimate from the backlog",
         Duration::from_secs(15),
         || async {
-            let r = http()
-                .get(gw.url(&format!("/operations/{last}")))
-                .send()
-                .await
-                .unwrap();
+            let r = get_operation(&gw.base, &last).await;
             let s = retry_after(&r);
             (s > 1).then_some(s)
         },
@@ -489,7 +461,7 @@ async fn retry_after_follows_the_backlog_within_bounds() {
     );
 
     // No worker has ever consumed `orders`: the configured default.
-    let r = submit(&gw.base, "/orders", "b-default", None).await;
+    let r = submit_keyed(&gw.base, "/orders", "b-default").send().await;
     assert_eq!(retry_after(&r), 1);
 }
 
@@ -527,9 +499,7 @@ async fn next_event(
 /// the last progress id gets only newer reports, then the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn progress_reports_reach_the_status_long_polls_and_events() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
     let step = Arc::new(tokio::sync::Semaphore::new(0));
     let gate = step.clone();
     let _worker = TestWorker::start(&nats, worker_config(), "orders", move |r: Request| {
@@ -543,7 +513,9 @@ async fn progress_reports_reach_the_status_long_polls_and_events() {
         }
     })
     .await;
-    let id = id_of(submit(&gw.base, "/orders", "progress", None).await).await;
+    let id = submit_keyed(&gw.base, "/orders", "progress")
+        .accepted()
+        .await;
     let url = gw.url(&format!("/operations/{id}/events"));
 
     let mut events = http().get(&url).send().await.unwrap();
@@ -557,14 +529,7 @@ async fn progress_reports_reach_the_status_long_polls_and_events() {
     assert_eq!(data["status"], "pending");
     drop(events);
 
-    let status = json(
-        http()
-            .get(gw.url(&format!("/operations/{id}")))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let status = json(get_operation(&gw.base, &id).await).await;
     assert_eq!(status["progress"]["message"], "step 1");
 
     // A long poll on the status returns when the progress changes.

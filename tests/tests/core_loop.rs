@@ -17,23 +17,11 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_gateway-under-test");
 const HANGING_WORKER_BIN: &str = env!("CARGO_BIN_EXE_hanging-worker");
 
-fn quoted(key: &str) -> String {
-    format!("\"{key}\"")
-}
-
 async fn post_order(base: &str, key: &str, body: &str) -> reqwest::Response {
-    http()
-        .post(format!("{base}/orders"))
-        .header("content-type", "application/json")
-        .header("idempotency-key", quoted(key))
-        .body(body.to_owned())
+    submit(base, "/orders", key)
+        .json_body(body.to_owned())
         .send()
         .await
-        .expect("POST /orders")
-}
-
-fn location(r: &reqwest::Response) -> String {
-    r.headers()["location"].to_str().unwrap().to_owned()
 }
 
 /// The request message stored for a key on `orders`.
@@ -47,23 +35,12 @@ async fn stored_order(
         .unwrap()
 }
 
-fn echo_handler() -> impl handlers::Handler {
-    |r: Request| async move {
-        Ok(Response::json(
-            200,
-            &serde_json::json!({ "echo": String::from_utf8_lossy(&r.body) }),
-        ))
-    }
-}
-
 /// Happy path: 202 with the documented headers and body; the status resource exists at once and
 /// stays pending with no worker; the worker's reply is replayed byte for byte with its status code,
 /// content type and allow-listed headers; repeated reads are identical.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_is_accepted_polled_and_its_result_replayed() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(TEST_ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(TEST_ROUTES).start().await;
     let http = http();
 
     let r = http
@@ -167,13 +144,7 @@ async fn request_is_accepted_polled_and_its_result_replayed() {
     assert_eq!(status["status"], "succeeded");
     assert_eq!(status["result"]["status_code"], 201);
     assert_eq!(status["result"]["content_type"], "application/octet-stream");
-    assert_eq!(
-        worker
-            .stats
-            .replied
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    assert_eq!(worker.stats().replied, 1);
     assert_eq!(
         stream_messages(&nats.jetstream().await, DEFAULT_REQUESTS_STREAM).await,
         1
@@ -184,25 +155,22 @@ async fn request_is_accepted_polled_and_its_result_replayed() {
 /// passed, replays the same operation and writes no second message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_key_replays_after_completion_and_after_the_duplicate_window() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(TEST_ROUTES);
-    let gw = InProcessGateway::start(
-        settings(&nats.url(), &routes, &["--duplicate-window", "1s"]),
-        true,
-    )
-    .await;
+    let TestGateway { nats, gw } = TestGateway::builder(TEST_ROUTES)
+        .flags(["--duplicate-window", "1s"])
+        .start()
+        .await;
     let js = nats.jetstream().await;
     let stream = js.get_stream(DEFAULT_REQUESTS_STREAM).await.unwrap();
     assert_eq!(
         stream.cached_info().config.duplicate_window,
         Duration::from_secs(1)
     );
-    let _worker = TestWorker::start(&nats, worker_config(), "orders", echo_handler()).await;
+    let _worker = TestWorker::start(&nats, worker_config(), "orders", echo().json()).await;
 
     let first = post_order(&gw.base, "k-dup", "{}").await;
     assert_eq!(first.status(), 202);
     let loc = location(&first);
-    let id = json(first).await["id"].as_str().unwrap().to_owned();
+    let id = id_of(first).await;
     poll_until_terminal(&gw.base, &id, Duration::from_secs(10)).await;
 
     let again = post_order(&gw.base, "k-dup", "{}").await;
@@ -224,26 +192,15 @@ async fn same_key_replays_after_completion_and_after_the_duplicate_window() {
 /// stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_key_with_another_body_is_422_and_nothing_is_written() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(TEST_ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(TEST_ROUTES).start().await;
 
     let first = post_order(&gw.base, "k-422", r#"{"qty":1}"#).await;
-    assert_eq!(first.status(), 202);
-    let id = json(first).await["id"].as_str().unwrap().to_owned();
+    let id = id_of(first).await;
 
     let second = post_order(&gw.base, "k-422", r#"{"qty":2}"#).await;
-    assert_eq!(second.status(), 422);
-    assert_eq!(second.headers()["content-type"], "application/problem+json");
-    let problem = json(second).await;
+    let problem = assert_problem(second, 422, "idempotency-key-reused").await;
     assert_eq!(problem["status"], 422);
     assert_eq!(problem["operation_id"], id);
-    assert!(
-        problem["type"]
-            .as_str()
-            .unwrap()
-            .ends_with("idempotency-key-reused")
-    );
 
     assert_eq!(
         stream_messages(&nats.jetstream().await, DEFAULT_REQUESTS_STREAM).await,
@@ -258,9 +215,9 @@ async fn same_key_with_another_body_is_422_and_nothing_is_written() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_same_key_over_two_processes_writes_one_message() {
     let nats = Nats::start().await;
-    let routes = RoutesFile::new(TEST_ROUTES);
-    let a = GatewayProcess::spawn(GATEWAY_BIN, &nats.url(), &routes, &[]).await;
-    let b = GatewayProcess::spawn(GATEWAY_BIN, &nats.url(), &routes, &[]).await;
+    let gateway = || TestGateway::builder(TEST_ROUTES).nats(&nats);
+    let a = gateway().spawn(GATEWAY_BIN).await;
+    let b = gateway().spawn(GATEWAY_BIN).await;
 
     let requests = (0..50).map(|i| {
         let base = if i % 2 == 0 {
@@ -291,15 +248,13 @@ async fn concurrent_same_key_over_two_processes_writes_one_message() {
 /// gateway created: one message, same id, status not reset.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_between_publish_and_answer_converges_on_retry() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(TEST_ROUTES);
-    let mut doomed = GatewayProcess::spawn(
-        GATEWAY_BIN,
-        &nats.url(),
-        &routes,
-        &[("GATEWAY_FAULT_ABORT_AFTER_PUBLISH", "true")],
-    )
-    .await;
+    let TestGateway {
+        nats,
+        gw: mut doomed,
+    } = TestGateway::builder(TEST_ROUTES)
+        .env("GATEWAY_FAULT_ABORT_AFTER_PUBLISH", "true")
+        .spawn(GATEWAY_BIN)
+        .await;
     let attempt = http()
         .post(doomed.url("/orders"))
         .header("idempotency-key", "\"k-crash\"")
@@ -316,14 +271,14 @@ async fn crash_between_publish_and_answer_converges_on_retry() {
         .unwrap()
         .to_owned();
 
-    let survivor = GatewayProcess::spawn(GATEWAY_BIN, &nats.url(), &routes, &[]).await;
-    let retry = http()
-        .post(survivor.url("/orders"))
-        .header("idempotency-key", "\"k-crash\"")
+    let survivor = TestGateway::builder(TEST_ROUTES)
+        .nats(&nats)
+        .spawn(GATEWAY_BIN)
+        .await;
+    let retry = submit(&survivor.base, "/orders", "k-crash")
         .body("{}")
         .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(retry.status(), 202);
     assert_eq!(retry.headers()["idempotent-replayed"], "true");
     assert_eq!(location(&retry), format!("/operations/{stored_id}"));
@@ -338,9 +293,7 @@ async fn crash_between_publish_and_answer_converges_on_retry() {
 /// liveness does not. NATS back: the same retry succeeds, and there is one message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_outage_answers_503_and_the_retry_converges() {
-    let mut nats = Nats::start().await;
-    let routes = RoutesFile::new(TEST_ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { mut nats, gw } = TestGateway::builder(TEST_ROUTES).start().await;
     nats.kill().await;
 
     let r = post_order(&gw.base, "k-outage", r#"{"n":1}"#).await;
@@ -388,9 +341,7 @@ async fn nats_outage_answers_503_and_the_retry_converges() {
 /// thaws, the retry with the same key finds the stored request: a replay, one message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ack_timeout_answers_503_and_the_retry_finds_the_stored_request() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(TEST_ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(TEST_ROUTES).start().await;
 
     nats.pause();
     let r = post_order(&gw.base, "k-slow-ack", r#"{"n":2}"#).await;
@@ -430,9 +381,7 @@ async fn ack_timeout_answers_503_and_the_retry_finds_the_stored_request() {
 /// stream itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_result_wins_and_a_conflicting_one_is_counted() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(TEST_ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(TEST_ROUTES).start().await;
     let js = nats.jetstream().await;
 
     // The handler plays two workers racing on one request: a rival reply lands first.
@@ -458,23 +407,14 @@ async fn first_result_wins_and_a_conflicting_one_is_counted() {
     })
     .await;
     let r = post_order(&gw.base, "k-conflict", "{}").await;
-    let id = json(r).await["id"].as_str().unwrap().to_owned();
+    let id = id_of(r).await;
     poll_until_terminal(&gw.base, &id, Duration::from_secs(10)).await;
     eventually("conflict counted", Duration::from_secs(5), || async {
-        (worker
-            .stats
-            .conflicts
-            .load(std::sync::atomic::Ordering::Relaxed)
-            == 1)
-            .then_some(())
+        (worker.stats().conflicts == 1).then_some(())
     })
     .await;
 
-    let result = http()
-        .get(gw.url(&format!("/operations/{id}/result")))
-        .send()
-        .await
-        .unwrap();
+    let result = get_result(&gw.base, &id).await;
     assert_eq!(result.text().await.unwrap(), "first");
 
     let subject = Subjects::default().result(&id);
@@ -496,11 +436,7 @@ async fn first_result_wins_and_a_conflicting_one_is_counted() {
         "the results stream refuses a second message per subject"
     );
 
-    let result = http()
-        .get(gw.url(&format!("/operations/{id}/result")))
-        .send()
-        .await
-        .unwrap();
+    let result = get_result(&gw.base, &id).await;
     assert_eq!(result.status(), 200);
     assert_eq!(result.text().await.unwrap(), "first");
     assert_eq!(stream_messages(&js, DEFAULT_RESULTS_STREAM).await, 1);
@@ -511,9 +447,7 @@ async fn first_result_wins_and_a_conflicting_one_is_counted() {
 /// makes its retry safe.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejected_requests_get_problems_and_write_nothing() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(TEST_ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(TEST_ROUTES).start().await;
     let http = http();
     let too_big = vec![b'x'; 64 * 1024 + 1];
 
@@ -586,20 +520,8 @@ async fn rejected_requests_get_problems_and_write_nothing() {
         ),
     ];
     for (request, status, slug) in cases {
-        let r = request.send().await.unwrap();
-        let url = r.url().clone();
-        assert_eq!(r.status(), status, "{url}");
-        assert_eq!(
-            r.headers()["content-type"],
-            "application/problem+json",
-            "{url}"
-        );
-        let problem = json(r).await;
+        let problem = assert_problem(request.send().await.unwrap(), status, slug).await;
         assert_eq!(problem["status"], status);
-        assert!(
-            problem["type"].as_str().unwrap().ends_with(slug),
-            "{url}: {problem}"
-        );
         assert!(!problem["title"].as_str().unwrap().is_empty());
         assert!(!problem["detail"].as_str().unwrap().is_empty());
     }
@@ -670,9 +592,7 @@ async fn rejected_requests_get_problems_and_write_nothing() {
 /// another worker; exactly one result is stored, and polls never go from terminal back to pending.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_killed_before_replying_is_redelivered_and_answered_once() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(TEST_ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(TEST_ROUTES).start().await;
 
     let mut doomed = tokio::process::Command::new(HANGING_WORKER_BIN)
         .args([nats.url(), "orders".to_owned()])
@@ -681,7 +601,7 @@ async fn worker_killed_before_replying_is_redelivered_and_answered_once() {
         .spawn()
         .unwrap();
     let r = post_order(&gw.base, "k-worker-crash", r#"{"n":7}"#).await;
-    let id = json(r).await["id"].as_str().unwrap().to_owned();
+    let id = id_of(r).await;
     let mut lines = BufReader::new(doomed.stdout.take().unwrap()).lines();
     let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
         .await
@@ -693,49 +613,25 @@ async fn worker_killed_before_replying_is_redelivered_and_answered_once() {
 
     let mut statuses = Vec::new();
     for _ in 0..5 {
-        let s = json(
-            http()
-                .get(gw.url(&format!("/operations/{id}")))
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        let s = json(get_operation(&gw.base, &id).await).await;
         statuses.push(s["status"].as_str().unwrap().to_owned());
     }
     assert!(statuses.iter().all(|s| s == "pending"));
 
-    let survivor = TestWorker::start(&nats, worker_config(), "orders", echo_handler()).await;
+    let survivor = TestWorker::start(&nats, worker_config(), "orders", echo().json()).await;
     statuses.extend(poll_until_terminal(&gw.base, &id, Duration::from_secs(15)).await);
     for _ in 0..10 {
-        let s = json(
-            http()
-                .get(gw.url(&format!("/operations/{id}")))
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        let s = json(get_operation(&gw.base, &id).await).await;
         statuses.push(s["status"].as_str().unwrap().to_owned());
     }
     assert_monotonic(&statuses);
     assert_eq!(statuses.last().unwrap(), "succeeded");
-    assert_eq!(
-        survivor
-            .stats
-            .replied
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    assert_eq!(survivor.stats().replied, 1);
     assert_eq!(
         stream_messages(&nats.jetstream().await, DEFAULT_RESULTS_STREAM).await,
         1
     );
-    let body = http()
-        .get(gw.url(&format!("/operations/{id}/result")))
-        .send()
-        .await
-        .unwrap();
+    let body = get_result(&gw.base, &id).await;
     assert_eq!(json(body).await["echo"], r#"{"n":7}"#);
 }
 
@@ -744,19 +640,11 @@ async fn worker_killed_before_replying_is_redelivered_and_answered_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operation_without_result_before_timeout_expires_for_good() {
     let nats = Nats::start().await;
-    let routes = RoutesFile::new(TEST_ROUTES);
-    let a = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
-    let b = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let gateway = || TestGateway::builder(TEST_ROUTES).nats(&nats);
+    let (a, b) = (gateway().start().await, gateway().start().await);
     let http = http();
 
-    let r = http
-        .post(a.url("/jobs/build"))
-        .header("idempotency-key", "\"k-expire\"")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    let id = json(r).await["id"].as_str().unwrap().to_owned();
+    let id = submit(&a.base, "/jobs/build", "k-expire").accepted().await;
     let op = format!("/operations/{id}");
     assert_eq!(
         json(http.get(b.url(&op)).send().await.unwrap()).await["status"],
@@ -774,14 +662,7 @@ async fn operation_without_result_before_timeout_expires_for_good() {
         .send()
         .await
         .unwrap();
-    assert_eq!(result.status(), 504);
-    assert_eq!(result.headers()["content-type"], "application/problem+json");
-    assert!(
-        json(result).await["type"]
-            .as_str()
-            .unwrap()
-            .ends_with("expired")
-    );
+    assert_problem(result, 504, "expired").await;
 
     let js = nats.jetstream().await;
     let late = ResultRecord::reply(200, None, Bytes::from_static(b"too late"));
@@ -791,27 +672,14 @@ async fn operation_without_result_before_timeout_expires_for_good() {
         .unwrap();
     assert!(matches!(w, ResultWrite::Conflict { ref existing } if existing.status == 504));
 
-    let worker = TestWorker::start(&nats, worker_config(), "jobs", echo_handler()).await;
+    let worker = TestWorker::start(&nats, worker_config(), "jobs", echo().json()).await;
     eventually(
         "late worker skips the expired request",
         Duration::from_secs(10),
-        || async {
-            (worker
-                .stats
-                .skipped
-                .load(std::sync::atomic::Ordering::Relaxed)
-                == 1)
-                .then_some(())
-        },
+        || async { (worker.stats().skipped == 1).then_some(()) },
     )
     .await;
-    assert_eq!(
-        worker
-            .stats
-            .replied
-            .load(std::sync::atomic::Ordering::Relaxed),
-        0
-    );
+    assert_eq!(worker.stats().replied, 0);
     assert_eq!(
         json(http.get(a.url(&op)).send().await.unwrap()).await["status"],
         "expired"
@@ -822,9 +690,7 @@ async fn operation_without_result_before_timeout_expires_for_good() {
 /// stores nothing; the request is redelivered with back-off until a valid reply is stored, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_handlers_are_retried_until_a_valid_reply_is_stored() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(TEST_ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(TEST_ROUTES).start().await;
     let attempts = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let counter = attempts.clone();
     let worker = TestWorker::start(&nats, worker_config(), "orders", move |_r: Request| {
@@ -840,31 +706,15 @@ async fn failing_handlers_are_retried_until_a_valid_reply_is_stored() {
     })
     .await;
     let r = post_order(&gw.base, "k-flaky", "{}").await;
-    let id = json(r).await["id"].as_str().unwrap().to_owned();
+    let id = id_of(r).await;
     let statuses = poll_until_terminal(&gw.base, &id, Duration::from_secs(15)).await;
     assert_monotonic(&statuses);
     assert_eq!(statuses.last().unwrap(), "succeeded");
-    let result = http()
-        .get(gw.url(&format!("/operations/{id}/result")))
-        .send()
-        .await
-        .unwrap();
+    let result = get_result(&gw.base, &id).await;
     assert_eq!(result.text().await.unwrap(), "finally");
     assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 4);
-    assert_eq!(
-        worker
-            .stats
-            .handler_errors
-            .load(std::sync::atomic::Ordering::Relaxed),
-        3
-    );
-    assert_eq!(
-        worker
-            .stats
-            .replied
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    assert_eq!(worker.stats().handler_errors, 3);
+    assert_eq!(worker.stats().replied, 1);
     assert_eq!(
         stream_messages(&nats.jetstream().await, DEFAULT_RESULTS_STREAM).await,
         1
@@ -875,9 +725,7 @@ async fn failing_handlers_are_retried_until_a_valid_reply_is_stored() {
 /// key the gateway echoed finds the same operation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_with_outer_spaces_round_trips_exactly() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(TEST_ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats: _nats, gw } = TestGateway::builder(TEST_ROUTES).start().await;
     let first = post_order(&gw.base, " padded key ", "{}").await;
     assert_eq!(first.headers()["idempotency-key"], "\" padded key \"");
     let echoed = first.headers()["idempotency-key"]

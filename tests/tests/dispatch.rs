@@ -159,23 +159,12 @@ fn start_dispatcher(nats: &Nats, upstream: &str) -> CancellationToken {
 async fn wait_result(gw: &InProcessGateway, id: &str) -> reqwest::Response {
     let statuses = poll_until_terminal(&gw.base, id, Duration::from_secs(20)).await;
     assert_monotonic(&statuses);
-    http()
-        .get(gw.url(&format!("/operations/{id}/result")))
-        .send()
-        .await
-        .unwrap()
-}
-
-async fn id_of(r: reqwest::Response) -> String {
-    assert_eq!(r.status(), 202);
-    json(r).await["id"].as_str().unwrap().to_owned()
+    get_result(&gw.base, id).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dispatcher_calls_the_local_app_and_stores_its_answers() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
     let (app, upstream) = start_app().await;
     let _stop = start_dispatcher(&nats, &upstream);
     let http = http();

@@ -25,6 +25,16 @@ const WORKER_BIN: &str = env!("CARGO_BIN_EXE_fault-worker");
 
 const GATEWAY_LOG: (&str, &str) = ("RUST_LOG", "warn,gateway=info,tower_http=error");
 
+/// A gateway process of the suite on this NATS URL: the suite's routes and logging, and `env`.
+async fn fault_gateway(nats_url: &str, env: &[(&str, &str)]) -> GatewayProcess {
+    TestGateway::builder(FAULT_ROUTES)
+        .nats_url(nats_url)
+        .envs([GATEWAY_LOG])
+        .envs(env.iter().copied())
+        .spawn(GATEWAY_BIN)
+        .await
+}
+
 /// An in-process echo worker on `orders` that logs every handler execution.
 async fn echo_worker(nats: &Nats) -> (TestWorker, EffectLog) {
     let effects = EffectLog::memory();
@@ -49,10 +59,8 @@ fn ms(n: u64) -> Duration {
 async fn nats_server_killed_under_load() {
     let started = Instant::now();
     let mut nats = Nats::start().await;
-    let routes = RoutesFile::new(FAULT_ROUTES);
-    let env = [GATEWAY_LOG];
-    let g0 = GatewayProcess::spawn(GATEWAY_BIN, &nats.url(), &routes, &env).await;
-    let g1 = GatewayProcess::spawn(GATEWAY_BIN, &nats.url(), &routes, &env).await;
+    let g0 = fault_gateway(&nats.url(), &[]).await;
+    let g1 = fault_gateway(&nats.url(), &[]).await;
     let (worker, effects) = echo_worker(&nats).await;
     let run = Run::new(
         "nats-kill",
@@ -90,16 +98,16 @@ async fn nats_server_killed_under_load() {
 async fn gateway_killed_at_random_points() {
     let started = Instant::now();
     let nats = Nats::start().await;
-    let routes = RoutesFile::new(FAULT_ROUTES);
-    let env = [GATEWAY_LOG];
-    let hooked_env = [GATEWAY_LOG, ("GATEWAY_FAULT_ABORT_AFTER_PUBLISH", "true")];
-    let mut gateways = vec![
-        GatewayProcess::spawn(GATEWAY_BIN, &nats.url(), &routes, &env).await,
-        GatewayProcess::spawn(GATEWAY_BIN, &nats.url(), &routes, &env).await,
-    ];
-    let mut hooked = [false, false];
+    let mut gateways = Gateways {
+        nats_url: nats.url(),
+        processes: vec![
+            fault_gateway(&nats.url(), &[]).await,
+            fault_gateway(&nats.url(), &[]).await,
+        ],
+        hooked: vec![false, false],
+    };
     let (worker, effects) = echo_worker(&nats).await;
-    let bases: Vec<String> = gateways.iter().map(|g| g.base.clone()).collect();
+    let bases: Vec<String> = gateways.processes.iter().map(|g| g.base.clone()).collect();
     let run = Run::new(
         "gateway-kill",
         "gateway processes SIGKILLed at random points under load",
@@ -110,70 +118,38 @@ async fn gateway_killed_at_random_points() {
     while run.in_fault_phase() {
         run.pause(run.rand_between(ms(1000), ms(2500))).await;
         // A hooked gateway that aborted after a publish: a crash at the worst moment.
-        for i in 0..gateways.len() {
-            if hooked[i] && gateways[i].exited() {
-                run.fault(
-                    "gateway crash between the JetStream ack and the 202",
-                    format!("g{i}, the abort-after-publish hook"),
-                );
+        for i in 0..gateways.processes.len() {
+            if gateways.hooked[i] && gateways.processes[i].exited() {
+                Gateways::hook_fired(&run, i);
                 let hook = run.in_fault_phase() && run.chance(30);
-                let g = GatewayProcess::spawn(
-                    GATEWAY_BIN,
-                    &nats.url(),
-                    &routes,
-                    if hook { &hooked_env[..] } else { &env[..] },
-                )
-                .await;
-                run.endpoints.set(i, &g.base);
-                run.note(format!(
-                    "g{i} restarted{}",
-                    if hook { " with the hook" } else { "" }
-                ));
-                gateways[i] = g;
-                hooked[i] = hook;
+                gateways.respawn(&run, i, hook).await;
+                run.note(Gateways::restarted(i, hook));
             }
         }
         if !run.in_fault_phase() {
             break;
         }
-        let victim = run.rand_below(gateways.len());
-        gateways[victim].kill().await;
+        let victim = run.rand_below(gateways.processes.len());
+        gateways.processes[victim].kill().await;
         run.fault("kill -9 gateway", format!("g{victim}"));
         run.hold(run.rand_between(ms(200), ms(1500))).await;
         // At most one gateway carries the hook at a time.
-        let hook = !hooked[1 - victim] && run.chance(30);
-        let g = GatewayProcess::spawn(
-            GATEWAY_BIN,
-            &nats.url(),
-            &routes,
-            if hook { &hooked_env[..] } else { &env[..] },
-        )
-        .await;
-        run.endpoints.set(victim, &g.base);
-        run.note(format!(
-            "g{victim} restarted{}",
-            if hook { " with the hook" } else { "" }
-        ));
-        gateways[victim] = g;
-        hooked[victim] = hook;
+        let hook = !gateways.hooked[1 - victim] && run.chance(30);
+        gateways.respawn(&run, victim, hook).await;
+        run.note(Gateways::restarted(victim, hook));
     }
     run.end_faults(&load);
     let healed_at = Instant::now();
-    for i in 0..gateways.len() {
-        if hooked[i] {
-            if !gateways[i].exited() {
-                gateways[i].kill().await;
+    for i in 0..gateways.processes.len() {
+        if gateways.hooked[i] {
+            if !gateways.processes[i].exited() {
+                gateways.processes[i].kill().await;
                 run.note(format!("g{i} (hooked) stopped for healing"));
             } else {
-                run.fault(
-                    "gateway crash between the JetStream ack and the 202",
-                    format!("g{i}, the abort-after-publish hook"),
-                );
+                Gateways::hook_fired(&run, i);
             }
-            let g = GatewayProcess::spawn(GATEWAY_BIN, &nats.url(), &routes, &env).await;
-            run.endpoints.set(i, &g.base);
+            gateways.respawn(&run, i, false).await;
             run.note(format!("g{i} restarted without the hook"));
-            gateways[i] = g;
         }
     }
     let js = nats.jetstream().await;
@@ -181,6 +157,42 @@ async fn gateway_killed_at_random_points() {
     worker.stop().await;
     drop(gateways);
     report.assert_passed();
+}
+
+/// The gateway processes of [`gateway_killed_at_random_points`], and which of them carry the
+/// fault-injection hook that aborts the process between the JetStream ack and the answer.
+struct Gateways {
+    nats_url: String,
+    processes: Vec<GatewayProcess>,
+    hooked: Vec<bool>,
+}
+
+impl Gateways {
+    /// Starts gateway `i` again, with the hook or without, and tells the clients its new address.
+    async fn respawn(&mut self, run: &Run, i: usize, hook: bool) {
+        let env: &[(&str, &str)] = if hook {
+            &[("GATEWAY_FAULT_ABORT_AFTER_PUBLISH", "true")]
+        } else {
+            &[]
+        };
+        let g = fault_gateway(&self.nats_url, env).await;
+        run.endpoints.set(i, &g.base);
+        self.processes[i] = g;
+        self.hooked[i] = hook;
+    }
+
+    /// Records that gateway `i` was found aborted by its hook.
+    fn hook_fired(run: &Run, i: usize) {
+        run.fault(
+            "gateway crash between the JetStream ack and the 202",
+            format!("g{i}, the abort-after-publish hook"),
+        );
+    }
+
+    /// The nemesis note of a restart during the fault phase.
+    fn restarted(i: usize, hook: bool) -> String {
+        format!("g{i} restarted{}", if hook { " with the hook" } else { "" })
+    }
 }
 
 /// A 3-node cluster with R3 streams, two gateways (each listing a different node first) and two
@@ -191,11 +203,10 @@ async fn gateway_killed_at_random_points() {
 async fn cluster_node_killed_and_paused() {
     let started = Instant::now();
     let mut cluster = NatsCluster::start(3).await;
-    let routes = RoutesFile::new(FAULT_ROUTES);
-    let env = [GATEWAY_LOG, ("GATEWAY_STREAM_REPLICAS", "3")];
+    let env = [("GATEWAY_STREAM_REPLICAS", "3")];
     // One after the other: two gateways creating the same R3 streams at once time out for ~10 s.
-    let g0 = GatewayProcess::spawn(GATEWAY_BIN, &cluster.url_list_from(0), &routes, &env).await;
-    let g1 = GatewayProcess::spawn(GATEWAY_BIN, &cluster.url_list_from(1), &routes, &env).await;
+    let g0 = fault_gateway(&cluster.url_list_from(0), &env).await;
+    let g1 = fault_gateway(&cluster.url_list_from(1), &env).await;
     let effects = EffectLog::memory();
     let mut workers = Vec::new();
     for first in [2, 1] {
@@ -309,12 +320,11 @@ async fn proxy_stalls_and_drops_gateway_connections() {
     let started = Instant::now();
     let nats = Nats::start().await;
     let proxy = TcpProxy::to_nats(&nats.url()).await;
-    let routes = RoutesFile::new(FAULT_ROUTES);
     // Few permits: while NATS is stalled, requests pile up and the rest are shed at once with
     // `503 overloaded`, which promises that nothing was written.
-    let env = [GATEWAY_LOG, ("GATEWAY_MAX_IN_FLIGHT", "3")];
-    let g0 = GatewayProcess::spawn(GATEWAY_BIN, &proxy.nats_url(), &routes, &env).await;
-    let g1 = GatewayProcess::spawn(GATEWAY_BIN, &proxy.nats_url(), &routes, &env).await;
+    let env = [("GATEWAY_MAX_IN_FLIGHT", "3")];
+    let g0 = fault_gateway(&proxy.nats_url(), &env).await;
+    let g1 = fault_gateway(&proxy.nats_url(), &env).await;
     let (worker, effects) = echo_worker(&nats).await;
     let run = Run::new(
         "proxy",
@@ -403,10 +413,8 @@ impl WorkerProcess {
 async fn workers_killed_frozen_and_down_for_a_while() {
     let started = Instant::now();
     let nats = Nats::start().await;
-    let routes = RoutesFile::new(FAULT_ROUTES);
-    let env = [GATEWAY_LOG];
-    let g0 = GatewayProcess::spawn(GATEWAY_BIN, &nats.url(), &routes, &env).await;
-    let g1 = GatewayProcess::spawn(GATEWAY_BIN, &nats.url(), &routes, &env).await;
+    let g0 = fault_gateway(&nats.url(), &[]).await;
+    let g1 = fault_gateway(&nats.url(), &[]).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let log_path = dir.path().join("effects.jsonl");
     let effects = EffectLog::file(&log_path);
@@ -484,9 +492,7 @@ async fn the_checker_sees_a_lost_and_an_unexpected_request() {
     use gateway_tests::history::{
         Effect, History, Observed, StoredRequest, StoredResult, check, read_status,
     };
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(FAULT_ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(FAULT_ROUTES).start().await;
     let (worker, effects) = echo_worker(&nats).await;
     let (history, http) = (History::new(), fault_http());
     let endpoints = Endpoints::new(std::slice::from_ref(&gw.base));

@@ -13,18 +13,13 @@
 
 use std::time::Duration;
 
-use gateway_tests::{GatewayProcess, Nats, RoutesFile, TestWorker, http, venv_tool, worker_config};
-use handlers::{Request, Response};
+use gateway_tests::{TestGateway, TestWorker, echo, http, venv_tool, worker_config};
 
 const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_gateway-under-test");
 
 fn dev_routes() -> String {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../gateway/config/dev.toml");
     std::fs::read_to_string(path).expect("read the example routes")
-}
-
-fn echo() -> impl handlers::Handler {
-    |r: Request| async move { Ok(Response::text(200, String::from_utf8_lossy(&r.body))) }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -55,9 +50,7 @@ fn sha256_hex(key: &str) -> String {
 /// `/openapi.json` is what `gateway openapi` prints, and runs schemathesis (`extra`: its
 /// arguments, such as credentials).
 async fn conforms(routes_toml: &str, extra: &[&str]) {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(routes_toml);
-    let gw = GatewayProcess::spawn(GATEWAY_BIN, &nats.url(), &routes, &[]).await;
+    let TestGateway { nats, gw } = TestGateway::builder(routes_toml).spawn(GATEWAY_BIN).await;
     let _workers = [
         TestWorker::start(&nats, worker_config(), "orders", echo()).await,
         TestWorker::start(&nats, worker_config(), "reports", echo()).await,
@@ -68,7 +61,7 @@ async fn conforms(routes_toml: &str, extra: &[&str]) {
     let served = served.text().await.unwrap();
     let printed = std::process::Command::new(GATEWAY_BIN)
         .args(["openapi", "--config"])
-        .arg(&routes.path)
+        .arg(gw.routes_path())
         .output()
         .expect("run gateway openapi");
     assert!(printed.status.success());

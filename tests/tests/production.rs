@@ -7,12 +7,11 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use gateway_tests::{
-    GatewayProcess, Nats, RoutesFile, TestWorker, eventually, http, json, log_field,
+    Nats, TestGateway, TestWorker, echo, eventually, get_operation, http, id_of, json, log_field,
     poll_until_terminal, worker_config,
 };
 use handlers::contract::{DEFAULT_REQUESTS_STREAM, DEFAULT_RESULTS_STREAM, Subjects};
 use handlers::jetstream::last_matching;
-use handlers::{Request, Response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -34,25 +33,20 @@ timeout = "60s"
 retention = "10m"
 "#;
 
-fn echo() -> impl handlers::Handler {
-    |r: Request| async move { Ok(Response::text(200, String::from_utf8_lossy(&r.body))) }
-}
-
 /// SIGTERM: readiness turns false and new work gets `503 shutting-down` while an accept that was
 /// in flight still finishes with 202 after its JetStream ack; a long poll answers at once with
 /// what it has; then the process exits by itself, cleanly, well within the grace period.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_work_and_answers_waiters() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let env = [("GATEWAY_SHUTDOWN_GRACE", "15s")];
-    let mut gw = GatewayProcess::spawn(GATEWAY_BIN, &nats.url(), &routes, &env).await;
+    let TestGateway { nats, mut gw } = TestGateway::builder(ROUTES)
+        .env("GATEWAY_SHUTDOWN_GRACE", "15s")
+        .spawn(GATEWAY_BIN)
+        .await;
     let http = http();
 
     // A pending operation (no worker on `parked`) and a client long-polling its result.
     let accepted = http.post(gw.url("/parked")).body("x").send().await.unwrap();
-    assert_eq!(accepted.status(), 202);
-    let id = json(accepted).await["id"].as_str().unwrap().to_owned();
+    let id = id_of(accepted).await;
     let poll_url = gw.url(&format!("/operations/{id}/result?wait=30"));
     let long_poll = tokio::spawn({
         let http = http.clone();
@@ -129,9 +123,7 @@ async fn sigterm_drains_in_flight_work_and_answers_waiters() {
 /// results by status and waiters, with the names of `gateway::metrics`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_requests_replays_results_and_latency() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let gw = GatewayProcess::spawn(GATEWAY_BIN, &nats.url(), &routes, &[]).await;
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).spawn(GATEWAY_BIN).await;
     let _worker = TestWorker::start(&nats, worker_config(), "orders", echo()).await;
     let http = http();
     let submit = || {
@@ -241,7 +233,6 @@ async fn the_trace_crosses_the_async_hop_and_reads_link_back_to_it() {
         .map(|i| u8::from_str_radix(&TRACE[2 * i..2 * i + 2], 16).unwrap())
         .collect();
     let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
     let (collector, exports) = otlp_collector().await;
     let env = [
         ("GATEWAY_LOG_FORMAT", "json"),
@@ -250,7 +241,11 @@ async fn the_trace_crosses_the_async_hop_and_reads_link_back_to_it() {
         // The access line of each request is at DEBUG.
         ("RUST_LOG", "warn,gateway=debug"),
     ];
-    let gw = GatewayProcess::spawn(GATEWAY_BIN, &nats.url(), &routes, &env).await;
+    let gw = TestGateway::builder(ROUTES)
+        .nats(&nats)
+        .envs(env)
+        .spawn(GATEWAY_BIN)
+        .await;
     let _worker = TestWorker::start(&nats, worker_config(), "orders", echo()).await;
     let http = http();
 
@@ -262,8 +257,7 @@ async fn the_trace_crosses_the_async_hop_and_reads_link_back_to_it() {
         .send()
         .await
         .unwrap();
-    assert_eq!(accepted.status(), 202);
-    let id = json(accepted).await["id"].as_str().unwrap().to_owned();
+    let id = id_of(accepted).await;
     poll_until_terminal(&gw.base, &id, Duration::from_secs(20)).await;
 
     // The request message carries the trace, with the gateway's own span as the parent.
@@ -306,11 +300,7 @@ async fn the_trace_crosses_the_async_hop_and_reads_link_back_to_it() {
     .await;
     // A later read, in a new trace, links to the accepting span: a new export names the trace.
     let before = exports_naming(&exports, &trace_bytes);
-    let read = http
-        .get(gw.url(&format!("/operations/{id}")))
-        .send()
-        .await
-        .unwrap();
+    let read = get_operation(&gw.base, &id).await;
     assert_eq!(read.status(), 200);
     eventually("read span linked", Duration::from_secs(10), || async {
         (exports_naming(&exports, &trace_bytes) > before).then_some(())

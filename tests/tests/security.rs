@@ -5,11 +5,10 @@
 use std::time::Duration;
 
 use gateway_tests::{
-    InProcessGateway, Nats, RoutesFile, TestWorker, http, json, settings, stream_messages,
-    worker_config,
+    Nats, TestGateway, TestWorker, assert_problem, echo, get_operation, http, id_of, json,
+    stream_messages, worker_config,
 };
 use handlers::contract::DEFAULT_REQUESTS_STREAM;
-use handlers::{Request, Response};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -28,8 +27,8 @@ fn sha256_hex(key: &str) -> String {
     data_encoding::HEXLOWER.encode(&Sha256::digest(key.as_bytes()))
 }
 
-fn routes_with_auth() -> RoutesFile {
-    RoutesFile::new(&format!(
+fn routes_with_auth() -> String {
+    format!(
         r#"
 [[route]]
 name = "orders"
@@ -60,7 +59,7 @@ algorithms = ["EdDSA"]
         acme = sha256_hex(ACME_KEY),
         globex = sha256_hex(GLOBEX_KEY),
         jwks = fixture("jwks.json"),
-    ))
+    )
 }
 
 fn token(tenant: &str, audience: &str, expires_in: i64) -> String {
@@ -75,31 +74,12 @@ fn token(tenant: &str, audience: &str, expires_in: i64) -> String {
     jsonwebtoken::encode(&header, &claims, &EncodingKey::from_ed_pem(&pem).unwrap()).unwrap()
 }
 
-fn echo() -> impl handlers::Handler {
-    |r: Request| async move { Ok(Response::text(200, String::from_utf8_lossy(&r.body))) }
-}
-
-async fn assert_problem(response: reqwest::Response, status: u16, slug: &str) {
-    assert_eq!(response.status(), status);
-    assert_eq!(
-        response.headers()["content-type"],
-        "application/problem+json"
-    );
-    let body = json(response).await;
-    assert!(
-        body["type"].as_str().unwrap().ends_with(slug),
-        "{slug}: {body}"
-    );
-}
-
 /// Credentials map to tenants; a tenant's operations are invisible to others (404, as if they did
 /// not exist); the same key in two tenants makes two operations; anonymous callers use public
 /// routes only and see only anonymous operations.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_map_to_tenants_and_tenants_are_isolated() {
-    let nats = Nats::start().await;
-    let routes = routes_with_auth();
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(&routes_with_auth()).start().await;
     let _worker = TestWorker::start(&nats, worker_config(), "orders", echo()).await;
     let js = nats.jetstream().await;
     let http = http();
@@ -160,11 +140,9 @@ async fn credentials_map_to_tenants_and_tenants_are_isolated() {
 
     // The same key in two tenants: two operations.
     let acme = post(Some(ACME_KEY), None).await.unwrap();
-    assert_eq!(acme.status(), 202);
-    let acme_id = json(acme).await["id"].as_str().unwrap().to_owned();
+    let acme_id = id_of(acme).await;
     let globex = post(Some(GLOBEX_KEY), None).await.unwrap();
-    assert_eq!(globex.status(), 202);
-    let globex_id = json(globex).await["id"].as_str().unwrap().to_owned();
+    let globex_id = id_of(globex).await;
     assert_ne!(acme_id, globex_id);
     assert_eq!(stream_messages(&js, DEFAULT_REQUESTS_STREAM).await, 2);
     // A JWT for acme is acme: its retry with the key is a replay of acme's operation.
@@ -204,13 +182,8 @@ async fn credentials_map_to_tenants_and_tenants_are_isolated() {
 
     // Public route: anonymous works, and anonymous operations are only anonymous callers'.
     let ping = http.post(gw.url("/ping")).body("hi").send().await.unwrap();
-    assert_eq!(ping.status(), 202);
-    let ping_id = json(ping).await["id"].as_str().unwrap().to_owned();
-    let read = http
-        .get(gw.url(&format!("/operations/{ping_id}")))
-        .send()
-        .await
-        .unwrap();
+    let ping_id = id_of(ping).await;
+    let read = get_operation(&gw.base, &ping_id).await;
     assert_eq!(read.status(), 200);
     let by_acme = as_tenant(
         ACME_KEY,
@@ -220,11 +193,7 @@ async fn credentials_map_to_tenants_and_tenants_are_isolated() {
     .await
     .unwrap();
     assert_problem(by_acme, 404, "operation-not-found").await;
-    let anonymous_read_of_acme = http
-        .get(gw.url(&format!("/operations/{acme_id}")))
-        .send()
-        .await
-        .unwrap();
+    let anonymous_read_of_acme = get_operation(&gw.base, &acme_id).await;
     assert_problem(anonymous_read_of_acme, 404, "operation-not-found").await;
     // Health and the document need no credentials.
     for path in ["/livez", "/readyz", "/openapi.json"] {
@@ -237,10 +206,10 @@ async fn credentials_map_to_tenants_and_tenants_are_isolated() {
 /// another tenant is not slowed down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limits_are_per_tenant() {
-    let nats = Nats::start().await;
-    let routes = routes_with_auth();
-    let extra = ["--tenant-rate", "1", "--tenant-burst", "2"];
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &extra), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(&routes_with_auth())
+        .flags(["--tenant-rate", "1", "--tenant-burst", "2"])
+        .start()
+        .await;
     let js = nats.jetstream().await;
     let http = http();
     let post = |key: &'static str, n: usize| {
@@ -290,21 +259,12 @@ async fn read_all(stream: &mut TcpStream) -> String {
 /// at most `GATEWAY_MAX_CONNECTIONS` connections are served at once; nothing is published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_and_oversized_clients_are_cut_off() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let extra = [
-        "--header-read-timeout",
-        "1s",
-        "--body-read-timeout",
-        "1s",
-        "--max-headers",
-        "20",
-        "--max-header-bytes",
-        "8192",
-        "--max-connections",
-        "2",
-    ];
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &extra), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES)
+        .flags(["--header-read-timeout", "1s", "--body-read-timeout", "1s"])
+        .flags(["--max-headers", "20", "--max-header-bytes", "8192"])
+        .flags(["--max-connections", "2"])
+        .start()
+        .await;
     let addr = gw.base.trim_start_matches("http://").to_owned();
     let js = nats.jetstream().await;
 
@@ -377,9 +337,12 @@ async fn slow_and_oversized_clients_are_cut_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callbacks_cannot_reach_private_addresses() {
     let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
     let extra = ["--callback-allow", "http://", "--webhook-secret", "s3cret"];
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &extra), true).await;
+    let gw = TestGateway::builder(ROUTES)
+        .nats(&nats)
+        .flags(extra)
+        .start()
+        .await;
     let js = nats.jetstream().await;
     let http = http();
     for url in [
@@ -414,7 +377,11 @@ async fn callbacks_cannot_reach_private_addresses() {
         "s3cret",
         "--callback-allow-private",
     ];
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &extra), true).await;
+    let gw = TestGateway::builder(ROUTES)
+        .nats(&nats)
+        .flags(extra)
+        .start()
+        .await;
     let r = http
         .post(gw.url("/orders"))
         .header("callback-url", "http://127.0.0.1:9/hook")

@@ -47,7 +47,8 @@ async fn counting_worker(nats: &Nats, runs: Arc<AtomicU32>) -> TestWorker {
 
 /// Deliveries a worker finished: replied (committed or re-published) or skipped (already answered).
 fn handled(worker: &TestWorker) -> u64 {
-    worker.stats.replied.load(Ordering::Relaxed) + worker.stats.skipped.load(Ordering::Relaxed)
+    let stats = worker.stats();
+    stats.replied + stats.skipped
 }
 
 async fn counter(nats: &Nats) -> u64 {
@@ -59,23 +60,9 @@ async fn counter(nats: &Nats) -> u64 {
     serde_json::from_slice(&m.payload).unwrap()
 }
 
-async fn submit(base: &str, key: &str) -> String {
-    let r = http()
-        .post(format!("{base}/count"))
-        .header("idempotency-key", format!("\"{key}\""))
-        .send()
-        .await
-        .unwrap();
-    json(r).await["id"].as_str().unwrap().to_owned()
-}
-
 async fn reply_value(gw: &InProcessGateway, id: &str) -> u64 {
     poll_until_terminal(&gw.base, id, Duration::from_secs(30)).await;
-    let r = http()
-        .get(gw.url(&format!("/operations/{id}/result")))
-        .send()
-        .await
-        .unwrap();
+    let r = get_result(&gw.base, id).await;
     json(r).await["counter"].as_u64().unwrap()
 }
 
@@ -83,15 +70,17 @@ async fn reply_value(gw: &InProcessGateway, id: &str) -> u64 {
 /// computed from the state its operation committed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_operation_changes_state_once_and_replies_with_what_it_committed() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
     let runs = Arc::new(AtomicU32::new(0));
     let _a = counting_worker(&nats, runs.clone()).await;
     let _b = counting_worker(&nats, runs.clone()).await;
     let mut ids = Vec::new();
     for i in 0..20 {
-        ids.push(submit(&gw.base, &format!("c-{i}")).await);
+        ids.push(
+            submit(&gw.base, "/count", &format!("c-{i}"))
+                .accepted()
+                .await,
+        );
     }
     let mut replies = Vec::new();
     for id in &ids {
@@ -116,14 +105,12 @@ async fn every_operation_changes_state_once_and_replies_with_what_it_committed()
 /// copies of a fresh operation commit once. The counter moves once per operation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicates_never_commit_twice() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
     let runs = Arc::new(AtomicU32::new(0));
     let worker_a = counting_worker(&nats, runs.clone()).await;
     let worker_b = counting_worker(&nats, runs.clone()).await;
 
-    let first = submit(&gw.base, "d-1").await;
+    let first = submit(&gw.base, "/count", "d-1").accepted().await;
     assert_eq!(reply_value(&gw, &first).await, 1);
     let runs_before = runs.load(Ordering::SeqCst);
     duplicate_request(&nats, "count", &first, "copy-of-d1").await;
@@ -144,7 +131,7 @@ async fn duplicates_never_commit_twice() {
     assert_eq!(counter(&nats).await, 1);
 
     // A fresh operation, published three times at once to two workers.
-    let second = submit(&gw.base, "d-2").await;
+    let second = submit(&gw.base, "/count", "d-2").accepted().await;
     duplicate_request(&nats, "count", &second, "copy-a-of-d2").await;
     duplicate_request(&nats, "count", &second, "copy-b-of-d2").await;
     assert_eq!(reply_value(&gw, &second).await, 2);
@@ -192,8 +179,7 @@ async fn duplicates_never_commit_twice() {
         2,
         "one outgoing message per operation"
     );
-    let conflicts = worker_a.stats.conflicts.load(Ordering::Relaxed)
-        + worker_b.stats.conflicts.load(Ordering::Relaxed);
+    let conflicts = worker_a.stats().conflicts + worker_b.stats().conflicts;
     assert_eq!(
         conflicts, 0,
         "every copy re-published the same committed reply"

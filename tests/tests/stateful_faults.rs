@@ -70,9 +70,7 @@ fn supervise(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashes_duplicates_and_stalls_never_break_exactly_once_processing() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
     let stop = CancellationToken::new();
     let restarts = Arc::new(AtomicU32::new(0));
     let supervisor = supervise(nats.url(), 3, stop.clone(), restarts.clone());
@@ -88,8 +86,7 @@ async fn crashes_duplicates_and_stalls_never_break_exactly_once_processing() {
                     .send()
                     .await
                     .unwrap();
-                assert_eq!(r.status(), 202);
-                json(r).await["id"].as_str().unwrap().to_owned()
+                id_of(r).await
             }
         })
         .buffered(32)

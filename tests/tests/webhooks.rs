@@ -51,43 +51,27 @@ async fn receive(State(r): State<Receiver>, headers: HeaderMap, body: String) ->
     StatusCode::from_u16(status).unwrap()
 }
 
-fn webhook_settings(
-    nats: &Nats,
-    routes: &RoutesFile,
-    receiver: &str,
-    attempts: &str,
-) -> gateway::config::Settings {
-    let allow = format!("{receiver}/");
-    settings(
-        &nats.url(),
-        routes,
-        &[
-            "--callback-allow",
-            &allow,
-            // The receiver is on loopback.
-            "--callback-allow-private",
-            "--webhook-secret",
-            SECRET,
-            "--webhook-attempts",
-            attempts,
-            "--webhook-backoff",
-            "300ms",
-        ],
-    )
+/// A gateway that may call `receiver` back, with this many attempts per webhook.
+fn webhook_gateway(receiver: &str, attempts: &str) -> GatewayBuilder {
+    TestGateway::builder(ROUTES)
+        .flag("--callback-allow")
+        .flag(format!("{receiver}/"))
+        // The receiver is on loopback.
+        .flag("--callback-allow-private")
+        .flags(["--webhook-secret", SECRET, "--webhook-attempts", attempts])
+        .flags(["--webhook-backoff", "300ms"])
 }
 
 async fn submit_with_callback(base: &str, key: &str, callback: &str) -> reqwest::Response {
-    http()
-        .post(format!("{base}/orders"))
-        .header("idempotency-key", format!("\"{key}\""))
+    submit(base, "/orders", key)
         .header("callback-url", callback)
         .body("{}")
         .send()
         .await
-        .unwrap()
 }
 
-fn echo() -> impl handlers::Handler {
+/// The worker: 201 with a fixed body (the webhook tests look at the status only).
+fn made() -> impl handlers::Handler {
     |_r: Request| async move { Ok(Response::text(201, "made")) }
 }
 
@@ -110,29 +94,19 @@ fn verified_id(headers: &HeaderMap, body: &str) -> String {
 }
 
 async fn operation(gw: &InProcessGateway, id: &str) -> serde_json::Value {
-    json(
-        http()
-            .get(gw.url(&format!("/operations/{id}")))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await
+    json(get_operation(&gw.base, id).await).await
 }
 
 /// The receiver fails once, then accepts: two deliveries with the same webhook-id and valid
 /// signatures; the status resource shows `delivered` after 2 attempts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_is_signed_retried_and_its_state_shown() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
     let (receiver, base) = Receiver::start(&[500]).await;
-    let gw = InProcessGateway::start(webhook_settings(&nats, &routes, &base, "5"), true).await;
-    let _worker = TestWorker::start(&nats, worker_config(), "orders", echo()).await;
+    let TestGateway { nats, gw } = webhook_gateway(&base, "5").start().await;
+    let _worker = TestWorker::start(&nats, worker_config(), "orders", made()).await;
 
     let r = submit_with_callback(&gw.base, "hook-1", &format!("{base}/hook")).await;
-    assert_eq!(r.status(), 202);
-    let id = json(r).await["id"].as_str().unwrap().to_owned();
+    let id = id_of(r).await;
     let delivered = eventually("delivered", Duration::from_secs(20), || async {
         let op = operation(&gw, &id).await;
         (op["callback"]["state"] == "delivered").then_some(op)
@@ -156,10 +130,8 @@ async fn webhook_is_signed_retried_and_its_state_shown() {
 /// A Callback-Url outside the allow-list (or not http) is a 400 problem and writes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callback_urls_outside_the_allow_list_are_refused() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
     let (_receiver, base) = Receiver::start(&[]).await;
-    let gw = InProcessGateway::start(webhook_settings(&nats, &routes, &base, "5"), true).await;
+    let TestGateway { nats, gw } = webhook_gateway(&base, "5").start().await;
     for bad in [
         "http://169.254.169.254/latest",
         "ftp://127.0.0.1/x",
@@ -183,20 +155,18 @@ async fn callback_urls_outside_the_allow_list_are_refused() {
 /// delivers the webhook (the durable consumer kept it), with the same webhook-id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_is_delivered_after_a_gateway_restart() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
     let (receiver, base) = Receiver::start(&[503, 503, 503, 503, 503, 503, 503, 503]).await;
-    let first = InProcessGateway::start(webhook_settings(&nats, &routes, &base, "20"), true).await;
-    let _worker = TestWorker::start(&nats, worker_config(), "orders", echo()).await;
+    let TestGateway { nats, gw: first } = webhook_gateway(&base, "20").start().await;
+    let _worker = TestWorker::start(&nats, worker_config(), "orders", made()).await;
     let r = submit_with_callback(&first.base, "hook-restart", &format!("{base}/hook")).await;
-    let id = json(r).await["id"].as_str().unwrap().to_owned();
+    let id = id_of(r).await;
     eventually("a failed attempt", Duration::from_secs(20), || async {
         (!receiver.received().is_empty()).then_some(())
     })
     .await;
     first.stop().await;
     receiver.set(&[]);
-    let second = InProcessGateway::start(webhook_settings(&nats, &routes, &base, "20"), true).await;
+    let second = webhook_gateway(&base, "20").nats(&nats).start().await;
     let op = eventually(
         "delivered by the new gateway",
         Duration::from_secs(60),
@@ -216,13 +186,11 @@ async fn webhook_is_delivered_after_a_gateway_restart() {
 /// `gw.dlq.webhook.<id>`, and the status resource shows `failed`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undeliverable_webhook_is_dead_lettered() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
     let (receiver, base) = Receiver::start(&[500, 500, 500]).await;
-    let gw = InProcessGateway::start(webhook_settings(&nats, &routes, &base, "2"), true).await;
-    let _worker = TestWorker::start(&nats, worker_config(), "orders", echo()).await;
+    let TestGateway { nats, gw } = webhook_gateway(&base, "2").start().await;
+    let _worker = TestWorker::start(&nats, worker_config(), "orders", made()).await;
     let r = submit_with_callback(&gw.base, "hook-dlq", &format!("{base}/hook")).await;
-    let id = json(r).await["id"].as_str().unwrap().to_owned();
+    let id = id_of(r).await;
     let op = eventually("failed", Duration::from_secs(20), || async {
         let op = operation(&gw, &id).await;
         (op["callback"]["state"] == "failed").then_some(op)

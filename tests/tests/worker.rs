@@ -11,18 +11,6 @@ use handlers::{Permanent, Request, Response, WorkerConfig};
 
 const ROUTES: &str = "[[route]]\nname = \"jobs\"\nmethod = \"POST\"\npath = \"/jobs\"\n";
 
-async fn submit(base: &str, key: &str) -> String {
-    let r = http()
-        .post(format!("{base}/jobs"))
-        .header("idempotency-key", format!("\"{key}\""))
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    json(r).await["id"].as_str().unwrap().to_owned()
-}
-
 fn counting(calls: &Arc<AtomicU32>) -> Arc<AtomicU32> {
     calls.clone()
 }
@@ -31,9 +19,7 @@ fn counting(calls: &Arc<AtomicU32>) -> Arc<AtomicU32> {
 /// the last error, never left pending.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_that_always_fails_ends_failed_after_the_last_delivery() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
     let calls = Arc::new(AtomicU32::new(0));
     let seen = counting(&calls);
     let config = WorkerConfig {
@@ -45,16 +31,15 @@ async fn a_handler_that_always_fails_ends_failed_after_the_last_delivery() {
         async move { Err::<Response, _>("the database is down".into()) }
     })
     .await;
-    let id = submit(&gw.base, "always-fails").await;
+    let id = submit(&gw.base, "/jobs", "always-fails")
+        .body("{}")
+        .accepted()
+        .await;
     let statuses = poll_until_terminal(&gw.base, &id, Duration::from_secs(15)).await;
     assert_monotonic(&statuses);
     assert_eq!(statuses.last().unwrap(), "failed");
     assert_eq!(calls.load(Ordering::SeqCst), 3, "one call per delivery");
-    let result = http()
-        .get(gw.url(&format!("/operations/{id}/result")))
-        .send()
-        .await
-        .unwrap();
+    let result = get_result(&gw.base, &id).await;
     assert_eq!(result.status(), 500);
     assert_eq!(result.headers()["content-type"], "application/problem+json");
     let problem = json(result).await;
@@ -70,15 +55,13 @@ async fn a_handler_that_always_fails_ends_failed_after_the_last_delivery() {
             .unwrap()
             .contains("the database is down")
     );
-    assert_eq!(worker.stats.failed.load(Ordering::Relaxed), 1);
+    assert_eq!(worker.stats().failed, 1);
 }
 
 /// A permanent failure ends the operation at once with the handler's problem; no retry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_permanent_failure_ends_the_operation_at_once() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
     let calls = Arc::new(AtomicU32::new(0));
     let seen = counting(&calls);
     let _worker = TestWorker::start(&nats, worker_config(), "jobs", move |_r: Request| {
@@ -88,14 +71,13 @@ async fn a_permanent_failure_ends_the_operation_at_once() {
         }
     })
     .await;
-    let id = submit(&gw.base, "permanent").await;
+    let id = submit(&gw.base, "/jobs", "permanent")
+        .body("{}")
+        .accepted()
+        .await;
     let statuses = poll_until_terminal(&gw.base, &id, Duration::from_secs(10)).await;
     assert_eq!(statuses.last().unwrap(), "failed");
-    let result = http()
-        .get(gw.url(&format!("/operations/{id}/result")))
-        .send()
-        .await
-        .unwrap();
+    let result = get_result(&gw.base, &id).await;
     assert_eq!(result.status(), 422);
     let problem = json(result).await;
     assert_eq!(problem["title"], "Unknown customer");
@@ -112,9 +94,7 @@ async fn a_permanent_failure_ends_the_operation_at_once() {
 /// for work: the lease is kept alive, so the handler runs once and nothing is redelivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_handler_keeps_its_lease() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
-    let gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
     let calls = Arc::new(AtomicU32::new(0));
     let mut workers = Vec::new();
     for _ in 0..2 {
@@ -130,7 +110,10 @@ async fn a_long_handler_keeps_its_lease() {
             .await,
         );
     }
-    let id = submit(&gw.base, "long").await;
+    let id = submit(&gw.base, "/jobs", "long")
+        .body("{}")
+        .accepted()
+        .await;
     let statuses = poll_until_terminal(&gw.base, &id, Duration::from_secs(20)).await;
     assert_eq!(statuses.last().unwrap(), "succeeded");
     assert_eq!(

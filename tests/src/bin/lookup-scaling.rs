@@ -15,9 +15,7 @@ use std::time::{Duration, Instant};
 
 #[tokio::main]
 async fn main() {
-    let nats = Nats::start().await;
-    let routes = RoutesFile::new(TEST_ROUTES);
-    let _gw = InProcessGateway::start(settings(&nats.url(), &routes, &[]), true).await;
+    let TestGateway { nats, gw: _gw } = TestGateway::builder(TEST_ROUTES).start().await;
     let js = nats.jetstream().await;
     let client = nats.client().await;
     let s = Subjects::default();

@@ -32,7 +32,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use futures::StreamExt;
 use gateway::config::{ByteSize, RouteConfig};
-use gateway_tests::{GatewayProcess, Nats, RoutesFile, TestWorker, worker_config};
+use gateway_tests::{GatewayProcess, Nats, TestGateway, TestWorker, worker_config};
 use handlers::contract::{DEFAULT_REQUESTS_STREAM, Subjects};
 use handlers::{Request, Response};
 
@@ -130,15 +130,19 @@ async fn main() -> anyhow::Result<()> {
     let d = Duration::from_secs(o.seconds);
     let c = o.concurrency;
     let nats = Nats::start().await;
-    let routes = RoutesFile::new(ROUTES);
     let env: Vec<(&str, &str)> = o
         .gateway_threads
         .as_deref()
         .map(|t| ("GATEWAY_WORKER_THREADS", t))
         .into_iter()
         .collect();
-    let gw_a = GatewayProcess::spawn(&o.gateway_bin, &nats.url(), &routes, &env).await;
-    let gw_b = GatewayProcess::spawn(&o.gateway_bin, &nats.url(), &routes, &env).await;
+    let gateway = || {
+        TestGateway::builder(ROUTES)
+            .nats(&nats)
+            .envs(env.iter().copied())
+    };
+    let gw_a = gateway().spawn(&o.gateway_bin).await;
+    let gw_b = gateway().spawn(&o.gateway_bin).await;
     let (a, b) = (gw_a.addr(), gw_b.addr());
     let pid = gw_a.pid().context("gateway pid")?;
     let _worker = TestWorker::start(&nats, worker_config(), "e2e", |r: Request| async move {
