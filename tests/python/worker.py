@@ -1,5 +1,5 @@
 """A gateway worker in Python with nothing but the plain NATS client (nats-py), following the wire
-contract in README.md ("Wire contract"). The any-language test runs it; it is also the smallest
+contract in docs/wire-contract.md. The any-language test runs it; it is also the smallest
 complete example of a worker outside Rust.
 
 Usage: python worker.py <nats-url> <route>

@@ -410,7 +410,7 @@ fn classify_submit(
                 },
             }
         }
-        // Every client error is refused before anything is published (README, "Problems").
+        // Every client error is refused before anything is published (docs/http-api.md, "Problems").
         400..=499 => Outcome::Fail {
             http,
             problem: problem_slug(body),

@@ -8,7 +8,8 @@ use crate::nats::Nats;
 /// delivered again, as a producer duplicate (or a re-drive) would be.
 pub async fn duplicate_request(nats: &Nats, route: &str, operation_id: &str, copy: &str) {
     use handlers::contract::{DEFAULT_REQUESTS_STREAM, Subjects};
-    let token = gateway::operations::idempotency::key_token_of(operation_id).expect("gateway-made id");
+    let token =
+        gateway::operations::idempotency::key_token_of(operation_id).expect("gateway-made id");
     let original = handlers::jetstream::last_matching(
         &nats.client().await,
         DEFAULT_REQUESTS_STREAM,

@@ -1,5 +1,5 @@
 //! A worker that is not the Rust library: `tests/python/worker.py`, written with the plain NATS
-//! client nats-py from README's wire contract alone, answers gateway requests end to end.
+//! client nats-py from the wire contract (docs/wire-contract.md) alone, answers gateway requests end to end.
 
 use std::time::Duration;
 

@@ -1,5 +1,5 @@
-//! The benchmark's outputs: `results.json` (every number), `results.md` (the tables README shows)
-//! and `bench.svg` (latency percentiles and throughput, drawn with plotters).
+//! The benchmark's outputs: `results.json` (every number), `results.md` (the tables
+//! docs/benchmark.md shows) and `bench.svg` (latency percentiles and throughput, drawn with plotters).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
