@@ -27,6 +27,9 @@ pub use crate::progress::Progress;
 pub const DEFAULT_PREFIX: &str = "gw";
 /// Default name of the stream holding accepted requests.
 pub const DEFAULT_REQUESTS_STREAM: &str = "GW_REQUESTS";
+/// Default first part of a route's worker consumer name, `<prefix>-<route>`: the gateway reads
+/// that consumer's backlog for `Retry-After`, so both sides must agree on it.
+pub const DEFAULT_CONSUMER_PREFIX: &str = "worker";
 /// Default name of the stream holding terminal records (results).
 pub const DEFAULT_RESULTS_STREAM: &str = "GW_RESULTS";
 

@@ -60,7 +60,7 @@ impl Default for WorkerConfig {
             subjects: Subjects::default(),
             requests_stream: crate::contract::DEFAULT_REQUESTS_STREAM.to_owned(),
             results_stream: crate::contract::DEFAULT_RESULTS_STREAM.to_owned(),
-            consumer_prefix: "worker".to_owned(),
+            consumer_prefix: crate::contract::DEFAULT_CONSUMER_PREFIX.to_owned(),
             ack_wait: Duration::from_secs(30),
             max_deliver: 10,
             max_in_flight: 16,

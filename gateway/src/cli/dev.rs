@@ -34,6 +34,16 @@ pub enum NatsProcessError {
     },
     #[error("nats-server did not start listening within 10s (see {log})")]
     NotListening { log: PathBuf },
+    #[error("nats-server exited ({status}) before listening: {last_line} (see {log})")]
+    Exited {
+        status: std::process::ExitStatus,
+        last_line: String,
+        log: PathBuf,
+    },
+    #[error(
+        "port {port} on 127.0.0.1 is taken (another `scripts/dev`?); stop it or pick another port"
+    )]
+    PortTaken { port: u16 },
     #[error("cannot prepare {path}: {source}")]
     Io {
         path: PathBuf,
@@ -54,6 +64,14 @@ impl NatsProcess {
             let path = path.to_owned();
             move |source| NatsProcessError::Io { path, source }
         };
+        // A server already on the port may be using this store: touch nothing of it.
+        if let Some(port) = port
+            && tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        {
+            return Err(NatsProcessError::PortTaken { port });
+        }
         std::fs::create_dir_all(store_dir).map_err(io(store_dir))?;
         let ports_dir = store_dir.join("ports");
         // A stale ports file from an earlier run would name the wrong port.
@@ -73,8 +91,11 @@ impl NatsProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            // Its own process group: a Ctrl-C in the terminal reaches the gateway, which drains
+            // and then stops the server, instead of reaching the server first.
+            .process_group(0)
             .kill_on_drop(true);
-        let child = command.spawn().map_err(|source| NatsProcessError::Spawn {
+        let mut child = command.spawn().map_err(|source| NatsProcessError::Spawn {
             bin: bin.to_owned(),
             source,
         })?;
@@ -86,6 +107,17 @@ impl NatsProcess {
                     .is_ok()
             {
                 return Ok(Self { child, port });
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let last_line = std::fs::read_to_string(&log)
+                    .ok()
+                    .and_then(|text| text.lines().last().map(str::to_owned))
+                    .unwrap_or_default();
+                return Err(NatsProcessError::Exited {
+                    status,
+                    last_line,
+                    log,
+                });
             }
             if tokio::time::Instant::now() > deadline {
                 return Err(NatsProcessError::NotListening { log });
@@ -179,7 +211,11 @@ async fn run_example_worker(settings: Settings, stop: CancellationToken) {
             return;
         }
     };
-    let config = settings.jetstream.nats.worker_config("example");
+    // The routes' default consumers, the ones whose backlog the gateway reads for `Retry-After`.
+    let config = settings
+        .jetstream
+        .nats
+        .worker_config(handlers::contract::DEFAULT_CONSUMER_PREFIX);
     let js = async_nats::jetstream::new(client);
     // The gateway provisions the streams; until it has, starting fails and is retried.
     while !stop.is_cancelled() {

@@ -41,7 +41,7 @@ pub struct DispatchArgs {
     #[arg(
         long,
         env = "GATEWAY_DISPATCH_CONSUMER_PREFIX",
-        default_value = "worker"
+        default_value = handlers::contract::DEFAULT_CONSUMER_PREFIX
     )]
     pub consumer_prefix: String,
     /// Upstream calls in flight at once, per route.

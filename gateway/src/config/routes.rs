@@ -235,9 +235,10 @@ fn validate_path(path: &str) -> Result<(), &'static str> {
 impl RouteConfig {
     /// The workers' consumer of this route.
     pub fn consumer_name(&self) -> String {
-        self.consumer
-            .clone()
-            .unwrap_or_else(|| format!("worker-{}", self.name))
+        self.consumer.clone().unwrap_or_else(|| {
+            let prefix = handlers::contract::DEFAULT_CONSUMER_PREFIX;
+            format!("{prefix}-{}", self.name)
+        })
     }
 
     /// The method as an `http` type; valid after `validate_routes`.
