@@ -1,0 +1,779 @@
+//! A model of the gateway's protocol for one operation, checked exhaustively by
+//! [stateright](https://docs.rs/stateright): every interleaving of a client, two gateway
+//! replicas, two workers, the JetStream consumer, the streams and a clock, with crashes at every
+//! step, within small bounds.
+//!
+//! The style is a shared-store model, as in TLA+ specifications of such protocols: each JetStream
+//! call (a create-if-absent publish, a direct get, an atomic batch, an ack) is one atomic action,
+//! and a process's local work between two calls folds into the next call. JetStream is
+//! linearizable per stream here (R1, or the stream leader); what a replicated stream adds (lagging
+//! followers) is the fault suite's business, not the model's.
+//!
+//! [`Variant::Arbiter`] is the protocol the code is to follow: on stateful routes the worker's
+//! processed marker (`<prefix>.done.<op>`) is the one place that decides an operation's outcome.
+//! The commit (state plus an outbox marker, one atomic batch) and every tombstone (`cancelled`,
+//! `expired`, `failed`) are create-if-absent writes there, and the result in `GW_RESULTS` is only
+//! ever a projection of the marker that won. Deliveries past the attempt budget only finalize, and
+//! the consumer's MAX_DELIVERIES advisory, kept in a stream, is a backstop finalizer.
+//! [`Variant::AsWritten`] is the code as it stood before (every decider writes `GW_RESULTS`
+//! directly); the checker finds its inconsistencies. The other variants each break one rule on
+//! purpose, so that every property is shown able to fail.
+//!
+//! What the model leaves out: more than one operation (so lost updates between operations sharing a
+//! state key), the HTTP layer, stream configuration and retention changes, replicated-stream
+//! anomalies, and message sizes.
+
+use std::hash::Hash;
+
+use stateright::{Model, Property};
+
+/// Which kind of route the operation is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Route {
+    /// The handler's reply is the outcome; side effects are at least once.
+    Stateless,
+    /// The handler commits state and an outbox once; the outcome must agree with the commit.
+    Stateful,
+}
+
+/// Which protocol the model runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Variant {
+    /// The designed protocol: the processed marker arbitrates every outcome of a stateful
+    /// operation; finalize-only deliveries and the advisory backstop end every operation.
+    Arbiter,
+    /// The code before the arbiter: the gateway (cancel, expiry) and the worker (expiry, failure)
+    /// write the result directly; no finalize-only delivery, no advisory backstop.
+    AsWritten,
+    /// Broken: a submission is a plain publish, not create-if-absent.
+    PlainPublish,
+    /// Broken: the results stream keeps the last record of a subject, not the first.
+    ResultsOverwrite,
+    /// Broken: the commit batch does not expect the marker to be absent.
+    CommitIgnoresMarker,
+    /// Broken: emitted messages carry no `Nats-Msg-Id`, so the target stream keeps duplicates.
+    EmitWithoutMsgId,
+    /// Broken: the worker publishes its emits before it commits.
+    EmitBeforeCommit,
+    /// Broken: no finalize-only deliveries and no advisory backstop.
+    NoFinalizer,
+    /// Broken: expiry is judged by a replica's clock with no allowance for its skew.
+    NoGrace,
+    /// Broken: a result can expire before its request (a writer's shorter `Nats-TTL`, a purge).
+    ShortResultTtl,
+    /// Broken: the processed marker can expire while its request can still be delivered.
+    ShortMarkerTtl,
+}
+
+/// The bounds of one check.
+#[derive(Clone, Debug)]
+pub struct Protocol {
+    pub route: Route,
+    pub variant: Variant,
+    /// JetStream's `max_deliver` on the workers' consumer.
+    pub max_deliver: u8,
+    /// Deliveries that may run the handler; later ones only finalize (Arbiter).
+    pub attempt_budget: u8,
+    /// Crashes of workers, gateways and the finalizer, together.
+    pub crashes: u8,
+    /// Submissions the client may send (the first and its retries).
+    pub submits: u8,
+    /// Status reads the client may send.
+    pub reads: u8,
+    /// Whether the client may cancel (once).
+    pub cancel: bool,
+    /// Messages the handler emits.
+    pub emits: u8,
+    /// The tick at which the operation's deadline passes.
+    pub deadline: u8,
+    /// The last tick.
+    pub max_time: u8,
+    /// How many ticks the second gateway's clock runs ahead of the others.
+    pub skew: u8,
+}
+
+impl Protocol {
+    /// The configuration CI checks, for a route and a variant.
+    pub fn ci(route: Route, variant: Variant) -> Self {
+        Self {
+            route,
+            variant,
+            max_deliver: 3,
+            attempt_budget: 2,
+            crashes: 2,
+            submits: 2,
+            reads: 2,
+            cancel: true,
+            emits: 1,
+            deadline: 2,
+            max_time: 3,
+            skew: 1,
+        }
+    }
+
+    /// A larger configuration (more crashes than spare deliveries, two emits, three reads), for
+    /// `cargo test -p protocol-model --release -- --ignored`.
+    pub fn large(route: Route, variant: Variant) -> Self {
+        Self {
+            max_deliver: 4,
+            attempt_budget: 3,
+            crashes: 3,
+            reads: 3,
+            emits: 2,
+            max_time: 4,
+            ..Self::ci(route, variant)
+        }
+    }
+
+    /// The grace an expiry decision waits past the deadline: the documented skew allowance.
+    fn grace(&self) -> u8 {
+        match self.variant {
+            Variant::NoGrace => 0,
+            _ => self.skew,
+        }
+    }
+
+    fn arbiter(&self) -> bool {
+        !matches!(self.variant, Variant::AsWritten)
+    }
+
+    fn finalizes(&self) -> bool {
+        !matches!(self.variant, Variant::AsWritten | Variant::NoFinalizer)
+    }
+}
+
+/// A terminal record in `GW_RESULTS` (and a tombstone's content).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Rec {
+    Reply,
+    Expired,
+    Cancelled,
+    Failed,
+}
+
+/// The processed marker of a stateful operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Marker {
+    /// Committed: the state change happened; the reply and the emits are stored with it.
+    Outbox,
+    /// Decided without running: the record the operation ends with.
+    Tomb(Rec),
+}
+
+/// The workers' consumer's view of the one request message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Delivery {
+    /// Not stored yet.
+    Absent,
+    /// Stored, waiting for a delivery; `delivered` so far.
+    Available {
+        delivered: u8,
+    },
+    /// Held by a worker until acked or AckWait passes.
+    InFlight {
+        delivered: u8,
+    },
+    Acked,
+    /// `max_deliver` reached without an ack: never delivered again.
+    Dead,
+}
+
+/// Where a projection of a marker stands: emits published so far, then the record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Projection {
+    pub marker: Marker,
+    pub emitted: u8,
+}
+
+/// A worker's program counter for the delivery it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Worker {
+    Idle,
+    /// Holds delivery `attempt`; next: read the result slot.
+    Got {
+        attempt: u8,
+    },
+    /// The slot was empty; next: read the marker (stateful) or decide.
+    SlotEmpty {
+        attempt: u8,
+    },
+    /// Nothing decided yet; the handler ran and loaded its state; next: commit (or publish the
+    /// emits first, in the broken variant), or give up with a permanent error.
+    Loaded {
+        emitted: u8,
+    },
+    /// Next: claim this tombstone (Arbiter) or write this record (otherwise).
+    Deciding(Rec),
+    /// Next: the projection's next step.
+    Projecting(Projection),
+    /// Next: the ack.
+    Acking,
+}
+
+/// A gateway replica's program counter for the client request it handles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Gateway {
+    Idle,
+    /// A read found no result past the deadline (or a cancel came); next: claim or write `rec`.
+    Deciding(Rec),
+    /// Next: the projection's next step, then answer.
+    Projecting(Projection),
+}
+
+/// The advisory backstop: a durable consumer of MAX_DELIVERIES advisories.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Finalizer {
+    Idle,
+    Deciding,
+    Projecting(Projection),
+    Done,
+}
+
+/// Everything the model tracks. Counters are bounded and only grow, so the state graph has no
+/// cycles (stateright's `eventually` needs that).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct State {
+    pub time: u8,
+    // The client.
+    pub submits_left: u8,
+    pub accepted: bool,
+    pub reads_left: u8,
+    pub cancel_sent: bool,
+    /// The terminal record the client saw first, and whether a later read contradicted it.
+    pub seen: Option<Rec>,
+    pub regressed: bool,
+    // The streams.
+    /// Request messages stored for the key.
+    pub requests: u8,
+    pub result: Option<Rec>,
+    /// Records the results stream ever stored for the operation.
+    pub result_writes: u8,
+    pub marker: Option<Marker>,
+    /// State changes committed.
+    pub commits: u8,
+    /// Messages the target stream holds, per emitted id.
+    pub downstream: [u8; 2],
+    pub early_expiry: bool,
+    // The processes.
+    pub delivery: Delivery,
+    pub workers: [Worker; 2],
+    pub gateways: [Gateway; 2],
+    pub advisory: bool,
+    pub finalizer: Finalizer,
+    pub crashes_left: u8,
+}
+
+/// One step of one process, or of the world.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    Tick,
+    /// The client submits through a gateway, which may crash between the ack and the answer.
+    Submit {
+        crash_before_answer: bool,
+    },
+    /// The client reads the status through gateway `g`.
+    Read(usize),
+    /// The client cancels through gateway `g`.
+    Cancel(usize),
+    /// A gateway's next step.
+    GatewayStep(usize),
+    GatewayCrash(usize),
+    /// The consumer delivers the request to worker `w`.
+    Deliver(usize),
+    /// AckWait passes for the delivery in flight (its holder crashed or stalled).
+    AckWait,
+    /// The result's TTL ends before its request's (broken variant only).
+    ResultExpires,
+    /// The marker's TTL ends while its request lives (broken variant only).
+    MarkerExpires,
+    /// A worker's next step; `permanent` chooses the handler's permanent failure where it decides.
+    WorkerStep {
+        worker: usize,
+        permanent: bool,
+    },
+    WorkerCrash(usize),
+    FinalizerStep,
+    FinalizerCrash,
+}
+
+impl Protocol {
+    /// The initial state of a client that cancels or not, and reads `reads` times.
+    fn initial(&self, cancels: bool, reads: u8) -> State {
+        State {
+            time: 0,
+            submits_left: self.submits,
+            accepted: false,
+            reads_left: reads,
+            cancel_sent: !cancels,
+            seen: None,
+            regressed: false,
+            requests: 0,
+            result: None,
+            result_writes: 0,
+            marker: None,
+            commits: 0,
+            downstream: [0; 2],
+            early_expiry: false,
+            delivery: Delivery::Absent,
+            workers: [Worker::Idle; 2],
+            gateways: [Gateway::Idle; 2],
+            advisory: false,
+            finalizer: Finalizer::Idle,
+            crashes_left: self.crashes,
+        }
+    }
+
+    /// The clock of gateway `g`: the second one runs ahead by `skew`.
+    fn gateway_clock(&self, state: &State, g: usize) -> u8 {
+        state.time + if g == 1 { self.skew } else { 0 }
+    }
+
+    /// Whether a process whose clock reads `now` may decide `expired`.
+    fn past_deadline(&self, now: u8) -> bool {
+        now >= self.deadline + self.grace()
+    }
+
+    /// A create-if-absent write of a terminal record to the results stream (first writer wins),
+    /// or a plain one in the broken variant.
+    fn write_result(&self, state: &mut State, rec: Rec) {
+        match state.result {
+            None => {
+                state.result = Some(rec);
+                state.result_writes += 1;
+            }
+            Some(existing) if existing != rec && self.variant == Variant::ResultsOverwrite => {
+                state.result = Some(rec);
+                state.result_writes += 1;
+            }
+            Some(_) => {}
+        }
+    }
+
+    fn note_expiry(&self, state: &mut State, rec: Rec) {
+        if rec == Rec::Expired && state.time < self.deadline {
+            state.early_expiry = true;
+        }
+    }
+
+    /// A create-if-absent tombstone on the marker; the marker that holds the slot after it.
+    fn claim(&self, state: &mut State, rec: Rec) -> Marker {
+        if state.marker.is_none() {
+            self.note_expiry(state, rec);
+            state.marker = Some(Marker::Tomb(rec));
+        }
+        state.marker.expect("set above")
+    }
+
+    /// How a decided outcome becomes visible: on stateful routes under the arbiter, a claim on the
+    /// marker and then its projection; otherwise a direct write of the result.
+    fn decide(&self, state: &mut State, rec: Rec) -> Option<Projection> {
+        if self.route == Route::Stateful && self.arbiter() {
+            let marker = self.claim(state, rec);
+            Some(Projection { marker, emitted: 0 })
+        } else {
+            if state.result.is_none() {
+                self.note_expiry(state, rec);
+            }
+            self.write_result(state, rec);
+            None
+        }
+    }
+
+    /// One step of a projection: the next emit, or the record. `None` when it is complete.
+    fn project(&self, state: &mut State, p: Projection) -> Option<Projection> {
+        match p.marker {
+            Marker::Outbox if p.emitted < self.emits => {
+                self.publish_emit(state, p.emitted);
+                Some(Projection {
+                    emitted: p.emitted + 1,
+                    ..p
+                })
+            }
+            Marker::Outbox => {
+                self.write_result(state, Rec::Reply);
+                None
+            }
+            Marker::Tomb(rec) => {
+                self.write_result(state, rec);
+                None
+            }
+        }
+    }
+
+    fn publish_emit(&self, state: &mut State, id: u8) {
+        let slot = &mut state.downstream[usize::from(id)];
+        if *slot == 0 || self.variant == Variant::EmitWithoutMsgId {
+            *slot += 1;
+        }
+    }
+
+    /// Whether every message the handler emits is in the target stream.
+    fn all_emitted(&self, state: &State) -> bool {
+        state
+            .downstream
+            .iter()
+            .take(usize::from(self.emits))
+            .all(|&n| n > 0)
+    }
+
+    fn observe(state: &mut State, rec: Option<Rec>) {
+        match (state.seen, rec) {
+            (None, Some(r)) => state.seen = Some(r),
+            (Some(_), None) => state.regressed = true,
+            (Some(first), Some(r)) if first != r => state.regressed = true,
+            _ => {}
+        }
+    }
+
+    /// The next program counter of a worker whose delivery found nothing decided: finalize past
+    /// the attempt budget, expire past the deadline, else run the handler.
+    fn worker_decides(&self, state: &State, attempt: u8) -> Worker {
+        if self.finalizes() && attempt > self.attempt_budget {
+            Worker::Deciding(Rec::Failed)
+        } else if self.past_deadline(state.time) {
+            Worker::Deciding(Rec::Expired)
+        } else {
+            Worker::Loaded { emitted: 0 }
+        }
+    }
+
+    fn worker_step(&self, state: &mut State, w: usize, permanent: bool) -> Option<()> {
+        let next = match state.workers[w] {
+            Worker::Idle => return None,
+            Worker::Got { attempt } => match state.result {
+                Some(_) => Worker::Acking,
+                None => Worker::SlotEmpty { attempt },
+            },
+            Worker::SlotEmpty { attempt } => match (self.route, state.marker) {
+                // Roll forward: a decided marker is projected, never decided again.
+                (Route::Stateful, Some(marker)) if self.arbiter() => {
+                    Worker::Projecting(Projection { marker, emitted: 0 })
+                }
+                // The old code re-published a committed outbox, and nothing else.
+                (Route::Stateful, Some(Marker::Outbox)) => Worker::Projecting(Projection {
+                    marker: Marker::Outbox,
+                    emitted: 0,
+                }),
+                _ => self.worker_decides(state, attempt),
+            },
+            Worker::Loaded { .. } if permanent => Worker::Deciding(Rec::Failed),
+            Worker::Loaded { emitted } => match self.route {
+                Route::Stateless => {
+                    if let Some(p) = self.decide(state, Rec::Reply) {
+                        Worker::Projecting(p)
+                    } else {
+                        Worker::Acking
+                    }
+                }
+                Route::Stateful
+                    if self.variant == Variant::EmitBeforeCommit && emitted < self.emits =>
+                {
+                    self.publish_emit(state, emitted);
+                    Worker::Loaded {
+                        emitted: emitted + 1,
+                    }
+                }
+                Route::Stateful => {
+                    let free =
+                        state.marker.is_none() || self.variant == Variant::CommitIgnoresMarker;
+                    if free {
+                        state.commits += 1;
+                        state.marker = Some(Marker::Outbox);
+                        Worker::Projecting(Projection {
+                            marker: Marker::Outbox,
+                            emitted: 0,
+                        })
+                    } else {
+                        // The batch was refused: whatever won is projected.
+                        let marker = state.marker.expect("checked");
+                        Worker::Projecting(Projection { marker, emitted: 0 })
+                    }
+                }
+            },
+            Worker::Deciding(rec) => match self.decide(state, rec) {
+                Some(p) => Worker::Projecting(p),
+                None => Worker::Acking,
+            },
+            Worker::Projecting(p) => match self.project(state, p) {
+                Some(p) => Worker::Projecting(p),
+                None => Worker::Acking,
+            },
+            Worker::Acking => {
+                // A stale holder's ack acks the message too (nats-server acks by sequence).
+                if !matches!(state.delivery, Delivery::Dead) {
+                    state.delivery = Delivery::Acked;
+                }
+                Worker::Idle
+            }
+        };
+        state.workers[w] = next;
+        Some(())
+    }
+
+    fn gateway_step(&self, state: &mut State, g: usize) -> Option<()> {
+        let next = match state.gateways[g] {
+            Gateway::Idle => return None,
+            Gateway::Deciding(rec) => match self.decide(state, rec) {
+                Some(p) => Gateway::Projecting(p),
+                None => {
+                    let seen = state.result;
+                    Self::observe(state, seen);
+                    Gateway::Idle
+                }
+            },
+            Gateway::Projecting(p) => match self.project(state, p) {
+                Some(p) => Gateway::Projecting(p),
+                None => {
+                    let seen = state.result;
+                    Self::observe(state, seen);
+                    Gateway::Idle
+                }
+            },
+        };
+        state.gateways[g] = next;
+        Some(())
+    }
+
+    fn finalizer_step(&self, state: &mut State) -> Option<()> {
+        state.finalizer = match state.finalizer {
+            Finalizer::Idle if state.advisory => Finalizer::Deciding,
+            Finalizer::Deciding => match state.result {
+                Some(_) => Finalizer::Done,
+                None => match self.decide(state, Rec::Failed) {
+                    Some(p) => Finalizer::Projecting(p),
+                    None => Finalizer::Done,
+                },
+            },
+            Finalizer::Projecting(p) => match self.project(state, p) {
+                Some(p) => Finalizer::Projecting(p),
+                None => Finalizer::Done,
+            },
+            Finalizer::Idle | Finalizer::Done => return None,
+        };
+        Some(())
+    }
+}
+
+impl Model for Protocol {
+    type State = State;
+    type Action = Action;
+
+    /// One initial state per client behaviour: it may or may not cancel, and may or may not read.
+    /// A client that does neither leaves the operation to the workers and the finalizer, so the
+    /// liveness property cannot lean on a client's read (which settles expiry) or cancel.
+    fn init_states(&self) -> Vec<State> {
+        let mut states = Vec::new();
+        for cancels in [self.cancel, false] {
+            for reads in [self.reads, 0] {
+                states.push(self.initial(cancels, reads));
+            }
+        }
+        states.dedup();
+        states
+    }
+
+    fn actions(&self, state: &State, actions: &mut Vec<Action>) {
+        if state.time < self.max_time {
+            actions.push(Action::Tick);
+        }
+        if !state.accepted && state.submits_left > 0 {
+            actions.push(Action::Submit {
+                crash_before_answer: false,
+            });
+            if state.crashes_left > 0 {
+                actions.push(Action::Submit {
+                    crash_before_answer: true,
+                });
+            }
+        }
+        for g in 0..2 {
+            if state.gateways[g] == Gateway::Idle {
+                if state.accepted && state.reads_left > 0 {
+                    actions.push(Action::Read(g));
+                }
+                if state.accepted && !state.cancel_sent {
+                    actions.push(Action::Cancel(g));
+                }
+            } else {
+                actions.push(Action::GatewayStep(g));
+                if state.crashes_left > 0 {
+                    actions.push(Action::GatewayCrash(g));
+                }
+            }
+        }
+        match state.delivery {
+            Delivery::Available { delivered } if delivered < self.max_deliver => {
+                for w in 0..2 {
+                    if state.workers[w] == Worker::Idle {
+                        actions.push(Action::Deliver(w));
+                    }
+                }
+            }
+            Delivery::InFlight { .. } => actions.push(Action::AckWait),
+            _ => {}
+        }
+        for w in 0..2 {
+            if state.workers[w] != Worker::Idle {
+                actions.push(Action::WorkerStep {
+                    worker: w,
+                    permanent: false,
+                });
+                if matches!(state.workers[w], Worker::Loaded { .. }) {
+                    actions.push(Action::WorkerStep {
+                        worker: w,
+                        permanent: true,
+                    });
+                }
+                if state.crashes_left > 0 {
+                    actions.push(Action::WorkerCrash(w));
+                }
+            }
+        }
+        // Records of one operation expire together, at the end of its retention, past the
+        // model's horizon; the broken variants let one of them go first.
+        if self.variant == Variant::ShortResultTtl && state.result.is_some() {
+            actions.push(Action::ResultExpires);
+        }
+        if self.variant == Variant::ShortMarkerTtl && state.marker.is_some() {
+            actions.push(Action::MarkerExpires);
+        }
+        let finalizer_busy = matches!(
+            state.finalizer,
+            Finalizer::Deciding | Finalizer::Projecting(_)
+        );
+        if finalizer_busy || (state.finalizer == Finalizer::Idle && state.advisory) {
+            actions.push(Action::FinalizerStep);
+            if finalizer_busy && state.crashes_left > 0 {
+                actions.push(Action::FinalizerCrash);
+            }
+        }
+    }
+
+    fn next_state(&self, last: &State, action: Action) -> Option<State> {
+        let mut state = last.clone();
+        match action {
+            Action::Tick => state.time += 1,
+            Action::Submit {
+                crash_before_answer,
+            } => {
+                state.submits_left -= 1;
+                if state.requests == 0 || self.variant == Variant::PlainPublish {
+                    state.requests += 1;
+                }
+                if state.delivery == Delivery::Absent {
+                    state.delivery = Delivery::Available { delivered: 0 };
+                }
+                if crash_before_answer {
+                    state.crashes_left -= 1;
+                } else {
+                    state.accepted = true;
+                }
+            }
+            Action::Read(g) => {
+                state.reads_left -= 1;
+                let now = self.gateway_clock(&state, g);
+                if state.result.is_none() && self.past_deadline(now) {
+                    state.gateways[g] = Gateway::Deciding(Rec::Expired);
+                } else {
+                    let seen = state.result;
+                    Self::observe(&mut state, seen);
+                }
+            }
+            Action::Cancel(g) => {
+                state.cancel_sent = true;
+                state.gateways[g] = Gateway::Deciding(Rec::Cancelled);
+            }
+            Action::GatewayStep(g) => self.gateway_step(&mut state, g)?,
+            Action::GatewayCrash(g) => {
+                state.crashes_left -= 1;
+                state.gateways[g] = Gateway::Idle;
+            }
+            Action::Deliver(w) => {
+                let Delivery::Available { delivered } = state.delivery else {
+                    return None;
+                };
+                state.delivery = Delivery::InFlight {
+                    delivered: delivered + 1,
+                };
+                state.workers[w] = Worker::Got {
+                    attempt: delivered + 1,
+                };
+            }
+            Action::AckWait => {
+                let Delivery::InFlight { delivered } = state.delivery else {
+                    return None;
+                };
+                if delivered < self.max_deliver {
+                    state.delivery = Delivery::Available { delivered };
+                } else {
+                    state.delivery = Delivery::Dead;
+                    // The MAX_DELIVERIES advisory, captured in a stream.
+                    state.advisory = self.finalizes();
+                }
+            }
+            Action::ResultExpires => state.result = None,
+            Action::MarkerExpires => state.marker = None,
+            Action::WorkerStep { worker, permanent } => {
+                self.worker_step(&mut state, worker, permanent)?
+            }
+            Action::WorkerCrash(w) => {
+                state.crashes_left -= 1;
+                state.workers[w] = Worker::Idle;
+            }
+            Action::FinalizerStep => self.finalizer_step(&mut state)?,
+            Action::FinalizerCrash => {
+                state.crashes_left -= 1;
+                // The advisory was not acked: it is delivered again.
+                state.finalizer = Finalizer::Idle;
+            }
+        }
+        Some(state)
+    }
+
+    fn properties(&self) -> Vec<Property<Self>> {
+        let mut properties: Vec<Property<Self>> = vec![
+            Property::<Self>::always("one request per key", |_, s| s.requests <= 1),
+            Property::<Self>::always("one terminal record per operation", |_, s| {
+                s.result_writes <= 1
+            }),
+            Property::<Self>::always("a status never goes back", |_, s| !s.regressed),
+            Property::<Self>::always("no expiry before the deadline", |_, s| !s.early_expiry),
+            // Every maximal path submits at least once (a submission stores the request even when
+            // the gateway dies before answering), so "accepted" needs no guard here.
+            Property::<Self>::eventually("every accepted operation ends", |m, s| {
+                s.requests > 0 && s.result.is_some() && (s.commits == 0 || m.all_emitted(s))
+            }),
+            Property::<Self>::sometimes("an operation can succeed", |_, s| {
+                s.result == Some(Rec::Reply)
+            }),
+            Property::<Self>::sometimes("an operation can be cancelled", |_, s| {
+                s.result == Some(Rec::Cancelled)
+            }),
+            Property::<Self>::sometimes("an operation can expire", |_, s| {
+                s.result == Some(Rec::Expired)
+            }),
+            Property::<Self>::sometimes("an operation can fail", |_, s| {
+                s.result == Some(Rec::Failed)
+            }),
+        ];
+        if self.route == Route::Stateful {
+            properties.extend([
+                Property::<Self>::always("at most one state change per operation", |_, s| {
+                    s.commits <= 1
+                }),
+                Property::<Self>::always("at most one output per emitted id", |_, s| {
+                    s.downstream.iter().all(|&n| n <= 1)
+                }),
+                Property::<Self>::always("state and output agree", |m, s| match s.result {
+                    Some(Rec::Reply) => s.commits == 1 && m.all_emitted(s),
+                    Some(_) => s.commits == 0,
+                    None => true,
+                }),
+                Property::<Self>::always("no ghost output", |_, s| {
+                    s.commits > 0 || s.downstream.iter().all(|&n| n == 0)
+                }),
+            ]);
+        }
+        properties
+    }
+}

@@ -1,0 +1,122 @@
+//! Exhaustive checks of the protocol model: the designed protocol keeps every property on both
+//! kinds of route; the code as it was, and each deliberately broken variant, is caught.
+
+use std::time::Instant;
+
+use protocol_model::{Protocol, Route, Variant};
+use stateright::{Checker, Model};
+
+/// Checks `protocol` to the end and returns the checker.
+fn check(protocol: Protocol) -> impl Checker<Protocol> {
+    let label = format!("{:?} {:?}", protocol.route, protocol.variant);
+    let started = Instant::now();
+    let checker = protocol.checker().threads(2).spawn_bfs().join();
+    eprintln!(
+        "{label}: {} unique states, {} total, in {:?}",
+        checker.unique_state_count(),
+        checker.state_count(),
+        started.elapsed()
+    );
+    checker
+}
+
+#[test]
+fn the_arbiter_keeps_every_property_on_stateful_routes() {
+    check(Protocol::ci(Route::Stateful, Variant::Arbiter)).assert_properties();
+}
+
+#[test]
+fn the_arbiter_keeps_every_property_on_stateless_routes() {
+    check(Protocol::ci(Route::Stateless, Variant::Arbiter)).assert_properties();
+}
+
+/// The larger configuration: about 9 million states on a stateful route, half a minute in a
+/// release build on two cores.
+#[test]
+#[ignore = "minutes; run with --release -- --ignored"]
+fn the_arbiter_keeps_every_property_in_the_large_configuration() {
+    for route in [Route::Stateless, Route::Stateful] {
+        check(Protocol::large(route, Variant::Arbiter)).assert_properties();
+    }
+}
+
+/// Checks `protocol` until `property` has a counterexample, and returns it as the actions that
+/// lead there (failing when the whole space is explored without one).
+fn counterexample(protocol: Protocol, property: &'static str) -> Vec<protocol_model::Action> {
+    let label = format!("{:?} {:?}", protocol.route, protocol.variant);
+    let checker = protocol
+        .checker()
+        .threads(2)
+        .finish_when(stateright::HasDiscoveries::AnyOf([property].into()))
+        .spawn_bfs()
+        .join();
+    let path = checker
+        .discovery(property)
+        .unwrap_or_else(|| panic!("{label}: no counterexample for {property:?}"));
+    let actions = path.into_actions();
+    eprintln!("{label}: {property:?} fails after {actions:?}");
+    actions
+}
+
+/// Every property of the model can fail: each broken variant breaks the one it is named for.
+#[test]
+fn every_property_fails_in_a_variant_built_to_break_it() {
+    use Route::{Stateful, Stateless};
+    use Variant::*;
+    for (route, variant, property) in [
+        (Stateless, PlainPublish, "one request per key"),
+        (
+            Stateless,
+            ResultsOverwrite,
+            "one terminal record per operation",
+        ),
+        (Stateless, ResultsOverwrite, "a status never goes back"),
+        (Stateless, NoGrace, "no expiry before the deadline"),
+        (
+            Stateful,
+            CommitIgnoresMarker,
+            "at most one state change per operation",
+        ),
+        (
+            Stateful,
+            EmitWithoutMsgId,
+            "at most one output per emitted id",
+        ),
+        (Stateful, EmitBeforeCommit, "no ghost output"),
+        (
+            Stateless,
+            ShortResultTtl,
+            "one terminal record per operation",
+        ),
+        (
+            Stateful,
+            ShortMarkerTtl,
+            "at most one state change per operation",
+        ),
+    ] {
+        counterexample(Protocol::ci(route, variant), property);
+    }
+    // An operation is left without an outcome only when every delivery is lost, so this one
+    // needs as many crashes as deliveries.
+    for route in [Stateless, Stateful] {
+        let protocol = Protocol {
+            crashes: 3,
+            ..Protocol::ci(route, NoFinalizer)
+        };
+        counterexample(protocol, "every accepted operation ends");
+    }
+}
+
+/// The code before the arbiter: the gateway's cancel or expiry, or a worker's failure, can end a
+/// stateful operation whose state change committed (its outcome and its commit were decided in
+/// two places), and an operation whose last delivery crashed after the commit can stay pending.
+#[test]
+fn the_code_as_written_lets_state_and_outcome_disagree() {
+    let protocol = Protocol::ci(Route::Stateful, Variant::AsWritten);
+    counterexample(protocol.clone(), "state and output agree");
+    let protocol = Protocol {
+        crashes: 3,
+        ..protocol
+    };
+    counterexample(protocol, "every accepted operation ends");
+}
