@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use async_nats::jetstream::consumer::pull::MessagesErrorKind;
 use async_nats::jetstream::consumer::{AckPolicy, pull};
 use async_nats::jetstream::{self, AckKind};
 use futures::{FutureExt, StreamExt};
@@ -71,6 +72,21 @@ impl Default for WorkerConfig {
 }
 
 impl WorkerConfig {
+    /// The durable consumer of `route`'s requests: `<consumer_prefix>-<route>`.
+    fn consumer_config(&self, route: &str) -> pull::Config {
+        pull::Config {
+            durable_name: Some(format!("{}-{route}", self.consumer_prefix)),
+            filter_subject: self.subjects.route_requests(route),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: self.ack_wait,
+            max_deliver: self.max_deliver,
+            // No more deliveries outstanding than can be handled at once, so none waits in a
+            // buffer while its AckWait runs out.
+            max_ack_pending: i64::try_from(self.max_in_flight).unwrap_or(i64::MAX),
+            ..Default::default()
+        }
+    }
+
     fn retry_delay(&self, delivered: i64) -> Duration {
         let exponent = u32::try_from(delivered.saturating_sub(1))
             .unwrap_or(0)
@@ -166,30 +182,15 @@ impl Worker {
             })?;
         let mut tasks = tokio::task::JoinSet::new();
         for (route, handler) in self.routes {
-            let name = format!("{}-{route}", self.config.consumer_prefix);
-            let consumer = stream
-                .create_consumer(pull::Config {
-                    durable_name: Some(name.clone()),
-                    filter_subject: self.config.subjects.route_requests(&route),
-                    ack_policy: AckPolicy::Explicit,
-                    ack_wait: self.config.ack_wait,
-                    max_deliver: self.config.max_deliver,
-                    // No more deliveries outstanding than can be handled at once, so none
-                    // waits in a buffer while its AckWait runs out.
-                    max_ack_pending: i64::try_from(self.config.max_in_flight).unwrap_or(i64::MAX),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| WorkerError::Consumer {
-                    consumer: name.clone(),
-                    detail: e.to_string(),
-                })?;
             let route_worker = RouteWorker {
                 js: self.js.clone(),
+                stream: stream.clone(),
+                consumer_config: self.config.consumer_config(&route),
                 config: self.config.clone(),
                 handler,
                 stats: self.stats.clone(),
             };
+            let consumer = route_worker.create_consumer().await?;
             tasks.spawn(route_worker.consume(consumer, shutdown.clone()));
         }
         while let Some(finished) = tasks.join_next().await {
@@ -203,41 +204,88 @@ impl Worker {
 
 struct RouteWorker {
     js: jetstream::Context,
+    /// The requests stream, and this route's durable consumer on it: created at start, and
+    /// created again whenever it disappears (deleted by an operator, or its stream re-created).
+    stream: jetstream::stream::Stream,
+    consumer_config: pull::Config,
     config: Arc<WorkerConfig>,
     handler: RouteHandler,
     stats: Arc<WorkerStats>,
 }
 
 impl RouteWorker {
+    fn consumer_name(&self) -> &str {
+        self.consumer_config.durable_name.as_deref().unwrap_or_default()
+    }
+
+    /// Creates the route's durable consumer, or finds it (creating an existing durable with the
+    /// same configuration is a no-op).
+    async fn create_consumer(
+        &self,
+    ) -> Result<jetstream::consumer::Consumer<pull::Config>, WorkerError> {
+        self.stream
+            .create_consumer(self.consumer_config.clone())
+            .await
+            .map_err(|e| WorkerError::Consumer {
+                consumer: self.consumer_name().to_owned(),
+                detail: e.to_string(),
+            })
+    }
+
     async fn consume(
         self,
-        consumer: jetstream::consumer::Consumer<pull::Config>,
+        mut consumer: jetstream::consumer::Consumer<pull::Config>,
         shutdown: CancellationToken,
     ) {
         let this = Arc::new(self);
         while !shutdown.is_cancelled() {
-            let messages = match consumer.messages().await {
-                Ok(messages) => messages,
-                Err(error) => {
-                    tracing::warn!(%error, "Cannot pull requests; retrying.");
-                    tokio::select! {
-                        () = shutdown.cancelled() => break,
-                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    }
+            match consumer.messages().await {
+                Ok(messages) => {
+                    messages
+                        .take_until(shutdown.cancelled())
+                        // A consumer that is gone never delivers again: stop and re-create it.
+                        .take_while(|delivery| {
+                            let gone = matches!(delivery, Err(error) if matches!(
+                                error.kind(),
+                                MessagesErrorKind::ConsumerDeleted | MessagesErrorKind::NoResponders
+                            ));
+                            std::future::ready(!gone)
+                        })
+                        .for_each_concurrent(this.config.max_in_flight, |delivery| {
+                            let this = this.clone();
+                            async move {
+                                match delivery {
+                                    Ok(message) => this.process(message).await,
+                                    Err(error) => tracing::debug!(%error, "Pull stream hiccup."),
+                                }
+                            }
+                        })
+                        .await;
                 }
-            };
-            messages
-                .take_until(shutdown.cancelled())
-                .for_each_concurrent(this.config.max_in_flight, |delivery| {
-                    let this = this.clone();
-                    async move {
-                        match delivery {
-                            Ok(message) => this.process(message).await,
-                            Err(error) => tracing::debug!(%error, "Pull stream hiccup."),
+                Err(error) => tracing::warn!(%error, "Cannot pull requests; retrying."),
+            }
+            if shutdown.is_cancelled() {
+                break;
+            }
+            tracing::warn!(
+                consumer = this.consumer_name(),
+                "The route's consumer is gone or unreachable; creating it again."
+            );
+            loop {
+                match this.create_consumer().await {
+                    Ok(created) => {
+                        consumer = created;
+                        break;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "Cannot create the route's consumer yet; retrying.");
+                        tokio::select! {
+                            () = shutdown.cancelled() => return,
+                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
                         }
                     }
-                })
-                .await;
+                }
+            }
         }
     }
 

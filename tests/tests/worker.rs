@@ -122,3 +122,29 @@ async fn a_long_handler_keeps_its_lease() {
         "AckWait is 2 s; the handler took 5 s, once"
     );
 }
+
+/// A worker whose durable consumer is deleted under it (an operator's reset, a restored stream)
+/// creates it again and keeps serving: a request sent after the deletion still succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_consumer_is_deleted_creates_it_again() {
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
+    let worker = TestWorker::start(&nats, worker_config(), "jobs", echo()).await;
+    let first = submit(&gw.base, "/jobs", "before-delete")
+        .body("{}")
+        .accepted()
+        .await;
+    let statuses = poll_until_terminal(&gw.base, &first, Duration::from_secs(10)).await;
+    assert_eq!(statuses.last().unwrap(), "succeeded");
+    nats.jetstream()
+        .await
+        .delete_consumer_from_stream("test-jobs", handlers::contract::DEFAULT_REQUESTS_STREAM)
+        .await
+        .expect("the durable exists");
+    let after = submit(&gw.base, "/jobs", "after-delete")
+        .body("{}")
+        .accepted()
+        .await;
+    let statuses = poll_until_terminal(&gw.base, &after, Duration::from_secs(15)).await;
+    assert_eq!(statuses.last().unwrap(), "succeeded", "{statuses:?}");
+    assert_eq!(worker.stats().replied, 2);
+}
