@@ -686,6 +686,27 @@ async fn operation_without_result_before_timeout_expires_for_good() {
     );
 }
 
+/// Reads of a terminal operation are byte-identical, the read that wrote the `expired` marker
+/// included: every one reports the record with the stream's own timestamp, on every replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_of_a_terminal_operation_are_byte_identical() {
+    let nats = Nats::start().await;
+    let gateway = || TestGateway::builder(TEST_ROUTES).nats(&nats);
+    let (a, b) = (gateway().start().await, gateway().start().await);
+    let http = http();
+    let id = submit(&a.base, "/jobs/build", "k-identical").accepted().await;
+    let op = format!("/operations/{id}");
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    let mut bodies = Vec::new();
+    for gw in [&a, &a, &b] {
+        let r = http.get(gw.url(&op)).send().await.unwrap();
+        bodies.push(r.text().await.unwrap());
+    }
+    assert!(bodies[0].contains(r#""status":"expired""#), "{}", bodies[0]);
+    assert_eq!(bodies[0], bodies[1], "the read that wrote the marker, then the next");
+    assert_eq!(bodies[1], bodies[2], "the other replica");
+}
+
 /// A handler that panics, fails, or returns a status HTTP cannot replay does not end the route and
 /// stores nothing; the request is redelivered with back-off until a valid reply is stored, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

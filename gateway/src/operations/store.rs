@@ -487,21 +487,31 @@ impl Store {
             ttl,
         )
         .await?;
-        let record = match write {
-            ResultWrite::Conflict { existing } => {
-                let writer = match marker.outcome {
-                    Outcome::Cancelled => "cancel",
-                    _ => "expiry",
-                };
-                metrics::counter!(RESULT_CONFLICTS, "writer" => writer).increment(1);
-                existing
-            }
-            ResultWrite::Stored | ResultWrite::AlreadyStored => marker,
-        };
-        // The stream's own timestamp is not worth another read; the write happened just now.
-        Ok(StoredResult {
-            record,
-            stored_at: OffsetDateTime::now_utc(),
+        if let ResultWrite::Conflict { .. } = write {
+            let writer = match marker.outcome {
+                Outcome::Cancelled => "cancel",
+                _ => "expiry",
+            };
+            metrics::counter!(RESULT_CONFLICTS, "writer" => writer).increment(1);
+        }
+        // Read the slot back from the leader, whoever won it: every later read reports the
+        // record with the stream's timestamp, so this answer must too (two reads of a terminal
+        // operation are byte-identical). One read more, on the rare path that writes a marker.
+        let stored = last_on_subject_from_leader(&self.js, &self.results_stream, &subject).await?;
+        Ok(match stored {
+            Some(message) => StoredResult {
+                record: ResultRecord::from_stream_message(&message)?,
+                stored_at: message.time,
+            },
+            // The record vanished at once (a purge, a TTL that just ended): report what was
+            // written or found.
+            None => StoredResult {
+                record: match write {
+                    ResultWrite::Conflict { existing } => existing,
+                    ResultWrite::Stored | ResultWrite::AlreadyStored => marker,
+                },
+                stored_at: OffsetDateTime::now_utc(),
+            },
         })
     }
 }
