@@ -215,7 +215,10 @@ struct RouteWorker {
 
 impl RouteWorker {
     fn consumer_name(&self) -> &str {
-        self.consumer_config.durable_name.as_deref().unwrap_or_default()
+        self.consumer_config
+            .durable_name
+            .as_deref()
+            .unwrap_or_default()
     }
 
     /// Creates the route's durable consumer, or finds it (creating an existing durable with the

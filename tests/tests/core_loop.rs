@@ -694,7 +694,9 @@ async fn reads_of_a_terminal_operation_are_byte_identical() {
     let gateway = || TestGateway::builder(TEST_ROUTES).nats(&nats);
     let (a, b) = (gateway().start().await, gateway().start().await);
     let http = http();
-    let id = submit(&a.base, "/jobs/build", "k-identical").accepted().await;
+    let id = submit(&a.base, "/jobs/build", "k-identical")
+        .accepted()
+        .await;
     let op = format!("/operations/{id}");
     tokio::time::sleep(Duration::from_millis(2300)).await;
     let mut bodies = Vec::new();
@@ -703,8 +705,57 @@ async fn reads_of_a_terminal_operation_are_byte_identical() {
         bodies.push(r.text().await.unwrap());
     }
     assert!(bodies[0].contains(r#""status":"expired""#), "{}", bodies[0]);
-    assert_eq!(bodies[0], bodies[1], "the read that wrote the marker, then the next");
+    assert_eq!(
+        bodies[0], bodies[1],
+        "the read that wrote the marker, then the next"
+    );
     assert_eq!(bodies[1], bodies[2], "the other replica");
+}
+
+/// A replica that starts with shorter retention (a canary, a rolling deploy) does not shorten
+/// the streams under the others: a key accepted on a route kept for a day is still the same
+/// operation after the newcomer's whole retention has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_shorter_retention_does_not_shrink_the_streams() {
+    const SHORT: &str = "[[route]]\nname = \"brief\"\nmethod = \"POST\"\npath = \"/brief\"\nretention = \"2s\"\ntimeout = \"1s\"\n";
+    let nats = Nats::start().await;
+    let a = TestGateway::builder(TEST_ROUTES).nats(&nats).start().await;
+    let id = submit(&a.base, "/orders", "k-kept")
+        .body("{}")
+        .accepted()
+        .await;
+    let _b = TestGateway::builder(SHORT).nats(&nats).start().await;
+    let js = nats.jetstream().await;
+    for stream in [DEFAULT_REQUESTS_STREAM, DEFAULT_RESULTS_STREAM] {
+        let max_age = js
+            .get_stream(stream)
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .config
+            .max_age;
+        assert_eq!(max_age, Duration::from_secs(24 * 3600), "{stream}");
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let status = http()
+        .get(a.url(&format!("/operations/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        status.status(),
+        200,
+        "the operation outlives the other replica's retention"
+    );
+    let again = submit(&a.base, "/orders", "k-kept").body("{}").send().await;
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(
+        id_of(again).await,
+        id,
+        "the key still names the same operation"
+    );
 }
 
 /// A handler that panics, fails, or returns a status HTTP cannot replay does not end the route and

@@ -331,13 +331,25 @@ impl Store {
                 "Progress reports, webhook delivery states and dead letters of gateway operations.",
             ),
         ];
+        let mut replicas = plan.replicas;
         for (name, subjects, template, description) in streams {
-            let config = Config {
+            let mut config = Config {
                 name: name.clone(),
                 subjects,
                 description: Some(description.to_owned()),
                 ..template.clone()
             };
+            // Replicas start with different routes files (a rolling deploy, a canary) and flags:
+            // the stream keeps the largest retention, replica count and duplicate window any of
+            // them asked for, so that no replica deletes what another accepted. (A smaller
+            // `max_age` would remove live idempotency records: a message's `Nats-TTL` does not
+            // outlive its stream's `max_age`, https://github.com/nats-io/nats-architecture-and-design/blob/main/adr/ADR-43.md.)
+            if let Ok(mut existing) = self.js.get_stream(name).await
+                && let Ok(info) = existing.info().await
+            {
+                never_shrink(&mut config, &info.config);
+            }
+            replicas = replicas.max(config.num_replicas);
             self.js
                 .create_or_update_stream(config)
                 .await
@@ -363,7 +375,7 @@ impl Store {
                     source: e,
                 })?;
         }
-        self.replicated.store(plan.replicas > 1, Ordering::Release);
+        self.replicated.store(replicas > 1, Ordering::Release);
         self.provisioned.store(true, Ordering::Release);
         Ok(())
     }
@@ -513,5 +525,71 @@ impl Store {
                 stored_at: OffsetDateTime::now_utc(),
             },
         })
+    }
+}
+
+/// Makes `wanted` keep what `current` (the live stream's configuration) has more of: retention
+/// (`max_age`, where zero means unlimited), replicas and the duplicate window. Logs each value
+/// kept that this process did not ask for.
+fn never_shrink(wanted: &mut Config, current: &Config) {
+    let stream = wanted.name.clone();
+    if current.max_age.is_zero() || current.max_age > wanted.max_age && !wanted.max_age.is_zero() {
+        if current.max_age != wanted.max_age {
+            tracing::warn!(%stream, kept = ?current.max_age, asked = ?wanted.max_age, "Stream keeps its longer max_age: other replicas' routes retain longer.");
+        }
+        wanted.max_age = current.max_age;
+    }
+    if current.num_replicas > wanted.num_replicas {
+        tracing::warn!(%stream, kept = current.num_replicas, asked = wanted.num_replicas, "Stream keeps its replicas: GATEWAY_STREAM_REPLICAS is lower than the stream's.");
+        wanted.num_replicas = current.num_replicas;
+    }
+    wanted.duplicate_window = wanted.duplicate_window.max(current.duplicate_window);
+    if !wanted.max_age.is_zero() {
+        wanted.duplicate_window = wanted.duplicate_window.min(wanted.max_age);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(max_age: u64, replicas: usize, window: u64) -> Config {
+        Config {
+            name: "GW_REQUESTS".to_owned(),
+            max_age: Duration::from_secs(max_age),
+            num_replicas: replicas,
+            duplicate_window: Duration::from_secs(window),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_replica_never_shrinks_retention_replicas_or_the_duplicate_window() {
+        let mut wanted = config(3, 1, 2);
+        never_shrink(&mut wanted, &config(86_400, 3, 120));
+        assert_eq!(
+            (wanted.max_age, wanted.num_replicas, wanted.duplicate_window),
+            (Duration::from_secs(86_400), 3, Duration::from_secs(120))
+        );
+    }
+
+    #[test]
+    fn unlimited_retention_is_the_longest() {
+        let mut wanted = config(3600, 1, 120);
+        never_shrink(&mut wanted, &config(0, 1, 120));
+        assert_eq!(wanted.max_age, Duration::ZERO, "the live stream's unlimited max_age stays");
+        let mut wanted = config(0, 1, 120);
+        never_shrink(&mut wanted, &config(3600, 1, 120));
+        assert_eq!(wanted.max_age, Duration::ZERO, "an unlimited max_age is not shortened");
+    }
+
+    #[test]
+    fn a_larger_request_grows_the_stream() {
+        let mut wanted = config(86_400, 3, 120);
+        never_shrink(&mut wanted, &config(3600, 1, 60));
+        assert_eq!(
+            (wanted.max_age, wanted.num_replicas, wanted.duplicate_window),
+            (Duration::from_secs(86_400), 3, Duration::from_secs(120))
+        );
     }
 }
