@@ -270,14 +270,17 @@ impl StatefulContext {
         &self.request
     }
 
-    /// Loads a key's state (`None` if never saved). The version read is what a later `save` of
-    /// this key expects to replace.
+    /// Loads a key's state (`None` if never saved). The first version this run read of a key is
+    /// what a later `save` of it expects to replace.
     pub async fn load<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StateError> {
         let (seq, bytes) = self.store.load_raw(key).await?;
+        // The commit expects the *first* version this run read: a value computed from it must
+        // not commit over a change that a later read of the same key happened to see.
         self.loaded
             .lock()
             .expect("context lock")
-            .insert(key.to_owned(), seq);
+            .entry(key.to_owned())
+            .or_insert(seq);
         bytes
             .map(|b| serde_json::from_slice(&b))
             .transpose()

@@ -185,3 +185,78 @@ async fn duplicates_never_commit_twice() {
         "every copy re-published the same committed reply"
     );
 }
+
+/// A handler that loads a key twice computes from its first read, and the commit checks that read:
+/// an operation that committed in between makes the slow one run again against the new state (no
+/// lost update), however many times the slow one loads the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_load_does_not_hide_a_concurrent_change() {
+    use std::sync::atomic::AtomicBool;
+    use tokio::sync::Notify;
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
+    let store = StateStore::ensure(
+        nats.jetstream().await,
+        "WK_TWICE",
+        "tw",
+        Duration::from_secs(3600),
+    )
+    .await
+    .unwrap();
+    let (loaded, release, held) = (
+        Arc::new(Notify::new()),
+        Arc::new(Notify::new()),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let handler = {
+        let (loaded, release, held) = (loaded.clone(), release.clone(), held.clone());
+        move |ctx: Arc<StatefulContext>| {
+            let (loaded, release, held) = (loaded.clone(), release.clone(), held.clone());
+            async move {
+                let first: u64 = ctx.load("counter").await?.unwrap_or(0);
+                // The slow operation's first run waits here until the other has committed.
+                if ctx.request().body.as_ref() == b"slow" && !held.swap(true, Ordering::SeqCst) {
+                    loaded.notify_one();
+                    release.notified().await;
+                }
+                let _again: Option<u64> = ctx.load("counter").await?;
+                ctx.save("counter", &(first + 1));
+                Ok(Response::json(
+                    200,
+                    &serde_json::json!({ "counter": first + 1 }),
+                ))
+            }
+        }
+    };
+    let config = handlers::WorkerConfig {
+        max_deliver: 1000,
+        ..worker_config()
+    };
+    let _worker =
+        TestWorker::start_with(&nats, config, |w| w.stateful_route("count", store, handler)).await;
+    let slow = submit(&gw.base, "/count", "twice-slow")
+        .body("slow")
+        .accepted()
+        .await;
+    loaded.notified().await;
+    let fast = submit(&gw.base, "/count", "twice-fast")
+        .body("fast")
+        .accepted()
+        .await;
+    assert_eq!(reply_value(&gw, &fast).await, 1);
+    release.notify_one();
+    assert_eq!(
+        reply_value(&gw, &slow).await,
+        2,
+        "computed from the state after the other's commit"
+    );
+    let m =
+        handlers::jetstream::last_on_subject(&nats.client().await, "WK_TWICE", "tw.state.counter")
+            .await
+            .unwrap()
+            .expect("counter stored");
+    assert_eq!(
+        serde_json::from_slice::<u64>(&m.payload).unwrap(),
+        2,
+        "no update lost"
+    );
+}

@@ -577,10 +577,18 @@ mod tests {
     fn unlimited_retention_is_the_longest() {
         let mut wanted = config(3600, 1, 120);
         never_shrink(&mut wanted, &config(0, 1, 120));
-        assert_eq!(wanted.max_age, Duration::ZERO, "the live stream's unlimited max_age stays");
+        assert_eq!(
+            wanted.max_age,
+            Duration::ZERO,
+            "the live stream's unlimited max_age stays"
+        );
         let mut wanted = config(0, 1, 120);
         never_shrink(&mut wanted, &config(3600, 1, 120));
-        assert_eq!(wanted.max_age, Duration::ZERO, "an unlimited max_age is not shortened");
+        assert_eq!(
+            wanted.max_age,
+            Duration::ZERO,
+            "an unlimited max_age is not shortened"
+        );
     }
 
     #[test]
