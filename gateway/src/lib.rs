@@ -83,7 +83,8 @@ pub async fn run(
         settings.retry_after_secs,
         routes.iter().map(|r| r.name.clone()),
     );
-    let ops = Operations::connect(&settings.jetstream, retry_after, lifecycle.clone()).await?;
+    let ops =
+        Operations::connect(&settings.jetstream, &routes, retry_after, lifecycle.clone()).await?;
     let state = AppState::new(&settings, ops.clone(), lifecycle.clone(), authenticator)?;
     let app = http::router(state.clone(), &routes)?;
     let any_route_callback = routes.iter().any(|r| r.callback_url.is_some());

@@ -36,9 +36,14 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::contract::{Request, ResultRecord, err_code};
+use async_nats::jetstream::message::PublishMessage;
+
+use crate::contract::{Outcome, Request, ResultRecord, err_code};
 use crate::handler::{BoxFuture, HandlerError, Response};
-use crate::jetstream::{JetStreamError, last_on_subject_from_leader};
+use crate::jetstream::{
+    CreateOutcome, JetStreamError, ResultWrite, create_if_absent, last_on_subject_from_leader,
+    publish_result,
+};
 
 /// The worker-owned stream that holds state and markers.
 #[derive(Clone, Debug)]
@@ -89,12 +94,32 @@ impl StateStore {
             stream: stream.to_owned(),
             detail: e.to_string(),
         })?;
-        Ok(Self {
+        Ok(Self::attach(js, stream, prefix, marker_ttl))
+    }
+
+    /// The store of an existing stream, without creating or changing it (the gateway's view of a
+    /// stateful route's arbiter).
+    pub fn attach(
+        js: async_nats::jetstream::Context,
+        stream: &str,
+        prefix: &str,
+        marker_ttl: Duration,
+    ) -> Self {
+        Self {
             js,
             stream: stream.to_owned(),
             prefix: prefix.to_owned(),
             marker_ttl,
-        })
+        }
+    }
+
+    /// How long a marker lives: the store's `marker_ttl`, and never less than the operation's
+    /// own retention, so that no redelivery or re-drive of a request that still exists can find
+    /// its marker gone and run again.
+    fn marker_ttl(&self, retention: Option<Duration>) -> Duration {
+        self.marker_ttl
+            .max(retention.unwrap_or_default())
+            .max(Duration::from_secs(1))
     }
 
     fn state_subject(&self, key: &str) -> String {
@@ -105,8 +130,8 @@ impl StateStore {
         format!("{}.done.{operation_id}", self.prefix)
     }
 
-    /// The outbox of an operation that already committed, if it did.
-    pub async fn committed(&self, operation_id: &str) -> Result<Option<Outbox>, StateError> {
+    /// The operation's marker, if it was decided: a commit's outbox or a decision without one.
+    pub async fn marker(&self, operation_id: &str) -> Result<Option<Outbox>, StateError> {
         let subject = self.marker_subject(operation_id);
         let Some(marker) = last_on_subject_from_leader(&self.js, &self.stream, &subject).await?
         else {
@@ -118,6 +143,36 @@ impl StateStore {
                 key: subject,
                 source,
             })
+    }
+
+    /// Decides an operation without a commit, unless it is decided already: a create-if-absent
+    /// write of `record` as its marker. Returns the marker that holds the slot either way (this
+    /// decision, or the commit or decision that got there first). This is the one arbiter of a
+    /// stateful operation's outcome: the commit batch expects the marker absent too.
+    pub async fn decide(
+        &self,
+        operation_id: &str,
+        record: &ResultRecord,
+        retention: Option<Duration>,
+    ) -> Result<Outbox, StateError> {
+        let decision = Outbox::decision(record);
+        let mut headers = HeaderMap::new();
+        headers.insert(crate::contract::header::OPERATION_ID, operation_id);
+        let payload = Bytes::from(serde_json::to_vec(&decision).expect("a marker serializes"));
+        let written = create_if_absent(
+            &self.js,
+            self.marker_subject(operation_id),
+            headers,
+            payload,
+            Some(self.marker_ttl(retention)),
+        )
+        .await?;
+        if written == CreateOutcome::Created {
+            return Ok(decision);
+        }
+        // Taken: read what holds it. (Gone again at once would mean its TTL ended: then this
+        // decision is what the operation is left with.)
+        Ok(self.marker(operation_id).await?.unwrap_or(decision))
     }
 
     /// Loads a key's value and the sequence it was stored at (0: never stored).
@@ -138,6 +193,7 @@ impl StateStore {
         operation_id: &str,
         changes: Vec<(String, u64, Bytes)>,
         outbox: &Outbox,
+        retention: Option<Duration>,
     ) -> Result<bool, StateError> {
         let client = self.js.client();
         let batch_id = format!(
@@ -162,7 +218,7 @@ impl StateStore {
         marker.insert("Nats-Expected-Last-Subject-Sequence", "0");
         marker.insert(
             "Nats-TTL",
-            self.marker_ttl.as_secs().max(1).to_string().as_str(),
+            self.marker_ttl(retention).as_secs().to_string().as_str(),
         );
         let outbox = serde_json::to_vec(outbox).expect("an outbox serializes");
         messages.push((
@@ -198,8 +254,10 @@ impl StateStore {
     }
 }
 
-/// What a commit stores beside the state, and what is published after it: the reply and the
-/// outgoing messages. A duplicate publishes the same again, with the same ids.
+/// The processed marker's content: what decided the operation, and what is published for it.
+/// Either a commit's outbox (the reply and the outgoing messages, stored with the state change),
+/// or a decision taken without a commit (`cancelled`, `expired`, `failed`: its record, nothing to
+/// emit). Whoever publishes a marker publishes the same bytes with the same ids.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Outbox {
     status: u16,
@@ -208,6 +266,18 @@ pub struct Outbox {
     /// Base64.
     body: String,
     pub emits: Vec<Emit>,
+    /// Absent: a commit. Present: the decision that ended the operation without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    decided: Option<Decision>,
+}
+
+/// An operation's end without a state change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decision {
+    Cancelled,
+    Expired,
+    Failed,
 }
 
 impl Outbox {
@@ -218,19 +288,84 @@ impl Outbox {
             headers: reply.headers.clone(),
             body: data_encoding::BASE64.encode(&reply.body),
             emits,
+            decided: None,
         }
     }
 
-    /// The reply to publish.
+    /// A stateless handler's answer, published like a marker (nothing to emit).
+    pub(crate) fn reply_of(record: &ResultRecord) -> Self {
+        Self::new(record, Vec::new())
+    }
+
+    /// A decision without a commit, carrying `record` (a marker's, or a failure's problem).
+    pub fn decision(record: &ResultRecord) -> Self {
+        let decided = match record.outcome {
+            Outcome::Cancelled => Decision::Cancelled,
+            Outcome::Expired => Decision::Expired,
+            Outcome::Reply => Decision::Failed,
+        };
+        Self {
+            decided: Some(decided),
+            ..Self::new(record, Vec::new())
+        }
+    }
+
+    /// Whether the operation's state changed (this is a commit's outbox).
+    pub fn is_commit(&self) -> bool {
+        self.decided.is_none()
+    }
+
+    /// The record the results stream gets.
     pub fn reply(&self) -> ResultRecord {
         let body = data_encoding::BASE64
             .decode(self.body.as_bytes())
             .unwrap_or_default();
         let mut record =
             ResultRecord::reply(self.status, self.content_type.clone(), Bytes::from(body));
+        record.outcome = match self.decided {
+            Some(Decision::Cancelled) => Outcome::Cancelled,
+            Some(Decision::Expired) => Outcome::Expired,
+            Some(Decision::Failed) | None => Outcome::Reply,
+        };
         record.headers = self.headers.clone();
         record
     }
+}
+
+/// Publishes a decided marker: a commit's outgoing messages first (each with its deterministic
+/// `Nats-Msg-Id`), then the record, first writer wins, with `extra` headers (trace context).
+/// Every publisher of one marker publishes the same, so repeating it (a redelivery, the gateway,
+/// the finalizer) is harmless.
+pub async fn project(
+    js: &async_nats::jetstream::Context,
+    results_stream: &str,
+    operation_id: &str,
+    reply_subject: &str,
+    marker: &Outbox,
+    ttl: Option<Duration>,
+    extra: Vec<(String, String)>,
+) -> Result<ResultWrite, JetStreamError> {
+    for emit in &marker.emits {
+        let message = PublishMessage::build()
+            .payload(emit.payload())
+            .message_id(&emit.id);
+        js.send_publish(emit.subject.clone(), message)
+            .await
+            .map_err(JetStreamError::from)?
+            .await
+            .map_err(JetStreamError::from)?;
+    }
+    let mut record = marker.reply();
+    record.headers.extend(extra);
+    publish_result(
+        js,
+        results_stream,
+        reply_subject,
+        operation_id,
+        &record,
+        ttl,
+    )
+    .await
 }
 
 /// An outgoing message of a stateful handler: published after the commit with
@@ -335,8 +470,9 @@ where
     }
 }
 
-/// What a stateful run produced: the outbox to publish, from this run's commit or an earlier one
-/// (then the handler did not run).
+/// What a stateful run produced: the marker to publish, from this run's commit, or the decision
+/// that came first (an earlier commit, a cancellation, an expiry, a failure; then nothing of this
+/// run was committed).
 pub enum Committed {
     Now(Outbox),
     Before(Outbox),
@@ -350,8 +486,9 @@ pub async fn run(
     request: Request,
 ) -> Result<Committed, HandlerError> {
     let op = request.operation_id.clone();
-    if let Some(outbox) = store.committed(&op).await? {
-        return Ok(Committed::Before(outbox));
+    let retention = request.retention_secs.map(Duration::from_secs);
+    if let Some(marker) = store.marker(&op).await? {
+        return Ok(Committed::Before(marker));
     }
     let ctx = Arc::new(StatefulContext {
         request,
@@ -377,21 +514,23 @@ pub async fn run(
     };
     let emits = std::mem::take(&mut *ctx.emits.lock().expect("context lock"));
     let outbox = Outbox::new(&record, emits);
-    // A client cancelled while the handler ran (the worker watches for the marker): commit
-    // nothing. A cancellation landing after this check and before the commit can still lose to
-    // it; then the reply is refused by the cancelled result slot while the state changed.
+    // A client cancelled while the handler ran (the worker watches for the cancelled result):
+    // commit nothing. A cancellation landing after this check is decided by the marker all the
+    // same: the gateway claims it before it writes `cancelled`, so then this commit is refused.
     if ctx.request.cancellation.is_cancelled() {
         return Err("the operation was cancelled; nothing was committed".into());
     }
     crate::faults::crash_point("before-commit");
-    if store.commit(&op, changes, &outbox).await? {
+    if store.commit(&op, changes, &outbox, retention).await? {
         crate::faults::crash_point("after-commit");
+        crate::faults::pause_point("after-commit", &ctx.request.route).await;
         return Ok(Committed::Now(outbox));
     }
-    // Refused: either another run of this operation committed (use its outbox), or the state
-    // changed under us (run again later, against the new state).
-    match store.committed(&op).await? {
-        Some(outbox) => Ok(Committed::Before(outbox)),
+    // Refused: either the operation was decided meanwhile (a commit of another run, or a
+    // cancellation, expiry or failure: publish that), or the state changed under us (run again
+    // later, against the new state).
+    match store.marker(&op).await? {
+        Some(marker) => Ok(Committed::Before(marker)),
         None => Err("state changed concurrently; the operation will run again".into()),
     }
 }

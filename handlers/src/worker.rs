@@ -31,10 +31,9 @@ use crate::contract::{Outcome, Request, ResultRecord, Subjects, header, header_s
 // The handler API lived here before it had a file of its own; worker code that imports it from
 // `handlers::worker` keeps working.
 pub use crate::handler::{Handler, HandlerError, Permanent, Response};
-use crate::jetstream::{JetStreamError, ResultWrite, ack, last_on_subject, publish_result};
+use crate::jetstream::{JetStreamError, ResultWrite, ack, last_on_subject};
 use crate::progress::ProgressReporter;
-use crate::stateful::{self, Committed, Emit, StateStore, StatefulHandler};
-use async_nats::jetstream::message::PublishMessage;
+use crate::stateful::{self, Committed, Outbox, StateError, StateStore, StatefulHandler};
 
 /// Worker settings. The defaults match the gateway's defaults.
 #[derive(Debug, Clone)]
@@ -46,7 +45,10 @@ pub struct WorkerConfig {
     pub consumer_prefix: String,
     /// How long a delivery may stay unacknowledged before JetStream redelivers it.
     pub ack_wait: Duration,
-    /// Deliveries before JetStream gives up on a request.
+    /// Handler attempts per request. The consumer allows one delivery more
+    /// (`max_deliver + 1` in JetStream): it never runs the handler, it only ends an operation
+    /// whose every attempt crashed or stalled (`failed`), so that the last attempt's loss cannot
+    /// leave it pending.
     pub max_deliver: i64,
     /// Requests handled at once per route.
     pub max_in_flight: usize,
@@ -71,6 +73,9 @@ impl Default for WorkerConfig {
     }
 }
 
+/// Deliveries past the handler's attempts that only end the operation.
+const FINALIZING_DELIVERIES: i64 = 1;
+
 impl WorkerConfig {
     /// The durable consumer of `route`'s requests: `<consumer_prefix>-<route>`.
     fn consumer_config(&self, route: &str) -> pull::Config {
@@ -79,7 +84,7 @@ impl WorkerConfig {
             filter_subject: self.subjects.route_requests(route),
             ack_policy: AckPolicy::Explicit,
             ack_wait: self.ack_wait,
-            max_deliver: self.max_deliver,
+            max_deliver: self.max_deliver + FINALIZING_DELIVERIES,
             // No more deliveries outstanding than can be handled at once, so none waits in a
             // buffer while its AckWait runs out.
             max_ack_pending: i64::try_from(self.max_in_flight).unwrap_or(i64::MAX),
@@ -375,118 +380,102 @@ impl RouteWorker {
         let ttl = request.retention_secs.map(Duration::from_secs);
         let (op, reply_subject) = (request.operation_id.clone(), request.reply_subject.clone());
         let trace = crate::trace::outgoing(&tracing::Span::current(), &request.headers);
-        let mut request = request;
-        request.progress =
-            ProgressReporter::new(self.js.clone(), self.config.subjects.progress(&op), ttl);
-        let mut terminate = false;
-        let mut emits = Vec::new();
-        // A stateful operation that already committed publishes its outbox, deadline or not: its
-        // state changed, so its reply must be the outcome it can still be.
-        let committed = self.committed_outbox(&op).await?;
-        let record = if let Some(outbox) = committed {
-            emits = outbox.emits.clone();
-            outbox.reply()
+        let publish = |marker: Outbox, terminate| {
+            let (op, reply_subject, trace) = (&op, &reply_subject, trace.clone());
+            async move {
+                let write =
+                    stateful::project(&self.js, results, op, reply_subject, &marker, ttl, trace)
+                        .await?;
+                Ok(Answered::Replied { write, terminate })
+            }
+        };
+        // A stateful operation that was decided already (committed, or cancelled, expired or
+        // failed without a commit) is published as decided and never decided again: a committed
+        // outbox rolls forward, deadline or not.
+        if let Some(marker) = self.marker(&op).await? {
+            return publish(marker, false).await;
+        }
+        let (record, terminate) = if delivered > self.config.max_deliver {
+            // Past the handler's attempts: its earlier deliveries crashed or stalled. This one
+            // only ends the operation.
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            let detail = format!(
+                "The handler's {} attempts were used up without an answer (crashed or stalled).",
+                self.config.max_deliver
+            );
+            let problem = ResultRecord::problem(
+                Outcome::Reply,
+                &op,
+                500,
+                "handler-failed",
+                "Handler failed",
+                &detail,
+            );
+            (problem, false)
         } else if OffsetDateTime::now_utc() > request.deadline {
             tracing::info!(operation_id = %op, delivered, "Deadline passed before handling; marking the operation expired.");
-            ResultRecord::expired(&op, request.deadline)
+            (ResultRecord::expired(&op, request.deadline), false)
         } else {
+            let mut request = request;
+            request.progress =
+                ProgressReporter::new(self.js.clone(), self.config.subjects.progress(&op), ttl);
             match self.run_handler(message, request).await {
-                Ok((record, outgoing)) => {
-                    emits = outgoing;
-                    record
-                }
+                Ok(marker) => return publish(marker, false).await,
                 Err(error) => {
                     self.stats.handler_errors.fetch_add(1, Ordering::Relaxed);
                     if let Some(p) = error.downcast_ref::<Permanent>() {
-                        terminate = true;
                         self.stats.failed.fetch_add(1, Ordering::Relaxed);
                         let status = p.status.clamp(400, 599);
-                        let slug = "handler-rejected";
-                        ResultRecord::problem(
+                        let problem = ResultRecord::problem(
                             Outcome::Reply,
                             &op,
                             status,
-                            slug,
+                            "handler-rejected",
                             &p.title,
                             &p.detail,
-                        )
+                        );
+                        (problem, true)
                     } else if delivered >= self.config.max_deliver {
-                        // The last delivery: end the operation `failed` rather than leave it
-                        // pending until it expires; unless a stateful run did commit after all
-                        // (its outbox is the outcome), or that cannot be told now.
-                        if let Some(outbox) = self
-                            .committed_outbox(&op)
-                            .await
-                            .map_err(|_| Failure::Handler(error.to_string().into()))?
-                        {
-                            emits = outbox.emits.clone();
-                            let write = publish_result(
-                                &self.js,
-                                results,
-                                &reply_subject,
-                                &op,
-                                &outbox.reply(),
-                                ttl,
-                            )
-                            .await?;
-                            self.publish_emits(&emits).await?;
-                            return Ok(Answered::Replied { write, terminate });
-                        }
+                        // The last attempt: end the operation `failed` rather than leave it
+                        // pending until it expires.
                         self.stats.failed.fetch_add(1, Ordering::Relaxed);
                         let detail = format!(
                             "The handler failed on all {delivered} deliveries; the last error: {error}"
                         );
-                        let title = "Handler failed";
-                        ResultRecord::problem(
+                        let problem = ResultRecord::problem(
                             Outcome::Reply,
                             &op,
                             500,
                             "handler-failed",
-                            title,
+                            "Handler failed",
                             &detail,
-                        )
+                        );
+                        (problem, false)
                     } else {
                         return Err(Failure::Handler(error));
                     }
                 }
             }
         };
-        // Outgoing messages first, then the reply: both only after the commit, both with ids that
-        // a re-publish repeats.
-        self.publish_emits(&emits).await?;
-        let mut record = record;
-        record.headers.extend(trace);
-        let write = publish_result(&self.js, results, &reply_subject, &op, &record, ttl).await?;
-        Ok(Answered::Replied { write, terminate })
+        // Every decision goes through the arbiter: on a stateful route a create-if-absent marker,
+        // so it cannot overrule a commit (what won is published instead); on a stateless route
+        // the result slot itself, first writer wins.
+        let marker = match &self.handler {
+            RouteHandler::Stateless(_) => Outbox::decision(&record),
+            RouteHandler::Stateful(store, _) => store
+                .decide(&op, &record, ttl)
+                .await
+                .map_err(state_failure)?,
+        };
+        publish(marker, terminate).await
     }
 
-    /// The committed outbox of a stateful route's operation (`None` on stateless routes).
-    async fn committed_outbox(&self, op: &str) -> Result<Option<stateful::Outbox>, Failure> {
+    /// The marker of a stateful route's operation (`None` on stateless routes).
+    async fn marker(&self, op: &str) -> Result<Option<Outbox>, Failure> {
         match &self.handler {
             RouteHandler::Stateless(_) => Ok(None),
-            RouteHandler::Stateful(store, _) => store.committed(op).await.map_err(|e| {
-                Failure::JetStream(JetStreamError::Get {
-                    stream: "state".to_owned(),
-                    detail: e.to_string(),
-                })
-            }),
+            RouteHandler::Stateful(store, _) => store.marker(op).await.map_err(state_failure),
         }
-    }
-
-    /// Publishes a committed outbox's outgoing messages, each with its deterministic id.
-    async fn publish_emits(&self, emits: &[Emit]) -> Result<(), Failure> {
-        for emit in emits {
-            let message = PublishMessage::build()
-                .payload(emit.payload())
-                .message_id(&emit.id);
-            self.js
-                .send_publish(emit.subject.clone(), message)
-                .await
-                .map_err(JetStreamError::from)?
-                .await
-                .map_err(JetStreamError::from)?;
-        }
-        Ok(())
     }
 
     /// Runs the handler, keeping the delivery's lease alive (`+WPI` every third of AckWait), and
@@ -496,19 +485,17 @@ impl RouteWorker {
         &self,
         message: &jetstream::Message,
         request: Request,
-    ) -> Result<(ResultRecord, Vec<Emit>), HandlerError> {
+    ) -> Result<Outbox, HandlerError> {
         let work = async {
             match &self.handler {
                 RouteHandler::Stateless(handler) => {
                     let record = handler.call(request).await?.into_record();
                     record.validate()?;
-                    Ok((record, Vec::new()))
+                    Ok(Outbox::reply_of(&record))
                 }
                 RouteHandler::Stateful(store, handler) => {
                     match stateful::run(store, handler.as_ref(), request).await? {
-                        Committed::Now(outbox) | Committed::Before(outbox) => {
-                            Ok((outbox.reply(), outbox.emits))
-                        }
+                        Committed::Now(marker) | Committed::Before(marker) => Ok(marker),
                     }
                 }
             }
@@ -546,6 +533,15 @@ enum Answered {
 enum Failure {
     Handler(HandlerError),
     JetStream(JetStreamError),
+}
+
+/// A state store that cannot be read or written now: like a JetStream error, the delivery is
+/// retried.
+fn state_failure(error: StateError) -> Failure {
+    Failure::JetStream(JetStreamError::Get {
+        stream: "state".to_owned(),
+        detail: error.to_string(),
+    })
 }
 
 impl From<JetStreamError> for Failure {

@@ -15,8 +15,9 @@
 //! `expired`, `failed`) are create-if-absent writes there, and the result in `GW_RESULTS` is only
 //! ever a projection of the marker that won. Deliveries past the attempt budget only finalize, and
 //! the consumer's MAX_DELIVERIES advisory, kept in a stream, is a backstop finalizer.
-//! [`Variant::AsWritten`] is the code as it stood before (every decider writes `GW_RESULTS`
-//! directly); the checker finds its inconsistencies. The other variants each break one rule on
+//! [`Variant::NoAdvisory`] is what the code implements today (the arbiter and the finalize-only
+//! delivery, not yet the advisory backstop); [`Variant::AsWritten`] is the code as it stood before
+//! (every decider writes `GW_RESULTS` directly). The checker finds what each lacks. The other variants each break one rule on
 //! purpose, so that every property is shown able to fail.
 //!
 //! What the model leaves out: more than one operation (so lost updates between operations sharing a
@@ -42,9 +43,14 @@ pub enum Variant {
     /// The designed protocol: the processed marker arbitrates every outcome of a stateful
     /// operation; finalize-only deliveries and the advisory backstop end every operation.
     Arbiter,
-    /// The code before the arbiter: the gateway (cancel, expiry) and the worker (expiry, failure)
-    /// write the result directly; no finalize-only delivery, no advisory backstop.
+    /// The code before the arbiter (commit 2143788): the gateway (cancel, expiry) and the worker
+    /// (expiry, failure) write the result directly; no finalize-only delivery, no advisory
+    /// backstop.
     AsWritten,
+    /// The arbiter without the advisory backstop: what the code implements so far. Every safety
+    /// property holds; an operation whose every delivery, spare included, is lost stays pending
+    /// until a read past its deadline settles it.
+    NoAdvisory,
     /// Broken: a submission is a plain publish, not create-if-absent.
     PlainPublish,
     /// Broken: the results stream keeps the last record of a subject, not the first.
@@ -137,8 +143,14 @@ impl Protocol {
         !matches!(self.variant, Variant::AsWritten)
     }
 
+    /// Deliveries past the attempt budget only finalize.
     fn finalizes(&self) -> bool {
         !matches!(self.variant, Variant::AsWritten | Variant::NoFinalizer)
+    }
+
+    /// The MAX_DELIVERIES advisory is kept in a stream and finalizes what every delivery lost.
+    fn backstop(&self) -> bool {
+        self.finalizes() && self.variant != Variant::NoAdvisory
     }
 }
 
@@ -708,7 +720,7 @@ impl Model for Protocol {
                 } else {
                     state.delivery = Delivery::Dead;
                     // The MAX_DELIVERIES advisory, captured in a stream.
-                    state.advisory = self.finalizes();
+                    state.advisory = self.backstop();
                 }
             }
             Action::ResultExpires => state.result = None,

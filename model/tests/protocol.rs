@@ -25,6 +25,26 @@ fn the_arbiter_keeps_every_property_on_stateful_routes() {
     check(Protocol::ci(Route::Stateful, Variant::Arbiter)).assert_properties();
 }
 
+/// The code as it stands (the arbiter and the finalize-only delivery, not yet the advisory
+/// backstop) keeps every safety property; an operation can stay pending only when more deliveries
+/// are lost than the spare one and nobody reads it past its deadline.
+#[test]
+fn the_code_keeps_every_safety_property_and_needs_the_backstop_for_liveness() {
+    for route in [Route::Stateless, Route::Stateful] {
+        let checker = check(Protocol::ci(route, Variant::NoAdvisory));
+        for property in Protocol::ci(route, Variant::NoAdvisory).properties() {
+            if property.expectation == stateright::Expectation::Always {
+                checker.assert_no_discovery(property.name);
+            }
+        }
+        let lossy = Protocol {
+            crashes: 3,
+            ..Protocol::ci(route, Variant::NoAdvisory)
+        };
+        counterexample(lossy, "every accepted operation ends");
+    }
+}
+
 #[test]
 fn the_arbiter_keeps_every_property_on_stateless_routes() {
     check(Protocol::ci(Route::Stateless, Variant::Arbiter)).assert_properties();

@@ -260,3 +260,137 @@ async fn a_second_load_does_not_hide_a_concurrent_change() {
         "no update lost"
     );
 }
+
+/// A stateful route whose handler commits a deposit and emits it to a ledger; its state store is
+/// named in the routes file, so the gateway decides cancellations and expiries through it.
+const DEPOSITS: &str = r#"
+[[route]]
+name = "deposit"
+method = "POST"
+path = "/deposit"
+timeout = "2s"
+retention = "1m"
+state = { stream = "WK_DEPOSITS", prefix = "dep" }
+
+[[route]]
+name = "transfer"
+method = "POST"
+path = "/transfer"
+state = { stream = "WK_DEPOSITS", prefix = "dep" }
+"#;
+
+/// A worker for both deposit routes: loads `alice`, waits `pause` (the slow deposit), saves
+/// `alice + 10`, emits `+10` to the ledger and replies with the balance.
+async fn deposit_worker(nats: &Nats, route: &'static str, pause: Duration) -> TestWorker {
+    let js = nats.jetstream().await;
+    js.create_or_update_stream(async_nats::jetstream::stream::Config {
+        name: "LEDGER".into(),
+        subjects: vec!["ledger.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let store = StateStore::ensure(js, "WK_DEPOSITS", "dep", Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let handler = move |ctx: Arc<StatefulContext>| async move {
+        let balance: u64 = ctx.load("alice").await?.unwrap_or(0);
+        tokio::time::sleep(pause).await;
+        ctx.save("alice", &(balance + 10));
+        ctx.emit("ledger.deposits", "+10");
+        Ok(Response::json(
+            200,
+            &serde_json::json!({ "balance": balance + 10 }),
+        ))
+    };
+    TestWorker::start_with(nats, worker_config(), |w| {
+        w.stateful_route(route, store, handler)
+    })
+    .await
+}
+
+/// What the operation changed: `alice`'s balance (if ever saved) and the ledger's messages.
+async fn deposited(nats: &Nats) -> (Option<u64>, u64) {
+    let client = nats.client().await;
+    let alice = handlers::jetstream::last_on_subject(&client, "WK_DEPOSITS", "dep.state.alice")
+        .await
+        .unwrap()
+        .map(|m| serde_json::from_slice(&m.payload).unwrap());
+    (
+        alice,
+        stream_messages(&nats.jetstream().await, "LEDGER").await,
+    )
+}
+
+/// A handler that outlives its operation's deadline (2 s timeout, 3 s of work) while a client
+/// long-polls the result: whichever way it ends, outcome, state and output agree. Expired means no
+/// deposit and no ledger message; succeeded means one of each. (Before the gateway decided through
+/// the state store, the client got 504 expired while the deposit and its ledger message went
+/// through.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_racing_a_slow_commit_leaves_state_and_outcome_agreeing() {
+    let TestGateway { nats, gw } = TestGateway::builder(DEPOSITS).start().await;
+    let _worker = deposit_worker(&nats, "deposit", Duration::from_secs(3)).await;
+    let id = submit(&gw.base, "/deposit", "slow-deposit")
+        .accepted()
+        .await;
+    let result = http()
+        .get(gw.url(&format!("/operations/{id}/result?wait=10")))
+        .send()
+        .await
+        .unwrap();
+    let status = result.status().as_u16();
+    // The handler finishes (and tries to commit) a second after the deadline.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (alice, ledger) = deposited(&nats).await;
+    match status {
+        504 => assert_eq!(
+            (alice, ledger),
+            (None, 0),
+            "expired: nothing may have changed"
+        ),
+        200 => assert_eq!(
+            (alice, ledger),
+            (Some(10), 1),
+            "succeeded: one deposit, one message"
+        ),
+        other => panic!("unexpected {other}"),
+    }
+    let again = get_result(&gw.base, &id).await;
+    assert_eq!(
+        again.status().as_u16(),
+        status,
+        "the outcome does not change afterwards"
+    );
+}
+
+/// A cancellation that arrives after the commit, before the reply is published, cannot undo the
+/// commit: it finds the operation finished (409) and the deposit is the outcome. (Before, the
+/// client got 202 cancelled while the deposit and its ledger message went through.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_after_the_commit_finds_the_operation_finished() {
+    let TestGateway { nats, gw } = TestGateway::builder(DEPOSITS).start().await;
+    let gate = handlers::faults::hold("after-commit", "transfer");
+    let _worker = deposit_worker(&nats, "transfer", Duration::ZERO).await;
+    let id = submit(&gw.base, "/transfer", "cancel-late")
+        .accepted()
+        .await;
+    tokio::time::timeout(Duration::from_secs(10), gate.reached.notified())
+        .await
+        .expect("the worker committed and paused");
+    let cancel = http()
+        .delete(gw.url(&format!("/operations/{id}")))
+        .send()
+        .await
+        .unwrap();
+    let problem = assert_problem(cancel, 409, "already-finished").await;
+    assert_eq!(problem["operation"]["status"], "succeeded");
+    gate.release.notify_one();
+    let statuses = poll_until_terminal(&gw.base, &id, Duration::from_secs(10)).await;
+    assert_eq!(statuses.last().unwrap(), "succeeded");
+    assert_eq!(
+        deposited(&nats).await,
+        (Some(10), 1),
+        "one deposit, one ledger message"
+    );
+}

@@ -47,6 +47,20 @@ pub struct RouteConfig {
     /// `Prefer: wait` (a "sync route"); capped by `GATEWAY_MAX_WAIT`. None by default.
     #[serde(default, with = "humantime_serde")]
     pub wait: Option<Duration>,
+    /// A stateful route: where its workers commit state and decide each operation (the
+    /// `handlers` state store). The gateway then ends an operation (cancel, expiry) only through
+    /// that store's processed marker, so an outcome can never contradict a commit.
+    #[serde(default)]
+    pub state: Option<StateStoreConfig>,
+}
+
+/// A stateful route's state store: the stream and subject prefix its workers'
+/// `handlers::StateStore` uses (`<prefix>.done.<operation-id>` is the processed marker).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateStoreConfig {
+    pub stream: String,
+    pub prefix: String,
 }
 
 mod defaults {
@@ -205,6 +219,18 @@ pub fn validate_routes(routes: &[RouteConfig]) -> Result<(), ConfigError> {
         }
         if r.max_body.0 == 0 {
             return Err(invalid(format!("{who}: max_body must be positive")));
+        }
+        if let Some(state) = &r.state {
+            let token = |t: &str| {
+                !t.is_empty()
+                    && t.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            };
+            if !token(&state.stream) || !state.prefix.split('.').all(token) {
+                return Err(invalid(format!(
+                    "{who}: state needs a stream name and a subject prefix of letters, digits, '-' and '_' (dots between prefix tokens)"
+                )));
+            }
         }
     }
     Ok(())

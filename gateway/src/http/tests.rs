@@ -26,6 +26,7 @@ fn route(name: &str, method: &str, path: &str, require_key: bool) -> RouteConfig
         wait: None,
         callback_url: None,
         consumer: None,
+        state: None,
     }
 }
 
@@ -62,7 +63,7 @@ async fn app_with_limit(
     .settings;
     let lifecycle = Lifecycle::default();
     let retry_after = RetryAfter::new(settings.retry_after_secs, []);
-    let ops = Operations::connect(&settings.jetstream, retry_after, lifecycle.clone())
+    let ops = Operations::connect(&settings.jetstream, &[], retry_after, lifecycle.clone())
         .await
         .expect("connect returns at once");
     let state = AppState::new(&settings, ops, lifecycle, None)?;

@@ -158,9 +158,7 @@ async fn settle(store: &Store, operation: &mut Operation) -> Result<(), StoreErr
         return Ok(());
     }
     let marker = ResultRecord::expired(operation.id(), operation.deadline());
-    let winner = store
-        .record_marker(operation.id(), marker, operation.retention())
-        .await?;
+    let winner = store.record_marker(operation, marker).await?;
     operation.result = Some(winner);
     Ok(())
 }
@@ -187,9 +185,7 @@ pub async fn cancel(
     };
     if operation.result.is_none() {
         let marker = ResultRecord::cancelled(operation_id);
-        let winner = store
-            .record_marker(operation_id, marker, operation.retention())
-            .await?;
+        let winner = store.record_marker(&operation, marker).await?;
         operation.result = Some(winner);
     }
     Ok(Some(if operation.status() == Status::Cancelled {

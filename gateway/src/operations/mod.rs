@@ -41,7 +41,7 @@ pub use store::{StoreError, StreamPlan};
 pub use view::{Links, OperationView, operation_path};
 pub use webhooks::{WebhookError, Webhooks};
 
-use crate::config::{JetStreamSettings, WebhookSettings};
+use crate::config::{JetStreamSettings, RouteConfig, WebhookSettings};
 use crate::lifecycle::{Lifecycle, sleep_or_stop};
 use store::Store;
 use watch::{Followed, Watch};
@@ -70,11 +70,16 @@ impl Operations {
     /// [`StoreError::NotReady`].
     pub async fn connect(
         settings: &JetStreamSettings,
+        routes: &[RouteConfig],
         retry_after: RetryAfter,
         lifecycle: Lifecycle,
     ) -> Result<Self, StoreError> {
+        let stateful: Vec<_> = routes
+            .iter()
+            .filter_map(|r| Some((r.name.clone(), r.state.clone()?)))
+            .collect();
         Ok(Self {
-            store: Arc::new(Store::connect(settings).await?),
+            store: Arc::new(Store::connect(settings, &stateful).await?),
             watch: Watch::new(lifecycle),
             retry_after,
         })

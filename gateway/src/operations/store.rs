@@ -5,6 +5,7 @@
 //! JetStream is the only source of truth. Nothing here caches an operation, so every replica
 //! answers every request the same way, and a restarted replica has lost nothing.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -16,12 +17,14 @@ use bytes::Bytes;
 use handlers::contract::{Outcome, ResultRecord, Subjects};
 use handlers::jetstream::{
     Batcher, CreateOutcome, JetStreamError, ResultWrite, create_if_absent, last_matching,
-    last_on_subject, last_on_subject_from_leader, publish_result,
+    last_on_subject, last_on_subject_from_leader,
 };
+use handlers::stateful::{Outbox, StateError, StateStore, project};
 use time::OffsetDateTime;
 
-use super::model::{ProgressState, StoredResult};
+use super::model::{Operation, ProgressState, StoredResult};
 use crate::config::JetStreamSettings;
+use crate::config::routes::StateStoreConfig;
 use crate::metrics::RESULT_CONFLICTS;
 
 /// Errors of the store. All of them leave the outcome of a write unknown or a read undone: the
@@ -34,6 +37,9 @@ pub enum StoreError {
     Connect(#[source] async_nats::ConnectError),
     #[error(transparent)]
     JetStream(#[from] JetStreamError),
+    /// A stateful route's state store (its marker, the arbiter) could not be read or written.
+    #[error(transparent)]
+    Arbiter(#[from] StateError),
     #[error("cannot create the webhook consumer on stream {stream}: {source}")]
     ProvisionConsumer {
         stream: String,
@@ -104,6 +110,8 @@ pub struct Store {
     provisioned: AtomicBool,
     /// The streams have more than one replica: a direct get may come from a lagging follower.
     replicated: AtomicBool,
+    /// The state stores of stateful routes, by route name: the arbiters of their outcomes.
+    arbiters: HashMap<String, StateStore>,
 }
 
 /// What provisioning needs to know about the routes.
@@ -119,7 +127,10 @@ pub struct StreamPlan {
 impl Store {
     /// Connects in the background: the returned store works once NATS is reachable and
     /// [`Store::provision`] has run.
-    pub async fn connect(settings: &JetStreamSettings) -> Result<Self, StoreError> {
+    pub async fn connect(
+        settings: &JetStreamSettings,
+        stateful: &[(String, StateStoreConfig)],
+    ) -> Result<Self, StoreError> {
         let client = async_nats::ConnectOptions::new()
             .name("gateway")
             .retry_on_initial_connect()
@@ -134,6 +145,15 @@ impl Store {
             .timeout(settings.nats_timeout)
             .ack_timeout(settings.nats_timeout)
             .build(client.clone());
+        let arbiters = stateful
+            .iter()
+            .map(|(route, state)| {
+                // Markers the gateway writes live as long as their operation's request.
+                let store =
+                    StateStore::attach(js.clone(), &state.stream, &state.prefix, Duration::ZERO);
+                (route.clone(), store)
+            })
+            .collect();
         Ok(Self {
             client,
             batcher: Batcher::spawn(js.clone()),
@@ -144,6 +164,7 @@ impl Store {
             events_stream: settings.events_stream.clone(),
             provisioned: AtomicBool::new(false),
             replicated: AtomicBool::new(false),
+            arbiters,
         })
     }
 
@@ -480,26 +501,39 @@ impl Store {
         Ok(last_on_subject_from_leader(&self.js, stream, subject).await?)
     }
 
-    /// Ends an operation with a marker (expired, cancelled), unless a terminal record got there
-    /// first; returns the record that holds the slot either way.
+    /// Ends an operation with a marker (expired, cancelled), unless it was decided first; returns
+    /// the record that holds the result slot either way.
+    ///
+    /// On a stateful route the decision is taken where the workers commit: a create-if-absent
+    /// tombstone on the operation's processed marker. If a commit (or another decision) holds the
+    /// marker, that is what is published instead, so the outcome always agrees with the state.
+    /// On a stateless route the result slot itself decides, first writer wins.
     pub async fn record_marker(
         &self,
-        operation_id: &str,
+        operation: &Operation,
         marker: ResultRecord,
-        ttl: Option<Duration>,
     ) -> Result<StoredResult, StoreError> {
         self.ensure_provisioned()?;
-        let subject = self.subjects.result(operation_id);
-        let write = publish_result(
+        let id = operation.id();
+        let ttl = operation.retention();
+        let subject = self.subjects.result(id);
+        let decided = match self.arbiters.get(operation.route()) {
+            Some(arbiter) => arbiter.decide(id, &marker, ttl).await?,
+            None => Outbox::decision(&marker),
+        };
+        let write = project(
             &self.js,
             &self.results_stream,
+            id,
             &subject,
-            operation_id,
-            &marker,
+            &decided,
             ttl,
+            Vec::new(),
         )
         .await?;
-        if let ResultWrite::Conflict { .. } = write {
+        let conflict =
+            !decided.reply().same_answer(&marker) || matches!(write, ResultWrite::Conflict { .. });
+        if conflict {
             let writer = match marker.outcome {
                 Outcome::Cancelled => "cancel",
                 _ => "expiry",
@@ -520,7 +554,7 @@ impl Store {
             None => StoredResult {
                 record: match write {
                     ResultWrite::Conflict { existing } => existing,
-                    ResultWrite::Stored | ResultWrite::AlreadyStored => marker,
+                    ResultWrite::Stored | ResultWrite::AlreadyStored => decided.reply(),
                 },
                 stored_at: OffsetDateTime::now_utc(),
             },

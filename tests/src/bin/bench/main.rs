@@ -117,6 +117,7 @@ fn bench_route() -> RouteConfig {
         wait: None,
         callback_url: None,
         consumer: None,
+        state: None,
     }
 }
 
