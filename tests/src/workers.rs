@@ -79,6 +79,14 @@ impl TestWorker {
         WorkerCounts::of(&self.stats)
     }
 
+    /// Stops the worker the way a killed process stops: at once, without finishing, acking or
+    /// extending the lease of any delivery it holds.
+    pub fn crash(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+
     pub async fn stop(mut self) {
         self.stop.cancel();
         if let Some(task) = self.task.take() {

@@ -148,3 +148,56 @@ async fn a_worker_whose_consumer_is_deleted_creates_it_again() {
     assert_eq!(statuses.last().unwrap(), "succeeded", "{statuses:?}");
     assert_eq!(worker.stats().replied, 2);
 }
+
+/// The worker dies while it holds the only attempt (`max_deliver = 1`): the consumer's spare
+/// delivery does not run the handler again, it ends the operation `failed`. (Before, nothing
+/// redelivered it and the operation stayed pending until its deadline.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_on_the_last_attempt_still_ends_the_operation_failed() {
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
+    let config = WorkerConfig {
+        max_deliver: 1,
+        ..worker_config()
+    };
+    let calls = Arc::new(AtomicU32::new(0));
+    let hanging = counting(&calls);
+    let first = TestWorker::start(&nats, config.clone(), "jobs", move |_r: Request| {
+        hanging.fetch_add(1, Ordering::SeqCst);
+        async move {
+            std::future::pending::<()>().await;
+            Ok(Response::new(200))
+        }
+    })
+    .await;
+    let id = submit(&gw.base, "/jobs", "dies-holding-it")
+        .body("{}")
+        .accepted()
+        .await;
+    eventually(
+        "the only attempt started",
+        Duration::from_secs(10),
+        || async { (calls.load(Ordering::SeqCst) == 1).then_some(()) },
+    )
+    .await;
+    first.crash();
+    let seen = counting(&calls);
+    let _second = TestWorker::start(&nats, config, "jobs", move |_r: Request| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        async move { Ok(Response::new(200)) }
+    })
+    .await;
+    let statuses = poll_until_terminal(&gw.base, &id, Duration::from_secs(15)).await;
+    assert_eq!(statuses.last().unwrap(), "failed", "{statuses:?}");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the spare delivery does not run the handler"
+    );
+    let problem = assert_problem(get_result(&gw.base, &id).await, 500, "handler-failed").await;
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("attempts were used up")
+    );
+}
