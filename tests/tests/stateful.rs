@@ -277,11 +277,27 @@ name = "transfer"
 method = "POST"
 path = "/transfer"
 state = { stream = "WK_DEPOSITS", prefix = "dep" }
+
+[[route]]
+name = "refund"
+method = "POST"
+path = "/refund"
+state = { stream = "WK_DEPOSITS", prefix = "dep" }
 "#;
 
 /// A worker for both deposit routes: loads `alice`, waits `pause` (the slow deposit), saves
 /// `alice + 10`, emits `+10` to the ledger and replies with the balance.
 async fn deposit_worker(nats: &Nats, route: &'static str, pause: Duration) -> TestWorker {
+    deposit_worker_with(nats, route, pause, Duration::from_secs(3600)).await
+}
+
+/// [`deposit_worker`] with the store's `marker_ttl` chosen.
+async fn deposit_worker_with(
+    nats: &Nats,
+    route: &'static str,
+    pause: Duration,
+    marker_ttl: Duration,
+) -> TestWorker {
     let js = nats.jetstream().await;
     js.create_or_update_stream(async_nats::jetstream::stream::Config {
         name: "LEDGER".into(),
@@ -290,7 +306,7 @@ async fn deposit_worker(nats: &Nats, route: &'static str, pause: Duration) -> Te
     })
     .await
     .unwrap();
-    let store = StateStore::ensure(js, "WK_DEPOSITS", "dep", Duration::from_secs(3600))
+    let store = StateStore::ensure(js, "WK_DEPOSITS", "dep", marker_ttl)
         .await
         .unwrap();
     let handler = move |ctx: Arc<StatefulContext>| async move {
@@ -387,6 +403,35 @@ async fn a_cancel_after_the_commit_finds_the_operation_finished() {
     assert_eq!(problem["operation"]["status"], "succeeded");
     gate.release.notify_one();
     let statuses = poll_until_terminal(&gw.base, &id, Duration::from_secs(10)).await;
+    assert_eq!(statuses.last().unwrap(), "succeeded");
+    assert_eq!(
+        deposited(&nats).await,
+        (Some(10), 1),
+        "one deposit, one ledger message"
+    );
+}
+
+/// A store configured with a marker TTL shorter than the route's retention still keeps each
+/// marker as long as its request: a worker that committed and died before publishing is
+/// redelivered after the configured TTL, and the redelivery publishes the commit instead of
+/// running the handler again. (Before, the marker was gone and the deposit happened twice.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_marker_ttl_cannot_let_a_redelivery_commit_twice() {
+    let TestGateway { nats, gw } = TestGateway::builder(DEPOSITS).start().await;
+    let gate = handlers::faults::hold("after-commit", "refund");
+    let first = deposit_worker_with(&nats, "refund", Duration::ZERO, Duration::from_secs(1)).await;
+    let id = submit(&gw.base, "/refund", "commit-then-die")
+        .accepted()
+        .await;
+    tokio::time::timeout(Duration::from_secs(10), gate.reached.notified())
+        .await
+        .expect("the worker committed");
+    first.crash();
+    // Well past the configured marker TTL (1 s) and AckWait (2 s): the request comes back.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let _second =
+        deposit_worker_with(&nats, "refund", Duration::ZERO, Duration::from_secs(1)).await;
+    let statuses = poll_until_terminal(&gw.base, &id, Duration::from_secs(15)).await;
     assert_eq!(statuses.last().unwrap(), "succeeded");
     assert_eq!(
         deposited(&nats).await,
