@@ -52,6 +52,9 @@ pub struct WorkerConfig {
     pub max_deliver: i64,
     /// Requests handled at once per route.
     pub max_in_flight: usize,
+    /// How long past a request's deadline this worker waits before deciding `expired` itself:
+    /// the largest clock difference expected with the gateways (their `GATEWAY_EXPIRY_GRACE`).
+    pub expiry_grace: Duration,
     /// First redelivery delay after a handler error; doubles per delivery up to `retry_max`.
     pub retry_base: Duration,
     pub retry_max: Duration,
@@ -67,6 +70,7 @@ impl Default for WorkerConfig {
             ack_wait: Duration::from_secs(30),
             max_deliver: 10,
             max_in_flight: 16,
+            expiry_grace: Duration::ZERO,
             retry_base: Duration::from_millis(500),
             retry_max: Duration::from_secs(30),
         }
@@ -412,7 +416,7 @@ impl RouteWorker {
                 &detail,
             );
             (problem, false)
-        } else if OffsetDateTime::now_utc() > request.deadline {
+        } else if OffsetDateTime::now_utc() > request.deadline + self.config.expiry_grace {
             tracing::info!(operation_id = %op, delivered, "Deadline passed before handling; marking the operation expired.");
             (ResultRecord::expired(&op, request.deadline), false)
         } else {

@@ -15,8 +15,9 @@
 //! `expired`, `failed`) are create-if-absent writes there, and the result in `GW_RESULTS` is only
 //! ever a projection of the marker that won. Deliveries past the attempt budget only finalize, and
 //! the consumer's MAX_DELIVERIES advisory, kept in a stream, is a backstop finalizer.
-//! [`Variant::NoAdvisory`] is what the code implements today (the arbiter and the finalize-only
-//! delivery, not yet the advisory backstop); [`Variant::AsWritten`] is the code as it stood before
+//! [`Variant::NoAdvisory`] is what the code implements today (the arbiter, the finalize-only
+//! delivery and the skew allowance `GATEWAY_EXPIRY_GRACE`, when it is set to at least the skew;
+//! not yet the advisory backstop); [`Variant::AsWritten`] is the code as it stood before
 //! (every decider writes `GW_RESULTS` directly). The checker finds what each lacks. The other variants each break one rule on
 //! purpose, so that every property is shown able to fail.
 //!

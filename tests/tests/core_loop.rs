@@ -686,6 +686,27 @@ async fn operation_without_result_before_timeout_expires_for_good() {
     );
 }
 
+/// With a skew allowance (`GATEWAY_EXPIRY_GRACE`), no replica expires an operation before its
+/// deadline plus the allowance, so a replica whose clock runs that much ahead cannot end an
+/// operation that another replica (or a worker) still sees as running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_waits_for_the_skew_allowance() {
+    let TestGateway { nats: _nats, gw } = TestGateway::builder(TEST_ROUTES)
+        .flag("--expiry-grace=2s")
+        .start()
+        .await;
+    let id = submit(&gw.base, "/jobs/build", "k-grace").accepted().await;
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let status = json(get_operation(&gw.base, &id).await).await;
+    assert_eq!(
+        status["status"], "pending",
+        "past the 2 s timeout, within the 2 s allowance"
+    );
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let status = json(get_operation(&gw.base, &id).await).await;
+    assert_eq!(status["status"], "expired", "past deadline and allowance");
+}
+
 /// Reads of a terminal operation are byte-identical, the read that wrote the `expired` marker
 /// included: every one reports the record with the stream's own timestamp, on every replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -212,10 +212,13 @@ async fn run_example_worker(settings: Settings, stop: CancellationToken) {
         }
     };
     // The routes' default consumers, the ones whose backlog the gateway reads for `Retry-After`.
-    let config = settings
-        .jetstream
-        .nats
-        .worker_config(handlers::contract::DEFAULT_CONSUMER_PREFIX);
+    let config = handlers::WorkerConfig {
+        expiry_grace: settings.jetstream.expiry_grace,
+        ..settings
+            .jetstream
+            .nats
+            .worker_config(handlers::contract::DEFAULT_CONSUMER_PREFIX)
+    };
     let js = async_nats::jetstream::new(client);
     // The gateway provisions the streams; until it has, starting fails and is retried.
     while !stop.is_cancelled() {

@@ -62,6 +62,10 @@ pub struct DispatchArgs {
     /// AckWait of the consumer (the worker keeps the lease alive while a call runs).
     #[arg(long, env = "GATEWAY_DISPATCH_ACK_WAIT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub ack_wait: Duration,
+    /// How long past a request's deadline before this worker decides `expired` itself: the
+    /// largest clock difference expected with the gateways (same as their setting).
+    #[arg(long, env = "GATEWAY_EXPIRY_GRACE", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub expiry_grace: Duration,
 }
 
 /// Why the dispatcher stopped.
@@ -99,6 +103,7 @@ pub async fn run(args: DispatchArgs, shutdown: CancellationToken) -> Result<(), 
         max_in_flight: args.concurrency,
         retry_base: args.retry_base,
         retry_max: args.retry_max,
+        expiry_grace: args.expiry_grace,
         ..args.nats.worker_config(&args.consumer_prefix)
     };
     tracing::info!(routes = ?args.routes, upstream = %args.upstream, "Dispatching to the local app.");

@@ -63,6 +63,11 @@ pub struct Settings {
 pub struct JetStreamSettings {
     #[command(flatten)]
     pub nats: NatsArgs,
+    /// How long past an operation's deadline its expiry waits: the largest clock difference
+    /// expected between this process, the other replicas and the workers. An operation is never
+    /// reported expired before `deadline + grace` by the clock that decides it.
+    #[arg(long, env = "GATEWAY_EXPIRY_GRACE", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub expiry_grace: Duration,
     /// Stream that holds progress reports, webhook delivery states and dead letters.
     #[arg(long, env = "GATEWAY_EVENTS_STREAM", default_value = "GW_EVENTS")]
     pub events_stream: String,

@@ -56,7 +56,7 @@ pub(crate) async fn operation_events(
             None => EventStep::Accepted(Box::new(first.clone())),
         },
     };
-    let deadline = first.deadline();
+    let deadline = state.ops.expires_at(&first);
     let events = futures::stream::unfold(
         (start, state, (tenant, id), stream_permit),
         move |(step, state, (tenant, id), permit)| async move {

@@ -127,8 +127,9 @@ pub async fn lookup_when_changed(
         if done || now >= until || watch.lifecycle().is_draining() {
             return Ok(Some(operation));
         }
-        // Wake at the deadline too: that is when the operation turns `expired`.
-        let to_deadline = (operation.deadline() - OffsetDateTime::now_utc())
+        // Wake at the deadline (plus the skew allowance) too: that is when the operation turns
+        // `expired`.
+        let to_deadline = (store.expires_at(&operation) - OffsetDateTime::now_utc())
             .try_into()
             .unwrap_or(Duration::ZERO);
         let next = until
@@ -154,7 +155,7 @@ pub(super) async fn attach_result(
 /// Past its deadline with no terminal record, an operation is made `expired` for good; if a reply
 /// or another replica's marker won the slot a moment earlier, that one is reported instead.
 async fn settle(store: &Store, operation: &mut Operation) -> Result<(), StoreError> {
-    if operation.result.is_some() || OffsetDateTime::now_utc() <= operation.deadline() {
+    if operation.result.is_some() || OffsetDateTime::now_utc() <= store.expires_at(operation) {
         return Ok(());
     }
     let marker = ResultRecord::expired(operation.id(), operation.deadline());

@@ -183,6 +183,12 @@ impl Operations {
         Ok(())
     }
 
+    /// When `operation`, still without a terminal record, turns `expired`: its deadline plus the
+    /// skew allowance.
+    pub fn expires_at(&self, operation: &Operation) -> time::OffsetDateTime {
+        self.store.expires_at(operation)
+    }
+
     /// Seconds a client should wait before asking about a pending operation of `route` again.
     pub fn retry_after(&self, route: &str) -> u64 {
         self.retry_after.seconds(route)

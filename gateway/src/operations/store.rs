@@ -112,6 +112,8 @@ pub struct Store {
     replicated: AtomicBool,
     /// The state stores of stateful routes, by route name: the arbiters of their outcomes.
     arbiters: HashMap<String, StateStore>,
+    /// The skew allowance past a deadline (`GATEWAY_EXPIRY_GRACE`).
+    expiry_grace: Duration,
 }
 
 /// What provisioning needs to know about the routes.
@@ -165,7 +167,14 @@ impl Store {
             provisioned: AtomicBool::new(false),
             replicated: AtomicBool::new(false),
             arbiters,
+            expiry_grace: settings.expiry_grace,
         })
+    }
+
+    /// When an operation with no terminal record may be made `expired`: its deadline plus the
+    /// skew allowance.
+    pub fn expires_at(&self, operation: &Operation) -> OffsetDateTime {
+        operation.deadline() + self.expiry_grace
     }
 
     pub fn subjects(&self) -> &Subjects {
