@@ -15,10 +15,10 @@
 //! `expired`, `failed`) are create-if-absent writes there, and the result in `GW_RESULTS` is only
 //! ever a projection of the marker that won. Deliveries past the attempt budget only finalize, and
 //! the consumer's MAX_DELIVERIES advisory, kept in a stream, is a backstop finalizer.
-//! [`Variant::NoAdvisory`] is what the code implements today (the arbiter, the finalize-only
-//! delivery and the skew allowance `GATEWAY_EXPIRY_GRACE`, when it is set to at least the skew;
-//! not yet the advisory backstop); [`Variant::AsWritten`] is the code as it stood before
-//! (every decider writes `GW_RESULTS` directly). The checker finds what each lacks. The other variants each break one rule on
+//! The code implements [`Variant::Arbiter`] (the skew allowance is `GATEWAY_EXPIRY_GRACE`, which
+//! must be at least the clocks' skew); [`Variant::NoAdvisory`] shows why the backstop is there,
+//! and [`Variant::AsWritten`] is the code as it stood before the arbiter (every decider writes
+//! `GW_RESULTS` directly). The checker finds what each lacks. The other variants each break one rule on
 //! purpose, so that every property is shown able to fail.
 //!
 //! What the model leaves out: more than one operation (so lost updates between operations sharing a
@@ -48,9 +48,9 @@ pub enum Variant {
     /// (expiry, failure) write the result directly; no finalize-only delivery, no advisory
     /// backstop.
     AsWritten,
-    /// The arbiter without the advisory backstop: what the code implements so far. Every safety
-    /// property holds; an operation whose every delivery, spare included, is lost stays pending
-    /// until a read past its deadline settles it.
+    /// The arbiter without the advisory backstop. Every safety property holds; an operation whose
+    /// every delivery, spare included, is lost stays pending until a read past its deadline
+    /// settles it.
     NoAdvisory,
     /// Broken: a submission is a plain publish, not create-if-absent.
     PlainPublish,

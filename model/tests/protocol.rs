@@ -25,11 +25,11 @@ fn the_arbiter_keeps_every_property_on_stateful_routes() {
     check(Protocol::ci(Route::Stateful, Variant::Arbiter)).assert_properties();
 }
 
-/// The code as it stands (the arbiter and the finalize-only delivery, not yet the advisory
-/// backstop) keeps every safety property; an operation can stay pending only when more deliveries
-/// are lost than the spare one and nobody reads it past its deadline.
+/// Without the advisory backstop the arbiter keeps every safety property, but an operation can
+/// stay pending when more deliveries are lost than the spare one and nobody reads it past its
+/// deadline: the backstop is what makes "every accepted operation ends" hold.
 #[test]
-fn the_code_keeps_every_safety_property_and_needs_the_backstop_for_liveness() {
+fn without_the_backstop_safety_holds_and_liveness_does_not() {
     for route in [Route::Stateless, Route::Stateful] {
         let checker = check(Protocol::ci(route, Variant::NoAdvisory));
         for property in Protocol::ci(route, Variant::NoAdvisory).properties() {

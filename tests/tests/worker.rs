@@ -201,3 +201,73 @@ async fn a_crash_on_the_last_attempt_still_ends_the_operation_failed() {
             .contains("attempts were used up")
     );
 }
+
+/// Every delivery of a request is lost (the only attempt and the spare delivery both die with
+/// their workers): JetStream's MAX_DELIVERIES advisory, which the gateway keeps in a stream, ends
+/// the operation `failed` without any reader or worker. (Before, it stayed pending until a read
+/// past its deadline.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operation_whose_every_delivery_is_lost_ends_failed() {
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
+    let config = WorkerConfig {
+        max_deliver: 1,
+        ..worker_config()
+    };
+    let calls = Arc::new(AtomicU32::new(0));
+    let hanging = counting(&calls);
+    let worker = TestWorker::start(&nats, config.clone(), "jobs", move |_r: Request| {
+        hanging.fetch_add(1, Ordering::SeqCst);
+        async move {
+            std::future::pending::<()>().await;
+            Ok(Response::new(200))
+        }
+    })
+    .await;
+    let id = submit(&gw.base, "/jobs", "all-lost")
+        .body("{}")
+        .accepted()
+        .await;
+    eventually(
+        "the only attempt started",
+        Duration::from_secs(10),
+        || async { (calls.load(Ordering::SeqCst) == 1).then_some(()) },
+    )
+    .await;
+    worker.crash();
+    // The spare delivery goes to a consumer that dies without acking it, as a worker would.
+    let consumer: async_nats::jetstream::consumer::PullConsumer = nats
+        .jetstream()
+        .await
+        .get_consumer_from_stream("test-jobs", handlers::contract::DEFAULT_REQUESTS_STREAM)
+        .await
+        .unwrap();
+    let spare = eventually("the spare delivery", Duration::from_secs(10), || async {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(1)
+            .expires(Duration::from_secs(1))
+            .messages()
+            .await
+            .ok()?;
+        futures::StreamExt::next(&mut batch).await?.ok()
+    })
+    .await;
+    assert_eq!(
+        spare.info().unwrap().delivered,
+        2,
+        "the attempt and the spare"
+    );
+    drop(spare);
+    // A worker that is still around keeps pulling, so the server notices the exhausted request
+    // (it checks expired deliveries when it serves a pull) and publishes the advisory.
+    let _survivor = TestWorker::start(&nats, config, "jobs", echo()).await;
+    let statuses = poll_until_terminal(&gw.base, &id, Duration::from_secs(20)).await;
+    assert_eq!(statuses.last().unwrap(), "failed", "{statuses:?}");
+    let problem = assert_problem(get_result(&gw.base, &id).await, 500, "handler-failed").await;
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("Every delivery")
+    );
+}

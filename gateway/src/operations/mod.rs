@@ -16,6 +16,7 @@
 
 mod accept;
 mod destination;
+mod finalizer;
 pub mod idempotency;
 mod lookup;
 pub mod model;
@@ -131,6 +132,7 @@ impl Operations {
             background.retry_after_max_secs,
             stop.clone(),
         ));
+        tokio::spawn(finalizer::Finalizer::new(store.clone()).run(stop.clone()));
         let webhook_consumer = background.webhooks.map(|webhooks| {
             let consumer = webhooks.consumer_config();
             tokio::spawn(webhooks.run(stop.clone()));

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::message::StreamMessage;
-use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::jetstream::stream::{
+    Config, DirectGetErrorKind, DiscardPolicy, RetentionPolicy, StorageType,
+};
 use async_nats::{HeaderMap, jetstream};
 use bytes::Bytes;
 use handlers::contract::{Outcome, ResultRecord, Subjects};
@@ -183,6 +185,32 @@ impl Store {
 
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.js
+    }
+
+    /// The stream that keeps the workers' MAX_DELIVERIES advisories (see `finalizer`).
+    pub fn advisories_stream(&self) -> String {
+        format!("{}_ADVISORIES", self.requests_stream)
+    }
+
+    /// The request stored at `sequence` of the requests stream, if it is still there.
+    pub async fn request_at(&self, sequence: u64) -> Result<Option<StreamMessage>, StoreError> {
+        self.ensure_provisioned()?;
+        let stream = self
+            .js
+            .get_stream_no_info(&self.requests_stream)
+            .await
+            .map_err(|e| StoreError::Provision {
+                stream: self.requests_stream.clone(),
+                source: e.into(),
+            })?;
+        match stream.direct_get(sequence).await {
+            Ok(message) => Ok(Some(message)),
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::JetStream(JetStreamError::Get {
+                stream: self.requests_stream.clone(),
+                detail: e.to_string(),
+            })),
+        }
     }
 
     pub fn results_stream(&self) -> &str {
@@ -388,6 +416,33 @@ impl Store {
                     source: e.into(),
                 })?;
         }
+        // MAX_DELIVERIES advisories of the workers' consumers, kept for the finalizer: an
+        // advisory is a core NATS message, lost when nobody listens at that moment.
+        let mut advisories = Config {
+            name: self.advisories_stream(),
+            subjects: vec![format!(
+                "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.*",
+                self.requests_stream
+            )],
+            description: Some(
+                "MAX_DELIVERIES advisories of the gateway's requests, for its finalizer."
+                    .to_owned(),
+            ),
+            ..replaced.clone()
+        };
+        advisories.max_messages_per_subject = 0;
+        if let Ok(mut existing) = self.js.get_stream(&advisories.name).await
+            && let Ok(info) = existing.info().await
+        {
+            never_shrink(&mut advisories, &info.config);
+        }
+        self.js
+            .create_or_update_stream(advisories)
+            .await
+            .map_err(|e| StoreError::Provision {
+                stream: self.advisories_stream(),
+                source: e.into(),
+            })?;
         // The webhook consumer exists before the gateway is ready, so that no result of an
         // accepted request can land before it (it starts from new messages).
         if let Some(consumer) = webhook_consumer {
