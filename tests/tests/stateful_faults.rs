@@ -1,17 +1,25 @@
 //! The randomized fault test of exactly-once processing: state and output stay consistent, with no
-//! loss, no duplicate state change and no ghost message, under crashes at every step.
+//! loss, no duplicate state change and no ghost message, under crashes at every step, and under
+//! cancellations and deadlines racing the commits.
 //!
 //! 1,000 operations go through the gateway to three stateful counting worker processes that abort
 //! at random at every step (before the commit, between commit and publish, between publish and
 //! ack), sometimes block past AckWait (so a second worker gets the same request while the first
 //! still runs), and are restarted by a supervisor. 100 requests are also published a second
-//! time. Once every operation is terminal, the oracles:
-//! - no loss: every operation `succeeded`;
-//! - at most one state change per operation, and nothing lost: the counter equals 1,000;
-//! - one distinct result per operation, consistent with the committed state: the replies are
-//!   exactly 1..=1000, each the value its operation committed;
-//! - no ghosts: one processed marker per operation, one result per operation;
-//! - monotonic statuses on every poll.
+//! time, a tenth of the operations are cancelled at a random moment, and the route's 30 s timeout
+//! makes the slowest (the tail of the queue) expire, some while a worker commits them. The route names the workers' state store, so the gateway decides
+//! cancellations and expiries through the processed marker. Once every operation is terminal, the
+//! oracles, per operation:
+//! - it ended, and its statuses never went back;
+//! - it has one processed marker, and its status agrees with it: `succeeded` exactly when the marker
+//!   is a commit, and then its reply is the value it committed and its outgoing message exists;
+//!   `cancelled`, `expired` or `failed` exactly when the marker is a decision without a commit.
+//!
+//! And over all of them:
+//! - at most one state change per operation and nothing lost: the counter equals the number of
+//!   `succeeded` operations, and their replies are exactly 1..=that number;
+//! - no ghosts, no duplicates: one outgoing message per `succeeded` operation and none for the
+//!   others; one result per operation.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -24,8 +32,16 @@ use tokio_util::sync::CancellationToken;
 const WORKER_BIN: &str = env!("CARGO_BIN_EXE_stateful-worker");
 const OPERATIONS: usize = 1000;
 const DUPLICATES: usize = 100;
-const ROUTES: &str =
-    "[[route]]\nname = \"count\"\nmethod = \"POST\"\npath = \"/count\"\ntimeout = \"10m\"\n";
+const CANCELLED: usize = 100;
+const ROUTES: &str = r#"
+[[route]]
+name = "count"
+method = "POST"
+path = "/count"
+timeout = "30s"
+retention = "10m"
+state = { stream = "WK_COUNT", prefix = "wk" }
+"#;
 
 /// Keeps `n` worker processes running, restarting any that crash, until `stop`.
 fn supervise(
@@ -72,6 +88,15 @@ fn supervise(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashes_duplicates_and_stalls_never_break_exactly_once_processing() {
     let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
+    nats.jetstream()
+        .await
+        .create_or_update_stream(async_nats::jetstream::stream::Config {
+            name: "AUDIT".into(),
+            subjects: vec!["audit.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     let stop = CancellationToken::new();
     let restarts = Arc::new(AtomicU32::new(0));
     let supervisor = supervise(nats.url(), 3, stop.clone(), restarts.clone());
@@ -96,46 +121,101 @@ async fn crashes_duplicates_and_stalls_never_break_exactly_once_processing() {
     for (n, id) in ids.iter().step_by(OPERATIONS / DUPLICATES).enumerate() {
         duplicate_request(&nats, "count", id, &format!("dup-{n}")).await;
     }
+    // Cancels at spread-out moments, racing the workers' commits and the deadlines.
+    let cancels = futures::stream::iter(ids.iter().skip(3).step_by(OPERATIONS / CANCELLED))
+        .enumerate()
+        .map(|(n, id)| {
+            let (http, url) = (http.clone(), gw.url(&format!("/operations/{id}")));
+            async move {
+                tokio::time::sleep(Duration::from_millis((n as u64 * 37) % 2500)).await;
+                let status = http.delete(url).send().await.unwrap().status().as_u16();
+                assert!(matches!(status, 202 | 409), "cancel answered {status}");
+            }
+        })
+        .buffer_unordered(CANCELLED)
+        .collect::<Vec<()>>();
+    cancels.await;
 
-    let mut replies = Vec::with_capacity(OPERATIONS);
+    let mut outcomes = Vec::with_capacity(OPERATIONS);
     for id in &ids {
         let statuses = poll_until_terminal(&gw.base, id, Duration::from_secs(240)).await;
         assert_monotonic(&statuses);
-        assert_eq!(statuses.last().unwrap(), "succeeded", "{id}: {statuses:?}");
+        let status = statuses.last().unwrap().clone();
         let r = http
             .get(gw.url(&format!("/operations/{id}/result")))
             .send()
             .await
             .unwrap();
-        replies.push(json(r).await["counter"].as_u64().unwrap());
+        let reply = (status == "succeeded").then_some(());
+        let value = match reply {
+            Some(()) => Some(json(r).await["counter"].as_u64().unwrap()),
+            None => None,
+        };
+        outcomes.push((id.clone(), status, value));
     }
     stop.cancel();
     supervisor.await.unwrap();
 
     let restarted = restarts.load(Ordering::Relaxed);
-    eprintln!("{OPERATIONS} operations, {DUPLICATES} duplicates, {restarted} worker crashes");
+    let count = |s: &str| outcomes.iter().filter(|(_, status, _)| status == s).count();
+    let succeeded = count("succeeded");
+    eprintln!(
+        "{OPERATIONS} operations, {DUPLICATES} duplicates, {CANCELLED} cancels, {restarted} worker crashes: {succeeded} succeeded, {} cancelled, {} expired, {} failed",
+        count("cancelled"),
+        count("expired"),
+        count("failed")
+    );
     assert!(
         restarted >= 3,
         "the faults must actually happen ({restarted} crashes)"
     );
+    assert!(count("cancelled") > 0, "some cancels must win");
+    assert!(succeeded > OPERATIONS / 2, "most operations succeed");
 
+    // Per operation: the status agrees with the processed marker.
+    let client = nats.client().await;
+    let audit = audited(&nats).await;
+    for (id, status, _) in &outcomes {
+        let marker =
+            handlers::jetstream::last_on_subject(&client, "WK_COUNT", &format!("wk.done.{id}"))
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("{id} ({status}) has no processed marker"));
+        let marker: serde_json::Value = serde_json::from_slice(&marker.payload).unwrap();
+        let committed = marker.get("decided").is_none();
+        assert_eq!(
+            committed,
+            status == "succeeded",
+            "{id}: status {status}, marker {marker}"
+        );
+        assert_eq!(
+            audit.contains(id.as_str()),
+            committed,
+            "{id}: an outgoing message exactly when it committed"
+        );
+    }
+    let mut replies: Vec<u64> = outcomes.iter().filter_map(|(_, _, v)| *v).collect();
     replies.sort_unstable();
     assert_eq!(
         replies,
-        (1..=OPERATIONS as u64).collect::<Vec<_>>(),
+        (1..=succeeded as u64).collect::<Vec<_>>(),
         "each reply is the value its operation committed"
     );
-    let client = nats.client().await;
     let counter = handlers::jetstream::last_on_subject(&client, "WK_COUNT", "wk.state.counter")
         .await
         .unwrap()
         .unwrap();
     assert_eq!(
         serde_json::from_slice::<u64>(&counter.payload).unwrap(),
-        OPERATIONS as u64,
-        "one state change per operation"
+        succeeded as u64,
+        "one state change per succeeded operation, none for the others"
     );
     let js = nats.jetstream().await;
+    assert_eq!(
+        stream_messages(&js, "AUDIT").await,
+        succeeded as u64,
+        "one outgoing message per succeeded operation, no ghosts"
+    );
     let markers = js
         .get_stream("WK_COUNT")
         .await
@@ -145,13 +225,28 @@ async fn crashes_duplicates_and_stalls_never_break_exactly_once_processing() {
         .unwrap()
         .count()
         .await;
-    assert_eq!(
-        markers, OPERATIONS,
-        "one processed marker per operation, no ghosts"
-    );
+    assert_eq!(markers, OPERATIONS, "one processed marker per operation");
     assert_eq!(
         stream_messages(&js, "GW_RESULTS").await,
         OPERATIONS as u64,
         "one result per operation"
     );
+}
+
+/// The operation ids in the AUDIT stream (the workers' outgoing messages).
+async fn audited(nats: &Nats) -> std::collections::HashSet<String> {
+    let js = nats.jetstream().await;
+    let stream = js.get_stream("AUDIT").await.unwrap();
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .unwrap();
+    let total = stream_messages(&js, "AUDIT").await;
+    let mut messages = consumer.messages().await.unwrap();
+    let mut ids = std::collections::HashSet::new();
+    for _ in 0..total {
+        let m = messages.next().await.unwrap().unwrap();
+        ids.insert(String::from_utf8(m.payload.to_vec()).unwrap());
+    }
+    ids
 }

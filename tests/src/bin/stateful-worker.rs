@@ -1,5 +1,5 @@
-//! A stateful counting worker process for the fault test: each operation adds one to a counter and
-//! replies with the value it committed. Built with the `handlers` crash points, so the test can
+//! A stateful counting worker process for the fault test: each operation adds one to a counter,
+//! emits its operation id to `audit.count`, and replies with the value it committed. Built with the `handlers` crash points, so the test can
 //! make it abort (`HANDLERS_CRASH_PERCENT`, `HANDLERS_CRASH_POINTS`); with `STALL_PERCENT` a handler
 //! sometimes blocks its thread past AckWait, so the request is redelivered to another worker
 //! while it still runs.
@@ -47,6 +47,7 @@ async fn main() -> anyhow::Result<()> {
             std::thread::sleep(stall);
         }
         ctx.save("counter", &(value + 1));
+        ctx.emit("audit.count", ctx.request().operation_id.as_bytes());
         Ok(Response::json(
             200,
             &serde_json::json!({ "counter": value + 1 }),
