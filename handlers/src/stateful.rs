@@ -68,6 +68,8 @@ pub enum StateError {
     JetStream(#[from] JetStreamError),
     #[error("atomic commit failed: {0}")]
     Commit(String),
+    #[error("the marker of {0} is taken but cannot be read; try again")]
+    Undecided(String),
 }
 
 impl StateStore {
@@ -159,20 +161,26 @@ impl StateStore {
         let mut headers = HeaderMap::new();
         headers.insert(crate::contract::header::OPERATION_ID, operation_id);
         let payload = Bytes::from(serde_json::to_vec(&decision).expect("a marker serializes"));
-        let written = create_if_absent(
-            &self.js,
-            self.marker_subject(operation_id),
-            headers,
-            payload,
-            Some(self.marker_ttl(retention)),
-        )
-        .await?;
-        if written == CreateOutcome::Created {
-            return Ok(decision);
+        // Refused, then not found: the holder's TTL ended in between (or a replicated store is
+        // applying it). Try again rather than assume this decision won: only a stored marker is
+        // an outcome.
+        for _ in 0..3 {
+            let written = create_if_absent(
+                &self.js,
+                self.marker_subject(operation_id),
+                headers.clone(),
+                payload.clone(),
+                Some(self.marker_ttl(retention)),
+            )
+            .await?;
+            if written == CreateOutcome::Created {
+                return Ok(decision);
+            }
+            if let Some(marker) = self.marker(operation_id).await? {
+                return Ok(marker);
+            }
         }
-        // Taken: read what holds it. (Gone again at once would mean its TTL ended: then this
-        // decision is what the operation is left with.)
-        Ok(self.marker(operation_id).await?.unwrap_or(decision))
+        Err(StateError::Undecided(operation_id.to_owned()))
     }
 
     /// Loads a key's value and the sequence it was stored at (0: never stored).
@@ -480,10 +488,15 @@ pub enum Committed {
 
 /// Runs a stateful handler for one request under the commit protocol above. `Err` with a
 /// `HandlerError` means: nothing was committed, retry later.
+///
+/// `commit_by` is when the request stops existing (its publish time plus its retention, less the
+/// clock allowance): a run still going then commits nothing, because every marker that could
+/// refuse its commit (a cancellation, an expiry) is only kept that long.
 pub async fn run(
     store: &StateStore,
     handler: &dyn StatefulHandler,
     request: Request,
+    commit_by: Option<time::OffsetDateTime>,
 ) -> Result<Committed, HandlerError> {
     let op = request.operation_id.clone();
     let retention = request.retention_secs.map(Duration::from_secs);
@@ -519,6 +532,9 @@ pub async fn run(
     // same: the gateway claims it before it writes `cancelled`, so then this commit is refused.
     if ctx.request.cancellation.is_cancelled() {
         return Err("the operation was cancelled; nothing was committed".into());
+    }
+    if commit_by.is_some_and(|by| time::OffsetDateTime::now_utc() >= by) {
+        return Err("the operation's retention ended while it ran; nothing was committed".into());
     }
     crate::faults::crash_point("before-commit");
     if store.commit(&op, changes, &outbox, retention).await? {

@@ -88,7 +88,7 @@ impl WorkerConfig {
             filter_subject: self.subjects.route_requests(route),
             ack_policy: AckPolicy::Explicit,
             ack_wait: self.ack_wait,
-            max_deliver: self.max_deliver + FINALIZING_DELIVERIES,
+            max_deliver: self.max_deliver.saturating_add(FINALIZING_DELIVERIES),
             // No more deliveries outstanding than can be handled at once, so none waits in a
             // buffer while its AckWait runs out.
             max_ack_pending: i64::try_from(self.max_in_flight).unwrap_or(i64::MAX),
@@ -113,6 +113,8 @@ pub enum WorkerError {
     Stream { stream: String, detail: String },
     #[error("cannot create consumer {consumer}: {detail}")]
     Consumer { consumer: String, detail: String },
+    #[error("max_deliver must be at least 1 (the handler's attempts), not {0}")]
+    MaxDeliver(i64),
 }
 
 /// Counters a worker keeps; tests and operators read them.
@@ -181,6 +183,10 @@ impl Worker {
     /// Consumes every registered route until `shutdown` is cancelled. Deliveries in flight at
     /// shutdown are finished first.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        // JetStream reads 0 and -1 as "unlimited": no attempt would ever be the last.
+        if self.config.max_deliver < 1 {
+            return Err(WorkerError::MaxDeliver(self.config.max_deliver));
+        }
         let stream = self
             .js
             .get_stream(&self.config.requests_stream)
@@ -498,7 +504,18 @@ impl RouteWorker {
                     Ok(Outbox::reply_of(&record))
                 }
                 RouteHandler::Stateful(store, handler) => {
-                    match stateful::run(store, handler.as_ref(), request).await? {
+                    // The request (and every marker that could refuse this commit) lives until
+                    // its publish time plus its retention.
+                    let commit_by =
+                        message
+                            .info()
+                            .ok()
+                            .zip(request.retention_secs)
+                            .map(|(info, secs)| {
+                                info.published + Duration::from_secs(secs)
+                                    - self.config.expiry_grace
+                            });
+                    match stateful::run(store, handler.as_ref(), request, commit_by).await? {
                         Committed::Now(marker) | Committed::Before(marker) => Ok(marker),
                     }
                 }

@@ -9,7 +9,8 @@ use std::time::Duration;
 use gateway_tests::*;
 use handlers::{Permanent, Request, Response, WorkerConfig};
 
-const ROUTES: &str = "[[route]]\nname = \"jobs\"\nmethod = \"POST\"\npath = \"/jobs\"\n";
+const ROUTES: &str =
+    "[[route]]\nname = \"jobs\"\nmethod = \"POST\"\npath = \"/jobs\"\nconsumer = \"test-jobs\"\n";
 
 fn counting(calls: &Arc<AtomicU32>) -> Arc<AtomicU32> {
     calls.clone()

@@ -50,8 +50,9 @@ pub struct DispatchArgs {
     /// How long one upstream call may take before it counts as failed (and is retried).
     #[arg(long, env = "GATEWAY_DISPATCH_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
-    /// Deliveries per request before the operation ends `failed`.
-    #[arg(long, env = "GATEWAY_DISPATCH_MAX_DELIVER", default_value_t = 10)]
+    /// Attempts per request before the operation ends `failed` (the consumer allows one delivery
+    /// more, which only ends it).
+    #[arg(long, env = "GATEWAY_DISPATCH_MAX_DELIVER", default_value_t = 10, value_parser = clap::value_parser!(i64).range(1..=1_000_000))]
     pub max_deliver: i64,
     /// First retry delay after a failed call; doubles per delivery.
     #[arg(long, env = "GATEWAY_DISPATCH_RETRY_BASE", default_value = "500ms", value_parser = humantime::parse_duration)]

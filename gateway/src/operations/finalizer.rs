@@ -12,6 +12,7 @@
 //! state store, a tombstone on the processed marker (a commit that got there first is published
 //! instead). An advisory is acked only once that is done, so a crash here retries it.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,18 +33,24 @@ const CONSUMER: &str = "gateway-finalizer";
 /// The finalizer loop of one gateway process.
 pub struct Finalizer {
     store: Arc<Store>,
+    /// The routes' worker consumers: only their advisories end operations (another durable on
+    /// the requests stream, an audit or a canary, gives up on its own copy only).
+    consumers: HashSet<String>,
 }
 
 /// The fields of a MAX_DELIVERIES advisory that matter here.
 #[derive(serde::Deserialize)]
 struct MaxDeliveries {
+    consumer: String,
     stream_seq: u64,
     deliveries: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    timestamp: time::OffsetDateTime,
 }
 
 impl Finalizer {
-    pub(super) fn new(store: Arc<Store>) -> Self {
-        Self { store }
+    pub(super) fn new(store: Arc<Store>, consumers: HashSet<String>) -> Self {
+        Self { store, consumers }
     }
 
     /// Finalizes until `stop`; (re)creates the shared consumer as needed.
@@ -68,6 +75,9 @@ impl Finalizer {
                 deliver_policy: DeliverPolicy::All,
                 ack_policy: AckPolicy::Explicit,
                 ack_wait: Duration::from_secs(30),
+                // An advisory that cannot be finalized (a request that breaks the contract, a
+                // state store that is gone) is not retried forever.
+                max_deliver: 100,
                 ..Default::default()
             })
             .await?;
@@ -99,9 +109,17 @@ impl Finalizer {
             tracing::warn!(subject = %message.subject, "Not a MAX_DELIVERIES advisory; dropped.");
             return Ok(());
         };
+        if !self.consumers.contains(&advisory.consumer) {
+            return Ok(());
+        }
         let Some(request) = self.store.request_at(advisory.stream_seq).await? else {
             return Ok(());
         };
+        // A request stored after the advisory sits at a reused sequence (the stream was
+        // re-created): not the one that was given up on.
+        if request.time > advisory.timestamp {
+            return Ok(());
+        }
         let mut operation = Operation::from_request(&request)?;
         if self.store.result(operation.id()).await?.is_some() {
             return Ok(());
@@ -118,8 +136,10 @@ impl Finalizer {
             "Handler failed",
             &detail,
         );
-        operation.result = Some(self.store.record_marker(&operation, failed).await?);
-        tracing::warn!(operation_id = %operation.id(), deliveries = advisory.deliveries, "Every delivery was lost; operation finalized.");
+        let stored = self.store.record_marker(&operation, failed).await?;
+        let status = super::model::Status::of(&stored.record).name();
+        operation.result = Some(stored);
+        tracing::warn!(operation_id = %operation.id(), deliveries = advisory.deliveries, status, "Every delivery was lost; operation ended.");
         Ok(())
     }
 }

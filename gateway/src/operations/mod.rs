@@ -126,13 +126,18 @@ impl Operations {
                 stop.clone(),
             ));
         }
+        let consumers = background
+            .consumers
+            .iter()
+            .map(|(_, c)| c.clone())
+            .collect();
+        tokio::spawn(finalizer::Finalizer::new(store.clone(), consumers).run(stop.clone()));
         tokio::spawn(self.retry_after.clone().follow(
             store.clone(),
             background.consumers,
             background.retry_after_max_secs,
             stop.clone(),
         ));
-        tokio::spawn(finalizer::Finalizer::new(store.clone()).run(stop.clone()));
         let webhook_consumer = background.webhooks.map(|webhooks| {
             let consumer = webhooks.consumer_config();
             tokio::spawn(webhooks.run(stop.clone()));

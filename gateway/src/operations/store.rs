@@ -9,6 +9,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::context::GetStreamErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::stream::{
@@ -402,10 +404,8 @@ impl Store {
             // them asked for, so that no replica deletes what another accepted. (A smaller
             // `max_age` would remove live idempotency records: a message's `Nats-TTL` does not
             // outlive its stream's `max_age`, https://github.com/nats-io/nats-architecture-and-design/blob/main/adr/ADR-43.md.)
-            if let Ok(mut existing) = self.js.get_stream(name).await
-                && let Ok(info) = existing.info().await
-            {
-                never_shrink(&mut config, &info.config);
+            if let Some(live) = self.live_config(name).await? {
+                never_shrink(&mut config, &live);
             }
             replicas = replicas.max(config.num_replicas);
             self.js
@@ -431,18 +431,25 @@ impl Store {
             ..replaced.clone()
         };
         advisories.max_messages_per_subject = 0;
-        if let Ok(mut existing) = self.js.get_stream(&advisories.name).await
-            && let Ok(info) = existing.info().await
-        {
-            never_shrink(&mut advisories, &info.config);
+        // The backstop is optional: an account that already captures these advisories in another
+        // stream (subjects cannot overlap) still gets a working gateway, without the finalizer.
+        let advisories_name = advisories.name.clone();
+        let provisioned = async {
+            if let Some(live) = self.live_config(&advisories_name).await? {
+                never_shrink(&mut advisories, &live);
+            }
+            self.js
+                .create_or_update_stream(advisories)
+                .await
+                .map_err(|e| StoreError::Provision {
+                    stream: advisories_name.clone(),
+                    source: e.into(),
+                })
         }
-        self.js
-            .create_or_update_stream(advisories)
-            .await
-            .map_err(|e| StoreError::Provision {
-                stream: self.advisories_stream(),
-                source: e.into(),
-            })?;
+        .await;
+        if let Err(error) = provisioned {
+            tracing::warn!(%error, "No stream for MAX_DELIVERIES advisories: operations whose every delivery is lost wait for a read past their deadline.");
+        }
         // The webhook consumer exists before the gateway is ready, so that no result of an
         // accepted request can land before it (it starts from new messages).
         if let Some(consumer) = webhook_consumer {
@@ -463,6 +470,24 @@ impl Store {
         self.replicated.store(replicas > 1, Ordering::Release);
         self.provisioned.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// The configuration of a live stream, `None` when it does not exist. Any other error stops
+    /// provisioning (it retries): a stream that cannot be read must not be overwritten blind.
+    async fn live_config(&self, name: &str) -> Result<Option<Config>, StoreError> {
+        match self.js.get_stream(name).await {
+            Ok(stream) => Ok(Some(stream.cached_info().config.clone())),
+            Err(e)
+                if matches!(e.kind(), GetStreamErrorKind::JetStream(ref j)
+                    if j.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(StoreError::Provision {
+                stream: name.to_owned(),
+                source: e.into(),
+            }),
+        }
     }
 
     fn ensure_provisioned(&self) -> Result<(), StoreError> {
