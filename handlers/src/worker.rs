@@ -413,15 +413,7 @@ impl RouteWorker {
                 "The handler's {} attempts were used up without an answer (crashed or stalled).",
                 self.config.max_deliver
             );
-            let problem = ResultRecord::problem(
-                Outcome::Reply,
-                &op,
-                500,
-                "handler-failed",
-                "Handler failed",
-                &detail,
-            );
-            (problem, false)
+            (handler_failed(&op, &detail), false)
         } else if OffsetDateTime::now_utc() > request.deadline + self.config.expiry_grace {
             tracing::info!(operation_id = %op, delivered, "Deadline passed before handling; marking the operation expired.");
             (ResultRecord::expired(&op, request.deadline), false)
@@ -452,15 +444,7 @@ impl RouteWorker {
                         let detail = format!(
                             "The handler failed on all {delivered} deliveries; the last error: {error}"
                         );
-                        let problem = ResultRecord::problem(
-                            Outcome::Reply,
-                            &op,
-                            500,
-                            "handler-failed",
-                            "Handler failed",
-                            &detail,
-                        );
-                        (problem, false)
+                        (handler_failed(&op, &detail), false)
                     } else {
                         return Err(Failure::Handler(error));
                     }
@@ -554,6 +538,19 @@ enum Answered {
 enum Failure {
     Handler(HandlerError),
     JetStream(JetStreamError),
+}
+
+/// The `failed` record of an operation the handler could not answer: a 500 `handler-failed`
+/// problem saying why.
+fn handler_failed(operation_id: &str, detail: &str) -> ResultRecord {
+    ResultRecord::problem(
+        Outcome::Reply,
+        operation_id,
+        500,
+        "handler-failed",
+        "Handler failed",
+        detail,
+    )
 }
 
 /// A state store that cannot be read or written now: like a JetStream error, the delivery is

@@ -16,6 +16,20 @@ fn counting(calls: &Arc<AtomicU32>) -> Arc<AtomicU32> {
     calls.clone()
 }
 
+/// A worker on `jobs` whose handler counts its call in `calls`, then never returns (it holds the
+/// delivery until the worker is stopped or crashed).
+async fn hanging_worker(nats: &Nats, config: WorkerConfig, calls: &Arc<AtomicU32>) -> TestWorker {
+    let hanging = counting(calls);
+    TestWorker::start(nats, config, "jobs", move |_r: Request| {
+        hanging.fetch_add(1, Ordering::SeqCst);
+        async move {
+            std::future::pending::<()>().await;
+            Ok(Response::new(200))
+        }
+    })
+    .await
+}
+
 /// Every delivery fails: after the last one the operation is `failed` with a 500 problem naming
 /// the last error, never left pending.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -161,15 +175,7 @@ async fn a_crash_on_the_last_attempt_still_ends_the_operation_failed() {
         ..worker_config()
     };
     let calls = Arc::new(AtomicU32::new(0));
-    let hanging = counting(&calls);
-    let first = TestWorker::start(&nats, config.clone(), "jobs", move |_r: Request| {
-        hanging.fetch_add(1, Ordering::SeqCst);
-        async move {
-            std::future::pending::<()>().await;
-            Ok(Response::new(200))
-        }
-    })
-    .await;
+    let first = hanging_worker(&nats, config.clone(), &calls).await;
     let id = submit(&gw.base, "/jobs", "dies-holding-it")
         .body("{}")
         .accepted()
@@ -215,15 +221,7 @@ async fn an_operation_whose_every_delivery_is_lost_ends_failed() {
         ..worker_config()
     };
     let calls = Arc::new(AtomicU32::new(0));
-    let hanging = counting(&calls);
-    let worker = TestWorker::start(&nats, config.clone(), "jobs", move |_r: Request| {
-        hanging.fetch_add(1, Ordering::SeqCst);
-        async move {
-            std::future::pending::<()>().await;
-            Ok(Response::new(200))
-        }
-    })
-    .await;
+    let worker = hanging_worker(&nats, config.clone(), &calls).await;
     let id = submit(&gw.base, "/jobs", "all-lost")
         .body("{}")
         .accepted()
