@@ -405,13 +405,13 @@ impl RouteWorker {
         if let Some(marker) = self.marker(&op).await? {
             return publish(marker, false).await;
         }
-        let (record, terminate) = if delivered > self.config.max_deliver {
+        let attempts = self.attempts(delivered).await;
+        let (record, terminate) = if delivered > attempts {
             // Past the handler's attempts: its earlier deliveries crashed or stalled. This one
             // only ends the operation.
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
             let detail = format!(
-                "The handler's {} attempts were used up without an answer (crashed or stalled).",
-                self.config.max_deliver
+                "The handler's {attempts} attempts were used up without an answer (crashed or stalled)."
             );
             (handler_failed(&op, &detail), false)
         } else if OffsetDateTime::now_utc() > request.deadline + self.config.expiry_grace {
@@ -437,7 +437,7 @@ impl RouteWorker {
                             &p.detail,
                         );
                         (problem, true)
-                    } else if delivered >= self.config.max_deliver {
+                    } else if delivered >= attempts {
                         // The last attempt: end the operation `failed` rather than leave it
                         // pending until it expires.
                         self.stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -462,6 +462,31 @@ impl RouteWorker {
                 .map_err(state_failure)?,
         };
         publish(marker, terminate).await
+    }
+
+    /// The handler's attempts on this route: what the durable consumer allows, less the spare
+    /// delivery. Processes with other settings may have updated the shared consumer since this one
+    /// created it, so a redelivery asks the consumer. (A first delivery is taken to be within the
+    /// attempts; should the consumer allow only one, its spare delivery finalizes.)
+    async fn attempts(&self, delivered: i64) -> i64 {
+        if delivered <= 1 {
+            return self.config.max_deliver;
+        }
+        match self.stream.consumer_info(self.consumer_name()).await {
+            Ok(info) if info.config.max_deliver > FINALIZING_DELIVERIES => {
+                let attempts = info.config.max_deliver - FINALIZING_DELIVERIES;
+                if attempts != self.config.max_deliver {
+                    tracing::debug!(
+                        consumer = self.consumer_name(),
+                        attempts,
+                        configured = self.config.max_deliver,
+                        "The shared consumer allows a different number of attempts than configured here; following the consumer."
+                    );
+                }
+                attempts
+            }
+            _ => self.config.max_deliver,
+        }
     }
 
     /// The marker of a stateful route's operation (`None` on stateless routes).

@@ -270,3 +270,58 @@ async fn an_operation_whose_every_delivery_is_lost_ends_failed() {
             .contains("Every delivery")
     );
 }
+
+/// Workers with different `max_deliver` share one durable consumer, which keeps the setting of the
+/// last one that started: the handler's attempts follow the consumer, not each process's own
+/// setting. (Before, a process configured with more attempts ran the handler on the consumer's
+/// spare delivery too, and the operation ended only through the backstop.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_attempts_follow_the_shared_consumer_not_the_local_setting() {
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
+    let calls = Arc::new(AtomicU32::new(0));
+    let failing = counting(&calls);
+    let generous = WorkerConfig {
+        max_deliver: 1000,
+        ..worker_config()
+    };
+    let _a = TestWorker::start(&nats, generous, "jobs", move |_r: Request| {
+        failing.fetch_add(1, Ordering::SeqCst);
+        async move { Err::<Response, _>("the database is down".into()) }
+    })
+    .await;
+    let js = nats.jetstream().await;
+    let consumer_max = || async {
+        let mut c: async_nats::jetstream::consumer::PullConsumer = js
+            .get_consumer_from_stream("test-jobs", handlers::contract::DEFAULT_REQUESTS_STREAM)
+            .await
+            .ok()?;
+        Some(c.info().await.ok()?.config.max_deliver)
+    };
+    eventually(
+        "worker A created the consumer",
+        Duration::from_secs(10),
+        || async { (consumer_max().await == Some(1001)).then_some(()) },
+    )
+    .await;
+    let strict = WorkerConfig {
+        max_deliver: 2,
+        ..worker_config()
+    };
+    let b = TestWorker::start(&nats, strict, "jobs", echo()).await;
+    eventually("worker B updated it", Duration::from_secs(10), || async {
+        (consumer_max().await == Some(3)).then_some(())
+    })
+    .await;
+    b.stop().await;
+    let id = submit(&gw.base, "/jobs", "shared-consumer")
+        .body("{}")
+        .accepted()
+        .await;
+    let statuses = poll_until_terminal(&gw.base, &id, Duration::from_secs(15)).await;
+    assert_eq!(statuses.last().unwrap(), "failed", "{statuses:?}");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "the consumer's two attempts, no more"
+    );
+}
