@@ -16,6 +16,43 @@ fn counting(calls: &Arc<AtomicU32>) -> Arc<AtomicU32> {
     calls.clone()
 }
 
+/// A gateway, a request on `jobs`, and a worker that died holding its only attempt
+/// (`max_deliver = 1`).
+struct Lost {
+    nats: Nats,
+    gw: InProcessGateway,
+    id: String,
+    /// The workers' settings (one attempt).
+    config: WorkerConfig,
+    /// Handler calls so far (the lost attempt's: 1).
+    calls: Arc<AtomicU32>,
+}
+
+async fn lose_the_only_attempt(key: &str) -> Lost {
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
+    let config = WorkerConfig {
+        max_deliver: 1,
+        ..worker_config()
+    };
+    let calls = Arc::new(AtomicU32::new(0));
+    let worker = hanging_worker(&nats, config.clone(), &calls).await;
+    let id = submit(&gw.base, "/jobs", key).body("{}").accepted().await;
+    eventually(
+        "the only attempt started",
+        Duration::from_secs(10),
+        || async { (calls.load(Ordering::SeqCst) == 1).then_some(()) },
+    )
+    .await;
+    worker.crash();
+    Lost {
+        nats,
+        gw,
+        id,
+        config,
+        calls,
+    }
+}
+
 /// A worker on `jobs` whose handler counts its call in `calls`, then never returns (it holds the
 /// delivery until the worker is stopped or crashed).
 async fn hanging_worker(nats: &Nats, config: WorkerConfig, calls: &Arc<AtomicU32>) -> TestWorker {
@@ -169,24 +206,13 @@ async fn a_worker_whose_consumer_is_deleted_creates_it_again() {
 /// redelivered it and the operation stayed pending until its deadline.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_on_the_last_attempt_still_ends_the_operation_failed() {
-    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
-    let config = WorkerConfig {
-        max_deliver: 1,
-        ..worker_config()
-    };
-    let calls = Arc::new(AtomicU32::new(0));
-    let first = hanging_worker(&nats, config.clone(), &calls).await;
-    let id = submit(&gw.base, "/jobs", "dies-holding-it")
-        .body("{}")
-        .accepted()
-        .await;
-    eventually(
-        "the only attempt started",
-        Duration::from_secs(10),
-        || async { (calls.load(Ordering::SeqCst) == 1).then_some(()) },
-    )
-    .await;
-    first.crash();
+    let Lost {
+        nats,
+        gw,
+        id,
+        config,
+        calls,
+    } = lose_the_only_attempt("dies-holding-it").await;
     let seen = counting(&calls);
     let _second = TestWorker::start(&nats, config, "jobs", move |_r: Request| {
         seen.fetch_add(1, Ordering::SeqCst);
@@ -215,24 +241,13 @@ async fn a_crash_on_the_last_attempt_still_ends_the_operation_failed() {
 /// past its deadline.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operation_whose_every_delivery_is_lost_ends_failed() {
-    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
-    let config = WorkerConfig {
-        max_deliver: 1,
-        ..worker_config()
-    };
-    let calls = Arc::new(AtomicU32::new(0));
-    let worker = hanging_worker(&nats, config.clone(), &calls).await;
-    let id = submit(&gw.base, "/jobs", "all-lost")
-        .body("{}")
-        .accepted()
-        .await;
-    eventually(
-        "the only attempt started",
-        Duration::from_secs(10),
-        || async { (calls.load(Ordering::SeqCst) == 1).then_some(()) },
-    )
-    .await;
-    worker.crash();
+    let Lost {
+        nats,
+        gw,
+        id,
+        config,
+        ..
+    } = lose_the_only_attempt("all-lost").await;
     // The spare delivery goes to a consumer that dies without acking it, as a worker would.
     let consumer: async_nats::jetstream::consumer::PullConsumer = nats
         .jetstream()

@@ -64,27 +64,20 @@ impl Finalizer {
     }
 
     async fn consume(&self, stop: &CancellationToken) -> Result<(), ConsumeError> {
-        let stream = self
+        let config = pull::Config {
+            durable_name: Some(CONSUMER.to_owned()),
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            // An advisory that cannot be finalized (a request that breaks the contract, a
+            // state store that is gone) is not retried forever.
+            max_deliver: 100,
+            ..Default::default()
+        };
+        let messages = self
             .store
-            .jetstream()
-            .get_stream(self.store.advisories_stream())
+            .pull(&self.store.advisories_stream(), config)
             .await?;
-        let consumer = stream
-            .create_consumer(pull::Config {
-                durable_name: Some(CONSUMER.to_owned()),
-                deliver_policy: DeliverPolicy::All,
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
-                // An advisory that cannot be finalized (a request that breaks the contract, a
-                // state store that is gone) is not retried forever.
-                max_deliver: 100,
-                ..Default::default()
-            })
-            .await?;
-        let messages = consumer
-            .messages()
-            .await
-            .map_err(|e| ConsumeError::Messages(e.into()))?;
         messages
             .take_until(stop.cancelled())
             .for_each_concurrent(8, |message| async move {

@@ -189,6 +189,23 @@ impl Store {
         &self.js
     }
 
+    /// The messages of a durable pull consumer on `stream`, created (or found) with `config`: the
+    /// start of each background loop (webhooks, finalizer).
+    pub async fn pull(
+        &self,
+        stream: &str,
+        config: async_nats::jetstream::consumer::pull::Config,
+    ) -> Result<async_nats::jetstream::consumer::pull::Stream, ConsumeError> {
+        self.js
+            .get_stream(stream)
+            .await?
+            .create_consumer(config)
+            .await?
+            .messages()
+            .await
+            .map_err(|e| ConsumeError::Messages(e.into()))
+    }
+
     /// The stream that keeps the workers' MAX_DELIVERIES advisories (see `finalizer`).
     pub fn advisories_stream(&self) -> String {
         format!("{}_ADVISORIES", self.requests_stream)

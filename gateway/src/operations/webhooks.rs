@@ -154,13 +154,8 @@ impl Webhooks {
     }
 
     async fn consume(self: &Arc<Self>, stop: &CancellationToken) -> Result<(), ConsumeError> {
-        let js = self.store.jetstream();
-        let stream = js.get_stream(self.store.results_stream()).await?;
-        let consumer = stream.create_consumer(self.consumer_config()).await?;
-        let messages = consumer
-            .messages()
-            .await
-            .map_err(|e| ConsumeError::Messages(e.into()))?;
+        let results = self.store.results_stream().to_owned();
+        let messages = self.store.pull(&results, self.consumer_config()).await?;
         messages
             .take_until(stop.cancelled())
             .for_each_concurrent(32, |message| {
