@@ -273,6 +273,7 @@ proptest! {
                 query: p.2.as_deref(),
                 content_type: p.3.as_deref(),
                 body: &p.4,
+                callback_url: None,
             }
             .fingerprint()
         };
@@ -1200,7 +1201,7 @@ proptest! {
             query: query.as_deref(),
             content_type: content_type.as_deref(),
             forwarded: forwarded.clone(),
-            callback_url: with_callback.then(|| "https://hooks.example/cb".to_owned()),
+            requested_callback_url: with_callback.then(|| "https://hooks.example/cb".to_owned()),
             body: Bytes::from(body.clone()),
         };
         let deadline = now().checked_add(time::Duration::try_from(loaded.timeout).unwrap_or(time::Duration::MAX));
@@ -1233,7 +1234,7 @@ proptest! {
         prop_assert_eq!(request.fingerprint.as_deref(), Some(fingerprint.as_str()));
         let stored_key = request.idempotency_key.clone().unwrap();
         prop_assert_eq!(decode_key(stored_key.as_bytes()), Ok(key));
-        prop_assert_eq!(request.callback_url.is_some(), with_callback);
+        prop_assert_eq!(request.callback_url.is_some(), with_callback || loaded.callback_url.is_some());
         prop_assert_eq!(&request.body[..], &body[..]);
         for (n, v) in &forwarded {
             prop_assert!(

@@ -376,6 +376,185 @@ async fn ack_timeout_answers_503_and_the_retry_finds_the_stored_request() {
     );
 }
 
+/// A client that sends no key learns the one the gateway assigned from every answer, the 503 of
+/// an unconfirmed write included, so its retry converges on one message instead of leaving the
+/// first as a ghost nobody reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyless_request_learns_its_key_even_from_a_503_and_converges() {
+    let TestGateway { nats, gw } = TestGateway::builder(TEST_ROUTES).start().await;
+    let http = http();
+    let keyless = || {
+        http.post(gw.url("/orders"))
+            .header("content-type", "application/json")
+            .body(r#"{"n":3}"#)
+            .send()
+    };
+
+    nats.pause();
+    let r = keyless().await.unwrap();
+    nats.resume();
+    assert_eq!(r.status(), 503);
+    let key = r
+        .headers()
+        .get("idempotency-key")
+        .expect("the assigned key comes with the 503")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_problem(r, 503, "outcome-unknown").await;
+
+    let retry = eventually(
+        "the retry with the assigned key",
+        Duration::from_secs(10),
+        || {
+            let http = http.clone();
+            let key = key.clone();
+            let url = gw.url("/orders");
+            async move {
+                let r = http
+                    .post(url)
+                    .header("content-type", "application/json")
+                    .header("idempotency-key", key)
+                    .body(r#"{"n":3}"#)
+                    .send()
+                    .await
+                    .unwrap();
+                (r.status() == 202).then_some(r)
+            }
+        },
+    )
+    .await;
+    assert_eq!(retry.headers()["idempotency-key"].to_str().unwrap(), key);
+    assert_eq!(
+        stream_messages(&nats.jetstream().await, DEFAULT_REQUESTS_STREAM).await,
+        1,
+        "the retry found the frozen write, or made the only one"
+    );
+
+    // Errors after the key is known carry it too; errors about the key itself cannot.
+    let too_large = http
+        .post(gw.url("/orders"))
+        .body(vec![b'x'; 65 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert!(too_large.headers().contains_key("idempotency-key"));
+    assert_problem(too_large, 413, "payload-too-large").await;
+    let bad_key = http
+        .post(gw.url("/orders"))
+        .header("idempotency-key", "\"unterminated")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert!(!bad_key.headers().contains_key("idempotency-key"));
+    assert_problem(bad_key, 400, "idempotency-key-invalid").await;
+}
+
+/// The client's `Callback-Url` is part of the request the key is bound to: a retry that adds one
+/// is refused (422) rather than silently replayed without ever notifying it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_that_adds_a_callback_url_is_another_request() {
+    let TestGateway { nats, gw } = TestGateway::builder(TEST_ROUTES)
+        .flags([
+            "--callback-allow",
+            "http://127.0.0.1:9/",
+            "--callback-allow-private",
+        ])
+        .flags(["--webhook-secret", "s3cret"])
+        .start()
+        .await;
+    let first = post_order(&gw.base, "k-cb", r#"{"n":1}"#).await;
+    let id = id_of(first).await;
+    let with_callback = submit(&gw.base, "/orders", "k-cb")
+        .json_body(r#"{"n":1}"#)
+        .header("callback-url", "http://127.0.0.1:9/hook")
+        .send()
+        .await;
+    let problem = assert_problem(with_callback, 422, "idempotency-key-reused").await;
+    assert_eq!(problem["operation_id"], id);
+    let again = post_order(&gw.base, "k-cb", r#"{"n":1}"#).await;
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(
+        stream_messages(&nats.jetstream().await, DEFAULT_REQUESTS_STREAM).await,
+        1
+    );
+}
+
+/// A replica serving direct gets can lag: it still answers with a key's old request after the key
+/// was reused. The reader must not trust that hit (the new operation would 404 right after its
+/// 202). The stale replica here is real: a mirror that serves direct gets for the requests stream
+/// (`mirror_direct`) and stopped taking messages (full, discard new) after the old request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_replica_hit_after_key_reuse_is_checked_with_the_leader() {
+    let routes = r#"
+[[route]]
+name = "orders"
+method = "POST"
+path = "/orders"
+retention = "2s"
+timeout = "1s"
+"#;
+    let TestGateway { nats, gw } = TestGateway::builder(routes).start().await;
+    let old = id_of(post_order(&gw.base, "k-reused", "{}").await).await;
+    nats.jetstream()
+        .await
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "STALE_REQUESTS".to_owned(),
+            mirror: Some(async_nats::jetstream::stream::Source {
+                name: DEFAULT_REQUESTS_STREAM.to_owned(),
+                ..Default::default()
+            }),
+            mirror_direct: true,
+            allow_direct: true,
+            max_messages: 1,
+            discard: async_nats::jetstream::stream::DiscardPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    eventually(
+        "the mirror holds the old request",
+        Duration::from_secs(10),
+        || async {
+            let mut info = nats
+                .jetstream()
+                .await
+                .get_stream("STALE_REQUESTS")
+                .await
+                .unwrap();
+            (info.info().await.unwrap().state.messages == 1).then_some(())
+        },
+    )
+    .await;
+
+    let new = eventually(
+        "the key is reusable after retention",
+        Duration::from_secs(15),
+        || async {
+            let r = post_order(&gw.base, "k-reused", "{}").await;
+            (r.headers().get("idempotent-replayed").is_none() && r.status() == 202).then_some(r)
+        },
+    )
+    .await;
+    let new = id_of(new).await;
+    assert_ne!(new, old);
+    // About one direct get in three is answered by the stale mirror. The new operation is
+    // always found; the old one may still be read from the lagging replica (its own data, past
+    // its retention) but never as the new one.
+    for _ in 0..30 {
+        let read = get_operation(&gw.base, &new).await;
+        assert_eq!(read.status(), 200);
+        assert_eq!(json(read).await["id"], new.as_str());
+        let read = get_operation(&gw.base, &old).await;
+        if read.status() == 200 {
+            assert_eq!(json(read).await["id"], old.as_str());
+        } else {
+            assert_problem(read, 404, "operation-not-found").await;
+        }
+    }
+}
+
 /// Two different replies for one operation: the first stays, the second is refused and counted as
 /// a conflict; an identical repeat changes nothing; a careless raw publish is refused by the
 /// stream itself.

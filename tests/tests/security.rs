@@ -195,6 +195,29 @@ async fn credentials_map_to_tenants_and_tenants_are_isolated() {
     assert_problem(by_acme, 404, "operation-not-found").await;
     let anonymous_read_of_acme = get_operation(&gw.base, &acme_id).await;
     assert_problem(anonymous_read_of_acme, 404, "operation-not-found").await;
+    // Anonymous callers share one key space: one who reuses another's key with another body is
+    // refused without being handed the first operation's id (which would let it read and cancel).
+    let keyed_ping = |body: &'static str| {
+        http.post(gw.url("/ping"))
+            .header("idempotency-key", "\"order-1\"")
+            .body(body)
+            .send()
+    };
+    id_of(keyed_ping("first caller").await.unwrap()).await;
+    let reused = keyed_ping("second caller").await.unwrap();
+    let problem = assert_problem(reused, 422, "idempotency-key-reused").await;
+    assert!(problem.get("operation_id").is_none(), "{problem}");
+    // An authenticated tenant's own callers are told which operation holds the key.
+    let acme_reuse = http
+        .post(gw.url("/orders"))
+        .header("x-api-key", ACME_KEY)
+        .header("idempotency-key", "\"same-key\"")
+        .body("another body")
+        .send()
+        .await
+        .unwrap();
+    let problem = assert_problem(acme_reuse, 422, "idempotency-key-reused").await;
+    assert_eq!(problem["operation_id"], acme_id.as_str());
     // Health and the document need no credentials.
     for path in ["/livez", "/readyz", "/openapi.json"] {
         assert_eq!(http.get(gw.url(path)).send().await.unwrap().status(), 200);

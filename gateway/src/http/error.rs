@@ -58,8 +58,11 @@ pub enum ApiError {
     AlreadyFinished(Box<Operation>),
     #[error(transparent)]
     Key(#[from] KeyError),
+    /// `operation_id` names the first request's operation, for callers who may read it (not the
+    /// anonymous `public` tenant, whose callers share one key space: a guessed key must not hand
+    /// out another caller's operation).
     #[error("idempotency key already used for a different request")]
-    KeyReused { operation_id: String },
+    KeyReused { operation_id: Option<String> },
     /// A submission whose write may or may not have happened.
     #[error("JetStream did not confirm the request: {0}")]
     OutcomeUnknown(StoreError),
@@ -100,7 +103,9 @@ pub enum ApiError {
 impl From<AcceptError> for ApiError {
     fn from(e: AcceptError) -> Self {
         match e {
-            AcceptError::KeyReused { operation_id } => ApiError::KeyReused { operation_id },
+            AcceptError::KeyReused { operation_id } => ApiError::KeyReused {
+                operation_id: Some(operation_id),
+            },
             AcceptError::TooLarge { max_payload } => ApiError::MessageTooLarge { max_payload },
             AcceptError::Store(e) if e.is_contract_violation() => ApiError::BadStoredMessage(e),
             AcceptError::Store(e) => ApiError::OutcomeUnknown(e),
@@ -206,8 +211,8 @@ impl ApiError {
                 been told in the logs."
                 .to_owned(),
             ApiError::KeyReused { .. } => "This Idempotency-Key was first used for a request \
-                with another method, path, query, content type or body. Use a new key for a new \
-                request."
+                with another method, path, query, content type, body or Callback-Url. Use a new key \
+                for a new request."
                 .to_owned(),
             other => {
                 let mut s = other.to_string();
@@ -228,7 +233,7 @@ impl ApiError {
             status: self.status().as_u16(),
             detail: self.detail(),
             operation_id: match self {
-                ApiError::KeyReused { operation_id } => Some(operation_id.clone()),
+                ApiError::KeyReused { operation_id } => operation_id.clone(),
                 _ => None,
             },
             operation: match self {

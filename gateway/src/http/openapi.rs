@@ -383,7 +383,7 @@ fn route_operation(route: &RouteConfig) -> (String, Operation) {
         .response("413", problem("Body over the route's limit, or over the NATS server's max_payload."))
         .response(
             "422",
-            problem("The Idempotency-Key was used before for a different request (`operation_id` names it)."),
+            problem("The Idempotency-Key was used before for a different request (`operation_id` names it, except for anonymous callers)."),
         )
         .response(
             "4XX",
@@ -392,9 +392,9 @@ fn route_operation(route: &RouteConfig) -> (String, Operation) {
         .response(
             "503",
             retry_later(
-                "JetStream did not confirm (`outcome-unknown`: retry with the same key), is \
-                 unavailable, the gateway is overloaded, or it is shutting down. Nothing is lost \
-                 by retrying.",
+                "JetStream did not confirm (`outcome-unknown`: retry with the same key, sent in \
+                 `Idempotency-Key` when the gateway assigned it), is unavailable, the gateway is \
+                 overloaded, or it is shutting down. Nothing is lost by retrying.",
             ),
         )
         .response(

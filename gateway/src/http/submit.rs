@@ -9,9 +9,9 @@ use axum::body::Bytes;
 use axum::extract::Request;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 
-use super::auth::Tenant;
+use super::auth::{PUBLIC_TENANT, Tenant};
 use super::error::ApiError;
 use super::extract::{OperationRef, Wait};
 use super::prefer::{self, Preferences};
@@ -27,10 +27,37 @@ use crate::operations::idempotency::{self, KeyError};
 use crate::operations::{Accepted, Operation, Submission, WakeOn, check_destination};
 
 /// Validates, accepts, answers. Holds a JetStream permit only while accepting.
+///
+/// Every answer given once the key is known carries it (`Idempotency-Key`), errors included: a
+/// client that sent none learns the key the gateway assigned, so that after a `503` (outcome
+/// unknown), a `408` or a `413` its retry with that key converges on one message.
 pub(super) async fn submit(
     state: AppState,
     route: Arc<RouteConfig>,
+    tenant: Tenant,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let key = match idempotency::parse_key(request.headers().get_all(idempotency::HEADER))? {
+        Some(key) => key,
+        None if route.require_idempotency_key => return Err(KeyError::Missing.into()),
+        None => idempotency::assign_key(),
+    };
+    let key_header = header_value(&idempotency::format_key(&key));
+    let mut response = match submit_with_key(state, route, tenant, key, request).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    };
+    response
+        .headers_mut()
+        .insert(HeaderName::from_static(idempotency::HEADER), key_header);
+    Ok(response)
+}
+
+async fn submit_with_key(
+    state: AppState,
+    route: Arc<RouteConfig>,
     Tenant(tenant): Tenant,
+    idempotency_key: String,
     request: Request,
 ) -> Result<Response, ApiError> {
     let permit = state.admit()?;
@@ -39,7 +66,7 @@ pub(super) async fn submit(
     let submission = Submission {
         route: &route,
         tenant: &tenant,
-        idempotency_key: read.idempotency_key,
+        idempotency_key,
         method: parts.method.as_str(),
         path: parts.uri.path(),
         query: parts.uri.query(),
@@ -48,10 +75,19 @@ pub(super) async fn submit(
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok()),
         forwarded: read.forwarded,
-        callback_url: read.callback_url,
+        requested_callback_url: read.callback_url,
         body: read.body,
     };
-    let accepted = state.ops.accept(submission).await?;
+    let accepted = state
+        .ops
+        .accept(submission)
+        .await
+        .map_err(|e| match ApiError::from(e) {
+            ApiError::KeyReused { .. } if &*tenant == PUBLIC_TENANT => {
+                ApiError::KeyReused { operation_id: None }
+            }
+            other => other,
+        })?;
     #[cfg(feature = "fault-injection")]
     if state.abort_after_publish && matches!(accepted, Accepted::New(_)) {
         tracing::warn!("Fault injection: aborting after the JetStream ack, before answering.");
@@ -74,16 +110,15 @@ pub(super) async fn submit(
 /// What a submission carries besides its method, path and tenant, read and checked.
 struct ReadSubmission {
     preferences: Preferences,
-    idempotency_key: String,
     body: Bytes,
+    /// The client's `Callback-Url`, allowed.
     callback_url: Option<String>,
     /// Request headers on the forward allow-list, plus the trace context to continue.
     forwarded: Vec<(String, String)>,
 }
 
 /// Reads and validates a submission: `Prefer`, the body's size (before and while reading it),
-/// the Idempotency-Key (assigned when the route does not require one), the `Callback-Url`, and
-/// the headers to forward. Nothing is written for a request that fails here.
+/// the `Callback-Url`, and the headers to forward. Nothing is written for a request that fails here.
 async fn read_submission(
     state: &AppState,
     route: &RouteConfig,
@@ -95,12 +130,6 @@ async fn read_submission(
     if content_length(&parts.headers).is_some_and(|len| len > limit) {
         return Err(ApiError::PayloadTooLarge { limit });
     }
-    let idempotency_key = match idempotency::parse_key(parts.headers.get_all(idempotency::HEADER))?
-    {
-        Some(key) => key,
-        None if route.require_idempotency_key => return Err(KeyError::Missing.into()),
-        None => idempotency::assign_key(),
-    };
     let body = axum::body::to_bytes(body, limit).await.map_err(|e| {
         if caused_by::<http_body_util::LengthLimitError>(&e) {
             ApiError::PayloadTooLarge { limit }
@@ -112,7 +141,7 @@ async fn read_submission(
     })?;
     let callback_url = match parts.headers.get("callback-url") {
         Some(value) => Some(allowed_callback(state, value).await?),
-        None => route.callback_url.clone(),
+        None => None,
     };
     // The worker continues this request's span: the trace crosses the async hop.
     let trace = handlers::trace::outgoing(&tracing::Span::current(), &parts.headers);
@@ -132,7 +161,6 @@ async fn read_submission(
         .collect();
     Ok(ReadSubmission {
         preferences,
-        idempotency_key,
         body,
         callback_url,
         forwarded,
@@ -140,8 +168,8 @@ async fn read_submission(
 }
 
 /// The answer to an accepted submission: after waiting (holding no permit) when asked to, the
-/// result if there is one, else `202`; with the key in effect, and `Idempotent-Replayed` when
-/// the key named an existing operation.
+/// result if there is one, else `202`; with `Idempotent-Replayed` when the key named an existing
+/// operation.
 async fn answer(
     state: &AppState,
     tenant: Arc<str>,
@@ -180,13 +208,10 @@ async fn answer(
             r
         }
     };
-    let h = response.headers_mut();
-    h.insert(
-        HeaderName::from_static(idempotency::HEADER),
-        header_value(&idempotency::format_key(&operation.idempotency_key)),
-    );
     if replayed {
-        h.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+        response
+            .headers_mut()
+            .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
     }
     Ok(response)
 }

@@ -41,8 +41,9 @@ pub struct Submission<'a> {
     pub content_type: Option<&'a str>,
     /// Request headers on the forward allow-list, plus `traceparent`.
     pub forwarded: Vec<(String, String)>,
-    /// Where to POST the completion webhook (already checked against the allow-list).
-    pub callback_url: Option<String>,
+    /// The client's `Callback-Url` (already checked against the allow-list): where to POST the
+    /// completion webhook instead of the route's `callback_url`. Part of the fingerprint.
+    pub requested_callback_url: Option<String>,
     pub body: Bytes,
 }
 
@@ -86,6 +87,7 @@ impl Submission<'_> {
             query: self.query,
             content_type: self.content_type,
             body: &self.body,
+            callback_url: self.requested_callback_url.as_deref(),
         }
         .fingerprint()
     }
@@ -113,7 +115,10 @@ impl Submission<'_> {
             tenant: Some(self.tenant.to_owned()),
             idempotency_key: Some(format_key(&self.idempotency_key)),
             fingerprint: Some(fingerprint.to_owned()),
-            callback_url: self.callback_url.clone(),
+            callback_url: self
+                .requested_callback_url
+                .clone()
+                .or_else(|| self.route.callback_url.clone()),
         };
         RequestMessage {
             subject: subjects.request(&self.route.name, key_token),

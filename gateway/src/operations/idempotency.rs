@@ -135,11 +135,14 @@ pub struct RequestIdentity<'a> {
     pub query: Option<&'a str>,
     pub content_type: Option<&'a str>,
     pub body: &'a [u8],
+    /// The client's `Callback-Url`: a retry that adds or changes one is another request, not a
+    /// silent replay that never notifies where it asked.
+    pub callback_url: Option<&'a str>,
 }
 
 impl RequestIdentity<'_> {
-    /// Hex SHA-256 over method, path, query, content type and body, each length-prefixed so that
-    /// no two different requests share an encoding.
+    /// Hex SHA-256 over method, path, query, content type, body and the client's callback URL,
+    /// each length-prefixed so that no two different requests share an encoding.
     pub fn fingerprint(&self) -> String {
         let mut h = Sha256::new();
         for part in [
@@ -151,6 +154,13 @@ impl RequestIdentity<'_> {
         ] {
             h.update((part.len() as u64).to_be_bytes());
             h.update(part);
+        }
+        // Appended only when present, so that requests without one keep the fingerprint they had
+        // before callback URLs were bound (a replay across an upgrade stays a replay).
+        if let Some(url) = self.callback_url {
+            h.update(b"callback-url");
+            h.update((url.len() as u64).to_be_bytes());
+            h.update(url.as_bytes());
         }
         data_encoding::HEXLOWER.encode(&h.finalize())
     }
@@ -252,6 +262,7 @@ mod tests {
             query: None,
             content_type: Some("application/json"),
             body: b"{}",
+            callback_url: None,
         };
         let f = base.fingerprint();
         assert_eq!(f, base.fingerprint());
@@ -276,9 +287,18 @@ mod tests {
                 body: b"{ }",
                 ..base
             },
+            RequestIdentity {
+                callback_url: Some("https://hooks.example.com/a"),
+                ..base
+            },
         ];
         for v in variants {
             assert_ne!(v.fingerprint(), f, "{v:?}");
         }
+        // Fingerprints stored before the callback URL was bound stay what they were.
+        assert_eq!(
+            f,
+            "9827e5d10b2a7102ae2091bb22737a918bba01591384fe093fded9da90754d22",
+        );
     }
 }

@@ -62,8 +62,9 @@ pub async fn lookup(
 }
 
 /// The operation `operation_id` as its request message says (no result, no tenant check):
-/// one direct get by the key token the id carries. `None` when there is no such request, or the
-/// key's request now belongs to another operation (the key was reused after retention).
+/// one direct get by the key token the id carries (and a leader read when that finds another
+/// operation's request). `None` when there is no such request, or the key's request now belongs
+/// to another operation (the key was reused after retention).
 pub(super) async fn request_of(
     store: &Store,
     operation_id: &str,
@@ -72,6 +73,15 @@ pub(super) async fn request_of(
         return Ok(None);
     };
     let Some(request) = store.request_by_key_token(key_token).await? else {
+        return Ok(None);
+    };
+    let operation = Operation::from_request(&request)?;
+    if operation.id() == operation_id {
+        return Ok(Some(operation));
+    }
+    // Another operation holds the key now, or a stale replica answered with an older one: only
+    // the stream leader can tell which (the leader read is paid only after a key was reused).
+    let Some(request) = store.request_by_key_token_from_leader(key_token).await? else {
         return Ok(None);
     };
     let operation = Operation::from_request(&request)?;

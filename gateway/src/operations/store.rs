@@ -570,6 +570,19 @@ impl Store {
             .await
     }
 
+    /// The request stored for a key token on whatever route, read from the stream leader. For a
+    /// hit that names another operation than expected: request subjects are reused once a key's
+    /// retention ends, and a lagging replica (or a mirror serving direct gets) can still answer
+    /// with the old request after the new one was acknowledged.
+    pub async fn request_by_key_token_from_leader(
+        &self,
+        key_token: &str,
+    ) -> Result<Option<StreamMessage>, StoreError> {
+        self.ensure_provisioned()?;
+        let pattern = self.subjects.request_any_route(key_token);
+        Ok(last_on_subject_from_leader(&self.js, &self.requests_stream, &pattern).await?)
+    }
+
     /// The terminal record of an operation, if any.
     pub async fn result(&self, operation_id: &str) -> Result<Option<StoredResult>, StoreError> {
         self.ensure_provisioned()?;
@@ -593,8 +606,9 @@ impl Store {
     /// gets issued right after a publish's ack missed it (tests/tests/cluster.rs saw a 404 for an
     /// operation just accepted through the other gateway). So on a replicated stream a miss is
     /// asked again of the stream leader, and what one read has seen no later read misses: an
-    /// accepted operation never 404s, a terminal one never reads `pending` again. A hit needs no
-    /// check: requests and results are written once per subject and never change.
+    /// accepted operation never 404s, a terminal one never reads `pending` again. A result hit
+    /// needs no check (its subject names one operation, written once); a request hit that names
+    /// another operation is checked by the caller, see [`Store::request_by_key_token_from_leader`].
     async fn confirm_miss(
         &self,
         found: Option<StreamMessage>,

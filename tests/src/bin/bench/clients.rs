@@ -220,7 +220,7 @@ impl Client for RawPublish {
                 query: None,
                 content_type: Some("application/json"),
                 forwarded: Vec::new(),
-                callback_url: None,
+                requested_callback_url: None,
                 body: self.body.clone(),
             };
             let message = submission.message(
