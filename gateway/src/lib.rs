@@ -87,8 +87,7 @@ pub async fn run(
         Operations::connect(&settings.jetstream, &routes, retry_after, lifecycle.clone()).await?;
     let state = AppState::new(&settings, ops.clone(), lifecycle.clone(), authenticator)?;
     let app = http::router(state.clone(), &routes)?;
-    let any_route_callback = routes.iter().any(|r| r.callback_url.is_some());
-    let webhooks = ops.webhooks(&settings.webhooks, any_route_callback)?;
+    let webhooks = ops.webhooks(&settings.webhooks, &routes)?;
 
     let stop = CancellationToken::new();
     let plan = StreamPlan {

@@ -40,7 +40,7 @@ pub const PENDING_OPERATIONS: &str = "gateway_pending_operations";
 pub const JETSTREAM_ERRORS: &str = "gateway_jetstream_errors_total";
 /// Operations some client is waiting on right now (long polls, `Prefer: wait`, event streams).
 pub const WAITERS: &str = "gateway_waiters";
-/// Webhook delivery attempts, by `outcome` (`delivered`, `failed`, `dead_lettered`).
+/// Webhook delivery attempts, by `outcome` (`delivered`, `failed`, `dead_lettered`, `abandoned`).
 pub const WEBHOOK_DELIVERIES: &str = "gateway_webhook_deliveries_total";
 /// Requests refused at once because `GATEWAY_MAX_IN_FLIGHT` requests were busy.
 pub const SHED: &str = "gateway_shed_total";

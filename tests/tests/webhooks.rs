@@ -213,3 +213,79 @@ async fn undeliverable_webhook_is_dead_lettered() {
         Some(id.as_str())
     );
 }
+
+/// A notification never outlives its operation. X's reply comes late, so its result (kept for
+/// the retention from when it was written) outlives its request; X's receiver keeps failing. X's
+/// retention ends and its key is reused by Y, with another receiver. X's next attempt finds Y's
+/// request under the key: it must neither post X's result labelled as Y nor reach Y's receiver (it
+/// is abandoned, counted and logged), and Y's own notification is Y's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_retry_after_its_key_was_reused_is_not_sent_as_the_new_operation() {
+    let (failing, failing_base) = Receiver::start(&[500; 10]).await;
+    let (fresh, fresh_base) = Receiver::start(&[]).await;
+    let routes = "[[route]]\nname = \"orders\"\nmethod = \"POST\"\npath = \"/orders\"\n\
+                  retention = \"4s\"\ntimeout = \"3900ms\"\n";
+    let TestGateway { nats, gw } = TestGateway::builder(routes)
+        .flags(["--callback-allow", &format!("{failing_base}/")])
+        .flags(["--callback-allow", &format!("{fresh_base}/")])
+        .flag("--callback-allow-private")
+        .flags(["--webhook-secret", SECRET, "--webhook-attempts", "5"])
+        // X's first retry comes after its request's retention, before its result's.
+        .flags(["--webhook-backoff", "2500ms"])
+        .start()
+        .await;
+    let late = |_r: Request| async move {
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        Ok(Response::text(201, "made"))
+    };
+    let _worker = TestWorker::start(&nats, worker_config(), "orders", late).await;
+
+    let x = id_of(submit_with_callback(&gw.base, "reused", &format!("{failing_base}/hook")).await)
+        .await;
+    eventually("X's first attempt", Duration::from_secs(10), || async {
+        (!failing.received().is_empty()).then_some(())
+    })
+    .await;
+    let y = eventually(
+        "the key is reused after X's retention",
+        Duration::from_secs(15),
+        || async {
+            let r = submit_with_callback(&gw.base, "reused", &format!("{fresh_base}/hook")).await;
+            (r.status() == 202 && r.headers().get("idempotent-replayed").is_none()).then_some(r)
+        },
+    )
+    .await;
+    let y = id_of(y).await;
+    assert_ne!(x, y);
+    let y_done = eventually("Y succeeds", Duration::from_secs(15), || async {
+        let op = operation(&gw, &y).await;
+        (op["status"] == "succeeded").then_some(op)
+    })
+    .await;
+    eventually("Y's own notification", Duration::from_secs(15), || async {
+        (!fresh.received().is_empty()).then_some(())
+    })
+    .await;
+    // Any retry of X was due within its result's retention, long gone by now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let to_fresh = fresh.received();
+    assert_eq!(to_fresh.len(), 1, "one notification to Y's receiver: Y's");
+    let (headers, body) = &to_fresh[0];
+    assert_eq!(verified_id(headers, body), y);
+    let note: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(note["data"]["id"], y.as_str());
+    assert_eq!(
+        note["data"]["updated_at"], y_done["updated_at"],
+        "Y's result, not X's labelled as Y"
+    );
+    for (headers, body) in &failing.received() {
+        assert_eq!(verified_id(headers, body), x);
+        let note: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(
+            note["data"]["id"],
+            x.as_str(),
+            "never labelled as another operation"
+        );
+    }
+}

@@ -86,13 +86,29 @@ impl Operations {
         })
     }
 
-    /// The webhook delivery loop, or `None` when no webhook can ever be asked for.
+    /// The webhook delivery loop, or `None` when no webhook can ever be asked for. Warns about
+    /// each route whose retention ends before the last retry would be due: a notification still
+    /// failing then is abandoned with its operation.
     pub fn webhooks(
         &self,
         settings: &WebhookSettings,
-        any_route_callback: bool,
+        routes: &[RouteConfig],
     ) -> Result<Option<Webhooks>, WebhookError> {
-        Webhooks::new(self.store.clone(), settings, any_route_callback)
+        let any_route_callback = routes.iter().any(|r| r.callback_url.is_some());
+        let webhooks = Webhooks::new(self.store.clone(), settings, any_route_callback)?;
+        if let Some(webhooks) = &webhooks {
+            let horizon = webhooks.retry_horizon();
+            for route in routes.iter().filter(|r| r.retention < horizon) {
+                tracing::warn!(
+                    route = %route.name,
+                    retention_secs = route.retention.as_secs(),
+                    retry_horizon_secs = horizon.as_secs(),
+                    "The route's retention ends before the webhook's last retry would be due; \
+                     a notification still failing then is abandoned with its operation."
+                );
+            }
+        }
+        Ok(webhooks)
     }
 
     /// Starts what runs beside the requests until `stop`: the two watches that wake waiters,

@@ -8,7 +8,9 @@
 //! on every attempt), `webhook-timestamp`, and `webhook-signature: v1,<base64 HMAC-SHA256 of
 //! "id.timestamp.body">`. A 2xx ends it; anything else is retried after the configured back-off;
 //! after the last attempt the notification goes to `gw.dlq.webhook.<id>`. Each attempt's outcome is
-//! stored on `gw.cb.<id>`, and the status resource shows it.
+//! stored on `gw.cb.<id>`, and the status resource shows it. A notification lives no longer than
+//! its operation: once the request's retention ends (and its key may name a new operation), it is
+//! abandoned, counted and logged, never sent with another operation's request.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -194,6 +196,14 @@ impl Webhooks {
         ack(&message, kind).await;
     }
 
+    /// How long after a result its last delivery attempt may start: every back-off delay, plus
+    /// each earlier attempt's time limit.
+    pub fn retry_horizon(&self) -> Duration {
+        (1..self.attempts)
+            .map(|attempt| self.delay(attempt) + ATTEMPT_TIMEOUT)
+            .sum()
+    }
+
     fn delay(&self, attempt: i64) -> Duration {
         let index = usize::try_from(attempt - 1).unwrap_or(0);
         self.backoff
@@ -212,6 +222,15 @@ impl Webhooks {
         attempt: i64,
     ) -> Result<Next, StoreError> {
         let Some(mut operation) = request_of(&self.store, id).await? else {
+            // The operation's retention ended (its key may already name another operation, whose
+            // request must not label this result): nobody can read it any more, and neither its
+            // callback URL nor its status body exists to deliver. Said loudly, never sent wrong.
+            metrics::counter!(WEBHOOK_DELIVERIES, "outcome" => "abandoned").increment(1);
+            tracing::warn!(
+                operation_id = %id,
+                attempt,
+                "Webhook abandoned: the operation's retention ended before delivery."
+            );
             return Ok(Next::Done);
         };
         let Some(url) = operation.callback_url().map(str::to_owned) else {
