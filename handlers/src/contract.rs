@@ -72,6 +72,10 @@ pub mod header {
     pub const CONTENT_TYPE: &str = "Content-Type";
     /// W3C trace context, forwarded when the HTTP request carried it.
     pub const TRACEPARENT: &str = "traceparent";
+    /// Set by nats-server (not by us) on the subject delete marker it leaves where a message's
+    /// TTL or the stream's `max_age` removed a subject's last message, when the stream has
+    /// `subject_delete_marker_ttl` (ADR-43, server 2.11+). The marker has no body.
+    pub const MARKER_REASON: &str = "Nats-Marker-Reason";
 }
 
 /// JetStream API error codes the contract relies on.
@@ -91,6 +95,10 @@ pub enum ContractError {
     InvalidHeader { name: &'static str, value: String },
     #[error("header {name:?} cannot be stored: {why}")]
     Unstorable { name: String, why: &'static str },
+    /// The subject holds nats-server's delete marker: its record was removed (by TTL or
+    /// `max_age`, the reason given) and the marker keeps the place, so it cannot be written anew.
+    #[error("the record was removed ({reason}); a delete marker holds its place")]
+    Removed { reason: String },
 }
 
 /// Builds every subject from one prefix, so gateway and workers cannot disagree.
@@ -487,8 +495,13 @@ impl ResultRecord {
         Ok(())
     }
 
-    /// Reads a stored result message.
+    /// Reads a stored result message. A delete marker in the slot is [`ContractError::Removed`].
     pub fn from_parts(headers: &HeaderMap, body: Bytes) -> Result<Self, ContractError> {
+        if let Some(reason) = header_str(headers, header::MARKER_REASON) {
+            return Err(ContractError::Removed {
+                reason: reason.to_owned(),
+            });
+        }
         let raw_status = required(headers, header::STATUS)?;
         let status = raw_status
             .parse::<u16>()

@@ -320,7 +320,12 @@ pub async fn publish_result(
         // and an expired operation takes no more results.
         return Ok(ResultWrite::AlreadyStored);
     };
-    let existing = ResultRecord::from_stream_message(&stored)?;
+    let existing = match ResultRecord::from_stream_message(&stored) {
+        // An outcome was stored and later removed (a delete marker holds the slot): the
+        // operation took its one outcome; this one is not written.
+        Err(ContractError::Removed { .. }) => return Ok(ResultWrite::AlreadyStored),
+        read => read?,
+    };
     if existing.same_answer(record) {
         Ok(ResultWrite::AlreadyStored)
     } else {

@@ -555,6 +555,65 @@ timeout = "1s"
     }
 }
 
+/// A result that vanishes before its request (a foreign worker stored it with a shorter
+/// `Nats-TTL` than the request's retention) never lets a read decide the operation anew: the slot
+/// keeps nats-server's delete marker, reads say `410 result-removed`, and no `expired` record is
+/// ever written after `succeeded` was seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_removed_before_its_request_is_gone_not_expired() {
+    let routes = r#"
+[[route]]
+name = "orders"
+method = "POST"
+path = "/orders"
+retention = "1h"
+timeout = "2s"
+"#;
+    let TestGateway { nats, gw } = TestGateway::builder(routes).start().await;
+    let id = id_of(post_order(&gw.base, "k-short-ttl", "{}").await).await;
+    let js = nats.jetstream().await;
+    let subject = Subjects::default().result(&id);
+    let reply = ResultRecord::reply(200, Some("text/plain".into()), Bytes::from_static(b"done"));
+    let careless_ttl = Some(Duration::from_secs(1));
+    let w = publish_result(
+        &js,
+        DEFAULT_RESULTS_STREAM,
+        &subject,
+        &id,
+        &reply,
+        careless_ttl,
+    )
+    .await
+    .unwrap();
+    assert_eq!(w, ResultWrite::Stored);
+    assert_eq!(
+        json(get_operation(&gw.base, &id).await).await["status"],
+        "succeeded"
+    );
+
+    // Past the reply's TTL and the operation's deadline.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for _ in 0..3 {
+        assert_problem(get_operation(&gw.base, &id).await, 410, "result-removed").await;
+        assert_problem(get_result(&gw.base, &id).await, 410, "result-removed").await;
+    }
+    let slot = last_on_subject(&nats.client().await, DEFAULT_RESULTS_STREAM, &subject)
+        .await
+        .unwrap()
+        .expect("the slot keeps a marker");
+    assert!(
+        slot.headers.get("Nats-Marker-Reason").is_some(),
+        "nothing but the server's delete marker took the slot: {:?}",
+        slot.headers
+    );
+    // A late worker cannot give the operation a second outcome either.
+    let late = ResultRecord::reply(201, None, Bytes::from_static(b"again"));
+    let w = publish_result(&js, DEFAULT_RESULTS_STREAM, &subject, &id, &late, None)
+        .await
+        .unwrap();
+    assert_eq!(w, ResultWrite::AlreadyStored);
+}
+
 /// Two different replies for one operation: the first stays, the second is refused and counted as
 /// a conflict; an identical repeat changes nothing; a careless raw publish is refused by the
 /// stream itself.

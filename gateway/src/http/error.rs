@@ -95,6 +95,11 @@ pub enum ApiError {
     /// A read that could not be done.
     #[error("JetStream unavailable: {0}")]
     Unavailable(StoreError),
+    /// The operation's result was removed before its request (a worker wrote it with a shorter
+    /// `Nats-TTL` than the request's retention, or the stream was purged): its outcome cannot be
+    /// read any more, and no new one can take its place.
+    #[error("the operation's result was removed before the operation's retention ended")]
+    ResultRemoved,
     /// A stored message the gateway cannot read: a worker broke the wire contract.
     #[error("a stored message breaks the wire contract: {0}")]
     BadStoredMessage(StoreError),
@@ -107,6 +112,7 @@ impl From<AcceptError> for ApiError {
                 operation_id: Some(operation_id),
             },
             AcceptError::TooLarge { max_payload } => ApiError::MessageTooLarge { max_payload },
+            AcceptError::Store(e) if e.is_result_removed() => ApiError::ResultRemoved,
             AcceptError::Store(e) if e.is_contract_violation() => ApiError::BadStoredMessage(e),
             AcceptError::Store(e) => ApiError::OutcomeUnknown(e),
         }
@@ -115,7 +121,9 @@ impl From<AcceptError> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        if e.is_contract_violation() {
+        if e.is_result_removed() {
+            ApiError::ResultRemoved
+        } else if e.is_contract_violation() {
             ApiError::BadStoredMessage(e)
         } else {
             ApiError::Unavailable(e)
@@ -149,6 +157,7 @@ impl ApiError {
             | ApiError::ShuttingDown
             | ApiError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadStoredMessage(_) => StatusCode::BAD_GATEWAY,
+            ApiError::ResultRemoved => StatusCode::GONE,
         }
     }
 
@@ -187,6 +196,7 @@ impl ApiError {
             ApiError::ShuttingDown => ("shutting-down", "Shutting down"),
             ApiError::NotReady => ("not-ready", "Not ready"),
             ApiError::BadStoredMessage(_) => ("bad-stored-message", "Unreadable stored message"),
+            ApiError::ResultRemoved => ("result-removed", "Result no longer kept"),
         }
     }
 
@@ -209,6 +219,11 @@ impl ApiError {
             ApiError::BadStoredMessage(_) => "A worker stored a message this gateway cannot \
                 read (it breaks the wire contract). Retrying will not help; the operator has \
                 been told in the logs."
+                .to_owned(),
+            ApiError::ResultRemoved => "The operation's result was removed from JetStream \
+                before the operation's retention ended (a worker stored it with a shorter \
+                Nats-TTL than the request's Gw-Retention, or an operator purged it). Its outcome \
+                can no longer be read, and it will not change."
                 .to_owned(),
             ApiError::KeyReused { .. } => "This Idempotency-Key was first used for a request \
                 with another method, path, query, content type, body or Callback-Url. Use a new key \
@@ -263,6 +278,11 @@ impl IntoResponse for ApiError {
             ApiError::Overloaded => metrics::counter!(SHED).increment(1),
             ApiError::BadStoredMessage(cause) => {
                 tracing::error!(error = %cause, "A stored message breaks the wire contract.");
+            }
+            ApiError::ResultRemoved => {
+                tracing::error!(
+                    "An operation's result was removed while its request lives: a worker writes results with a shorter Nats-TTL than Gw-Retention, or the results stream was purged."
+                );
             }
             _ => {}
         }

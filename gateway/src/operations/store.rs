@@ -18,7 +18,7 @@ use async_nats::jetstream::stream::{
 };
 use async_nats::{HeaderMap, jetstream};
 use bytes::Bytes;
-use handlers::contract::{Outcome, ResultRecord, Subjects};
+use handlers::contract::{ContractError, Outcome, ResultRecord, Subjects};
 use handlers::jetstream::{
     Batcher, CreateOutcome, JetStreamError, ResultWrite, create_if_absent, last_matching,
     last_on_subject, last_on_subject_from_leader,
@@ -75,7 +75,16 @@ impl From<handlers::contract::ContractError> for StoreError {
 impl StoreError {
     /// A stored message breaks the wire contract: retrying will not help.
     pub fn is_contract_violation(&self) -> bool {
-        matches!(self, StoreError::JetStream(JetStreamError::Contract(_)))
+        matches!(self, StoreError::JetStream(JetStreamError::Contract(e)) if !matches!(e, ContractError::Removed { .. }))
+    }
+
+    /// The operation's result was removed while its request lives: its slot holds nats-server's
+    /// delete marker, which also keeps any other record from taking its place.
+    pub fn is_result_removed(&self) -> bool {
+        matches!(
+            self,
+            StoreError::JetStream(JetStreamError::Contract(ContractError::Removed { .. }))
+        )
     }
 
     /// The message was too large for the server; it was refused before being sent.
@@ -382,6 +391,15 @@ impl Store {
             duplicate_window: plan.duplicate_window.min(plan.max_retention),
             ..Default::default()
         };
+        // A result removed while its request lives (a worker's shorter `Nats-TTL`) leaves
+        // nats-server's delete marker in its slot for as long as any request lives, so no second
+        // terminal record can take its place: the slot reads "removed", never a new outcome
+        // (ADR-43 subject delete markers; verified on 2.15.1: create-if-absent is refused while
+        // only the marker is there).
+        let results = Config {
+            subject_delete_marker_ttl: Some(plan.max_retention.max(Duration::from_secs(1))),
+            ..base.clone()
+        };
         // Delivery states change (attempt after attempt): the last message of a subject wins.
         let replaced = Config {
             discard: DiscardPolicy::Old,
@@ -398,7 +416,7 @@ impl Store {
             (
                 &self.results_stream,
                 vec![self.subjects.all_results()],
-                &base,
+                &results,
                 "Terminal records of gateway operations, first writer wins.",
             ),
             (
@@ -683,7 +701,8 @@ impl Store {
 }
 
 /// Makes `wanted` keep what `current` (the live stream's configuration) has more of: retention
-/// (`max_age`, where zero means unlimited), replicas and the duplicate window. Logs each value
+/// (`max_age`, where zero means unlimited), replicas, the duplicate window and the delete
+/// markers' lifetime. Logs each value
 /// kept that this process did not ask for.
 fn never_shrink(wanted: &mut Config, current: &Config) {
     let stream = wanted.name.clone();
@@ -698,6 +717,11 @@ fn never_shrink(wanted: &mut Config, current: &Config) {
         wanted.num_replicas = current.num_replicas;
     }
     wanted.duplicate_window = wanted.duplicate_window.max(current.duplicate_window);
+    if wanted.subject_delete_marker_ttl.is_some() {
+        wanted.subject_delete_marker_ttl = wanted
+            .subject_delete_marker_ttl
+            .max(current.subject_delete_marker_ttl);
+    }
     if !wanted.max_age.is_zero() {
         wanted.duplicate_window = wanted.duplicate_window.min(wanted.max_age);
     }

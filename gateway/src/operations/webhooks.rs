@@ -20,7 +20,7 @@ use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use async_nats::jetstream::{self, AckKind};
 use bytes::Bytes;
 use futures::StreamExt;
-use handlers::contract::ResultRecord;
+use handlers::contract::{ResultRecord, header};
 use handlers::jetstream::ack;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -182,6 +182,14 @@ impl Webhooks {
         else {
             return ack(&message, AckKind::Term).await;
         };
+        let removal_marker = message
+            .headers
+            .as_ref()
+            .is_some_and(|h| h.get(header::MARKER_REASON).is_some());
+        if removal_marker {
+            // nats-server's delete marker where a result expired: nothing to notify.
+            return ack(&message, AckKind::Ack).await;
+        }
         let outcome = self.attempt(&id, &message, attempt).await;
         let kind = match outcome {
             Ok(Next::Done) => AckKind::Ack,
