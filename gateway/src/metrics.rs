@@ -47,7 +47,7 @@ pub const SHED: &str = "gateway_shed_total";
 /// 1 while the process is draining after SIGTERM.
 pub const DRAINING: &str = "gateway_draining";
 /// `gateway dispatch`: replies stored, by `outcome` (`replied`, `failed`, `conflict`,
-/// `cancelled`, `skipped`), mirrored from the worker library's counters.
+/// `cancelled`, `expired`, `skipped`), mirrored from the worker library's counters.
 pub const DISPATCH_REPLIES: &str = "gateway_dispatch_replies_total";
 
 /// Upper bounds of the accept-latency histogram, in seconds.

@@ -31,6 +31,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::context::{CreateStreamErrorKind, GetStreamErrorKind};
 use async_nats::jetstream::stream::{Config, DiscardPolicy, StorageType};
 use bytes::Bytes;
 use serde::Serialize;
@@ -57,8 +59,11 @@ pub struct StateStore {
 /// Errors of the state store.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("cannot create or update state stream {stream}: {detail}")]
+    #[error("cannot create or read state stream {stream}: {detail}")]
     Provision { stream: String, detail: String },
+    /// The live stream cannot hold this store (a configuration error: retrying will not help).
+    #[error("state stream {stream} lacks {lacks}; it is left as it is")]
+    Unsuitable { stream: String, lacks: String },
     #[error("state of {key} is not valid JSON for this type: {source}")]
     Decode {
         key: String,
@@ -73,30 +78,95 @@ pub enum StateError {
 }
 
 impl StateStore {
-    /// Creates or updates the stream `stream` on `<prefix>.state.>` and `<prefix>.done.>`.
+    /// The store on stream `stream` for subjects `<prefix>.state.>` and `<prefix>.done.>`: the
+    /// stream is created when absent; a live one is never changed (another worker, the gateway or
+    /// an operator may have made it with more replicas or longer limits than this process would
+    /// ask for), only checked: it must hold both subject spaces and allow atomic batches,
+    /// per-message TTLs and direct gets. Every process that uses the store (each worker, each
+    /// gateway replica with the route's `state`) calls this, so none depends on start order.
+    ///
+    /// Errors: [`StateError::Unsuitable`] naming what the live stream lacks;
+    /// [`StateError::Provision`] when it cannot be read or created.
     pub async fn ensure(
         js: async_nats::jetstream::Context,
         stream: &str,
         prefix: &str,
         marker_ttl: Duration,
     ) -> Result<Self, StateError> {
-        js.create_or_update_stream(Config {
-            name: stream.to_owned(),
-            subjects: vec![format!("{prefix}.state.>"), format!("{prefix}.done.>")],
-            storage: StorageType::File,
-            max_messages_per_subject: 1,
-            discard: DiscardPolicy::Old,
-            allow_direct: true,
-            allow_message_ttl: true,
-            allow_atomic_publish: true,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| StateError::Provision {
-            stream: stream.to_owned(),
-            detail: e.to_string(),
-        })?;
-        Ok(Self::attach(js, stream, prefix, marker_ttl))
+        let store = Self::attach(js, stream, prefix, marker_ttl);
+        store.provision().await?;
+        Ok(store)
+    }
+
+    /// Creates this store's stream when absent, or checks the live one (see [`StateStore::ensure`]).
+    pub async fn provision(&self) -> Result<(), StateError> {
+        let failed = |detail: String| StateError::Provision {
+            stream: self.stream.clone(),
+            detail,
+        };
+        let subjects = vec![
+            format!("{}.state.>", self.prefix),
+            format!("{}.done.>", self.prefix),
+        ];
+        let live = match self.js.get_stream(&self.stream).await {
+            Ok(live) => live.cached_info().config.clone(),
+            Err(e)
+                if matches!(e.kind(), GetStreamErrorKind::JetStream(ref j)
+                    if j.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                let config = Config {
+                    name: self.stream.clone(),
+                    subjects,
+                    storage: StorageType::File,
+                    max_messages_per_subject: 1,
+                    discard: DiscardPolicy::Old,
+                    allow_direct: true,
+                    allow_message_ttl: true,
+                    allow_atomic_publish: true,
+                    ..Default::default()
+                };
+                return match self.js.create_stream(config).await {
+                    Ok(_) => Ok(()),
+                    // Another process created it a moment ago with another configuration (the
+                    // same one would have been accepted): check that one.
+                    Err(e)
+                        if matches!(e.kind(), CreateStreamErrorKind::JetStream(ref j)
+                            if j.error_code() == ErrorCode::STREAM_NAME_EXIST) =>
+                    {
+                        Box::pin(self.provision()).await
+                    }
+                    Err(e) => Err(failed(e.to_string())),
+                };
+            }
+            Err(e) => return Err(failed(e.to_string())),
+        };
+        let mut lacks: Vec<String> = subjects
+            .iter()
+            .filter(|wanted| {
+                !live
+                    .subjects
+                    .iter()
+                    .any(|have| subject_covers(have, wanted))
+            })
+            .map(|wanted| format!("subjects {wanted}"))
+            .collect();
+        for (allowed, what) in [
+            (live.allow_atomic_publish, "allow_atomic_publish"),
+            (live.allow_message_ttl, "allow_msg_ttl"),
+            (live.allow_direct, "allow_direct"),
+        ] {
+            if !allowed {
+                lacks.push(what.to_owned());
+            }
+        }
+        if lacks.is_empty() {
+            Ok(())
+        } else {
+            Err(StateError::Unsuitable {
+                stream: self.stream.clone(),
+                lacks: lacks.join(", "),
+            })
+        }
     }
 
     /// The store of an existing stream, without creating or changing it (the gateway's view of a
@@ -318,6 +388,11 @@ impl Outbox {
         }
     }
 
+    /// How the operation ended without a commit; `None` for a commit (or a stateless reply).
+    pub fn decided(&self) -> Option<Decision> {
+        self.decided
+    }
+
     /// Whether the operation's state changed (this is a commit's outbox).
     pub fn is_commit(&self) -> bool {
         self.decided.is_none()
@@ -337,6 +412,22 @@ impl Outbox {
         };
         record.headers = self.headers.clone();
         record
+    }
+}
+
+/// Whether stream subject `filter` matches every subject of `subject` (itself a filter), by NATS
+/// wildcard rules (`*` one token, `>` the rest). Hand-written: async-nats has no subject matcher.
+fn subject_covers(filter: &str, subject: &str) -> bool {
+    let mut have = filter.split('.');
+    let mut want = subject.split('.');
+    loop {
+        match (have.next(), want.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(w)) if w != ">" => {}
+            (Some(h), Some(w)) if h == w => {}
+            (None, None) => return true,
+            _ => return false,
+        }
     }
 }
 

@@ -33,7 +33,7 @@ use crate::contract::{Outcome, Request, ResultRecord, Subjects, header, header_s
 pub use crate::handler::{Handler, HandlerError, Permanent, Response};
 use crate::jetstream::{JetStreamError, ResultWrite, ack, last_on_subject};
 use crate::progress::ProgressReporter;
-use crate::stateful::{self, Committed, Outbox, StateError, StateStore, StatefulHandler};
+use crate::stateful::{self, Committed, Decision, Outbox, StateError, StateStore, StatefulHandler};
 
 /// Worker settings. The defaults match the gateway's defaults.
 #[derive(Debug, Clone)]
@@ -126,12 +126,15 @@ pub struct WorkerStats {
     pub skipped: AtomicU64,
     /// Replies refused because a different result had won first.
     pub conflicts: AtomicU64,
-    /// Deliveries whose operation was cancelled while the handler ran (reply dropped).
+    /// Deliveries whose operation was cancelled (the reply dropped, or the cancellation
+    /// published).
     pub cancelled: AtomicU64,
+    /// Operations this worker found past their deadline and ended `expired`.
+    pub expired: AtomicU64,
     /// Handler errors (panics and unreplayable replies included).
     pub handler_errors: AtomicU64,
-    /// Operations this worker ended `failed`: a [`Permanent`] error, or an error on the last
-    /// delivery.
+    /// Operations this worker ended `failed`: a [`Permanent`] error, an error on the last
+    /// delivery, or attempts used up (counted once the decision is published).
     pub failed: AtomicU64,
 }
 
@@ -329,8 +332,19 @@ impl RouteWorker {
             .instrument(span.clone())
             .await;
         match answered {
-            Ok(Answered::Replied { write, terminate }) => {
+            Ok(Answered::Replied {
+                write,
+                terminate,
+                decided,
+            }) => {
+                let stateful = matches!(self.handler, RouteHandler::Stateful(..));
                 match &write {
+                    // A commit's outbox loses the results slot only when something wrote it
+                    // without the arbiter: state changed, outcome says otherwise.
+                    ResultWrite::Conflict { existing } if stateful && decided.is_none() => {
+                        self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(operation_id = %op, stored_status = existing.status, stored_outcome = ?existing.outcome, "A committed stateful operation's outcome was decided without its state store: every gateway replica must declare the route's `state`, and other writers must go through the store.");
+                    }
                     ResultWrite::Conflict { existing }
                         if existing.outcome == Outcome::Cancelled =>
                     {
@@ -341,8 +355,16 @@ impl RouteWorker {
                         self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(operation_id = %op, stored_status = existing.status, "A different result was already stored; this reply is dropped.");
                     }
+                    // Counted by what was published, which is what the arbiter decided: a
+                    // failure decided here may have lost to a commit, and the other way round.
                     ResultWrite::Stored | ResultWrite::AlreadyStored => {
-                        self.stats.replied.fetch_add(1, Ordering::Relaxed);
+                        let counter = match decided {
+                            None => &self.stats.replied,
+                            Some(Decision::Failed) => &self.stats.failed,
+                            Some(Decision::Cancelled) => &self.stats.cancelled,
+                            Some(Decision::Expired) => &self.stats.expired,
+                        };
+                        counter.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 crate::faults::crash_point("after-publish");
@@ -396,7 +418,11 @@ impl RouteWorker {
                 let write =
                     stateful::project(&self.js, results, op, reply_subject, &marker, ttl, trace)
                         .await?;
-                Ok(Answered::Replied { write, terminate })
+                Ok(Answered::Replied {
+                    write,
+                    terminate,
+                    decided: marker.decided(),
+                })
             }
         };
         // A stateful operation that was decided already (committed, or cancelled, expired or
@@ -409,7 +435,6 @@ impl RouteWorker {
         let (record, terminate) = if delivered > attempts {
             // Past the handler's attempts: its earlier deliveries crashed or stalled. This one
             // only ends the operation.
-            self.stats.failed.fetch_add(1, Ordering::Relaxed);
             let detail = format!(
                 "The handler's {attempts} attempts were used up without an answer (crashed or stalled)."
             );
@@ -426,7 +451,6 @@ impl RouteWorker {
                 Err(error) => {
                     self.stats.handler_errors.fetch_add(1, Ordering::Relaxed);
                     if let Some(p) = error.downcast_ref::<Permanent>() {
-                        self.stats.failed.fetch_add(1, Ordering::Relaxed);
                         let status = p.status.clamp(400, 599);
                         let problem = ResultRecord::problem(
                             Outcome::Reply,
@@ -440,7 +464,6 @@ impl RouteWorker {
                     } else if delivered >= attempts {
                         // The last attempt: end the operation `failed` rather than leave it
                         // pending until it expires.
-                        self.stats.failed.fetch_add(1, Ordering::Relaxed);
                         let detail = format!(
                             "The handler failed on all {delivered} deliveries; the last error: {error}"
                         );
@@ -552,10 +575,12 @@ enum RouteHandler {
 }
 
 enum Answered {
-    /// A terminal record was written (or found); `terminate` ends the delivery with +TERM.
+    /// A terminal record was written (or found); `terminate` ends the delivery with +TERM;
+    /// `decided` is how the published marker ended the operation (`None`: a reply or a commit).
     Replied {
         write: ResultWrite,
         terminate: bool,
+        decided: Option<Decision>,
     },
     AlreadyDone,
 }

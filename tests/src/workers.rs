@@ -109,6 +109,7 @@ pub struct WorkerCounts {
     pub skipped: u64,
     pub conflicts: u64,
     pub cancelled: u64,
+    pub expired: u64,
     pub handler_errors: u64,
     pub failed: u64,
 }
@@ -119,6 +120,7 @@ impl WorkerCounts {
         let read = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
         Self {
             replied: read(&stats.replied),
+            expired: read(&stats.expired),
             skipped: read(&stats.skipped),
             conflicts: read(&stats.conflicts),
             cancelled: read(&stats.cancelled),

@@ -346,7 +346,7 @@ async fn deposited(nats: &Nats) -> (Option<u64>, u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deadline_racing_a_slow_commit_leaves_state_and_outcome_agreeing() {
     let TestGateway { nats, gw } = TestGateway::builder(DEPOSITS).start().await;
-    let _worker = deposit_worker(&nats, "deposit", Duration::from_secs(3)).await;
+    let worker = deposit_worker(&nats, "deposit", Duration::from_secs(3)).await;
     let id = submit(&gw.base, "/deposit", "slow-deposit")
         .accepted()
         .await;
@@ -378,6 +378,14 @@ async fn a_deadline_racing_a_slow_commit_leaves_state_and_outcome_agreeing() {
         status,
         "the outcome does not change afterwards"
     );
+    // The worker counts what the arbiter decided, not what its handler tried.
+    let stats = eventually("the worker publishes", Duration::from_secs(10), || async {
+        let stats = worker.stats();
+        (stats.replied + stats.expired > 0).then_some(stats)
+    })
+    .await;
+    let counted = (stats.replied, stats.expired);
+    assert_eq!(counted, if status == 200 { (1, 0) } else { (0, 1) });
 }
 
 /// A cancellation that arrives after the commit, before the reply is published, cannot undo the
@@ -438,4 +446,83 @@ async fn a_short_marker_ttl_cannot_let_a_redelivery_commit_twice() {
         (Some(10), 1),
         "one deposit, one ledger message"
     );
+}
+
+/// A state store's stream is created when absent and otherwise only checked, never changed: an
+/// operator's stream with its own limits (here `max_age`, a description and one covering subject)
+/// keeps them when a worker starts (before, every start overwrote it with the worker's defaults);
+/// a stream that cannot hold the store is refused with what it lacks, and left as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_state_stream_is_checked_never_changed() {
+    use async_nats::jetstream::stream::Config;
+    let nats = Nats::start().await;
+    let js = nats.jetstream().await;
+    let operators = Config {
+        name: "WK_LIVE".to_owned(),
+        subjects: vec!["live.>".to_owned()],
+        description: Some("sized by the operator".to_owned()),
+        max_age: Duration::from_secs(3600),
+        max_messages_per_subject: 1,
+        allow_direct: true,
+        allow_message_ttl: true,
+        allow_atomic_publish: true,
+        ..Default::default()
+    };
+    js.create_stream(operators.clone()).await.unwrap();
+    StateStore::ensure(js.clone(), "WK_LIVE", "live", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let live = js
+        .get_stream("WK_LIVE")
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    assert_eq!(
+        (live.subjects, live.description, live.max_age),
+        (operators.subjects, operators.description, operators.max_age)
+    );
+
+    js.create_stream(Config {
+        name: "WK_BARE".to_owned(),
+        subjects: vec!["bare.state.>".to_owned()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let Err(refused) =
+        StateStore::ensure(js.clone(), "WK_BARE", "bare", Duration::from_secs(60)).await
+    else {
+        panic!("a stream that cannot hold the store is refused");
+    };
+    let text = refused.to_string();
+    for lack in [
+        "bare.done.>",
+        "allow_atomic_publish",
+        "allow_msg_ttl",
+        "allow_direct",
+    ] {
+        assert!(text.contains(lack), "{text}");
+    }
+    let bare = js
+        .get_stream("WK_BARE")
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    assert_eq!(
+        bare.subjects,
+        vec!["bare.state.>".to_owned()],
+        "left as it is"
+    );
+
+    // Absent: created, usable at once by a second process too.
+    StateStore::ensure(js.clone(), "WK_NEW", "new", Duration::from_secs(60))
+        .await
+        .unwrap();
+    StateStore::ensure(js.clone(), "WK_NEW", "new", Duration::from_secs(60))
+        .await
+        .unwrap();
 }

@@ -142,6 +142,7 @@ async fn mirror_stats(stats: std::sync::Arc<WorkerStats>, stop: CancellationToke
             ("failed", &stats.failed),
             ("conflict", &stats.conflicts),
             ("cancelled", &stats.cancelled),
+            ("expired", &stats.expired),
             ("skipped", &stats.skipped),
         ] {
             metrics::counter!(DISPATCH_REPLIES, "outcome" => outcome).absolute(count.load(Relaxed));

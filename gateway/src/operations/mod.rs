@@ -232,7 +232,10 @@ async fn provision_until_done(
                 tracing::info!("JetStream streams provisioned; gateway ready.");
                 return Ok(());
             }
-            Err(fatal @ StoreError::PayloadLimit { .. }) => {
+            Err(
+                fatal @ (StoreError::PayloadLimit { .. }
+                | StoreError::Arbiter(handlers::stateful::StateError::Unsuitable { .. })),
+            ) => {
                 tracing::error!(error = %fatal, "Configuration does not fit the NATS server; stopping.");
                 stop.cancel();
                 return Err(fatal);

@@ -451,6 +451,11 @@ impl Store {
                     source: e.into(),
                 })?;
         }
+        // Stateful routes' state stores, where their outcomes are decided: created when no
+        // worker has yet, checked (never changed) when one has.
+        for arbiter in self.arbiters.values() {
+            arbiter.provision().await?;
+        }
         // MAX_DELIVERIES advisories of the workers' consumers, kept for the finalizer: an
         // advisory is a core NATS message, lost when nobody listens at that moment.
         let mut advisories = Config {
