@@ -33,7 +33,7 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::context::{CreateStreamErrorKind, GetStreamErrorKind};
-use async_nats::jetstream::stream::{Config, DiscardPolicy, StorageType};
+use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy, StorageType};
 use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -81,8 +81,9 @@ impl StateStore {
     /// The store on stream `stream` for subjects `<prefix>.state.>` and `<prefix>.done.>`: the
     /// stream is created when absent; a live one is never changed (another worker, the gateway or
     /// an operator may have made it with more replicas or longer limits than this process would
-    /// ask for), only checked: it must hold both subject spaces and allow atomic batches,
-    /// per-message TTLs and direct gets. Every process that uses the store (each worker, each
+    /// ask for), only checked: it must hold both subject spaces, allow atomic batches,
+    /// per-message TTLs and direct gets, and never remove a marker before `marker_ttl` (limits
+    /// retention, `max_age` 0 or at least `marker_ttl`, no message or byte cap with discard old). Every process that uses the store (each worker, each
     /// gateway replica with the route's `state`) calls this, so none depends on start order.
     ///
     /// Errors: [`StateError::Unsuitable`] naming what the live stream lacks;
@@ -158,6 +159,24 @@ impl StateStore {
             if !allowed {
                 lacks.push(what.to_owned());
             }
+        }
+        // Nothing may remove a marker before its TTL: a redelivery that found it gone would run
+        // the handler again.
+        if live.retention != RetentionPolicy::Limits {
+            lacks.push("limits retention (markers are never consumed away)".to_owned());
+        }
+        if !live.max_age.is_zero() && live.max_age < self.marker_ttl {
+            lacks.push(format!(
+                "a max_age of at least {:?} (the markers' life; it has {:?})",
+                self.marker_ttl, live.max_age
+            ));
+        }
+        let capped = live.max_messages > 0 || live.max_bytes > 0;
+        if capped && live.discard == DiscardPolicy::Old {
+            lacks.push(
+                "discard new with its max_msgs/max_bytes (discard old would evict markers)"
+                    .to_owned(),
+            );
         }
         if lacks.is_empty() {
             Ok(())

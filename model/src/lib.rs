@@ -66,7 +66,8 @@ pub enum Variant {
     NoFinalizer,
     /// Broken: expiry is judged by a replica's clock with no allowance for its skew.
     NoGrace,
-    /// Broken: a result can expire before its request (a writer's shorter `Nats-TTL`, a purge).
+    /// Broken: a result can expire before its request (a writer's shorter `Nats-TTL`, a purge)
+    /// and leave its slot empty (no delete marker).
     ShortResultTtl,
     /// Broken: the processed marker can expire while its request can still be delivered.
     ShortMarkerTtl,
@@ -97,6 +98,10 @@ pub struct Protocol {
     pub max_time: u8,
     /// How many ticks the second gateway's clock runs ahead of the others.
     pub skew: u8,
+    /// Whether a result may expire before its request (a writer's shorter `Nats-TTL`, a purge).
+    /// The design keeps nats-server's delete marker in its slot, which refuses every later
+    /// create-if-absent and reads as "removed", not as a status.
+    pub early_result_expiry: bool,
 }
 
 impl Protocol {
@@ -115,6 +120,7 @@ impl Protocol {
             deadline: 2,
             max_time: 3,
             skew: 1,
+            early_result_expiry: false,
         }
     }
 
@@ -259,6 +265,8 @@ pub struct State {
     /// Request messages stored for the key.
     pub requests: u8,
     pub result: Option<Rec>,
+    /// The result expired and a delete marker holds its slot.
+    pub result_removed: bool,
     /// Records the results stream ever stored for the operation.
     pub result_writes: u8,
     pub marker: Option<Marker>,
@@ -322,6 +330,7 @@ impl Protocol {
             regressed: false,
             requests: 0,
             result: None,
+            result_removed: false,
             result_writes: 0,
             marker: None,
             commits: 0,
@@ -349,6 +358,10 @@ impl Protocol {
     /// A create-if-absent write of a terminal record to the results stream (first writer wins),
     /// or a plain one in the broken variant.
     fn write_result(&self, state: &mut State, rec: Rec) {
+        if state.result_removed {
+            // The delete marker refuses the write.
+            return;
+        }
         match state.result {
             None => {
                 state.result = Some(rec);
@@ -384,7 +397,7 @@ impl Protocol {
             let marker = self.claim(state, rec);
             Some(Projection { marker, emitted: 0 })
         } else {
-            if state.result.is_none() {
+            if !Self::slot_taken(state) {
                 self.note_expiry(state, rec);
             }
             self.write_result(state, rec);
@@ -429,7 +442,17 @@ impl Protocol {
             .all(|&n| n > 0)
     }
 
+    /// Whether the result slot holds a record or the delete marker of a removed one.
+    fn slot_taken(state: &State) -> bool {
+        state.result.is_some() || state.result_removed
+    }
+
+    /// What a read shows the client. A removed result reads as such (`410 result-removed`),
+    /// which is no status: it neither sets nor contradicts what the client saw.
     fn observe(state: &mut State, rec: Option<Rec>) {
+        if state.result_removed {
+            return;
+        }
         match (state.seen, rec) {
             (None, Some(r)) => state.seen = Some(r),
             (Some(_), None) => state.regressed = true,
@@ -453,10 +476,8 @@ impl Protocol {
     fn worker_step(&self, state: &mut State, w: usize, permanent: bool) -> Option<()> {
         let next = match state.workers[w] {
             Worker::Idle => return None,
-            Worker::Got { attempt } => match state.result {
-                Some(_) => Worker::Acking,
-                None => Worker::SlotEmpty { attempt },
-            },
+            Worker::Got { .. } if Self::slot_taken(state) => Worker::Acking,
+            Worker::Got { attempt } => Worker::SlotEmpty { attempt },
             Worker::SlotEmpty { attempt } => match (self.route, state.marker) {
                 // Roll forward: a decided marker is projected, never decided again.
                 (Route::Stateful, Some(marker)) if self.arbiter() => {
@@ -550,12 +571,10 @@ impl Protocol {
     fn finalizer_step(&self, state: &mut State) -> Option<()> {
         state.finalizer = match state.finalizer {
             Finalizer::Idle if state.advisory => Finalizer::Deciding,
-            Finalizer::Deciding => match state.result {
-                Some(_) => Finalizer::Done,
-                None => match self.decide(state, Rec::Failed) {
-                    Some(p) => Finalizer::Projecting(p),
-                    None => Finalizer::Done,
-                },
+            Finalizer::Deciding if Self::slot_taken(state) => Finalizer::Done,
+            Finalizer::Deciding => match self.decide(state, Rec::Failed) {
+                Some(p) => Finalizer::Projecting(p),
+                None => Finalizer::Done,
             },
             Finalizer::Projecting(p) => match self.project(state, p) {
                 Some(p) => Finalizer::Projecting(p),
@@ -644,7 +663,8 @@ impl Model for Protocol {
         }
         // Records of one operation expire together, at the end of its retention, past the
         // model's horizon; the broken variants let one of them go first.
-        if self.variant == Variant::ShortResultTtl && state.result.is_some() {
+        let early_expiry = self.early_result_expiry || self.variant == Variant::ShortResultTtl;
+        if early_expiry && state.result.is_some() {
             actions.push(Action::ResultExpires);
         }
         if self.variant == Variant::ShortMarkerTtl && state.marker.is_some() {
@@ -685,7 +705,7 @@ impl Model for Protocol {
             Action::Read(g) => {
                 state.reads_left -= 1;
                 let now = self.gateway_clock(&state, g);
-                if state.result.is_none() && self.past_deadline(now) {
+                if !Self::slot_taken(&state) && self.past_deadline(now) {
                     state.gateways[g] = Gateway::Deciding(Rec::Expired);
                 } else {
                     let seen = state.result;
@@ -724,7 +744,11 @@ impl Model for Protocol {
                     state.advisory = self.backstop();
                 }
             }
-            Action::ResultExpires => state.result = None,
+            Action::ResultExpires => {
+                state.result = None;
+                // Without delete markers (the broken variant) the slot is simply empty again.
+                state.result_removed = self.variant != Variant::ShortResultTtl;
+            }
             Action::MarkerExpires => state.marker = None,
             Action::WorkerStep { worker, permanent } => {
                 self.worker_step(&mut state, worker, permanent)?
@@ -754,7 +778,7 @@ impl Model for Protocol {
             // Every maximal path submits at least once (a submission stores the request even when
             // the gateway dies before answering), so "accepted" needs no guard here.
             Property::<Self>::eventually("every accepted operation ends", |m, s| {
-                s.requests > 0 && s.result.is_some() && (s.commits == 0 || m.all_emitted(s))
+                s.requests > 0 && Protocol::slot_taken(s) && (s.commits == 0 || m.all_emitted(s))
             }),
             Property::<Self>::sometimes("an operation can succeed", |_, s| {
                 s.result == Some(Rec::Reply)

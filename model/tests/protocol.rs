@@ -25,6 +25,21 @@ fn the_arbiter_keeps_every_property_on_stateful_routes() {
     check(Protocol::ci(Route::Stateful, Variant::Arbiter)).assert_properties();
 }
 
+/// Results that expire before their requests (a writer's shorter `Nats-TTL`): with the delete
+/// marker nats-server leaves in the slot, nothing can write a second terminal record, a read shows
+/// "removed" rather than a new status, and every property still holds on both kinds of route.
+/// (Without the marker, `ShortResultTtl` below, a second record is written.)
+#[test]
+fn results_that_expire_early_leave_a_marker_and_every_property_holds() {
+    for route in [Route::Stateless, Route::Stateful] {
+        let protocol = Protocol {
+            early_result_expiry: true,
+            ..Protocol::ci(route, Variant::Arbiter)
+        };
+        check(protocol).assert_properties();
+    }
+}
+
 /// Without the advisory backstop the arbiter keeps every safety property, but an operation can
 /// stay pending when more deliveries are lost than the spare one and nobody reads it past its
 /// deadline: the backstop is what makes "every accepted operation ends" hold.

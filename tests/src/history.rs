@@ -631,6 +631,8 @@ pub async fn read_gateway_streams(
     let results = read_stream(js, DEFAULT_RESULTS_STREAM)
         .await?
         .iter()
+        // nats-server's delete markers where expired results were: not records.
+        .filter(|m| header(m, h::MARKER_REASON).is_none())
         .map(|m| StoredResult {
             seq: m.info().map(|i| i.stream_sequence).unwrap_or(0),
             op: m.subject.rsplit('.').next().unwrap_or_default().to_owned(),

@@ -518,6 +518,25 @@ async fn a_live_state_stream_is_checked_never_changed() {
         "left as it is"
     );
 
+    // A stream that would drop markers before their time is refused too.
+    js.create_stream(Config {
+        name: "WK_SHORT".to_owned(),
+        subjects: vec!["short.>".to_owned()],
+        max_age: Duration::from_secs(60),
+        allow_direct: true,
+        allow_message_ttl: true,
+        allow_atomic_publish: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let Err(refused) =
+        StateStore::ensure(js.clone(), "WK_SHORT", "short", Duration::from_secs(3600)).await
+    else {
+        panic!("a max_age shorter than the markers' life is refused");
+    };
+    assert!(refused.to_string().contains("max_age"), "{refused}");
+
     // Absent: created, usable at once by a second process too.
     StateStore::ensure(js.clone(), "WK_NEW", "new", Duration::from_secs(60))
         .await

@@ -96,8 +96,8 @@ pub enum ApiError {
     #[error("JetStream unavailable: {0}")]
     Unavailable(StoreError),
     /// The operation's result was removed before its request (a worker wrote it with a shorter
-    /// `Nats-TTL` than the request's retention, or the stream was purged): its outcome cannot be
-    /// read any more, and no new one can take its place.
+    /// `Nats-TTL` than the request's retention; nats-server left its delete marker): its outcome
+    /// cannot be read any more, and no new one can take its place.
     #[error("the operation's result was removed before the operation's retention ended")]
     ResultRemoved,
     /// A stored message the gateway cannot read: a worker broke the wire contract.
@@ -222,8 +222,8 @@ impl ApiError {
                 .to_owned(),
             ApiError::ResultRemoved => "The operation's result was removed from JetStream \
                 before the operation's retention ended (a worker stored it with a shorter \
-                Nats-TTL than the request's Gw-Retention, or an operator purged it). Its outcome \
-                can no longer be read, and it will not change."
+                Nats-TTL than the request's Gw-Retention). Its outcome can no longer be read, and \
+                it will not change."
                 .to_owned(),
             ApiError::KeyReused { .. } => "This Idempotency-Key was first used for a request \
                 with another method, path, query, content type, body or Callback-Url. Use a new key \
@@ -281,7 +281,7 @@ impl IntoResponse for ApiError {
             }
             ApiError::ResultRemoved => {
                 tracing::error!(
-                    "An operation's result was removed while its request lives: a worker writes results with a shorter Nats-TTL than Gw-Retention, or the results stream was purged."
+                    "An operation's result was removed while its request lives: a worker writes results with a shorter Nats-TTL than Gw-Retention."
                 );
             }
             _ => {}

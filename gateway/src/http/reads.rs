@@ -45,6 +45,7 @@ pub(crate) struct PreferHeader {
                 ("Preference-Applied" = String, description = "`wait=N` when `Prefer: wait` was honoured."),
             )),
         (status = 404, description = "No such operation (or not yours).", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "`result-removed`: the operation's result was removed before its retention ended; its outcome can no longer be read.", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn get_operation(
@@ -83,7 +84,8 @@ pub(crate) async fn get_operation(
             )),
         (status = "2XX", description = "The worker's reply (any content type).", content_type = "*/*"),
         (status = 404, description = "No such operation (or not yours).", body = Problem, content_type = "application/problem+json"),
-        (status = "4XX", description = "The worker's reply, when it was a client error; or `400` for a bad query; or `410` (problem+json) when the operation was cancelled.", content_type = "*/*"),
+        (status = 410, description = "`result-removed`: the operation's result was removed before its retention ended; its outcome can no longer be read.", body = Problem, content_type = "application/problem+json"),
+        (status = "4XX", description = "The worker's reply, when it was a client error; or `400` for a bad query; or `410` (problem+json) when the operation was cancelled (type `cancelled`) or its result was removed (type `result-removed`).", content_type = "*/*"),
         (status = "5XX", description = "The worker's reply, when it was a server error; or `504` (problem+json) when the operation expired.", content_type = "*/*"),
     )
 )]
@@ -118,6 +120,7 @@ pub(crate) async fn get_result(
         (status = 202, description = "Cancelled (now or before).", body = OperationView<'static>,
             headers(("Location" = String, description = "The status resource."))),
         (status = 404, description = "No such operation (or not yours).", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "`result-removed`: the operation's result was removed before its retention ended; its outcome can no longer be read.", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Already finished; `operation` shows how.", body = Problem, content_type = "application/problem+json"),
     )
 )]

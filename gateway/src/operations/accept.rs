@@ -81,6 +81,10 @@ impl Submission<'_> {
 
     /// The fingerprint the key is bound to.
     pub fn fingerprint(&self) -> String {
+        self.identity().fingerprint()
+    }
+
+    fn identity(&self) -> RequestIdentity<'_> {
         RequestIdentity {
             method: self.method,
             path: self.path,
@@ -89,7 +93,20 @@ impl Submission<'_> {
             body: &self.body,
             callback_url: self.requested_callback_url.as_deref(),
         }
-        .fingerprint()
+    }
+
+    /// Whether `stored`, whose fingerprint differs, is still this request: one accepted before
+    /// callback URLs were part of the fingerprint (by an older replica, during a rolling
+    /// upgrade), with the same callback URL recorded.
+    fn repeats_unbound_callback(&self, stored: &Operation) -> bool {
+        let Some(url) = self.requested_callback_url.as_deref() else {
+            return false;
+        };
+        let unbound = RequestIdentity {
+            callback_url: None,
+            ..self.identity()
+        };
+        stored.callback_url() == Some(url) && stored.fingerprint() == unbound.fingerprint()
     }
 
     /// The request message for a new operation on this submission. The benchmark's raw baseline
@@ -176,7 +193,7 @@ pub async fn accept(store: &Store, s: Submission<'_>) -> Result<Accepted, Accept
             continue;
         };
         let mut existing = Operation::from_request(&stored).map_err(StoreError::from)?;
-        if existing.fingerprint() != fingerprint {
+        if existing.fingerprint() != fingerprint && !s.repeats_unbound_callback(&existing) {
             return Err(AcceptError::KeyReused {
                 operation_id: existing.id().to_owned(),
             });

@@ -114,8 +114,12 @@ impl Finalizer {
             return Ok(());
         }
         let mut operation = Operation::from_request(&request)?;
-        if self.store.result(operation.id()).await?.is_some() {
-            return Ok(());
+        match self.store.result(operation.id()).await {
+            Ok(None) => {}
+            // A result, or the delete marker of a removed one: the operation has its outcome.
+            Ok(Some(_)) => return Ok(()),
+            Err(e) if e.is_result_removed() => return Ok(()),
+            Err(e) => return Err(e),
         }
         let detail = format!(
             "Every delivery of the request was lost ({} deliveries: the workers crashed or stalled).",

@@ -63,8 +63,9 @@ pub async fn lookup(
 
 /// The operation `operation_id` as its request message says (no result, no tenant check):
 /// one direct get by the key token the id carries (and a leader read when that finds another
-/// operation's request). `None` when there is no such request, or the key's request now belongs
-/// to another operation (the key was reused after retention).
+/// operation's request). `None` when there is no such request, its retention has ended (a
+/// lagging replica may still hold it), or the key's request now belongs to another operation (the
+/// key was reused after retention).
 pub(super) async fn request_of(
     store: &Store,
     operation_id: &str,
@@ -77,7 +78,9 @@ pub(super) async fn request_of(
     };
     let operation = Operation::from_request(&request)?;
     if operation.id() == operation_id {
-        return Ok(Some(operation));
+        // A lagging replica can answer with a request whose retention has ended: gone for
+        // everyone, as on the leader.
+        return Ok((!store.retention_ended(&operation)).then_some(operation));
     }
     // Another operation holds the key now, or a stale replica answered with an older one: only
     // the stream leader can tell which (the leader read is paid only after a key was reused).
@@ -86,6 +89,26 @@ pub(super) async fn request_of(
     };
     let operation = Operation::from_request(&request)?;
     Ok((operation.id() == operation_id).then_some(operation))
+}
+
+/// [`request_of`], with a miss asked again of the stream leader whatever the stream's replicas:
+/// for callers about to give an operation up for gone (a lagging replica, or a mirror serving
+/// direct gets, can miss a request that exists).
+pub(super) async fn confirmed_request_of(
+    store: &Store,
+    operation_id: &str,
+) -> Result<Option<Operation>, StoreError> {
+    if let Some(operation) = request_of(store, operation_id).await? {
+        return Ok(Some(operation));
+    }
+    let Some(key_token) = key_token_of(operation_id) else {
+        return Ok(None);
+    };
+    let Some(request) = store.request_by_key_token_from_leader(key_token).await? else {
+        return Ok(None);
+    };
+    let operation = Operation::from_request(&request)?;
+    Ok((operation.id() == operation_id && !store.retention_ended(&operation)).then_some(operation))
 }
 
 /// What a waiter waits for.

@@ -77,7 +77,7 @@ impl Operations {
     ) -> Result<Self, StoreError> {
         let stateful: Vec<_> = routes
             .iter()
-            .filter_map(|r| Some((r.name.clone(), r.state.clone()?)))
+            .filter_map(|r| Some((r.name.clone(), r.state.clone()?, r.retention)))
             .collect();
         Ok(Self {
             store: Arc::new(Store::connect(settings, &stateful).await?),
@@ -87,8 +87,8 @@ impl Operations {
     }
 
     /// The webhook delivery loop, or `None` when no webhook can ever be asked for. Warns about
-    /// each route whose retention ends before the last retry would be due: a notification still
-    /// failing then is abandoned with its operation.
+    /// each route whose retention can end before the last retry would be due (for a result that
+    /// lands at the deadline): a notification still failing then is abandoned with its operation.
     pub fn webhooks(
         &self,
         settings: &WebhookSettings,
@@ -97,8 +97,12 @@ impl Operations {
         let any_route_callback = routes.iter().any(|r| r.callback_url.is_some());
         let webhooks = Webhooks::new(self.store.clone(), settings, any_route_callback)?;
         if let Some(webhooks) = &webhooks {
+            // A result can land as late as the deadline (plus the skew allowance), and its
+            // retries follow from there.
             let horizon = webhooks.retry_horizon();
-            for route in routes.iter().filter(|r| r.retention < horizon) {
+            let grace = self.store.expiry_grace();
+            let short = |r: &&RouteConfig| r.retention < r.timeout + grace + horizon;
+            for route in routes.iter().filter(short) {
                 tracing::warn!(
                     route = %route.name,
                     retention_secs = route.retention.as_secs(),

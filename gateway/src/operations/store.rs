@@ -141,10 +141,11 @@ pub struct StreamPlan {
 
 impl Store {
     /// Connects in the background: the returned store works once NATS is reachable and
-    /// [`Store::provision`] has run.
+    /// [`Store::provision`] has run. `stateful` names each stateful route's state store and
+    /// retention.
     pub async fn connect(
         settings: &JetStreamSettings,
-        stateful: &[(String, StateStoreConfig)],
+        stateful: &[(String, StateStoreConfig, Duration)],
     ) -> Result<Self, StoreError> {
         let client = async_nats::ConnectOptions::new()
             .name("gateway")
@@ -162,10 +163,11 @@ impl Store {
             .build(client.clone());
         let arbiters = stateful
             .iter()
-            .map(|(route, state)| {
-                // Markers the gateway writes live as long as their operation's request.
+            .map(|(route, state, retention)| {
+                // Markers the gateway writes live as long as their operation's request (the
+                // route's retention), and the store's stream must keep them that long.
                 let store =
-                    StateStore::attach(js.clone(), &state.stream, &state.prefix, Duration::ZERO);
+                    StateStore::attach(js.clone(), &state.stream, &state.prefix, *retention);
                 (route.clone(), store)
             })
             .collect();
@@ -181,6 +183,19 @@ impl Store {
             replicated: AtomicBool::new(false),
             arbiters,
             expiry_grace: settings.expiry_grace,
+        })
+    }
+
+    /// The skew allowance expiry waits for (`GATEWAY_EXPIRY_GRACE`).
+    pub fn expiry_grace(&self) -> Duration {
+        self.expiry_grace
+    }
+
+    /// Whether an operation's retention has ended by this process's clock, allowing the same
+    /// skew as expiry: a lagging replica may still hold its request, but it is gone.
+    pub fn retention_ended(&self, operation: &Operation) -> bool {
+        operation.retention().is_some_and(|retention| {
+            operation.created_at + retention + self.expiry_grace < OffsetDateTime::now_utc()
         })
     }
 
@@ -396,8 +411,11 @@ impl Store {
         // terminal record can take its place: the slot reads "removed", never a new outcome
         // (ADR-43 subject delete markers; verified on 2.15.1: create-if-absent is refused while
         // only the marker is there).
+        // A marker carries `Nats-Rollup: sub`, so the server turns rollups on for such a stream
+        // whatever is asked: asked for here, so that the configuration says what is live.
         let results = Config {
             subject_delete_marker_ttl: Some(plan.max_retention.max(Duration::from_secs(1))),
+            allow_rollup: true,
             ..base.clone()
         };
         // Delivery states change (attempt after attempt): the last message of a subject wins.

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::lifecycle::sleep_or_stop;
 
 use super::destination::{PublicOnly, check_destination};
-use super::lookup::request_of;
+use super::lookup::confirmed_request_of;
 use super::model::{DeliveryState, Operation, StoredResult};
 use super::store::{ConsumeError, Store, StoreError};
 use super::view::OperationView;
@@ -229,7 +229,7 @@ impl Webhooks {
         message: &jetstream::Message,
         attempt: i64,
     ) -> Result<Next, StoreError> {
-        let Some(mut operation) = request_of(&self.store, id).await? else {
+        let Some(mut operation) = confirmed_request_of(&self.store, id).await? else {
             // The operation's retention ended (its key may already name another operation, whose
             // request must not label this result): nobody can read it any more, and neither its
             // callback URL nor its status body exists to deliver. Said loudly, never sent wrong.
