@@ -82,8 +82,8 @@ impl StateStore {
     /// stream is created when absent; a live one is never changed (another worker, the gateway or
     /// an operator may have made it with more replicas or longer limits than this process would
     /// ask for), only checked: it must hold both subject spaces, allow atomic batches,
-    /// per-message TTLs and direct gets, and never remove a marker before `marker_ttl` (limits
-    /// retention, `max_age` 0 or at least `marker_ttl`, no message or byte cap with discard old). Every process that uses the store (each worker, each
+    /// per-message TTLs and direct gets, and never remove state or a marker before its time
+    /// (limits retention, `max_age` 0, no message or byte cap with discard old). Every process that uses the store (each worker, each
     /// gateway replica with the route's `state`) calls this, so none depends on start order.
     ///
     /// Errors: [`StateError::Unsuitable`] naming what the live stream lacks;
@@ -165,10 +165,12 @@ impl StateStore {
         if live.retention != RetentionPolicy::Limits {
             lacks.push("limits retention (markers are never consumed away)".to_owned());
         }
-        if !live.max_age.is_zero() && live.max_age < self.marker_ttl {
+        // State versions carry no TTL: a `max_age` would make a key untouched that long load as
+        // absent, and a handler commit from the wrong base.
+        if !live.max_age.is_zero() {
             lacks.push(format!(
-                "a max_age of at least {:?} (the markers' life; it has {:?})",
-                self.marker_ttl, live.max_age
+                "max_age 0 (state must not age out; it has {:?})",
+                live.max_age
             ));
         }
         let capped = live.max_messages > 0 || live.max_bytes > 0;

@@ -98,9 +98,11 @@ pub struct Protocol {
     pub max_time: u8,
     /// How many ticks the second gateway's clock runs ahead of the others.
     pub skew: u8,
-    /// Whether a result may expire before its request (a writer's shorter `Nats-TTL`, a purge).
-    /// The design keeps nats-server's delete marker in its slot, which refuses every later
-    /// create-if-absent and reads as "removed", not as a status.
+    /// Whether a result may expire before its request (a writer's shorter `Nats-TTL`). The
+    /// design keeps nats-server's delete marker in its slot, which refuses every later
+    /// create-if-absent and reads as "removed", not as a status. The model keeps the marker for
+    /// good: the code's lives for the longest retention (never shrunk), longer than any request.
+    /// (A purge leaves no marker: that is `Variant::ShortResultTtl`.)
     pub early_result_expiry: bool,
 }
 
@@ -358,8 +360,8 @@ impl Protocol {
     /// A create-if-absent write of a terminal record to the results stream (first writer wins),
     /// or a plain one in the broken variant.
     fn write_result(&self, state: &mut State, rec: Rec) {
-        if state.result_removed {
-            // The delete marker refuses the write.
+        if state.result_removed && self.variant != Variant::ResultsOverwrite {
+            // The delete marker refuses a create-if-absent write (a plain publish ignores it).
             return;
         }
         match state.result {
@@ -774,6 +776,10 @@ impl Model for Protocol {
                 s.result_writes <= 1
             }),
             Property::<Self>::always("a status never goes back", |_, s| !s.regressed),
+            // What makes skipping a read of a removed result sound: nothing fills its slot again.
+            Property::<Self>::always("a removed result stays removed", |_, s| {
+                !(s.result_removed && s.result.is_some())
+            }),
             Property::<Self>::always("no expiry before the deadline", |_, s| !s.early_expiry),
             // Every maximal path submits at least once (a submission stores the request even when
             // the gateway dies before answering), so "accepted" needs no guard here.

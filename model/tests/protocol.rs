@@ -131,6 +131,12 @@ fn every_property_fails_in_a_variant_built_to_break_it() {
     ] {
         counterexample(Protocol::ci(route, variant), property);
     }
+    // A plain publish is not refused by a removed result's delete marker either.
+    let protocol = Protocol {
+        early_result_expiry: true,
+        ..Protocol::ci(Stateless, ResultsOverwrite)
+    };
+    counterexample(protocol, "a removed result stays removed");
     // An operation is left without an outcome only when every delivery is lost, so this one
     // needs as many crashes as deliveries.
     for route in [Stateless, Stateful] {

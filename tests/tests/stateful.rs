@@ -449,7 +449,7 @@ async fn a_short_marker_ttl_cannot_let_a_redelivery_commit_twice() {
 }
 
 /// A state store's stream is created when absent and otherwise only checked, never changed: an
-/// operator's stream with its own limits (here `max_age`, a description and one covering subject)
+/// operator's stream with its own limits (here a byte cap, a description and one covering subject)
 /// keeps them when a worker starts (before, every start overwrote it with the worker's defaults);
 /// a stream that cannot hold the store is refused with what it lacks, and left as it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -461,7 +461,8 @@ async fn a_live_state_stream_is_checked_never_changed() {
         name: "WK_LIVE".to_owned(),
         subjects: vec!["live.>".to_owned()],
         description: Some("sized by the operator".to_owned()),
-        max_age: Duration::from_secs(3600),
+        max_bytes: 1 << 30,
+        discard: async_nats::jetstream::stream::DiscardPolicy::New,
         max_messages_per_subject: 1,
         allow_direct: true,
         allow_message_ttl: true,
@@ -480,8 +481,8 @@ async fn a_live_state_stream_is_checked_never_changed() {
         .config
         .clone();
     assert_eq!(
-        (live.subjects, live.description, live.max_age),
-        (operators.subjects, operators.description, operators.max_age)
+        (live.subjects, live.description, live.max_bytes),
+        (operators.subjects, operators.description, operators.max_bytes)
     );
 
     js.create_stream(Config {
@@ -518,7 +519,7 @@ async fn a_live_state_stream_is_checked_never_changed() {
         "left as it is"
     );
 
-    // A stream that would drop markers before their time is refused too.
+    // A stream that would drop state or markers before their time is refused too.
     js.create_stream(Config {
         name: "WK_SHORT".to_owned(),
         subjects: vec!["short.>".to_owned()],
@@ -533,7 +534,7 @@ async fn a_live_state_stream_is_checked_never_changed() {
     let Err(refused) =
         StateStore::ensure(js.clone(), "WK_SHORT", "short", Duration::from_secs(3600)).await
     else {
-        panic!("a max_age shorter than the markers' life is refused");
+        panic!("a max_age, which would age state out, is refused");
     };
     assert!(refused.to_string().contains("max_age"), "{refused}");
 

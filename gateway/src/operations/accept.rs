@@ -70,8 +70,11 @@ pub enum AcceptError {
 }
 
 /// How often to retry when the key's record vanishes between the refused write and the read
-/// back: only a retention expiry at that very moment does that.
+/// back, or is past its retention but not yet removed: only a retention ending at that very
+/// moment does that.
 const RACE_RETRIES: usize = 3;
+/// How long to wait for the server to remove a request whose retention has ended.
+const RETENTION_END_WAIT: Duration = Duration::from_millis(400);
 
 impl Submission<'_> {
     /// The token naming this submission's request subject.
@@ -193,6 +196,13 @@ pub async fn accept(store: &Store, s: Submission<'_>) -> Result<Accepted, Accept
             continue;
         };
         let mut existing = Operation::from_request(&stored).map_err(StoreError::from)?;
+        if store.retention_ended(&existing) {
+            // Past its retention by this clock, which reads already answer as gone, but the
+            // server's TTL timer has not removed it yet: wait for that rather than replay an
+            // operation nobody can read (a last miss answers 503, and the retry creates).
+            tokio::time::sleep(RETENTION_END_WAIT).await;
+            continue;
+        }
         if existing.fingerprint() != fingerprint && !s.repeats_unbound_callback(&existing) {
             return Err(AcceptError::KeyReused {
                 operation_id: existing.id().to_owned(),

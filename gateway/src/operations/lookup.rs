@@ -88,12 +88,13 @@ pub(super) async fn request_of(
         return Ok(None);
     };
     let operation = Operation::from_request(&request)?;
-    Ok((operation.id() == operation_id).then_some(operation))
+    Ok((operation.id() == operation_id && !store.retention_ended(&operation)).then_some(operation))
 }
 
 /// [`request_of`], with a miss asked again of the stream leader whatever the stream's replicas:
-/// for callers about to give an operation up for gone (a lagging replica, or a mirror serving
-/// direct gets, can miss a request that exists).
+/// for callers about to give an operation up for gone for good. (Reads confirm misses with the
+/// leader only on replicated streams, where a follower can lag; that is the supported set-up: no
+/// mirror serves the gateway's streams' direct gets.)
 pub(super) async fn confirmed_request_of(
     store: &Store,
     operation_id: &str,
