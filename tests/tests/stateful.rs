@@ -482,7 +482,11 @@ async fn a_live_state_stream_is_checked_never_changed() {
         .clone();
     assert_eq!(
         (live.subjects, live.description, live.max_bytes),
-        (operators.subjects, operators.description, operators.max_bytes)
+        (
+            operators.subjects,
+            operators.description,
+            operators.max_bytes
+        )
     );
 
     js.create_stream(Config {
