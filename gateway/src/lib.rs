@@ -125,6 +125,7 @@ pub async fn run(
     let limits = crate::http::server::ConnectionLimits {
         max_connections: settings.limits.max_connections,
         header_read_timeout: settings.limits.header_read_timeout,
+        keep_alive_timeout: settings.limits.keep_alive_timeout,
         max_headers: settings.limits.max_headers,
         max_header_bytes: settings.limits.max_header_bytes,
     };

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use gateway_tests::{
     Nats, TestGateway, TestWorker, assert_problem, echo, get_operation, http, id_of, json,
-    stream_messages, worker_config,
+    stream_messages, submit, worker_config,
 };
 use handlers::contract::DEFAULT_REQUESTS_STREAM;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -280,7 +280,7 @@ async fn read_all(stream: &mut TcpStream) -> String {
 }
 
 /// Slowloris heads are cut off, slow bodies get 408, too many or too large headers get 431, and
-/// at most `GATEWAY_MAX_CONNECTIONS` connections are served at once; nothing is published.
+/// idle connections cannot hold the `GATEWAY_MAX_CONNECTIONS` cap; nothing is published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_and_oversized_clients_are_cut_off() {
     let TestGateway { nats, gw } = TestGateway::builder(ROUTES)
@@ -330,8 +330,9 @@ async fn slow_and_oversized_clients_are_cut_off() {
     assert_problem(large(10_000).await.unwrap(), 431, "headers-too-large").await;
     assert_eq!(large(40_000).await.unwrap().status(), 431);
 
-    // Two idle connections fill the cap: a third is not served until one closes.
-    let first = TcpStream::connect(&addr).await.unwrap();
+    // Two idle connections fill the cap: a third is served at once, because reaching the cap
+    // closes every connection with no request in flight. (Before, it waited for one to close.)
+    let mut first = TcpStream::connect(&addr).await.unwrap();
     let _second = TcpStream::connect(&addr).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut third = TcpStream::connect(&addr).await.unwrap();
@@ -339,21 +340,133 @@ async fn slow_and_oversized_clients_are_cut_off() {
         .write_all(b"GET /livez HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n")
         .await
         .unwrap();
-    let mut byte = [0u8; 1];
-    let waited = tokio::time::timeout(Duration::from_millis(500), third.read(&mut byte)).await;
-    assert!(
-        waited.is_err(),
-        "the third connection waits while two are open"
-    );
-    drop(first);
     let answer = read_all(&mut third).await;
-    assert!(
-        answer.contains("200 OK"),
-        "served once a slot frees: {answer}"
+    assert!(answer.contains("200 OK"), "served at once: {answer}");
+    assert_eq!(
+        read_all(&mut first).await,
+        "",
+        "the idle connection was closed"
     );
 
     assert_eq!(stream_messages(&js, DEFAULT_REQUESTS_STREAM).await, 0);
     gw.stop().await;
+}
+
+/// Connections that hold a slot without a request in flight are closed: a socket that sends
+/// nothing, or only part of a head, or only the HTTP/2 preface, by the head deadline counted from
+/// accept; a keep-alive connection after its last answer, by the keep-alive timeout. A long poll
+/// outlasting both is not idleness. (Before, the silent sockets stayed open for good and, at the
+/// cap, nobody else was served.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_from_accept() {
+    let TestGateway { nats: _nats, gw } = TestGateway::builder(ROUTES)
+        .flags(["--header-read-timeout", "3s", "--keep-alive-timeout", "2s"])
+        .start()
+        .await;
+    let addr = gw.base.trim_start_matches("http://").to_owned();
+    let connect = || TcpStream::connect(addr.clone());
+
+    let started = std::time::Instant::now();
+    let mut silent: Vec<TcpStream> = Vec::new();
+    for _ in 0..8 {
+        silent.push(connect().await.unwrap());
+    }
+    let mut partial = connect().await.unwrap();
+    partial
+        .write_all(b"GET /livez HTTP/1.1\r\nhost:")
+        .await
+        .unwrap();
+    let mut preface = connect().await.unwrap();
+    preface
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    for (what, stream) in silent.iter_mut().map(|s| ("a silent socket", s)).chain([
+        ("a partial head", &mut partial),
+        ("a bare HTTP/2 preface", &mut preface),
+    ]) {
+        let mut rest = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "{what} is closed");
+    }
+    let closed_after = started.elapsed();
+    assert!(closed_after >= Duration::from_secs(3), "{closed_after:?}");
+    eprintln!("10 idle sockets closed {closed_after:?} after accept (head deadline 3 s)");
+
+    // Keep-alive: one answer, then silence.
+    let mut kept = connect().await.unwrap();
+    kept.write_all(b"GET /livez HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = kept.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let answered = std::time::Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), kept.read_to_end(&mut rest))
+        .await
+        .expect("the idle keep-alive connection is closed")
+        .unwrap();
+    let idle = answered.elapsed();
+    assert!(idle >= Duration::from_secs(2), "{idle:?}");
+    eprintln!("an idle keep-alive connection closed {idle:?} after its answer (timeout 2 s)");
+
+    // A long poll of 5 s, longer than both limits, ends with its answer.
+    let id = submit(&gw.base, "/orders", "held")
+        .body("{}")
+        .accepted()
+        .await;
+    let polled = std::time::Instant::now();
+    let read = http()
+        .get(gw.url(&format!("/operations/{id}")))
+        .header("prefer", "wait=5")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), 200);
+    assert_eq!(json(read).await["status"], "pending");
+    assert!(polled.elapsed() >= Duration::from_secs(5));
+}
+
+/// Clients that send their bodies slowly hold only their own connections: with 4 requests in
+/// flight allowed and 40 submits each stuck after 1 of 100 body bytes, other clients' submits and
+/// status reads are served, not shed. (Before, each stuck submit held an in-flight slot and
+/// everyone got `503 overloaded` until the body deadline.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_bodies_cannot_take_the_capacity_others_need() {
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES)
+        .flags(["--max-in-flight", "4", "--body-read-timeout", "20s"])
+        .start()
+        .await;
+    let addr = gw.base.trim_start_matches("http://").to_owned();
+    let mut stuck = Vec::new();
+    for _ in 0..40 {
+        let mut stream = TcpStream::connect(&addr).await.unwrap();
+        stream
+            .write_all(b"POST /orders HTTP/1.1\r\nhost: gw\r\ncontent-length: 100\r\n\r\n{")
+            .await
+            .unwrap();
+        stuck.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut slowest = Duration::ZERO;
+    for i in 0..20 {
+        let started = std::time::Instant::now();
+        let id = submit(&gw.base, "/orders", &format!("fast-{i}"))
+            .body("{}")
+            .accepted()
+            .await;
+        assert_eq!(get_operation(&gw.base, &id).await.status(), 200);
+        slowest = slowest.max(started.elapsed());
+    }
+    eprintln!("with 40 stuck bodies: 20 submits and reads served, slowest pair {slowest:?}");
+    assert_eq!(
+        stream_messages(&nats.jetstream().await, DEFAULT_REQUESTS_STREAM).await,
+        20,
+        "only the complete requests were accepted"
+    );
+    drop(stuck);
 }
 
 /// A `Callback-Url` that leads to a loopback, private, link-local or unspecified address is refused
@@ -361,15 +474,7 @@ async fn slow_and_oversized_clients_are_cut_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callbacks_cannot_reach_private_addresses() {
     let nats = Nats::start().await;
-    let extra = ["--callback-allow", "http://", "--webhook-secret", "s3cret"];
-    let gw = TestGateway::builder(ROUTES)
-        .nats(&nats)
-        .flags(extra)
-        .start()
-        .await;
-    let js = nats.jetstream().await;
-    let http = http();
-    for url in [
+    let private = [
         "http://127.0.0.1:8080/hook",
         "http://localhost:8080/hook",
         "http://[::1]/hook",
@@ -380,7 +485,20 @@ async fn callbacks_cannot_reach_private_addresses() {
         "http://0.0.0.0/hook",
         "http://[::ffff:127.0.0.1]/hook",
         "http://100.64.0.1/hook",
-    ] {
+        "http://[fd00::1]/hook",
+        "http://[64:ff9b::a00:1]/hook",
+        "http://192.0.0.170/hook",
+    ];
+    // Every one of them on the allow-list: the address check alone refuses them.
+    let allow = private.join(",");
+    let gw = TestGateway::builder(ROUTES)
+        .nats(&nats)
+        .flags(["--callback-allow", &allow, "--webhook-secret", "s3cret"])
+        .start()
+        .await;
+    let js = nats.jetstream().await;
+    let http = http();
+    for url in private {
         let r = http
             .post(gw.url("/orders"))
             .header("callback-url", url)
@@ -388,22 +506,26 @@ async fn callbacks_cannot_reach_private_addresses() {
             .send()
             .await
             .unwrap();
-        assert_problem(r, 400, "callback-url-not-allowed").await;
+        let problem = assert_problem(r, 400, "callback-url-not-allowed").await;
+        let detail = problem["detail"].as_str().unwrap();
+        assert!(
+            detail.contains("not public") && !detail.contains("127.0.0.1"),
+            "the refusal names the rule, not where a name leads: {detail}"
+        );
     }
     assert_eq!(stream_messages(&js, DEFAULT_REQUESTS_STREAM).await, 0);
     gw.stop().await;
 
     // Allowed explicitly (a webhook receiver on the same host, say): accepted.
-    let extra = [
-        "--callback-allow",
-        "http://",
-        "--webhook-secret",
-        "s3cret",
-        "--callback-allow-private",
-    ];
     let gw = TestGateway::builder(ROUTES)
         .nats(&nats)
-        .flags(extra)
+        .flags([
+            "--callback-allow",
+            "http://127.0.0.1:9/",
+            "--webhook-secret",
+            "s3cret",
+        ])
+        .flag("--callback-allow-private")
         .start()
         .await;
     let r = http
@@ -416,4 +538,69 @@ async fn callbacks_cannot_reach_private_addresses() {
     assert_eq!(r.status(), 202);
     assert_eq!(stream_messages(&js, DEFAULT_REQUESTS_STREAM).await, 1);
     gw.stop().await;
+}
+
+/// The allow-list compares parsed URLs, not strings: with `http://hooks.example.com/in` allowed,
+/// userinfo that hides another host, another port, a longer host, a sibling path and a dot
+/// segment are all refused, each saying which rule failed; nothing is published. (Before, the
+/// raw prefix match accepted the first three and sent the signed webhook to 1.1.1.1:6379.) A
+/// route with its own `callback_url` refuses a client's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callback_urls_are_compared_parsed_not_as_strings() {
+    let routes = format!(
+        "{ROUTES}\n[[route]]\nname = \"audited\"\nmethod = \"POST\"\npath = \"/audited\"\n\
+         callback_url = \"https://audit.example.com/in\"\n"
+    );
+    let TestGateway { nats, gw } = TestGateway::builder(&routes)
+        .flags(["--callback-allow", "http://hooks.example.com/in"])
+        .flags(["--webhook-secret", "s3cret"])
+        .start()
+        .await;
+    let http = http();
+    for (url, rule) in [
+        ("http://hooks.example.com@1.1.1.1:6379/in", "userinfo"),
+        ("http://user:pw@hooks.example.com/in", "userinfo"),
+        ("http://hooks.example.com:6379/in", "no allowed receiver"),
+        (
+            "http://hooks.example.com.evil.net/in",
+            "no allowed receiver",
+        ),
+        ("http://hooks.example.comevil/in", "no allowed receiver"),
+        ("http://hooks.example.com/inside", "no allowed receiver"),
+        (
+            "http://hooks.example.com/in/../admin",
+            "no allowed receiver",
+        ),
+        ("https://hooks.example.com/in", "no allowed receiver"),
+        ("gopher://hooks.example.com/in", "only http and https"),
+    ] {
+        let r = http
+            .post(gw.url("/orders"))
+            .header("callback-url", url)
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        let problem = assert_problem(r, 400, "callback-url-not-allowed").await;
+        let detail = problem["detail"].as_str().unwrap();
+        assert!(detail.contains(rule), "{url}: {detail}");
+    }
+    let r = http
+        .post(gw.url("/audited"))
+        .header("callback-url", "http://hooks.example.com/in")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let problem = assert_problem(r, 400, "callback-url-not-allowed").await;
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("its own receiver")
+    );
+    assert_eq!(
+        stream_messages(&nats.jetstream().await, DEFAULT_REQUESTS_STREAM).await,
+        0
+    );
 }

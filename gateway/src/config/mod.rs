@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use axum::http::HeaderName;
 
+use callback::CallbackRule;
+
 /// Process settings. Every flag has a `GATEWAY_*` environment variable.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Settings {
@@ -88,9 +90,15 @@ pub struct ClientLimits {
     /// Client connections open at once; more wait in the kernel's accept queue.
     #[arg(long, env = "GATEWAY_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
-    /// Time a client has to send a request's headers (slowloris); the connection is closed after.
+    /// Time a new connection has, from accept, to send its first request's head (slowloris, or
+    /// a socket that sends nothing); it is closed after. Also the limit on each later head.
     #[arg(long, env = "GATEWAY_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,
+    /// Time a connection may stay open with no request in flight after an answer (HTTP/1
+    /// keep-alive and HTTP/2 alike); it is closed after. Idle connections are also closed at
+    /// once when `GATEWAY_MAX_CONNECTIONS` is reached.
+    #[arg(long, env = "GATEWAY_KEEP_ALIVE_TIMEOUT", default_value = "75s", value_parser = humantime::parse_duration)]
+    pub keep_alive_timeout: Duration,
     /// Time a client has to send a request's whole body; 408 after.
     #[arg(long, env = "GATEWAY_BODY_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub body_read_timeout: Duration,
@@ -121,10 +129,11 @@ pub struct ClientLimits {
 /// The webhooks' slice: who may be called back, how deliveries are signed and retried.
 #[derive(Debug, Clone, clap::Args)]
 pub struct WebhookSettings {
-    /// URL prefixes a client's `Callback-Url` may start with (comma-separated); empty: the header
-    /// is refused. Routes' own `callback_url` need no entry.
-    #[arg(long, env = "GATEWAY_CALLBACK_ALLOW", value_delimiter = ',')]
-    pub callback_allow: Vec<String>,
+    /// Receivers a client's `Callback-Url` may name (comma-separated URLs): same scheme, host and
+    /// port, and a path equal to or under the entry's (`https://hooks.example.com/in` allows
+    /// `/in` and `/in/…`). Empty: the header is refused. Routes' own `callback_url` need no entry.
+    #[arg(long, env = "GATEWAY_CALLBACK_ALLOW", value_delimiter = ',', value_parser = CallbackRule::parse)]
+    pub callback_allow: Vec<CallbackRule>,
     /// Key that signs webhooks (Standard Webhooks: `whsec_` + base64, or any text). Required when
     /// webhooks are possible.
     #[arg(long, env = "GATEWAY_WEBHOOK_SECRET", hide_env_values = true)]
@@ -201,6 +210,7 @@ impl NatsArgs {
     }
 }
 
+pub mod callback;
 mod error;
 pub mod routes;
 

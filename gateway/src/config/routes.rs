@@ -210,12 +210,8 @@ pub fn validate_routes(routes: &[RouteConfig]) -> Result<(), ConfigError> {
             )));
         }
         if let Some(url) = &r.callback_url {
-            let ok = reqwest::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
-            if !ok {
-                return Err(invalid(format!(
-                    "{who}: callback_url {url:?} is not an http(s) URL"
-                )));
-            }
+            super::callback::CallbackUrl::parse(url)
+                .map_err(|e| invalid(format!("{who}: callback_url {url:?}: {e}")))?;
         }
         if r.max_body.0 == 0 {
             return Err(invalid(format!("{who}: max_body must be positive")));

@@ -1,10 +1,17 @@
 //! The HTTP server loop: accepts connections up to a cap and serves each with hyper, with the
-//! limits a front door needs against slow or oversized clients, and drains on shutdown.
+//! limits a front door needs against slow, idle or oversized clients, and drains on shutdown.
 //!
-//! Hand-written glue: `axum::serve` exposes none of hyper's connection settings. What it adds:
-//! - at most `max_connections` connections at once; more wait in the kernel's accept queue;
-//! - a deadline for a request's head (`header_read_timeout`, HTTP/1: slowloris), after which
-//!   hyper closes the connection;
+//! Hand-written glue: `axum::serve` exposes none of hyper's connection settings, and hyper has no
+//! idle deadline that starts at accept (its `header_read_timeout` starts with the first byte, and
+//! the HTTP/1-or-2 detection before it waits forever). What it adds:
+//! - at most `max_connections` connections at once. When all are taken, every connection with no
+//!   request in flight is closed at once, so idle sockets cannot hold the cap;
+//! - a watchdog per connection that closes it when it has had no request in flight for
+//!   `header_read_timeout` since accept (nothing or only part of a head sent: slowloris, a bare
+//!   h2c preface) or for `keep_alive_timeout` since its last answer ended. (On HTTP/1, hyper
+//!   also counts the wait for the next request as head time, so an idle keep-alive connection
+//!   closes after the shorter of the two.);
+//! - HTTP/2 keep-alive pings, so a peer that vanished is noticed;
 //! - a backstop on header count and head size at twice the configured caps (hyper answers a bare
 //!   `431`); the caps themselves are checked in [`crate::http`], which answers problem+json;
 //! - `TCP_NODELAY`, so small exchanges on keep-alive connections are not held by Nagle;
@@ -13,25 +20,41 @@
 //! The body deadline is a tower layer in [`crate::http`], where its error becomes a `408`.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::Response;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Limits on each client connection.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
     pub max_connections: usize,
+    /// How long a new connection may take to send its first request's head.
     pub header_read_timeout: Duration,
+    /// How long a connection may stay open with no request in flight after an answer.
+    pub keep_alive_timeout: Duration,
     pub max_headers: usize,
     pub max_header_bytes: usize,
 }
+
+/// How often an HTTP/2 connection is pinged, and how long the answer may take.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves `app` on `listener` until `shutdown` resolves, then waits for the open connections to
 /// finish their requests.
@@ -52,16 +75,28 @@ pub async fn serve(
     builder
         .http2()
         .timer(TokioTimer::new())
+        .keep_alive_interval(Some(H2_PING_INTERVAL))
+        .keep_alive_timeout(H2_PING_TIMEOUT)
         .max_header_list_size(
             u32::try_from(limits.max_header_bytes.saturating_mul(2)).unwrap_or(u32::MAX),
         );
+    let builder = Arc::new(builder);
     let connections = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
+    // Bumped when the cap is reached: every idle connection closes.
+    let (pressure, _) = watch::channel(0u64);
+    let stopping = CancellationToken::new();
+    let tracker = TaskTracker::new();
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            permit = connections.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-            () = &mut shutdown => break,
+        let permit = match connections.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                pressure.send_modify(|generation| *generation += 1);
+                tokio::select! {
+                    permit = connections.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                    () = &mut shutdown => break,
+                }
+            }
         };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -78,18 +113,175 @@ pub async fn serve(
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "Cannot set TCP_NODELAY on a connection.");
         }
-        let service = TowerToHyperService::new(app.clone());
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "Connection ended with an error.");
+        let activity = Arc::new(Activity::new());
+        let service = TowerToHyperService::new(Tracked {
+            inner: app.clone(),
+            activity: activity.clone(),
+        });
+        let builder = builder.clone();
+        let mut pressure = pressure.subscribe();
+        let stopping = stopping.clone();
+        tracker.spawn(async move {
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                ended = connection.as_mut() => {
+                    if let Err(error) = ended {
+                        tracing::debug!(%error, "Connection ended with an error.");
+                    }
+                }
+                // No request in flight: dropping the connection closes the socket at once and
+                // loses nothing (hyper's graceful close would wait for a partial head).
+                () = activity.idle_too_long(limits, &mut pressure) => {}
+                () = stopping.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    if let Err(error) = connection.as_mut().await {
+                        tracing::debug!(%error, "Connection ended with an error while draining.");
+                    }
+                }
             }
             drop(permit);
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    stopping.cancel();
+    tracker.close();
+    tracker.wait().await;
+}
+
+/// What a connection is doing, as its watchdog sees it.
+struct Activity {
+    in_flight: AtomicUsize,
+    /// Whether a request head has ever arrived (then `keep_alive_timeout` applies, else
+    /// `header_read_timeout`).
+    served: AtomicBool,
+    /// Woken when a request starts or an answer ends.
+    changed: Notify,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            served: AtomicBool::new(false),
+            changed: Notify::new(),
+        }
+    }
+
+    fn begin(&self) {
+        self.served.store(true, Ordering::Release);
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.changed.notify_one();
+    }
+
+    fn end(&self) {
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.changed.notify_one();
+    }
+
+    /// Resolves when the connection has had no request in flight for its limit, or when the
+    /// connection cap is reached while it has none.
+    async fn idle_too_long(&self, limits: ConnectionLimits, pressure: &mut watch::Receiver<u64>) {
+        loop {
+            if self.in_flight.load(Ordering::Acquire) > 0 {
+                // `notify_one` keeps a wake-up for a waiter that comes late: none is lost.
+                self.changed.notified().await;
+                continue;
+            }
+            let limit = if self.served.load(Ordering::Acquire) {
+                limits.keep_alive_timeout
+            } else {
+                limits.header_read_timeout
+            };
+            let idle_until = Instant::now() + limit;
+            tokio::select! {
+                () = tokio::time::sleep_until(idle_until) => {
+                    if self.in_flight.load(Ordering::Acquire) == 0 {
+                        return;
+                    }
+                }
+                () = self.changed.notified() => {}
+                changed = pressure.changed() => {
+                    if changed.is_ok() && self.in_flight.load(Ordering::Acquire) == 0 {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The router, counting the connection's requests in flight: from the head's arrival until the
+/// answer's body has been sent (or dropped), so that a long poll or an event stream is never
+/// taken for idleness.
+#[derive(Clone)]
+struct Tracked {
+    inner: Router,
+    activity: Arc<Activity>,
+}
+
+impl tower::Service<Request<hyper::body::Incoming>> for Tracked {
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        tower::Service::<Request>::poll_ready(&mut self.inner, cx)
+    }
+
+    fn call(&mut self, request: Request<hyper::body::Incoming>) -> Self::Future {
+        let guard = InFlight::new(self.activity.clone());
+        let answer = tower::Service::call(&mut self.inner, request.map(Body::new));
+        Box::pin(async move {
+            let response = answer.await?;
+            Ok(response.map(|body| {
+                Body::new(TrackedBody {
+                    body,
+                    _guard: guard,
+                })
+            }))
+        })
+    }
+}
+
+/// One request in flight on a connection, until dropped.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn new(activity: Arc<Activity>) -> Self {
+        activity.begin();
+        Self(activity)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
+/// An answer's body that keeps its request counted in flight until it is sent or dropped.
+struct TrackedBody {
+    body: Body,
+    _guard: InFlight,
+}
+
+impl HttpBody for TrackedBody {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }

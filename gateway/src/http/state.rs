@@ -9,6 +9,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::auth::{Authenticator, RateLimits};
 use super::error::ApiError;
+use crate::config::callback::CallbackRule;
 use crate::config::{ConfigError, Settings, header_allow_list};
 use crate::lifecycle::Lifecycle;
 use crate::operations::Operations;
@@ -70,8 +71,8 @@ pub struct Limits {
 /// Where a client's `Callback-Url` may point.
 #[derive(Clone)]
 pub struct Callbacks {
-    /// URL prefixes a client's `Callback-Url` may start with.
-    pub allow: Arc<[String]>,
+    /// The receivers a client's `Callback-Url` may name.
+    pub allow: Arc<[CallbackRule]>,
     /// Whether callbacks may reach loopback, private and other non-public addresses.
     pub allow_private: bool,
 }

@@ -22,11 +22,13 @@ use super::responses::{
 };
 use super::state::AppState;
 use crate::config::RouteConfig;
+use crate::config::callback;
 use crate::metrics::IDEMPOTENT_REPLAYS;
 use crate::operations::idempotency::{self, KeyError};
 use crate::operations::{Accepted, Operation, Submission, WakeOn, check_destination};
 
-/// Validates, accepts, answers. Holds a JetStream permit only while accepting.
+/// Validates, accepts, answers. Holds a JetStream permit only while accepting, taken once the
+/// whole body has arrived.
 ///
 /// Every answer given once the key is known carries it (`Idempotency-Key`), errors included: a
 /// client that sent none learns the key the gateway assigned, so that after a `503` (outcome
@@ -60,9 +62,11 @@ async fn submit_with_key(
     idempotency_key: String,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let permit = state.admit()?;
     let (parts, body) = request.into_parts();
+    // The body first, then a permit: a client that sends slowly holds only its own connection,
+    // never the capacity other clients' reads and submits need.
     let read = read_submission(&state, &route, &parts, body).await?;
+    let permit = state.admit()?;
     let submission = Submission {
         route: &route,
         tenant: &tenant,
@@ -140,6 +144,14 @@ async fn read_submission(
         }
     })?;
     let callback_url = match parts.headers.get("callback-url") {
+        // The route's receiver is the operator's: a client cannot divert its notifications.
+        Some(_) if route.callback_url.is_some() => {
+            return Err(ApiError::CallbackNotAllowed(
+                "this route notifies its own receiver (its callback_url); a Callback-Url cannot \
+                 replace it"
+                    .to_owned(),
+            ));
+        }
         Some(value) => Some(allowed_callback(state, value).await?),
         None => None,
     };
@@ -216,32 +228,18 @@ async fn answer(
     Ok(response)
 }
 
-/// A client's `Callback-Url`, if it is an http(s) URL that starts with an allowed prefix.
+/// A client's `Callback-Url`, parsed and matched against the allow-list, leading to a public
+/// address (unless private ones are allowed); normalized (see [`callback::CallbackUrl`]).
 async fn allowed_callback(state: &AppState, value: &HeaderValue) -> Result<String, ApiError> {
     let text = value
         .to_str()
-        .map_err(|_| ApiError::CallbackNotAllowed("not text".to_owned()))?;
-    let url = reqwest::Url::parse(text)
-        .map_err(|e| ApiError::CallbackNotAllowed(format!("not a URL ({e})")))?;
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err(ApiError::CallbackNotAllowed(
-            "only http and https".to_owned(),
-        ));
-    }
-    if !state
-        .callbacks
-        .allow
-        .iter()
-        .any(|prefix| text.starts_with(prefix.as_str()))
-    {
-        return Err(ApiError::CallbackNotAllowed(
-            "it matches no allowed prefix (GATEWAY_CALLBACK_ALLOW)".to_owned(),
-        ));
-    }
-    check_destination(&url, state.callbacks.allow_private)
+        .map_err(|_| ApiError::CallbackNotAllowed("it is not text".to_owned()))?;
+    let url = callback::allowed(text, &state.callbacks.allow)
+        .map_err(|e| ApiError::CallbackNotAllowed(e.to_string()))?;
+    check_destination(url.url(), state.callbacks.allow_private)
         .await
         .map_err(|e| ApiError::CallbackNotAllowed(e.to_string()))?;
-    Ok(text.to_owned())
+    Ok(url.as_str().to_owned())
 }
 
 fn content_length(headers: &HeaderMap) -> Option<usize> {

@@ -32,7 +32,7 @@ fn route(name: &str, method: &str, path: &str, require_key: bool) -> RouteConfig
 
 /// A router whose store points at a port where nothing listens.
 async fn app(routes: &[RouteConfig]) -> Result<Router, ConfigError> {
-    app_with_limit(routes, 8).await
+    Ok(app_with_limit(routes, 8).await?.0)
 }
 
 /// A router built the way `gateway::run` builds it (`AppState::new` from parsed settings), with
@@ -40,7 +40,7 @@ async fn app(routes: &[RouteConfig]) -> Result<Router, ConfigError> {
 async fn app_with_limit(
     routes: &[RouteConfig],
     max_in_flight: usize,
-) -> Result<Router, ConfigError> {
+) -> Result<(Router, AppState), ConfigError> {
     use clap::Parser;
     #[derive(Parser)]
     struct Args {
@@ -67,7 +67,7 @@ async fn app_with_limit(
         .await
         .expect("connect returns at once");
     let state = AppState::new(&settings, ops, lifecycle, None)?;
-    router(state, routes)
+    Ok((router(state.clone(), routes)?, state))
 }
 
 async fn call(
@@ -166,19 +166,24 @@ async fn without_jetstream_a_valid_request_gets_503_with_retry_after() {
 
 #[tokio::test]
 async fn requests_beyond_the_limit_are_shed_at_once_but_health_is_not() {
-    let app = app_with_limit(&[route("jobs", "POST", "/jobs/{kind}", true)], 1)
+    let (app, state) = app_with_limit(&[route("jobs", "POST", "/jobs/{kind}", true)], 1)
         .await
         .unwrap();
-    // A request whose body never arrives holds the only slot.
+    // A request whose body never arrives holds no slot: it has done no work yet.
     let stalled = post("/jobs/a")
         .header("idempotency-key", "\"k\"")
         .body(Body::from_stream(futures::stream::pending::<
             Result<bytes::Bytes, std::io::Error>,
         >()))
         .unwrap();
-    let holder = tokio::spawn(app.clone().oneshot(stalled));
+    let stalled = tokio::spawn(app.clone().oneshot(stalled));
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let (status, _, _) = call(&app, get_request("/operations/x")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "a slow body takes no slot");
+    stalled.abort();
 
+    // Work in progress holds the only slot: the next request is shed at once.
+    let holder = state.admit().unwrap();
     let (status, headers, problem) = call(&app, get_request("/operations/x")).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(headers[header::RETRY_AFTER], "7");
@@ -189,8 +194,7 @@ async fn requests_beyond_the_limit_are_shed_at_once_but_health_is_not() {
     let (status, _, _) = call(&app, get_request("/livez")).await;
     assert_eq!(status, StatusCode::OK);
 
-    holder.abort();
-    let _ = holder.await;
+    drop(holder);
     let (status, _, _) = call(&app, get_request("/operations/x")).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "the slot is free again");
 }

@@ -1,52 +1,78 @@
 //! Where a webhook may go (SSRF guard): only public unicast addresses, checked when a callback URL
 //! is accepted and again at connect time, unless `GATEWAY_CALLBACK_ALLOW_PRIVATE` says otherwise.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// Why a callback URL's destination is refused.
 #[derive(Debug, thiserror::Error)]
 pub enum DestinationError {
-    #[error("its host does not resolve ({0})")]
+    // The texts reach clients: they name the rule that failed, never what a name resolves to.
+    #[error("its host does not resolve")]
     Unresolvable(#[source] std::io::Error),
     #[error("it has no host")]
     NoHost,
-    #[error("it leads to {0}, which is not a public address (GATEWAY_CALLBACK_ALLOW_PRIVATE)")]
+    #[error("it leads to an address that is not public (GATEWAY_CALLBACK_ALLOW_PRIVATE)")]
     NonPublic(IpAddr),
     #[error("its host resolves to no address")]
     NoAddress,
 }
 
+/// IPv4 blocks a webhook must not reach: every block of the IANA IPv4 Special-Purpose Address
+/// Registry (https://www.iana.org/assignments/iana-ipv4-special-registry/) that is not globally
+/// reachable, or is reserved, plus multicast (224.0.0.0/4). Hand-written: std's `is_global` is
+/// unstable and no maintained crate carries the registry.
+const NON_PUBLIC_V4: &[(Ipv4Addr, u8)] = &[
+    (Ipv4Addr::new(0, 0, 0, 0), 8),       // "this network"
+    (Ipv4Addr::new(10, 0, 0, 0), 8),      // private
+    (Ipv4Addr::new(100, 64, 0, 0), 10),   // shared address space (CGNAT)
+    (Ipv4Addr::new(127, 0, 0, 0), 8),     // loopback
+    (Ipv4Addr::new(169, 254, 0, 0), 16),  // link-local (cloud metadata)
+    (Ipv4Addr::new(172, 16, 0, 0), 12),   // private
+    (Ipv4Addr::new(192, 0, 0, 0), 24),    // IETF protocol assignments
+    (Ipv4Addr::new(192, 0, 2, 0), 24),    // documentation
+    (Ipv4Addr::new(192, 88, 99, 0), 24),  // 6to4 relay anycast (deprecated)
+    (Ipv4Addr::new(192, 168, 0, 0), 16),  // private
+    (Ipv4Addr::new(198, 18, 0, 0), 15),   // benchmarking
+    (Ipv4Addr::new(198, 51, 100, 0), 24), // documentation
+    (Ipv4Addr::new(203, 0, 113, 0), 24),  // documentation
+    (Ipv4Addr::new(224, 0, 0, 0), 4),     // multicast
+    (Ipv4Addr::new(240, 0, 0, 0), 4),     // reserved, and the limited broadcast address
+];
+
+/// IPv6 blocks a webhook must not reach, from the IANA IPv6 Special-Purpose Address Registry
+/// (https://www.iana.org/assignments/iana-ipv6-special-registry/), plus multicast and the
+/// deprecated site-local block. Blocks that embed an IPv4 address (mapped, NAT64, 6to4, Teredo)
+/// are refused whole: they can lead to any IPv4 address, private ones included.
+const NON_PUBLIC_V6: &[(Ipv6Addr, u8)] = &[
+    (Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 0), 96), // unspecified, loopback, IPv4-compatible
+    (Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0), 96), // IPv4-mapped
+    (Ipv6Addr::new(0, 0, 0, 0, 0xffff, 0, 0, 0), 96), // IPv4-translated
+    (Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0), 96), // NAT64
+    (Ipv6Addr::new(0x64, 0xff9b, 1, 0, 0, 0, 0, 0), 48), // local-use NAT64
+    (Ipv6Addr::new(0x100, 0, 0, 0, 0, 0, 0, 0), 64), // discard-only
+    (Ipv6Addr::new(0x2001, 0, 0, 0, 0, 0, 0, 0), 23), // IETF protocol assignments, Teredo
+    (Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0), 32), // documentation
+    (Ipv6Addr::new(0x2002, 0, 0, 0, 0, 0, 0, 0), 16), // 6to4
+    (Ipv6Addr::new(0x3fff, 0, 0, 0, 0, 0, 0, 0), 20), // documentation
+    (Ipv6Addr::new(0x5f00, 0, 0, 0, 0, 0, 0, 0), 16), // segment routing SIDs
+    (Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 0), 7), // unique local
+    (Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), 10), // link-local
+    (Ipv6Addr::new(0xfec0, 0, 0, 0, 0, 0, 0, 0), 10), // site-local (deprecated)
+    (Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0), 8), // multicast
+];
+
 /// Addresses a webhook must never reach unless `GATEWAY_CALLBACK_ALLOW_PRIVATE` says so (SSRF):
-/// anything that is not a public unicast address.
+/// anything in a special-purpose block (see [`NON_PUBLIC_V4`], [`NON_PUBLIC_V6`]).
 pub fn is_non_public(ip: IpAddr) -> bool {
     match ip {
-        IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
-            v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.is_multicast()
-                || v4.is_documentation()
-                || a == 0
-                || (a == 100 && (64..128).contains(&b)) // shared address space (CGNAT)
-                || (a == 198 && (b == 18 || b == 19)) // benchmarking
-                || a >= 240
-        }
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_non_public(IpAddr::V4(v4));
-            }
-            let first = v6.segments()[0];
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (first & 0xfe00) == 0xfc00 // unique local
-                || (first & 0xffc0) == 0xfe80 // link-local
-                || first == 0x2001 && v6.segments()[1] == 0x0db8 // documentation
-                || first == 0x0064 && v6.segments()[1] == 0xff9b // NAT64, may map to private v4
-        }
+        IpAddr::V4(v4) => NON_PUBLIC_V4.iter().any(|&(net, bits)| {
+            let mask = u32::MAX.checked_shl(32 - u32::from(bits)).unwrap_or(0);
+            u32::from(v4) & mask == u32::from(net) & mask
+        }),
+        IpAddr::V6(v6) => NON_PUBLIC_V6.iter().any(|&(net, bits)| {
+            let mask = u128::MAX.checked_shl(128 - u32::from(bits)).unwrap_or(0);
+            u128::from(v6) & mask == u128::from(net) & mask
+        }),
     }
 }
 
@@ -119,7 +145,23 @@ mod tests {
             "fe80::1",
             "fd00::1",
             "::ffff:10.0.0.1",
+            "::ffff:8.8.8.8",
             "64:ff9b::a00:1",
+            "64:ff9b:1::1",
+            "::a00:1",
+            "100::1",
+            "2001::1",
+            "2001:db8::1",
+            "2002:a00:1::1",
+            "3fff::1",
+            "5f00::1",
+            "fec0::1",
+            "ff02::1",
+            "192.0.0.170",
+            "192.88.99.1",
+            "198.19.255.255",
+            "203.0.113.7",
+            "240.0.0.1",
         ] {
             assert!(is_non_public(private.parse().unwrap()), "{private}");
         }
@@ -128,6 +170,9 @@ mod tests {
             "1.1.1.1",
             "2606:4700:4700::1111",
             "172.32.0.1",
+            "100.128.0.1",
+            "192.0.1.1",
+            "2001:4860:4860::8888",
         ] {
             assert!(!is_non_public(public.parse().unwrap()), "{public}");
         }

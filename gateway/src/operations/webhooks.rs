@@ -35,6 +35,7 @@ use super::model::{DeliveryState, Operation, StoredResult};
 use super::store::{ConsumeError, Store, StoreError};
 use super::view::OperationView;
 use crate::config::WebhookSettings;
+use crate::config::callback::CallbackUrl;
 use crate::metrics::WEBHOOK_DELIVERIES;
 
 /// Name of the durable consumer every replica shares.
@@ -279,21 +280,33 @@ impl Webhooks {
         })
     }
 
-    /// POSTs a notification: the HTTP status it got, or why none came.
+    /// POSTs a notification: the HTTP status it got, or why none came. The reason is stored in
+    /// the status resource, so it says what kind of failure it was and no more (no address, no
+    /// port, no resolver or TLS detail: a client must not be able to scan through it); the full
+    /// error is logged.
     async fn deliver(&self, url: &str, notification: &Notification) -> Result<u16, String> {
+        let parsed = CallbackUrl::parse(url).map_err(|e| format!("destination refused: {e}"))?;
         // IP literals never reach the resolver that filters names: check them here.
-        let parsed = reqwest::Url::parse(url).map_err(|e| format!("destination refused: {e}"))?;
-        check_destination(&parsed, self.allow_private)
+        check_destination(parsed.url(), self.allow_private)
             .await
             .map_err(|e| format!("destination refused: {e}"))?;
         let response = self
             .http
-            .post(parsed)
+            .post(parsed.url().clone())
             .headers(notification.http_headers())
             .body(notification.body.clone())
             .send()
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|error| {
+                tracing::info!(operation_id = %notification.id, %error, "Webhook attempt failed.");
+                if error.is_timeout() {
+                    "timed out".to_owned()
+                } else if error.is_connect() {
+                    "could not connect".to_owned()
+                } else {
+                    "the request failed".to_owned()
+                }
+            })?;
         Ok(response.status().as_u16())
     }
 }
