@@ -90,28 +90,37 @@ fn sf_token(len: std::ops::RangeInclusive<usize>) -> impl Strategy<Value = Strin
 /// Header values that are sf-items but neither a string nor a token, or not sf-items at all.
 fn malformed_key_value() -> impl Strategy<Value = String> {
     prop_oneof![
-        // Integers and decimals.
-        "-?[0-9]{1,15}",
-        "-?[0-9]{1,12}\\.[0-9]{1,3}",
-        // Booleans, byte sequences, inner lists.
-        Just("?0".to_owned()),
-        Just("?1".to_owned()),
-        "\\:[A-Za-z0-9+/]{0,8}={0,2}\\:",
-        "\\(\"[a-z]{0,5}\"( [a-z]{1,5})?\\)",
         // Strings that do not close, or carry what sf-strings cannot hold.
         "\"[a-z ]{0,10}",
         "\"[a-z]{0,5}\\\\[a-z]\"",
         "\"[a-z]{0,5}\t[a-z]{0,5}\"",
-        // Two items, or trailing garbage.
+        // Two items, or trailing garbage after a string.
         "\"[a-z]{1,5}\", ?\"[a-z]{1,5}\"",
-        "[a-z]{1,5} [a-z]{1,5}",
         "\"[a-z]{1,5}\"[a-z]{1,5}",
-        // Tokens must not start with a digit or punctuation.
-        "[0-9][a-z]{1,5}",
-        "[-.#$%&'+^_`|~][a-z]{0,5}",
         // Parameters that are not parameters.
         "\"[a-z]{1,5}\";",
         "\"[a-z]{1,5}\";[A-Z]{1,3}",
+        // Bare values with bytes outside printable ASCII.
+        "[a-z]{1,5}\t[a-z]{1,5}",
+    ]
+}
+
+/// Bare values RFC 8941 reads as something other than a string or token, or not at all.
+fn bare_key_value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        // Integers and decimals (a UUID starting with a digit begins like one).
+        "-?[0-9]{1,15}",
+        "-?[0-9]{1,12}\\.[0-9]{1,3}",
+        "[0-9]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}",
+        // Booleans, byte sequences, inner lists.
+        Just("?0".to_owned()),
+        Just("?1".to_owned()),
+        "\\:[A-Za-z0-9+/]{0,8}={0,2}\\:",
+        "\\([a-z]{0,5}( [a-z]{1,5})?\\)",
+        // Two tokens, or what is not a token.
+        "[a-z]{1,5} [a-z]{1,5}",
+        "[0-9][a-z]{1,5}",
+        "[-.#$%&'+^_`|~][a-z]{0,5}",
     ]
 }
 
@@ -176,11 +185,18 @@ proptest! {
         prop_assert_eq!(decode_key(value.as_bytes()), Err(KeyError::Empty));
     }
 
-    /// Anything that is not one sf-string or sf-token: `Malformed`.
+    /// A broken sf-string (starting with `"`) or a value with bytes outside printable ASCII:
+    /// `Malformed`.
     #[test]
     fn malformed_values_are_malformed(value in malformed_key_value()) {
         let result = decode_key(value.as_bytes());
         prop_assert!(matches!(result, Err(KeyError::Malformed(_))), "{:?}: {:?}", value, result);
+    }
+
+    /// A bare printable value that is neither an sf-string nor an sf-token is the key itself.
+    #[test]
+    fn bare_values_are_keys(value in bare_key_value()) {
+        prop_assert_eq!(decode_key(value.as_bytes()), Ok(value.clone()));
     }
 
     /// Two or more Idempotency-Key headers: `Repeated`, whatever they hold.
@@ -787,7 +803,7 @@ fn breakage() -> impl Strategy<Value = (String, toml::Value, Expect)> {
             prop_oneof![
                 s("[a-z]{1,6}"),
                 s("-[0-9]{1,3}s"),
-                s("[0-9]{1,3}"),
+                s("[1-9][0-9]{0,2}"), // "0" alone is zero to humantime: refused as Invalid
                 s("[0-9]{1,3} ?(fortnights|parsecs)"),
                 Just(Integer(5))
             ],

@@ -451,6 +451,33 @@ async fn a_keyless_request_learns_its_key_even_from_a_503_and_converges() {
     assert_problem(bad_key, 400, "idempotency-key-invalid").await;
 }
 
+/// A bare UUID is a key as sent, whichever character it starts with (five in eight random UUIDs
+/// start with a digit, which RFC 8941 alone reads as a number: before, 400), and it is the same key
+/// as its sf-string form.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bare_uuid_key_is_accepted_and_is_its_quoted_form() {
+    let TestGateway { nats, gw } = TestGateway::builder(TEST_ROUTES).start().await;
+    let http = http();
+    let post = |key: &'static str| {
+        http.post(gw.url("/orders"))
+            .header("idempotency-key", key)
+            .body("{}")
+            .send()
+    };
+    let first = post("8e03978e-40d5-43e8-bc93-6894a57f9324").await.unwrap();
+    assert_eq!(first.status(), 202);
+    let id = id_of(first).await;
+    let quoted = post("\"8e03978e-40d5-43e8-bc93-6894a57f9324\"")
+        .await
+        .unwrap();
+    assert_eq!(quoted.headers()["idempotent-replayed"], "true");
+    assert_eq!(id_of(quoted).await, id);
+    assert_eq!(
+        stream_messages(&nats.jetstream().await, DEFAULT_REQUESTS_STREAM).await,
+        1
+    );
+}
+
 /// The client's `Callback-Url` is part of the request the key is bound to: a retry that adds one
 /// is refused (422) rather than silently replayed without ever notifying it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

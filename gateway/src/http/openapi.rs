@@ -229,8 +229,9 @@ fn http_method(route: &RouteConfig) -> HttpMethod {
 }
 
 /// An Idempotency-Key as the gateway reads it: an RFC 8941 sf-string (`"..."`, printable ASCII,
-/// `\"` and `\\` escaped) or a token, 1 to 255 characters.
-const KEY_PATTERN: &str = r#"^("([\x20\x21\x23-\x5B\x5D-\x7E]|\\[\\"]){1,255}"|[A-Za-z*][!#$%&'*+.^_`|~0-9A-Za-z:/-]{0,254})$"#;
+/// `\"` and `\\` escaped), or a bare value of printable ASCII that does not start with `"` (the
+/// key as sent; HTTP trims its outer spaces), 1 to 255 characters.
+const KEY_PATTERN: &str = r#"^("([\x20\x21\x23-\x5B\x5D-\x7E]|\\[\\"]){1,255}"|[\x21\x23-\x7E]([\x20-\x7E]{0,253}[\x21-\x7E])?)$"#;
 
 // The pattern's bounds spell out the parser's limit.
 const _: () = assert!(MAX_KEY_LEN == 255);
@@ -466,11 +467,16 @@ mod tests {
             (r#"" spaced ""#, true),
             (r#""with \"quote\"""#, true),
             ("token-1", true),
+            ("8e03978e-40d5-43e8-bc93-6894a57f9324", true),
+            ("bare with spaces", true),
             (r#""""#, false),
-            ("1token", false),
             (r#""bad"tail"#, false),
+            (r#""unterminated"#, false),
+            ("caf\u{e9}", false),
             (format!("\"{}\"", "k".repeat(255)).as_str(), true),
             (format!("\"{}\"", "k".repeat(256)).as_str(), false),
+            ("k".repeat(255).as_str(), true),
+            ("k".repeat(256).as_str(), false),
         ] {
             assert_eq!(pattern(key), ok, "{key}");
             let parsed = crate::operations::idempotency::parse_key([key]);

@@ -6,8 +6,10 @@
 //!
 //! Following the IETF Idempotency-Key draft
 //! (https://datatracker.ietf.org/doc/draft-ietf-httpapi-idempotency-key-header/): the header is an
-//! RFC 8941 sf-string (`Idempotency-Key: "8e03..."`); a bare token is accepted too. The key is
-//! scoped by (tenant, route) and bound to a fingerprint of the request.
+//! RFC 8941 sf-string (`Idempotency-Key: "8e03..."`). Clients often send the bare value
+//! (`Idempotency-Key: 8e03978e-…`), which is a valid sf-token only when it starts with a letter, so
+//! any bare printable value is accepted as the key itself. The key is scoped by (tenant, route)
+//! and bound to a fingerprint of the request.
 
 use data_encoding::BASE32_NOPAD;
 use sfv::{BareItem, FieldType, Item, Parser};
@@ -33,7 +35,9 @@ pub enum KeyError {
     Empty,
     #[error("the Idempotency-Key is {0} characters long; at most 255 are allowed")]
     TooLong(usize),
-    #[error("the Idempotency-Key must be a structured-field string (\"...\") or token: {0}")]
+    #[error(
+        "the Idempotency-Key must be a structured-field string (\"...\") or a bare value of printable ASCII: {0}"
+    )]
     Malformed(String),
 }
 
@@ -52,19 +56,39 @@ pub fn parse_key<V: AsRef<[u8]>>(
     decode_key(value.as_ref()).map(Some)
 }
 
-/// Reads one key from its header form (an sf-string or token), as sent by a client or as stored
-/// in a request message by [`format_key`].
+/// Reads one key from its header form, as sent by a client or as stored in a request message by
+/// [`format_key`]: an sf-string or sf-token (its parameters ignored, as RFC 8941 asks of unknown
+/// ones), or else the bare value itself when it is printable ASCII (a UUID starting with a digit,
+/// say, which RFC 8941 would read as a number). A broken sf-string (starting with `"`) is refused,
+/// not taken with its quote.
 pub fn decode_key(value: &[u8]) -> Result<String, KeyError> {
-    let item = Parser::new(value)
-        .parse::<Item>()
-        .map_err(|e| KeyError::Malformed(e.to_string()))?;
-    let key = match item.bare_item {
-        BareItem::String(s) => s.as_str().to_owned(),
-        BareItem::Token(t) => t.as_str().to_owned(),
+    let parsed = Parser::new(value).parse::<Item>();
+    let key = match parsed {
+        Ok(Item {
+            bare_item: BareItem::String(s),
+            ..
+        }) => s.as_str().to_owned(),
+        Ok(Item {
+            bare_item: BareItem::Token(t),
+            ..
+        }) => t.as_str().to_owned(),
+        _ if value.first() == Some(&b'"') => {
+            let why = parsed
+                .err()
+                .map_or("not a string".to_owned(), |e| e.to_string());
+            return Err(KeyError::Malformed(why));
+        }
         _ => {
-            return Err(KeyError::Malformed(
-                "expected a string or a token".to_owned(),
-            ));
+            let printable = value.iter().all(|&b| (0x20..0x7f).contains(&b));
+            if !printable {
+                return Err(KeyError::Malformed(
+                    "only printable ASCII is allowed".to_owned(),
+                ));
+            }
+            String::from_utf8(value.to_vec())
+                .expect("printable ASCII is UTF-8")
+                .trim()
+                .to_owned()
         }
     };
     // Parameters on the item are ignored, as RFC 8941 asks of unknown parameters.
@@ -190,6 +214,23 @@ mod tests {
         assert_eq!(parse_key(headers(&[])), Ok(None));
     }
 
+    /// Bare values are keys as sent, whatever RFC 8941 would make of them: five in eight random
+    /// UUIDs start with a digit (an sf-integer, then garbage).
+    #[test]
+    fn accepts_bare_printable_values() {
+        for bare in [
+            "8e03978e-40d5-43e8-bc93-6894a57f9324",
+            "12",
+            "?1",
+            "a b",
+            "(a)",
+            ":YQ==:",
+            "order-1;v=x y",
+        ] {
+            assert_eq!(parse_key(headers(&[bare])), Ok(Some(bare.into())), "{bare}");
+        }
+    }
+
     #[test]
     fn rejects_bad_keys() {
         assert_eq!(parse_key(headers(&["\"\""])), Err(KeyError::Empty));
@@ -201,15 +242,7 @@ mod tests {
         assert_eq!(parse_key(headers(&[&long])), Err(KeyError::TooLong(256)));
         let max = format!("\"{}\"", "x".repeat(255));
         assert!(parse_key(headers(&[&max])).is_ok());
-        for bad in [
-            "\"unterminated",
-            "12",
-            "?1",
-            "a b",
-            "(\"a\")",
-            "\"a\" x",
-            ":YQ==:",
-        ] {
+        for bad in ["\"unterminated", "\"a\" x", "caf\u{e9}", "tab\tinside"] {
             assert!(
                 matches!(parse_key(headers(&[bad])), Err(KeyError::Malformed(_))),
                 "{bad} should be malformed"
