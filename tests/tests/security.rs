@@ -469,6 +469,89 @@ async fn slow_bodies_cannot_take_the_capacity_others_need() {
     drop(stuck);
 }
 
+/// HTTP semantics a careless or hostile client trips on, each answered by the RFC and with
+/// nothing published: HEAD on a route of another method is `405` with `Allow` (HEAD is safe: before,
+/// it created an operation); `Transfer-Encoding` with `Content-Length` is read by the former and
+/// the connection closed after the answer (RFC 9112 6.3, request smuggling): a request
+/// piggybacked behind it is not served; an answer given before the body was read
+/// says `Connection: close` (before, the connection just closed); a `Content-Type` that is not
+/// one media type is `400` (before, a non-ASCII one was silently dropped from the fingerprint and
+/// the message).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_framing_and_method_semantics_are_strict() {
+    let routes =
+        format!("{ROUTES}\n[[route]]\nname = \"report\"\nmethod = \"GET\"\npath = \"/report\"\n");
+    let TestGateway { nats, gw } = TestGateway::builder(&routes)
+        .flags(["--body-read-timeout", "2s"])
+        .start()
+        .await;
+    let addr = gw.base.trim_start_matches("http://").to_owned();
+    let exchange = |raw: Vec<u8>| {
+        let addr = addr.clone();
+        async move {
+            let mut stream = TcpStream::connect(&addr).await.unwrap();
+            stream.write_all(&raw).await.unwrap();
+            read_all(&mut stream).await
+        }
+    };
+
+    let head = http().head(gw.url("/report")).send().await.unwrap();
+    assert_eq!(head.status(), 405);
+    assert_eq!(head.headers()["allow"], "GET");
+
+    let smuggled = exchange(
+        b"POST /orders HTTP/1.1\r\nhost: gw\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n0\r\n\r\nGET /livez HTTP/1.1\r\nhost: gw\r\n\r\n".to_vec(),
+    )
+    .await;
+    assert!(smuggled.starts_with("HTTP/1.1 202"), "{smuggled}");
+    assert!(
+        smuggled.to_ascii_lowercase().contains("connection: close"),
+        "{smuggled}"
+    );
+    assert_eq!(
+        smuggled.matches("HTTP/1.1").count(),
+        1,
+        "the piggybacked request is not served"
+    );
+
+    let early =
+        exchange(b"POST /orders HTTP/1.1\r\nhost: gw\r\ncontent-length: 2000000\r\n\r\n{".to_vec())
+            .await;
+    assert!(early.starts_with("HTTP/1.1 413"), "{early}");
+    assert!(
+        early.to_ascii_lowercase().contains("connection: close"),
+        "{early}"
+    );
+
+    for content_type in [
+        &b"text/\xe9t\xe9"[..],
+        b"not a media type",
+        b"text/plain; charset",
+    ] {
+        let mut raw =
+            b"POST /orders HTTP/1.1\r\nhost: gw\r\nconnection: close\r\ncontent-type: ".to_vec();
+        raw.extend_from_slice(content_type);
+        raw.extend_from_slice(b"\r\ncontent-length: 2\r\n\r\n{}");
+        let answer = exchange(raw).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(answer.contains("bad-content-type"), "{answer}");
+    }
+
+    // A body read to its end keeps the connection: two requests on one.
+    let kept = exchange(
+        b"POST /orders HTTP/1.1\r\nhost: gw\r\ncontent-length: 2\r\nidempotency-key: \"k\"\r\n\r\n{}GET /livez HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n".to_vec(),
+    )
+    .await;
+    assert_eq!(kept.matches("HTTP/1.1 ").count(), 2, "{kept}");
+    assert!(kept.starts_with("HTTP/1.1 202"), "{kept}");
+
+    assert_eq!(
+        stream_messages(&nats.jetstream().await, DEFAULT_REQUESTS_STREAM).await,
+        2,
+        "only the two complete, well-formed requests were accepted"
+    );
+}
+
 /// A `Callback-Url` that leads to a loopback, private, link-local or unspecified address is refused
 /// (400) even when its prefix is allowed, unless private destinations are allowed explicitly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

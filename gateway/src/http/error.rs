@@ -38,6 +38,9 @@ pub enum ApiError {
     RouteNotFound,
     #[error("this path does not accept the method")]
     MethodNotAllowed,
+    /// A `Content-Type` that is not a media type (RFC 9110 section 8.3).
+    #[error("the Content-Type is not a media type: {0}")]
+    BadContentType(String),
     #[error("no operation with this id")]
     OperationNotFound,
     #[error("request body exceeds the route's limit of {limit} bytes")]
@@ -140,6 +143,7 @@ impl ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
             ApiError::BadBody(_)
+            | ApiError::BadContentType(_)
             | ApiError::BadQuery(_)
             | ApiError::Key(_)
             | ApiError::CallbackNotAllowed(_) => StatusCode::BAD_REQUEST,
@@ -165,6 +169,7 @@ impl ApiError {
         match self {
             ApiError::RouteNotFound => ("not-found", "Not found"),
             ApiError::MethodNotAllowed => ("method-not-allowed", "Method not allowed"),
+            ApiError::BadContentType(_) => ("bad-content-type", "Invalid Content-Type"),
             ApiError::OperationNotFound => ("operation-not-found", "Operation not found"),
             ApiError::PayloadTooLarge { .. } | ApiError::MessageTooLarge { .. } => {
                 ("payload-too-large", "Request body too large")

@@ -1,14 +1,19 @@
-//! The tower layers of the router (assembled in [`super::router`]): identify the caller, check
+//! The tower layers of the router (assembled in [`super::router`]): say `Connection: close` when
+//! an HTTP/1 body is left unread, identify the caller, check
 //! the head's size, name the request's span, count the answer, and put `Retry-After` on every 503
 //! and 429.
 
 use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, Version, header};
 use axum::response::Response;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
 use super::auth::{AuthError, Authenticator, DEFAULT_TENANT, PUBLIC_TENANT, RateLimits, Tenant};
 use super::error::ApiError;
@@ -37,6 +42,62 @@ pub(super) async fn check_head(
         });
     }
     Ok(next.run(request).await)
+}
+
+/// An HTTP/1 answer given before the request's body was read to its end (a `413` on its
+/// `Content-Length`, a `401`, a `408`) says `Connection: close`: the server will not read the rest,
+/// so it closes the connection (RFC 9112 section 9.6). (A request with both `Transfer-Encoding`
+/// and `Content-Length` never gets here with both: hyper reads it by `Transfer-Encoding` alone and
+/// closes the connection after answering, as RFC 9112 section 6.3 requires.)
+///
+/// HTTP/2 frames its messages itself and forbids `Connection`: untouched.
+pub(super) async fn frame_message(request: Request, next: axum::middleware::Next) -> Response {
+    if request.version() > Version::HTTP_11 {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    let finished = Arc::new(AtomicBool::new(body.is_end_stream()));
+    let body = Body::new(ObservedBody {
+        body,
+        finished: finished.clone(),
+    });
+    let mut response = next.run(Request::from_parts(parts, body)).await;
+    if !finished.load(Ordering::Acquire) {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+/// A request body that notes when it has been read to its end.
+struct ObservedBody {
+    body: Body,
+    finished: Arc<AtomicBool>,
+}
+
+impl HttpBody for ObservedBody {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) || self.body.is_end_stream() {
+            self.finished.store(true, Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// Every 503 and 429 carries `Retry-After`: the client is expected to retry, so say when.

@@ -375,7 +375,7 @@ fn route_operation(route: &RouteConfig) -> (String, Operation) {
         )
         .response(
             "400",
-            problem("Malformed Idempotency-Key, Callback-Url not allowed, or an unreadable body."),
+            problem("Malformed Idempotency-Key or Content-Type, Callback-Url not allowed, or an unreadable body."),
         )
         .response(
             "408",

@@ -19,8 +19,8 @@ use super::error::ApiError;
 use super::events::operation_events;
 use super::health::{livez, readyz};
 use super::layers::{
-    Access, REQUEST_ID, RouteNames, add_retry_after, check_head, count_request, identify,
-    request_span,
+    Access, REQUEST_ID, RouteNames, add_retry_after, check_head, count_request, frame_message,
+    identify, request_span,
 };
 use super::openapi;
 use super::reads::{cancel_operation, get_operation, get_result};
@@ -110,6 +110,8 @@ pub fn router(state: AppState, routes: &[RouteConfig]) -> Result<Router, ConfigE
                 ))
                 .map_request(|request: axum::http::Request<_>| request.map(Body::new)),
         )
+        // Framing checks see the raw request; the body observer sits outside the body deadline.
+        .layer(axum::middleware::from_fn(frame_message))
         .layer(axum::middleware::from_fn_with_state(
             Arc::new(route_names),
             count_request,

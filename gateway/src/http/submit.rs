@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::Request;
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
 
 use super::auth::{PUBLIC_TENANT, Tenant};
@@ -39,6 +39,15 @@ pub(super) async fn submit(
     tenant: Tenant,
     request: Request,
 ) -> Result<Response, ApiError> {
+    // axum runs a GET route's handler for HEAD too; HEAD is safe (RFC 9110 section 9.3.2) and
+    // must not start an operation.
+    if request.method() == Method::HEAD && route.http_method() != Method::HEAD {
+        let mut refused = ApiError::MethodNotAllowed.into_response();
+        if let Ok(allow) = HeaderValue::from_str(route.http_method().as_str()) {
+            refused.headers_mut().insert(header::ALLOW, allow);
+        }
+        return Ok(refused);
+    }
     let key = match idempotency::parse_key(request.headers().get_all(idempotency::HEADER))? {
         Some(key) => key,
         None if route.require_idempotency_key => return Err(KeyError::Missing.into()),
@@ -74,10 +83,7 @@ async fn submit_with_key(
         method: parts.method.as_str(),
         path: parts.uri.path(),
         query: parts.uri.query(),
-        content_type: parts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok()),
+        content_type: read.content_type.as_deref(),
         forwarded: read.forwarded,
         requested_callback_url: read.callback_url,
         body: read.body,
@@ -114,6 +120,8 @@ async fn submit_with_key(
 /// What a submission carries besides its method, path and tenant, read and checked.
 struct ReadSubmission {
     preferences: Preferences,
+    /// The `Content-Type` as sent, checked to be a media type.
+    content_type: Option<String>,
     body: Bytes,
     /// The client's `Callback-Url`, allowed.
     callback_url: Option<String>,
@@ -131,6 +139,7 @@ async fn read_submission(
 ) -> Result<ReadSubmission, ApiError> {
     let limit = route.max_body.0;
     let preferences = prefer::parse(&parts.headers);
+    let content_type = content_type(&parts.headers)?;
     if content_length(&parts.headers).is_some_and(|len| len > limit) {
         return Err(ApiError::PayloadTooLarge { limit });
     }
@@ -173,6 +182,7 @@ async fn read_submission(
         .collect();
     Ok(ReadSubmission {
         preferences,
+        content_type,
         body,
         callback_url,
         forwarded,
@@ -240,6 +250,25 @@ async fn allowed_callback(state: &AppState, value: &HeaderValue) -> Result<Strin
         .await
         .map_err(|e| ApiError::CallbackNotAllowed(e.to_string()))?;
     Ok(url.as_str().to_owned())
+}
+
+/// The request's `Content-Type`, if any, as sent (it is part of the fingerprint and reaches the
+/// worker byte for byte), refused unless it is one media type (RFC 9110 section 8.3): a value
+/// that cannot be read would otherwise be dropped from both without a word.
+fn content_type(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let mut values = headers.get_all(header::CONTENT_TYPE).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::BadContentType("sent more than once".to_owned()));
+    }
+    let text = value
+        .to_str()
+        .map_err(|_| ApiError::BadContentType("not ASCII".to_owned()))?;
+    text.parse::<mime::Mime>()
+        .map_err(|e| ApiError::BadContentType(e.to_string()))?;
+    Ok(Some(text.to_owned()))
 }
 
 fn content_length(headers: &HeaderMap) -> Option<usize> {

@@ -102,7 +102,7 @@ async fn client_errors_are_problems_and_need_no_nats() {
         ),
         (
             post("/jobs/a")
-                .header("idempotency-key", "?1")
+                .header("idempotency-key", "\"unterminated")
                 .body(Body::empty())
                 .unwrap(),
             400,
