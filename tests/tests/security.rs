@@ -225,6 +225,89 @@ async fn credentials_map_to_tenants_and_tenants_are_isolated() {
     gw.stop().await;
 }
 
+/// Authentication says little and cannot be raced: a token not valid yet (`nbf` an hour ahead) is
+/// refused (before: accepted); every refusal reads the same, whichever check failed (before: the
+/// detail named it); a guarded path answers 401 before 405 to an anonymous caller (before: 405
+/// told it the path exists); past the failure budget, an address's requests with credentials get
+/// 429, valid ones included, while anonymous calls of public routes go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authentication_says_little_and_throttles_guessing() {
+    let TestGateway { nats: _nats, gw } = TestGateway::builder(&routes_with_auth())
+        .flags(["--auth-failures-per-minute", "5"])
+        .start()
+        .await;
+    let http = http();
+    let claims = |nbf_in: i64, audience: &str| {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let claims = serde_json::json!({
+            "iss": ISSUER, "aud": audience, "sub": "someone", "tenant": "acme",
+            "iat": now, "nbf": now + nbf_in, "exp": now + 7200,
+        });
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some("test-key-1".to_owned());
+        let pem = std::fs::read(fixture("jwt-test-private.pem")).unwrap();
+        jsonwebtoken::encode(&header, &claims, &EncodingKey::from_ed_pem(&pem).unwrap()).unwrap()
+    };
+    let with_token = |token: String| {
+        http.post(gw.url("/orders"))
+            .bearer_auth(token)
+            .body("{}")
+            .send()
+    };
+    let mut details = std::collections::HashSet::new();
+    for refused in [
+        claims(3600, AUDIENCE),
+        claims(0, "someone-else"),
+        token("acme", AUDIENCE, -120),
+        format!("{}x", token("acme", AUDIENCE, 60)),
+    ] {
+        let problem = assert_problem(with_token(refused).await.unwrap(), 401, "unauthorized").await;
+        details.insert(problem["detail"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(
+        details.len(),
+        1,
+        "one answer for every failed check: {details:?}"
+    );
+    assert_eq!(with_token(claims(0, AUDIENCE)).await.unwrap().status(), 202);
+
+    let delete = |path: &str, key: Option<&str>| {
+        let mut request = http.delete(gw.url(path));
+        if let Some(key) = key {
+            request = request.header("x-api-key", key);
+        }
+        request.send()
+    };
+    assert_problem(delete("/orders", None).await.unwrap(), 401, "unauthorized").await;
+    assert_problem(
+        delete("/orders", Some(ACME_KEY)).await.unwrap(),
+        405,
+        "method-not-allowed",
+    )
+    .await;
+    assert_problem(
+        delete("/ping", None).await.unwrap(),
+        405,
+        "method-not-allowed",
+    )
+    .await;
+
+    // Four bad tokens above; one more failure uses the budget of five.
+    let guess = |key: &'static str| {
+        http.post(gw.url("/orders"))
+            .header("x-api-key", key)
+            .body("{}")
+            .send()
+    };
+    assert_problem(guess("guess-1").await.unwrap(), 401, "unauthorized").await;
+    let throttled = guess("guess-2").await.unwrap();
+    assert!(throttled.headers().contains_key("retry-after"));
+    assert_problem(throttled, 429, "rate-limited").await;
+    assert_problem(guess(ACME_KEY).await.unwrap(), 429, "rate-limited").await;
+    let anonymous = http.post(gw.url("/ping")).body("hi").send().await.unwrap();
+    assert_eq!(anonymous.status(), 202);
+}
+
 /// Each tenant has its own token bucket: over it, 429 with `Retry-After` and nothing published;
 /// another tenant is not slowed down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

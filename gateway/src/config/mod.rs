@@ -121,6 +121,11 @@ pub struct ClientLimits {
     /// Requests a second per tenant (token bucket); more get 429 with `Retry-After`. 0: no limit.
     #[arg(long, env = "GATEWAY_TENANT_RATE", default_value_t = 0)]
     pub tenant_rate: u32,
+    /// Failed authentications a minute per client address (wrong API keys or tokens); past it,
+    /// every request from the address that presents credentials gets 429 until the budget
+    /// refills. 0: no limit.
+    #[arg(long, env = "GATEWAY_AUTH_FAILURES_PER_MINUTE", default_value_t = 20)]
+    pub auth_failures_per_minute: u32,
     /// Burst a tenant may send above its rate (default: the rate).
     #[arg(long, env = "GATEWAY_TENANT_BURST", default_value_t = 0)]
     pub tenant_burst: u32,

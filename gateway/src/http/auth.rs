@@ -13,10 +13,12 @@
 //! Tenants scope idempotency keys and operations (see `idempotency::key_token`); another tenant's
 //! operation answers 404, exactly like one that does not exist.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::FromRequestParts;
 use axum::http::HeaderMap;
@@ -75,15 +77,34 @@ pub enum AuthConfigError {
     BadKey { path: PathBuf, detail: String },
 }
 
-/// Why a request's credentials were refused (all answer 401).
+/// Why a request's credentials were refused (all answer 401). The text a client sees says only
+/// *that* they are not valid: which check failed (signature, `exp`, `nbf`, audience, issuer,
+/// `kid`) would tell a forger what to fix. [`AuthError::reason`] is for the log.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
     #[error("credentials are required (an X-API-Key header or an Authorization: Bearer token)")]
     Missing,
-    #[error("the API key is not valid")]
+    #[error("the credentials are not valid")]
     BadApiKey,
-    #[error("the bearer token is not valid: {0}")]
+    #[error("the credentials are not valid")]
     BadToken(String),
+}
+
+impl AuthError {
+    /// Why the credentials were refused, for the log.
+    pub fn reason(&self) -> &str {
+        match self {
+            AuthError::Missing => "no credentials",
+            AuthError::BadApiKey => "unknown API key",
+            AuthError::BadToken(reason) => reason,
+        }
+    }
+
+    /// Whether the caller presented credentials that were wrong (a guess that counts against
+    /// [`AuthFailures`]), rather than none.
+    pub fn is_failed_attempt(&self) -> bool {
+        !matches!(self, AuthError::Missing)
+    }
 }
 
 /// The credentials checker built from [`AuthConfig`].
@@ -210,6 +231,9 @@ impl JwtVerifier {
         validation.set_issuer(&[&config.issuer]);
         validation.set_audience(&[&config.audience]);
         validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+        // A token not valid yet is not valid (RFC 7519 section 4.1.5); the default leeway of
+        // 60 s allows for clock skew, as for `exp`.
+        validation.validate_nbf = true;
         Ok(Self {
             validation,
             keys,
@@ -241,6 +265,62 @@ impl JwtVerifier {
                 ))
             })?;
         Ok(tenant.to_owned())
+    }
+}
+
+/// Failed authentications per client address: past `per_minute` (with as large a burst), every
+/// request from that address that presents credentials is refused with `429` until the bucket
+/// refills, valid credentials included, so that guessing keys or tokens gains nothing by speed
+/// (OWASP API2:2023, Broken Authentication). Requests without credentials are not counted.
+#[derive(Clone)]
+pub struct AuthFailures {
+    limiter: Option<Arc<DefaultKeyedRateLimiter<IpAddr>>>,
+    blocked: Arc<Mutex<HashMap<IpAddr, Instant>>>,
+}
+
+/// Addresses remembered as blocked at most; expired ones are dropped first when it is reached.
+const MAX_BLOCKED: usize = 100_000;
+
+impl AuthFailures {
+    /// `per_minute` failures per address; 0 turns the throttle off.
+    pub fn new(per_minute: u32) -> Self {
+        let limiter = NonZeroU32::new(per_minute)
+            .map(|rate| Arc::new(RateLimiter::keyed(Quota::per_minute(rate))));
+        Self {
+            limiter,
+            blocked: Arc::default(),
+        }
+    }
+
+    /// `Err(wait)` while `ip` is blocked.
+    pub fn check(&self, ip: IpAddr) -> Result<(), Duration> {
+        if self.limiter.is_none() {
+            return Ok(());
+        }
+        let blocked = self.blocked.lock().expect("never poisoned");
+        match blocked.get(&ip) {
+            Some(until) if *until > Instant::now() => Err(*until - Instant::now()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Counts a failed attempt from `ip`; `Err(wait)` when it used up the address's budget.
+    pub fn record(&self, ip: IpAddr) -> Result<(), Duration> {
+        let Some(limiter) = &self.limiter else {
+            return Ok(());
+        };
+        let Err(not_until) = limiter.check_key(&ip) else {
+            return Ok(());
+        };
+        let wait = not_until.wait_time_from(DefaultClock::default().now());
+        let now = Instant::now();
+        let mut blocked = self.blocked.lock().expect("never poisoned");
+        if blocked.len() >= MAX_BLOCKED {
+            blocked.retain(|_, until| *until > now);
+            limiter.retain_recent();
+        }
+        blocked.insert(ip, now + wait);
+        Err(wait)
     }
 }
 

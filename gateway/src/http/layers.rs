@@ -4,18 +4,23 @@
 //! and 429.
 
 use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, Version, header};
 use axum::response::Response;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
-use super::auth::{AuthError, Authenticator, DEFAULT_TENANT, PUBLIC_TENANT, RateLimits, Tenant};
+use super::auth::{
+    API_KEY_HEADER, AuthError, AuthFailures, Authenticator, DEFAULT_TENANT, PUBLIC_TENANT,
+    RateLimits, Tenant,
+};
 use super::error::ApiError;
 use super::state::AppState;
 use crate::metrics::HTTP_REQUESTS;
@@ -122,49 +127,99 @@ pub(super) async fn add_retry_after(
 pub(super) struct Access {
     pub auth: Option<Arc<Authenticator>>,
     pub rate_limits: RateLimits,
+    pub auth_failures: AuthFailures,
     /// Routes callable without credentials, by (method, path pattern).
     pub public: HashSet<(Method, String)>,
 }
 
+impl Access {
+    /// The caller's tenant from its credentials: `401` when they are wrong, or missing where
+    /// needed (`anonymous_ok`: the request may be made without them); `429` while its address has
+    /// failed too often (see [`AuthFailures`]).
+    fn tenant_of(&self, request: &Request, anonymous_ok: bool) -> Result<String, ApiError> {
+        let Some(auth) = &self.auth else {
+            return Ok(DEFAULT_TENANT.to_owned());
+        };
+        let peer = request
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(addr)| addr.ip());
+        let presents = request.headers().contains_key(API_KEY_HEADER)
+            || request.headers().contains_key(header::AUTHORIZATION);
+        if let Some(ip) = peer.filter(|_| presents) {
+            self.auth_failures.check(ip).map_err(rate_limited)?;
+        }
+        match auth.tenant(request.headers()) {
+            Ok(Some(tenant)) => Ok(tenant),
+            Ok(None) if anonymous_ok => Ok(PUBLIC_TENANT.to_owned()),
+            Ok(None) => Err(AuthError::Missing.into()),
+            Err(refused) => {
+                tracing::info!(reason = refused.reason(), peer = ?peer, "Credentials refused.");
+                if let Some(ip) = peer.filter(|_| refused.is_failed_attempt()) {
+                    self.auth_failures.record(ip).map_err(rate_limited)?;
+                }
+                Err(refused.into())
+            }
+        }
+    }
+
+    /// Whether a request to this path pattern with this method may come without credentials:
+    /// public routes, and reads of operations (of the `public` tenant) when some route is public.
+    fn anonymous_ok(&self, method: &Method, pattern: &str) -> bool {
+        self.public.contains(&(method.clone(), pattern.to_owned()))
+            || (pattern.starts_with("/operations/") && !self.public.is_empty())
+    }
+
+    /// Whether any method of this path pattern may be called without credentials.
+    fn any_anonymous(&self, pattern: &str) -> bool {
+        self.public.iter().any(|(_, p)| p == pattern)
+            || (pattern.starts_with("/operations/") && !self.public.is_empty())
+    }
+}
+
+fn rate_limited(wait: Duration) -> ApiError {
+    ApiError::RateLimited {
+        retry_after_secs: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
+    }
+}
+
 /// Knows the caller before anything else happens: its tenant from its credentials (401 if they
 /// are wrong or missing where needed), then its rate (429 with `Retry-After` when over).
-/// Anonymous callers may use public routes and read operations (of the `public` tenant) when
-/// some route is public.
 pub(super) async fn identify(
     State(access): State<Arc<Access>>,
     mut request: Request,
     next: axum::middleware::Next,
 ) -> Result<Response, ApiError> {
-    let tenant = match &access.auth {
-        None => DEFAULT_TENANT.to_owned(),
-        Some(auth) => match auth.tenant(request.headers())? {
-            Some(tenant) => tenant,
-            None => {
-                let pattern = request
-                    .extensions()
-                    .get::<MatchedPath>()
-                    .map(|p| p.as_str())
-                    .unwrap_or_default();
-                let public_route = access
-                    .public
-                    .contains(&(request.method().clone(), pattern.to_owned()));
-                let public_read = pattern.starts_with("/operations/") && !access.public.is_empty();
-                if !(public_route || public_read) {
-                    return Err(AuthError::Missing.into());
-                }
-                PUBLIC_TENANT.to_owned()
-            }
-        },
-    };
-    access
-        .rate_limits
-        .check(&tenant)
-        .map_err(|wait| ApiError::RateLimited {
-            retry_after_secs: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
-        })?;
+    let pattern = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    let anonymous_ok = access.anonymous_ok(request.method(), &pattern);
+    let tenant = access.tenant_of(&request, anonymous_ok)?;
+    access.rate_limits.check(&tenant).map_err(rate_limited)?;
     tracing::Span::current().record("tenant", tenant.as_str());
     request.extensions_mut().insert(Tenant(tenant.into()));
     Ok(next.run(request).await)
+}
+
+/// The answer to a known path with a method it does not have: `405`, but only to a caller who
+/// may use the path at all, so that an anonymous caller learns nothing about a guarded route's
+/// methods (`401` first).
+pub(super) fn method_not_allowed(
+    access: Arc<Access>,
+) -> impl Fn(Request) -> std::future::Ready<Result<Response, ApiError>> + Clone {
+    move |request: Request| {
+        let pattern = request
+            .extensions()
+            .get::<MatchedPath>()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| request.uri().path().to_owned());
+        let answer = access
+            .tenant_of(&request, access.any_anonymous(&pattern))
+            .and(Err(ApiError::MethodNotAllowed));
+        std::future::ready(answer)
+    }
 }
 
 /// The span of one HTTP request: it continues the caller's trace (W3C `traceparent`), and its

@@ -20,7 +20,7 @@ use super::events::operation_events;
 use super::health::{livez, readyz};
 use super::layers::{
     Access, REQUEST_ID, RouteNames, add_retry_after, check_head, count_request, frame_message,
-    identify, request_span,
+    identify, method_not_allowed, request_span,
 };
 use super::openapi;
 use super::reads::{cancel_operation, get_operation, get_result};
@@ -80,6 +80,7 @@ pub fn router(state: AppState, routes: &[RouteConfig]) -> Result<Router, ConfigE
     let access = Arc::new(Access {
         auth: state.auth.clone(),
         rate_limits: state.rate_limits.clone(),
+        auth_failures: state.auth_failures.clone(),
         public: routes
             .iter()
             .filter(|r| r.public)
@@ -88,13 +89,16 @@ pub fn router(state: AppState, routes: &[RouteConfig]) -> Result<Router, ConfigE
     });
     // Health and the document are open to all; everything else knows its caller first.
     let app = guarded
-        .route_layer(axum::middleware::from_fn_with_state(access, identify))
+        .route_layer(axum::middleware::from_fn_with_state(
+            access.clone(),
+            identify,
+        ))
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi_document));
     Ok(app
         .fallback(|| async { ApiError::RouteNotFound })
-        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .method_not_allowed_fallback(method_not_allowed(access))
         .layer(axum::middleware::map_response_with_state(
             state.clone(),
             add_retry_after,

@@ -20,6 +20,7 @@
 //! The body deadline is a tower layer in [`crate::http`], where its error becomes a `408`.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -28,7 +29,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::Request;
+use axum::extract::{ConnectInfo, Request};
 use axum::response::Response;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -98,9 +99,9 @@ pub async fn serve(
                 }
             }
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(error) => {
                     // Out of file descriptors, say: back off rather than spin.
                     tracing::warn!(%error, "Cannot accept a connection.");
@@ -117,6 +118,7 @@ pub async fn serve(
         let service = TowerToHyperService::new(Tracked {
             inner: app.clone(),
             activity: activity.clone(),
+            peer,
         });
         let builder = builder.clone();
         let mut pressure = pressure.subscribe();
@@ -218,6 +220,8 @@ impl Activity {
 struct Tracked {
     inner: Router,
     activity: Arc<Activity>,
+    /// The client's address, for per-address limits (`ConnectInfo`, as `axum::serve` gives it).
+    peer: SocketAddr,
 }
 
 impl tower::Service<Request<hyper::body::Incoming>> for Tracked {
@@ -231,7 +235,9 @@ impl tower::Service<Request<hyper::body::Incoming>> for Tracked {
 
     fn call(&mut self, request: Request<hyper::body::Incoming>) -> Self::Future {
         let guard = InFlight::new(self.activity.clone());
-        let answer = tower::Service::call(&mut self.inner, request.map(Body::new));
+        let mut request = request.map(Body::new);
+        request.extensions_mut().insert(ConnectInfo(self.peer));
+        let answer = tower::Service::call(&mut self.inner, request);
         Box::pin(async move {
             let response = answer.await?;
             Ok(response.map(|body| {

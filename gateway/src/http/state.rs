@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::http::HeaderName;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::auth::{Authenticator, RateLimits};
+use super::auth::{AuthFailures, Authenticator, RateLimits};
 use super::error::ApiError;
 use crate::config::callback::CallbackRule;
 use crate::config::{ConfigError, Settings, header_allow_list};
@@ -39,6 +39,7 @@ pub struct Shared {
     pub auth: Option<Arc<Authenticator>>,
     /// Per-tenant request rates.
     pub rate_limits: RateLimits,
+    pub auth_failures: AuthFailures,
     /// Request headers forwarded to workers.
     pub forward_headers: Arc<[HeaderName]>,
     /// Reply headers replayed from results.
@@ -114,6 +115,7 @@ impl AppState {
             },
             auth,
             rate_limits: RateLimits::new(limits.tenant_rate, limits.tenant_burst),
+            auth_failures: AuthFailures::new(limits.auth_failures_per_minute),
             forward_headers: header_allow_list(&settings.forward_headers)?.into(),
             result_headers: header_allow_list(&settings.result_headers)?.into(),
             #[cfg(feature = "fault-injection")]
