@@ -336,6 +336,54 @@ async fn nats_outage_answers_503_and_the_retry_converges() {
     );
 }
 
+/// After nats-server is killed and restarted, a waiting client is woken by its result as soon as
+/// the gateway says it is ready and the worker is back, not when its 30 s wait ends (before, the
+/// results watch's consumer was gone until missed heartbeats told it, while `/readyz` already
+/// said 200).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_are_woken_right_after_a_nats_restart() {
+    let routes =
+        "[[route]]\nname = \"orders\"\nmethod = \"POST\"\npath = \"/orders\"\nwait = \"30s\"\n";
+    let TestGateway { mut nats, gw } = TestGateway::builder(routes).start().await;
+    let _worker = TestWorker::start(&nats, worker_config(), "orders", echo()).await;
+    let first = post_order(&gw.base, "before", "{}").await;
+    assert_eq!(first.status(), 200, "a sync answer while all is well");
+
+    nats.restart().await;
+    let http = http();
+    eventually("ready again", Duration::from_secs(20), || async {
+        let ready = http.get(gw.url("/readyz")).send().await.ok()?;
+        (ready.status() == 200).then_some(())
+    })
+    .await;
+    // The worker reconnects on its own: once a plain submit is answered, it is back.
+    let warm_up = id_of(post_order_async(&gw.base, "warm-up").await).await;
+    eventually("the worker is back", Duration::from_secs(30), || async {
+        let op = json(get_operation(&gw.base, &warm_up).await).await;
+        (op["status"] == "succeeded").then_some(())
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let after = post_order(&gw.base, "after", "{}").await;
+    let waited = started.elapsed();
+    assert_eq!(after.status(), 200);
+    eprintln!("the first sync answer after the restart took {waited:?}");
+    // Not a speed target: a waiter that is not woken answers only when its 30 s wait ends.
+    assert!(
+        waited < Duration::from_secs(20),
+        "woken by the result: {waited:?}"
+    );
+}
+
+/// A submit that asks not to wait (`Prefer: wait=0`), whatever the route's own wait.
+async fn post_order_async(base: &str, key: &str) -> reqwest::Response {
+    submit(base, "/orders", key)
+        .json_body("{}")
+        .header("prefer", "wait=0")
+        .send()
+        .await
+}
+
 /// JetStream stores the request but its ack does not come in time (the server is frozen with
 /// SIGSTOP for longer than the gateway's NATS timeout): 503 "outcome unknown". Once the server
 /// thaws, the retry with the same key finds the stored request: a replay, one message.

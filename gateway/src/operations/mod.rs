@@ -140,6 +140,7 @@ impl Operations {
         ] {
             tokio::spawn(self.watch.clone().follow(
                 store.jetstream().clone(),
+                store.connections(),
                 stream.to_owned(),
                 subjects,
                 followed,

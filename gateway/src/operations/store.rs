@@ -127,6 +127,7 @@ pub struct Store {
     arbiters: HashMap<String, StateStore>,
     /// The skew allowance past a deadline (`GATEWAY_EXPIRY_GRACE`).
     expiry_grace: Duration,
+    connections: tokio::sync::watch::Sender<u64>,
 }
 
 /// What provisioning needs to know about the routes.
@@ -147,8 +148,20 @@ impl Store {
         settings: &JetStreamSettings,
         stateful: &[(String, StateStoreConfig, Duration)],
     ) -> Result<Self, StoreError> {
+        // Counts (re)connections, so that consumers that do not survive a server restart (the
+        // watches' ordered consumers) are made again at once, not after missed heartbeats.
+        let (connections, _) = tokio::sync::watch::channel(0u64);
+        let on_event = connections.clone();
         let client = async_nats::ConnectOptions::new()
             .name("gateway")
+            .event_callback(move |event| {
+                let on_event = on_event.clone();
+                async move {
+                    if matches!(event, async_nats::Event::Connected) {
+                        on_event.send_modify(|count| *count += 1);
+                    }
+                }
+            })
             .retry_on_initial_connect()
             .request_timeout(Some(settings.nats_timeout))
             .reconnect_delay_callback(|attempts| {
@@ -183,7 +196,13 @@ impl Store {
             replicated: AtomicBool::new(false),
             arbiters,
             expiry_grace: settings.expiry_grace,
+            connections,
         })
+    }
+
+    /// Changes each time the client (re)connects to NATS.
+    pub fn connections(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.connections.subscribe()
     }
 
     /// The skew allowance expiry waits for (`GATEWAY_EXPIRY_GRACE`).

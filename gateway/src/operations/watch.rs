@@ -124,10 +124,14 @@ impl Watch {
 
     /// Follows `subjects` (`<prefix>.>`, whose last token is an operation id) of `stream` until
     /// `stop`, waking the waiters of every operation that gets a message there: results, and
-    /// progress reports. Reconnects on its own; starts from new messages each time.
+    /// progress reports. Starts from new messages each time, and starts again (waking every
+    /// waiter, which reads again) whenever the consumer fails or the client reconnects: a server
+    /// restart loses the ordered consumer, which would otherwise only notice after missed
+    /// heartbeats while results land unseen.
     pub async fn follow(
         self,
         js: async_nats::jetstream::Context,
+        mut connections: tokio::sync::watch::Receiver<u64>,
         stream: String,
         subjects: String,
         followed: Followed,
@@ -135,6 +139,7 @@ impl Watch {
     ) {
         let prefix = subjects.trim_end_matches('>').to_owned();
         while !stop.is_cancelled() {
+            connections.mark_unchanged();
             let messages = async {
                 js.get_stream(&stream)
                     .await?
@@ -159,7 +164,18 @@ impl Watch {
                     }
                     let messages = messages.take_until(stop.cancelled());
                     tokio::pin!(messages);
-                    while let Some(message) = messages.next().await {
+                    loop {
+                        let message = tokio::select! {
+                            message = messages.next() => message,
+                            _ = connections.changed() => {
+                                tracing::debug!(%stream, "Reconnected to NATS; watching again.");
+                                if followed == Followed::Results {
+                                    self.lifecycle.set_watching_results(false);
+                                }
+                                break;
+                            }
+                        };
+                        let Some(message) = message else { break };
                         match message {
                             Ok(m) => {
                                 if let Some(id) = m.subject.strip_prefix(prefix.as_str()) {
