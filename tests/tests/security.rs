@@ -308,6 +308,86 @@ async fn authentication_says_little_and_throttles_guessing() {
     assert_eq!(anonymous.status(), 202);
 }
 
+/// Waits and event streams are capped in all and per tenant: one tenant holding its share of
+/// long polls or streams gets `429` for more, while another tenant is still served; a submit that
+/// asks to wait beyond the cap is still accepted, answered `202` without waiting. (Before, waits
+/// were unbounded and one tenant could take every event-stream slot.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waits_and_event_streams_are_capped_per_tenant() {
+    let TestGateway { nats: _nats, gw } = TestGateway::builder(&routes_with_auth())
+        .flags(["--max-waiters", "4", "--max-waiters-per-tenant", "2"])
+        .flags([
+            "--max-event-streams",
+            "4",
+            "--max-event-streams-per-tenant",
+            "2",
+        ])
+        .start()
+        .await;
+    let http = http();
+    let submit_as = |key: &'static str, idempotency: &'static str| {
+        http.post(gw.url("/orders"))
+            .header("x-api-key", key)
+            .header("idempotency-key", idempotency)
+            .body("{}")
+            .send()
+    };
+    let acme_op = id_of(submit_as(ACME_KEY, "a").await.unwrap()).await;
+    let globex_op = id_of(submit_as(GLOBEX_KEY, "g").await.unwrap()).await;
+    let wait_on = |key: &'static str, id: &str, secs: u32| {
+        http.get(gw.url(&format!("/operations/{id}")))
+            .header("x-api-key", key)
+            .header("prefer", format!("wait={secs}"))
+            .send()
+    };
+    let stream_of = |key: &'static str, id: &str| {
+        http.get(gw.url(&format!("/operations/{id}/events")))
+            .header("x-api-key", key)
+            .send()
+    };
+
+    let held: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(wait_on(ACME_KEY, &acme_op, 20)))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let refused = wait_on(ACME_KEY, &acme_op, 1).await.unwrap();
+    assert!(refused.headers().contains_key("retry-after"));
+    assert_problem(refused, 429, "too-many-waiters").await;
+    assert_eq!(
+        wait_on(GLOBEX_KEY, &globex_op, 1).await.unwrap().status(),
+        200
+    );
+    let waited_submit = http
+        .post(gw.url("/orders"))
+        .header("x-api-key", ACME_KEY)
+        .header("prefer", "wait=10")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(waited_submit.status(), 202, "accepted, not waited on");
+
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let open = stream_of(ACME_KEY, &acme_op).await.unwrap();
+        assert_eq!(open.status(), 200);
+        streams.push(open);
+    }
+    assert_problem(
+        stream_of(ACME_KEY, &acme_op).await.unwrap(),
+        429,
+        "too-many-streams",
+    )
+    .await;
+    assert_eq!(
+        stream_of(GLOBEX_KEY, &globex_op).await.unwrap().status(),
+        200
+    );
+    for wait in held {
+        wait.abort();
+    }
+}
+
 /// Each tenant has its own token bucket: over it, 429 with `Retry-After` and nothing published;
 /// another tenant is not slowed down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

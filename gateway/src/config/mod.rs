@@ -118,6 +118,21 @@ pub struct ClientLimits {
     /// Event streams (`GET /operations/{id}/events`) open at once; more get 429.
     #[arg(long, env = "GATEWAY_MAX_EVENT_STREAMS", default_value_t = 10_000)]
     pub max_event_streams: usize,
+    /// Event streams one tenant may hold open at once; more get 429. Without `[auth]` every
+    /// caller is one tenant.
+    #[arg(
+        long,
+        env = "GATEWAY_MAX_EVENT_STREAMS_PER_TENANT",
+        default_value_t = 2_500
+    )]
+    pub max_event_streams_per_tenant: usize,
+    /// Waiters (long polls and `Prefer: wait`, on reads and submits) at once; beyond, a read
+    /// that asks to wait gets 429, a submit is answered 202 without waiting.
+    #[arg(long, env = "GATEWAY_MAX_WAITERS", default_value_t = 10_000)]
+    pub max_waiters: usize,
+    /// Waiters one tenant may have at once; beyond, as for `GATEWAY_MAX_WAITERS`.
+    #[arg(long, env = "GATEWAY_MAX_WAITERS_PER_TENANT", default_value_t = 2_500)]
+    pub max_waiters_per_tenant: usize,
     /// Requests a second per tenant (token bucket); more get 429 with `Retry-After`. 0: no limit.
     #[arg(long, env = "GATEWAY_TENANT_RATE", default_value_t = 0)]
     pub tenant_rate: u32,

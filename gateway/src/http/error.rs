@@ -57,6 +57,8 @@ pub enum ApiError {
     CallbackNotAllowed(String),
     #[error("too many event streams are open; retry later")]
     TooManyStreams,
+    #[error("too many clients are waiting; read without waiting, or retry later")]
+    TooManyWaiters,
     #[error("the operation already finished; it cannot be cancelled")]
     AlreadyFinished(Box<Operation>),
     #[error(transparent)]
@@ -147,7 +149,7 @@ impl ApiError {
             | ApiError::BadQuery(_)
             | ApiError::Key(_)
             | ApiError::CallbackNotAllowed(_) => StatusCode::BAD_REQUEST,
-            ApiError::TooManyStreams | ApiError::RateLimited { .. } => {
+            ApiError::TooManyStreams | ApiError::TooManyWaiters | ApiError::RateLimited { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -180,6 +182,7 @@ impl ApiError {
                 ("callback-url-not-allowed", "Callback-Url not allowed")
             }
             ApiError::TooManyStreams => ("too-many-streams", "Too many event streams"),
+            ApiError::TooManyWaiters => ("too-many-waiters", "Too many waiting clients"),
             ApiError::Unauthorized(_) => ("unauthorized", "Unauthorized"),
             ApiError::RateLimited { .. } => ("rate-limited", "Too many requests"),
             ApiError::BodyTimeout => ("body-timeout", "Request body too slow"),

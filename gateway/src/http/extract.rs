@@ -14,6 +14,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::auth::Tenant;
 use super::error::ApiError;
+use super::slots::Slot;
 use super::state::AppState;
 
 /// A permit to do JetStream work now ([`AppState::admit`]), held until the handler returns.
@@ -31,23 +32,24 @@ impl FromRequestParts<AppState> for Admission {
     }
 }
 
-/// One of the event streams the gateway keeps open at once (`GATEWAY_MAX_EVENT_STREAMS`), held
-/// for the stream's life; none left is `429` with `Retry-After`.
+/// One of the event streams the gateway keeps open at once (`GATEWAY_MAX_EVENT_STREAMS`, and
+/// `GATEWAY_MAX_EVENT_STREAMS_PER_TENANT` for the caller's tenant), held for the stream's life;
+/// none left is `429` with `Retry-After`.
 pub struct EventStreamSlot {
-    _permit: OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 impl FromRequestParts<AppState> for EventStreamSlot {
     type Rejection = ApiError;
 
-    async fn from_request_parts(_: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let permit = state
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Ok(Tenant(tenant)) = Tenant::from_request_parts(parts, state).await;
+        let slot = state
             .limits
             .event_streams
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| ApiError::TooManyStreams)?;
-        Ok(Self { _permit: permit })
+            .try_take(&tenant)
+            .ok_or(ApiError::TooManyStreams)?;
+        Ok(Self { _slot: slot })
     }
 }
 

@@ -22,6 +22,7 @@ mod reads;
 mod responses;
 mod router;
 pub mod server;
+mod slots;
 pub mod state;
 mod submit;
 #[cfg(test)]

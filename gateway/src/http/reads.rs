@@ -147,8 +147,8 @@ pub(crate) async fn cancel_operation(
     }
 }
 
-/// Reads an operation, then waits (holding no permit) for what `wake_on` says, or until `wait`
-/// passes.
+/// Reads an operation, then waits (holding no permit, only a waiter's slot: none left is
+/// [`ApiError::TooManyWaiters`]) for what `wake_on` says, or until `wait` passes.
 pub(super) async fn wait_for(
     state: &AppState,
     OperationRef { tenant, id }: &OperationRef,
@@ -157,6 +157,11 @@ pub(super) async fn wait_for(
 ) -> Result<Operation, ApiError> {
     let operation = match wait.to_do() {
         Some(wait) => {
+            let _slot = state
+                .limits
+                .waiters
+                .try_take(tenant)
+                .ok_or(ApiError::TooManyWaiters)?;
             let until = tokio::time::Instant::now() + wait;
             state.ops.wait(tenant, id, until, wake_on).await?
         }

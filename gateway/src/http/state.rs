@@ -9,6 +9,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::auth::{AuthFailures, Authenticator, RateLimits};
 use super::error::ApiError;
+use super::slots::Slots;
 use crate::config::callback::CallbackRule;
 use crate::config::{ConfigError, Settings, header_allow_list};
 use crate::lifecycle::Lifecycle;
@@ -58,8 +59,11 @@ pub struct Limits {
     pub max_in_flight: u32,
     /// Longest wait a client may ask for (`Prefer: wait`, `?wait=`).
     pub max_wait: Duration,
-    /// Permits for open event streams; none left means `429` with `Retry-After`.
-    pub event_streams: Arc<Semaphore>,
+    /// Open event streams, in all and per tenant; none left means `429` with `Retry-After`.
+    pub event_streams: Slots,
+    /// Waiters (long polls, `Prefer: wait`), in all and per tenant; none left: a read's wait is
+    /// `429`, a submit's is skipped (`202`).
+    pub waiters: Slots,
     /// Time a client has to send a whole request body.
     pub body_read_timeout: Duration,
     /// Headers a request may have, and bytes its headers may take.
@@ -103,7 +107,11 @@ impl AppState {
                 in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
                 max_in_flight,
                 max_wait: limits.max_wait,
-                event_streams: Arc::new(Semaphore::new(limits.max_event_streams)),
+                event_streams: Slots::new(
+                    limits.max_event_streams,
+                    limits.max_event_streams_per_tenant,
+                ),
+                waiters: Slots::new(limits.max_waiters, limits.max_waiters_per_tenant),
                 body_read_timeout: limits.body_read_timeout,
                 max_headers: limits.max_headers,
                 max_header_bytes: limits.max_header_bytes,
