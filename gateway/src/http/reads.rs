@@ -46,6 +46,8 @@ pub(crate) struct PreferHeader {
             )),
         (status = 404, description = "No such operation (or not yours).", body = Problem, content_type = "application/problem+json"),
         (status = 410, description = "`result-removed`: the operation's result was removed before its retention ended; its outcome can no longer be read.", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`too-many-waiters` (only when asked to wait): as many clients wait already as allowed, in all or for the tenant; read without waiting, or after `Retry-After`.", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds until a retry is worth it."))),
     )
 )]
 pub(crate) async fn get_operation(
@@ -85,6 +87,8 @@ pub(crate) async fn get_operation(
         (status = "2XX", description = "The worker's reply (any content type).", content_type = "*/*"),
         (status = 404, description = "No such operation (or not yours).", body = Problem, content_type = "application/problem+json"),
         (status = 410, description = "`result-removed`: the operation's result was removed before its retention ended; its outcome can no longer be read.", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`too-many-waiters` (only when asked to wait): as many clients wait already as allowed, in all or for the tenant; read without waiting, or after `Retry-After`.", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds until a retry is worth it."))),
         (status = "4XX", description = "The worker's reply, when it was a client error; or `400` for a bad query; or `410` (problem+json) when the operation was cancelled (type `cancelled`) or its result was removed (type `result-removed`).", content_type = "*/*"),
         (status = "5XX", description = "The worker's reply, when it was a server error; or `504` (problem+json) when the operation expired.", content_type = "*/*"),
     )
