@@ -384,6 +384,62 @@ async fn post_order_async(base: &str, key: &str) -> reqwest::Response {
         .await
 }
 
+/// Small things real clients trip on: a replayed `202` of a finished operation says nothing about
+/// retrying later (before: `Retry-After`); `GET /operations/{id}?wait=N` waits like `Prefer: wait`
+/// (before: ignored); a cancellation's `202` is never cached (before: no `Cache-Control`); a bad
+/// `?wait=` is explained in the gateway's words (before: the deserializer's text).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_things_clients_trip_on_are_answered_plainly() {
+    let TestGateway { nats, gw } = TestGateway::builder(TEST_ROUTES).start().await;
+    let http = http();
+
+    // A finished operation's replay: 202 (no wait asked), no Retry-After.
+    let worker = TestWorker::start(&nats, worker_config(), "orders", echo()).await;
+    let done = id_of(post_order(&gw.base, "finished", "{}").await).await;
+    poll_until_terminal(&gw.base, &done, Duration::from_secs(10)).await;
+    let replay = post_order(&gw.base, "finished", "{}").await;
+    assert_eq!(replay.status(), 202);
+    assert!(
+        !replay.headers().contains_key("retry-after"),
+        "{:?}",
+        replay.headers()
+    );
+    worker.stop().await;
+
+    // ?wait on the status resource waits (the operation stays pending: no worker now).
+    let pending = id_of(post_order(&gw.base, "pending", "{}").await).await;
+    let started = std::time::Instant::now();
+    let read = http
+        .get(gw.url(&format!("/operations/{pending}?wait=2")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), 200);
+    assert!(started.elapsed() >= Duration::from_secs(2), "it waited");
+
+    let cancel = http
+        .delete(gw.url(&format!("/operations/{pending}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancel.status(), 202);
+    assert_eq!(cancel.headers()["cache-control"], "no-store");
+
+    for bad in ["-1", "soon", "3601"] {
+        let r = http
+            .get(gw.url(&format!("/operations/{pending}/result?wait={bad}")))
+            .send()
+            .await
+            .unwrap();
+        let problem = assert_problem(r, 400, "bad-query").await;
+        let detail = problem["detail"].as_str().unwrap();
+        assert!(
+            detail.contains("whole number of seconds"),
+            "{bad}: {detail}"
+        );
+    }
+}
+
 /// JetStream stores the request but its ack does not come in time (the server is frozen with
 /// SIGSTOP for longer than the gateway's NATS timeout): 503 "outcome unknown". Once the server
 /// thaws, the retry with the same key finds the stored request: a replay, one message.

@@ -123,13 +123,18 @@ impl<S: Send + Sync> FromRequestParts<S> for WaitQuery {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        // `wait` is the only field, so any failure is about it: said in our words, not the
+        // deserializer's.
+        let bad = || {
+            ApiError::BadQuery(format!(
+                "wait must be a whole number of seconds from 0 to {MAX_WAIT_QUERY}"
+            ))
+        };
         let Query(query) = Query::<WaitQuery>::from_request_parts(parts, state)
             .await
-            .map_err(|e| ApiError::BadQuery(e.body_text()))?;
+            .map_err(|_| bad())?;
         if query.wait.is_some_and(|w| w > MAX_WAIT_QUERY) {
-            return Err(ApiError::BadQuery(format!(
-                "wait is at most {MAX_WAIT_QUERY} seconds"
-            )));
+            return Err(bad());
         }
         Ok(query)
     }

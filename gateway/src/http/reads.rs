@@ -29,15 +29,15 @@ pub(crate) struct PreferHeader {
     prefer: Option<String>,
 }
 
-/// `GET /operations/{id}`: the status resource. With `Prefer: wait=N`, answers as soon as the
-/// operation is terminal, or after N seconds.
+/// `GET /operations/{id}`: the status resource. With `?wait=N` or `Prefer: wait=N`, answers as
+/// soon as the operation is terminal (or has new progress), or after N seconds.
 #[utoipa::path(
     get,
     path = "/operations/{id}",
     tag = "operations",
     summary = "Status of an operation",
-    description = "The operation's status resource, from any gateway replica. With `Prefer: wait=N` the answer comes as soon as the operation is terminal (or has new progress), or after N seconds.",
-    params(OperationId, PreferHeader),
+    description = "The operation's status resource, from any gateway replica. With `?wait=N` or `Prefer: wait=N` the answer comes as soon as the operation is terminal (or has new progress), or after N seconds.",
+    params(OperationId, WaitQuery, PreferHeader),
     responses(
         (status = 200, description = "The operation.", body = OperationView<'static>,
             headers(
@@ -52,10 +52,12 @@ pub(crate) struct PreferHeader {
 )]
 pub(crate) async fn get_operation(
     State(state): State<AppState>,
+    query: WaitQuery,
     operation: OperationRef,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let wait = Wait::capped(prefer::parse(&headers).wait, state.limits.max_wait);
+    let asked = query.duration().or(prefer::parse(&headers).wait);
+    let wait = Wait::capped(asked, state.limits.max_wait);
     let wake_on = WakeOn::TerminalOrProgressAfter(None);
     let operation = wait_for(&state, &operation, wait, wake_on).await?;
     let mut response = Json(OperationView::of(&operation)).into_response();
@@ -145,6 +147,7 @@ pub(crate) async fn cancel_operation(
             let mut response =
                 (StatusCode::ACCEPTED, Json(OperationView::of(&operation))).into_response();
             set_location(&mut response, &operation);
+            set_no_store(&mut response);
             Ok(response)
         }
         Cancellation::TooLate(operation) => Err(ApiError::AlreadyFinished(Box::new(operation))),

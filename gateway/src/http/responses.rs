@@ -38,7 +38,8 @@ pub(super) fn accepted(state: &AppState, operation: &Operation) -> Response {
     pending(state, operation, Json(body))
 }
 
-/// A 202 that points at the operation: `Location`, `Retry-After`, never cached.
+/// A 202 that points at the operation: `Location`, never cached, and `Retry-After` while the
+/// operation is pending (a replay of a finished one has nothing to wait for).
 pub(super) fn pending(
     state: &AppState,
     operation: &Operation,
@@ -46,7 +47,9 @@ pub(super) fn pending(
 ) -> Response {
     let mut response = (StatusCode::ACCEPTED, body).into_response();
     set_location(&mut response, operation);
-    set_retry_after(&mut response, state, operation);
+    if !operation.status().is_terminal() {
+        set_retry_after(&mut response, state, operation);
+    }
     set_no_store(&mut response);
     response
 }

@@ -142,7 +142,12 @@ async fn main() -> anyhow::Result<()> {
             .nats(&nats)
             .envs(env.iter().copied())
             // The waiters phase parks far more than one tenant may by default.
-            .flags(["--max-waiters", "1000000", "--max-waiters-per-tenant", "1000000"])
+            .flags([
+                "--max-waiters",
+                "1000000",
+                "--max-waiters-per-tenant",
+                "1000000",
+            ])
     };
     let gw_a = gateway().spawn(&o.gateway_bin).await;
     let gw_b = gateway().spawn(&o.gateway_bin).await;
