@@ -78,6 +78,8 @@ pub async fn run(
         .map(Arc::new);
     install_crypto_provider();
     let admin = crate::metrics::bind_admin(settings.admin.admin_listen).await?;
+    let names: Vec<String> = routes.iter().map(|r| r.name.clone()).collect();
+    crate::metrics::start_at_zero(&names);
     let lifecycle = Lifecycle::default();
     let retry_after = RetryAfter::new(
         settings.retry_after_secs,

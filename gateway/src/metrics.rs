@@ -118,6 +118,33 @@ fn describe() {
     describe_counter!(DISPATCH_REPLIES, "Dispatcher replies, by outcome.");
 }
 
+/// Puts every series whose labels are known at start at zero, so that dashboards and alerts
+/// (`rate(...)`, `absent(...)`) see them before their first event rather than nothing. Counters
+/// are only touched (`increment(0)`): another gateway in the same process keeps its counts.
+pub fn start_at_zero(routes: &[String]) {
+    use metrics::{counter, gauge};
+    // The recorder first: touches before it would go nowhere.
+    handle();
+    counter!(SHED).increment(0);
+    gauge!(DRAINING).set(0.0);
+    gauge!(WAITERS).increment(0.0);
+    for outcome in ["delivered", "failed", "dead_lettered", "abandoned"] {
+        counter!(WEBHOOK_DELIVERIES, "outcome" => outcome).increment(0);
+    }
+    for kind in ["unavailable", "outcome_unknown"] {
+        counter!(JETSTREAM_ERRORS, "kind" => kind).increment(0);
+    }
+    for status in ["succeeded", "failed", "expired", "cancelled"] {
+        counter!(RESULTS, "status" => status).increment(0);
+    }
+    for writer in ["expiry", "cancel"] {
+        counter!(RESULT_CONFLICTS, "writer" => writer).increment(0);
+    }
+    for route in routes {
+        counter!(IDEMPOTENT_REPLAYS, "route" => route.clone()).increment(0);
+    }
+}
+
 /// Binds the admin server's address (port 0 picks one).
 pub async fn bind_admin(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
     TcpListener::bind(addr)

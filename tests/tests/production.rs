@@ -126,6 +126,35 @@ async fn metrics_count_requests_replays_results_and_latency() {
     let TestGateway { nats, gw } = TestGateway::builder(ROUTES).spawn(GATEWAY_BIN).await;
     let _worker = TestWorker::start(&nats, worker_config(), "orders", echo()).await;
     let http = http();
+    let admin = gw.admin_base().await;
+    let scrape = || {
+        let url = format!("{admin}/metrics");
+        let http = http.clone();
+        async move { http.get(url).send().await.ok()?.text().await.ok() }
+    };
+    use gateway::metrics::*;
+    // Before any event, the series with known labels are there at zero (alerts on `absent` or
+    // `rate` see them from the start).
+    let at_start = scrape().await.unwrap();
+    for expected in [
+        format!("{SHED} 0"),
+        format!("{WEBHOOK_DELIVERIES}{{outcome=\"abandoned\"}} 0"),
+        format!("{JETSTREAM_ERRORS}{{kind=\"outcome_unknown\"}} 0"),
+        format!("{RESULTS}{{status=\"cancelled\"}} 0"),
+        format!("{IDEMPOTENT_REPLAYS}{{route=\"orders\"}} 0"),
+    ] {
+        assert!(
+            at_start.contains(&expected),
+            "missing {expected:?} in\n{at_start}"
+        );
+    }
+    // A clean start warns about nothing (before: one "cannot provision streams yet").
+    let warnings: Vec<String> = gw
+        .logs()
+        .into_iter()
+        .filter(|line| line.contains("WARN"))
+        .collect();
+    assert!(warnings.is_empty(), "{warnings:#?}");
     let submit = || {
         http.post(gw.url("/orders"))
             .header("idempotency-key", "\"m-1\"")
@@ -167,19 +196,13 @@ async fn metrics_count_requests_replays_results_and_latency() {
         .await
         .unwrap();
     assert_eq!(waited.status(), 200);
-    let admin = gw.admin_base().await;
-    use gateway::metrics::*;
     let metrics = eventually("results counted", Duration::from_secs(10), || async {
-        let text = http
-            .get(format!("{admin}/metrics"))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        text.contains(&format!("{RESULTS}{{status=\"succeeded\"}}"))
-            .then_some(text)
+        let text = scrape().await?;
+        let counted = format!("{RESULTS}{{status=\"succeeded\"}} ");
+        let succeeded = text
+            .lines()
+            .find_map(|line| line.strip_prefix(counted.as_str()))?;
+        (succeeded != "0").then_some(text)
     })
     .await;
     for expected in [

@@ -225,12 +225,18 @@ impl Operations {
 
 /// Provisions the streams, retrying while NATS is unreachable. A configuration the server cannot
 /// honour (a body limit above its max_payload) stops the gateway.
+/// How long provisioning retries quietly at start before each failure is a warning.
+const PROVISION_QUIET: Duration = Duration::from_secs(5);
+
 async fn provision_until_done(
     store: Arc<Store>,
     plan: StreamPlan,
     webhook_consumer: Option<async_nats::jetstream::consumer::pull::Config>,
     stop: CancellationToken,
 ) -> Result<(), StoreError> {
+    // The client connects in the background, so a clean start's first attempt or two find no
+    // connection yet: not worth a warning unless it lasts.
+    let started = Instant::now();
     loop {
         match store.provision(&plan, webhook_consumer.as_ref()).await {
             Ok(()) => {
@@ -244,6 +250,12 @@ async fn provision_until_done(
                 tracing::error!(error = %fatal, "Configuration does not fit the NATS server; stopping.");
                 stop.cancel();
                 return Err(fatal);
+            }
+            Err(error) if started.elapsed() < PROVISION_QUIET => {
+                tracing::debug!(%error, "Cannot provision streams yet; retrying.");
+                if sleep_or_stop(&stop, Duration::from_millis(250)).await {
+                    return Ok(());
+                }
             }
             Err(error) => {
                 tracing::warn!(%error, "Cannot provision streams yet; retrying.");
