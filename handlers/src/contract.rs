@@ -503,12 +503,16 @@ impl ResultRecord {
             });
         }
         let raw_status = required(headers, header::STATUS)?;
-        let status = raw_status
-            .parse::<u16>()
-            .map_err(|_| ContractError::InvalidHeader {
-                name: header::STATUS,
-                value: raw_status.to_owned(),
-            })?;
+        // Exactly three digits, as an HTTP status code is written (RFC 9110 section 15): `+200`
+        // or `0200` would parse as numbers, and are not status codes.
+        let invalid = || ContractError::InvalidHeader {
+            name: header::STATUS,
+            value: raw_status.to_owned(),
+        };
+        if raw_status.len() != 3 || !raw_status.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(invalid());
+        }
+        let status = raw_status.parse::<u16>().map_err(|_| invalid())?;
         let outcome = match header_str(headers, header::OUTCOME) {
             None | Some("reply") => Outcome::Reply,
             Some("expired") => Outcome::Expired,

@@ -21,6 +21,33 @@ pub struct Progress {
     pub message: String,
 }
 
+/// Longest progress message kept, in characters; longer ones are cut (with `…`) when written and
+/// when read, whoever wrote them.
+pub const MAX_PROGRESS_MESSAGE: usize = 1_000;
+
+impl Progress {
+    /// A report, bounded: `percent` at most 100, `message` at most [`MAX_PROGRESS_MESSAGE`]
+    /// characters.
+    pub fn new(percent: Option<u8>, message: impl Into<String>) -> Self {
+        let mut message = message.into();
+        if message.chars().count() > MAX_PROGRESS_MESSAGE {
+            message = message.chars().take(MAX_PROGRESS_MESSAGE - 1).collect();
+            message.push('…');
+        }
+        Self {
+            percent: percent.map(|p| p.min(100)),
+            message,
+        }
+    }
+
+    /// Reads a stored report (a JSON payload), bounded as [`Progress::new`] bounds it: a worker
+    /// in another language may have written anything. `None` when it is not a report.
+    pub fn from_payload(payload: &[u8]) -> Option<Self> {
+        let read: Progress = serde_json::from_slice(payload).ok()?;
+        Some(Self::new(read.percent, read.message))
+    }
+}
+
 /// A progress report JetStream did not acknowledge (not connected, no stream, or a timeout).
 #[derive(Debug, thiserror::Error)]
 #[error("progress report not stored: {0}")]
@@ -55,10 +82,7 @@ impl ProgressReporter {
         let Some((js, subject, ttl)) = &self.target else {
             return Ok(());
         };
-        let progress = Progress {
-            percent: percent.map(|p| p.min(100)),
-            message: message.into(),
-        };
+        let progress = Progress::new(percent, message);
         let payload = serde_json::to_vec(&progress).expect("progress serializes");
         let mut publish = PublishMessage::build().payload(Bytes::from(payload));
         if let Some(ttl) = ttl {

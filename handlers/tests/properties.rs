@@ -387,17 +387,22 @@ proptest! {
         }
     }
 
-    /// `Gw-Status` text: a number in 200-599 reads, anything else is an invalid header (never a
-    /// panic, never another error).
+    /// `Gw-Status` text: exactly three digits making 200-599 read, anything else (`+200`,
+    /// `0200`, ` 200`) is an invalid header (never a panic, never another error).
     #[test]
     fn status_header_text(text in prop_oneof![
         "[0-9]{1,6}",
         "[+-]?[0-9]{1,4}",
+        "0[2-5][0-9]{2}",
         nats_header_value(),
     ]) {
         let mut h = HeaderMap::new();
         h.insert(header::STATUS, text.as_str());
-        let expected = text.parse::<u16>().ok().filter(|s| (200..=599).contains(s));
+        let three_digits = text.len() == 3 && text.bytes().all(|b| b.is_ascii_digit());
+        let expected = text
+            .parse::<u16>()
+            .ok()
+            .filter(|s| three_digits && (200..=599).contains(s));
         match ResultRecord::from_parts(&h, Bytes::new()) {
             Ok(r) => {
                 prop_assert_eq!(Some(r.status), expected);
@@ -625,4 +630,22 @@ fn progress_json_defaults() {
     );
     assert!(serde_json::from_str::<Progress>(r#"{"percent":256,"message":"x"}"#).is_err());
     assert!(serde_json::from_str::<Progress>(r#"{"percent":-1,"message":"x"}"#).is_err());
+}
+
+/// What another language's worker may store is read bounded: a percentage over 100 as 100, a
+/// message over the limit cut with an ellipsis.
+#[test]
+fn stored_progress_is_read_bounded() {
+    let long = "m".repeat(100_000);
+    let payload = serde_json::json!({"percent": 250, "message": long}).to_string();
+    let read = Progress::from_payload(payload.as_bytes()).unwrap();
+    assert_eq!(read.percent, Some(100));
+    assert_eq!(
+        read.message.chars().count(),
+        handlers::progress::MAX_PROGRESS_MESSAGE
+    );
+    assert!(read.message.ends_with('…'));
+    assert_eq!(Progress::from_payload(b"not json"), None);
+    let short = Progress::from_payload(br#"{"percent":42,"message":"half"}"#).unwrap();
+    assert_eq!(short, Progress::new(Some(42), "half"));
 }

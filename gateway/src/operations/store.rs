@@ -314,14 +314,12 @@ impl Store {
         };
         // A report that does not parse is ignored, not fatal: progress is advisory.
         Ok(
-            serde_json::from_slice::<handlers::Progress>(&message.payload)
-                .ok()
-                .map(|p| ProgressState {
-                    percent: p.percent,
-                    message: p.message,
-                    updated_at: message.time,
-                    seq: message.sequence,
-                }),
+            handlers::Progress::from_payload(&message.payload).map(|p| ProgressState {
+                percent: p.percent,
+                message: p.message,
+                updated_at: message.time,
+                seq: message.sequence,
+            }),
         )
     }
 
