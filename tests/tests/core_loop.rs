@@ -888,7 +888,7 @@ async fn rejected_requests_get_problems_and_write_nothing() {
         ),
         (
             http.post(gw.url("/jobs/build"))
-                .header("idempotency-key", "12"),
+                .header("idempotency-key", "caf\u{e9}"),
             400,
             "idempotency-key-invalid",
         ),

@@ -53,6 +53,11 @@ pub struct Settings {
         default_value = "cache-control,content-language,etag,last-modified,location"
     )]
     pub result_headers: Vec<String>,
+    /// Web origins whose pages may call the gateway from a browser (CORS), comma-separated
+    /// (`https://app.example.com`), or `*` for any. Empty (the default): no CORS headers, so
+    /// browsers allow same-origin pages only.
+    #[arg(long, env = "GATEWAY_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
     /// Crash (abort) right after the JetStream ack of an accepted request, before answering.
     /// Test builds only: the end-to-end tests use it to prove a retry after such a crash converges.
     #[cfg(feature = "fault-injection")]

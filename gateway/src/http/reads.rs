@@ -44,6 +44,7 @@ pub(crate) struct PreferHeader {
                 ("Retry-After" = u64, description = "While pending: seconds until a status read is worth repeating."),
                 ("Preference-Applied" = String, description = "`wait=N` when `Prefer: wait` was honoured."),
             )),
+        (status = 400, description = "`bad-query`: `wait` is not a whole number of seconds from 0 to 3600.", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such operation (or not yours).", body = Problem, content_type = "application/problem+json"),
         (status = 410, description = "`result-removed`: the operation's result was removed before its retention ended; its outcome can no longer be read.", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "`too-many-waiters` (only when asked to wait): as many clients wait already as allowed, in all or for the tenant; read without waiting, or after `Retry-After`.", body = Problem, content_type = "application/problem+json",

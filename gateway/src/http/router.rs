@@ -129,5 +129,7 @@ pub fn router(state: AppState, routes: &[RouteConfig]) -> Result<Router, ConfigE
                 .on_failure(()),
         )
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        // Outermost: a browser's preflight is answered before anything asks for credentials.
+        .layer(tower::util::option_layer(state.cors.clone()))
         .with_state(state))
 }

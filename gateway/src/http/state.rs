@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use axum::http::HeaderName;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use super::auth::{AuthFailures, Authenticator, RateLimits};
 use super::error::ApiError;
@@ -45,6 +46,10 @@ pub struct Shared {
     pub forward_headers: Arc<[HeaderName]>,
     /// Reply headers replayed from results.
     pub result_headers: Arc<[HeaderName]>,
+    /// The browser policy (`GATEWAY_CORS_ORIGINS`), when any origin is allowed.
+    pub cors: Option<CorsLayer>,
+    /// One permit per submission whose body is arriving (see [`AppState::arrive`]).
+    pub receiving: Arc<Semaphore>,
     #[cfg(feature = "fault-injection")]
     pub abort_after_publish: bool,
 }
@@ -126,6 +131,8 @@ impl AppState {
             auth_failures: AuthFailures::new(limits.auth_failures_per_minute),
             forward_headers: header_allow_list(&settings.forward_headers)?.into(),
             result_headers: header_allow_list(&settings.result_headers)?.into(),
+            cors: cors_policy(&settings.cors_origins)?,
+            receiving: Arc::new(Semaphore::new(RECEIVING as usize)),
             #[cfg(feature = "fault-injection")]
             abort_after_publish: settings.fault_abort_after_publish,
         })))
@@ -144,13 +151,119 @@ impl AppState {
             .map_err(|_| ApiError::Overloaded)
     }
 
-    /// Completes when no request holds a JetStream permit any more. Only while draining, when
-    /// `admit` hands out none: it takes every permit as it comes back.
+    /// A submission has arrived and its body is on its way: it holds no JetStream permit (a
+    /// slow client must not hold capacity), but a drain lets it finish. `503 shutting-down` once
+    /// draining.
+    pub fn arrive(&self) -> Result<Arrival, ApiError> {
+        if self.lifecycle.is_draining() {
+            return Err(ApiError::ShuttingDown);
+        }
+        self.receiving
+            .clone()
+            .try_acquire_owned()
+            .map(|permit| Arrival { _permit: permit })
+            .map_err(|_| ApiError::Overloaded)
+    }
+
+    /// The JetStream permit of a submission that arrived before any drain: taken even while
+    /// draining, since [`AppState::idle`] waits for arrivals before it takes the permits.
+    pub fn admit_arrived(&self, arrival: Arrival) -> Result<OwnedSemaphorePermit, ApiError> {
+        let permit = self
+            .limits
+            .in_flight
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::Overloaded);
+        drop(arrival);
+        permit
+    }
+
+    /// Completes when no submission is arriving and no request holds a JetStream permit any more.
+    /// Only while draining, when `arrive` and `admit` hand out none: it waits for the arrivals
+    /// first (each becomes a permit or an answer), then takes every permit as it comes back.
     pub(crate) async fn idle(&self) {
+        let _arrivals = self.receiving.acquire_many(RECEIVING).await;
         let _all = self
             .limits
             .in_flight
             .acquire_many(self.limits.max_in_flight)
             .await;
     }
+}
+
+/// Submissions that may be receiving their bodies at once: more than connections can carry.
+const RECEIVING: u32 = 1 << 24;
+
+/// A submission receiving its body, until it is admitted or answered.
+pub struct Arrival {
+    _permit: OwnedSemaphorePermit,
+}
+
+/// The CORS policy for these origins (Fetch standard, "CORS protocol"): preflights answered for
+/// the methods and request headers the API uses, and the response headers a page needs to follow
+/// an operation exposed. No cookies are involved (credentials travel in `Authorization` and
+/// `X-API-Key`), so `*` is safe to allow. `None` for no origins.
+fn cors_policy(origins: &[String]) -> Result<Option<CorsLayer>, ConfigError> {
+    use axum::http::{HeaderValue, Method, header};
+    let origins: Vec<&str> = origins
+        .iter()
+        .map(|o| o.trim())
+        .filter(|o| !o.is_empty())
+        .collect();
+    if origins.is_empty() {
+        return Ok(None);
+    }
+    let allow_origin = if origins == ["*"] {
+        AllowOrigin::any()
+    } else {
+        let list = origins
+            .iter()
+            .map(|origin| {
+                let url = url::Url::parse(origin).ok().filter(|u| {
+                    matches!(u.scheme(), "http" | "https")
+                        && u.path() == "/"
+                        && !origin.ends_with('/')
+                });
+                url.and_then(|_| HeaderValue::from_str(origin).ok()).ok_or_else(|| {
+                    ConfigError::Invalid(format!(
+                        "GATEWAY_CORS_ORIGINS: {origin:?} is not an origin (scheme://host[:port], no path) or *"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        AllowOrigin::list(list)
+    };
+    let name = HeaderName::from_static;
+    Ok(Some(
+        CorsLayer::new()
+            .allow_origin(allow_origin)
+            .allow_methods([
+                Method::GET,
+                Method::POST,
+                Method::PUT,
+                Method::PATCH,
+                Method::DELETE,
+            ])
+            .allow_headers([
+                header::CONTENT_TYPE,
+                header::AUTHORIZATION,
+                name("idempotency-key"),
+                name("prefer"),
+                name("callback-url"),
+                name("x-api-key"),
+                name("last-event-id"),
+                name("traceparent"),
+                name("tracestate"),
+                name("x-request-id"),
+            ])
+            .expose_headers([
+                header::LOCATION,
+                header::RETRY_AFTER,
+                name("idempotency-key"),
+                name("idempotent-replayed"),
+                name("preference-applied"),
+                name("x-request-id"),
+            ])
+            .max_age(std::time::Duration::from_secs(600)),
+    ))
 }

@@ -71,11 +71,12 @@ async fn submit_with_key(
     idempotency_key: String,
     request: Request,
 ) -> Result<Response, ApiError> {
+    let arrival = state.arrive()?;
     let (parts, body) = request.into_parts();
     // The body first, then a permit: a client that sends slowly holds only its own connection,
     // never the capacity other clients' reads and submits need.
     let read = read_submission(&state, &route, &parts, body).await?;
-    let permit = state.admit()?;
+    let permit = state.admit_arrived(arrival)?;
     let submission = Submission {
         route: &route,
         tenant: &tenant,
