@@ -112,6 +112,22 @@ pub fn document(routes: &[RouteConfig], authenticated: bool) -> utoipa::openapi:
                     )
                     .into()
                 });
+            // A worker's reply of one status, replayed, is any content (`{}`: whatever its
+            // type) and, for generators, bytes under `application/octet-stream`, the one "any
+            // bytes" type they read (openapi-python-client omits `*/*` responses). Ranges
+            // (`2XX`, `4XX`) mix replies with problems and stay unconstrained.
+            for (status, response) in operation.responses.responses.iter_mut() {
+                if let RefOr::T(response) = response
+                    && !status.ends_with("XX")
+                    && let Some(any) = response.content.get_mut("*/*")
+                    && any.schema.is_none()
+                {
+                    *any = any_value();
+                    response
+                        .content
+                        .insert("application/octet-stream".to_owned(), binary());
+                }
+            }
         }
     }
     if authenticated {
@@ -236,6 +252,31 @@ const KEY_PATTERN: &str = r#"^("([\x20\x21\x23-\x5B\x5D-\x7E]|\\[\\"]){1,255}"|[
 // The pattern's bounds spell out the parser's limit.
 const _: () = assert!(MAX_KEY_LEN == 255);
 
+/// Content that may be anything (`{}`): any JSON value, any bytes.
+fn any_value() -> utoipa::openapi::Content {
+    ContentBuilder::new()
+        .schema(Some(Schema::Object(
+            ObjectBuilder::new()
+                .schema_type(utoipa::openapi::schema::SchemaType::AnyValue)
+                .build(),
+        )))
+        .build()
+}
+
+/// Content of any type, as bytes (`type: string, format: binary`).
+fn binary() -> utoipa::openapi::Content {
+    ContentBuilder::new()
+        .schema(Some(Schema::Object(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
+                    utoipa::openapi::KnownFormat::Binary,
+                )))
+                .build(),
+        )))
+        .build()
+}
+
 /// One configured route: its path (OpenAPI syntax) and its operation.
 fn route_operation(route: &RouteConfig) -> (String, Operation) {
     let string = || ObjectBuilder::new().schema_type(Type::String);
@@ -311,8 +352,8 @@ fn route_operation(route: &RouteConfig) -> (String, Operation) {
                 .name("Callback-Url")
                 .parameter_in(ParameterIn::Header)
                 .description(Some(
-                    "Where to POST the signed completion webhook (Standard Webhooks); must match \
-                     an allowed prefix.",
+                    "Where to POST the signed completion webhook (Standard Webhooks); must name \
+                     an allowed receiver (scheme, host, port, path under the allowed one).",
                 ))
                 .schema(Some(string().format(Some(
                     utoipa::openapi::SchemaFormat::Custom("uri".to_owned()),
@@ -326,7 +367,13 @@ fn route_operation(route: &RouteConfig) -> (String, Operation) {
                      bytes.",
                     route.max_body.0
                 )))
-                .content("*/*", ContentBuilder::new().build())
+                // A schema per media type, so that client generators make a submit function
+                // (openapi-python-client skips an operation whose body has none): anything under
+                // `*/*`, and bytes under `application/octet-stream`, the type generators turn
+                // into a file parameter. (An `application/json` entry with `{}` makes
+                // openapi-python-client 0.29 emit `isinstance(body, typing.Any)`, which raises.)
+                .content("application/octet-stream", binary())
+                .content("*/*", any_value())
                 .build(),
         ));
     }

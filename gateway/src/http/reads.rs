@@ -87,6 +87,7 @@ pub(crate) async fn get_operation(
                 ("Location" = String, description = "The status resource."),
                 ("Retry-After" = u64, description = "Seconds until a read is worth repeating."),
             )),
+        (status = 200, description = "The worker's reply, when its status was 200 (any content type, as bytes).", content_type = "*/*"),
         (status = "2XX", description = "The worker's reply (any content type).", content_type = "*/*"),
         (status = 404, description = "No such operation (or not yours).", body = Problem, content_type = "application/problem+json"),
         (status = 410, description = "`result-removed`: the operation's result was removed before its retention ended; its outcome can no longer be read.", body = Problem, content_type = "application/problem+json"),
