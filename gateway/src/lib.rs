@@ -100,6 +100,7 @@ pub async fn run(
             .iter()
             .map(|r| (r.name.clone(), r.max_body.0))
             .collect(),
+        max_bytes: settings.jetstream.stream_max_bytes,
     };
     let background = Background {
         consumers: routes

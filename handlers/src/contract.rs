@@ -82,8 +82,12 @@ pub mod header {
 pub mod err_code {
     /// `Nats-Expected-Last-Subject-Sequence` did not match: the subject already holds a message.
     pub const WRONG_LAST_SEQUENCE: u64 = 10071;
-    /// `discard_new_per_subject` refused a second message on the subject.
+    /// The stream refused to store a message for one of its limits: a second message on a
+    /// subject under `discard_new_per_subject` ("maximum messages per subject exceeded"), or a
+    /// full stream ("maximum bytes exceeded", "maximum messages exceeded").
     pub const MAX_MSGS_PER_SUBJECT: u64 = 10077;
+    /// JetStream's storage resources (account or server) are used up.
+    pub const STORAGE_RESOURCES_EXCEEDED: u64 = 10047;
 }
 
 /// Errors reading a message that does not follow the contract.

@@ -55,22 +55,44 @@ pub enum CreateOutcome {
     AlreadyExists,
 }
 
+/// The JetStream error behind a publish's failure, if the server gave one.
+fn server_error(err: &PublishError) -> Option<&async_nats::jetstream::Error> {
+    let mut source = std::error::Error::source(err);
+    while let Some(e) = source {
+        if let Some(js) = e.downcast_ref::<async_nats::jetstream::Error>() {
+            return Some(js);
+        }
+        source = e.source();
+    }
+    None
+}
+
 /// True when a publish was refused because the subject already holds a message: either the
-/// expected-last-subject-sequence check (10071) or per-subject discard (10077, which the server
-/// reports with code 503 although nothing is unavailable).
+/// expected-last-subject-sequence check (10071) or per-subject discard (10077 "maximum messages
+/// per subject exceeded", which the server reports with code 503 although nothing is
+/// unavailable). 10077 is the server's "stream store failed" for every limit, so its text says
+/// which one: a full stream is not a taken subject (see [`store_full`]).
 fn subject_taken(err: &PublishError) -> bool {
     if err.kind() == PublishErrorKind::WrongLastSequence {
         return true;
     }
-    let mut source = std::error::Error::source(err);
-    while let Some(e) = source {
-        if let Some(js) = e.downcast_ref::<async_nats::jetstream::Error>() {
-            let code = js.error_code().0;
-            return code == err_code::WRONG_LAST_SEQUENCE || code == err_code::MAX_MSGS_PER_SUBJECT;
-        }
-        source = e.source();
-    }
-    false
+    server_error(err).is_some_and(|js| {
+        let code = js.error_code().0;
+        code == err_code::WRONG_LAST_SEQUENCE
+            || (code == err_code::MAX_MSGS_PER_SUBJECT && js.to_string().contains("per subject"))
+    })
+}
+
+/// True when a publish was refused because the stream, the account or the server has no room:
+/// the stream's `max_bytes` or `max_msgs` with discard new (10077, "maximum bytes exceeded",
+/// "maximum messages exceeded") or JetStream's storage resources (10047). Verified on
+/// nats-server 2.15.1. Nothing was written; writing again succeeds once room is made.
+pub fn store_full(err: &PublishError) -> bool {
+    server_error(err).is_some_and(|js| {
+        let code = js.error_code().0;
+        code == err_code::STORAGE_RESOURCES_EXCEEDED
+            || (code == err_code::MAX_MSGS_PER_SUBJECT && !js.to_string().contains("per subject"))
+    })
 }
 
 /// Something that sends a JetStream publish and hands back the future of its ack: a

@@ -440,6 +440,42 @@ async fn small_things_clients_trip_on_are_answered_plainly() {
     }
 }
 
+/// A full requests stream (its `max_bytes`, discard new) refuses new requests: the submit is
+/// `507 insufficient-storage` with `Retry-After` and the key, nothing is stored, and the same
+/// request keeps getting that answer, not a `202` and not "outcome unknown". (Before, the server's
+/// "stream store failed" code, shared with per-subject discard, was read as "the key is taken",
+/// and the submit ended `503 outcome-unknown` after reading back nothing.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_stream_answers_507_and_stores_nothing() {
+    let TestGateway { nats, gw } = TestGateway::builder(TEST_ROUTES)
+        .flags(["--stream-max-bytes", "8192"])
+        .start()
+        .await;
+    let body = format!("{{\"pad\":\"{}\"}}", "x".repeat(1000));
+    let mut stored = 0;
+    let refused = loop {
+        let r = post_order(&gw.base, &format!("fill-{stored}"), &body).await;
+        if r.status() != 202 {
+            break r;
+        }
+        stored += 1;
+        assert!(
+            stored < 20,
+            "an 8 KiB stream takes fewer than 20 requests of 1 KiB"
+        );
+    };
+    assert!(refused.headers().contains_key("retry-after"));
+    assert!(refused.headers().contains_key("idempotency-key"));
+    assert_problem(refused, 507, "insufficient-storage").await;
+    let again = post_order(&gw.base, &format!("fill-{stored}"), &body).await;
+    assert_problem(again, 507, "insufficient-storage").await;
+    assert_eq!(
+        stream_messages(&nats.jetstream().await, DEFAULT_REQUESTS_STREAM).await,
+        stored as u64,
+        "nothing stored for the refused requests"
+    );
+}
+
 /// JetStream stores the request but its ack does not come in time (the server is frozen with
 /// SIGSTOP for longer than the gateway's NATS timeout): 503 "outcome unknown". Once the server
 /// thaws, the retry with the same key finds the stored request: a replay, one message.

@@ -100,6 +100,10 @@ pub enum ApiError {
     /// A read that could not be done.
     #[error("JetStream unavailable: {0}")]
     Unavailable(StoreError),
+    /// JetStream has no room for the request (the stream's `max_bytes`, or storage limits):
+    /// nothing was written.
+    #[error("JetStream has no room for the request: {0}")]
+    StoreFull(StoreError),
     /// The operation's result was removed before its request (a worker wrote it with a shorter
     /// `Nats-TTL` than the request's retention; nats-server left its delete marker): its outcome
     /// cannot be read any more, and no new one can take its place.
@@ -118,6 +122,7 @@ impl From<AcceptError> for ApiError {
             },
             AcceptError::TooLarge { max_payload } => ApiError::MessageTooLarge { max_payload },
             AcceptError::Store(e) if e.is_result_removed() => ApiError::ResultRemoved,
+            AcceptError::Store(e) if e.is_store_full() => ApiError::StoreFull(e),
             AcceptError::Store(e) if e.is_contract_violation() => ApiError::BadStoredMessage(e),
             AcceptError::Store(e) => ApiError::OutcomeUnknown(e),
         }
@@ -164,6 +169,8 @@ impl ApiError {
             | ApiError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadStoredMessage(_) => StatusCode::BAD_GATEWAY,
             ApiError::ResultRemoved => StatusCode::GONE,
+            // RFC 4918 section 11.5: the server cannot store what the request needs stored.
+            ApiError::StoreFull(_) => StatusCode::INSUFFICIENT_STORAGE,
         }
     }
 
@@ -205,6 +212,7 @@ impl ApiError {
             ApiError::NotReady => ("not-ready", "Not ready"),
             ApiError::BadStoredMessage(_) => ("bad-stored-message", "Unreadable stored message"),
             ApiError::ResultRemoved => ("result-removed", "Result no longer kept"),
+            ApiError::StoreFull(_) => ("insufficient-storage", "No room to store the request"),
         }
     }
 
@@ -227,6 +235,10 @@ impl ApiError {
             ApiError::BadStoredMessage(_) => "A worker stored a message this gateway cannot \
                 read (it breaks the wire contract). Retrying will not help; the operator has \
                 been told in the logs."
+                .to_owned(),
+            ApiError::StoreFull(_) => "JetStream has no room for this request right now (the \
+                gateway's stream limit or the server's storage is reached); nothing was stored. \
+                Retry after the Retry-After delay, with the same Idempotency-Key."
                 .to_owned(),
             ApiError::ResultRemoved => "The operation's result was removed from JetStream \
                 before the operation's retention ended (a worker stored it with a shorter \
@@ -287,6 +299,10 @@ impl IntoResponse for ApiError {
             ApiError::BadStoredMessage(cause) => {
                 tracing::error!(error = %cause, "A stored message breaks the wire contract.");
             }
+            ApiError::StoreFull(cause) => {
+                tracing::warn!(error = %cause, "JetStream is full; answering 507.");
+                metrics::counter!(JETSTREAM_ERRORS, "kind" => "store_full").increment(1);
+            }
             ApiError::ResultRemoved => {
                 tracing::error!(
                     "An operation's result was removed while its request lives: a worker writes results with a shorter Nats-TTL than Gw-Retention."
@@ -306,6 +322,7 @@ impl IntoResponse for ApiError {
             ApiError::RateLimited { retry_after_secs } => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
+
             ApiError::BodyTimeout => {
                 // The rest of the body may still be on its way: do not read it.
                 h.insert(header::CONNECTION, HeaderValue::from_static("close"));

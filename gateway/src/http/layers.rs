@@ -105,7 +105,7 @@ impl HttpBody for ObservedBody {
     }
 }
 
-/// Every 503 and 429 carries `Retry-After`: the client is expected to retry, so say when.
+/// Every 503, 429 and 507 carries `Retry-After`: the client is expected to retry, so say when.
 pub(super) async fn add_retry_after(
     State(state): State<AppState>,
     mut response: Response,
@@ -113,6 +113,7 @@ pub(super) async fn add_retry_after(
     let retry = [
         StatusCode::SERVICE_UNAVAILABLE,
         StatusCode::TOO_MANY_REQUESTS,
+        StatusCode::INSUFFICIENT_STORAGE,
     ];
     if retry.contains(&response.status()) && !response.headers().contains_key(header::RETRY_AFTER) {
         response.headers_mut().insert(

@@ -438,6 +438,12 @@ fn route_operation(route: &RouteConfig) -> (String, Operation) {
             any("The worker's reply when it was a client error and `Prefer: wait` saw it in time."),
         )
         .response(
+            "507",
+            problem("JetStream has no room for the request (`insufficient-storage`); nothing was stored. Retry after `Retry-After` with the same key.")
+                .header("Retry-After", retry_after_header())
+                .build(),
+        )
+        .response(
             "503",
             retry_later(
                 "JetStream did not confirm (`outcome-unknown`: retry with the same key, sent in \

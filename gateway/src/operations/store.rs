@@ -97,6 +97,12 @@ impl StoreError {
             })
         )
     }
+
+    /// The stream (or JetStream's storage) had no room: nothing was written.
+    pub fn is_store_full(&self) -> bool {
+        matches!(self, StoreError::JetStream(JetStreamError::Publish { source, .. })
+            if handlers::jetstream::store_full(source))
+    }
 }
 
 /// Why a background consumer (the watches, the webhook loop) cannot run now; it retries.
@@ -138,6 +144,8 @@ pub struct StreamPlan {
     pub max_retention: Duration,
     /// (route name, max body) pairs, checked against the server's max_payload.
     pub body_limits: Vec<(String, usize)>,
+    /// Bytes each stream may hold (`max_bytes`; -1: no limit of its own).
+    pub max_bytes: i64,
 }
 
 impl Store {
@@ -420,6 +428,7 @@ impl Store {
             discard_new_per_subject: true,
             allow_direct: true,
             allow_message_ttl: true,
+            max_bytes: plan.max_bytes,
             duplicate_window: plan.duplicate_window.min(plan.max_retention),
             ..Default::default()
         };
@@ -741,8 +750,8 @@ impl Store {
 }
 
 /// Makes `wanted` keep what `current` (the live stream's configuration) has more of: retention
-/// (`max_age`, where zero means unlimited), replicas, the duplicate window and the delete
-/// markers' lifetime. Logs each value
+/// (`max_age`, where zero means unlimited), replicas, the duplicate window, the byte limit
+/// (below zero: none) and the delete markers' lifetime. Logs each value
 /// kept that this process did not ask for.
 fn never_shrink(wanted: &mut Config, current: &Config) {
     let stream = wanted.name.clone();
@@ -757,6 +766,13 @@ fn never_shrink(wanted: &mut Config, current: &Config) {
         wanted.num_replicas = current.num_replicas;
     }
     wanted.duplicate_window = wanted.duplicate_window.max(current.duplicate_window);
+    // A byte limit below 0 is none: the larger wins, as for retention.
+    if current.max_bytes < 0 || (wanted.max_bytes >= 0 && current.max_bytes > wanted.max_bytes) {
+        if current.max_bytes != wanted.max_bytes {
+            tracing::warn!(%stream, kept = current.max_bytes, asked = wanted.max_bytes, "Stream keeps its larger max_bytes: another replica asked for more.");
+        }
+        wanted.max_bytes = current.max_bytes;
+    }
     if wanted.subject_delete_marker_ttl.is_some() {
         wanted.subject_delete_marker_ttl = wanted
             .subject_delete_marker_ttl
