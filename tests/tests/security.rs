@@ -278,7 +278,12 @@ async fn authentication_says_little_and_throttles_guessing() {
         }
         request.send()
     };
-    assert_problem(delete("/orders", None).await.unwrap(), 401, "unauthorized").await;
+    let anonymous_delete = delete("/orders", None).await.unwrap();
+    assert!(
+        !anonymous_delete.headers().contains_key("allow"),
+        "a 401 says nothing of the path's methods"
+    );
+    assert_problem(anonymous_delete, 401, "unauthorized").await;
     assert_problem(
         delete("/orders", Some(ACME_KEY)).await.unwrap(),
         405,
@@ -442,8 +447,8 @@ async fn read_all(stream: &mut TcpStream) -> String {
     String::from_utf8_lossy(&answer).into_owned()
 }
 
-/// Slowloris heads are cut off, slow bodies get 408, too many or too large headers get 431, and
-/// idle connections cannot hold the `GATEWAY_MAX_CONNECTIONS` cap; nothing is published.
+/// Slowloris heads are cut off, slow bodies get 408, too many or too large headers get 431;
+/// nothing is published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_and_oversized_clients_are_cut_off() {
     let TestGateway { nats, gw } = TestGateway::builder(ROUTES)
@@ -493,26 +498,41 @@ async fn slow_and_oversized_clients_are_cut_off() {
     assert_problem(large(10_000).await.unwrap(), 431, "headers-too-large").await;
     assert_eq!(large(40_000).await.unwrap().status(), 431);
 
-    // Two idle connections fill the cap: a third is served at once, because reaching the cap
-    // closes every connection with no request in flight. (Before, it waited for one to close.)
+    assert_eq!(stream_messages(&js, DEFAULT_REQUESTS_STREAM).await, 0);
+    gw.stop().await;
+}
+
+/// Idle connections cannot hold the `GATEWAY_MAX_CONNECTIONS` cap: with two silent sockets
+/// holding both slots (and a head deadline of 30 s), a third client is served within seconds,
+/// because a client waiting for a slot closes the idle ones; busy connections are not touched.
+/// (Before, it waited for the deadline or for a socket to close.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_make_room_at_the_cap() {
+    let TestGateway { nats: _nats, gw } = TestGateway::builder(ROUTES)
+        .flags(["--max-connections", "2", "--header-read-timeout", "30s"])
+        .start()
+        .await;
+    let addr = gw.base.trim_start_matches("http://").to_owned();
     let mut first = TcpStream::connect(&addr).await.unwrap();
     let _second = TcpStream::connect(&addr).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let mut third = TcpStream::connect(&addr).await.unwrap();
     third
         .write_all(b"GET /livez HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n")
         .await
         .unwrap();
-    let answer = read_all(&mut third).await;
-    assert!(answer.contains("200 OK"), "served at once: {answer}");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), third.read_to_end(&mut answer))
+        .await
+        .expect("served long before the 30 s head deadline")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.contains("200 OK"), "{answer}");
     assert_eq!(
         read_all(&mut first).await,
         "",
         "the idle connection was closed"
     );
-
-    assert_eq!(stream_messages(&js, DEFAULT_REQUESTS_STREAM).await, 0);
-    gw.stop().await;
 }
 
 /// Connections that hold a slot without a request in flight are closed: a socket that sends

@@ -22,6 +22,10 @@ pub enum CallbackError {
     NoHost,
     #[error("it has a fragment, which is never sent")]
     Fragment,
+    #[error(
+        "its path encodes a slash, backslash or dot (%2F, %5C, %2E), which receivers may decode past the allowed path"
+    )]
+    EncodedSeparator,
     #[error("an allow-list entry cannot have a query")]
     RuleQuery,
     #[error(
@@ -48,6 +52,15 @@ impl CallbackUrl {
         }
         if url.fragment().is_some() {
             return Err(CallbackError::Fragment);
+        }
+        // Dot segments are resolved by the parser; encoded ones are not, and a receiver that
+        // decodes before it normalizes would route `/in/..%2Fadmin` to `/admin`.
+        let path = url.path().to_ascii_lowercase();
+        if ["%2f", "%5c", "%2e"]
+            .iter()
+            .any(|encoded| path.contains(encoded))
+        {
+            return Err(CallbackError::EncodedSeparator);
         }
         Ok(Self(url))
     }
@@ -162,6 +175,18 @@ mod tests {
             ("http://hooks.example.com/", CallbackError::NotAllowed),
             ("https://hooks.example.com/in", CallbackError::NotAllowed),
             ("http://hooks.example.com/in#frag", CallbackError::Fragment),
+            (
+                "http://hooks.example.com/in/..%2Fadmin",
+                CallbackError::EncodedSeparator,
+            ),
+            (
+                "http://hooks.example.com/in/%2e%2e%2fadmin",
+                CallbackError::EncodedSeparator,
+            ),
+            (
+                "http://hooks.example.com/in/..%5cadmin",
+                CallbackError::EncodedSeparator,
+            ),
             ("ftp://hooks.example.com/in", CallbackError::Scheme),
         ] {
             assert_eq!(allowed(bad, &rules), Err(why), "{bad}");

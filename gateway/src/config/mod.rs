@@ -81,9 +81,10 @@ pub struct JetStreamSettings {
     /// Replicas of each stream (1 for a single server, 3 for a cluster).
     #[arg(long, env = "GATEWAY_STREAM_REPLICAS", default_value_t = 1)]
     pub stream_replicas: usize,
-    /// Bytes each of the gateway's streams may hold (`max_bytes`; -1: only the server's and the
-    /// account's storage limits apply). A full stream refuses new writes (discard new): a submit
-    /// is answered `507 insufficient-storage`, and nothing accepted is removed to make room.
+    /// Bytes the requests stream may hold (`max_bytes`; -1: only the server's and the account's
+    /// storage limits apply). Full, it refuses new requests (discard new): a submit is answered
+    /// `507 insufficient-storage`, and nothing accepted is removed to make room. Results and
+    /// events follow from accepted requests and get no byte limit of their own.
     #[arg(long, env = "GATEWAY_STREAM_MAX_BYTES", default_value_t = -1, allow_negative_numbers = true)]
     pub stream_max_bytes: i64,
     /// JetStream's duplicate window on the requests stream. Idempotency does not depend on it.

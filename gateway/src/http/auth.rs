@@ -272,14 +272,32 @@ impl JwtVerifier {
 /// request from that address that presents credentials is refused with `429` until the bucket
 /// refills, valid credentials included, so that guessing keys or tokens gains nothing by speed
 /// (OWASP API2:2023, Broken Authentication). Requests without credentials are not counted.
+///
+/// An address is an IPv4 address or an IPv6 /64 (one host usually holds a whole /64, so its
+/// addresses are one budget). Behind a proxy or a NAT, every client shares the proxy's address
+/// and so its budget: raise the limit, or set 0, there.
 #[derive(Clone)]
 pub struct AuthFailures {
     limiter: Option<Arc<DefaultKeyedRateLimiter<IpAddr>>>,
     blocked: Arc<Mutex<HashMap<IpAddr, Instant>>>,
+    recorded: Arc<std::sync::atomic::AtomicU64>,
 }
 
-/// Addresses remembered as blocked at most; expired ones are dropped first when it is reached.
-const MAX_BLOCKED: usize = 100_000;
+/// Every this many failures, addresses whose budget is full again and blocks that ended are
+/// forgotten, so that memory follows the addresses failing now, not all that ever failed.
+const FORGET_EVERY: u64 = 1024;
+
+/// The budget an address draws on: itself (IPv4, or the IPv4 inside an IPv4-mapped IPv6 address)
+/// or its IPv6 /64.
+fn budget_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        },
+    }
+}
 
 impl AuthFailures {
     /// `per_minute` failures per address; 0 turns the throttle off.
@@ -289,6 +307,7 @@ impl AuthFailures {
         Self {
             limiter,
             blocked: Arc::default(),
+            recorded: Arc::default(),
         }
     }
 
@@ -298,7 +317,7 @@ impl AuthFailures {
             return Ok(());
         }
         let blocked = self.blocked.lock().expect("never poisoned");
-        match blocked.get(&ip) {
+        match blocked.get(&budget_of(ip)) {
             Some(until) if *until > Instant::now() => Err(*until - Instant::now()),
             _ => Ok(()),
         }
@@ -309,17 +328,24 @@ impl AuthFailures {
         let Some(limiter) = &self.limiter else {
             return Ok(());
         };
+        let ip = budget_of(ip);
+        let now = Instant::now();
+        let recorded = self
+            .recorded
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if recorded % FORGET_EVERY == FORGET_EVERY - 1 {
+            limiter.retain_recent();
+            let mut blocked = self.blocked.lock().expect("never poisoned");
+            blocked.retain(|_, until| *until > now);
+        }
         let Err(not_until) = limiter.check_key(&ip) else {
             return Ok(());
         };
         let wait = not_until.wait_time_from(DefaultClock::default().now());
-        let now = Instant::now();
-        let mut blocked = self.blocked.lock().expect("never poisoned");
-        if blocked.len() >= MAX_BLOCKED {
-            blocked.retain(|_, until| *until > now);
-            limiter.retain_recent();
-        }
-        blocked.insert(ip, now + wait);
+        self.blocked
+            .lock()
+            .expect("never poisoned")
+            .insert(ip, now + wait);
         Err(wait)
     }
 }
@@ -411,6 +437,28 @@ mod tests {
         assert!(
             RateLimits::new(0, 0).check("a").is_ok(),
             "0 turns limits off"
+        );
+    }
+
+    /// The addresses of one IPv6 /64 share one budget; other addresses have their own.
+    #[test]
+    fn failures_count_per_address_and_per_ipv6_64() {
+        let failures = AuthFailures::new(2);
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        assert!(failures.record(ip("2001:db8:1:2::1")).is_ok());
+        assert!(failures.record(ip("2001:db8:1:2::ffff")).is_ok());
+        assert!(
+            failures.record(ip("2001:db8:1:2:abcd::9")).is_err(),
+            "same /64"
+        );
+        assert!(failures.check(ip("2001:db8:1:2::77")).is_err());
+        assert!(failures.check(ip("2001:db8:1:3::1")).is_ok(), "another /64");
+        assert!(failures.record(ip("192.0.2.7")).is_ok());
+        assert!(failures.check(ip("::ffff:192.0.2.7")).is_ok());
+        assert!(failures.record(ip("::ffff:192.0.2.7")).is_ok());
+        assert!(
+            failures.record(ip("192.0.2.7")).is_err(),
+            "mapped and plain IPv4 are one"
         );
     }
 }

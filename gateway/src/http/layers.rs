@@ -106,7 +106,7 @@ impl HttpBody for ObservedBody {
 }
 
 /// Every 503, 429 and 507 carries `Retry-After`: the client is expected to retry, so say when.
-pub(super) async fn add_retry_after(
+pub(super) async fn finish_headers(
     State(state): State<AppState>,
     mut response: Response,
 ) -> Response {

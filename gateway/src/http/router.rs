@@ -19,7 +19,7 @@ use super::error::ApiError;
 use super::events::operation_events;
 use super::health::{livez, readyz};
 use super::layers::{
-    Access, REQUEST_ID, RouteNames, add_retry_after, check_head, count_request, frame_message,
+    Access, REQUEST_ID, RouteNames, check_head, count_request, finish_headers, frame_message,
     identify, method_not_allowed, request_span,
 };
 use super::openapi;
@@ -101,7 +101,7 @@ pub fn router(state: AppState, routes: &[RouteConfig]) -> Result<Router, ConfigE
         .method_not_allowed_fallback(method_not_allowed(access))
         .layer(axum::middleware::map_response_with_state(
             state.clone(),
-            add_retry_after,
+            finish_headers,
         ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -4,8 +4,9 @@
 //! Hand-written glue: `axum::serve` exposes none of hyper's connection settings, and hyper has no
 //! idle deadline that starts at accept (its `header_read_timeout` starts with the first byte, and
 //! the HTTP/1-or-2 detection before it waits forever). What it adds:
-//! - at most `max_connections` connections at once. When all are taken, every connection with no
-//!   request in flight is closed at once, so idle sockets cannot hold the cap;
+//! - at most `max_connections` connections at once. When all are taken and a client is waiting,
+//!   every connection with no request in flight (and older than a moment) is closed, so idle
+//!   sockets cannot hold the cap;
 //! - a watchdog per connection that closes it when it has had no request in flight for
 //!   `header_read_timeout` since accept (nothing or only part of a head sent: slowloris, a bare
 //!   h2c preface) or for `keep_alive_timeout` since its last answer ended. (On HTTP/1, hyper
@@ -15,6 +16,7 @@
 //! - a backstop on header count and head size at twice the configured caps (hyper answers a bare
 //!   `431`); the caps themselves are checked in [`crate::http`], which answers problem+json;
 //! - `TCP_NODELAY`, so small exchanges on keep-alive connections are not held by Nagle;
+//! - `Allow` only on a 405 (axum adds it to its method fallback's every answer, after the layers);
 //! - graceful shutdown: stop accepting, let open requests finish, close idle connections.
 //!
 //! The body deadline is a tower layer in [`crate::http`], where its error becomes a `408`.
@@ -53,6 +55,12 @@ pub struct ConnectionLimits {
     pub max_header_bytes: usize,
 }
 
+/// How often a client waiting for a connection slot asks idle connections again to make room.
+const PRESSURE_REPEAT: Duration = Duration::from_millis(250);
+/// How old an idle connection must be before it makes room for another: a new client sends its
+/// request within this, and should not lose its connection to the next one in line.
+const YOUNG: Duration = Duration::from_millis(250);
+
 /// How often an HTTP/2 connection is pinged, and how long the answer may take.
 const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
@@ -89,16 +97,6 @@ pub async fn serve(
     let tracker = TaskTracker::new();
     tokio::pin!(shutdown);
     loop {
-        let permit = match connections.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                pressure.send_modify(|generation| *generation += 1);
-                tokio::select! {
-                    permit = connections.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-                    () = &mut shutdown => break,
-                }
-            }
-        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -110,6 +108,24 @@ pub async fn serve(
                 }
             },
             () = &mut shutdown => break,
+        };
+        // A client is here and every slot is taken: idle connections make room, asked again
+        // while it waits (one that was busy, or too young to judge, may be idle by then).
+        let permit = match connections.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => loop {
+                pressure.send_modify(|generation| *generation += 1);
+                tokio::select! {
+                    permit = connections.clone().acquire_owned() => {
+                        break permit.expect("the semaphore is never closed");
+                    }
+                    () = tokio::time::sleep(PRESSURE_REPEAT) => {}
+                    () = &mut shutdown => {
+                        drop(stream);
+                        return drain(listener, stopping, tracker).await;
+                    }
+                }
+            },
         };
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "Cannot set TCP_NODELAY on a connection.");
@@ -145,6 +161,11 @@ pub async fn serve(
             drop(permit);
         });
     }
+    drain(listener, stopping, tracker).await;
+}
+
+/// Stops accepting and lets the open connections finish their requests.
+async fn drain(listener: TcpListener, stopping: CancellationToken, tracker: TaskTracker) {
     drop(listener);
     stopping.cancel();
     tracker.close();
@@ -153,6 +174,7 @@ pub async fn serve(
 
 /// What a connection is doing, as its watchdog sees it.
 struct Activity {
+    accepted: Instant,
     in_flight: AtomicUsize,
     /// Whether a request head has ever arrived (then `keep_alive_timeout` applies, else
     /// `header_read_timeout`).
@@ -164,6 +186,7 @@ struct Activity {
 impl Activity {
     fn new() -> Self {
         Self {
+            accepted: Instant::now(),
             in_flight: AtomicUsize::new(0),
             served: AtomicBool::new(false),
             changed: Notify::new(),
@@ -186,6 +209,8 @@ impl Activity {
     async fn idle_too_long(&self, limits: ConnectionLimits, pressure: &mut watch::Receiver<u64>) {
         loop {
             if self.in_flight.load(Ordering::Acquire) > 0 {
+                // A busy connection makes no room: a call for room now is not one for later.
+                pressure.mark_unchanged();
                 // `notify_one` keeps a wake-up for a waiter that comes late: none is lost.
                 self.changed.notified().await;
                 continue;
@@ -204,7 +229,8 @@ impl Activity {
                 }
                 () = self.changed.notified() => {}
                 changed = pressure.changed() => {
-                    if changed.is_ok() && self.in_flight.load(Ordering::Acquire) == 0 {
+                    let idle = self.in_flight.load(Ordering::Acquire) == 0;
+                    if changed.is_ok() && idle && self.accepted.elapsed() >= YOUNG {
                         return;
                     }
                 }
@@ -239,7 +265,13 @@ impl tower::Service<Request<hyper::body::Incoming>> for Tracked {
         request.extensions_mut().insert(ConnectInfo(self.peer));
         let answer = tower::Service::call(&mut self.inner, request);
         Box::pin(async move {
-            let response = answer.await?;
+            let mut response = answer.await?;
+            // axum puts `Allow` on whatever its method fallback answers, after every layer, a
+            // 401 included, which would tell an anonymous caller a guarded path's methods: only
+            // a 405 keeps it.
+            if response.status() != axum::http::StatusCode::METHOD_NOT_ALLOWED {
+                response.headers_mut().remove(axum::http::header::ALLOW);
+            }
             Ok(response.map(|body| {
                 Body::new(TrackedBody {
                     body,

@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::auth::DEFAULT_TENANT;
+
 /// Slots of one kind: at most `total` at once, at most `per_tenant` for any one tenant.
 #[derive(Clone)]
 pub struct Slots {
@@ -33,18 +35,16 @@ impl Slots {
         }
     }
 
-    /// A slot for `tenant`, or `None` when the process or the tenant holds all it may.
+    /// A slot for `tenant`, or `None` when the process or the tenant holds all it may. The
+    /// `default` tenant (no `[auth]`: every caller) has only the process's cap.
     pub fn try_take(&self, tenant: &Arc<str>) -> Option<Slot> {
         let mut held = self.held.lock().expect("never poisoned");
-        let count = held.entry(tenant.clone()).or_default();
-        if *count >= self.per_tenant {
-            if *count == 0 {
-                held.remove(tenant);
-            }
+        let count = held.get(tenant).copied().unwrap_or(0);
+        if count >= self.per_tenant && &**tenant != DEFAULT_TENANT {
             return None;
         }
         let total = self.total.clone().try_acquire_owned().ok()?;
-        *count += 1;
+        *held.entry(tenant.clone()).or_default() += 1;
         Some(Slot {
             _total: total,
             held: self.held.clone(),
@@ -84,5 +84,16 @@ mod tests {
             "a slot given back is free again"
         );
         assert!(slots.held.lock().unwrap().len() <= 2);
+        // Without [auth] every caller is `default`: only the process's cap applies.
+        let slots = Slots::new(3, 1);
+        let default: Arc<str> = DEFAULT_TENANT.into();
+        let all: Vec<_> = (0..3).map(|_| slots.try_take(&default)).collect();
+        assert!(all.iter().all(Option::is_some));
+        assert!(slots.try_take(&default).is_none());
+        assert_eq!(
+            slots.held.lock().unwrap().len(),
+            1,
+            "no entry left for a refusal"
+        );
     }
 }

@@ -57,10 +57,11 @@ pub fn parse_key<V: AsRef<[u8]>>(
 }
 
 /// Reads one key from its header form, as sent by a client or as stored in a request message by
-/// [`format_key`]: an sf-string or sf-token (its parameters ignored, as RFC 8941 asks of unknown
-/// ones), or else the bare value itself when it is printable ASCII (a UUID starting with a digit,
-/// say, which RFC 8941 would read as a number). A broken sf-string (starting with `"`) is refused,
-/// not taken with its quote.
+/// [`format_key`]: an sf-string (its parameters ignored, as RFC 8941 asks of unknown ones), or
+/// else the bare value itself, whole, when it is printable ASCII: a UUID starting with a digit
+/// (which RFC 8941 would read as a number), or `order-7;attempt=2` (which it would read as the
+/// token `order-7`, so that two different keys became one). A broken sf-string (starting with
+/// `"`) is refused, not taken with its quote.
 pub fn decode_key(value: &[u8]) -> Result<String, KeyError> {
     let parsed = Parser::new(value).parse::<Item>();
     let key = match parsed {
@@ -68,10 +69,6 @@ pub fn decode_key(value: &[u8]) -> Result<String, KeyError> {
             bare_item: BareItem::String(s),
             ..
         }) => s.as_str().to_owned(),
-        Ok(Item {
-            bare_item: BareItem::Token(t),
-            ..
-        }) => t.as_str().to_owned(),
         _ if value.first() == Some(&b'"') => {
             let why = parsed
                 .err()
@@ -226,6 +223,7 @@ mod tests {
             "(a)",
             ":YQ==:",
             "order-1;v=x y",
+            "order-7;attempt=2",
         ] {
             assert_eq!(parse_key(headers(&[bare])), Ok(Some(bare.into())), "{bare}");
         }

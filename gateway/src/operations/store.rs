@@ -144,7 +144,7 @@ pub struct StreamPlan {
     pub max_retention: Duration,
     /// (route name, max body) pairs, checked against the server's max_payload.
     pub body_limits: Vec<(String, usize)>,
-    /// Bytes each stream may hold (`max_bytes`; -1: no limit of its own).
+    /// Bytes the requests stream may hold (`max_bytes`; -1: no limit of its own).
     pub max_bytes: i64,
 }
 
@@ -428,9 +428,17 @@ impl Store {
             discard_new_per_subject: true,
             allow_direct: true,
             allow_message_ttl: true,
-            max_bytes: plan.max_bytes,
             duplicate_window: plan.duplicate_window.min(plan.max_retention),
             ..Default::default()
+        };
+        // Only the requests stream takes a byte limit: it refuses new work when full (discard
+        // new), which a client is told (507). Results and events follow from accepted requests
+        // (one result and its marker, a few event records each), and a full results stream
+        // would refuse replies to work already accepted; the events stream discards old
+        // records, which a limit would evict.
+        let requests = Config {
+            max_bytes: plan.max_bytes,
+            ..base.clone()
         };
         // A result removed while its request lives (a worker's shorter `Nats-TTL`) leaves
         // nats-server's delete marker in its slot for as long as any request lives, so no second
@@ -454,7 +462,7 @@ impl Store {
             (
                 &self.requests_stream,
                 vec![self.subjects.all_requests()],
-                &base,
+                &requests,
                 "Requests accepted by the HTTP gateway, one per idempotency key.",
             ),
             (
