@@ -5,22 +5,21 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, Version, header};
 use axum::response::Response;
-use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::Body as HttpBody;
 
 use super::auth::{
     API_KEY_HEADER, AuthError, AuthFailures, Authenticator, DEFAULT_TENANT, PUBLIC_TENANT,
     RateLimits, Tenant,
 };
+use super::body::{AtEnd, carrying};
 use super::error::ApiError;
 use super::state::AppState;
 use crate::metrics::HTTP_REQUESTS;
@@ -62,10 +61,7 @@ pub(super) async fn frame_message(request: Request, next: axum::middleware::Next
     }
     let (parts, body) = request.into_parts();
     let finished = Arc::new(AtomicBool::new(body.is_end_stream()));
-    let body = Body::new(ObservedBody {
-        body,
-        finished: finished.clone(),
-    });
+    let body = carrying(body, Finished(finished.clone()));
     let mut response = next.run(Request::from_parts(parts, body)).await;
     if !finished.load(Ordering::Acquire) {
         response
@@ -75,33 +71,12 @@ pub(super) async fn frame_message(request: Request, next: axum::middleware::Next
     response
 }
 
-/// A request body that notes when it has been read to its end.
-struct ObservedBody {
-    body: Body,
-    finished: Arc<AtomicBool>,
-}
+/// Read to its end: what [`frame_message`] carries along a request body.
+struct Finished(Arc<AtomicBool>);
 
-impl HttpBody for ObservedBody {
-    type Data = axum::body::Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None)) || self.body.is_end_stream() {
-            self.finished.store(true, Ordering::Release);
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+impl AtEnd for Finished {
+    fn ended(&mut self) {
+        self.0.store(true, Ordering::Release);
     }
 }
 

@@ -33,7 +33,6 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request};
 use axum::response::Response;
-use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
@@ -42,6 +41,8 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use super::body::{AtEnd, carrying};
 
 /// Limits on each client connection.
 #[derive(Debug, Clone, Copy)]
@@ -272,18 +273,15 @@ impl tower::Service<Request<hyper::body::Incoming>> for Tracked {
             if response.status() != axum::http::StatusCode::METHOD_NOT_ALLOWED {
                 response.headers_mut().remove(axum::http::header::ALLOW);
             }
-            Ok(response.map(|body| {
-                Body::new(TrackedBody {
-                    body,
-                    _guard: guard,
-                })
-            }))
+            Ok(response.map(|body| carrying(body, guard)))
         })
     }
 }
 
-/// One request in flight on a connection, until dropped.
+/// One request in flight on a connection, until dropped (with its answer's body).
 struct InFlight(Arc<Activity>);
+
+impl AtEnd for InFlight {}
 
 impl InFlight {
     fn new(activity: Arc<Activity>) -> Self {
@@ -295,31 +293,5 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.end();
-    }
-}
-
-/// An answer's body that keeps its request counted in flight until it is sent or dropped.
-struct TrackedBody {
-    body: Body,
-    _guard: InFlight,
-}
-
-impl HttpBody for TrackedBody {
-    type Data = axum::body::Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
     }
 }
