@@ -87,9 +87,12 @@ pub async fn run(
     );
     let ops =
         Operations::connect(&settings.jetstream, &routes, retry_after, lifecycle.clone()).await?;
+    let tenant_receivers = authenticator
+        .as_ref()
+        .is_some_and(|auth| auth.any_callback_allow());
     let state = AppState::new(&settings, ops.clone(), lifecycle.clone(), authenticator)?;
     let app = http::router(state.clone(), &routes)?;
-    let webhooks = ops.webhooks(&settings.webhooks, &routes)?;
+    let webhooks = ops.webhooks(&settings.webhooks, &routes, tenant_receivers)?;
 
     let stop = CancellationToken::new();
     let plan = StreamPlan {

@@ -393,6 +393,46 @@ async fn waits_and_event_streams_are_capped_per_tenant() {
     }
 }
 
+/// A tenant with its own callback receivers (`[auth.tenant.<name>] callback_allow`) notifies only
+/// those: one tenant naming another's receiver is refused, with no global allow-list at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_operations_notify_only_its_own_receivers() {
+    let routes = format!(
+        "{}\n[auth.tenant.acme]\ncallback_allow = [\"http://127.0.0.1:9001/\"]\n\
+         [auth.tenant.globex]\ncallback_allow = [\"http://127.0.0.1:9002/\"]\n",
+        routes_with_auth()
+    );
+    let TestGateway { nats, gw } = TestGateway::builder(&routes)
+        .flags(["--webhook-secret", "s3cret", "--callback-allow-private"])
+        .start()
+        .await;
+    let http = http();
+    let post = |key: &'static str, idempotency: &'static str, callback: &'static str| {
+        http.post(gw.url("/orders"))
+            .header("x-api-key", key)
+            .header("idempotency-key", idempotency)
+            .header("callback-url", callback)
+            .body("{}")
+            .send()
+    };
+    let own = post(ACME_KEY, "a1", "http://127.0.0.1:9001/hook")
+        .await
+        .unwrap();
+    assert_eq!(own.status(), 202);
+    let other = post(ACME_KEY, "a2", "http://127.0.0.1:9002/hook")
+        .await
+        .unwrap();
+    assert_problem(other, 400, "callback-url-not-allowed").await;
+    let globex = post(GLOBEX_KEY, "g1", "http://127.0.0.1:9002/hook")
+        .await
+        .unwrap();
+    assert_eq!(globex.status(), 202);
+    assert_eq!(
+        stream_messages(&nats.jetstream().await, DEFAULT_REQUESTS_STREAM).await,
+        2
+    );
+}
+
 /// Each tenant has its own token bucket: over it, 429 with `Retry-After` and nothing published;
 /// another tenant is not slowed down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

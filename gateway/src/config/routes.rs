@@ -279,6 +279,19 @@ pub struct AuthConfig {
     /// JWT bearer tokens.
     #[serde(default)]
     pub jwt: Option<JwtConfig>,
+    /// What each named tenant may do beyond the defaults (`[auth.tenant.<name>]`).
+    #[serde(default, rename = "tenant")]
+    pub tenants: std::collections::HashMap<String, TenantConfig>,
+}
+
+/// One tenant's own settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// The receivers this tenant's `Callback-Url` may name, instead of `GATEWAY_CALLBACK_ALLOW`
+    /// (same rules): a tenant's operations notify only its own receivers.
+    #[serde(default)]
+    pub callback_allow: Vec<String>,
 }
 
 /// One API key: `sha256` is the lowercase hex SHA-256 of the key (`printf %s KEY | sha256sum`).

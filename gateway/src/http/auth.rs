@@ -28,6 +28,7 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{DecodingKey, Validation};
 
+use crate::config::callback::CallbackRule;
 use crate::config::routes::{AuthConfig, JwtConfig};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -75,6 +76,12 @@ pub enum AuthConfigError {
     },
     #[error("{path} is not a usable key: {detail}")]
     BadKey { path: PathBuf, detail: String },
+    #[error("[auth.tenant.{tenant}] callback_allow {entry:?}: {detail}")]
+    BadCallback {
+        tenant: String,
+        entry: String,
+        detail: String,
+    },
 }
 
 /// Why a request's credentials were refused (all answer 401). The text a client sees says only
@@ -111,6 +118,8 @@ impl AuthError {
 pub struct Authenticator {
     keys: Vec<([u8; 32], String)>,
     jwt: Option<JwtVerifier>,
+    /// Tenants' own callback receivers.
+    callback_allow: HashMap<String, Arc<[CallbackRule]>>,
 }
 
 struct JwtVerifier {
@@ -149,7 +158,42 @@ impl Authenticator {
             keys.push((digest, key.tenant.clone()));
         }
         let jwt = config.jwt.as_ref().map(JwtVerifier::new).transpose()?;
-        Ok(Self { keys, jwt })
+        let mut callback_allow = HashMap::new();
+        for (tenant, settings) in &config.tenants {
+            if !valid_tenant(tenant) {
+                return Err(AuthConfigError::BadTenant(tenant.clone()));
+            }
+            let rules = settings
+                .callback_allow
+                .iter()
+                .map(|entry| {
+                    CallbackRule::parse(entry).map_err(|e| AuthConfigError::BadCallback {
+                        tenant: tenant.clone(),
+                        entry: entry.clone(),
+                        detail: e.to_string(),
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            if !rules.is_empty() {
+                callback_allow.insert(tenant.clone(), rules.into());
+            }
+        }
+        Ok(Self {
+            keys,
+            jwt,
+            callback_allow,
+        })
+    }
+
+    /// The receivers `tenant`'s callbacks may name, when it has its own list
+    /// (`[auth.tenant.<name>] callback_allow`); else `GATEWAY_CALLBACK_ALLOW` applies.
+    pub fn callback_allow(&self, tenant: &str) -> Option<Arc<[CallbackRule]>> {
+        self.callback_allow.get(tenant).cloned()
+    }
+
+    /// Whether some tenant has its own callback receivers (so webhooks are possible).
+    pub fn any_callback_allow(&self) -> bool {
+        !self.callback_allow.is_empty()
     }
 
     /// The caller's tenant: `Ok(None)` when the request carries no credentials.
@@ -402,6 +446,7 @@ mod tests {
                 },
             ],
             jwt: None,
+            tenants: HashMap::new(),
         })
         .unwrap();
         let mut headers = HeaderMap::new();
@@ -420,10 +465,29 @@ mod tests {
                 sha256: sha256.into(),
             }],
             jwt: None,
+            tenants: HashMap::new(),
         };
         assert!(Authenticator::new(&config("acme", "abc")).is_err());
         assert!(Authenticator::new(&config("a.b", &hex_sha256("k"))).is_err());
         assert!(Authenticator::new(&config("acme", &hex_sha256("k"))).is_ok());
+        // A tenant's own callback receivers are checked like GATEWAY_CALLBACK_ALLOW.
+        let mut with_receivers = config("acme", &hex_sha256("k"));
+        let receivers = |entry: &str| crate::config::routes::TenantConfig {
+            callback_allow: vec![entry.to_owned()],
+        };
+        with_receivers
+            .tenants
+            .insert("acme".into(), receivers("http://u@hooks.example/"));
+        assert!(matches!(
+            Authenticator::new(&with_receivers),
+            Err(AuthConfigError::BadCallback { .. })
+        ));
+        with_receivers
+            .tenants
+            .insert("acme".into(), receivers("https://hooks.example/acme"));
+        let auth = Authenticator::new(&with_receivers).unwrap();
+        assert!(auth.callback_allow("acme").is_some());
+        assert!(auth.callback_allow("globex").is_none());
     }
 
     #[test]

@@ -75,7 +75,7 @@ async fn submit_with_key(
     let (parts, body) = request.into_parts();
     // The body first, then a permit: a client that sends slowly holds only its own connection,
     // never the capacity other clients' reads and submits need.
-    let read = read_submission(&state, &route, &parts, body).await?;
+    let read = read_submission(&state, &route, &tenant, &parts, body).await?;
     let permit = state.admit_arrived(arrival)?;
     let submission = Submission {
         route: &route,
@@ -135,6 +135,7 @@ struct ReadSubmission {
 async fn read_submission(
     state: &AppState,
     route: &RouteConfig,
+    tenant: &str,
     parts: &Parts,
     body: axum::body::Body,
 ) -> Result<ReadSubmission, ApiError> {
@@ -162,7 +163,7 @@ async fn read_submission(
                     .to_owned(),
             ));
         }
-        Some(value) => Some(allowed_callback(state, value).await?),
+        Some(value) => Some(allowed_callback(state, tenant, value).await?),
         None => None,
     };
     // The worker continues this request's span: the trace crosses the async hop.
@@ -241,12 +242,22 @@ async fn answer(
 
 /// A client's `Callback-Url`, parsed and matched against the allow-list, leading to a public
 /// address (unless private ones are allowed); normalized (see [`callback::CallbackUrl`]).
-async fn allowed_callback(state: &AppState, value: &HeaderValue) -> Result<String, ApiError> {
+async fn allowed_callback(
+    state: &AppState,
+    tenant: &str,
+    value: &HeaderValue,
+) -> Result<String, ApiError> {
     let text = value
         .to_str()
         .map_err(|_| ApiError::CallbackNotAllowed("it is not text".to_owned()))?;
-    let url = callback::allowed(text, &state.callbacks.allow)
-        .map_err(|e| ApiError::CallbackNotAllowed(e.to_string()))?;
+    // A tenant with its own receivers notifies only those (`[auth.tenant.<name>]`).
+    let own = state
+        .auth
+        .as_ref()
+        .and_then(|auth| auth.callback_allow(tenant));
+    let rules = own.as_deref().unwrap_or(&state.callbacks.allow);
+    let url =
+        callback::allowed(text, rules).map_err(|e| ApiError::CallbackNotAllowed(e.to_string()))?;
     check_destination(url.url(), state.callbacks.allow_private)
         .await
         .map_err(|e| ApiError::CallbackNotAllowed(e.to_string()))?;

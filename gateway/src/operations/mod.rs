@@ -86,16 +86,18 @@ impl Operations {
         })
     }
 
-    /// The webhook delivery loop, or `None` when no webhook can ever be asked for. Warns about
+    /// The webhook delivery loop, or `None` when no webhook can ever be asked for (no allow-list,
+    /// no route `callback_url`, no tenant with its own receivers: `tenant_receivers`). Warns about
     /// each route whose retention can end before the last retry would be due (for a result that
     /// lands at the deadline): a notification still failing then is abandoned with its operation.
     pub fn webhooks(
         &self,
         settings: &WebhookSettings,
         routes: &[RouteConfig],
+        tenant_receivers: bool,
     ) -> Result<Option<Webhooks>, WebhookError> {
-        let any_route_callback = routes.iter().any(|r| r.callback_url.is_some());
-        let webhooks = Webhooks::new(self.store.clone(), settings, any_route_callback)?;
+        let other_receivers = tenant_receivers || routes.iter().any(|r| r.callback_url.is_some());
+        let webhooks = Webhooks::new(self.store.clone(), settings, other_receivers)?;
         if let Some(webhooks) = &webhooks {
             // A result can land as late as the deadline (plus the skew allowance), and its
             // retries follow from there.

@@ -92,13 +92,14 @@ pub struct Webhooks {
 }
 
 impl Webhooks {
-    /// `None` when no webhook can ever be asked for (no allow-list, no route callback).
+    /// `None` when no webhook can ever be asked for: no allow-list, and no `other_receivers`
+    /// (a route's `callback_url`, a tenant's own allow-list).
     pub fn new(
         store: Arc<Store>,
         settings: &WebhookSettings,
-        any_route_callback: bool,
+        other_receivers: bool,
     ) -> Result<Option<Self>, WebhookError> {
-        if settings.callback_allow.is_empty() && !any_route_callback {
+        if settings.callback_allow.is_empty() && !other_receivers {
             return Ok(None);
         }
         let secret = secret_bytes(
