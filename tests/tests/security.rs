@@ -775,6 +775,20 @@ async fn http_framing_and_method_semantics_are_strict() {
     );
 }
 
+/// POSTs `{}` to `url` with this `Callback-Url`, expects `400 callback-url-not-allowed`, and
+/// returns the problem's detail.
+async fn refused_callback(url: &str, callback: &str) -> String {
+    let r = http()
+        .post(url)
+        .header("callback-url", callback)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let problem = assert_problem(r, 400, "callback-url-not-allowed").await;
+    problem["detail"].as_str().unwrap().to_owned()
+}
+
 /// A `Callback-Url` that leads to a loopback, private, link-local or unspecified address is refused
 /// (400) even when its prefix is allowed, unless private destinations are allowed explicitly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -805,15 +819,7 @@ async fn callbacks_cannot_reach_private_addresses() {
     let js = nats.jetstream().await;
     let http = http();
     for url in private {
-        let r = http
-            .post(gw.url("/orders"))
-            .header("callback-url", url)
-            .body("{}")
-            .send()
-            .await
-            .unwrap();
-        let problem = assert_problem(r, 400, "callback-url-not-allowed").await;
-        let detail = problem["detail"].as_str().unwrap();
+        let detail = refused_callback(&gw.url("/orders"), url).await;
         assert!(
             detail.contains("not public") && !detail.contains("127.0.0.1"),
             "the refusal names the rule, not where a name leads: {detail}"
@@ -862,7 +868,6 @@ async fn callback_urls_are_compared_parsed_not_as_strings() {
         .flags(["--webhook-secret", "s3cret"])
         .start()
         .await;
-    let http = http();
     for (url, rule) in [
         ("http://hooks.example.com@1.1.1.1:6379/in", "userinfo"),
         ("http://user:pw@hooks.example.com/in", "userinfo"),
@@ -880,31 +885,11 @@ async fn callback_urls_are_compared_parsed_not_as_strings() {
         ("https://hooks.example.com/in", "no allowed receiver"),
         ("gopher://hooks.example.com/in", "only http and https"),
     ] {
-        let r = http
-            .post(gw.url("/orders"))
-            .header("callback-url", url)
-            .body("{}")
-            .send()
-            .await
-            .unwrap();
-        let problem = assert_problem(r, 400, "callback-url-not-allowed").await;
-        let detail = problem["detail"].as_str().unwrap();
+        let detail = refused_callback(&gw.url("/orders"), url).await;
         assert!(detail.contains(rule), "{url}: {detail}");
     }
-    let r = http
-        .post(gw.url("/audited"))
-        .header("callback-url", "http://hooks.example.com/in")
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
-    let problem = assert_problem(r, 400, "callback-url-not-allowed").await;
-    assert!(
-        problem["detail"]
-            .as_str()
-            .unwrap()
-            .contains("its own receiver")
-    );
+    let detail = refused_callback(&gw.url("/audited"), "http://hooks.example.com/in").await;
+    assert!(detail.contains("its own receiver"), "{detail}");
     assert_eq!(
         stream_messages(&nats.jetstream().await, DEFAULT_REQUESTS_STREAM).await,
         0
