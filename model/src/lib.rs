@@ -21,6 +21,14 @@
 //! `GW_RESULTS` directly). The checker finds what each lacks. The other variants each break one rule on
 //! purpose, so that every property is shown able to fail.
 //!
+//! A rolling upgrade of the wire contract is in the model too ([`Protocol::upgrade`]): the
+//! release before this one computed an operation's result slot from its id alone
+//! (`<prefix>.res.<op>`), this one writes the slot into the request (`Gw-Reply-Subject`, now
+//! `<prefix>.res.<route>.<op>`) and every writer and reader of this release follows the request.
+//! While a replica of the old release runs, new operations must keep the old slot
+//! (`GATEWAY_WIRE_CONTRACT=1`); [`Variant::EarlyLayout`] shows the second terminal record the new
+//! slot would let the old replica write.
+//!
 //! What the model leaves out: more than one operation (so lost updates between operations sharing a
 //! state key), the HTTP layer, stream configuration and retention changes, replicated-stream
 //! anomalies, and message sizes.
@@ -71,6 +79,10 @@ pub enum Variant {
     ShortResultTtl,
     /// Broken: the processed marker can expire while its request can still be delivered.
     ShortMarkerTtl,
+    /// Broken (with [`Protocol::upgrade`]): this release gives new operations the route-named
+    /// result slot while a replica of the previous release still runs, which reads and writes
+    /// the slot it computes from the operation id.
+    EarlyLayout,
 }
 
 /// The bounds of one check.
@@ -104,6 +116,11 @@ pub struct Protocol {
     /// good: the code's lives for the longest retention (never shrunk), longer than any request.
     /// (A purge leaves no marker: that is `Variant::ShortResultTtl`.)
     pub early_result_expiry: bool,
+    /// A rolling upgrade: gateway 0 (and the finalizer, the adversarial choice) runs the previous
+    /// release, which reads and writes the result slot it computes from the operation id; gateway 1
+    /// runs this one, which accepts too, and follows the slot the request names. Workers of either
+    /// release write where the request says.
+    pub upgrade: bool,
 }
 
 impl Protocol {
@@ -123,6 +140,7 @@ impl Protocol {
             max_time: 3,
             skew: 1,
             early_result_expiry: false,
+            upgrade: false,
         }
     }
 
@@ -271,6 +289,11 @@ pub struct State {
     pub result_removed: bool,
     /// Records the results stream ever stored for the operation.
     pub result_writes: u8,
+    /// The request names the route-named slot (accepted by this release, new layout).
+    pub routed: bool,
+    /// What a previous-release process wrote at the slot it computes, when that is not the
+    /// slot the request names (only in an upgrade).
+    pub stray: Option<Rec>,
     pub marker: Option<Marker>,
     /// State changes committed.
     pub commits: u8,
@@ -293,6 +316,8 @@ pub enum Action {
     /// The client submits through a gateway, which may crash between the ack and the answer.
     Submit {
         crash_before_answer: bool,
+        /// The gateway that accepts it (only gateway 0 unless in an upgrade).
+        via: usize,
     },
     /// The client reads the status through gateway `g`.
     Read(usize),
@@ -334,6 +359,8 @@ impl Protocol {
             result: None,
             result_removed: false,
             result_writes: 0,
+            routed: false,
+            stray: None,
             marker: None,
             commits: 0,
             downstream: [0; 2],
@@ -347,6 +374,11 @@ impl Protocol {
         }
     }
 
+    /// Whether gateway `g` runs the previous release (in an upgrade, gateway 0).
+    fn old_gateway(&self, g: usize) -> bool {
+        self.upgrade && g == 0
+    }
+
     /// The clock of gateway `g`: the second one runs ahead by `skew`.
     fn gateway_clock(&self, state: &State, g: usize) -> u8 {
         state.time + if g == 1 { self.skew } else { 0 }
@@ -357,9 +389,31 @@ impl Protocol {
         now >= self.deadline + self.grace()
     }
 
+    /// Whether a process of the previous release (`old`) looks at another slot than the one the
+    /// request names: it computes the slot from the id, and the request names the new one.
+    fn astray(state: &State, old: bool) -> bool {
+        old && state.routed
+    }
+
+    /// What a process sees in the result slot it reads.
+    fn slot(state: &State, old: bool) -> Option<Rec> {
+        if Self::astray(state, old) {
+            state.stray
+        } else {
+            state.result
+        }
+    }
+
     /// A create-if-absent write of a terminal record to the results stream (first writer wins),
-    /// or a plain one in the broken variant.
-    fn write_result(&self, state: &mut State, rec: Rec) {
+    /// or a plain one in the broken variant; `old` as in [`Protocol::astray`].
+    fn write_result(&self, state: &mut State, rec: Rec, old: bool) {
+        if Self::astray(state, old) {
+            if state.stray.is_none() {
+                state.stray = Some(rec);
+                state.result_writes += 1;
+            }
+            return;
+        }
         if state.result_removed && self.variant != Variant::ResultsOverwrite {
             // The delete marker refuses a create-if-absent write (a plain publish ignores it).
             return;
@@ -394,21 +448,21 @@ impl Protocol {
 
     /// How a decided outcome becomes visible: on stateful routes under the arbiter, a claim on the
     /// marker and then its projection; otherwise a direct write of the result.
-    fn decide(&self, state: &mut State, rec: Rec) -> Option<Projection> {
+    fn decide(&self, state: &mut State, rec: Rec, old: bool) -> Option<Projection> {
         if self.route == Route::Stateful && self.arbiter() {
             let marker = self.claim(state, rec);
             Some(Projection { marker, emitted: 0 })
         } else {
-            if !Self::slot_taken(state) {
+            if !Self::slot_taken(state, old) {
                 self.note_expiry(state, rec);
             }
-            self.write_result(state, rec);
+            self.write_result(state, rec, old);
             None
         }
     }
 
     /// One step of a projection: the next emit, or the record. `None` when it is complete.
-    fn project(&self, state: &mut State, p: Projection) -> Option<Projection> {
+    fn project(&self, state: &mut State, p: Projection, old: bool) -> Option<Projection> {
         match p.marker {
             Marker::Outbox if p.emitted < self.emits => {
                 self.publish_emit(state, p.emitted);
@@ -418,11 +472,11 @@ impl Protocol {
                 })
             }
             Marker::Outbox => {
-                self.write_result(state, Rec::Reply);
+                self.write_result(state, Rec::Reply, old);
                 None
             }
             Marker::Tomb(rec) => {
-                self.write_result(state, rec);
+                self.write_result(state, rec, old);
                 None
             }
         }
@@ -444,9 +498,14 @@ impl Protocol {
             .all(|&n| n > 0)
     }
 
-    /// Whether the result slot holds a record or the delete marker of a removed one.
-    fn slot_taken(state: &State) -> bool {
-        state.result.is_some() || state.result_removed
+    /// Whether the result slot a process reads holds a record or the delete marker of a removed
+    /// one.
+    fn slot_taken(state: &State, old: bool) -> bool {
+        if Self::astray(state, old) {
+            state.stray.is_some()
+        } else {
+            state.result.is_some() || state.result_removed
+        }
     }
 
     /// What a read shows the client. A removed result reads as such (`410 result-removed`),
@@ -478,7 +537,7 @@ impl Protocol {
     fn worker_step(&self, state: &mut State, w: usize, permanent: bool) -> Option<()> {
         let next = match state.workers[w] {
             Worker::Idle => return None,
-            Worker::Got { .. } if Self::slot_taken(state) => Worker::Acking,
+            Worker::Got { .. } if Self::slot_taken(state, false) => Worker::Acking,
             Worker::Got { attempt } => Worker::SlotEmpty { attempt },
             Worker::SlotEmpty { attempt } => match (self.route, state.marker) {
                 // Roll forward: a decided marker is projected, never decided again.
@@ -495,7 +554,7 @@ impl Protocol {
             Worker::Loaded { .. } if permanent => Worker::Deciding(Rec::Failed),
             Worker::Loaded { emitted } => match self.route {
                 Route::Stateless => {
-                    if let Some(p) = self.decide(state, Rec::Reply) {
+                    if let Some(p) = self.decide(state, Rec::Reply, false) {
                         Worker::Projecting(p)
                     } else {
                         Worker::Acking
@@ -526,11 +585,11 @@ impl Protocol {
                     }
                 }
             },
-            Worker::Deciding(rec) => match self.decide(state, rec) {
+            Worker::Deciding(rec) => match self.decide(state, rec, false) {
                 Some(p) => Worker::Projecting(p),
                 None => Worker::Acking,
             },
-            Worker::Projecting(p) => match self.project(state, p) {
+            Worker::Projecting(p) => match self.project(state, p, false) {
                 Some(p) => Worker::Projecting(p),
                 None => Worker::Acking,
             },
@@ -547,20 +606,21 @@ impl Protocol {
     }
 
     fn gateway_step(&self, state: &mut State, g: usize) -> Option<()> {
+        let old = self.old_gateway(g);
         let next = match state.gateways[g] {
             Gateway::Idle => return None,
-            Gateway::Deciding(rec) => match self.decide(state, rec) {
+            Gateway::Deciding(rec) => match self.decide(state, rec, old) {
                 Some(p) => Gateway::Projecting(p),
                 None => {
-                    let seen = state.result;
+                    let seen = Self::slot(state, old);
                     Self::observe(state, seen);
                     Gateway::Idle
                 }
             },
-            Gateway::Projecting(p) => match self.project(state, p) {
+            Gateway::Projecting(p) => match self.project(state, p, old) {
                 Some(p) => Gateway::Projecting(p),
                 None => {
-                    let seen = state.result;
+                    let seen = Self::slot(state, old);
                     Self::observe(state, seen);
                     Gateway::Idle
                 }
@@ -571,14 +631,15 @@ impl Protocol {
     }
 
     fn finalizer_step(&self, state: &mut State) -> Option<()> {
+        let old = self.upgrade;
         state.finalizer = match state.finalizer {
             Finalizer::Idle if state.advisory => Finalizer::Deciding,
-            Finalizer::Deciding if Self::slot_taken(state) => Finalizer::Done,
-            Finalizer::Deciding => match self.decide(state, Rec::Failed) {
+            Finalizer::Deciding if Self::slot_taken(state, old) => Finalizer::Done,
+            Finalizer::Deciding => match self.decide(state, Rec::Failed, old) {
                 Some(p) => Finalizer::Projecting(p),
                 None => Finalizer::Done,
             },
-            Finalizer::Projecting(p) => match self.project(state, p) {
+            Finalizer::Projecting(p) => match self.project(state, p, old) {
                 Some(p) => Finalizer::Projecting(p),
                 None => Finalizer::Done,
             },
@@ -611,13 +672,17 @@ impl Model for Protocol {
             actions.push(Action::Tick);
         }
         if !state.accepted && state.submits_left > 0 {
-            actions.push(Action::Submit {
-                crash_before_answer: false,
-            });
-            if state.crashes_left > 0 {
+            for via in 0..if self.upgrade { 2 } else { 1 } {
                 actions.push(Action::Submit {
-                    crash_before_answer: true,
+                    crash_before_answer: false,
+                    via,
                 });
+                if state.crashes_left > 0 {
+                    actions.push(Action::Submit {
+                        crash_before_answer: true,
+                        via,
+                    });
+                }
             }
         }
         for g in 0..2 {
@@ -690,9 +755,16 @@ impl Model for Protocol {
             Action::Tick => state.time += 1,
             Action::Submit {
                 crash_before_answer,
+                via,
             } => {
                 state.submits_left -= 1;
                 if state.requests == 0 || self.variant == Variant::PlainPublish {
+                    if state.requests == 0 {
+                        // The accepting replica names the slot: the old release its own, this one
+                        // the route-named one only when told the old release is gone.
+                        state.routed =
+                            !self.old_gateway(via) && self.variant == Variant::EarlyLayout;
+                    }
                     state.requests += 1;
                 }
                 if state.delivery == Delivery::Absent {
@@ -707,10 +779,11 @@ impl Model for Protocol {
             Action::Read(g) => {
                 state.reads_left -= 1;
                 let now = self.gateway_clock(&state, g);
-                if !Self::slot_taken(&state) && self.past_deadline(now) {
+                let old = self.old_gateway(g);
+                if !Self::slot_taken(&state, old) && self.past_deadline(now) {
                     state.gateways[g] = Gateway::Deciding(Rec::Expired);
                 } else {
-                    let seen = state.result;
+                    let seen = Self::slot(&state, old);
                     Self::observe(&mut state, seen);
                 }
             }
@@ -784,7 +857,9 @@ impl Model for Protocol {
             // Every maximal path submits at least once (a submission stores the request even when
             // the gateway dies before answering), so "accepted" needs no guard here.
             Property::<Self>::eventually("every accepted operation ends", |m, s| {
-                s.requests > 0 && Protocol::slot_taken(s) && (s.commits == 0 || m.all_emitted(s))
+                s.requests > 0
+                    && Protocol::slot_taken(s, false)
+                    && (s.commits == 0 || m.all_emitted(s))
             }),
             Property::<Self>::sometimes("an operation can succeed", |_, s| {
                 s.result == Some(Rec::Reply)

@@ -93,6 +93,20 @@ fn counterexample(protocol: Protocol, property: &'static str) -> Vec<protocol_mo
     actions
 }
 
+/// A rolling upgrade of the wire contract: while a replica of the previous release runs (it reads
+/// and writes the result slot it computes from the operation id), new operations keep that slot,
+/// and every property holds on both kinds of route.
+#[test]
+fn an_upgrade_that_keeps_the_old_slot_keeps_every_property() {
+    for route in [Route::Stateless, Route::Stateful] {
+        let protocol = Protocol {
+            upgrade: true,
+            ..Protocol::ci(route, Variant::Arbiter)
+        };
+        check(protocol).assert_properties();
+    }
+}
+
 /// Every property of the model can fail: each broken variant breaks the one it is named for.
 #[test]
 fn every_property_fails_in_a_variant_built_to_break_it() {
@@ -130,6 +144,18 @@ fn every_property_fails_in_a_variant_built_to_break_it() {
         ),
     ] {
         counterexample(Protocol::ci(route, variant), property);
+    }
+    // The route-named slot while the previous release still runs: the old replica reads an empty
+    // slot past the deadline and writes its own expiry beside the worker's reply.
+    for property in [
+        "one terminal record per operation",
+        "a status never goes back",
+    ] {
+        let protocol = Protocol {
+            upgrade: true,
+            ..Protocol::ci(Stateless, EarlyLayout)
+        };
+        counterexample(protocol, property);
     }
     // A plain publish is not refused by a removed result's delete marker either.
     let protocol = Protocol {
