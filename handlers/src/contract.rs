@@ -9,9 +9,20 @@
 //! - `gw.req.<route>.<key-token>`: one accepted request. The key token is derived from
 //!   (tenant, route, idempotency key), so the subject *is* the idempotency record: the gateway
 //!   writes it with `Nats-Expected-Last-Subject-Sequence: 0` and a second write is refused.
-//! - `gw.res.<operation-id>`: the one terminal record of an operation: a worker's reply, or the
-//!   gateway's `expired` or `cancelled` marker. The results stream keeps at most one message per subject and
-//!   refuses later ones (`discard_new_per_subject`), so the first terminal record wins for good.
+//! - `gw.res.<route>.<operation-id>`: the one terminal record of an operation: a worker's reply, or
+//!   the gateway's `expired` or `cancelled` marker. The results stream keeps at most one message
+//!   per subject and refuses later ones (`discard_new_per_subject`), so the first terminal record
+//!   wins for good.
+//! - `gw.prog.<route>.<operation-id>`: an operation's latest progress report.
+//!
+//! The route in the result and progress subjects is what lets NATS permissions confine a worker
+//! to its route: publish to `gw.res.<route>.>` and `gw.prog.<route>.>`, nothing else of the
+//! gateway's. A request names both subjects (`Gw-Reply-Subject`, `Gw-Progress-Subject`), and
+//! every writer and reader follows the request, never a subject it builds itself: the slot of an
+//! operation is fixed when it is accepted. That is [`WireContract::V2`]; operations accepted under
+//! [`WireContract::V1`] (the first release: `gw.res.<operation-id>`, `gw.prog.<operation-id>`, no
+//! `Gw-Contract` header) are read and answered where their requests say, so both layouts live
+//! side by side during an upgrade.
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::message::StreamMessage;
@@ -33,6 +44,44 @@ pub const DEFAULT_CONSUMER_PREFIX: &str = "worker";
 /// Default name of the stream holding terminal records (results).
 pub const DEFAULT_RESULTS_STREAM: &str = "GW_RESULTS";
 
+/// Which layout of result and progress subjects a request was accepted under; a request says it
+/// in `Gw-Contract` (absent: 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WireContract {
+    /// `<prefix>.res.<operation-id>` and `<prefix>.prog.<operation-id>`: no route, so NATS
+    /// permissions cannot keep one route's worker off another's results. Gateways of the first
+    /// release read and write only these (they compute the subject from the id), so a gateway
+    /// writes this layout while any such replica still runs.
+    V1,
+    /// `<prefix>.res.<route>.<operation-id>` and `<prefix>.prog.<route>.<operation-id>`, both named
+    /// in the request.
+    #[default]
+    V2,
+}
+
+impl WireContract {
+    /// The newest version this library reads.
+    pub const LATEST: WireContract = WireContract::V2;
+
+    /// The version number as `Gw-Contract` carries it.
+    pub fn number(self) -> u8 {
+        match self {
+            WireContract::V1 => 1,
+            WireContract::V2 => 2,
+        }
+    }
+
+    /// The version `Gw-Contract` (or a setting) names, written as its digits only; `None` for
+    /// one this library does not know (a newer release's) or that is not a number.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "1" => Some(WireContract::V1),
+            "2" => Some(WireContract::V2),
+            _ => None,
+        }
+    }
+}
+
 /// Prefix of every RFC 9457 problem `type` the gateway emits (a tag URI, RFC 4151: an identifier,
 /// not a page). docs/http-api.md ("Problems") lists each problem type.
 pub const PROBLEM_TYPE_BASE: &str = "tag:nats-http-gateway,2026:problem/";
@@ -52,6 +101,11 @@ pub mod header {
     pub const QUERY: &str = "Gw-Query";
     /// Where the worker publishes its reply (a subject of the results stream).
     pub const REPLY_SUBJECT: &str = "Gw-Reply-Subject";
+    /// Where the worker publishes progress reports (contract 2; under contract 1 there is no
+    /// header and the subject is `<prefix>.prog.<operation-id>`).
+    pub const PROGRESS_SUBJECT: &str = "Gw-Progress-Subject";
+    /// The wire contract version a request was written under, `2`; absent on contract 1.
+    pub const CONTRACT: &str = "Gw-Contract";
     /// RFC 3339 instant after which the operation counts as expired.
     pub const DEADLINE: &str = "Gw-Deadline";
     /// Seconds the gateway keeps the request, status and result; workers set the same TTL on replies.
@@ -97,6 +151,10 @@ pub enum ContractError {
     MissingHeader(&'static str),
     #[error("header {name} has an invalid value {value:?}")]
     InvalidHeader { name: &'static str, value: String },
+    /// The request was written under a contract version this library does not know: a newer
+    /// worker must handle it.
+    #[error("wire contract version {0} is newer than this library reads")]
+    UnknownContract(String),
     #[error("header {name:?} cannot be stored: {why}")]
     Unstorable { name: String, why: &'static str },
     /// The subject holds nats-server's delete marker: its record was removed (by TTL or
@@ -105,17 +163,32 @@ pub enum ContractError {
     Removed { reason: String },
 }
 
-/// Builds every subject from one prefix, so gateway and workers cannot disagree.
+/// Builds every subject from one prefix, so gateway and workers cannot disagree; new operations'
+/// result and progress subjects follow the [`WireContract`] it was given.
 #[derive(Debug, Clone)]
 pub struct Subjects {
     prefix: String,
+    contract: WireContract,
 }
 
 impl Subjects {
+    /// Subjects under `prefix`, new operations on the latest contract.
     pub fn new(prefix: impl Into<String>) -> Self {
         Self {
             prefix: prefix.into(),
+            contract: WireContract::LATEST,
         }
+    }
+
+    /// The same subjects, new operations on `contract` (an upgrade's first step writes
+    /// [`WireContract::V1`]).
+    pub fn with_contract(self, contract: WireContract) -> Self {
+        Self { contract, ..self }
+    }
+
+    /// The contract new operations are written under.
+    pub fn contract(&self) -> WireContract {
+        self.contract
     }
 
     pub fn prefix(&self) -> &str {
@@ -146,9 +219,47 @@ impl Subjects {
         format!("{}.prog.>", self.prefix)
     }
 
-    /// The latest progress report of an operation (the last message wins).
-    pub fn progress(&self, operation_id: &str) -> String {
-        format!("{}.prog.{operation_id}", self.prefix)
+    /// Where a new operation's result and progress reports go, under this contract: the
+    /// `(reply, progress)` subjects its request names.
+    pub fn slots(&self, route: &str, operation_id: &str) -> (String, Option<String>) {
+        let p = &self.prefix;
+        match self.contract {
+            WireContract::V1 => (format!("{p}.res.{operation_id}"), None),
+            WireContract::V2 => (
+                format!("{p}.res.{route}.{operation_id}"),
+                Some(format!("{p}.prog.{route}.{operation_id}")),
+            ),
+        }
+    }
+
+    /// Where an accepted request's progress reports go: the subject it names, or contract 1's.
+    pub fn progress_of(&self, request: &RequestHead) -> String {
+        match &request.progress_subject {
+            Some(subject) => subject.clone(),
+            None => format!("{}.prog.{}", self.prefix, request.operation_id),
+        }
+    }
+
+    /// A route's result subjects (contract 2): what its workers may publish replies to.
+    pub fn route_results(&self, route: &str) -> String {
+        format!("{}.res.{route}.>", self.prefix)
+    }
+
+    /// A route's progress subjects (contract 2): what its workers may publish reports to.
+    pub fn route_progress(&self, route: &str) -> String {
+        format!("{}.prog.{route}.>", self.prefix)
+    }
+
+    /// An operation's result under contract 2 on whatever route: one direct get by wildcard,
+    /// issued before the request says the route. Any route's writer could fill such a subject,
+    /// so a hit counts only where it is the subject the request names.
+    pub fn result_any_route(&self, operation_id: &str) -> String {
+        format!("{}.res.*.{operation_id}", self.prefix)
+    }
+
+    /// The operation id a result or progress subject (either contract) belongs to: its last token.
+    pub fn operation_of(subject: &str) -> &str {
+        subject.rsplit('.').next().unwrap_or(subject)
     }
 
     /// The delivery state of an operation's webhook (the last message wins).
@@ -174,11 +285,6 @@ impl Subjects {
     /// The request subject of a key token on whatever route: one direct get finds it by wildcard.
     pub fn request_any_route(&self, key_token: &str) -> String {
         format!("{}.req.*.{key_token}", self.prefix)
-    }
-
-    /// The result subject of an operation.
-    pub fn result(&self, operation_id: &str) -> String {
-        format!("{}.res.{operation_id}", self.prefix)
     }
 }
 
@@ -231,7 +337,11 @@ pub struct RequestHead {
     pub path: String,
     pub query: Option<String>,
     pub content_type: Option<String>,
+    /// The contract the request was written under (`Gw-Contract`).
+    pub contract: WireContract,
     pub reply_subject: String,
+    /// Where progress reports go; `None` under contract 1 (see [`Subjects::progress_of`]).
+    pub progress_subject: Option<String>,
     pub deadline: OffsetDateTime,
     /// How long the gateway keeps this operation; replies are stored with the same TTL.
     pub retention_secs: Option<u64>,
@@ -254,6 +364,9 @@ impl RequestHead {
         }
         let retention = self.retention_secs.map(|secs| secs.to_string());
         let deadline = format_time(self.deadline);
+        // Contract 1 had no version header: a request of it is written as that release wrote it.
+        let contract =
+            (self.contract != WireContract::V1).then(|| self.contract.number().to_string());
         let fields = [
             (header::OPERATION_ID, Some(self.operation_id.as_str())),
             (header::ROUTE, Some(self.route.as_str())),
@@ -261,7 +374,9 @@ impl RequestHead {
             (header::PATH, Some(self.path.as_str())),
             (header::QUERY, self.query.as_deref()),
             (header::CONTENT_TYPE, self.content_type.as_deref()),
+            (header::CONTRACT, contract.as_deref()),
             (header::REPLY_SUBJECT, Some(self.reply_subject.as_str())),
+            (header::PROGRESS_SUBJECT, self.progress_subject.as_deref()),
             (header::DEADLINE, Some(deadline.as_str())),
             (header::RETENTION, retention.as_deref()),
             (header::TENANT, self.tenant.as_deref()),
@@ -278,8 +393,19 @@ impl RequestHead {
     }
 
     /// Reads the contract's fields of a request message. Names match in any case (a foreign
-    /// writer may lowercase them); the six a worker needs are required.
+    /// writer may lowercase them); the six a worker needs are required, and under contract 2 the
+    /// progress subject too. A version this library does not know is
+    /// [`ContractError::UnknownContract`], read before anything else.
     pub fn from_headers(headers: &HeaderMap) -> Result<Self, ContractError> {
+        let contract = match header_str(headers, header::CONTRACT) {
+            None => WireContract::V1,
+            Some(v) => WireContract::parse(v)
+                .ok_or_else(|| ContractError::UnknownContract(v.to_owned()))?,
+        };
+        let progress_subject = match contract {
+            WireContract::V1 => None,
+            WireContract::V2 => Some(required(headers, header::PROGRESS_SUBJECT)?.to_owned()),
+        };
         let deadline = parse_time(header::DEADLINE, required(headers, header::DEADLINE)?)?;
         let retention_secs = match header_str(headers, header::RETENTION) {
             None => None,
@@ -296,7 +422,9 @@ impl RequestHead {
             path: required(headers, header::PATH)?.to_owned(),
             query: optional(header::QUERY),
             content_type: optional(header::CONTENT_TYPE),
+            contract,
             reply_subject: required(headers, header::REPLY_SUBJECT)?.to_owned(),
+            progress_subject,
             deadline,
             retention_secs,
             tenant: optional(header::TENANT),
@@ -619,11 +747,61 @@ mod tests {
     }
 
     #[test]
+    fn a_request_says_its_contract_and_both_layouts_read() {
+        let mut h = HeaderMap::new();
+        for (name, value) in [
+            (header::OPERATION_ID, "op"),
+            (header::ROUTE, "orders"),
+            (header::METHOD, "POST"),
+            (header::PATH, "/orders"),
+            (header::REPLY_SUBJECT, "gw.res.op"),
+            (header::DEADLINE, "2026-01-01T00:00:00Z"),
+        ] {
+            h.insert(name, value);
+        }
+        // The first release's request: no version, no progress subject.
+        let v1 = RequestHead::from_headers(&h).unwrap();
+        assert_eq!(v1.contract, WireContract::V1);
+        assert_eq!(Subjects::default().progress_of(&v1), "gw.prog.op");
+        assert!(v1.to_headers(&[]).get(header::CONTRACT).is_none());
+        // Contract 2 names where progress goes.
+        h.insert(header::CONTRACT, "2");
+        assert!(matches!(
+            RequestHead::from_headers(&h),
+            Err(ContractError::MissingHeader(header::PROGRESS_SUBJECT))
+        ));
+        h.insert(header::PROGRESS_SUBJECT, "gw.prog.orders.op");
+        let v2 = RequestHead::from_headers(&h).unwrap();
+        assert_eq!(Subjects::default().progress_of(&v2), "gw.prog.orders.op");
+        assert_eq!(RequestHead::from_headers(&v2.to_headers(&[])).unwrap(), v2);
+        // A newer release's request is not read as if it were this one's.
+        for unknown in ["3", "0", "two", "+2"] {
+            h.insert(header::CONTRACT, unknown);
+            assert!(matches!(
+                RequestHead::from_headers(&h),
+                Err(ContractError::UnknownContract(_))
+            ));
+        }
+    }
+
+    #[test]
     fn subjects_follow_the_prefix() {
         let s = Subjects::new("acme");
         assert_eq!(s.request("orders", "k1"), "acme.req.orders.k1");
         assert_eq!(s.request_any_route("k1"), "acme.req.*.k1");
         assert_eq!(s.route_requests("orders"), "acme.req.orders.>");
-        assert_eq!(s.result("op"), "acme.res.op");
+        assert_eq!(
+            s.slots("orders", "op"),
+            (
+                "acme.res.orders.op".into(),
+                Some("acme.prog.orders.op".into())
+            )
+        );
+        assert_eq!(s.route_results("orders"), "acme.res.orders.>");
+        assert_eq!(s.result_any_route("op"), "acme.res.*.op");
+        let s = s.with_contract(WireContract::V1);
+        assert_eq!(s.slots("orders", "op"), ("acme.res.op".into(), None));
+        assert_eq!(Subjects::operation_of("acme.res.orders.op"), "op");
+        assert_eq!(Subjects::operation_of("acme.res.op"), "op");
     }
 }

@@ -27,7 +27,9 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::contract::{Outcome, Request, ResultRecord, Subjects, header, header_str};
+use crate::contract::{
+    ContractError, Outcome, Request, ResultRecord, Subjects, header, header_str,
+};
 // The handler API lived here before it had a file of its own; worker code that imports it from
 // `handlers::worker` keeps working.
 pub use crate::handler::{Handler, HandlerError, Permanent, Response};
@@ -79,6 +81,9 @@ impl Default for WorkerConfig {
 
 /// Deliveries past the handler's attempts that only end the operation.
 const FINALIZING_DELIVERIES: i64 = 1;
+
+/// How long a request of a newer wire contract waits before it is offered again.
+const UNKNOWN_CONTRACT_DELAY: Duration = Duration::from_secs(30);
 
 impl WorkerConfig {
     /// The durable consumer of `route`'s requests: `<consumer_prefix>-<route>`.
@@ -315,6 +320,13 @@ impl RouteWorker {
         let headers = message.headers.clone().unwrap_or_default();
         let request = match Request::from_parts(headers, message.payload.clone()) {
             Ok(request) => request,
+            Err(error @ ContractError::UnknownContract(_)) => {
+                // A newer gateway wrote it: left for a worker of that release (redelivered after
+                // the delay, until one takes it or the consumer's max_deliver ends it).
+                tracing::error!(%error, subject = %message.subject, "Request written under a newer wire contract; upgrade this worker.");
+                ack(&message, AckKind::Nak(Some(UNKNOWN_CONTRACT_DELAY))).await;
+                return;
+            }
             Err(error) => {
                 tracing::error!(%error, subject = %message.subject, "Request breaks the wire contract; terminating it.");
                 ack(&message, AckKind::Term).await;
@@ -444,8 +456,11 @@ impl RouteWorker {
             (ResultRecord::expired(&op, request.deadline), false)
         } else {
             let mut request = request;
-            request.progress =
-                ProgressReporter::new(self.js.clone(), self.config.subjects.progress(&op), ttl);
+            request.progress = ProgressReporter::new(
+                self.js.clone(),
+                self.config.subjects.progress_of(&request),
+                ttl,
+            );
             match self.run_handler(message, request).await {
                 Ok(marker) => return publish(marker, false).await,
                 Err(error) => {

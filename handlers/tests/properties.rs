@@ -11,7 +11,8 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
 use handlers::contract::{
-    ContractError, Outcome, Request, RequestHead, ResultRecord, format_time, header, header_str,
+    ContractError, Outcome, Request, RequestHead, ResultRecord, WireContract, format_time, header,
+    header_str,
 };
 use handlers::progress::Progress;
 use proptest::prelude::*;
@@ -103,6 +104,8 @@ struct RequestFields {
     query: Option<String>,
     content_type: Option<String>,
     reply_subject: String,
+    /// Present on a contract-2 request (which then says `Gw-Contract: 2`), absent on contract 1.
+    progress_subject: Option<String>,
     deadline: OffsetDateTime,
     retention_secs: Option<u64>,
     tenant: Option<String>,
@@ -110,6 +113,15 @@ struct RequestFields {
     fingerprint: Option<String>,
     callback_url: Option<String>,
     extra: Vec<(String, String)>,
+}
+
+impl RequestFields {
+    fn contract(&self) -> WireContract {
+        match self.progress_subject {
+            Some(_) => WireContract::V2,
+            None => WireContract::V1,
+        }
+    }
 }
 
 /// Instants RFC 3339 can write (years 0000-9999), to the nanosecond.
@@ -155,6 +167,7 @@ fn request_fields() -> impl Strategy<Value = RequestFields> {
             proptest::option::of("[0-9a-f]{64}"),
             proptest::option::of(value()),
             proptest::collection::vec((extra_header_name(), value()), 0..5),
+            proptest::option::of(value()),
         ),
     )
         .prop_map(
@@ -168,6 +181,7 @@ fn request_fields() -> impl Strategy<Value = RequestFields> {
                     fingerprint,
                     callback_url,
                     extra,
+                    progress_subject,
                 ),
             )| RequestFields {
                 operation_id,
@@ -177,6 +191,7 @@ fn request_fields() -> impl Strategy<Value = RequestFields> {
                 query,
                 content_type,
                 reply_subject,
+                progress_subject,
                 deadline,
                 retention_secs,
                 tenant,
@@ -197,7 +212,10 @@ fn request_headers(f: &RequestFields, lowercase: bool, skip: Option<&str>) -> He
     }
     let retention = f.retention_secs.map(|r| r.to_string());
     let deadline = format_time(f.deadline);
-    let pairs: [(&str, Option<&str>); 13] = [
+    let contract = f.progress_subject.as_ref().map(|_| "2");
+    let pairs: [(&str, Option<&str>); 15] = [
+        (header::CONTRACT, contract),
+        (header::PROGRESS_SUBJECT, f.progress_subject.as_deref()),
         (header::OPERATION_ID, Some(&f.operation_id)),
         (header::ROUTE, Some(&f.route)),
         (header::METHOD, Some(&f.method)),
@@ -244,6 +262,8 @@ fn assert_request_matches(r: &Request, f: &RequestFields, body: &Bytes) {
     assert_eq!(r.query, f.query);
     assert_eq!(r.content_type, f.content_type);
     assert_eq!(r.reply_subject, f.reply_subject);
+    assert_eq!(r.progress_subject, f.progress_subject);
+    assert_eq!(r.contract, f.contract());
     assert_eq!(r.deadline, f.deadline);
     assert_eq!(r.retention_secs, f.retention_secs);
     assert_eq!(r.tenant, f.tenant);
@@ -459,6 +479,7 @@ proptest! {
                         header::RETENTION, header::TENANT, header::IDEMPOTENCY_KEY,
                         header::FINGERPRINT, header::CALLBACK_URL, header::STATUS,
                         header::OUTCOME, header::CONTENT_TYPE, header::TRACEPARENT,
+                        header::CONTRACT, header::PROGRESS_SUBJECT,
                     ]).prop_flat_map(|n| prop_oneof![
                         Just(n.to_owned()),
                         Just(n.to_ascii_lowercase()),
@@ -516,7 +537,9 @@ proptest! {
             path: f.path.clone(),
             query: f.query.clone(),
             content_type: f.content_type.clone(),
+            contract: f.contract(),
             reply_subject: f.reply_subject.clone(),
+            progress_subject: f.progress_subject.clone(),
             deadline: f.deadline,
             retention_secs: f.retention_secs,
             tenant: f.tenant.clone(),

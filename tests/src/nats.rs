@@ -26,22 +26,46 @@ pub struct Nats {
     process: Option<NatsProcess>,
     port: u16,
     dir: TempDir,
+    args: Vec<String>,
 }
 
 impl Nats {
     pub async fn start() -> Self {
+        Self::launch(tempfile::tempdir().expect("temp dir"), Vec::new()).await
+    }
+
+    /// A server that also reads this configuration file text (accounts, users, permissions); the
+    /// listen address, port and store stay the harness's.
+    pub async fn start_with_config(config: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("nats.conf");
+        std::fs::write(&path, config).expect("write nats config");
+        Self::launch(dir, vec!["-c".to_owned(), path.display().to_string()]).await
+    }
+
+    async fn launch(dir: TempDir, args: Vec<String>) -> Self {
         // Every test starts here: give reqwest (built with the gateway's TLS settings) its
         // crypto provider before any client exists.
         gateway::install_crypto_provider();
-        let dir = tempfile::tempdir().expect("temp dir");
-        let process = NatsProcess::start(&nats_server_bin(), None, dir.path(), &[])
+        let process = NatsProcess::start(&nats_server_bin(), None, dir.path(), &args)
             .await
             .expect("nats-server starts");
         Self {
             port: process.port(),
             process: Some(process),
             dir,
+            args,
         }
+    }
+
+    /// The URL that logs in as `user` with `password`.
+    pub fn url_as(&self, user: &str, password: &str) -> String {
+        format!("nats://{user}:{password}@127.0.0.1:{}", self.port)
+    }
+
+    /// The server's log so far (permission violations are logged there).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nats-server.log")).unwrap_or_default()
     }
 
     pub fn url(&self) -> String {
@@ -77,9 +101,14 @@ impl Nats {
     /// Starts the server again on the same port with the same data.
     pub async fn restart(&mut self) {
         self.kill().await;
-        let process = NatsProcess::start(&nats_server_bin(), Some(self.port), self.dir.path(), &[])
-            .await
-            .expect("nats-server restarts");
+        let process = NatsProcess::start(
+            &nats_server_bin(),
+            Some(self.port),
+            self.dir.path(),
+            &self.args,
+        )
+        .await
+        .expect("nats-server restarts");
         self.process = Some(process);
     }
 

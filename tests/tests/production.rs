@@ -307,10 +307,14 @@ async fn the_trace_crosses_the_async_hop_and_reads_link_back_to_it() {
         "the gateway's span is the parent: {sent}"
     );
     // The worker (no OpenTelemetry in this process) passes the context on to the result.
-    let result = last_matching(&js.client(), DEFAULT_RESULTS_STREAM, &subjects.result(&id))
-        .await
-        .unwrap()
-        .unwrap();
+    let result = last_matching(
+        &js.client(),
+        DEFAULT_RESULTS_STREAM,
+        &subjects.slots("orders", &id).0,
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert_eq!(
         result.headers.get("traceparent").map(|v| v.as_str()),
         Some(sent.as_str())

@@ -199,8 +199,19 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
 
 /// The example worker: answers the dev routes (`orders`, `reports`).
 async fn run_example_worker(settings: Settings, stop: CancellationToken) {
-    let client = match async_nats::ConnectOptions::new()
-        .name("example-worker")
+    let options = match settings
+        .jetstream
+        .nats
+        .connect_options("example-worker")
+        .await
+    {
+        Ok(options) => options,
+        Err(error) => {
+            tracing::error!(%error, "Example worker cannot connect to NATS.");
+            return;
+        }
+    };
+    let client = match options
         .retry_on_initial_connect()
         .connect(settings.jetstream.nats.server_addrs())
         .await

@@ -77,6 +77,8 @@ pub enum DispatchError {
     #[error("cannot build the HTTP client: {0}")]
     Client(String),
     #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
     Worker(#[from] handlers::worker::WorkerError),
     #[error(transparent)]
     Admin(#[from] crate::metrics::MetricsError),
@@ -92,8 +94,10 @@ pub async fn run(args: DispatchArgs, shutdown: CancellationToken) -> Result<(), 
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| DispatchError::Client(e.to_string()))?;
-    let client = async_nats::ConnectOptions::new()
-        .name("gateway-dispatch")
+    let client = args
+        .nats
+        .connect_options("gateway-dispatch")
+        .await?
         .retry_on_initial_connect()
         .connect(args.nats.server_addrs())
         .await?;

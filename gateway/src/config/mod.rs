@@ -90,6 +90,13 @@ pub struct JetStreamSettings {
     /// JetStream's duplicate window on the requests stream. Idempotency does not depend on it.
     #[arg(long, env = "GATEWAY_DUPLICATE_WINDOW", default_value = "2m", value_parser = humantime::parse_duration)]
     pub duplicate_window: Duration,
+    /// The wire contract new operations are accepted under (docs/wire-contract.md): 2 puts the
+    /// route in result and progress subjects, so NATS permissions can confine each route's
+    /// workers. 1 is the first release's layout: set it while upgrading from that release, until
+    /// no replica of it runs (such a replica reads and writes only layout-1 subjects). Operations
+    /// of either layout are read and answered whatever this says.
+    #[arg(long, env = "GATEWAY_WIRE_CONTRACT", default_value = "2", value_parser = parse_wire_contract)]
+    pub wire_contract: handlers::contract::WireContract,
     /// How long to wait for a JetStream ack or read before answering 503.
     #[arg(long, env = "GATEWAY_NATS_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub nats_timeout: Duration,
@@ -206,6 +213,15 @@ pub struct NatsArgs {
         default_value = "nats://127.0.0.1:4222"
     )]
     pub nats_url: String,
+    /// A NATS credentials file (a user JWT and its NKey seed, as `nsc` writes them) to connect
+    /// with; `user:password@` or `token@` in the URL are honoured too.
+    #[arg(long, env = "GATEWAY_NATS_CREDS")]
+    pub nats_creds: Option<std::path::PathBuf>,
+    /// The prefix of this process's reply inboxes (`_INBOX` by default). A worker confined by
+    /// NATS permissions gets its own (`_INBOX_orders`), so that it may subscribe to its replies
+    /// and no one else's.
+    #[arg(long, env = "GATEWAY_NATS_INBOX_PREFIX")]
+    pub nats_inbox_prefix: Option<String>,
     /// First token of every subject the gateway uses.
     #[arg(long, env = "GATEWAY_SUBJECT_PREFIX", default_value = handlers::contract::DEFAULT_PREFIX)]
     pub subject_prefix: String,
@@ -229,6 +245,41 @@ impl NatsArgs {
             .collect()
     }
 
+    /// Connection options that authenticate as these settings say: the credentials file, else
+    /// the first URL's `user:password@` (or a lone `token@`), as other NATS clients read a URL.
+    /// Hand-written: async-nats 0.51 parses a URL's user info but never sends it.
+    ///
+    /// Errors: the credentials file cannot be read.
+    pub async fn connect_options(
+        &self,
+        name: &str,
+    ) -> Result<async_nats::ConnectOptions, ConfigError> {
+        let options = match &self.nats_creds {
+            Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
+                .await
+                .map_err(|e| invalid(format!("GATEWAY_NATS_CREDS {}: {e}", path.display())))?,
+            None => {
+                let userinfo = self.server_addrs().iter().find_map(|addr| {
+                    let url = url::Url::parse(addr).ok()?;
+                    let decode = |text| percent_decode_str(text).decode_utf8_lossy().into_owned();
+                    let user = decode(url.username());
+                    (!user.is_empty()).then(|| (user, url.password().map(decode)))
+                });
+                let options = async_nats::ConnectOptions::new();
+                match userinfo {
+                    Some((user, Some(password))) => options.user_and_password(user, password),
+                    Some((token, None)) => options.token(token),
+                    None => options,
+                }
+            }
+        };
+        Ok(match &self.nats_inbox_prefix {
+            Some(prefix) => options.custom_inbox_prefix(prefix),
+            None => options,
+        }
+        .name(name))
+    }
+
     /// Worker settings that match these streams and subjects; the rest are the defaults.
     pub fn worker_config(&self, consumer_prefix: &str) -> handlers::WorkerConfig {
         handlers::WorkerConfig {
@@ -247,8 +298,15 @@ pub mod routes;
 
 pub use error::ConfigError;
 use error::invalid;
+use percent_encoding::percent_decode_str;
 
 pub use routes::{ByteSize, RouteConfig, RoutesFile, load_config, load_routes, validate_routes};
+
+/// Reads `GATEWAY_WIRE_CONTRACT`: a version this release writes (1 or 2).
+fn parse_wire_contract(value: &str) -> Result<handlers::contract::WireContract, String> {
+    handlers::contract::WireContract::parse(value.trim())
+        .ok_or_else(|| format!("{value:?} is not a wire contract this release writes (1 or 2)"))
+}
 
 /// Parses a header allow-list, refusing names the contract reserves.
 pub fn header_allow_list(names: &[String]) -> Result<Vec<HeaderName>, ConfigError> {

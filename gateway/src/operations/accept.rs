@@ -122,8 +122,11 @@ impl Submission<'_> {
         now: OffsetDateTime,
     ) -> RequestMessage {
         let operation_id = new_operation_id(key_token);
+        let (reply_subject, progress_subject) = subjects.slots(&self.route.name, &operation_id);
         let head = RequestHead {
-            reply_subject: subjects.result(&operation_id),
+            contract: subjects.contract(),
+            reply_subject,
+            progress_subject,
             operation_id,
             route: self.route.name.clone(),
             method: self.method.to_owned(),

@@ -114,7 +114,7 @@ impl Finalizer {
             return Ok(());
         }
         let mut operation = Operation::from_request(&request)?;
-        match self.store.result(operation.id()).await {
+        match self.store.result(&operation, None).await {
             Ok(None) => {}
             // A result, or the delete marker of a removed one: the operation has its outcome.
             Ok(Some(_)) => return Ok(()),

@@ -21,7 +21,8 @@ use super::watch::{RECHECK, Watch};
 /// Finds an operation by id for a tenant, settling expiry on the way. `None` for ids that do not
 /// exist, no longer exist (retention), or belong to another tenant.
 ///
-/// Costs two direct gets, issued together. A reader that finds the deadline passed with no result
+/// Costs two direct gets, issued together (a third for an operation accepted under wire contract
+/// 1, whose result the wildcard read cannot find). A reader that finds the deadline passed with no result
 /// also writes the `expired` marker (and reads the slot back from the leader if it lost the race).
 pub async fn lookup(
     store: &Store,
@@ -32,15 +33,17 @@ pub async fn lookup(
         // Not an id this gateway makes: no read is spent on it.
         return Ok(None);
     }
-    let (request, result) =
-        tokio::join!(request_of(store, operation_id), store.result(operation_id));
+    let (request, early) = tokio::join!(
+        request_of(store, operation_id),
+        store.result_any_route(operation_id)
+    );
     let Some(mut operation) = request?.filter(|op| op.tenant() == tenant) else {
         return Ok(None);
     };
-    operation.result = result?;
+    operation.result = store.result(&operation, early?).await?;
     settle(store, &mut operation).await?;
     if operation.result.is_none() {
-        operation.progress = store.progress(operation_id).await?;
+        operation.progress = store.progress(&operation).await?;
     }
     if let Some(url) = operation.callback_url() {
         // Before the first attempt there is no stored state: the webhook is pending.
@@ -182,7 +185,7 @@ pub(super) async fn attach_result(
     store: &Store,
     operation: &mut Operation,
 ) -> Result<(), StoreError> {
-    operation.result = store.result(operation.id()).await?;
+    operation.result = store.result(operation, None).await?;
     settle(store, operation).await
 }
 

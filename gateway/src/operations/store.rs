@@ -40,6 +40,8 @@ pub enum StoreError {
     #[error("cannot connect to NATS: {0}")]
     Connect(#[source] async_nats::ConnectError),
     #[error(transparent)]
+    Credentials(#[from] crate::config::ConfigError),
+    #[error(transparent)]
     JetStream(#[from] JetStreamError),
     /// A stateful route's state store (its marker, the arbiter) could not be read or written.
     #[error(transparent)]
@@ -160,8 +162,10 @@ impl Store {
         // watches' ordered consumers) are made again at once, not after missed heartbeats.
         let (connections, _) = tokio::sync::watch::channel(0u64);
         let on_event = connections.clone();
-        let client = async_nats::ConnectOptions::new()
-            .name("gateway")
+        let client = settings
+            .nats
+            .connect_options("gateway")
+            .await?
             .event_callback(move |event| {
                 let on_event = on_event.clone();
                 async move {
@@ -196,7 +200,8 @@ impl Store {
             client,
             batcher: Batcher::spawn(js.clone()),
             js,
-            subjects: Subjects::new(settings.nats.subject_prefix.clone()),
+            subjects: Subjects::new(settings.nats.subject_prefix.clone())
+                .with_contract(settings.wire_contract),
             requests_stream: settings.nats.requests_stream.clone(),
             results_stream: settings.nats.results_stream.clone(),
             events_stream: settings.events_stream.clone(),
@@ -312,10 +317,13 @@ impl Store {
         Ok((backlog, acknowledged))
     }
 
-    /// An operation's latest progress report.
-    pub async fn progress(&self, operation_id: &str) -> Result<Option<ProgressState>, StoreError> {
+    /// An operation's latest progress report, from the subject its request names.
+    pub async fn progress(
+        &self,
+        operation: &Operation,
+    ) -> Result<Option<ProgressState>, StoreError> {
         self.ensure_provisioned()?;
-        let subject = self.subjects.progress(operation_id);
+        let subject = self.subjects.progress_of(&operation.request);
         let Some(message) = last_on_subject(&self.client, &self.events_stream, &subject).await?
         else {
             return Ok(None);
@@ -658,13 +666,34 @@ impl Store {
         Ok(last_on_subject_from_leader(&self.js, &self.requests_stream, &pattern).await?)
     }
 
-    /// The terminal record of an operation, if any.
-    pub async fn result(&self, operation_id: &str) -> Result<Option<StoredResult>, StoreError> {
+    /// The contract-2 result of an operation on whatever route, read before its request says
+    /// where the result is: [`Store::result`] takes it only if it sits where the request says.
+    pub async fn result_any_route(
+        &self,
+        operation_id: &str,
+    ) -> Result<Option<StreamMessage>, StoreError> {
         self.ensure_provisioned()?;
-        let subject = self.subjects.result(operation_id);
-        let found = last_on_subject(&self.client, &self.results_stream, &subject).await?;
+        let pattern = self.subjects.result_any_route(operation_id);
+        Ok(last_matching(&self.client, &self.results_stream, &pattern).await?)
+    }
+
+    /// The terminal record of an operation, if any, from the subject its request names (the
+    /// one slot of the operation, whichever contract it was accepted under). `early` is a
+    /// [`Store::result_any_route`] read: used when it is from that subject, else the subject is
+    /// read (a record on any other subject was written by someone the request did not name).
+    pub async fn result(
+        &self,
+        operation: &Operation,
+        early: Option<StreamMessage>,
+    ) -> Result<Option<StoredResult>, StoreError> {
+        self.ensure_provisioned()?;
+        let subject = &operation.request.reply_subject;
+        let found = match early {
+            Some(message) if message.subject.as_str() == subject => Some(message),
+            _ => last_on_subject(&self.client, &self.results_stream, subject).await?,
+        };
         let Some(message) = self
-            .confirm_miss(found, &self.results_stream, &subject)
+            .confirm_miss(found, &self.results_stream, subject)
             .await?
         else {
             return Ok(None);
@@ -711,7 +740,7 @@ impl Store {
         self.ensure_provisioned()?;
         let id = operation.id();
         let ttl = operation.retention();
-        let subject = self.subjects.result(id);
+        let subject = &operation.request.reply_subject;
         let decided = match self.arbiters.get(operation.route()) {
             Some(arbiter) => arbiter.decide(id, &marker, ttl).await?,
             None => Outbox::decision(&marker),
@@ -720,7 +749,7 @@ impl Store {
             &self.js,
             &self.results_stream,
             id,
-            &subject,
+            subject,
             &decided,
             ttl,
             Vec::new(),
@@ -738,7 +767,7 @@ impl Store {
         // Read the slot back from the leader, whoever won it: every later read reports the
         // record with the stream's timestamp, so this answer must too (two reads of a terminal
         // operation are byte-identical). One read more, on the rare path that writes a marker.
-        let stored = last_on_subject_from_leader(&self.js, &self.results_stream, &subject).await?;
+        let stored = last_on_subject_from_leader(&self.js, &self.results_stream, subject).await?;
         Ok(match stored {
             Some(message) => StoredResult {
                 record: ResultRecord::from_stream_message(&message)?,

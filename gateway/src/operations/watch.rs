@@ -18,7 +18,7 @@ use futures::StreamExt;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use handlers::contract::ResultRecord;
+use handlers::contract::{ResultRecord, Subjects};
 
 use super::model::Status;
 use super::store::ConsumeError;
@@ -178,8 +178,8 @@ impl Watch {
                         let Some(message) = message else { break };
                         match message {
                             Ok(m) => {
-                                if let Some(id) = m.subject.strip_prefix(prefix.as_str()) {
-                                    self.wake(id);
+                                if m.subject.starts_with(prefix.as_str()) {
+                                    self.wake(Subjects::operation_of(&m.subject));
                                 }
                                 if followed == Followed::Results {
                                     count_result(m.headers.as_ref());

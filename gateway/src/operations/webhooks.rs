@@ -20,7 +20,7 @@ use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use async_nats::jetstream::{self, AckKind};
 use bytes::Bytes;
 use futures::StreamExt;
-use handlers::contract::{ResultRecord, header};
+use handlers::contract::{ResultRecord, Subjects, header};
 use handlers::jetstream::ack;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -176,14 +176,7 @@ impl Webhooks {
 
     async fn handle(&self, message: jetstream::Message) {
         let attempt = message.info().map(|i| i.delivered).unwrap_or(1);
-        let prefix = self.store.subjects().result("");
-        let Some(id) = message
-            .subject
-            .strip_prefix(prefix.as_str())
-            .map(str::to_owned)
-        else {
-            return ack(&message, AckKind::Term).await;
-        };
+        let id = Subjects::operation_of(&message.subject).to_owned();
         let removal_marker = message
             .headers
             .as_ref()
@@ -243,6 +236,16 @@ impl Webhooks {
             );
             return Ok(Next::Done);
         };
+        if message.subject.as_str() != operation.request.reply_subject {
+            // Not the operation's slot (its request names another): a writer that may publish
+            // under some route's results wrote it, and it is no outcome of this operation.
+            tracing::warn!(
+                operation_id = %id,
+                subject = %message.subject,
+                "A result outside its operation's slot is ignored."
+            );
+            return Ok(Next::Done);
+        }
         let Some(url) = operation.callback_url().map(str::to_owned) else {
             return Ok(Next::Done);
         };

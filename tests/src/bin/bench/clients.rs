@@ -11,7 +11,7 @@ use gateway::config::RouteConfig;
 use gateway::http::auth::DEFAULT_TENANT;
 use gateway::operations::Submission;
 use handlers::contract::{DEFAULT_REQUESTS_STREAM, DEFAULT_RESULTS_STREAM, Subjects};
-use handlers::jetstream::{CreateOutcome, create_if_absent, last_matching, last_on_subject};
+use handlers::jetstream::{CreateOutcome, create_if_absent, last_matching};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, StatusCode};
@@ -263,10 +263,10 @@ impl Client for RawLookup {
             let key_token =
                 gateway::operations::idempotency::key_token_of(id).expect("gateway-made id");
             let request_pattern = self.subjects.request_any_route(key_token);
-            let result_subject = self.subjects.result(id);
+            let result_pattern = self.subjects.result_any_route(id);
             let (request, result) = tokio::join!(
                 last_matching(&self.client, DEFAULT_REQUESTS_STREAM, &request_pattern),
-                last_on_subject(&self.client, DEFAULT_RESULTS_STREAM, &result_subject)
+                last_matching(&self.client, DEFAULT_RESULTS_STREAM, &result_pattern)
             );
             match (request, result) {
                 (Ok(Some(_)), Ok(_)) => Outcome::Ok,

@@ -1,0 +1,260 @@
+//! The wire contract's layouts against a real nats-server: route-named result subjects let NATS
+//! permissions confine each route's worker (deploy/nats/accounts.conf, run as shipped), and
+//! operations accepted under contract 1 (an upgrade's first step) are answered and ended where
+//! their requests say, by gateways of either setting.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use gateway_tests::*;
+use handlers::contract::{
+    DEFAULT_REQUESTS_STREAM, DEFAULT_RESULTS_STREAM, ResultRecord, Subjects, header, header_str,
+};
+use handlers::jetstream::{last_matching, last_on_subject, publish_result};
+use handlers::{Request, Response, WorkerConfig};
+
+const ROUTES: &str = r#"
+[[route]]
+name = "orders"
+method = "POST"
+path = "/orders"
+
+[[route]]
+name = "invoices"
+method = "POST"
+path = "/invoices"
+"#;
+
+const PASSWORDS: &str = r#"
+GATEWAY_PASSWORD: "gateway-secret"
+ORDERS_WORKER_PASSWORD: "orders-secret"
+INVOICES_WORKER_PASSWORD: "invoices-secret"
+"#;
+
+/// The route's worker settings with the consumer name the accounts file allows.
+fn confined_config() -> WorkerConfig {
+    WorkerConfig {
+        consumer_prefix: handlers::contract::DEFAULT_CONSUMER_PREFIX.to_owned(),
+        ..worker_config()
+    }
+}
+
+/// A JetStream context logged in as `user`, with the inbox prefix the accounts file gives it.
+async fn login(
+    nats: &Nats,
+    user: &str,
+    password: &str,
+    inbox: &str,
+) -> async_nats::jetstream::Context {
+    let client = async_nats::ConnectOptions::new()
+        .user_and_password(user.to_owned(), password.to_owned())
+        .custom_inbox_prefix(inbox)
+        .connect(nats.url())
+        .await
+        .expect("worker logs in");
+    async_nats::jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(2))
+        .build(client)
+}
+
+fn answer(text: &'static str) -> impl handlers::Handler {
+    move |_: Request| async move { Ok(Response::text(200, text)) }
+}
+
+async fn status_of(base: &str, id: &str) -> String {
+    json(get_operation(base, id).await).await["status"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// deploy/nats/accounts.conf as shipped: the `orders` worker completes `orders` operations and is
+/// refused everything of `invoices` (its consumer, its result subjects); a record it writes under
+/// its own route for an `invoices` operation is not that operation's outcome; the `invoices`
+/// worker then ends it.
+#[tokio::test]
+async fn a_worker_is_confined_to_its_route_by_nats_permissions() {
+    let accounts = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/nats/accounts.conf"
+    ))
+    .unwrap();
+    let nats = Nats::start_with_config(&format!("{PASSWORDS}\n{accounts}")).await;
+    let gw = TestGateway::builder(ROUTES)
+        .nats_url(nats.url_as("gateway", "gateway-secret"))
+        .start()
+        .await;
+
+    let orders_js = login(&nats, "orders-worker", "orders-secret", "_INBOX_orders").await;
+    let _orders = TestWorker::start_on(orders_js.clone(), confined_config(), |w| {
+        w.route("orders", answer("order done"))
+    });
+    let order = submit(&gw.base, "/orders", "o-1").accepted().await;
+    let seen = poll_until_terminal(&gw.base, &order, Duration::from_secs(10)).await;
+    assert_eq!(seen.last().unwrap(), "succeeded");
+
+    let invoice = submit(&gw.base, "/invoices", "i-1").accepted().await;
+    let subjects = Subjects::default();
+    let (invoice_slot, _) = subjects.slots("invoices", &invoice);
+    let forged = ResultRecord::reply(
+        200,
+        Some("text/plain".into()),
+        Bytes::from_static(b"forged"),
+    );
+
+    // Another route's result subject: nats-server refuses the publish, nothing is stored.
+    let refused = publish_result(
+        &orders_js,
+        DEFAULT_RESULTS_STREAM,
+        &invoice_slot,
+        &invoice,
+        &forged,
+        None,
+    )
+    .await;
+    assert!(
+        refused.is_err(),
+        "orders worker wrote invoices' result: {refused:?}"
+    );
+    // Another route's consumer: its requests cannot be taken.
+    let pulled = async {
+        let consumer: async_nats::jetstream::consumer::PullConsumer = orders_js
+            .get_consumer_from_stream("worker-invoices", DEFAULT_REQUESTS_STREAM)
+            .await?;
+        consumer.fetch().max_messages(1).messages().await?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+    }
+    .await;
+    assert!(pulled.is_err(), "orders worker reached invoices' consumer");
+    // Its own route's subject for the other route's operation: stored, and no outcome of it.
+    let (stray_slot, _) = subjects.slots("orders", &invoice);
+    publish_result(
+        &orders_js,
+        DEFAULT_RESULTS_STREAM,
+        &stray_slot,
+        &invoice,
+        &forged,
+        None,
+    )
+    .await
+    .expect("a worker may write under its own route");
+    assert_eq!(status_of(&gw.base, &invoice).await, "pending");
+    let log = nats.log();
+    for refused in [invoice_slot.as_str(), "GW_REQUESTS.worker-invoices"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("Publish Violation") && l.contains(refused)),
+            "nats-server logged no refusal of {refused}:\n{log}"
+        );
+    }
+
+    let invoices_js = login(
+        &nats,
+        "invoices-worker",
+        "invoices-secret",
+        "_INBOX_invoices",
+    )
+    .await;
+    let _invoices = TestWorker::start_on(invoices_js, confined_config(), |w| {
+        w.route("invoices", answer("invoice done"))
+    });
+    let seen = poll_until_terminal(&gw.base, &invoice, Duration::from_secs(10)).await;
+    assert_eq!(seen.last().unwrap(), "succeeded");
+    let result = get_result(&gw.base, &invoice).await;
+    assert_eq!(result.text().await.unwrap(), "invoice done");
+}
+
+/// An upgrade from the first release: a gateway still writing contract 1 (`--wire-contract 1`)
+/// and one on contract 2 share the streams. Each request says where its result goes; a cancel
+/// through the contract-2 gateway ends a contract-1 operation in its own slot, and both gateways
+/// read every operation the same.
+#[tokio::test]
+async fn operations_of_both_layouts_are_answered_where_their_requests_say() {
+    let nats = Nats::start().await;
+    let old = TestGateway::builder(ROUTES)
+        .flags(["--wire-contract", "1"])
+        .nats(&nats)
+        .start()
+        .await;
+    let new = TestGateway::builder(ROUTES).nats(&nats).start().await;
+    let client = nats.client().await;
+    let subjects = Subjects::default();
+
+    let first = submit(&old.base, "/orders", "v1-a").accepted().await;
+    let cancelled = submit(&old.base, "/orders", "v1-b").accepted().await;
+    let second = submit(&new.base, "/orders", "v2-a").accepted().await;
+
+    // What each wrote: contract 1 as the first release wrote it, contract 2 with its version.
+    for (id, reply, contract) in [
+        (&first, format!("gw.res.{first}"), None),
+        (&second, format!("gw.res.orders.{second}"), Some("2")),
+    ] {
+        let status = json(get_operation(&new.base, id).await).await;
+        assert_eq!(status["status"], "pending");
+        let stored = stored_request(&client, id).await;
+        assert_eq!(
+            header_str(&stored.headers, header::REPLY_SUBJECT),
+            Some(reply.as_str())
+        );
+        assert_eq!(header_str(&stored.headers, header::CONTRACT), contract);
+    }
+
+    let response = http()
+        .delete(new.url(&format!("/operations/{cancelled}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let legacy = last_on_subject(
+        &client,
+        DEFAULT_RESULTS_STREAM,
+        &format!("gw.res.{cancelled}"),
+    )
+    .await
+    .unwrap()
+    .expect("the cancel is in the contract-1 slot");
+    assert_eq!(
+        header_str(&legacy.headers, header::OUTCOME),
+        Some("cancelled")
+    );
+    let (routed, _) = subjects.slots("orders", &cancelled);
+    assert!(
+        last_on_subject(&client, DEFAULT_RESULTS_STREAM, &routed)
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    let _worker = TestWorker::start(&nats, worker_config(), "orders", answer("done")).await;
+    for gateway in [&old.base, &new.base] {
+        for id in [&first, &second] {
+            let seen = poll_until_terminal(gateway, id, Duration::from_secs(10)).await;
+            assert_eq!(seen.last().unwrap(), "succeeded");
+            let result = get_result(gateway, id).await;
+            assert_eq!(result.text().await.unwrap(), "done");
+        }
+        assert_eq!(status_of(gateway, &cancelled).await, "cancelled");
+    }
+    assert!(
+        last_on_subject(&client, DEFAULT_RESULTS_STREAM, &format!("gw.res.{first}"))
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
+/// The request message of an operation, found by the key token its id starts with.
+async fn stored_request(
+    client: &async_nats::Client,
+    id: &str,
+) -> async_nats::jetstream::message::StreamMessage {
+    let token = gateway::operations::idempotency::key_token_of(id).unwrap();
+    last_matching(
+        client,
+        DEFAULT_REQUESTS_STREAM,
+        &Subjects::default().request_any_route(token),
+    )
+    .await
+    .unwrap()
+    .expect("the request is stored")
+}
