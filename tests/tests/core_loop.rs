@@ -1112,7 +1112,7 @@ async fn operation_without_result_before_timeout_expires_for_good() {
 
     let js = nats.jetstream().await;
     let late = ResultRecord::reply(200, None, Bytes::from_static(b"too late"));
-    let subject = Subjects::default().slots("orders", &id).0;
+    let subject = Subjects::default().slots("jobs", &id).0;
     let w = publish_result(&js, DEFAULT_RESULTS_STREAM, &subject, &id, &late, None)
         .await
         .unwrap();

@@ -26,7 +26,7 @@ path = "/invoices"
 "#;
 
 const PASSWORDS: &str = r#"
-GATEWAY_PASSWORD: "gateway-secret"
+GATEWAY_PASSWORD: "g@te:w/y secret"
 ORDERS_WORKER_PASSWORD: "orders-secret"
 INVOICES_WORKER_PASSWORD: "invoices-secret"
 "#;
@@ -81,7 +81,8 @@ async fn a_worker_is_confined_to_its_route_by_nats_permissions() {
     .unwrap();
     let nats = Nats::start_with_config(&format!("{PASSWORDS}\n{accounts}")).await;
     let gw = TestGateway::builder(ROUTES)
-        .nats_url(nats.url_as("gateway", "gateway-secret"))
+        // Percent-encoded in the URL, as URL user info must be.
+        .nats_url(nats.url_as("gateway", "g%40te%3Aw%2Fy%20secret"))
         .start()
         .await;
 

@@ -351,6 +351,8 @@ mod tests {
         let servers = |url: &str| {
             NatsArgs {
                 nats_url: url.to_owned(),
+                nats_creds: None,
+                nats_inbox_prefix: None,
                 subject_prefix: String::new(),
                 requests_stream: String::new(),
                 results_stream: String::new(),
