@@ -7,6 +7,18 @@ use crate::nats::Nats;
 /// Re-publishes an accepted request of `route` under another key subject: the same operation
 /// delivered again, as a producer duplicate (or a re-drive) would be.
 pub async fn duplicate_request(nats: &Nats, route: &str, operation_id: &str, copy: &str) {
+    rewritten_request(nats, route, operation_id, copy, &[]).await;
+}
+
+/// [`duplicate_request`], with these headers set to other values (a request as another release
+/// of the gateway would write it).
+pub async fn rewritten_request(
+    nats: &Nats,
+    route: &str,
+    operation_id: &str,
+    copy: &str,
+    rewrite: &[(&str, &str)],
+) {
     use handlers::contract::{DEFAULT_REQUESTS_STREAM, Subjects};
     let token =
         gateway::operations::idempotency::key_token_of(operation_id).expect("gateway-made id");
@@ -21,11 +33,14 @@ pub async fn duplicate_request(nats: &Nats, route: &str, operation_id: &str, cop
     let mut headers = async_nats::HeaderMap::new();
     for (name, values) in original.headers.iter() {
         let name: &str = name.as_ref();
-        if !name.starts_with("Nats-") {
+        if !name.starts_with("Nats-") && !rewrite.iter().any(|(n, _)| *n == name) {
             for v in values {
                 headers.append(name, v.as_str());
             }
         }
+    }
+    for (name, value) in rewrite {
+        headers.insert(*name, *value);
     }
     nats.jetstream()
         .await

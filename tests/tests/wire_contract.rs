@@ -244,6 +244,49 @@ async fn operations_of_both_layouts_are_answered_where_their_requests_say() {
     );
 }
 
+/// A request of a newer contract than this library reads is not handled here, and not thrown
+/// away either: it is offered back (nak with a delay) for a worker that reads it.
+#[tokio::test]
+async fn a_request_of_a_newer_contract_is_left_for_a_newer_worker() {
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counted = calls.clone();
+    let _worker = TestWorker::start(&nats, worker_config(), "orders", move |_: Request| {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async { Ok(Response::text(200, "done")) }
+    })
+    .await;
+    let id = submit(&gw.base, "/orders", "current").accepted().await;
+    poll_until_terminal(&gw.base, &id, Duration::from_secs(10)).await;
+    rewritten_request(&nats, "orders", &id, "newer", &[(header::CONTRACT, "3")]).await;
+
+    let js = nats.jetstream().await;
+    let consumer_info = || {
+        let js = js.clone();
+        async move {
+            let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+                .get_consumer_from_stream("test-orders", DEFAULT_REQUESTS_STREAM)
+                .await
+                .unwrap();
+            consumer.info().await.unwrap().clone()
+        }
+    };
+    eventually(
+        "the newer request was offered",
+        Duration::from_secs(10),
+        || async {
+            let info = consumer_info().await;
+            (info.delivered.stream_sequence == 2 && info.num_ack_pending == 1).then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let info = consumer_info().await;
+    assert_eq!(info.num_ack_pending, 1, "terminated or acked: {info:?}");
+    assert_eq!(info.ack_floor.stream_sequence, 1);
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
 /// The request message of an operation, found by the key token its id starts with.
 async fn stored_request(
     client: &async_nats::Client,
