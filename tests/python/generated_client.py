@@ -9,23 +9,20 @@ import json
 import sys
 import time
 
-from io import BytesIO
-
 from gateway_client import Client
 from gateway_client.api.operations import get_operation, get_result
 from gateway_client.api.routes import submit_orders
-from gateway_client.types import File
+from gateway_client.models import Order
 
 base = sys.argv[1]
 client = Client(base_url=base, raise_on_unexpected_status=False)
 seen = {}
 
-# The route declares any content (`*/*`) and bytes (`application/octet-stream`): the generated
-# submit takes the bytes.
-body = json.dumps({"item": "generated", "qty": 2}).encode()
+# The route names its JSON Schema (gateway/config/schemas/orders.json): the generated submit
+# takes the model generated from it (named by the schema's title).
 submitted = submit_orders.sync_detailed(
     client=client,
-    body=File(payload=BytesIO(body), mime_type="application/octet-stream"),
+    body=Order(sku="generated", qty=2),
     idempotency_key='"generated-1"',
 )
 seen["submit_status"] = submitted.status_code

@@ -13,7 +13,10 @@
 
 use std::time::Duration;
 
-use gateway_tests::{TestGateway, TestWorker, echo, http, venv_tool, worker_config};
+use gateway_tests::{
+    TestGateway, TestWorker, assert_problem, echo, http, stream_messages, venv_tool, worker_config,
+};
+use handlers::contract::DEFAULT_REQUESTS_STREAM;
 
 /// A client made by a mainstream generator (openapi-python-client, from scripts/install-tools)
 /// from the live `/openapi.json` submits, polls and reads the result through the example routes:
@@ -94,16 +97,72 @@ async fn a_generated_python_client_submits_polls_and_reads_the_result() {
     );
     assert_eq!(
         seen["result_body"],
-        serde_json::json!({"item": "generated", "qty": 2}),
+        serde_json::json!({"sku": "generated", "qty": 2}),
         "the worker echoes the body: {seen}"
+    );
+}
+
+/// A route that names a JSON Schema (the example `orders`) takes only JSON that meets it: a body
+/// that breaks it is `400 invalid-body` listing where (RFC 9457 `errors`, JSON Pointers), a body
+/// that is not JSON is `400` too, another media type `415`; none of them is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_schema_is_checked_before_anything_is_written() {
+    let TestGateway { nats, gw } = TestGateway::builder(&dev_routes()).start().await;
+    let post = |content_type: Option<&'static str>, body: &'static str| {
+        let mut request = http().post(gw.url("/orders")).body(body);
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        async move { request.send().await.unwrap() }
+    };
+    let json = Some("application/json");
+    assert_eq!(post(json, r#"{"sku":"tea","qty":2}"#).await.status(), 202);
+    let vendor = Some("application/vnd.order+json; charset=utf-8");
+    assert_eq!(post(vendor, r#"{"sku":"tea","qty":3}"#).await.status(), 202);
+
+    let broken = assert_problem(
+        post(json, r#"{"sku":"","qty":0}"#).await,
+        400,
+        "invalid-body",
+    )
+    .await;
+    let pointers: Vec<&str> = broken["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["pointer"].as_str().unwrap())
+        .collect();
+    assert_eq!(pointers, ["#/sku", "#/qty"], "{broken}");
+    let missing = assert_problem(post(json, r#"{"qty":1}"#).await, 400, "invalid-body").await;
+    assert_eq!(missing["errors"][0]["pointer"], "#", "{missing}");
+    let not_json = assert_problem(post(json, "{sku").await, 400, "invalid-body").await;
+    assert!(
+        not_json["detail"].as_str().unwrap().contains("not JSON"),
+        "{not_json}"
+    );
+    for content_type in [Some("text/plain"), None] {
+        let r = post(content_type, r#"{"sku":"tea","qty":2}"#).await;
+        assert_problem(r, 415, "unsupported-media-type").await;
+    }
+    assert_eq!(
+        stream_messages(&nats.jetstream().await, DEFAULT_REQUESTS_STREAM).await,
+        2,
+        "only the two bodies that meet the schema were written"
     );
 }
 
 const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_gateway-under-test");
 
+/// The example routes, their schema file named by absolute path (the harness writes the routes
+/// to a file of its own, elsewhere).
 fn dev_routes() -> String {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../gateway/config/dev.toml");
-    std::fs::read_to_string(path).expect("read the example routes")
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../gateway/config");
+    std::fs::read_to_string(format!("{config}/dev.toml"))
+        .expect("read the example routes")
+        .replace(
+            "request_schema = \"schemas/",
+            &format!("request_schema = \"{config}/schemas/"),
+        )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

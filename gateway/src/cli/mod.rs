@@ -57,7 +57,10 @@ pub fn main() -> anyhow::Result<()> {
     if let Command::Openapi { config } = &cli.command {
         let config = load_config(config)?;
         let document = crate::http::openapi::document(&config.routes, config.auth.is_some());
-        println!("{}", crate::http::openapi::to_json(&document));
+        println!(
+            "{}",
+            crate::http::openapi::to_json(&document, &config.routes)
+        );
         return Ok(());
     }
     let service = match cli.command {

@@ -295,6 +295,7 @@ impl NatsArgs {
 pub mod callback;
 mod error;
 pub mod routes;
+pub mod schema;
 
 pub use error::ConfigError;
 use error::invalid;

@@ -52,6 +52,13 @@ pub struct RouteConfig {
     /// that store's processed marker, so an outcome can never contradict a commit.
     #[serde(default)]
     pub state: Option<StateStoreConfig>,
+    /// A JSON Schema file (relative to the routes file) every body of this route must meet:
+    /// checked before anything is written, and declared in the OpenAPI document.
+    #[serde(default)]
+    pub request_schema: Option<PathBuf>,
+    /// The compiled `request_schema`, loaded with the routes file.
+    #[serde(skip)]
+    pub body_schema: Option<super::schema::BodySchema>,
 }
 
 /// A stateful route's state store: the stream and subject prefix its workers'
@@ -135,11 +142,23 @@ pub fn load_config(path: &Path) -> Result<RoutesFile, ConfigError> {
         path: path.to_owned(),
         source,
     })?;
-    let file: RoutesFile = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+    let mut file: RoutesFile = toml::from_str(&text).map_err(|source| ConfigError::Parse {
         path: path.to_owned(),
         source: Box::new(source),
     })?;
     validate_routes(&file.routes)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    for route in &mut file.routes {
+        if let Some(schema) = &route.request_schema {
+            if matches!(route.method.to_ascii_uppercase().as_str(), "GET" | "DELETE") {
+                return Err(invalid(format!(
+                    "route {:?}: request_schema on a {} route, which takes no body",
+                    route.name, route.method
+                )));
+            }
+            route.body_schema = Some(super::schema::BodySchema::load(&dir.join(schema))?);
+        }
+    }
     if file.auth.is_none() && file.routes.iter().any(|r| r.public) {
         return Err(invalid(
             "`public = true` needs an [auth] table: without one every route is open",
@@ -343,6 +362,42 @@ mod tests {
         })?;
         validate_routes(&file.routes)?;
         Ok(file.routes)
+    }
+
+    /// A schema file is found next to the routes file, compiled at start, and anything wrong
+    /// with it stops the start naming the file.
+    #[test]
+    fn request_schemas_are_loaded_beside_the_routes_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let routes = dir.path().join("routes.toml");
+        let write = |schema: &str, method: &str| {
+            std::fs::create_dir_all(dir.path().join("schemas")).unwrap();
+            std::fs::write(dir.path().join("schemas/body.json"), schema).unwrap();
+            std::fs::write(
+                &routes,
+                format!(
+                    "[[route]]\nname = \"orders\"\nmethod = \"{method}\"\npath = \"/orders\"\nrequest_schema = \"schemas/body.json\"\n"
+                ),
+            )
+            .unwrap();
+        };
+        write(r#"{"type": "object"}"#, "POST");
+        let loaded = load_routes(&routes).unwrap();
+        let schema = loaded[0].body_schema.as_ref().expect("compiled");
+        assert!(schema.check(b"{}").is_ok() && schema.check(b"[]").is_err());
+        for (schema, method, says) in [
+            ("{not json", "POST", "not JSON"),
+            (r#"{"type": 7}"#, "POST", "not a usable JSON Schema"),
+            (r#"{"type": "object"}"#, "GET", "takes no body"),
+        ] {
+            write(schema, method);
+            let error = load_routes(&routes).unwrap_err().to_string();
+            assert!(error.contains(says), "{error}");
+        }
+        write("{}", "POST");
+        std::fs::remove_file(dir.path().join("schemas/body.json")).unwrap();
+        let error = load_routes(&routes).unwrap_err().to_string();
+        assert!(error.contains("body.json"), "{error}");
     }
 
     #[test]

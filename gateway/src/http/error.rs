@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use handlers::contract::PROBLEM_TYPE_BASE;
 use serde::Serialize;
 
+use crate::config::schema::BodyError;
 use crate::metrics::{JETSTREAM_ERRORS, SHED};
 use crate::operations::idempotency::KeyError;
 use crate::operations::{AcceptError, Operation, OperationView, StoreError};
@@ -29,6 +30,17 @@ pub struct Problem {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub operation: Option<serde_json::Value>,
+    /// Where a body breaks its route's schema, as in RFC 9457 section 3's example: each with a
+    /// JSON Pointer into the body as a URI fragment (`#/qty`) and what is wrong there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub errors: Option<Vec<ProblemDetail>>,
+}
+
+/// One of a problem's `errors`.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ProblemDetail {
+    pub pointer: String,
+    pub detail: String,
 }
 
 /// Everything a request can fail with.
@@ -51,6 +63,12 @@ pub enum ApiError {
     MessageTooLarge { max_payload: usize },
     #[error("cannot read the request body: {0}")]
     BadBody(String),
+    /// A body that breaks the route's `request_schema`.
+    #[error("{0}")]
+    InvalidBody(BodyError),
+    /// A body of a route with a `request_schema` sent as something other than JSON.
+    #[error("this route takes a JSON body (application/json, or a type ending in +json)")]
+    UnsupportedMediaType,
     #[error("bad query string: {0}")]
     BadQuery(String),
     #[error("this Callback-Url is not allowed: {0}")]
@@ -149,7 +167,9 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } | ApiError::MessageTooLarge { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::BadBody(_)
+            | ApiError::InvalidBody(_)
             | ApiError::BadContentType(_)
             | ApiError::BadQuery(_)
             | ApiError::Key(_)
@@ -184,6 +204,8 @@ impl ApiError {
                 ("payload-too-large", "Request body too large")
             }
             ApiError::BadBody(_) => ("bad-body", "Unreadable request body"),
+            ApiError::InvalidBody(_) => ("invalid-body", "Body does not match the route's schema"),
+            ApiError::UnsupportedMediaType => ("unsupported-media-type", "Unsupported media type"),
             ApiError::BadQuery(_) => ("bad-query", "Bad query string"),
             ApiError::CallbackNotAllowed(_) => {
                 ("callback-url-not-allowed", "Callback-Url not allowed")
@@ -275,6 +297,18 @@ impl ApiError {
                 ApiError::AlreadyFinished(operation) => Some(
                     serde_json::to_value(OperationView::of(operation))
                         .expect("an operation body serializes"),
+                ),
+                _ => None,
+            },
+            errors: match self {
+                ApiError::InvalidBody(BodyError::Violations(violations)) => Some(
+                    violations
+                        .iter()
+                        .map(|v| ProblemDetail {
+                            pointer: format!("#{}", v.pointer),
+                            detail: v.detail.clone(),
+                        })
+                        .collect(),
                 ),
                 _ => None,
             },

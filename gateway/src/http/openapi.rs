@@ -227,11 +227,92 @@ fn declare_security(
     }
 }
 
-/// The document as the pretty JSON that `/openapi.json` serves and the repository commits.
-pub fn to_json(document: &utoipa::openapi::OpenApi) -> String {
-    document
-        .to_pretty_json()
-        .expect("an OpenAPI document serializes")
+/// The document as the pretty JSON that `/openapi.json` serves and the repository commits, with
+/// each route's request schema among the components (`<Route>Body`, its `$defs` beside it as
+/// `<Route>Body.<name>`, references rewritten to match). The schemas go into the serialized
+/// document because utoipa's schema type keeps only the keywords it models: hand-written glue,
+/// so that a schema file reaches clients as written.
+pub fn to_json(document: &utoipa::openapi::OpenApi, routes: &[RouteConfig]) -> String {
+    let mut value = serde_json::to_value(document).expect("an OpenAPI document serializes");
+    for route in routes {
+        let Some(schema) = &route.body_schema else {
+            continue;
+        };
+        let name = body_schema_name(route);
+        let mut root = schema.document().clone();
+        let mut hoisted = Vec::new();
+        if let Some(object) = root.as_object_mut() {
+            for key in ["$defs", "definitions"] {
+                if let Some(serde_json::Value::Object(defs)) = object.remove(key) {
+                    hoisted.extend(
+                        defs.into_iter()
+                            .map(|(def, v)| (format!("{name}.{def}"), v)),
+                    );
+                }
+            }
+        }
+        let schemas = value
+            .as_object_mut()
+            .expect("a document is an object")
+            .entry("components")
+            .or_insert_with(|| serde_json::json!({}))
+            .as_object_mut()
+            .expect("components is an object")
+            .entry("schemas")
+            .or_insert_with(|| serde_json::json!({}))
+            .as_object_mut()
+            .expect("schemas is an object");
+        for (key, mut schema) in std::iter::once((name.clone(), root)).chain(hoisted) {
+            rewrite_refs(&mut schema, &name);
+            schemas.insert(key, schema);
+        }
+    }
+    serde_json::to_string_pretty(&value).expect("an OpenAPI document serializes")
+}
+
+/// The component name of a route's request schema: `orders` gives `OrdersBody`.
+fn body_schema_name(route: &RouteConfig) -> String {
+    let mut name: String = route
+        .name
+        .split(['-', '_'])
+        .map(|part| {
+            let mut chars = part.chars();
+            chars
+                .next()
+                .map(|first| first.to_ascii_uppercase().to_string() + chars.as_str())
+                .unwrap_or_default()
+        })
+        .collect();
+    name.push_str("Body");
+    name
+}
+
+/// Points a schema file's own references (`#`, `#/$defs/x`, `#/properties/...`) at where its
+/// parts now are in the document.
+fn rewrite_refs(value: &mut serde_json::Value, name: &str) {
+    match value {
+        serde_json::Value::Object(object) => {
+            for (key, child) in object.iter_mut() {
+                match (key.as_str(), child) {
+                    ("$ref", serde_json::Value::String(target)) if target.starts_with('#') => {
+                        let local = &target[1..];
+                        *target = match ["/$defs/", "/definitions/"]
+                            .iter()
+                            .find_map(|p| local.strip_prefix(p))
+                        {
+                            Some(def) => format!("#/components/schemas/{name}.{def}"),
+                            None => format!("#/components/schemas/{name}{local}"),
+                        };
+                    }
+                    (_, child) => rewrite_refs(child, name),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => {
+            items.iter_mut().for_each(|item| rewrite_refs(item, name));
+        }
+        _ => {}
+    }
 }
 
 fn http_method(route: &RouteConfig) -> HttpMethod {
@@ -275,6 +356,27 @@ fn binary() -> utoipa::openapi::Content {
                 .build(),
         )))
         .build()
+}
+
+/// What a route's body may be, per media type.
+fn body_content(body: RequestBodyBuilder, route: &RouteConfig) -> RequestBodyBuilder {
+    if route.body_schema.is_some() {
+        // JSON meeting the route's schema, and nothing else (the gateway checks it).
+        let schema = utoipa::openapi::Ref::from_schema_name(body_schema_name(route));
+        return body.required(Some(Required::True)).content(
+            "application/json",
+            ContentBuilder::new()
+                .schema(Some(RefOr::<Schema>::Ref(schema)))
+                .build(),
+        );
+    }
+    // A schema per media type, so that client generators make a submit function
+    // (openapi-python-client skips an operation whose body has none): anything under `*/*`,
+    // and bytes under `application/octet-stream`, the type generators turn into a file
+    // parameter. (An `application/json` entry with `{}` makes openapi-python-client 0.29
+    // emit `isinstance(body, typing.Any)`, which raises.)
+    body.content("application/octet-stream", binary())
+        .content("*/*", any_value())
 }
 
 /// One configured route: its path (OpenAPI syntax) and its operation.
@@ -360,22 +462,11 @@ fn route_operation(route: &RouteConfig) -> (String, Operation) {
                 )))),
         );
     if !matches!(http_method(route), HttpMethod::Get | HttpMethod::Delete) {
-        operation = operation.request_body(Some(
-            RequestBodyBuilder::new()
-                .description(Some(format!(
-                    "Forwarded to the worker byte for byte, with its content type; at most {} \
-                     bytes.",
-                    route.max_body.0
-                )))
-                // A schema per media type, so that client generators make a submit function
-                // (openapi-python-client skips an operation whose body has none): anything under
-                // `*/*`, and bytes under `application/octet-stream`, the type generators turn
-                // into a file parameter. (An `application/json` entry with `{}` makes
-                // openapi-python-client 0.29 emit `isinstance(body, typing.Any)`, which raises.)
-                .content("application/octet-stream", binary())
-                .content("*/*", any_value())
-                .build(),
-        ));
+        let body = RequestBodyBuilder::new().description(Some(format!(
+            "Forwarded to the worker byte for byte, with its content type; at most {} bytes.",
+            route.max_body.0
+        )));
+        operation = operation.request_body(Some(body_content(body, route).build()));
     }
     let header = |description: &str| {
         HeaderBuilder::new()
@@ -456,6 +547,23 @@ fn route_operation(route: &RouteConfig) -> (String, Operation) {
             any("The worker's reply when it was a server error and `Prefer: wait` saw it in time."),
         )
         .build();
+    let mut responses = responses;
+    if route.body_schema.is_some() {
+        responses.responses.insert(
+            "400".to_owned(),
+            problem(
+                "Malformed Idempotency-Key or Content-Type, Callback-Url not allowed, or a body                  that is not JSON or breaks the route's schema (`invalid-body`, with `errors`:                  where and why).",
+            )
+            .build()
+            .into(),
+        );
+        responses.responses.insert(
+            "415".to_owned(),
+            problem("The body is not JSON (`application/json`, or a type ending in `+json`).")
+                .build()
+                .into(),
+        );
+    }
     (path, operation.responses(responses).build())
 }
 
@@ -470,7 +578,7 @@ mod tests {
     fn the_committed_document_is_the_generated_one() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
         let routes = crate::config::load_routes(&root.join("config/dev.toml")).unwrap();
-        let generated = to_json(&document(&routes, false));
+        let generated = to_json(&document(&routes, false), &routes);
         let committed = std::fs::read_to_string(root.join("../openapi/openapi.json")).unwrap();
         assert!(
             committed.trim_end() == generated.trim_end(),

@@ -31,10 +31,10 @@ use crate::metrics::ACCEPT_SECONDS;
 
 /// Builds the router: the configured routes, `/operations/…`, `/livez`, `/readyz`, and the layers.
 pub fn router(state: AppState, routes: &[RouteConfig]) -> Result<Router, ConfigError> {
-    let document = Bytes::from(openapi::to_json(&openapi::document(
+    let document = Bytes::from(openapi::to_json(
+        &openapi::document(routes, state.auth.is_some()),
         routes,
-        state.auth.is_some(),
-    )));
+    ));
     let openapi_document = move || {
         let document = document.clone();
         async move { ([(header::CONTENT_TYPE, "application/json")], document) }

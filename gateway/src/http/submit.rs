@@ -154,6 +154,12 @@ async fn read_submission(
             ApiError::BadBody(e.to_string())
         }
     })?;
+    if let Some(schema) = &route.body_schema {
+        if !content_type.as_deref().is_some_and(is_json) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        schema.check(&body).map_err(ApiError::InvalidBody)?;
+    }
     let callback_url = match parts.headers.get("callback-url") {
         // The route's receiver is the operator's: a client cannot divert its notifications.
         Some(_) if route.callback_url.is_some() => {
@@ -281,6 +287,15 @@ fn content_type(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     text.parse::<mime::Mime>()
         .map_err(|e| ApiError::BadContentType(e.to_string()))?;
     Ok(Some(text.to_owned()))
+}
+
+/// Whether a media type is JSON: `application/json`, or any `+json` structured syntax suffix
+/// (RFC 6839 section 3.1), parameters aside.
+fn is_json(content_type: &str) -> bool {
+    content_type.parse::<mime::Mime>().is_ok_and(|m| {
+        (m.type_() == mime::APPLICATION && m.subtype() == mime::JSON)
+            || m.suffix() == Some(mime::JSON)
+    })
 }
 
 fn content_length(headers: &HeaderMap) -> Option<usize> {

@@ -27,6 +27,8 @@ fn route(name: &str, method: &str, path: &str, require_key: bool) -> RouteConfig
         callback_url: None,
         consumer: None,
         state: None,
+        request_schema: None,
+        body_schema: None,
     }
 }
 

@@ -118,6 +118,8 @@ fn bench_route() -> RouteConfig {
         callback_url: None,
         consumer: None,
         state: None,
+        request_schema: None,
+        body_schema: None,
     }
 }
 
