@@ -31,11 +31,14 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::routes::AuthConfig;
 use crate::config::{ConfigError, RoutesFile, Settings};
 use crate::http::AppState;
 use crate::http::auth::{AuthConfigError, Authenticator};
 use crate::lifecycle::Lifecycle;
-use crate::operations::{Background, Operations, RetryAfter, StoreError, StreamPlan, WebhookError};
+use crate::operations::{
+    Background, Limit, Operations, QuotaLimits, RetryAfter, StoreError, StreamPlan, WebhookError,
+};
 
 /// Why the gateway stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +67,27 @@ pub enum RunError {
 /// with the state they have; requests in flight finish (an accept answers 202 only after its
 /// JetStream ack, as always); then the listener closes and idle connections with it. Whatever is
 /// still open when `GATEWAY_SHUTDOWN_GRACE` has passed is dropped.
+/// Each tenant's quotas: its own from `[auth.tenant.<name>]`, else the settings'.
+fn quota_limits(settings: &Settings, auth: Option<&AuthConfig>) -> QuotaLimits {
+    let default = Limit {
+        max_pending: settings.limits.tenant_max_pending,
+        max_bytes: settings.limits.tenant_max_bytes.0 as u64,
+    };
+    let tenants = auth
+        .map(|auth| &auth.tenants)
+        .into_iter()
+        .flatten()
+        .map(|(name, tenant)| {
+            let limit = Limit {
+                max_pending: tenant.max_pending.unwrap_or(default.max_pending),
+                max_bytes: tenant.max_bytes.map_or(default.max_bytes, |b| b.0 as u64),
+            };
+            (name.clone(), limit)
+        })
+        .collect();
+    QuotaLimits { default, tenants }
+}
+
 pub async fn run(
     settings: Settings,
     config: RoutesFile,
@@ -85,8 +109,15 @@ pub async fn run(
         settings.retry_after_secs,
         routes.iter().map(|r| r.name.clone()),
     );
-    let ops =
-        Operations::connect(&settings.jetstream, &routes, retry_after, lifecycle.clone()).await?;
+    let quotas = quota_limits(&settings, auth.as_ref());
+    let ops = Operations::connect(
+        &settings.jetstream,
+        &routes,
+        retry_after,
+        lifecycle.clone(),
+        quotas,
+    )
+    .await?;
     let tenant_receivers = authenticator
         .as_ref()
         .is_some_and(|auth| auth.any_callback_allow());

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use gateway_tests::{
     Nats, TestGateway, TestWorker, assert_problem, echo, get_operation, http, id_of, json,
-    stream_messages, submit, worker_config,
+    poll_until_terminal, stream_messages, submit, worker_config,
 };
 use handlers::contract::DEFAULT_REQUESTS_STREAM;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -476,6 +476,71 @@ name = "orders"
 method = "POST"
 path = "/orders"
 "#;
+
+/// Per-tenant quotas, agreed by every replica: past its pending quota a tenant's new key gets
+/// `429 quota-exceeded` (its accepted keys still replay), a second replica started later refuses
+/// too (it derives the counts from the streams), the room comes back as operations end, and the
+/// bytes quota counts request and result bodies. Nothing refused is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_quotas_hold_across_replicas() {
+    let quotas = ["--tenant-max-pending", "2", "--tenant-max-bytes", "1000"];
+    let TestGateway { nats, gw: a } = TestGateway::builder(ROUTES).flags(quotas).start().await;
+    let body = |n: usize| format!("{{\"pad\":\"{}\"}}", "x".repeat(n - 10));
+    let post =
+        |base: &str, key: &'static str, n: usize| submit(base, "/orders", key).body(body(n)).send();
+    assert_eq!(post(&a.base, "q-1", 100).await.status(), 202);
+    assert_eq!(post(&a.base, "q-2", 100).await.status(), 202);
+    let refused = post(&a.base, "q-3", 100).await;
+    assert!(refused.headers().contains_key("retry-after"));
+    let problem = assert_problem(refused, 429, "quota-exceeded").await;
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("2 operations pending"),
+        "{problem}"
+    );
+    let replayed = post(&a.base, "q-1", 100).await;
+    assert_eq!(replayed.status(), 202, "an accepted key is never refused");
+    assert_eq!(replayed.headers()["idempotent-replayed"], "true");
+
+    let b = TestGateway::builder(ROUTES)
+        .flags(quotas)
+        .nats(&nats)
+        .start()
+        .await;
+    assert_problem(post(&b.base, "q-3", 100).await, 429, "quota-exceeded").await;
+    drop(b);
+
+    let ids = [
+        id_of(post(&a.base, "q-1", 100).await).await,
+        id_of(post(&a.base, "q-2", 100).await).await,
+    ];
+    let _worker = TestWorker::start(&nats, worker_config(), "orders", echo()).await;
+    for id in &ids {
+        poll_until_terminal(&a.base, id, Duration::from_secs(10)).await;
+    }
+    // A replica started now reads what is stored, and is ready only once it has: two requests
+    // and their two replies, 400 bytes. 650 more would pass 1000 (the replies count).
+    let c = TestGateway::builder(ROUTES)
+        .flags(quotas)
+        .nats(&nats)
+        .start()
+        .await;
+    let too_big = post(&c.base, "q-3", 650).await;
+    let problem = assert_problem(too_big, 429, "quota-exceeded").await;
+    assert!(
+        problem["detail"].as_str().unwrap().contains("400 bytes"),
+        "{problem}"
+    );
+    // Nothing is pending any more: room for a new operation.
+    assert_eq!(post(&c.base, "q-3", 100).await.status(), 202);
+    assert_eq!(
+        stream_messages(&nats.jetstream().await, DEFAULT_REQUESTS_STREAM).await,
+        3,
+        "only the accepted requests were written"
+    );
+}
 
 async fn read_all(stream: &mut TcpStream) -> String {
     let mut answer = Vec::new();

@@ -154,6 +154,17 @@ pub struct ClientLimits {
     /// Requests a second per tenant (token bucket); more get 429 with `Retry-After`. 0: no limit.
     #[arg(long, env = "GATEWAY_TENANT_RATE", default_value_t = 0)]
     pub tenant_rate: u32,
+    /// Operations a tenant may have pending (accepted, not ended, deadline not passed); a new
+    /// one beyond gets `429 quota-exceeded`. 0: no limit. `[auth.tenant.<name>] max_pending`
+    /// sets a tenant's own. Without `[auth]` every caller is one tenant, so this caps the whole
+    /// gateway.
+    #[arg(long, env = "GATEWAY_TENANT_MAX_PENDING", default_value_t = 0)]
+    pub tenant_max_pending: u64,
+    /// Bytes of request and result bodies a tenant may have stored (until their retention
+    /// ends), as `1073741824` or `1GiB`; beyond, `429 quota-exceeded`. 0: no limit.
+    /// `[auth.tenant.<name>] max_bytes` sets a tenant's own.
+    #[arg(long, env = "GATEWAY_TENANT_MAX_BYTES", default_value = "0")]
+    pub tenant_max_bytes: ByteSize,
     /// Failed authentications a minute per client address (wrong API keys or tokens); past it,
     /// every request from the address that presents credentials gets 429 until the budget
     /// refills. 0: no limit.

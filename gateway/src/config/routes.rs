@@ -95,6 +95,14 @@ enum ByteSizeInput {
     Text(String),
 }
 
+/// Sizes in settings (`GATEWAY_TENANT_MAX_BYTES=1GiB`) read as in the routes file.
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        Self::try_from(ByteSizeInput::Text(text.to_owned()))
+    }
+}
+
 impl TryFrom<ByteSizeInput> for ByteSize {
     type Error = String;
     fn try_from(input: ByteSizeInput) -> Result<Self, String> {
@@ -111,7 +119,12 @@ impl TryFrom<ByteSizeInput> for ByteSize {
             "" | "B" => 1,
             "KiB" => 1024,
             "MiB" => 1024 * 1024,
-            other => return Err(format!("unknown size unit {other:?}; use B, KiB or MiB")),
+            "GiB" => 1024 * 1024 * 1024,
+            other => {
+                return Err(format!(
+                    "unknown size unit {other:?}; use B, KiB, MiB or GiB"
+                ));
+            }
         };
         n.checked_mul(factor)
             .map(ByteSize)
@@ -311,6 +324,14 @@ pub struct TenantConfig {
     /// (same rules): a tenant's operations notify only its own receivers.
     #[serde(default)]
     pub callback_allow: Vec<String>,
+    /// Operations this tenant may have pending, instead of `GATEWAY_TENANT_MAX_PENDING` (0: no
+    /// limit).
+    #[serde(default)]
+    pub max_pending: Option<u64>,
+    /// Bytes of request and result bodies this tenant may store, instead of
+    /// `GATEWAY_TENANT_MAX_BYTES` (0: no limit).
+    #[serde(default)]
+    pub max_bytes: Option<ByteSize>,
 }
 
 /// One API key: `sha256` is the lowercase hex SHA-256 of the key (`printf %s KEY | sha256sum`).

@@ -474,6 +474,7 @@ mod tests {
         let mut with_receivers = config("acme", &hex_sha256("k"));
         let receivers = |entry: &str| crate::config::routes::TenantConfig {
             callback_allow: vec![entry.to_owned()],
+            ..Default::default()
         };
         with_receivers
             .tenants

@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::config::schema::BodyError;
 use crate::metrics::{JETSTREAM_ERRORS, SHED};
 use crate::operations::idempotency::KeyError;
-use crate::operations::{AcceptError, Operation, OperationView, StoreError};
+use crate::operations::{AcceptError, Operation, OperationView, QuotaExceeded, StoreError};
 
 /// An RFC 9457 problem body.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -98,6 +98,12 @@ pub enum ApiError {
     /// The tenant is over its request rate.
     #[error("this tenant is over its request rate; retry after {retry_after_secs} s")]
     RateLimited { retry_after_secs: u64 },
+    /// The tenant holds as much as its quota allows; nothing was written.
+    #[error("{exceeded}")]
+    QuotaExceeded {
+        exceeded: QuotaExceeded,
+        retry_after_secs: u64,
+    },
     /// More headers, or larger ones, than `GATEWAY_MAX_HEADERS` / `GATEWAY_MAX_HEADER_BYTES`.
     #[error(
         "the request has more than {max_headers} headers or more than {max_bytes} bytes of them"
@@ -139,6 +145,11 @@ impl From<AcceptError> for ApiError {
                 operation_id: Some(operation_id),
             },
             AcceptError::TooLarge { max_payload } => ApiError::MessageTooLarge { max_payload },
+            // The route's own Retry-After is set where the route is known (submit).
+            AcceptError::Quota(exceeded) => ApiError::QuotaExceeded {
+                exceeded,
+                retry_after_secs: 1,
+            },
             AcceptError::Store(e) if e.is_result_removed() => ApiError::ResultRemoved,
             AcceptError::Store(e) if e.is_store_full() => ApiError::StoreFull(e),
             AcceptError::Store(e) if e.is_contract_violation() => ApiError::BadStoredMessage(e),
@@ -174,9 +185,10 @@ impl ApiError {
             | ApiError::BadQuery(_)
             | ApiError::Key(_)
             | ApiError::CallbackNotAllowed(_) => StatusCode::BAD_REQUEST,
-            ApiError::TooManyStreams | ApiError::TooManyWaiters | ApiError::RateLimited { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            ApiError::TooManyStreams
+            | ApiError::TooManyWaiters
+            | ApiError::RateLimited { .. }
+            | ApiError::QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -214,6 +226,7 @@ impl ApiError {
             ApiError::TooManyWaiters => ("too-many-waiters", "Too many waiting clients"),
             ApiError::Unauthorized(_) => ("unauthorized", "Unauthorized"),
             ApiError::RateLimited { .. } => ("rate-limited", "Too many requests"),
+            ApiError::QuotaExceeded { .. } => ("quota-exceeded", "Tenant quota reached"),
             ApiError::BodyTimeout => ("body-timeout", "Request body too slow"),
             ApiError::HeadersTooLarge { .. } => {
                 ("headers-too-large", "Request header fields too large")
@@ -267,6 +280,13 @@ impl ApiError {
                 Nats-TTL than the request's Gw-Retention). Its outcome can no longer be read, and \
                 it will not change."
                 .to_owned(),
+            ApiError::QuotaExceeded { exceeded, .. } => format!(
+                "{}{}. Nothing was written: retry after the Retry-After delay, when some of the \
+                 tenant's operations have ended. (A retry of a request already accepted is \
+                 answered as before, quota or not.)",
+                exceeded.to_string()[..1].to_uppercase(),
+                &exceeded.to_string()[1..]
+            ),
             ApiError::KeyReused { .. } => "This Idempotency-Key was first used for a request \
                 with another method, path, query, content type, body or Callback-Url. Use a new key \
                 for a new request."
@@ -353,7 +373,10 @@ impl IntoResponse for ApiError {
                     HeaderValue::from_static("Bearer realm=\"nats-http-gateway\""),
                 );
             }
-            ApiError::RateLimited { retry_after_secs } => {
+            ApiError::RateLimited { retry_after_secs }
+            | ApiError::QuotaExceeded {
+                retry_after_secs, ..
+            } => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
 

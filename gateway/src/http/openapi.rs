@@ -89,7 +89,7 @@ pub fn document(routes: &[RouteConfig], authenticated: bool) -> utoipa::openapi:
                     .responses
                     .entry("429".to_owned())
                     .or_insert_with(|| {
-                        problem("The tenant is over its request rate.")
+                        problem("The tenant is over its request rate (`rate-limited`), or at a quota (`quota-exceeded`); nothing was done.")
                             .header("Retry-After", retry_after_header())
                             .build()
                             .into()

@@ -97,6 +97,11 @@ async fn submit_with_key(
             ApiError::KeyReused { .. } if &*tenant == PUBLIC_TENANT => {
                 ApiError::KeyReused { operation_id: None }
             }
+            // Room comes back as the route's operations end: its backlog's estimate.
+            ApiError::QuotaExceeded { exceeded, .. } => ApiError::QuotaExceeded {
+                exceeded,
+                retry_after_secs: state.ops.retry_after(&route.name),
+            },
             other => other,
         })?;
     #[cfg(feature = "fault-injection")]

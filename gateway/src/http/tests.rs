@@ -65,9 +65,15 @@ async fn app_with_limit(
     .settings;
     let lifecycle = Lifecycle::default();
     let retry_after = RetryAfter::new(settings.retry_after_secs, []);
-    let ops = Operations::connect(&settings.jetstream, &[], retry_after, lifecycle.clone())
-        .await
-        .expect("connect returns at once");
+    let ops = Operations::connect(
+        &settings.jetstream,
+        &[],
+        retry_after,
+        lifecycle.clone(),
+        Default::default(),
+    )
+    .await
+    .expect("connect returns at once");
     let state = AppState::new(&settings, ops, lifecycle, None)?;
     Ok((router(state.clone(), routes)?, state))
 }

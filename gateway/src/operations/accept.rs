@@ -26,6 +26,7 @@ use time::OffsetDateTime;
 use super::idempotency::{RequestIdentity, format_key, key_token, new_operation_id};
 use super::lookup::attach_result;
 use super::model::Operation;
+use super::quota::{QuotaExceeded, Quotas};
 use super::store::{Store, StoreError};
 use crate::config::RouteConfig;
 
@@ -65,6 +66,9 @@ pub enum AcceptError {
     /// before sending, so nothing was written.
     #[error("the request message would exceed the server's max_payload of {max_payload} bytes")]
     TooLarge { max_payload: usize },
+    /// The tenant is at a quota and the key names no operation yet: nothing was written.
+    #[error(transparent)]
+    Quota(#[from] QuotaExceeded),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -165,7 +169,15 @@ pub struct RequestMessage {
 }
 
 /// Accepts a submission as exactly one request message, or finds the operation it repeats.
-pub async fn accept(store: &Store, s: Submission<'_>) -> Result<Accepted, AcceptError> {
+///
+/// With quotas, room is reserved before the write and given back when nothing was written; a
+/// tenant at its quota still gets its existing operations back (a retry is never refused for a
+/// quota), and only a new key is refused.
+pub async fn accept(
+    store: &Store,
+    quotas: Option<&Quotas>,
+    s: Submission<'_>,
+) -> Result<Accepted, AcceptError> {
     let key_token = s.key_token();
     let fingerprint = s.fingerprint();
 
@@ -177,17 +189,39 @@ pub async fn accept(store: &Store, s: Submission<'_>) -> Result<Accepted, Accept
             headers,
             ttl,
         } = s.message(store.subjects(), &key_token, &fingerprint, now);
-        let written = match store
-            .create_request(subject, headers, s.body.clone(), ttl)
-            .await
-        {
-            Err(e) if e.is_too_large() => {
-                return Err(AcceptError::TooLarge {
-                    max_payload: store.max_payload(),
-                });
+        let op = head.operation_id.as_str();
+        let admitted = quotas.map(|q| q.admit(op, s.tenant, s.body.len() as u64));
+        let written = match admitted {
+            Some(Err(exceeded)) => {
+                if store
+                    .request_on_route(&s.route.name, &key_token)
+                    .await?
+                    .is_none()
+                {
+                    return Err(exceeded.into());
+                }
+                CreateOutcome::AlreadyExists
             }
-            written => written?,
+            _ => match store
+                .create_request(subject, headers, s.body.clone(), ttl)
+                .await
+            {
+                Err(e) if e.is_too_large() => {
+                    quotas.inspect(|q| q.release(op));
+                    return Err(AcceptError::TooLarge {
+                        max_payload: store.max_payload(),
+                    });
+                }
+                // Written or not is unknown: the reservation stays until the request is seen,
+                // or for a while.
+                written => written?,
+            },
         };
+        if written == CreateOutcome::AlreadyExists
+            && let Some(quotas) = quotas
+        {
+            quotas.release(op);
+        }
         if written == CreateOutcome::Created {
             return Ok(Accepted::New(Operation::accepted(
                 head,

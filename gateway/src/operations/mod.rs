@@ -11,6 +11,7 @@
 //!   `watch`: the waiter registry and the ordered consumers that wake it;
 //! - `accept` (create-if-absent, read back, compare) and `lookup` (read, settle expiry, wait,
 //!   cancel);
+//! - [`quota`]: per-tenant quotas, from a ledger every replica derives from the streams;
 //! - [`webhooks`] (the delivery loop), `destination` (the SSRF guard), `retry_after` (backlog-based
 //!   `Retry-After`).
 
@@ -20,6 +21,7 @@ mod finalizer;
 pub mod idempotency;
 mod lookup;
 pub mod model;
+pub mod quota;
 mod retry_after;
 mod store;
 pub mod view;
@@ -37,6 +39,7 @@ pub use accept::{AcceptError, Accepted, RequestMessage, Submission};
 pub use destination::{DestinationError, check_destination};
 pub use lookup::{Cancellation, WakeOn};
 pub use model::{DeliveryState, Operation, ProgressState, Status, StoredResult};
+pub use quota::{Limit, QuotaExceeded, QuotaLimits};
 pub use retry_after::RetryAfter;
 pub use store::{StoreError, StreamPlan};
 pub use view::{Links, OperationView, operation_path};
@@ -44,6 +47,7 @@ pub use webhooks::{WebhookError, Webhooks};
 
 use crate::config::{JetStreamSettings, RouteConfig, WebhookSettings};
 use crate::lifecycle::{Lifecycle, sleep_or_stop};
+use quota::Quotas;
 use store::Store;
 use watch::{Followed, Watch};
 
@@ -53,6 +57,8 @@ pub struct Operations {
     store: Arc<Store>,
     watch: Watch,
     retry_after: RetryAfter,
+    /// Per-tenant quotas, when any is set.
+    quotas: Option<Arc<Quotas>>,
 }
 
 /// The background work of [`Operations::start`]: the routes' worker consumers (for
@@ -74,6 +80,7 @@ impl Operations {
         routes: &[RouteConfig],
         retry_after: RetryAfter,
         lifecycle: Lifecycle,
+        quotas: QuotaLimits,
     ) -> Result<Self, StoreError> {
         let stateful: Vec<_> = routes
             .iter()
@@ -83,6 +90,7 @@ impl Operations {
             store: Arc::new(Store::connect(settings, &stateful).await?),
             watch: Watch::new(lifecycle),
             retry_after,
+            quotas: Quotas::new(quotas),
         })
     }
 
@@ -155,6 +163,9 @@ impl Operations {
             .map(|(_, c)| c.clone())
             .collect();
         tokio::spawn(finalizer::Finalizer::new(store.clone(), consumers).run(stop.clone()));
+        if let Some(quotas) = &self.quotas {
+            tokio::spawn(quotas.clone().follow(store.clone(), stop.clone()));
+        }
         tokio::spawn(self.retry_after.clone().follow(
             store.clone(),
             background.consumers,
@@ -176,7 +187,7 @@ impl Operations {
 
     /// Accepts a submission as exactly one request message, or finds the operation it repeats.
     pub async fn accept(&self, submission: Submission<'_>) -> Result<Accepted, AcceptError> {
-        accept::accept(&self.store, submission).await
+        accept::accept(&self.store, self.quotas.as_deref(), submission).await
     }
 
     /// The operation `id` of `tenant`, with expiry settled; `None` when there is no such
@@ -203,11 +214,15 @@ impl Operations {
         lookup::cancel(&self.store, tenant, id).await
     }
 
-    /// Ready for requests: JetStream connected, streams in place, and the results watch running
-    /// (so waiters are woken from the first request on).
+    /// Ready for requests: JetStream connected, streams in place, the results watch running
+    /// (so waiters are woken from the first request on), and with quotas, their ledger caught up
+    /// with the streams once (so the first requests are counted against what is stored).
     pub async fn check_ready(&self) -> Result<(), StoreError> {
         self.store.check_ready().await?;
         if !self.watch.lifecycle().is_watching_results() {
+            return Err(StoreError::NotReady);
+        }
+        if self.quotas.as_ref().is_some_and(|q| !q.is_ready()) {
             return Err(StoreError::NotReady);
         }
         Ok(())

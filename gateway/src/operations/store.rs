@@ -288,6 +288,10 @@ impl Store {
         }
     }
 
+    pub fn requests_stream(&self) -> &str {
+        &self.requests_stream
+    }
+
     pub fn results_stream(&self) -> &str {
         &self.results_stream
     }
