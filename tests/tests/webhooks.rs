@@ -8,7 +8,8 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use gateway_tests::*;
-use handlers::contract::Subjects;
+use handlers::contract::{DEFAULT_RESULTS_STREAM, ResultRecord, Subjects};
+use handlers::jetstream::{ResultWrite, publish_result};
 use handlers::{Request, Response};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -125,6 +126,42 @@ async fn webhook_is_signed_retried_and_its_state_shown() {
         assert_eq!(note["data"]["status"], "succeeded");
         assert_eq!(note["data"]["result"]["status_code"], 201);
     }
+}
+
+/// A record written under another route's result subject for this operation (what a worker
+/// confined to that route can still do) is no outcome: nobody is notified and the operation stays
+/// pending; the record in the slot its request names is what the webhook carries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_outside_the_operations_slot_notifies_nobody() {
+    let (receiver, base) = Receiver::start(&[]).await;
+    let TestGateway { nats, gw } = webhook_gateway(&base, "3").start().await;
+    let id = id_of(submit_with_callback(&gw.base, "stray-1", &format!("{base}/hook")).await).await;
+    let js = nats.jetstream().await;
+    let write = |route: &'static str, status: u16| {
+        let (js, id) = (js.clone(), id.clone());
+        async move {
+            let record = ResultRecord::reply(status, None, bytes::Bytes::from_static(b"x"));
+            let subject = Subjects::default().slots(route, &id).0;
+            publish_result(&js, DEFAULT_RESULTS_STREAM, &subject, &id, &record, None)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(write("intruder", 299).await, ResultWrite::Stored);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(receiver.received().is_empty(), "the stray record notified");
+    assert_eq!(operation(&gw, &id).await["status"], "pending");
+
+    assert_eq!(write("orders", 202).await, ResultWrite::Stored);
+    let delivered = eventually("delivered", Duration::from_secs(10), || async {
+        let got = receiver.received();
+        (!got.is_empty()).then_some(got)
+    })
+    .await;
+    let note: serde_json::Value = serde_json::from_str(&delivered[0].1).unwrap();
+    assert_eq!(note["data"]["result"]["status_code"], 202, "{note}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.received().len(), 1);
 }
 
 /// A Callback-Url outside the allow-list (or not http) is a 400 problem and writes nothing.
