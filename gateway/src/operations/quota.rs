@@ -13,7 +13,9 @@
 //!
 //! The ledger is rebuilt from the streams after every reconnect (what happened meanwhile was
 //! not seen); the previous one answers until the new one has caught up. Readiness waits for the
-//! first. Memory: one entry per live operation (about 150 bytes), for as long as its retention.
+//! first. Memory: one entry per live operation, for as long as its retention: about 1 KiB of
+//! resident memory each, measured (20,000 live operations added 20 MB to a debug build, and 1.4 s
+//! to its start).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
