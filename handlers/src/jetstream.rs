@@ -337,7 +337,7 @@ pub async fn publish_result(
     if outcome == CreateOutcome::Created {
         return Ok(ResultWrite::Stored);
     }
-    let Some(stored) = last_on_subject_from_leader(js, results_stream, subject).await? else {
+    let Some(stored) = read_back(js.client(), results_stream, subject).await? else {
         // Taken a moment ago, gone now: only a TTL expiry does that. Nothing to compare with,
         // and an expired operation takes no more results.
         return Ok(ResultWrite::AlreadyStored);
@@ -353,6 +353,24 @@ pub async fn publish_result(
     } else {
         Ok(ResultWrite::Conflict { existing })
     }
+}
+
+/// The record that refused a write, by direct get (the one read a worker confined by NATS
+/// permissions to its route's subjects may do: `$JS.API.DIRECT.GET.<stream>.<subject>`), asked
+/// again for a moment while a lagging replica has not caught up with it. `None` when it never
+/// shows: removed meanwhile, which only a TTL expiry does.
+async fn read_back(
+    client: async_nats::Client,
+    stream: &str,
+    subject: &str,
+) -> Result<Option<StreamMessage>, JetStreamError> {
+    for pause in [10, 20, 40, 80, 160] {
+        if let Some(stored) = last_on_subject(&client, stream, subject).await? {
+            return Ok(Some(stored));
+        }
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+    last_on_subject(&client, stream, subject).await
 }
 
 /// Acknowledges a delivery (or naks or terms it, per `kind`). A failure is only logged: an

@@ -195,9 +195,11 @@ impl Worker {
         if self.config.max_deliver < 1 {
             return Err(WorkerError::MaxDeliver(self.config.max_deliver));
         }
+        // No stream info: a worker confined by NATS permissions to its route need not read the
+        // stream's state (a missing stream fails the consumer's creation instead).
         let stream = self
             .js
-            .get_stream(&self.config.requests_stream)
+            .get_stream_no_info(&self.config.requests_stream)
             .await
             .map_err(|e| WorkerError::Stream {
                 stream: self.config.requests_stream.clone(),
@@ -229,7 +231,7 @@ struct RouteWorker {
     js: jetstream::Context,
     /// The requests stream, and this route's durable consumer on it: created at start, and
     /// created again whenever it disappears (deleted by an operator, or its stream re-created).
-    stream: jetstream::stream::Stream,
+    stream: jetstream::stream::Stream<()>,
     consumer_config: pull::Config,
     config: Arc<WorkerConfig>,
     handler: RouteHandler,

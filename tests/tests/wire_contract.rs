@@ -127,6 +127,27 @@ async fn a_worker_is_confined_to_its_route_by_nats_permissions() {
     }
     .await;
     assert!(pulled.is_err(), "orders worker reached invoices' consumer");
+    // Its own consumer's name with another route's filter: refused (the filter is in the subject).
+    let widened = orders_js
+        .create_consumer_on_stream(
+            async_nats::jetstream::consumer::pull::Config {
+                durable_name: Some("worker-orders".to_owned()),
+                filter_subject: subjects.route_requests("invoices"),
+                ..Default::default()
+            },
+            DEFAULT_REQUESTS_STREAM,
+        )
+        .await;
+    assert!(
+        widened.is_err(),
+        "orders worker widened its consumer to invoices"
+    );
+    // Another route's results cannot be read either.
+    let peeked = last_on_subject(&orders_js.client(), DEFAULT_RESULTS_STREAM, &invoice_slot).await;
+    assert!(
+        peeked.is_err(),
+        "orders worker read invoices' result slot: {peeked:?}"
+    );
     // Its own route's subject for the other route's operation: stored, and no outcome of it.
     let (stray_slot, _) = subjects.slots("orders", &invoice);
     publish_result(
@@ -141,7 +162,14 @@ async fn a_worker_is_confined_to_its_route_by_nats_permissions() {
     .expect("a worker may write under its own route");
     assert_eq!(status_of(&gw.base, &invoice).await, "pending");
     let log = nats.log();
-    for refused in [invoice_slot.as_str(), "GW_REQUESTS.worker-invoices"] {
+    let widened_subject = "worker-orders.gw.req.invoices";
+    let peeked_subject = format!("DIRECT.GET.GW_RESULTS.{invoice_slot}");
+    for refused in [
+        invoice_slot.as_str(),
+        "GW_REQUESTS.worker-invoices",
+        widened_subject,
+        peeked_subject.as_str(),
+    ] {
         assert!(
             log.lines()
                 .any(|l| l.contains("Publish Violation") && l.contains(refused)),

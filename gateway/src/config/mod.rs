@@ -218,10 +218,12 @@ pub struct AdminArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct NatsArgs {
     /// NATS server URL(s), comma-separated.
+    // Its value is not shown in `--help`: it may carry a password.
     #[arg(
         long,
         env = "GATEWAY_NATS_URL",
-        default_value = "nats://127.0.0.1:4222"
+        default_value = "nats://127.0.0.1:4222",
+        hide_env_values = true
     )]
     pub nats_url: String,
     /// A NATS credentials file (a user JWT and its NKey seed, as `nsc` writes them) to connect

@@ -62,13 +62,31 @@ impl BodySchema {
         Self::compile(document).map_err(|e| invalid(format!("{}: {e}", path.display())))
     }
 
-    /// Compiles a schema document.
+    /// Compiles a schema document: self-contained (references are JSON Pointers into the file,
+    /// `#` or `#/...`; no `$id`, anchors or dynamic references, which would change what a
+    /// reference means once the schema sits inside the OpenAPI document), with `$defs` named by
+    /// letters, digits, `-` and `_` (they become OpenAPI component names).
     pub fn compile(document: serde_json::Value) -> Result<Self, String> {
         if !matches!(
             document,
             serde_json::Value::Object(_) | serde_json::Value::Bool(_)
         ) {
             return Err("a JSON Schema is an object (or true/false)".to_owned());
+        }
+        self_contained(&document)?;
+        for key in ["$defs", "definitions"] {
+            if let Some(serde_json::Value::Object(defs)) = document.get(key)
+                && let Some(bad) = defs.keys().find(|name| {
+                    name.is_empty()
+                        || !name
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                })
+            {
+                return Err(format!(
+                    "{key} name {bad:?}: use letters, digits, '-' and '_' (it names an OpenAPI component)"
+                ));
+            }
         }
         let validator = jsonschema::options()
             .should_validate_formats(true)
@@ -104,6 +122,37 @@ impl BodySchema {
         } else {
             Err(BodyError::Violations(violations))
         }
+    }
+}
+
+/// Refuses what would make the schema mean something else inside another document.
+fn self_contained(value: &serde_json::Value) -> Result<(), String> {
+    match value {
+        serde_json::Value::Object(object) => {
+            for (key, child) in object {
+                match (key.as_str(), child) {
+                    ("$ref", serde_json::Value::String(target))
+                        if target != "#" && !target.starts_with("#/") =>
+                    {
+                        return Err(format!(
+                            "$ref {target:?}: only references into this file (`#/$defs/...`) are read"
+                        ));
+                    }
+                    (
+                        "$id" | "$anchor" | "$dynamicAnchor" | "$dynamicRef" | "$recursiveRef",
+                        serde_json::Value::String(_),
+                    ) => {
+                        return Err(format!(
+                            "{key}: a route's schema is self-contained; refer to its parts by JSON Pointer (`#/$defs/...`)"
+                        ));
+                    }
+                    _ => self_contained(child)?,
+                }
+            }
+            Ok(())
+        }
+        serde_json::Value::Array(items) => items.iter().try_for_each(self_contained),
+        _ => Ok(()),
     }
 }
 
@@ -150,5 +199,17 @@ mod tests {
         // Nothing is fetched: a reference outside the file cannot be resolved.
         let remote = serde_json::json!({"$ref": "https://example.com/schema.json"});
         assert!(BodySchema::compile(remote).is_err());
+        // What would change meaning inside the OpenAPI document.
+        for unusable in [
+            serde_json::json!({"$id": "https://example.com/order", "type": "object"}),
+            serde_json::json!({"items": {"$ref": "#item"}, "$defs": {"x": {"$anchor": "item"}}}),
+            serde_json::json!({"$defs": {"a/b": {}}}),
+            serde_json::json!({"$defs": {"my def": {}}}),
+        ] {
+            assert!(BodySchema::compile(unusable.clone()).is_err(), "{unusable}");
+        }
+        // A property may be called "$id": it is a name there, not the keyword.
+        let named = serde_json::json!({"properties": {"$id": {"type": "string"}}});
+        assert!(BodySchema::compile(named).is_ok());
     }
 }

@@ -36,6 +36,25 @@ pub struct Problem {
     pub errors: Option<Vec<ProblemDetail>>,
 }
 
+/// What a JSON Pointer must percent-encode to be a URI fragment (RFC 6901 section 6, RFC 3986
+/// section 3.5): controls, and the characters a fragment cannot hold as they are. Non-ASCII is
+/// always encoded.
+const FRAGMENT: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'<')
+    .add(b'>')
+    .add(b'[')
+    .add(b'\\')
+    .add(b']')
+    .add(b'^')
+    .add(b'`')
+    .add(b'{')
+    .add(b'|')
+    .add(b'}');
+
 /// One of a problem's `errors`.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ProblemDetail {
@@ -118,8 +137,11 @@ pub enum ApiError {
     /// The process is draining after SIGTERM: it takes no new work.
     #[error("the gateway is shutting down")]
     ShuttingDown,
-    /// Readiness: JetStream not reachable, streams not provisioned, or results not watched yet.
-    #[error("not ready: JetStream is not reachable or not provisioned yet")]
+    /// Readiness: JetStream not reachable, streams not provisioned, results not watched yet, or
+    /// the quota ledger still reading the streams.
+    #[error(
+        "not ready: JetStream is not reachable or not provisioned yet, results are not watched yet, or the quota ledger is still reading the streams"
+    )]
     NotReady,
     /// A read that could not be done.
     #[error("JetStream unavailable: {0}")]
@@ -325,7 +347,10 @@ impl ApiError {
                     violations
                         .iter()
                         .map(|v| ProblemDetail {
-                            pointer: format!("#{}", v.pointer),
+                            pointer: format!(
+                                "#{}",
+                                percent_encoding::utf8_percent_encode(&v.pointer, FRAGMENT)
+                            ),
                             detail: v.detail.clone(),
                         })
                         .collect(),
@@ -400,4 +425,21 @@ pub fn problem_json(problem: &Problem) -> impl IntoResponse + use<> {
         )],
         body,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::schema::Violation;
+
+    /// A pointer into the body is written as a URI fragment (RFC 6901 section 6).
+    #[test]
+    fn body_pointers_are_uri_fragments() {
+        let error = ApiError::InvalidBody(BodyError::Violations(vec![Violation {
+            pointer: "/sp ace/%/ü/a~1b".to_owned(),
+            detail: "no".to_owned(),
+        }]));
+        let errors = error.problem().errors.unwrap();
+        assert_eq!(errors[0].pointer, "#/sp%20ace/%25/%C3%BC/a~1b");
+    }
 }

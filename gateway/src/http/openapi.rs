@@ -228,8 +228,8 @@ fn declare_security(
 }
 
 /// The document as the pretty JSON that `/openapi.json` serves and the repository commits, with
-/// each route's request schema among the components (`<Route>Body`, its `$defs` beside it as
-/// `<Route>Body.<name>`, references rewritten to match). The schemas go into the serialized
+/// each route's request schema among the components (`<route>_body`, its `$defs` beside it as
+/// `<route>_body.<name>`, references rewritten to match). The schemas go into the serialized
 /// document because utoipa's schema type keeps only the keywords it models: hand-written glue,
 /// so that a schema file reaches clients as written.
 pub fn to_json(document: &utoipa::openapi::OpenApi, routes: &[RouteConfig]) -> String {
@@ -270,21 +270,10 @@ pub fn to_json(document: &utoipa::openapi::OpenApi, routes: &[RouteConfig]) -> S
     serde_json::to_string_pretty(&value).expect("an OpenAPI document serializes")
 }
 
-/// The component name of a route's request schema: `orders` gives `OrdersBody`.
+/// The component name of a route's request schema: `orders` gives `orders_body` (route names
+/// are unique and hold no dot, so no two routes, and no route and a `$def`, share one).
 fn body_schema_name(route: &RouteConfig) -> String {
-    let mut name: String = route
-        .name
-        .split(['-', '_'])
-        .map(|part| {
-            let mut chars = part.chars();
-            chars
-                .next()
-                .map(|first| first.to_ascii_uppercase().to_string() + chars.as_str())
-                .unwrap_or_default()
-        })
-        .collect();
-    name.push_str("Body");
-    name
+    format!("{}_body", route.name)
 }
 
 /// Points a schema file's own references (`#`, `#/$defs/x`, `#/properties/...`) at where its
@@ -552,7 +541,9 @@ fn route_operation(route: &RouteConfig) -> (String, Operation) {
         responses.responses.insert(
             "400".to_owned(),
             problem(
-                "Malformed Idempotency-Key or Content-Type, Callback-Url not allowed, or a body                  that is not JSON or breaks the route's schema (`invalid-body`, with `errors`:                  where and why).",
+                "Malformed Idempotency-Key or Content-Type, Callback-Url not allowed, or a body \
+                 that is not JSON or breaks the route's schema (`invalid-body`, with `errors`: \
+                 where and why).",
             )
             .build()
             .into(),

@@ -190,7 +190,8 @@ pub async fn accept(
             ttl,
         } = s.message(store.subjects(), &key_token, &fingerprint, now);
         let op = head.operation_id.as_str();
-        let admitted = quotas.map(|q| q.admit(op, s.tenant, s.body.len() as u64));
+        let size = s.body.len() as u64;
+        let admitted = quotas.map(|q| q.admit(op, &head.reply_subject, s.tenant, size));
         let written = match admitted {
             Some(Err(exceeded)) => {
                 if store
@@ -211,6 +212,11 @@ pub async fn accept(
                     return Err(AcceptError::TooLarge {
                         max_payload: store.max_payload(),
                     });
+                }
+                // Refused for sure (a full stream, no JetStream yet): nothing was written.
+                Err(e) if e.is_store_full() || matches!(e, StoreError::NotReady) => {
+                    quotas.inspect(|q| q.release(op));
+                    return Err(e.into());
                 }
                 // Written or not is unknown: the reservation stays until the request is seen,
                 // or for a while.

@@ -6,10 +6,11 @@
 //! (requests say tenant, deadline and retention; `Nats-Msg-Size` says the body's size). An
 //! operation is *pending* from its request until its result, or until its deadline plus the skew
 //! allowance (it is expired then, whether or not a reader has settled it yet); its request and
-//! result bodies count as *stored* until the request's retention ends (both leave together,
-//! `Nats-TTL`). A replica also reserves what it is about to write, so that a burst through one
-//! replica is counted at once; a burst through several at the same moment can pass a quota by
-//! what the others accept within the consumers' lag (milliseconds).
+//! result bodies count as *stored* until the request's retention ends (a result written by the
+//! contract carries the request's retention as `Nats-TTL`, so it leaves a little after its
+//! request, never before). A replica also reserves what it is about to write, so that a burst
+//! through one replica is counted at once; a burst through several at the same moment can pass a
+//! quota by what the others accept within the consumers' lag (milliseconds).
 //!
 //! The ledger is rebuilt from the streams after every reconnect (what happened meanwhile was
 //! not seen); the previous one answers until the new one has caught up. Readiness waits for the
@@ -86,6 +87,9 @@ struct Usage {
 #[derive(Debug)]
 struct Entry {
     tenant: Arc<str>,
+    /// The one subject whose record is this operation's outcome (its request's
+    /// `Gw-Reply-Subject`): a record anywhere else counts for nothing.
+    reply_subject: Box<str>,
     bytes: u64,
     pending: bool,
     /// Reserved by this replica, its request not seen in the stream yet.
@@ -108,9 +112,15 @@ pub struct Ledger {
     ops: HashMap<String, Entry>,
     tenants: HashMap<Arc<str>, Usage>,
     due: BinaryHeap<Reverse<(i128, Due)>>,
-    /// Result sizes seen before their requests (the two consumers run apart).
+    /// Result sizes seen before their requests (the two consumers run apart), by subject.
     early_results: HashMap<String, (u64, i128)>,
+    /// Caught up with the streams: early results that found no request for a while are
+    /// dropped (while catching up, a request can come long after its result).
+    live: bool,
 }
+
+/// The header nats-server adds to a headers-only delivery: the body's size in bytes.
+const MSG_SIZE: &str = "Nats-Msg-Size";
 
 /// How long a reservation waits for its request to be seen.
 const RESERVATION_TTL: Duration = Duration::from_secs(30);
@@ -144,8 +154,10 @@ impl Ledger {
                 Due::Unconfirmed(op) => self.remove(&op, true),
             }
         }
-        let horizon = nanos(now - RESERVATION_TTL);
-        self.early_results.retain(|_, (_, seen)| *seen > horizon);
+        if self.live {
+            let horizon = nanos(now - RESERVATION_TTL);
+            self.early_results.retain(|_, (_, seen)| *seen > horizon);
+        }
     }
 
     fn end_pending(&mut self, op: &str) {
@@ -154,7 +166,8 @@ impl Ledger {
         {
             entry.pending = false;
             let tenant = entry.tenant.clone();
-            self.usage(&tenant).pending -= 1;
+            let usage = self.usage(&tenant);
+            usage.pending = usage.pending.saturating_sub(1);
         }
     }
 
@@ -166,8 +179,8 @@ impl Ledger {
         {
             let entry = self.ops.remove(op).expect("checked");
             let usage = self.usage(&entry.tenant);
-            usage.bytes -= entry.bytes;
-            usage.pending -= u64::from(entry.pending);
+            usage.bytes = usage.bytes.saturating_sub(entry.bytes);
+            usage.pending = usage.pending.saturating_sub(u64::from(entry.pending));
         }
     }
 
@@ -179,7 +192,7 @@ impl Ledger {
                 used: usage.pending,
             });
         }
-        if limit.max_bytes > 0 && usage.bytes + bytes > limit.max_bytes {
+        if limit.max_bytes > 0 && usage.bytes.saturating_add(bytes) > limit.max_bytes {
             return Err(QuotaExceeded::Bytes {
                 used: usage.bytes,
                 more: bytes,
@@ -190,15 +203,23 @@ impl Ledger {
     }
 
     /// Counts an operation this replica is about to write, before the stream shows it.
-    pub fn reserve(&mut self, op: &str, tenant: &str, bytes: u64, now: OffsetDateTime) {
+    pub fn reserve(
+        &mut self,
+        op: &str,
+        reply_subject: &str,
+        tenant: &str,
+        bytes: u64,
+        now: OffsetDateTime,
+    ) {
         let tenant: Arc<str> = tenant.into();
         let usage = self.usage(&tenant);
-        usage.pending += 1;
-        usage.bytes += bytes;
+        usage.pending = usage.pending.saturating_add(1);
+        usage.bytes = usage.bytes.saturating_add(bytes);
         self.ops.insert(
             op.to_owned(),
             Entry {
                 tenant,
+                reply_subject: reply_subject.into(),
                 bytes,
                 pending: true,
                 reserved: true,
@@ -211,9 +232,10 @@ impl Ledger {
     fn adopt_reservations(&mut self, old: &Ledger, now: OffsetDateTime) {
         for (op, entry) in old.ops.iter().filter(|(_, e)| e.reserved) {
             if !self.ops.contains_key(op) {
-                self.reserve(op, &entry.tenant, entry.bytes, now);
+                self.reserve(op, &entry.reply_subject, &entry.tenant, entry.bytes, now);
             }
         }
+        self.live = true;
     }
 
     /// Drops a reservation whose write did not happen (the key named an existing operation).
@@ -221,11 +243,13 @@ impl Ledger {
         self.remove(op, true);
     }
 
-    /// A request in the stream: pending until `ends` (unless a result comes), stored until
-    /// `gone`.
+    /// A request in the stream: pending until `ends` (unless a result comes on
+    /// `reply_subject`), stored until `gone`.
+    #[allow(clippy::too_many_arguments)]
     pub fn request(
         &mut self,
         op: &str,
+        reply_subject: &str,
         tenant: &str,
         bytes: u64,
         ends: OffsetDateTime,
@@ -241,19 +265,21 @@ impl Ledger {
             return;
         }
         let tenant: Arc<str> = tenant.into();
-        let (result_bytes, ended) = match self.early_results.remove(op) {
+        let (result_bytes, ended) = match self.early_results.remove(reply_subject) {
             Some((size, _)) => (size, true),
             None => (0, false),
         };
         let pending = !ended && ends > now;
+        let bytes = bytes.saturating_add(result_bytes);
         let usage = self.usage(&tenant);
-        usage.bytes += bytes + result_bytes;
-        usage.pending += u64::from(pending);
+        usage.bytes = usage.bytes.saturating_add(bytes);
+        usage.pending = usage.pending.saturating_add(u64::from(pending));
         self.ops.insert(
             op.to_owned(),
             Entry {
                 tenant,
-                bytes: bytes + result_bytes,
+                reply_subject: reply_subject.into(),
+                bytes,
                 pending,
                 reserved: false,
             },
@@ -264,20 +290,25 @@ impl Ledger {
         self.schedule(gone, Due::Gone(op.to_owned()));
     }
 
-    /// A terminal record in the stream: the operation is no longer pending, and its body counts.
-    pub fn result(&mut self, op: &str, bytes: u64, now: OffsetDateTime) {
-        match self.ops.get_mut(op) {
+    /// A terminal record on `subject`: when that is the slot its request names, the operation is
+    /// no longer pending and the record's body counts. (A record elsewhere, under another route's
+    /// subject, say, is nobody's outcome and counts for nothing.)
+    pub fn result(&mut self, subject: &str, bytes: u64, now: OffsetDateTime) {
+        match self.ops.get_mut(Subjects::operation_of(subject)) {
             Some(entry) if !entry.reserved => {
-                entry.bytes += bytes;
+                if &*entry.reply_subject != subject {
+                    return;
+                }
+                entry.bytes = entry.bytes.saturating_add(bytes);
                 let was_pending = std::mem::replace(&mut entry.pending, false);
                 let tenant = entry.tenant.clone();
                 let usage = self.usage(&tenant);
-                usage.bytes += bytes;
-                usage.pending -= u64::from(was_pending);
+                usage.bytes = usage.bytes.saturating_add(bytes);
+                usage.pending = usage.pending.saturating_sub(u64::from(was_pending));
             }
             _ => {
                 self.early_results
-                    .insert(op.to_owned(), (bytes, nanos(now)));
+                    .insert(subject.to_owned(), (bytes, nanos(now)));
             }
         }
     }
@@ -308,24 +339,39 @@ impl Quotas {
         self.ready.load(Ordering::Acquire)
     }
 
-    /// Reserves room for operation `op` of `tenant` with a body of `bytes`, or says which quota
-    /// it would pass.
-    pub fn admit(&self, op: &str, tenant: &str, bytes: u64) -> Result<(), QuotaExceeded> {
+    /// Reserves room for operation `op` (its result on `reply_subject`) of `tenant` with a body
+    /// of `bytes`, or says which quota it would pass.
+    pub fn admit(
+        &self,
+        op: &str,
+        reply_subject: &str,
+        tenant: &str,
+        bytes: u64,
+    ) -> Result<(), QuotaExceeded> {
         let limit = self.limits.of(tenant);
         if limit.is_off() {
             return Ok(());
         }
         let now = OffsetDateTime::now_utc();
-        let mut ledger = self.ledger.lock().expect("quota ledger");
+        let mut ledger = self.ledger();
         ledger.advance(now);
         ledger.check(tenant, bytes, limit)?;
-        ledger.reserve(op, tenant, bytes, now);
+        ledger.reserve(op, reply_subject, tenant, bytes, now);
         Ok(())
     }
 
     /// Gives back what [`Quotas::admit`] reserved for a write that did not happen.
     pub fn release(&self, op: &str) {
-        self.ledger.lock().expect("quota ledger").release(op);
+        self.ledger().release(op);
+    }
+
+    /// The ledger that answers. Every change to it is whole under the lock (its arithmetic
+    /// cannot panic), so one left by a panicking thread is still sound: taken back, not
+    /// poisoned for good.
+    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.ledger
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Follows both streams until `stop`, rebuilding the ledger from their start after every
@@ -353,6 +399,7 @@ impl Quotas {
     /// keep it current. Returns only when a consumer fails.
     async fn rebuild(&self, store: &Store) -> ConsumeError {
         let grace = store.expiry_grace();
+        let max_size = store.max_payload() as u64;
         let follow = |stream: &str, subjects: String| {
             let js = store.jetstream().clone();
             let stream = stream.to_owned();
@@ -389,7 +436,7 @@ impl Quotas {
                 && results_done
                 && let Some(mut fresh) = building.take()
             {
-                let mut ledger = self.ledger.lock().expect("quota ledger");
+                let mut ledger = self.ledger();
                 fresh.adopt_reservations(&ledger, OffsetDateTime::now_utc());
                 *ledger = fresh;
                 self.ready.store(true, Ordering::Release);
@@ -404,13 +451,13 @@ impl Quotas {
                 Some(Err(error)) => return ConsumeError::Messages(error.into()),
                 None => return ConsumeError::Messages("the consumer ended".into()),
             };
-            let seen = Seen::of(&message);
+            let seen = Seen::of(&message, max_size);
             let now = OffsetDateTime::now_utc();
             let mut guard;
             let ledger = match &mut building {
                 Some(fresh) => fresh,
                 None => {
-                    guard = self.ledger.lock().expect("quota ledger");
+                    guard = self.ledger();
                     &mut *guard
                 }
             };
@@ -435,7 +482,8 @@ impl Quotas {
 struct Seen<'a> {
     subject: &'a str,
     headers: Option<&'a async_nats::HeaderMap>,
-    /// Body bytes (`Nats-Msg-Size` of a headers-only delivery).
+    /// Body bytes: the `Nats-Msg-Size` nats-server adds to a headers-only delivery (its last
+    /// value: a publisher may have set its own), at most the largest message the server takes.
     size: u64,
     published: OffsetDateTime,
     /// Nothing newer was in the stream when it was delivered: caught up.
@@ -443,16 +491,17 @@ struct Seen<'a> {
 }
 
 impl<'a> Seen<'a> {
-    fn of(message: &'a async_nats::jetstream::Message) -> Self {
+    fn of(message: &'a async_nats::jetstream::Message, max_size: u64) -> Self {
         let info = message.info().ok();
         let headers = message.headers.as_ref();
+        let size = headers
+            .and_then(|h| h.get_all(MSG_SIZE).last())
+            .and_then(|v| v.as_str().parse::<u64>().ok())
+            .unwrap_or(0);
         Self {
             subject: message.subject.as_str(),
             headers,
-            size: headers
-                .and_then(|h| header_str(h, "Nats-Msg-Size"))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0),
+            size: size.min(max_size),
             published: info
                 .as_ref()
                 .map(|i| i.published)
@@ -471,6 +520,7 @@ impl<'a> Seen<'a> {
         let retention = Duration::from_secs(head.retention_secs.unwrap_or(0));
         ledger.request(
             &head.operation_id,
+            &head.reply_subject,
             tenant,
             self.size,
             head.deadline + grace,
@@ -487,7 +537,7 @@ impl<'a> Seen<'a> {
         {
             return;
         }
-        ledger.result(Subjects::operation_of(self.subject), self.size, now);
+        ledger.result(self.subject, self.size, now);
     }
 }
 
@@ -500,6 +550,10 @@ mod tests {
         max_bytes: 100,
     };
 
+    fn slot(op: &str) -> String {
+        format!("gw.res.orders.{op}")
+    }
+
     fn at(secs: i64) -> OffsetDateTime {
         OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(secs)
     }
@@ -507,8 +561,8 @@ mod tests {
     #[test]
     fn pending_ends_with_a_result_or_the_deadline_and_bytes_with_the_retention() {
         let mut ledger = Ledger::default();
-        ledger.request("a", "acme", 30, at(10), at(100), at(0));
-        ledger.request("b", "acme", 30, at(20), at(100), at(0));
+        ledger.request("a", &slot("a"), "acme", 30, at(10), at(100), at(0));
+        ledger.request("b", &slot("b"), "acme", 30, at(20), at(100), at(0));
         assert_eq!(
             ledger.check("acme", 1, LIMIT),
             Err(QuotaExceeded::Pending { used: 2 })
@@ -516,7 +570,7 @@ mod tests {
         // Another tenant holds nothing.
         assert_eq!(ledger.check("globex", 1, LIMIT), Ok(()));
         // A result ends `a`; its body counts from then on.
-        ledger.result("a", 20, at(1));
+        ledger.result(&slot("a"), 20, at(1));
         assert_eq!(ledger.check("acme", 1, LIMIT), Ok(()));
         assert_eq!(
             ledger.check("acme", 30, LIMIT),
@@ -544,11 +598,11 @@ mod tests {
     #[test]
     fn reservations_count_at_once_and_become_the_streams_record() {
         let mut ledger = Ledger::default();
-        ledger.reserve("a", "acme", 10, at(0));
-        ledger.reserve("b", "acme", 10, at(0));
+        ledger.reserve("a", &slot("a"), "acme", 10, at(0));
+        ledger.reserve("b", &slot("b"), "acme", 10, at(0));
         assert!(ledger.check("acme", 1, LIMIT).is_err());
         // Seen in the stream: counted once, not twice.
-        ledger.request("a", "acme", 10, at(100), at(200), at(1));
+        ledger.request("a", &slot("a"), "acme", 10, at(100), at(200), at(1));
         assert_eq!(
             *ledger.usage("acme"),
             Usage {
@@ -567,7 +621,7 @@ mod tests {
             }
         );
         // A reservation never seen (the write's outcome unknown) lapses.
-        ledger.reserve("c", "acme", 10, at(1));
+        ledger.reserve("c", &slot("c"), "acme", 10, at(1));
         ledger.advance(at(1) + RESERVATION_TTL);
         assert_eq!(
             *ledger.usage("acme"),
@@ -581,8 +635,8 @@ mod tests {
     #[test]
     fn a_result_seen_before_its_request_ends_it() {
         let mut ledger = Ledger::default();
-        ledger.result("a", 5, at(0));
-        ledger.request("a", "acme", 10, at(10), at(100), at(1));
+        ledger.result(&slot("a"), 5, at(0));
+        ledger.request("a", &slot("a"), "acme", 10, at(10), at(100), at(1));
         assert_eq!(
             *ledger.usage("acme"),
             Usage {
@@ -591,13 +645,50 @@ mod tests {
             }
         );
         // Requests past their retention or deadline when read count as they are now.
-        ledger.request("old", "acme", 10, at(1), at(2), at(5));
-        ledger.request("late", "acme", 10, at(3), at(50), at(5));
+        ledger.request("old", &slot("old"), "acme", 10, at(1), at(2), at(5));
+        ledger.request("late", &slot("late"), "acme", 10, at(3), at(50), at(5));
         assert_eq!(
             *ledger.usage("acme"),
             Usage {
                 pending: 0,
                 bytes: 25
+            }
+        );
+    }
+
+    /// A record outside the slot its request names (another route's subject) is nobody's
+    /// outcome: it ends nothing and counts nothing. Sizes cannot overflow the counts.
+    #[test]
+    fn only_the_named_slot_counts_and_counts_saturate() {
+        let mut ledger = Ledger::default();
+        ledger.request("a", &slot("a"), "acme", 10, at(10), at(100), at(0));
+        ledger.result("gw.res.intruder.a", 1_000, at(1));
+        assert_eq!(
+            *ledger.usage("acme"),
+            Usage {
+                pending: 1,
+                bytes: 10
+            }
+        );
+        ledger.result(&slot("a"), u64::MAX, at(1));
+        assert_eq!(
+            *ledger.usage("acme"),
+            Usage {
+                pending: 0,
+                bytes: u64::MAX
+            }
+        );
+        assert!(ledger.check("acme", 1, LIMIT).is_err());
+        ledger.advance(at(100));
+        assert_eq!(*ledger.usage("acme"), Usage::default());
+        // A stray record seen before the request is not taken for its result either.
+        ledger.result("gw.res.intruder.b", 5, at(1));
+        ledger.request("b", &slot("b"), "acme", 10, at(200), at(300), at(101));
+        assert_eq!(
+            *ledger.usage("acme"),
+            Usage {
+                pending: 1,
+                bytes: 10
             }
         );
     }
