@@ -349,3 +349,108 @@ async fn stored_request(
     .unwrap()
     .expect("the request is stored")
 }
+
+/// Publishes a reply into the intake as a worker would, with these headers.
+async fn reply_raw(nats: &Nats, subject: &str, headers: &[(&str, &str)], body: Bytes) {
+    let mut h = async_nats::HeaderMap::new();
+    for (name, value) in headers {
+        h.insert(*name, *value);
+    }
+    nats.jetstream()
+        .await
+        .publish_with_headers(subject.to_owned(), h, body)
+        .await
+        .unwrap()
+        .await
+        .expect("the intake takes it");
+}
+
+/// What a worker sends is checked where it becomes an outcome: a reply that breaks the contract
+/// (here one posing as nats-server's delete marker), one too large to store with its record's
+/// headers, and one that says `cancelled` on a stateless route each end their operation `failed`
+/// (502 `bad-reply`), instead of being retried forever; a good reply after them is copied at once.
+#[tokio::test]
+async fn unusable_replies_end_their_operations_and_hold_up_nothing() {
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
+    let subjects = Subjects::default();
+    let ids: Vec<String> = futures::future::join_all(
+        ["bad-1", "bad-2", "bad-3", "good"].map(|key| submit(&gw.base, "/orders", key).accepted()),
+    )
+    .await;
+    let reply = |i: usize| subjects.slots("orders", &ids[i]).reply;
+    reply_raw(
+        &nats,
+        &reply(0),
+        &[("Gw-Status", "200"), ("Nats-Marker-Reason", "MaxAge")],
+        Bytes::new(),
+    )
+    .await;
+    let max_payload = nats.client().await.server_info().max_payload;
+    let big = Bytes::from(vec![b'x'; max_payload - 200]);
+    reply_raw(&nats, &reply(1), &[("Gw-Status", "200")], big).await;
+    reply_raw(
+        &nats,
+        &reply(2),
+        &[("Gw-Status", "410"), ("Gw-Outcome", "cancelled")],
+        Bytes::new(),
+    )
+    .await;
+    reply_raw(
+        &nats,
+        &reply(3),
+        &[("Gw-Status", "201")],
+        Bytes::from_static(b"made"),
+    )
+    .await;
+    for (i, why) in [(0, "wire contract"), (1, "max_payload"), (2, "cancelled")] {
+        poll_until_terminal(&gw.base, &ids[i], Duration::from_secs(10)).await;
+        let result = get_result(&gw.base, &ids[i]).await;
+        let problem = assert_problem(result, 502, "bad-reply").await;
+        assert!(
+            problem["detail"].as_str().unwrap().contains(why),
+            "{problem}"
+        );
+    }
+    let seen = poll_until_terminal(&gw.base, &ids[3], Duration::from_secs(10)).await;
+    assert_eq!(seen.last().unwrap(), "succeeded");
+}
+
+/// A reply still waiting in the intake (here: no copier for its route runs) came before a cancel,
+/// and wins over it: the gateway that decides copies it first.
+#[tokio::test]
+async fn a_waiting_reply_wins_over_a_later_cancel() {
+    let nats = Nats::start().await;
+    let accepting = TestGateway::builder(ROUTES).nats(&nats).start().await;
+    let id = submit(&accepting.base, "/invoices", "late-copy")
+        .accepted()
+        .await;
+    accepting.stop().await;
+    // A replica that serves only `orders`: nobody copies `invoices` replies now.
+    let orders_only = "[[route]]\nname = \"orders\"\nmethod = \"POST\"\npath = \"/orders\"\n";
+    let gw = TestGateway::builder(orders_only).nats(&nats).start().await;
+    let reply = Subjects::default().slots("invoices", &id).reply;
+    reply_raw(
+        &nats,
+        &reply,
+        &[("Gw-Status", "200")],
+        Bytes::from_static(b"first"),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        status_of(&gw.base, &id).await,
+        "pending",
+        "no copier for invoices"
+    );
+    let cancel = http()
+        .delete(gw.url(&format!("/operations/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancel.status(), 409, "the reply came first");
+    assert_eq!(status_of(&gw.base, &id).await, "succeeded");
+    assert_eq!(
+        get_result(&gw.base, &id).await.text().await.unwrap(),
+        "first"
+    );
+}
