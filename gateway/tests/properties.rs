@@ -678,7 +678,8 @@ fn max_body() -> impl Strategy<Value = (toml::Value, usize)> {
                 Just(("", 1usize)),
                 Just(("B", 1)),
                 Just(("KiB", 1024)),
-                Just(("MiB", 1 << 20))
+                Just(("MiB", 1 << 20)),
+                Just(("GiB", 1 << 30))
             ]
         )
             .prop_map(|(n, sp, (unit, factor))| (
@@ -823,11 +824,12 @@ fn breakage() -> impl Strategy<Value = (String, toml::Value, Expect)> {
         prop_oneof![
             Just(Integer(0)),
             Just(S("0KiB".to_owned())),
+            Just(S("0GiB".to_owned())),
             Just(S("0".to_owned()))
         ]
         .prop_map(|v| ("max_body".to_owned(), v, Expect::Invalid)),
         prop_oneof![
-            s("[0-9]{1,4} ?(GB|kb|KB|mib|GiB|TiB|k|M|bytes)"),
+            s("[0-9]{1,4} ?(GB|kb|KB|mib|gib|TiB|k|M|bytes)"),
             (i64::MIN..0).prop_map(Integer),
             s("-[0-9]{1,4}(KiB)?"),
             s("[1-9][0-9]{20,29}(KiB|MiB)?"),
