@@ -32,6 +32,30 @@ impl Permanent {
     }
 }
 
+/// A handler error that asks for the next attempt no earlier than `delay` from now: what an
+/// upstream's `429` or `503` with `Retry-After` says (RFC 9110 section 10.2.3). The delivery is
+/// offered again after that delay, or after the back-off if that is longer, and at most after
+/// [`RetryAfter::MAX`].
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("retry no earlier than {delay:?} from now: {reason}")]
+pub struct RetryAfter {
+    pub delay: std::time::Duration,
+    pub reason: String,
+}
+
+impl RetryAfter {
+    /// The longest wait honoured: a longer one is cut to this (the operation's deadline still
+    /// ends it when it comes first).
+    pub const MAX: std::time::Duration = std::time::Duration::from_secs(3600);
+
+    pub fn new(delay: std::time::Duration, reason: impl Into<String>) -> Self {
+        Self {
+            delay,
+            reason: reason.into(),
+        }
+    }
+}
+
 /// A handler's answer: replayed to the HTTP client as status, content type, headers and body.
 #[derive(Debug, Clone)]
 pub struct Response {

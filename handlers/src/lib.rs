@@ -26,7 +26,7 @@ pub mod trace;
 pub mod worker;
 
 pub use contract::{Outcome, Request, RequestHead, ResultRecord, Subjects};
-pub use handler::{Handler, HandlerError, Permanent, Response};
+pub use handler::{Handler, HandlerError, Permanent, Response, RetryAfter};
 pub use progress::{Progress, ProgressReporter};
 pub use stateful::{StateStore, StatefulContext};
 pub use worker::{Worker, WorkerConfig, WorkerStats};

@@ -32,7 +32,7 @@ use crate::contract::{
 };
 // The handler API lived here before it had a file of its own; worker code that imports it from
 // `handlers::worker` keeps working.
-pub use crate::handler::{Handler, HandlerError, Permanent, Response};
+pub use crate::handler::{Handler, HandlerError, Permanent, Response, RetryAfter};
 use crate::jetstream::{JetStreamError, ResultWrite, ack, last_on_subject};
 use crate::progress::ProgressReporter;
 use crate::stateful::{self, Committed, Decision, Outbox, StateError, StateStore, StatefulHandler};
@@ -397,7 +397,12 @@ impl RouteWorker {
                 ack(&message, AckKind::Ack).await;
             }
             Err(Failure::Handler(error)) => {
-                let delay = self.config.retry_delay(delivered);
+                let backoff = self.config.retry_delay(delivered);
+                // Asked to wait (an upstream's Retry-After): not before then.
+                let delay = match error.downcast_ref::<RetryAfter>() {
+                    Some(asked) => asked.delay.min(RetryAfter::MAX).max(backoff),
+                    None => backoff,
+                };
                 tracing::warn!(operation_id = %op, delivered, retry_in = ?delay, %error, "Handler failed; request will be redelivered.");
                 ack(&message, AckKind::Nak(Some(delay))).await;
             }

@@ -40,11 +40,17 @@ path = "/slow"
 name = "capped"
 method = "POST"
 path = "/capped"
+
+[[route]]
+name = "throttled"
+method = "GET"
+path = "/throttled"
 "#;
 
 #[derive(Clone, Default)]
 struct App {
     flaky_calls: Arc<AtomicU32>,
+    throttled_calls: Arc<std::sync::Mutex<Vec<tokio::time::Instant>>>,
     in_flight: Arc<AtomicUsize>,
     most_in_flight: Arc<AtomicUsize>,
 }
@@ -85,6 +91,21 @@ async fn flaky(State(app): State<App>) -> (StatusCode, &'static str) {
     }
 }
 
+/// 429, then 503, each asking for 3 s (`Retry-After`), then 200.
+async fn throttled(State(app): State<App>) -> impl IntoResponse {
+    let calls = {
+        let mut calls = app.throttled_calls.lock().unwrap();
+        calls.push(tokio::time::Instant::now());
+        calls.len()
+    };
+    let status = match calls {
+        1 => StatusCode::TOO_MANY_REQUESTS,
+        2 => StatusCode::SERVICE_UNAVAILABLE,
+        _ => return (StatusCode::OK, [("retry-after", "0")], "served"),
+    };
+    (status, [("retry-after", "3")], "later")
+}
+
 async fn capped(State(app): State<App>) -> &'static str {
     let now = app.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     app.most_in_flight.fetch_max(now, Ordering::SeqCst);
@@ -110,6 +131,7 @@ async fn start_app() -> (App, String) {
             }),
         )
         .route("/capped", post(capped))
+        .route("/throttled", get(throttled))
         .with_state(app.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -127,7 +149,7 @@ fn start_dispatcher(nats: &Nats, upstream: &str) -> CancellationToken {
     let args = Args::parse_from([
         "dispatch",
         "--route",
-        "echo,flaky,missing,slow,capped",
+        "echo,flaky,missing,slow,capped,throttled",
         "--upstream",
         upstream,
         "--nats-url",
@@ -160,6 +182,26 @@ async fn wait_result(gw: &InProcessGateway, id: &str) -> reqwest::Response {
     let statuses = poll_until_terminal(&gw.base, id, Duration::from_secs(20)).await;
     assert_monotonic(&statuses);
     get_result(&gw.base, id).await
+}
+
+/// An upstream that answers 429 and then 503 with `Retry-After: 3` is not called again before
+/// then (the back-off alone would retry after 100-200 ms); the third call's answer is the result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstreams_retry_after_is_honoured() {
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
+    let (app, upstream) = start_app().await;
+    let _stop = start_dispatcher(&nats, &upstream);
+    let id = id_of(http().get(gw.url("/throttled")).send().await.unwrap()).await;
+    let result = wait_result(&gw, &id).await;
+    assert_eq!(result.status(), 200);
+    assert_eq!(result.text().await.unwrap(), "served");
+    let calls = app.throttled_calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 3);
+    for pair in calls.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(gap >= Duration::from_secs(3), "called again after {gap:?}");
+        eprintln!("attempts {gap:?} apart");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,7 +15,9 @@ use crate::lifecycle::sleep_or_stop;
 use crate::metrics::DISPATCH_REPLIES;
 use bytes::Bytes;
 use handlers::contract::is_contract_header;
-use handlers::{HandlerError, Permanent, Request, Response, Worker, WorkerConfig, WorkerStats};
+use handlers::{
+    HandlerError, Permanent, Request, Response, RetryAfter, Worker, WorkerConfig, WorkerStats,
+};
 use tokio_util::sync::CancellationToken;
 
 /// Flags of `gateway dispatch`.
@@ -214,7 +216,14 @@ async fn forward(
         () = request.cancellation.cancelled() => return Err("cancelled by the client".into()),
     };
     let status = answer.status();
-    if status.is_server_error() {
+    // 429 and 503 ask for a later attempt, and Retry-After says when (RFC 9110 sections 10.2.3
+    // and 15.6.4, RFC 6585 section 4): not before then.
+    let busy = status == reqwest::StatusCode::TOO_MANY_REQUESTS
+        || status == reqwest::StatusCode::SERVICE_UNAVAILABLE;
+    if busy && let Some(delay) = retry_after(answer.headers(), std::time::SystemTime::now()) {
+        return Err(RetryAfter::new(delay, format!("upstream answered {status}")).into());
+    }
+    if status.is_server_error() || busy {
         return Err(format!("upstream answered {status}").into());
     }
     let content_type = answer
@@ -246,9 +255,46 @@ async fn forward(
     })
 }
 
+/// An answer's `Retry-After` as a wait from `now`: delay-seconds or an HTTP-date (RFC 9110
+/// section 10.2.3); a date in the past is no wait. `None` when absent or unreadable.
+fn retry_after(
+    headers: &reqwest::header::HeaderMap,
+    now: std::time::SystemTime,
+) -> Option<Duration> {
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(Duration::from_secs(value.parse().unwrap_or(u64::MAX)));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        let now = httpdate::parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
+        let of = |value: &str| {
+            let mut h = reqwest::header::HeaderMap::new();
+            h.insert(reqwest::header::RETRY_AFTER, value.parse().unwrap());
+            retry_after(&h, now)
+        };
+        assert_eq!(of("3"), Some(Duration::from_secs(3)));
+        assert_eq!(
+            of("Sun, 06 Nov 1994 08:49:40 GMT"),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(of("Sun, 06 Nov 1994 08:49:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(of("-1"), None);
+        assert_eq!(of("soon"), None);
+        assert_eq!(retry_after(&reqwest::header::HeaderMap::new(), now), None);
+    }
 
     #[test]
     fn upstream_urls_keep_the_prefix_and_refuse_dot_segments() {
