@@ -446,21 +446,41 @@ impl RouteWorker {
             let (op, reply_subject, trace) = (&op, &reply_subject, trace.clone());
             let (client, result_subject) = (&client, &result_subject);
             async move {
-                let write =
-                    stateful::project(&self.js, replies, op, reply_subject, &marker, ttl, trace)
-                        .await?;
-                // A reply to the intake is copied into the slot later, so the intake's answer is
-                // not the last word: another outcome may hold the slot already (a cancellation
-                // that came meanwhile; another reply, copied and gone from the intake, which
-                // then took this one or could not show it). The slot says what won; while it is
-                // empty, what the intake said stands.
-                let write = match (intake, &write) {
-                    (true, ResultWrite::Stored | ResultWrite::AlreadyStored) => {
-                        stored_outcome(client, results, result_subject, &marker.reply())
-                            .await?
-                            .unwrap_or(write)
+                // A reply to the intake is only copied into the slot later, so whether it wins is
+                // not known from its own write: the slot is looked at first (a cancellation or
+                // an expiry that came meanwhile), and a slot taken later is the copier's count.
+                // (Whoever filled the slot published the outbox's messages before it.)
+                let taken = match intake {
+                    true => {
+                        stored_outcome(client, results, result_subject, &marker.reply()).await?
                     }
-                    _ => write,
+                    false => None,
+                };
+                let write = match taken {
+                    Some(write) => write,
+                    None => {
+                        let write = stateful::project(
+                            &self.js,
+                            replies,
+                            op,
+                            reply_subject,
+                            &marker,
+                            ttl,
+                            trace,
+                        )
+                        .await?;
+                        match write {
+                            // Refused by a reply waiting in the intake, which may have been
+                            // copied (and left the intake) before it could be read back: what
+                            // it became is in the slot.
+                            ResultWrite::AlreadyStored if intake => {
+                                stored_outcome(client, results, result_subject, &marker.reply())
+                                    .await?
+                                    .unwrap_or(write)
+                            }
+                            write => write,
+                        }
+                    }
                 };
                 Ok(Answered::Replied {
                     write,
