@@ -459,27 +459,8 @@ impl RouteWorker {
                 let write = match taken {
                     Some(write) => write,
                     None => {
-                        let write = stateful::project(
-                            &self.js,
-                            replies,
-                            op,
-                            reply_subject,
-                            &marker,
-                            ttl,
-                            trace,
-                        )
-                        .await?;
-                        match write {
-                            // Refused by a reply waiting in the intake, which may have been
-                            // copied (and left the intake) before it could be read back: what
-                            // it became is in the slot.
-                            ResultWrite::AlreadyStored if intake => {
-                                stored_outcome(client, results, result_subject, &marker.reply())
-                                    .await?
-                                    .unwrap_or(write)
-                            }
-                            write => write,
-                        }
+                        stateful::project(&self.js, replies, op, reply_subject, &marker, ttl, trace)
+                            .await?
                     }
                 };
                 Ok(Answered::Replied {
