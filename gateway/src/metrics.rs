@@ -36,7 +36,7 @@ pub const RESULT_CONFLICTS: &str = "gateway_result_conflicts_total";
 /// Workers' replies the gateway took from the intake (wire contract 2), by `outcome`: `copied`
 /// into the result slot, `duplicate` (the same answer was there), `conflict` (another outcome
 /// won), `stray` (not its operation's reply subject: dropped), `unusable` (the operation ended
-/// `failed`, 502 `bad-reply`), `early` (an `expired` before the deadline: offered again then).
+/// `failed`, 502 `bad-reply`).
 pub const REPLIES: &str = "gateway_replies_total";
 /// Requests a route's workers have not finished (the workers' consumer's pending plus
 /// unacknowledged messages), by `route`; absent while the consumer does not exist.
@@ -147,14 +147,7 @@ pub fn start_at_zero(routes: &[String]) {
     for status in ["succeeded", "failed", "expired", "cancelled"] {
         counter!(RESULTS, "status" => status).increment(0);
     }
-    for outcome in [
-        "copied",
-        "duplicate",
-        "conflict",
-        "stray",
-        "early",
-        "unusable",
-    ] {
+    for outcome in ["copied", "duplicate", "conflict", "stray", "unusable"] {
         counter!(REPLIES, "outcome" => outcome).increment(0);
     }
     for writer in ["expiry", "cancel"] {

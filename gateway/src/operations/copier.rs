@@ -92,7 +92,7 @@ async fn consume(store: &Store, route: &str, stop: &CancellationToken) -> Result
             if let Ok(message) = message {
                 let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
                 let kind = match copy(store, &message).await {
-                    Ok(kind) => kind,
+                    Ok(()) => AckKind::Ack,
                     Err(error) => {
                         tracing::warn!(%error, subject = %message.subject, delivered, "Cannot copy a reply now; retrying.");
                         let delay = Duration::from_millis(250 << delivered.clamp(1, 6));
@@ -106,20 +106,21 @@ async fn consume(store: &Store, route: &str, stop: &CancellationToken) -> Result
     Ok(())
 }
 
-/// Copies one reply of the intake; what to tell the intake (an error leaves it to be delivered
-/// again).
-async fn copy(store: &Store, message: &jetstream::Message) -> Result<AckKind, StoreError> {
+/// Copies one reply of the intake; an error leaves it to be delivered again.
+async fn copy(store: &Store, message: &jetstream::Message) -> Result<(), StoreError> {
     let id = Subjects::operation_of(&message.subject);
     let Some(operation) = confirmed_request_of(store, id).await? else {
         tracing::warn!(subject = %message.subject, "A reply for no live operation; dropped.");
-        return Ok(AckKind::Ack);
+        return Ok(());
     };
     let headers = message.headers.clone().unwrap_or_default();
-    let payload = message.payload.clone();
-    let copied = reply::copy(store, &operation, &message.subject, &headers, payload).await?;
-    Ok(match copied {
-        // Offered again at the deadline.
-        reply::Copied::Early(wait) => AckKind::Nak(Some(wait)),
-        _ => AckKind::Ack,
-    })
+    reply::copy(
+        store,
+        &operation,
+        &message.subject,
+        &headers,
+        message.payload.clone(),
+    )
+    .await?;
+    Ok(())
 }

@@ -6,9 +6,8 @@
 //! The copy is create-if-absent (first writer wins). What a worker sends is checked here, where
 //! it becomes an outcome: a reply that breaks the wire contract, that is too large to store with
 //! the record's own headers, or that claims an outcome only the gateway decides (`cancelled` on a
-//! stateless route) ends the operation `failed` with a `502 bad-reply` problem saying why, rather
-//! than being retried forever or dropped unseen; an `expired` that comes before the deadline (a
-//! worker's clock ahead) waits for it.
+//! stateless route, `expired` before the deadline) ends the operation `failed` with a `502
+//! bad-reply` problem saying why, rather than being retried forever or dropped unseen.
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -31,9 +30,6 @@ pub(super) enum Copied {
     Written(ResultWrite),
     /// Not this operation's reply (its request names another reply subject): nothing written.
     Stray,
-    /// An `expired` record from a worker whose clock is ahead: not before the deadline, which
-    /// is this long from now. Nothing written yet.
-    Early(std::time::Duration),
     /// Unusable: the operation ended `failed` with a problem saying why (or had ended already).
     Unusable(String),
 }
@@ -45,7 +41,6 @@ impl Copied {
             Copied::Written(ResultWrite::AlreadyStored) => "duplicate",
             Copied::Written(ResultWrite::Conflict { .. }) => "conflict",
             Copied::Stray => "stray",
-            Copied::Early(_) => "early",
             Copied::Unusable(_) => "unusable",
         }
     }
@@ -74,7 +69,7 @@ pub(super) async fn copy(
             %why,
             "A worker's reply is unusable; the operation ends failed."
         ),
-        Copied::Written(_) | Copied::Early(_) => {}
+        Copied::Written(_) => {}
     }
     Ok(copied)
 }
@@ -108,16 +103,13 @@ async fn copy_checked(
         Outcome::Cancelled if !store.is_stateful(operation.route()) => {
             Some("it says `cancelled`, which only a client's cancellation decides")
         }
+        Outcome::Expired if OffsetDateTime::now_utc() <= store.expires_at(operation) => {
+            Some("it says `expired` before the operation's deadline")
+        }
         Outcome::Cancelled | Outcome::Expired => None,
     };
     if let Some(why) = gateway_only {
         return unusable(store, operation, why.to_owned()).await;
-    }
-    // A worker decides `expired` by its own clock and grace: one ahead of this gateway's waits
-    // for the deadline here, so that no operation ends expired before it (the model's property).
-    let early = operation.deadline() - OffsetDateTime::now_utc();
-    if record.outcome == Outcome::Expired && early.is_positive() {
-        return Ok(Copied::Early(early.unsigned_abs()));
     }
     let header_bytes: usize = record
         .to_headers(id)
@@ -186,7 +178,6 @@ pub(super) async fn copy_waiting(store: &Store, operation: &Operation) -> Result
     else {
         return Ok(());
     };
-    // An early `expired` is left waiting: what the gateway decides now is its own.
     copy(store, operation, subject, &waiting.headers, waiting.payload).await?;
     Ok(())
 }
