@@ -28,16 +28,11 @@ pub const IDEMPOTENT_REPLAYS: &str = "gateway_idempotent_replays_total";
 /// with `max`, not `sum`.
 pub const RESULTS: &str = "gateway_results_total";
 /// The gateway's own terminal markers refused because a result was stored first (an expiry or a
-/// cancellation that lost the race), by `writer` (`expiry`, `cancel`). Workers' conflicting
-/// replies are counted in `gateway_replies_total{outcome="conflict"}`, and where they happen:
+/// cancellation that lost the race), by `writer` (`expiry`, `cancel`, or `reply`: a worker's reply
+/// the copier could not store). Workers' conflicting replies are also counted where they happen:
 /// `gateway_dispatch_replies_total{outcome="conflict"}`, or `WorkerStats::conflicts` in a
 /// `handlers` worker.
 pub const RESULT_CONFLICTS: &str = "gateway_result_conflicts_total";
-/// Workers' replies the gateway took from the intake (wire contract 2), by `outcome`: `copied`
-/// into the result slot, `duplicate` (the same answer was there), `conflict` (another outcome
-/// won), `stray` (not its operation's reply subject: dropped), `unusable` (the operation ended
-/// `failed`, 502 `bad-reply`).
-pub const REPLIES: &str = "gateway_replies_total";
 /// Requests a route's workers have not finished (the workers' consumer's pending plus
 /// unacknowledged messages), by `route`; absent while the consumer does not exist.
 pub const PENDING_OPERATIONS: &str = "gateway_pending_operations";
@@ -106,10 +101,6 @@ fn describe() {
     );
     describe_counter!(RESULTS, "Terminal records seen, by status.");
     describe_counter!(
-        REPLIES,
-        "Workers' replies taken from the intake, by outcome."
-    );
-    describe_counter!(
         RESULT_CONFLICTS,
         "Results refused because another was stored first."
     );
@@ -147,10 +138,7 @@ pub fn start_at_zero(routes: &[String]) {
     for status in ["succeeded", "failed", "expired", "cancelled"] {
         counter!(RESULTS, "status" => status).increment(0);
     }
-    for outcome in ["copied", "duplicate", "conflict", "stray", "unusable"] {
-        counter!(REPLIES, "outcome" => outcome).increment(0);
-    }
-    for writer in ["expiry", "cancel"] {
+    for writer in ["expiry", "cancel", "reply"] {
         counter!(RESULT_CONFLICTS, "writer" => writer).increment(0);
     }
     for route in routes {

@@ -133,7 +133,6 @@ impl Finalizer {
             "Handler failed",
             &detail,
         );
-        super::reply::copy_waiting(&self.store, &operation).await?;
         let stored = self.store.record_marker(&operation, failed).await?;
         let status = super::model::Status::of(&stored.record).name();
         operation.result = Some(stored);

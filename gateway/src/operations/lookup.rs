@@ -15,7 +15,6 @@ use tokio::time::Instant;
 
 use super::idempotency::key_token_of;
 use super::model::{DeliveryState, Operation, Status, decode_state};
-use super::reply;
 use super::store::{Store, StoreError};
 use super::watch::{RECHECK, Watch};
 
@@ -196,8 +195,6 @@ async fn settle(store: &Store, operation: &mut Operation) -> Result<(), StoreErr
     if operation.result.is_some() || OffsetDateTime::now_utc() <= store.expires_at(operation) {
         return Ok(());
     }
-    // A reply still waiting in the intake came first.
-    reply::copy_waiting(store, operation).await?;
     let marker = ResultRecord::expired(operation.id(), operation.deadline());
     let winner = store.record_marker(operation, marker).await?;
     operation.result = Some(winner);
@@ -225,7 +222,6 @@ pub async fn cancel(
         return Ok(None);
     };
     if operation.result.is_none() {
-        reply::copy_waiting(store, &operation).await?;
         let marker = ResultRecord::cancelled(operation_id);
         let winner = store.record_marker(&operation, marker).await?;
         operation.result = Some(winner);

@@ -24,7 +24,6 @@ pub mod idempotency;
 mod lookup;
 pub mod model;
 pub mod quota;
-mod reply;
 mod retry_after;
 mod store;
 pub mod view;
@@ -166,12 +165,7 @@ impl Operations {
             .map(|(_, c)| c.clone())
             .collect();
         tokio::spawn(finalizer::Finalizer::new(store.clone(), consumers).run(stop.clone()));
-        let routes = background
-            .consumers
-            .iter()
-            .map(|(r, _)| r.clone())
-            .collect();
-        tokio::spawn(copier::Copier::new(store.clone(), routes).run(stop.clone()));
+        tokio::spawn(copier::Copier::new(store.clone()).run(stop.clone()));
         if let Some(quotas) = &self.quotas {
             tokio::spawn(quotas.clone().follow(store.clone(), stop.clone()));
         }

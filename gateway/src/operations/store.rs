@@ -302,15 +302,6 @@ impl Store {
         &self.replies_stream
     }
 
-    pub fn client(&self) -> &async_nats::Client {
-        &self.client
-    }
-
-    /// Whether `route` decides its outcomes through a state store (a stateful route).
-    pub fn is_stateful(&self, route: &str) -> bool {
-        self.arbiters.contains_key(route)
-    }
-
     /// A worker consumer's (backlog, acknowledged deliveries so far) on the requests stream.
     pub async fn consumer_progress(&self, consumer: &str) -> Result<(u64, u64), StoreError> {
         self.ensure_provisioned()?;
