@@ -693,13 +693,13 @@ impl Protocol {
 
     fn finalizer_step(&self, state: &mut State) -> Option<()> {
         let old = self.upgrade;
-        if state.finalizer == Finalizer::Deciding {
-            self.copy_waiting(state, old);
-        }
         state.finalizer = match state.finalizer {
             Finalizer::Idle if state.advisory => Finalizer::Deciding,
             Finalizer::Deciding if Self::slot_taken(state, old) => Finalizer::Done,
-            Finalizer::Deciding => match self.decide(state, Rec::Failed, Writer::Gateway(old)) {
+            Finalizer::Deciding => match {
+                self.copy_waiting(state, old);
+                self.decide(state, Rec::Failed, Writer::Gateway(old))
+            } {
                 Some(p) => Finalizer::Projecting(p),
                 None => Finalizer::Done,
             },
