@@ -32,11 +32,8 @@
 //! Workers never write the results stream themselves: a reply goes to the operation's intake
 //! subject (its own stream, first writer wins there too, no roll-ups, so a worker's headers cannot
 //! purge or replace anyone's results), and the gateway's copier, a durable consumer of the
-//! intake, writes it into the result slot create-if-absent; the intake frees the subject on the
-//! copier's ack (a work queue), so a later reply can wait there again, and is refused by the slot.
-//! The model has the copier crash between its write and its ack (the copy is then done again, and
-//! refused), and lag as long as any other process: a gateway about to decide an outcome (cancel,
-//! expiry, failure) copies a waiting reply first, which came before its decision. Requests of the
+//! intake, writes it into the result slot create-if-absent. The model has the copier crash
+//! between its write and its ack (the copy is then done again, and refused). Requests of the
 //! previous release's layout name the result slot itself, and their workers write there.
 //!
 //! What the model leaves out: more than one operation (so lost updates between operations sharing a
@@ -310,9 +307,10 @@ pub struct State {
     pub result_removed: bool,
     /// Records the results stream ever stored for the operation.
     pub result_writes: u8,
-    /// The reply waiting in the operation's intake (first writer wins while it waits; the work
-    /// queue frees the subject when the copier acks it).
+    /// The reply a worker wrote to the operation's intake (first writer wins), and whether the
+    /// copier has written it on (and acked it).
     pub intake: Option<Rec>,
+    pub copied: bool,
     /// The request names the route-named slot (accepted by this release, new layout).
     pub routed: bool,
     /// What a previous-release process wrote at the slot it computes, when that is not the
@@ -389,6 +387,7 @@ impl Protocol {
             result_removed: false,
             result_writes: 0,
             intake: None,
+            copied: false,
             routed: false,
             stray: None,
             marker: None,
@@ -654,20 +653,8 @@ impl Protocol {
         Some(())
     }
 
-    /// Before this release decides an outcome (cancel, expiry, failure), a reply waiting in the
-    /// intake is copied first: it came before the decision, and wins as it would have, had the
-    /// copier been quicker.
-    fn copy_waiting(&self, state: &mut State, old: bool) {
-        if let (false, Some(rec)) = (old, state.intake) {
-            self.write_result(state, rec, false);
-        }
-    }
-
     fn gateway_step(&self, state: &mut State, g: usize) -> Option<()> {
         let old = self.old_gateway(g);
-        if matches!(state.gateways[g], Gateway::Deciding(_)) {
-            self.copy_waiting(state, old);
-        }
         let next = match state.gateways[g] {
             Gateway::Idle => return None,
             Gateway::Deciding(rec) => match self.decide(state, rec, Writer::Gateway(old)) {
@@ -696,10 +683,7 @@ impl Protocol {
         state.finalizer = match state.finalizer {
             Finalizer::Idle if state.advisory => Finalizer::Deciding,
             Finalizer::Deciding if Self::slot_taken(state, old) => Finalizer::Done,
-            Finalizer::Deciding => match {
-                self.copy_waiting(state, old);
-                self.decide(state, Rec::Failed, Writer::Gateway(old))
-            } {
+            Finalizer::Deciding => match self.decide(state, Rec::Failed, Writer::Gateway(old)) {
                 Some(p) => Finalizer::Projecting(p),
                 None => Finalizer::Done,
             },
@@ -801,7 +785,7 @@ impl Model for Protocol {
         if self.variant == Variant::ShortMarkerTtl && state.marker.is_some() {
             actions.push(Action::MarkerExpires);
         }
-        if state.intake.is_some() {
+        if state.intake.is_some() && !state.copied {
             actions.push(Action::Copy {
                 crash_before_ack: false,
             });
@@ -914,7 +898,7 @@ impl Model for Protocol {
                 if crash_before_ack {
                     state.crashes_left -= 1;
                 } else {
-                    state.intake = None;
+                    state.copied = true;
                 }
             }
             Action::FinalizerCrash => {
