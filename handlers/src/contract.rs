@@ -826,14 +826,14 @@ mod tests {
         h.insert(header::CONTRACT, "2");
         assert!(matches!(
             RequestHead::from_headers(&h),
-            Err(ContractError::MissingHeader(header::RESULT_SUBJECT))
-        ));
-        h.insert(header::RESULT_SUBJECT, "gw.res.orders.op");
-        assert!(matches!(
-            RequestHead::from_headers(&h),
             Err(ContractError::MissingHeader(header::PROGRESS_SUBJECT))
         ));
         h.insert(header::PROGRESS_SUBJECT, "gw.prog.orders.op");
+        assert!(matches!(
+            RequestHead::from_headers(&h),
+            Err(ContractError::MissingHeader(header::RESULT_SUBJECT))
+        ));
+        h.insert(header::RESULT_SUBJECT, "gw.res.orders.op");
         let v2 = RequestHead::from_headers(&h).unwrap();
         assert_eq!(Subjects::default().progress_of(&v2), "gw.prog.orders.op");
         assert_eq!(RequestHead::from_headers(&v2.to_headers(&[])).unwrap(), v2);

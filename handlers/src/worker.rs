@@ -439,30 +439,13 @@ impl RouteWorker {
         }
         let ttl = request.retention_secs.map(Duration::from_secs);
         let (op, reply_subject) = (request.operation_id.clone(), request.reply_subject.clone());
-        let result_subject = request.result_subject.clone();
-        let intake = request.contract != WireContract::V1;
         let trace = crate::trace::outgoing(&tracing::Span::current(), &request.headers);
         let publish = |marker: Outbox, terminate| {
             let (op, reply_subject, trace) = (&op, &reply_subject, trace.clone());
-            let (client, result_subject) = (&client, &result_subject);
             async move {
-                // A reply to the intake is only copied into the slot later, so whether it wins is
-                // not known from its own write: the slot is looked at first (a cancellation or
-                // an expiry that came meanwhile), and a slot taken later is the copier's count.
-                // (Whoever filled the slot published the outbox's messages before it.)
-                let taken = match intake {
-                    true => {
-                        stored_outcome(client, results, result_subject, &marker.reply()).await?
-                    }
-                    false => None,
-                };
-                let write = match taken {
-                    Some(write) => write,
-                    None => {
-                        stateful::project(&self.js, replies, op, reply_subject, &marker, ttl, trace)
-                            .await?
-                    }
-                };
+                let write =
+                    stateful::project(&self.js, replies, op, reply_subject, &marker, ttl, trace)
+                        .await?;
                 Ok(Answered::Replied {
                     write,
                     terminate,
@@ -664,26 +647,6 @@ impl From<JetStreamError> for Failure {
     fn from(e: JetStreamError) -> Self {
         Failure::JetStream(e)
     }
-}
-
-/// What the result slot already holds, as the write of `reply` there would have found it: `None`
-/// while it is empty.
-async fn stored_outcome(
-    client: &async_nats::Client,
-    results: &str,
-    result_subject: &str,
-    reply: &ResultRecord,
-) -> Result<Option<ResultWrite>, JetStreamError> {
-    let Some(stored) = last_on_subject(client, results, result_subject).await? else {
-        return Ok(None);
-    };
-    Ok(Some(match ResultRecord::from_stream_message(&stored) {
-        // An outcome was stored and removed since: this operation takes no other.
-        Err(ContractError::Removed { .. }) => ResultWrite::AlreadyStored,
-        Err(error) => return Err(error.into()),
-        Ok(existing) if existing.same_answer(reply) => ResultWrite::AlreadyStored,
-        Ok(existing) => ResultWrite::Conflict { existing },
-    }))
 }
 
 /// Cancels `token` when the operation's `cancelled` marker is published, until the returned guard
