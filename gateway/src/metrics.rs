@@ -28,10 +28,9 @@ pub const IDEMPOTENT_REPLAYS: &str = "gateway_idempotent_replays_total";
 /// with `max`, not `sum`.
 pub const RESULTS: &str = "gateway_results_total";
 /// The gateway's own terminal markers refused because a result was stored first (an expiry or a
-/// cancellation that lost the race), by `writer` (`expiry`, `cancel`, or `reply`: a worker's reply
-/// the copier could not store). Workers' conflicting replies are also counted where they happen:
-/// `gateway_dispatch_replies_total{outcome="conflict"}`, or `WorkerStats::conflicts` in a
-/// `handlers` worker.
+/// cancellation that lost the race), by `writer` (`expiry`, `cancel`). Workers' conflicting
+/// replies are counted where they happen: `gateway_dispatch_replies_total{outcome="conflict"}`,
+/// or `WorkerStats::conflicts` in a `handlers` worker.
 pub const RESULT_CONFLICTS: &str = "gateway_result_conflicts_total";
 /// Requests a route's workers have not finished (the workers' consumer's pending plus
 /// unacknowledged messages), by `route`; absent while the consumer does not exist.
@@ -138,7 +137,7 @@ pub fn start_at_zero(routes: &[String]) {
     for status in ["succeeded", "failed", "expired", "cancelled"] {
         counter!(RESULTS, "status" => status).increment(0);
     }
-    for writer in ["expiry", "cancel", "reply"] {
+    for writer in ["expiry", "cancel"] {
         counter!(RESULT_CONFLICTS, "writer" => writer).increment(0);
     }
     for route in routes {

@@ -13,22 +13,16 @@
 //!   the gateway's `expired` or `cancelled` marker. The results stream keeps at most one message
 //!   per subject and refuses later ones (`discard_new_per_subject`), so the first terminal record
 //!   wins for good.
-//! - `gw.rep.<route>.<operation-id>`: a worker's reply, in the intake stream (first writer wins
-//!   there too). Workers never write the results stream: the gateway's copier writes each reply
-//!   into the result slot, create-if-absent. The intake allows no roll-ups and no purges, so no
-//!   header a worker sends can remove or replace anyone's results (the results stream keeps
-//!   nats-server's subject delete markers, which require roll-ups).
 //! - `gw.prog.<route>.<operation-id>`: an operation's latest progress report.
 //!
-//! The route in the reply, result and progress subjects is what lets NATS permissions confine a
-//! worker to its route: publish to `gw.rep.<route>.>` and `gw.prog.<route>.>`, read
-//! `gw.res.<route>.>`, nothing else of the gateway's. A request names its subjects
-//! (`Gw-Reply-Subject`, `Gw-Result-Subject`, `Gw-Progress-Subject`), and every writer and reader
-//! follows the request, never a subject it builds itself: the slot of an operation is fixed when
-//! it is accepted. That is [`WireContract::V2`]; operations accepted under [`WireContract::V1`]
-//! (the first release: the worker replies straight into `gw.res.<operation-id>`, progress on
-//! `gw.prog.<operation-id>`, no `Gw-Contract` header) are read and answered where their requests
-//! say, so both layouts live side by side during an upgrade.
+//! The route in the result and progress subjects is what lets NATS permissions confine a worker
+//! to its route: publish to `gw.res.<route>.>` and `gw.prog.<route>.>`, nothing else of the
+//! gateway's. A request names both subjects (`Gw-Reply-Subject`, `Gw-Progress-Subject`), and
+//! every writer and reader follows the request, never a subject it builds itself: the slot of an
+//! operation is fixed when it is accepted. That is [`WireContract::V2`]; operations accepted under
+//! [`WireContract::V1`] (the first release: `gw.res.<operation-id>`, `gw.prog.<operation-id>`, no
+//! `Gw-Contract` header) are read and answered where their requests say, so both layouts live
+//! side by side during an upgrade.
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::message::StreamMessage;
@@ -49,8 +43,6 @@ pub const DEFAULT_REQUESTS_STREAM: &str = "GW_REQUESTS";
 pub const DEFAULT_CONSUMER_PREFIX: &str = "worker";
 /// Default name of the stream holding terminal records (results).
 pub const DEFAULT_RESULTS_STREAM: &str = "GW_RESULTS";
-/// Default name of the intake stream of workers' replies (contract 2).
-pub const DEFAULT_REPLIES_STREAM: &str = "GW_REPLIES";
 
 /// Which layout of result and progress subjects a request was accepted under; a request says it
 /// in `Gw-Contract` (absent: 1).
@@ -61,9 +53,8 @@ pub enum WireContract {
     /// release read and write only these (they compute the subject from the id), so a gateway
     /// writes this layout while any such replica still runs.
     V1,
-    /// Replies on `<prefix>.rep.<route>.<operation-id>` (the intake, copied by the gateway),
-    /// results on `<prefix>.res.<route>.<operation-id>`, progress on
-    /// `<prefix>.prog.<route>.<operation-id>`, all named in the request.
+    /// `<prefix>.res.<route>.<operation-id>` and `<prefix>.prog.<route>.<operation-id>`, both named
+    /// in the request.
     #[default]
     V2,
 }
@@ -108,13 +99,8 @@ pub mod header {
     pub const PATH: &str = "Gw-Path";
     /// Raw query string of the original request, without `?`; absent when there was none.
     pub const QUERY: &str = "Gw-Query";
-    /// Where the worker publishes its reply: the intake (contract 2), or the result slot itself
-    /// (contract 1).
+    /// Where the worker publishes its reply (a subject of the results stream).
     pub const REPLY_SUBJECT: &str = "Gw-Reply-Subject";
-    /// Where the operation's terminal record is (contract 2; under contract 1, the reply
-    /// subject): what a worker reads to learn that the operation ended, and watches for a
-    /// cancellation.
-    pub const RESULT_SUBJECT: &str = "Gw-Result-Subject";
     /// Where the worker publishes progress reports (contract 2; under contract 1 there is no
     /// header and the subject is `<prefix>.prog.<operation-id>`).
     pub const PROGRESS_SUBJECT: &str = "Gw-Progress-Subject";
@@ -233,35 +219,17 @@ impl Subjects {
         format!("{}.prog.>", self.prefix)
     }
 
-    /// Where a new operation's reply, result and progress reports go, under this contract: the
-    /// subjects its request names.
-    pub fn slots(&self, route: &str, operation_id: &str) -> Slots {
+    /// Where a new operation's result and progress reports go, under this contract: the
+    /// `(reply, progress)` subjects its request names.
+    pub fn slots(&self, route: &str, operation_id: &str) -> (String, Option<String>) {
         let p = &self.prefix;
         match self.contract {
-            WireContract::V1 => {
-                let result = format!("{p}.res.{operation_id}");
-                Slots {
-                    reply: result.clone(),
-                    result,
-                    progress: None,
-                }
-            }
-            WireContract::V2 => Slots {
-                reply: format!("{p}.rep.{route}.{operation_id}"),
-                result: format!("{p}.res.{route}.{operation_id}"),
-                progress: Some(format!("{p}.prog.{route}.{operation_id}")),
-            },
+            WireContract::V1 => (format!("{p}.res.{operation_id}"), None),
+            WireContract::V2 => (
+                format!("{p}.res.{route}.{operation_id}"),
+                Some(format!("{p}.prog.{route}.{operation_id}")),
+            ),
         }
-    }
-
-    /// All reply subjects (the intake stream's subject filter).
-    pub fn all_replies(&self) -> String {
-        format!("{}.rep.>", self.prefix)
-    }
-
-    /// A route's reply subjects (contract 2): what its workers may publish replies to.
-    pub fn route_replies(&self, route: &str) -> String {
-        format!("{}.rep.{route}.>", self.prefix)
     }
 
     /// Where an accepted request's progress reports go: the subject it names, or contract 1's.
@@ -272,7 +240,7 @@ impl Subjects {
         }
     }
 
-    /// A route's result subjects (contract 2): what its workers may read (and watch).
+    /// A route's result subjects (contract 2): what its workers may publish replies to.
     pub fn route_results(&self, route: &str) -> String {
         format!("{}.res.{route}.>", self.prefix)
     }
@@ -318,17 +286,6 @@ impl Subjects {
     pub fn request_any_route(&self, key_token: &str) -> String {
         format!("{}.req.*.{key_token}", self.prefix)
     }
-}
-
-/// The subjects a request names for its operation (see [`Subjects::slots`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Slots {
-    /// Where workers publish the reply.
-    pub reply: String,
-    /// Where the terminal record is.
-    pub result: String,
-    /// Where progress reports go; `None` under contract 1.
-    pub progress: Option<String>,
 }
 
 impl Default for Subjects {
@@ -382,10 +339,7 @@ pub struct RequestHead {
     pub content_type: Option<String>,
     /// The contract the request was written under (`Gw-Contract`).
     pub contract: WireContract,
-    /// Where workers publish the reply (see [`header::REPLY_SUBJECT`]).
     pub reply_subject: String,
-    /// Where the terminal record is: `Gw-Result-Subject`, or the reply subject under contract 1.
-    pub result_subject: String,
     /// Where progress reports go; `None` under contract 1 (see [`Subjects::progress_of`]).
     pub progress_subject: Option<String>,
     pub deadline: OffsetDateTime,
@@ -413,8 +367,6 @@ impl RequestHead {
         // Contract 1 had no version header: a request of it is written as that release wrote it.
         let contract =
             (self.contract != WireContract::V1).then(|| self.contract.number().to_string());
-        let result_subject =
-            (self.contract != WireContract::V1).then_some(self.result_subject.as_str());
         let fields = [
             (header::OPERATION_ID, Some(self.operation_id.as_str())),
             (header::ROUTE, Some(self.route.as_str())),
@@ -424,7 +376,6 @@ impl RequestHead {
             (header::CONTENT_TYPE, self.content_type.as_deref()),
             (header::CONTRACT, contract.as_deref()),
             (header::REPLY_SUBJECT, Some(self.reply_subject.as_str())),
-            (header::RESULT_SUBJECT, result_subject),
             (header::PROGRESS_SUBJECT, self.progress_subject.as_deref()),
             (header::DEADLINE, Some(deadline.as_str())),
             (header::RETENTION, retention.as_deref()),
@@ -451,13 +402,9 @@ impl RequestHead {
             Some(v) => WireContract::parse(v)
                 .ok_or_else(|| ContractError::UnknownContract(v.to_owned()))?,
         };
-        let reply_subject = required(headers, header::REPLY_SUBJECT)?.to_owned();
-        let (result_subject, progress_subject) = match contract {
-            WireContract::V1 => (reply_subject.clone(), None),
-            WireContract::V2 => (
-                required(headers, header::RESULT_SUBJECT)?.to_owned(),
-                Some(required(headers, header::PROGRESS_SUBJECT)?.to_owned()),
-            ),
+        let progress_subject = match contract {
+            WireContract::V1 => None,
+            WireContract::V2 => Some(required(headers, header::PROGRESS_SUBJECT)?.to_owned()),
         };
         let deadline = parse_time(header::DEADLINE, required(headers, header::DEADLINE)?)?;
         let retention_secs = match header_str(headers, header::RETENTION) {
@@ -476,8 +423,7 @@ impl RequestHead {
             query: optional(header::QUERY),
             content_type: optional(header::CONTENT_TYPE),
             contract,
-            reply_subject,
-            result_subject,
+            reply_subject: required(headers, header::REPLY_SUBJECT)?.to_owned(),
             progress_subject,
             deadline,
             retention_secs,
@@ -816,10 +762,6 @@ mod tests {
         // The first release's request: no version, no progress subject.
         let v1 = RequestHead::from_headers(&h).unwrap();
         assert_eq!(v1.contract, WireContract::V1);
-        assert_eq!(
-            v1.result_subject, "gw.res.op",
-            "contract 1 replies into the result slot"
-        );
         assert_eq!(Subjects::default().progress_of(&v1), "gw.prog.op");
         assert!(v1.to_headers(&[]).get(header::CONTRACT).is_none());
         // Contract 2 names where progress goes.
@@ -829,11 +771,6 @@ mod tests {
             Err(ContractError::MissingHeader(header::PROGRESS_SUBJECT))
         ));
         h.insert(header::PROGRESS_SUBJECT, "gw.prog.orders.op");
-        assert!(matches!(
-            RequestHead::from_headers(&h),
-            Err(ContractError::MissingHeader(header::RESULT_SUBJECT))
-        ));
-        h.insert(header::RESULT_SUBJECT, "gw.res.orders.op");
         let v2 = RequestHead::from_headers(&h).unwrap();
         assert_eq!(Subjects::default().progress_of(&v2), "gw.prog.orders.op");
         assert_eq!(RequestHead::from_headers(&v2.to_headers(&[])).unwrap(), v2);
@@ -855,22 +792,15 @@ mod tests {
         assert_eq!(s.route_requests("orders"), "acme.req.orders.>");
         assert_eq!(
             s.slots("orders", "op"),
-            Slots {
-                reply: "acme.rep.orders.op".into(),
-                result: "acme.res.orders.op".into(),
-                progress: Some("acme.prog.orders.op".into()),
-            }
+            (
+                "acme.res.orders.op".into(),
+                Some("acme.prog.orders.op".into())
+            )
         );
-        assert_eq!(s.route_replies("orders"), "acme.rep.orders.>");
         assert_eq!(s.route_results("orders"), "acme.res.orders.>");
         assert_eq!(s.result_any_route("op"), "acme.res.*.op");
         let s = s.with_contract(WireContract::V1);
-        let v1 = s.slots("orders", "op");
-        assert_eq!(
-            (v1.reply.as_str(), v1.result.as_str()),
-            ("acme.res.op", "acme.res.op")
-        );
-        assert_eq!(v1.progress, None);
+        assert_eq!(s.slots("orders", "op"), ("acme.res.op".into(), None));
         assert_eq!(Subjects::operation_of("acme.res.orders.op"), "op");
         assert_eq!(Subjects::operation_of("acme.res.op"), "op");
     }

@@ -455,13 +455,12 @@ fn subject_covers(filter: &str, subject: &str) -> bool {
 /// Publishes a decided marker: a commit's outgoing messages first (each with its deterministic
 /// `Nats-Msg-Id`), then the record, first writer wins, with `extra` headers (trace context).
 /// Every publisher of one marker publishes the same, so repeating it (a redelivery, the gateway,
-/// the finalizer) is harmless. The record goes to `subject` of `stream`: a worker's to the
-/// subject its request names for replies, the gateway's straight to the result slot.
+/// the finalizer) is harmless.
 pub async fn project(
     js: &async_nats::jetstream::Context,
-    stream: &str,
+    results_stream: &str,
     operation_id: &str,
-    subject: &str,
+    reply_subject: &str,
     marker: &Outbox,
     ttl: Option<Duration>,
     extra: Vec<(String, String)>,
@@ -478,7 +477,15 @@ pub async fn project(
     }
     let mut record = marker.reply();
     record.headers.extend(extra);
-    publish_result(js, stream, subject, operation_id, &record, ttl).await
+    publish_result(
+        js,
+        results_stream,
+        reply_subject,
+        operation_id,
+        &record,
+        ttl,
+    )
+    .await
 }
 
 /// An outgoing message of a stateful handler: published after the commit with

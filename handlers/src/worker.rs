@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::contract::{
-    ContractError, Outcome, Request, ResultRecord, Subjects, WireContract, header, header_str,
+    ContractError, Outcome, Request, ResultRecord, Subjects, header, header_str,
 };
 // The handler API lived here before it had a file of its own; worker code that imports it from
 // `handlers::worker` keeps working.
@@ -43,8 +43,6 @@ pub struct WorkerConfig {
     pub subjects: Subjects,
     pub requests_stream: String,
     pub results_stream: String,
-    /// The intake stream of replies (wire contract 2): where this worker's replies go.
-    pub replies_stream: String,
     /// Durable consumer name is `<consumer_prefix>-<route>`; workers sharing it share the work.
     pub consumer_prefix: String,
     /// How long a delivery may stay unacknowledged before JetStream redelivers it.
@@ -70,7 +68,6 @@ impl Default for WorkerConfig {
             subjects: Subjects::default(),
             requests_stream: crate::contract::DEFAULT_REQUESTS_STREAM.to_owned(),
             results_stream: crate::contract::DEFAULT_RESULTS_STREAM.to_owned(),
-            replies_stream: crate::contract::DEFAULT_REPLIES_STREAM.to_owned(),
             consumer_prefix: crate::contract::DEFAULT_CONSUMER_PREFIX.to_owned(),
             ack_wait: Duration::from_secs(30),
             max_deliver: 10,
@@ -422,16 +419,10 @@ impl RouteWorker {
     ) -> Result<Answered, Failure> {
         let client = self.js.client();
         let results = &self.config.results_stream;
-        // The reply goes where the request says: the intake (contract 2), whose copy into the
-        // result slot the gateway makes, or the result slot itself (contract 1).
-        let replies = match request.contract {
-            WireContract::V1 => results,
-            WireContract::V2 => &self.config.replies_stream,
-        };
         // Watch before looking, so that a cancellation landing in between is not missed.
         let _watching =
-            watch_cancellation(&client, &request.result_subject, &request.cancellation).await;
-        if last_on_subject(&client, results, &request.result_subject)
+            watch_cancellation(&client, &request.reply_subject, &request.cancellation).await;
+        if last_on_subject(&client, results, &request.reply_subject)
             .await?
             .is_some()
         {
@@ -444,7 +435,7 @@ impl RouteWorker {
             let (op, reply_subject, trace) = (&op, &reply_subject, trace.clone());
             async move {
                 let write =
-                    stateful::project(&self.js, replies, op, reply_subject, &marker, ttl, trace)
+                    stateful::project(&self.js, results, op, reply_subject, &marker, ttl, trace)
                         .await?;
                 Ok(Answered::Replied {
                     write,

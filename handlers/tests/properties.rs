@@ -104,11 +104,8 @@ struct RequestFields {
     query: Option<String>,
     content_type: Option<String>,
     reply_subject: String,
-    /// Present on a contract-2 request (which then says `Gw-Contract: 2` and names its result
-    /// subject, `result_subject`), absent on contract 1 (whose result subject is its reply
-    /// subject).
+    /// Present on a contract-2 request (which then says `Gw-Contract: 2`), absent on contract 1.
     progress_subject: Option<String>,
-    result_subject: String,
     deadline: OffsetDateTime,
     retention_secs: Option<u64>,
     tenant: Option<String>,
@@ -171,7 +168,6 @@ fn request_fields() -> impl Strategy<Value = RequestFields> {
             proptest::option::of(value()),
             proptest::collection::vec((extra_header_name(), value()), 0..5),
             proptest::option::of(value()),
-            value(),
         ),
     )
         .prop_map(
@@ -186,7 +182,6 @@ fn request_fields() -> impl Strategy<Value = RequestFields> {
                     callback_url,
                     extra,
                     progress_subject,
-                    result_subject,
                 ),
             )| RequestFields {
                 operation_id,
@@ -195,10 +190,6 @@ fn request_fields() -> impl Strategy<Value = RequestFields> {
                 path,
                 query,
                 content_type,
-                result_subject: match progress_subject {
-                    Some(_) => result_subject,
-                    None => reply_subject.clone(),
-                },
                 reply_subject,
                 progress_subject,
                 deadline,
@@ -222,13 +213,8 @@ fn request_headers(f: &RequestFields, lowercase: bool, skip: Option<&str>) -> He
     let retention = f.retention_secs.map(|r| r.to_string());
     let deadline = format_time(f.deadline);
     let contract = f.progress_subject.as_ref().map(|_| "2");
-    let result_subject = f
-        .progress_subject
-        .as_ref()
-        .map(|_| f.result_subject.as_str());
-    let pairs: [(&str, Option<&str>); 16] = [
+    let pairs: [(&str, Option<&str>); 15] = [
         (header::CONTRACT, contract),
-        (header::RESULT_SUBJECT, result_subject),
         (header::PROGRESS_SUBJECT, f.progress_subject.as_deref()),
         (header::OPERATION_ID, Some(&f.operation_id)),
         (header::ROUTE, Some(&f.route)),
@@ -277,7 +263,6 @@ fn assert_request_matches(r: &Request, f: &RequestFields, body: &Bytes) {
     assert_eq!(r.content_type, f.content_type);
     assert_eq!(r.reply_subject, f.reply_subject);
     assert_eq!(r.progress_subject, f.progress_subject);
-    assert_eq!(r.result_subject, f.result_subject);
     assert_eq!(r.contract, f.contract());
     assert_eq!(r.deadline, f.deadline);
     assert_eq!(r.retention_secs, f.retention_secs);
@@ -494,7 +479,7 @@ proptest! {
                         header::RETENTION, header::TENANT, header::IDEMPOTENCY_KEY,
                         header::FINGERPRINT, header::CALLBACK_URL, header::STATUS,
                         header::OUTCOME, header::CONTENT_TYPE, header::TRACEPARENT,
-                        header::CONTRACT, header::PROGRESS_SUBJECT, header::RESULT_SUBJECT,
+                        header::CONTRACT, header::PROGRESS_SUBJECT,
                     ]).prop_flat_map(|n| prop_oneof![
                         Just(n.to_owned()),
                         Just(n.to_ascii_lowercase()),
@@ -555,7 +540,6 @@ proptest! {
             contract: f.contract(),
             reply_subject: f.reply_subject.clone(),
             progress_subject: f.progress_subject.clone(),
-            result_subject: f.result_subject.clone(),
             deadline: f.deadline,
             retention_secs: f.retention_secs,
             tenant: f.tenant.clone(),

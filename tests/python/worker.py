@@ -19,11 +19,9 @@ async def handle(js, msg):
     h = msg.headers or {}
     operation_id = h["Gw-Operation-Id"]
     reply_subject = h["Gw-Reply-Subject"]
-    # Where the outcome is: named by contract 2, the reply subject itself under contract 1.
-    result_subject = h.get("Gw-Result-Subject", reply_subject)
     # 1. Skip what is already answered (a redelivery, or a cancelled/expired operation).
     try:
-        await js.get_last_msg("GW_RESULTS", result_subject, direct=True)
+        await js.get_last_msg("GW_RESULTS", reply_subject, direct=True)
         await msg.ack()
         return
     except NotFoundError:

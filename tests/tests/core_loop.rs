@@ -780,7 +780,7 @@ timeout = "2s"
     let TestGateway { nats, gw } = TestGateway::builder(routes).start().await;
     let id = id_of(post_order(&gw.base, "k-short-ttl", "{}").await).await;
     let js = nats.jetstream().await;
-    let subject = Subjects::default().slots("orders", &id).result;
+    let subject = Subjects::default().slots("orders", &id).0;
     let reply = ResultRecord::reply(200, Some("text/plain".into()), Bytes::from_static(b"done"));
     let careless_ttl = Some(Duration::from_secs(1));
     let w = publish_result(
@@ -863,7 +863,7 @@ async fn first_result_wins_and_a_conflicting_one_is_counted() {
     let result = get_result(&gw.base, &id).await;
     assert_eq!(result.text().await.unwrap(), "first");
 
-    let subject = Subjects::default().slots("orders", &id).result;
+    let subject = Subjects::default().slots("orders", &id).0;
     let same = ResultRecord::reply(200, Some("text/plain".into()), Bytes::from_static(b"first"));
     let w = publish_result(&js, DEFAULT_RESULTS_STREAM, &subject, &id, &same, None)
         .await
@@ -1112,7 +1112,7 @@ async fn operation_without_result_before_timeout_expires_for_good() {
 
     let js = nats.jetstream().await;
     let late = ResultRecord::reply(200, None, Bytes::from_static(b"too late"));
-    let subject = Subjects::default().slots("jobs", &id).result;
+    let subject = Subjects::default().slots("jobs", &id).0;
     let w = publish_result(&js, DEFAULT_RESULTS_STREAM, &subject, &id, &late, None)
         .await
         .unwrap();

@@ -310,7 +310,7 @@ async fn the_trace_crosses_the_async_hop_and_reads_link_back_to_it() {
     let result = last_matching(
         &js.client(),
         DEFAULT_RESULTS_STREAM,
-        &subjects.slots("orders", &id).result,
+        &subjects.slots("orders", &id).0,
     )
     .await
     .unwrap()

@@ -156,7 +156,7 @@ async fn duplicates_never_commit_twice() {
     let js = nats.jetstream().await;
     let results = js.get_stream("GW_RESULTS").await.unwrap();
     let stored = results
-        .get_last_raw_message_by_subject(&Subjects::default().slots("count", &first).result)
+        .get_last_raw_message_by_subject(&Subjects::default().slots("count", &first).0)
         .await
         .unwrap();
     results.delete_message(stored.sequence).await.unwrap();

@@ -141,7 +141,7 @@ async fn a_record_outside_the_operations_slot_notifies_nobody() {
         let (js, id) = (js.clone(), id.clone());
         async move {
             let record = ResultRecord::reply(status, None, bytes::Bytes::from_static(b"x"));
-            let subject = Subjects::default().slots(route, &id).result;
+            let subject = Subjects::default().slots(route, &id).0;
             publish_result(&js, DEFAULT_RESULTS_STREAM, &subject, &id, &record, None)
                 .await
                 .unwrap()

@@ -8,8 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use gateway_tests::*;
 use handlers::contract::{
-    DEFAULT_REPLIES_STREAM, DEFAULT_REQUESTS_STREAM, DEFAULT_RESULTS_STREAM, ResultRecord,
-    Subjects, header, header_str,
+    DEFAULT_REQUESTS_STREAM, DEFAULT_RESULTS_STREAM, ResultRecord, Subjects, header, header_str,
 };
 use handlers::jetstream::{last_matching, last_on_subject, publish_result};
 use handlers::{Request, Response, WorkerConfig};
@@ -97,41 +96,27 @@ async fn a_worker_is_confined_to_its_route_by_nats_permissions() {
 
     let invoice = submit(&gw.base, "/invoices", "i-1").accepted().await;
     let subjects = Subjects::default();
-    let invoice_slots = subjects.slots("invoices", &invoice);
+    let (invoice_slot, _) = subjects.slots("invoices", &invoice);
     let forged = ResultRecord::reply(
         200,
         Some("text/plain".into()),
         Bytes::from_static(b"forged"),
     );
-    let write = |stream: &'static str, subject: String| {
-        let (js, invoice, forged) = (orders_js.clone(), invoice.clone(), forged.clone());
-        async move { publish_result(&js, stream, &subject, &invoice, &forged, None).await }
-    };
 
-    // Another route's reply subject: nats-server refuses the publish, nothing is stored.
-    let refused = write(DEFAULT_REPLIES_STREAM, invoice_slots.reply.clone()).await;
+    // Another route's result subject: nats-server refuses the publish, nothing is stored.
+    let refused = publish_result(
+        &orders_js,
+        DEFAULT_RESULTS_STREAM,
+        &invoice_slot,
+        &invoice,
+        &forged,
+        None,
+    )
+    .await;
     assert!(
         refused.is_err(),
-        "orders worker replied for invoices: {refused:?}"
+        "orders worker wrote invoices' result: {refused:?}"
     );
-    // The results stream takes no worker's write at all, its own route's included.
-    let order_slot = subjects.slots("orders", &order).result;
-    let direct = write(DEFAULT_RESULTS_STREAM, order_slot.clone()).await;
-    assert!(
-        direct.is_err(),
-        "a worker wrote the results stream: {direct:?}"
-    );
-    // Headers cannot reach anyone's results: the intake takes no roll-up (which would purge it).
-    let mut rollup = async_nats::HeaderMap::new();
-    rollup.insert("Nats-Rollup", "all");
-    let rolled = async {
-        orders_js
-            .publish_with_headers(subjects.slots("orders", "x").reply, rollup, "x".into())
-            .await?
-            .await
-    }
-    .await;
-    assert!(rolled.is_err(), "the intake took a roll-up: {rolled:?}");
     // Another route's consumer: its requests cannot be taken.
     let pulled = async {
         let consumer: async_nats::jetstream::consumer::PullConsumer = orders_js
@@ -158,33 +143,29 @@ async fn a_worker_is_confined_to_its_route_by_nats_permissions() {
         "orders worker widened its consumer to invoices"
     );
     // Another route's results cannot be read either.
-    let peeked = last_on_subject(
-        &orders_js.client(),
-        DEFAULT_RESULTS_STREAM,
-        &invoice_slots.result,
-    )
-    .await;
+    let peeked = last_on_subject(&orders_js.client(), DEFAULT_RESULTS_STREAM, &invoice_slot).await;
     assert!(
         peeked.is_err(),
         "orders worker read invoices' result slot: {peeked:?}"
     );
-    // Its own route's reply subject for the other route's operation: taken by the intake, and
-    // no outcome of it (the copier drops it: the request names another reply subject).
-    write(
-        DEFAULT_REPLIES_STREAM,
-        subjects.slots("orders", &invoice).reply,
+    // Its own route's subject for the other route's operation: stored, and no outcome of it.
+    let (stray_slot, _) = subjects.slots("orders", &invoice);
+    publish_result(
+        &orders_js,
+        DEFAULT_RESULTS_STREAM,
+        &stray_slot,
+        &invoice,
+        &forged,
+        None,
     )
     .await
-    .expect("a worker may reply under its own route");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    .expect("a worker may write under its own route");
     assert_eq!(status_of(&gw.base, &invoice).await, "pending");
-    assert_eq!(status_of(&gw.base, &order).await, "succeeded");
     let log = nats.log();
     let widened_subject = "worker-orders.gw.req.invoices";
-    let peeked_subject = format!("DIRECT.GET.GW_RESULTS.{}", invoice_slots.result);
+    let peeked_subject = format!("DIRECT.GET.GW_RESULTS.{invoice_slot}");
     for refused in [
-        invoice_slots.reply.as_str(),
-        order_slot.as_str(),
+        invoice_slot.as_str(),
         "GW_REQUESTS.worker-invoices",
         widened_subject,
         peeked_subject.as_str(),
@@ -235,7 +216,7 @@ async fn operations_of_both_layouts_are_answered_where_their_requests_say() {
     // What each wrote: contract 1 as the first release wrote it, contract 2 with its version.
     for (id, reply, contract) in [
         (&first, format!("gw.res.{first}"), None),
-        (&second, format!("gw.rep.orders.{second}"), Some("2")),
+        (&second, format!("gw.res.orders.{second}"), Some("2")),
     ] {
         let status = json(get_operation(&new.base, id).await).await;
         assert_eq!(status["status"], "pending");
@@ -265,7 +246,7 @@ async fn operations_of_both_layouts_are_answered_where_their_requests_say() {
         header_str(&legacy.headers, header::OUTCOME),
         Some("cancelled")
     );
-    let routed = subjects.slots("orders", &cancelled).result;
+    let (routed, _) = subjects.slots("orders", &cancelled);
     assert!(
         last_on_subject(&client, DEFAULT_RESULTS_STREAM, &routed)
             .await

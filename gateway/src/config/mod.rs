@@ -244,10 +244,6 @@ pub struct NatsArgs {
     /// Stream that holds results (one terminal record per operation).
     #[arg(long, env = "GATEWAY_RESULTS_STREAM", default_value = handlers::contract::DEFAULT_RESULTS_STREAM)]
     pub results_stream: String,
-    /// Stream where workers' replies land (wire contract 2) before the gateway copies them into
-    /// the results stream.
-    #[arg(long, env = "GATEWAY_REPLIES_STREAM", default_value = handlers::contract::DEFAULT_REPLIES_STREAM)]
-    pub replies_stream: String,
 }
 
 impl NatsArgs {
@@ -303,7 +299,6 @@ impl NatsArgs {
             subjects: handlers::Subjects::new(self.subject_prefix.clone()),
             requests_stream: self.requests_stream.clone(),
             results_stream: self.results_stream.clone(),
-            replies_stream: self.replies_stream.clone(),
             consumer_prefix: consumer_prefix.to_owned(),
             ..handlers::WorkerConfig::default()
         }
@@ -375,7 +370,6 @@ mod tests {
                 subject_prefix: String::new(),
                 requests_stream: String::new(),
                 results_stream: String::new(),
-                replies_stream: String::new(),
             }
             .server_addrs()
         };

@@ -126,12 +126,11 @@ impl Submission<'_> {
         now: OffsetDateTime,
     ) -> RequestMessage {
         let operation_id = new_operation_id(key_token);
-        let slots = subjects.slots(&self.route.name, &operation_id);
+        let (reply_subject, progress_subject) = subjects.slots(&self.route.name, &operation_id);
         let head = RequestHead {
             contract: subjects.contract(),
-            reply_subject: slots.reply,
-            result_subject: slots.result,
-            progress_subject: slots.progress,
+            reply_subject,
+            progress_subject,
             operation_id,
             route: self.route.name.clone(),
             method: self.method.to_owned(),
@@ -192,7 +191,7 @@ pub async fn accept(
         } = s.message(store.subjects(), &key_token, &fingerprint, now);
         let op = head.operation_id.as_str();
         let size = s.body.len() as u64;
-        let admitted = quotas.map(|q| q.admit(op, &head.result_subject, s.tenant, size));
+        let admitted = quotas.map(|q| q.admit(op, &head.reply_subject, s.tenant, size));
         let written = match admitted {
             Some(Err(exceeded)) => {
                 if store

@@ -12,12 +12,10 @@
 //! - `accept` (create-if-absent, read back, compare) and `lookup` (read, settle expiry, wait,
 //!   cancel);
 //! - [`quota`]: per-tenant quotas, from a ledger every replica derives from the streams;
-//! - `copier`: workers' replies from the intake stream into their result slots;
 //! - [`webhooks`] (the delivery loop), `destination` (the SSRF guard), `retry_after` (backlog-based
 //!   `Retry-After`).
 
 mod accept;
-mod copier;
 mod destination;
 mod finalizer;
 pub mod idempotency;
@@ -165,7 +163,6 @@ impl Operations {
             .map(|(_, c)| c.clone())
             .collect();
         tokio::spawn(finalizer::Finalizer::new(store.clone(), consumers).run(stop.clone()));
-        tokio::spawn(copier::Copier::new(store.clone()).run(stop.clone()));
         if let Some(quotas) = &self.quotas {
             tokio::spawn(quotas.clone().follow(store.clone(), stop.clone()));
         }

@@ -88,8 +88,8 @@ struct Usage {
 struct Entry {
     tenant: Arc<str>,
     /// The one subject whose record is this operation's outcome (its request's
-    /// `Gw-Result-Subject`): a record anywhere else counts for nothing.
-    result_subject: Box<str>,
+    /// `Gw-Reply-Subject`): a record anywhere else counts for nothing.
+    reply_subject: Box<str>,
     bytes: u64,
     pending: bool,
     /// Reserved by this replica, its request not seen in the stream yet.
@@ -206,7 +206,7 @@ impl Ledger {
     pub fn reserve(
         &mut self,
         op: &str,
-        result_subject: &str,
+        reply_subject: &str,
         tenant: &str,
         bytes: u64,
         now: OffsetDateTime,
@@ -219,7 +219,7 @@ impl Ledger {
             op.to_owned(),
             Entry {
                 tenant,
-                result_subject: result_subject.into(),
+                reply_subject: reply_subject.into(),
                 bytes,
                 pending: true,
                 reserved: true,
@@ -232,7 +232,7 @@ impl Ledger {
     fn adopt_reservations(&mut self, old: &Ledger, now: OffsetDateTime) {
         for (op, entry) in old.ops.iter().filter(|(_, e)| e.reserved) {
             if !self.ops.contains_key(op) {
-                self.reserve(op, &entry.result_subject, &entry.tenant, entry.bytes, now);
+                self.reserve(op, &entry.reply_subject, &entry.tenant, entry.bytes, now);
             }
         }
         self.live = true;
@@ -244,12 +244,12 @@ impl Ledger {
     }
 
     /// A request in the stream: pending until `ends` (unless a result comes on
-    /// `result_subject`), stored until `gone`.
+    /// `reply_subject`), stored until `gone`.
     #[allow(clippy::too_many_arguments)]
     pub fn request(
         &mut self,
         op: &str,
-        result_subject: &str,
+        reply_subject: &str,
         tenant: &str,
         bytes: u64,
         ends: OffsetDateTime,
@@ -265,7 +265,7 @@ impl Ledger {
             return;
         }
         let tenant: Arc<str> = tenant.into();
-        let (result_bytes, ended) = match self.early_results.remove(result_subject) {
+        let (result_bytes, ended) = match self.early_results.remove(reply_subject) {
             Some((size, _)) => (size, true),
             None => (0, false),
         };
@@ -278,7 +278,7 @@ impl Ledger {
             op.to_owned(),
             Entry {
                 tenant,
-                result_subject: result_subject.into(),
+                reply_subject: reply_subject.into(),
                 bytes,
                 pending,
                 reserved: false,
@@ -296,7 +296,7 @@ impl Ledger {
     pub fn result(&mut self, subject: &str, bytes: u64, now: OffsetDateTime) {
         match self.ops.get_mut(Subjects::operation_of(subject)) {
             Some(entry) if !entry.reserved => {
-                if &*entry.result_subject != subject {
+                if &*entry.reply_subject != subject {
                     return;
                 }
                 entry.bytes = entry.bytes.saturating_add(bytes);
@@ -339,12 +339,12 @@ impl Quotas {
         self.ready.load(Ordering::Acquire)
     }
 
-    /// Reserves room for operation `op` (its result on `result_subject`) of `tenant` with a body
+    /// Reserves room for operation `op` (its result on `reply_subject`) of `tenant` with a body
     /// of `bytes`, or says which quota it would pass.
     pub fn admit(
         &self,
         op: &str,
-        result_subject: &str,
+        reply_subject: &str,
         tenant: &str,
         bytes: u64,
     ) -> Result<(), QuotaExceeded> {
@@ -356,7 +356,7 @@ impl Quotas {
         let mut ledger = self.ledger();
         ledger.advance(now);
         ledger.check(tenant, bytes, limit)?;
-        ledger.reserve(op, result_subject, tenant, bytes, now);
+        ledger.reserve(op, reply_subject, tenant, bytes, now);
         Ok(())
     }
 
@@ -520,7 +520,7 @@ impl<'a> Seen<'a> {
         let retention = Duration::from_secs(head.retention_secs.unwrap_or(0));
         ledger.request(
             &head.operation_id,
-            &head.result_subject,
+            &head.reply_subject,
             tenant,
             self.size,
             head.deadline + grace,

@@ -127,7 +127,6 @@ pub struct Store {
     subjects: Subjects,
     requests_stream: String,
     results_stream: String,
-    replies_stream: String,
     events_stream: String,
     provisioned: AtomicBool,
     /// The streams have more than one replica: a direct get may come from a lagging follower.
@@ -205,7 +204,6 @@ impl Store {
                 .with_contract(settings.wire_contract),
             requests_stream: settings.nats.requests_stream.clone(),
             results_stream: settings.nats.results_stream.clone(),
-            replies_stream: settings.nats.replies_stream.clone(),
             events_stream: settings.events_stream.clone(),
             provisioned: AtomicBool::new(false),
             replicated: AtomicBool::new(false),
@@ -296,10 +294,6 @@ impl Store {
 
     pub fn results_stream(&self) -> &str {
         &self.results_stream
-    }
-
-    pub fn replies_stream(&self) -> &str {
-        &self.replies_stream
     }
 
     /// A worker consumer's (backlog, acknowledged deliveries so far) on the requests stream.
@@ -470,17 +464,6 @@ impl Store {
             allow_rollup: true,
             ..base.clone()
         };
-        // Workers' replies land here (wire contract 2), never in the results stream, whose
-        // markers force roll-ups on: no roll-ups or purges here, so no header a worker sends can
-        // remove anyone's results; first writer wins per subject while a reply waits; the copier
-        // (see `copier`) takes each into its result slot, and an acked one leaves (work queue).
-        let replies = Config {
-            retention: RetentionPolicy::WorkQueue,
-            allow_rollup: false,
-            deny_purge: true,
-            deny_delete: true,
-            ..base.clone()
-        };
         // Delivery states change (attempt after attempt): the last message of a subject wins.
         let replaced = Config {
             discard: DiscardPolicy::Old,
@@ -499,12 +482,6 @@ impl Store {
                 vec![self.subjects.all_results()],
                 &results,
                 "Terminal records of gateway operations, first writer wins.",
-            ),
-            (
-                &self.replies_stream,
-                vec![self.subjects.all_replies()],
-                &replies,
-                "Workers' replies to gateway operations, copied by the gateway into their results.",
             ),
             (
                 &self.events_stream,
@@ -631,11 +608,7 @@ impl Store {
         if self.client.connection_state() != async_nats::connection::State::Connected {
             return Err(StoreError::NotReady);
         }
-        for stream in [
-            &self.requests_stream,
-            &self.results_stream,
-            &self.replies_stream,
-        ] {
+        for stream in [&self.requests_stream, &self.results_stream] {
             self.js
                 .get_stream_no_info(stream)
                 .await
@@ -718,7 +691,7 @@ impl Store {
         early: Option<StreamMessage>,
     ) -> Result<Option<StoredResult>, StoreError> {
         self.ensure_provisioned()?;
-        let subject = &operation.request.result_subject;
+        let subject = &operation.request.reply_subject;
         let found = match early {
             Some(message) if message.subject.as_str() == subject => Some(message),
             _ => last_on_subject(&self.client, &self.results_stream, subject).await?,
@@ -771,7 +744,7 @@ impl Store {
         self.ensure_provisioned()?;
         let id = operation.id();
         let ttl = operation.retention();
-        let subject = &operation.request.result_subject;
+        let subject = &operation.request.reply_subject;
         let decided = match self.arbiters.get(operation.route()) {
             Some(arbiter) => arbiter.decide(id, &marker, ttl).await?,
             None => Outbox::decision(&marker),

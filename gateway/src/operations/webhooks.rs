@@ -236,7 +236,7 @@ impl Webhooks {
             );
             return Ok(Next::Done);
         };
-        if message.subject.as_str() != operation.request.result_subject {
+        if message.subject.as_str() != operation.request.reply_subject {
             // Not the operation's slot (its request names another): a writer that may publish
             // under some route's results wrote it, and it is no outcome of this operation.
             tracing::warn!(
