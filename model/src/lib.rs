@@ -29,13 +29,6 @@
 //! (`GATEWAY_WIRE_CONTRACT=1`); [`Variant::EarlyLayout`] shows the second terminal record the new
 //! slot would let the old replica write.
 //!
-//! Workers never write the results stream themselves: a reply goes to the operation's intake
-//! subject (its own stream, first writer wins there too, no roll-ups, so a worker's headers cannot
-//! purge or replace anyone's results), and the gateway's copier, a durable consumer of the
-//! intake, writes it into the result slot create-if-absent. The model has the copier crash
-//! between its write and its ack (the copy is then done again, and refused). Requests of the
-//! previous release's layout name the result slot itself, and their workers write there.
-//!
 //! What the model leaves out: more than one operation (so lost updates between operations sharing a
 //! state key), the HTTP layer, stream configuration and retention changes, replicated-stream
 //! anomalies, and message sizes.
@@ -256,17 +249,6 @@ pub enum Worker {
     Acking,
 }
 
-/// Who writes a terminal record, and so where it goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Writer {
-    /// A worker: to the subject the request names for replies (the intake, or the result slot
-    /// itself on a request of the previous layout).
-    Worker,
-    /// A gateway replica, the finalizer or the copier: to the result slot, of the previous
-    /// release (`true`: the slot it computes) or this one (the slot the request names).
-    Gateway(bool),
-}
-
 /// A gateway replica's program counter for the client request it handles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Gateway {
@@ -307,10 +289,6 @@ pub struct State {
     pub result_removed: bool,
     /// Records the results stream ever stored for the operation.
     pub result_writes: u8,
-    /// The reply a worker wrote to the operation's intake (first writer wins), and whether the
-    /// copier has written it on (and acked it).
-    pub intake: Option<Rec>,
-    pub copied: bool,
     /// The request names the route-named slot (accepted by this release, new layout).
     pub routed: bool,
     /// What a previous-release process wrote at the slot it computes, when that is not the
@@ -364,11 +342,6 @@ pub enum Action {
     WorkerCrash(usize),
     FinalizerStep,
     FinalizerCrash,
-    /// The copier writes the intake's reply into the result slot (create-if-absent), and acks
-    /// it, or crashes before the ack (the copy is delivered again).
-    Copy {
-        crash_before_ack: bool,
-    },
 }
 
 impl Protocol {
@@ -386,8 +359,6 @@ impl Protocol {
             result: None,
             result_removed: false,
             result_writes: 0,
-            intake: None,
-            copied: false,
             routed: false,
             stray: None,
             marker: None,
@@ -477,40 +448,21 @@ impl Protocol {
 
     /// How a decided outcome becomes visible: on stateful routes under the arbiter, a claim on the
     /// marker and then its projection; otherwise a direct write of the result.
-    fn decide(&self, state: &mut State, rec: Rec, by: Writer) -> Option<Projection> {
+    fn decide(&self, state: &mut State, rec: Rec, old: bool) -> Option<Projection> {
         if self.route == Route::Stateful && self.arbiter() {
             let marker = self.claim(state, rec);
             Some(Projection { marker, emitted: 0 })
         } else {
-            let old = by == Writer::Gateway(true);
             if !Self::slot_taken(state, old) {
                 self.note_expiry(state, rec);
             }
-            self.write(state, rec, by);
+            self.write_result(state, rec, old);
             None
         }
     }
 
-    /// Whether the request is of this release's layout (its replies go through the intake).
-    fn new_layout(&self, state: &State) -> bool {
-        !self.upgrade || state.routed
-    }
-
-    /// A terminal record from `by`, where it writes.
-    fn write(&self, state: &mut State, rec: Rec, by: Writer) {
-        match by {
-            Writer::Worker if self.new_layout(state) => {
-                if state.intake.is_none() {
-                    state.intake = Some(rec);
-                }
-            }
-            Writer::Worker => self.write_result(state, rec, false),
-            Writer::Gateway(old) => self.write_result(state, rec, old),
-        }
-    }
-
     /// One step of a projection: the next emit, or the record. `None` when it is complete.
-    fn project(&self, state: &mut State, p: Projection, by: Writer) -> Option<Projection> {
+    fn project(&self, state: &mut State, p: Projection, old: bool) -> Option<Projection> {
         match p.marker {
             Marker::Outbox if p.emitted < self.emits => {
                 self.publish_emit(state, p.emitted);
@@ -520,11 +472,11 @@ impl Protocol {
                 })
             }
             Marker::Outbox => {
-                self.write(state, Rec::Reply, by);
+                self.write_result(state, Rec::Reply, old);
                 None
             }
             Marker::Tomb(rec) => {
-                self.write(state, rec, by);
+                self.write_result(state, rec, old);
                 None
             }
         }
@@ -602,7 +554,7 @@ impl Protocol {
             Worker::Loaded { .. } if permanent => Worker::Deciding(Rec::Failed),
             Worker::Loaded { emitted } => match self.route {
                 Route::Stateless => {
-                    if let Some(p) = self.decide(state, Rec::Reply, Writer::Worker) {
+                    if let Some(p) = self.decide(state, Rec::Reply, false) {
                         Worker::Projecting(p)
                     } else {
                         Worker::Acking
@@ -633,11 +585,11 @@ impl Protocol {
                     }
                 }
             },
-            Worker::Deciding(rec) => match self.decide(state, rec, Writer::Worker) {
+            Worker::Deciding(rec) => match self.decide(state, rec, false) {
                 Some(p) => Worker::Projecting(p),
                 None => Worker::Acking,
             },
-            Worker::Projecting(p) => match self.project(state, p, Writer::Worker) {
+            Worker::Projecting(p) => match self.project(state, p, false) {
                 Some(p) => Worker::Projecting(p),
                 None => Worker::Acking,
             },
@@ -657,7 +609,7 @@ impl Protocol {
         let old = self.old_gateway(g);
         let next = match state.gateways[g] {
             Gateway::Idle => return None,
-            Gateway::Deciding(rec) => match self.decide(state, rec, Writer::Gateway(old)) {
+            Gateway::Deciding(rec) => match self.decide(state, rec, old) {
                 Some(p) => Gateway::Projecting(p),
                 None => {
                     let seen = Self::slot(state, old);
@@ -665,7 +617,7 @@ impl Protocol {
                     Gateway::Idle
                 }
             },
-            Gateway::Projecting(p) => match self.project(state, p, Writer::Gateway(old)) {
+            Gateway::Projecting(p) => match self.project(state, p, old) {
                 Some(p) => Gateway::Projecting(p),
                 None => {
                     let seen = Self::slot(state, old);
@@ -683,11 +635,11 @@ impl Protocol {
         state.finalizer = match state.finalizer {
             Finalizer::Idle if state.advisory => Finalizer::Deciding,
             Finalizer::Deciding if Self::slot_taken(state, old) => Finalizer::Done,
-            Finalizer::Deciding => match self.decide(state, Rec::Failed, Writer::Gateway(old)) {
+            Finalizer::Deciding => match self.decide(state, Rec::Failed, old) {
                 Some(p) => Finalizer::Projecting(p),
                 None => Finalizer::Done,
             },
-            Finalizer::Projecting(p) => match self.project(state, p, Writer::Gateway(old)) {
+            Finalizer::Projecting(p) => match self.project(state, p, old) {
                 Some(p) => Finalizer::Projecting(p),
                 None => Finalizer::Done,
             },
@@ -785,16 +737,6 @@ impl Model for Protocol {
         if self.variant == Variant::ShortMarkerTtl && state.marker.is_some() {
             actions.push(Action::MarkerExpires);
         }
-        if state.intake.is_some() && !state.copied {
-            actions.push(Action::Copy {
-                crash_before_ack: false,
-            });
-            if state.crashes_left > 0 {
-                actions.push(Action::Copy {
-                    crash_before_ack: true,
-                });
-            }
-        }
         let finalizer_busy = matches!(
             state.finalizer,
             Finalizer::Deciding | Finalizer::Projecting(_)
@@ -891,16 +833,6 @@ impl Model for Protocol {
                 state.workers[w] = Worker::Idle;
             }
             Action::FinalizerStep => self.finalizer_step(&mut state)?,
-            Action::Copy { crash_before_ack } => {
-                let rec = state.intake.expect("offered only with an intake");
-                // The copier runs this release: it writes where the request says.
-                self.write_result(&mut state, rec, false);
-                if crash_before_ack {
-                    state.crashes_left -= 1;
-                } else {
-                    state.copied = true;
-                }
-            }
             Action::FinalizerCrash => {
                 state.crashes_left -= 1;
                 // The advisory was not acked: it is delivered again.
