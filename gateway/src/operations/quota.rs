@@ -211,20 +211,14 @@ impl Ledger {
         bytes: u64,
         now: OffsetDateTime,
     ) {
-        let tenant: Arc<str> = tenant.into();
-        let usage = self.usage(&tenant);
-        usage.pending = usage.pending.saturating_add(1);
-        usage.bytes = usage.bytes.saturating_add(bytes);
-        self.ops.insert(
-            op.to_owned(),
-            Entry {
-                tenant,
-                reply_subject: reply_subject.into(),
-                bytes,
-                pending: true,
-                reserved: true,
-            },
-        );
+        let entry = Entry {
+            tenant: tenant.into(),
+            reply_subject: reply_subject.into(),
+            bytes,
+            pending: true,
+            reserved: true,
+        };
+        self.add(op, entry);
         self.schedule(now + RESERVATION_TTL, Due::Unconfirmed(op.to_owned()));
     }
 
@@ -236,6 +230,14 @@ impl Ledger {
             }
         }
         self.live = true;
+    }
+
+    /// Counts `entry` for its tenant and keeps it under `op`.
+    fn add(&mut self, op: &str, entry: Entry) {
+        let usage = self.usage(&entry.tenant);
+        usage.bytes = usage.bytes.saturating_add(entry.bytes);
+        usage.pending = usage.pending.saturating_add(u64::from(entry.pending));
+        self.ops.insert(op.to_owned(), entry);
     }
 
     /// Drops a reservation whose write did not happen (the key named an existing operation).
@@ -264,26 +266,19 @@ impl Ledger {
         if self.ops.contains_key(op) {
             return;
         }
-        let tenant: Arc<str> = tenant.into();
         let (result_bytes, ended) = match self.early_results.remove(reply_subject) {
             Some((size, _)) => (size, true),
             None => (0, false),
         };
         let pending = !ended && ends > now;
-        let bytes = bytes.saturating_add(result_bytes);
-        let usage = self.usage(&tenant);
-        usage.bytes = usage.bytes.saturating_add(bytes);
-        usage.pending = usage.pending.saturating_add(u64::from(pending));
-        self.ops.insert(
-            op.to_owned(),
-            Entry {
-                tenant,
-                reply_subject: reply_subject.into(),
-                bytes,
-                pending,
-                reserved: false,
-            },
-        );
+        let entry = Entry {
+            tenant: tenant.into(),
+            reply_subject: reply_subject.into(),
+            bytes: bytes.saturating_add(result_bytes),
+            pending,
+            reserved: false,
+        };
+        self.add(op, entry);
         if pending {
             self.schedule(ends, Due::PendingEnds(op.to_owned()));
         }
