@@ -1245,9 +1245,10 @@ proptest! {
         prop_assert_eq!(&request.path, &path);
         prop_assert_eq!(&request.query, &query);
         prop_assert_eq!(&request.content_type, &content_type);
-        let (reply, progress) = subjects.slots(&loaded.name, &message.head.operation_id);
-        prop_assert_eq!(&request.reply_subject, &reply);
-        prop_assert_eq!(&request.progress_subject, &progress);
+        let slots = subjects.slots(&loaded.name, &message.head.operation_id);
+        prop_assert_eq!(&request.reply_subject, &slots.reply_subject);
+        prop_assert_eq!(&request.reply_stream, &slots.reply_stream);
+        prop_assert_eq!(&request.progress_subject, &slots.progress_subject);
         prop_assert_eq!(request.contract, subjects.contract());
         prop_assert_eq!(request.deadline, message.head.deadline);
         prop_assert_eq!(request.retention_secs, Some(loaded.retention.as_secs().max(1)));

@@ -9,20 +9,23 @@
 //! - `gw.req.<route>.<key-token>`: one accepted request. The key token is derived from
 //!   (tenant, route, idempotency key), so the subject *is* the idempotency record: the gateway
 //!   writes it with `Nats-Expected-Last-Subject-Sequence: 0` and a second write is refused.
-//! - `gw.res.<route>.<operation-id>`: the one terminal record of an operation: a worker's reply, or
-//!   the gateway's `expired` or `cancelled` marker. The results stream keeps at most one message
-//!   per subject and refuses later ones (`discard_new_per_subject`), so the first terminal record
-//!   wins for good.
+//! - `gw.out.<route>.<operation-id>`, in the outcomes stream (`GW_OUTCOMES`): the one terminal
+//!   record of an operation: a worker's reply, or the gateway's `expired` or `cancelled` marker.
+//!   The stream keeps at most one message per subject and refuses later ones
+//!   (`discard_new_per_subject`), so the first terminal record wins for good; it refuses
+//!   per-message TTLs and roll-ups too, so no writer can remove a record before its stream's
+//!   `max_age`, which is at least every request's retention.
 //! - `gw.prog.<route>.<operation-id>`: an operation's latest progress report.
 //!
 //! The route in the result and progress subjects is what lets NATS permissions confine a worker
-//! to its route: publish to `gw.res.<route>.>` and `gw.prog.<route>.>`, nothing else of the
-//! gateway's. A request names both subjects (`Gw-Reply-Subject`, `Gw-Progress-Subject`), and
-//! every writer and reader follows the request, never a subject it builds itself: the slot of an
-//! operation is fixed when it is accepted. That is [`WireContract::V2`]; operations accepted under
-//! [`WireContract::V1`] (the first release: `gw.res.<operation-id>`, `gw.prog.<operation-id>`, no
-//! `Gw-Contract` header) are read and answered where their requests say, so both layouts live
-//! side by side during an upgrade.
+//! to its route: publish to `gw.out.<route>.>` and `gw.prog.<route>.>`, nothing else of the
+//! gateway's. A request names both subjects and the reply's stream (`Gw-Reply-Subject`,
+//! `Gw-Reply-Stream`, `Gw-Progress-Subject`), and every writer and reader follows the request,
+//! never a subject it builds itself: the slot of an operation is fixed when it is accepted. That
+//! is [`WireContract::V2`]; operations accepted under [`WireContract::V1`] (the first release:
+//! `gw.res.<operation-id>` in `GW_RESULTS`, `gw.prog.<operation-id>`, no `Gw-Contract` header)
+//! are read and answered where their requests say, so both layouts live side by side during an
+//! upgrade.
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::message::StreamMessage;
@@ -41,8 +44,11 @@ pub const DEFAULT_REQUESTS_STREAM: &str = "GW_REQUESTS";
 /// Default first part of a route's worker consumer name, `<prefix>-<route>`: the gateway reads
 /// that consumer's backlog for `Retry-After`, so both sides must agree on it.
 pub const DEFAULT_CONSUMER_PREFIX: &str = "worker";
-/// Default name of the stream holding terminal records (results).
+/// Default name of the stream holding contract 1's terminal records (`<prefix>.res.>`), and where
+/// a worker looks for a reply slot its request does not place (no `Gw-Reply-Stream`).
 pub const DEFAULT_RESULTS_STREAM: &str = "GW_RESULTS";
+/// Default name of the stream holding contract 2's terminal records (`<prefix>.out.>`).
+pub const DEFAULT_OUTCOMES_STREAM: &str = "GW_OUTCOMES";
 
 /// Which layout of result and progress subjects a request was accepted under; a request says it
 /// in `Gw-Contract` (absent: 1).
@@ -53,8 +59,8 @@ pub enum WireContract {
     /// release read and write only these (they compute the subject from the id), so a gateway
     /// writes this layout while any such replica still runs.
     V1,
-    /// `<prefix>.res.<route>.<operation-id>` and `<prefix>.prog.<route>.<operation-id>`, both named
-    /// in the request.
+    /// `<prefix>.out.<route>.<operation-id>` (in the stream the request names, without
+    /// `Nats-TTL`) and `<prefix>.prog.<route>.<operation-id>`, all named in the request.
     #[default]
     V2,
 }
@@ -99,8 +105,12 @@ pub mod header {
     pub const PATH: &str = "Gw-Path";
     /// Raw query string of the original request, without `?`; absent when there was none.
     pub const QUERY: &str = "Gw-Query";
-    /// Where the worker publishes its reply (a subject of the results stream).
+    /// Where the worker publishes its reply (a subject of the reply stream).
     pub const REPLY_SUBJECT: &str = "Gw-Reply-Subject";
+    /// The stream that holds `Gw-Reply-Subject` (contract 2), where a worker reads the slot back.
+    /// Its presence also says: publish the reply without `Nats-TTL` (the stream refuses
+    /// per-message TTLs). Absent under contract 1: the results stream, with `Nats-TTL`.
+    pub const REPLY_STREAM: &str = "Gw-Reply-Stream";
     /// Where the worker publishes progress reports (contract 2; under contract 1 there is no
     /// header and the subject is `<prefix>.prog.<operation-id>`).
     pub const PROGRESS_SUBJECT: &str = "Gw-Progress-Subject";
@@ -108,7 +118,8 @@ pub mod header {
     pub const CONTRACT: &str = "Gw-Contract";
     /// RFC 3339 instant after which the operation counts as expired.
     pub const DEADLINE: &str = "Gw-Deadline";
-    /// Seconds the gateway keeps the request, status and result; workers set the same TTL on replies.
+    /// Seconds the gateway keeps the request, status and result; under contract 1 workers set the
+    /// same TTL on replies.
     pub const RETENTION: &str = "Gw-Retention";
     /// Tenant that owns the operation.
     pub const TENANT: &str = "Gw-Tenant";
@@ -169,6 +180,18 @@ pub enum ContractError {
 pub struct Subjects {
     prefix: String,
     contract: WireContract,
+    /// The stream of contract 2's result subjects, named in its requests.
+    outcomes_stream: String,
+}
+
+/// Where a new operation's outcome and progress reports go: what its request names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slots {
+    pub reply_subject: String,
+    /// `None` under contract 1.
+    pub reply_stream: Option<String>,
+    /// `None` under contract 1.
+    pub progress_subject: Option<String>,
 }
 
 impl Subjects {
@@ -177,6 +200,7 @@ impl Subjects {
         Self {
             prefix: prefix.into(),
             contract: WireContract::LATEST,
+            outcomes_stream: DEFAULT_OUTCOMES_STREAM.to_owned(),
         }
     }
 
@@ -184,6 +208,19 @@ impl Subjects {
     /// [`WireContract::V1`]).
     pub fn with_contract(self, contract: WireContract) -> Self {
         Self { contract, ..self }
+    }
+
+    /// The same subjects, contract 2's results in the stream `name`.
+    pub fn with_outcomes_stream(self, name: impl Into<String>) -> Self {
+        Self {
+            outcomes_stream: name.into(),
+            ..self
+        }
+    }
+
+    /// The stream of contract 2's result subjects.
+    pub fn outcomes_stream(&self) -> &str {
+        &self.outcomes_stream
     }
 
     /// The contract new operations are written under.
@@ -200,9 +237,14 @@ impl Subjects {
         format!("{}.req.>", self.prefix)
     }
 
-    /// All result subjects (the results stream's subject filter).
+    /// All contract-1 result subjects (the results stream's subject filter).
     pub fn all_results(&self) -> String {
         format!("{}.res.>", self.prefix)
+    }
+
+    /// All contract-2 result subjects (the outcomes stream's subject filter).
+    pub fn all_outcomes(&self) -> String {
+        format!("{}.out.>", self.prefix)
     }
 
     /// Progress reports, webhook delivery states and dead letters (the events stream's subjects).
@@ -219,16 +261,20 @@ impl Subjects {
         format!("{}.prog.>", self.prefix)
     }
 
-    /// Where a new operation's result and progress reports go, under this contract: the
-    /// `(reply, progress)` subjects its request names.
-    pub fn slots(&self, route: &str, operation_id: &str) -> (String, Option<String>) {
+    /// Where a new operation's result and progress reports go, under this contract.
+    pub fn slots(&self, route: &str, operation_id: &str) -> Slots {
         let p = &self.prefix;
         match self.contract {
-            WireContract::V1 => (format!("{p}.res.{operation_id}"), None),
-            WireContract::V2 => (
-                format!("{p}.res.{route}.{operation_id}"),
-                Some(format!("{p}.prog.{route}.{operation_id}")),
-            ),
+            WireContract::V1 => Slots {
+                reply_subject: format!("{p}.res.{operation_id}"),
+                reply_stream: None,
+                progress_subject: None,
+            },
+            WireContract::V2 => Slots {
+                reply_subject: format!("{p}.out.{route}.{operation_id}"),
+                reply_stream: Some(self.outcomes_stream.clone()),
+                progress_subject: Some(format!("{p}.prog.{route}.{operation_id}")),
+            },
         }
     }
 
@@ -242,7 +288,7 @@ impl Subjects {
 
     /// A route's result subjects (contract 2): what its workers may publish replies to.
     pub fn route_results(&self, route: &str) -> String {
-        format!("{}.res.{route}.>", self.prefix)
+        format!("{}.out.{route}.>", self.prefix)
     }
 
     /// A route's progress subjects (contract 2): what its workers may publish reports to.
@@ -254,7 +300,7 @@ impl Subjects {
     /// issued before the request says the route. Any route's writer could fill such a subject,
     /// so a hit counts only where it is the subject the request names.
     pub fn result_any_route(&self, operation_id: &str) -> String {
-        format!("{}.res.*.{operation_id}", self.prefix)
+        format!("{}.out.*.{operation_id}", self.prefix)
     }
 
     /// The operation id a result or progress subject (either contract) belongs to: its last token.
@@ -340,10 +386,12 @@ pub struct RequestHead {
     /// The contract the request was written under (`Gw-Contract`).
     pub contract: WireContract,
     pub reply_subject: String,
+    /// The stream of `reply_subject`; `None` under contract 1 (see [`RequestHead::reply_stream_or`]).
+    pub reply_stream: Option<String>,
     /// Where progress reports go; `None` under contract 1 (see [`Subjects::progress_of`]).
     pub progress_subject: Option<String>,
     pub deadline: OffsetDateTime,
-    /// How long the gateway keeps this operation; replies are stored with the same TTL.
+    /// How long the gateway keeps this operation.
     pub retention_secs: Option<u64>,
     /// The key's scope and binding, as the gateway wrote them (informational for workers).
     pub tenant: Option<String>,
@@ -376,6 +424,7 @@ impl RequestHead {
             (header::CONTENT_TYPE, self.content_type.as_deref()),
             (header::CONTRACT, contract.as_deref()),
             (header::REPLY_SUBJECT, Some(self.reply_subject.as_str())),
+            (header::REPLY_STREAM, self.reply_stream.as_deref()),
             (header::PROGRESS_SUBJECT, self.progress_subject.as_deref()),
             (header::DEADLINE, Some(deadline.as_str())),
             (header::RETENTION, retention.as_deref()),
@@ -392,9 +441,25 @@ impl RequestHead {
         h
     }
 
+    /// The stream that holds the reply slot: the one the request names, else `results_stream`
+    /// (contract 1's).
+    pub fn reply_stream_or<'a>(&'a self, results_stream: &'a str) -> &'a str {
+        self.reply_stream.as_deref().unwrap_or(results_stream)
+    }
+
+    /// How long a reply to this request is stored with `Nats-TTL`: the retention under contract 1;
+    /// never where the request names the reply's stream (that stream refuses per-message TTLs and
+    /// keeps every record for at least the longest retention).
+    pub fn reply_ttl(&self) -> Option<std::time::Duration> {
+        match self.reply_stream {
+            Some(_) => None,
+            None => self.retention_secs.map(std::time::Duration::from_secs),
+        }
+    }
+
     /// Reads the contract's fields of a request message. Names match in any case (a foreign
     /// writer may lowercase them); the six a worker needs are required, and under contract 2 the
-    /// progress subject too. A version this library does not know is
+    /// reply stream and progress subject too. A version this library does not know is
     /// [`ContractError::UnknownContract`], read before anything else.
     pub fn from_headers(headers: &HeaderMap) -> Result<Self, ContractError> {
         let contract = match header_str(headers, header::CONTRACT) {
@@ -402,9 +467,12 @@ impl RequestHead {
             Some(v) => WireContract::parse(v)
                 .ok_or_else(|| ContractError::UnknownContract(v.to_owned()))?,
         };
-        let progress_subject = match contract {
-            WireContract::V1 => None,
-            WireContract::V2 => Some(required(headers, header::PROGRESS_SUBJECT)?.to_owned()),
+        let (reply_stream, progress_subject) = match contract {
+            WireContract::V1 => (None, None),
+            WireContract::V2 => (
+                Some(required(headers, header::REPLY_STREAM)?.to_owned()),
+                Some(required(headers, header::PROGRESS_SUBJECT)?.to_owned()),
+            ),
         };
         let deadline = parse_time(header::DEADLINE, required(headers, header::DEADLINE)?)?;
         let retention_secs = match header_str(headers, header::RETENTION) {
@@ -424,6 +492,7 @@ impl RequestHead {
             content_type: optional(header::CONTENT_TYPE),
             contract,
             reply_subject: required(headers, header::REPLY_SUBJECT)?.to_owned(),
+            reply_stream,
             progress_subject,
             deadline,
             retention_secs,
@@ -764,8 +833,18 @@ mod tests {
         assert_eq!(v1.contract, WireContract::V1);
         assert_eq!(Subjects::default().progress_of(&v1), "gw.prog.op");
         assert!(v1.to_headers(&[]).get(header::CONTRACT).is_none());
-        // Contract 2 names where progress goes.
+        assert_eq!(v1.reply_stream_or("GW_RESULTS"), "GW_RESULTS");
+        assert_eq!(v1.reply_ttl(), None);
+        h.insert(header::RETENTION, "60");
+        let v1 = RequestHead::from_headers(&h).unwrap();
+        assert_eq!(v1.reply_ttl(), Some(std::time::Duration::from_secs(60)));
+        // Contract 2 names the reply's stream and where progress goes.
         h.insert(header::CONTRACT, "2");
+        assert!(matches!(
+            RequestHead::from_headers(&h),
+            Err(ContractError::MissingHeader(header::REPLY_STREAM))
+        ));
+        h.insert(header::REPLY_STREAM, "GW_OUTCOMES");
         assert!(matches!(
             RequestHead::from_headers(&h),
             Err(ContractError::MissingHeader(header::PROGRESS_SUBJECT))
@@ -773,6 +852,9 @@ mod tests {
         h.insert(header::PROGRESS_SUBJECT, "gw.prog.orders.op");
         let v2 = RequestHead::from_headers(&h).unwrap();
         assert_eq!(Subjects::default().progress_of(&v2), "gw.prog.orders.op");
+        assert_eq!(v2.reply_stream_or("GW_RESULTS"), "GW_OUTCOMES");
+        // That stream refuses per-message TTLs: the reply carries none.
+        assert_eq!(v2.reply_ttl(), None);
         assert_eq!(RequestHead::from_headers(&v2.to_headers(&[])).unwrap(), v2);
         // A newer release's request is not read as if it were this one's.
         for unknown in ["3", "0", "two", "+2"] {
@@ -791,16 +873,24 @@ mod tests {
         assert_eq!(s.request_any_route("k1"), "acme.req.*.k1");
         assert_eq!(s.route_requests("orders"), "acme.req.orders.>");
         assert_eq!(
-            s.slots("orders", "op"),
-            (
-                "acme.res.orders.op".into(),
-                Some("acme.prog.orders.op".into())
-            )
+            s.clone().with_outcomes_stream("ACME").slots("orders", "op"),
+            Slots {
+                reply_subject: "acme.out.orders.op".into(),
+                reply_stream: Some("ACME".into()),
+                progress_subject: Some("acme.prog.orders.op".into()),
+            }
         );
-        assert_eq!(s.route_results("orders"), "acme.res.orders.>");
-        assert_eq!(s.result_any_route("op"), "acme.res.*.op");
+        assert_eq!(s.route_results("orders"), "acme.out.orders.>");
+        assert_eq!(s.result_any_route("op"), "acme.out.*.op");
         let s = s.with_contract(WireContract::V1);
-        assert_eq!(s.slots("orders", "op"), ("acme.res.op".into(), None));
+        assert_eq!(
+            s.slots("orders", "op"),
+            Slots {
+                reply_subject: "acme.res.op".into(),
+                reply_stream: None,
+                progress_subject: None,
+            }
+        );
         assert_eq!(Subjects::operation_of("acme.res.orders.op"), "op");
         assert_eq!(Subjects::operation_of("acme.res.op"), "op");
     }

@@ -40,7 +40,7 @@ use serde::de::DeserializeOwned;
 
 use async_nats::jetstream::message::PublishMessage;
 
-use crate::contract::{Outcome, Request, ResultRecord, err_code};
+use crate::contract::{Outcome, Request, RequestHead, ResultRecord, err_code};
 use crate::handler::{BoxFuture, HandlerError, Response};
 use crate::jetstream::{
     CreateOutcome, JetStreamError, ResultWrite, create_if_absent, last_on_subject_from_leader,
@@ -452,17 +452,16 @@ fn subject_covers(filter: &str, subject: &str) -> bool {
     }
 }
 
-/// Publishes a decided marker: a commit's outgoing messages first (each with its deterministic
-/// `Nats-Msg-Id`), then the record, first writer wins, with `extra` headers (trace context).
-/// Every publisher of one marker publishes the same, so repeating it (a redelivery, the gateway,
-/// the finalizer) is harmless.
+/// Publishes a decided marker of `request`: a commit's outgoing messages first (each with its
+/// deterministic `Nats-Msg-Id`), then the record in the slot the request names, first writer
+/// wins, with `extra` headers (trace context). `results_stream` is where a contract-1 request's
+/// slot is (it names none). Every publisher of one marker publishes the same, so repeating it (a
+/// redelivery, the gateway, the finalizer) is harmless.
 pub async fn project(
     js: &async_nats::jetstream::Context,
+    request: &RequestHead,
     results_stream: &str,
-    operation_id: &str,
-    reply_subject: &str,
     marker: &Outbox,
-    ttl: Option<Duration>,
     extra: Vec<(String, String)>,
 ) -> Result<ResultWrite, JetStreamError> {
     for emit in &marker.emits {
@@ -479,11 +478,11 @@ pub async fn project(
     record.headers.extend(extra);
     publish_result(
         js,
-        results_stream,
-        reply_subject,
-        operation_id,
+        request.reply_stream_or(results_stream),
+        &request.reply_subject,
+        &request.operation_id,
         &record,
-        ttl,
+        request.reply_ttl(),
     )
     .await
 }

@@ -422,21 +422,23 @@ impl RouteWorker {
         // Watch before looking, so that a cancellation landing in between is not missed.
         let _watching =
             watch_cancellation(&client, &request.reply_subject, &request.cancellation).await;
-        if last_on_subject(&client, results, &request.reply_subject)
+        let slot_stream = request.reply_stream_or(results);
+        if last_on_subject(&client, slot_stream, &request.reply_subject)
             .await?
             .is_some()
         {
             return Ok(Answered::AlreadyDone);
         }
+        // What the operation keeps lives as long as its request (progress reports, the
+        // processed marker); the reply's own lifetime is the request's business (`project`).
         let ttl = request.retention_secs.map(Duration::from_secs);
-        let (op, reply_subject) = (request.operation_id.clone(), request.reply_subject.clone());
+        let head = request.head.clone();
+        let op = head.operation_id.clone();
         let trace = crate::trace::outgoing(&tracing::Span::current(), &request.headers);
         let publish = |marker: Outbox, terminate| {
-            let (op, reply_subject, trace) = (&op, &reply_subject, trace.clone());
+            let (head, trace) = (&head, trace.clone());
             async move {
-                let write =
-                    stateful::project(&self.js, results, op, reply_subject, &marker, ttl, trace)
-                        .await?;
+                let write = stateful::project(&self.js, head, results, &marker, trace).await?;
                 Ok(Answered::Replied {
                     write,
                     terminate,

@@ -106,6 +106,8 @@ struct RequestFields {
     reply_subject: String,
     /// Present on a contract-2 request (which then says `Gw-Contract: 2`), absent on contract 1.
     progress_subject: Option<String>,
+    /// Present exactly when `progress_subject` is.
+    reply_stream: Option<String>,
     deadline: OffsetDateTime,
     retention_secs: Option<u64>,
     tenant: Option<String>,
@@ -167,7 +169,7 @@ fn request_fields() -> impl Strategy<Value = RequestFields> {
             proptest::option::of("[0-9a-f]{64}"),
             proptest::option::of(value()),
             proptest::collection::vec((extra_header_name(), value()), 0..5),
-            proptest::option::of(value()),
+            proptest::option::of((value(), value())),
         ),
     )
         .prop_map(
@@ -181,7 +183,7 @@ fn request_fields() -> impl Strategy<Value = RequestFields> {
                     fingerprint,
                     callback_url,
                     extra,
-                    progress_subject,
+                    contract_2,
                 ),
             )| RequestFields {
                 operation_id,
@@ -191,7 +193,8 @@ fn request_fields() -> impl Strategy<Value = RequestFields> {
                 query,
                 content_type,
                 reply_subject,
-                progress_subject,
+                progress_subject: contract_2.as_ref().map(|(p, _)| p.clone()),
+                reply_stream: contract_2.map(|(_, s)| s),
                 deadline,
                 retention_secs,
                 tenant,
@@ -213,9 +216,10 @@ fn request_headers(f: &RequestFields, lowercase: bool, skip: Option<&str>) -> He
     let retention = f.retention_secs.map(|r| r.to_string());
     let deadline = format_time(f.deadline);
     let contract = f.progress_subject.as_ref().map(|_| "2");
-    let pairs: [(&str, Option<&str>); 15] = [
+    let pairs: [(&str, Option<&str>); 16] = [
         (header::CONTRACT, contract),
         (header::PROGRESS_SUBJECT, f.progress_subject.as_deref()),
+        (header::REPLY_STREAM, f.reply_stream.as_deref()),
         (header::OPERATION_ID, Some(&f.operation_id)),
         (header::ROUTE, Some(&f.route)),
         (header::METHOD, Some(&f.method)),
@@ -263,6 +267,7 @@ fn assert_request_matches(r: &Request, f: &RequestFields, body: &Bytes) {
     assert_eq!(r.content_type, f.content_type);
     assert_eq!(r.reply_subject, f.reply_subject);
     assert_eq!(r.progress_subject, f.progress_subject);
+    assert_eq!(r.reply_stream, f.reply_stream);
     assert_eq!(r.contract, f.contract());
     assert_eq!(r.deadline, f.deadline);
     assert_eq!(r.retention_secs, f.retention_secs);
@@ -479,7 +484,7 @@ proptest! {
                         header::RETENTION, header::TENANT, header::IDEMPOTENCY_KEY,
                         header::FINGERPRINT, header::CALLBACK_URL, header::STATUS,
                         header::OUTCOME, header::CONTENT_TYPE, header::TRACEPARENT,
-                        header::CONTRACT, header::PROGRESS_SUBJECT,
+                        header::CONTRACT, header::PROGRESS_SUBJECT, header::REPLY_STREAM,
                     ]).prop_flat_map(|n| prop_oneof![
                         Just(n.to_owned()),
                         Just(n.to_ascii_lowercase()),
@@ -539,6 +544,7 @@ proptest! {
             content_type: f.content_type.clone(),
             contract: f.contract(),
             reply_subject: f.reply_subject.clone(),
+            reply_stream: f.reply_stream.clone(),
             progress_subject: f.progress_subject.clone(),
             deadline: f.deadline,
             retention_secs: f.retention_secs,

@@ -19,9 +19,11 @@ async def handle(js, msg):
     h = msg.headers or {}
     operation_id = h["Gw-Operation-Id"]
     reply_subject = h["Gw-Reply-Subject"]
+    # Contract 2 names the reply's stream; contract 1 (no header) used GW_RESULTS.
+    reply_stream = h.get("Gw-Reply-Stream", "GW_RESULTS")
     # 1. Skip what is already answered (a redelivery, or a cancelled/expired operation).
     try:
-        await js.get_last_msg("GW_RESULTS", reply_subject, direct=True)
+        await js.get_last_msg(reply_stream, reply_subject, direct=True)
         await msg.ack()
         return
     except NotFoundError:
@@ -39,8 +41,10 @@ async def handle(js, msg):
         "Gw-Status": "201",
         "Content-Type": "application/json",
         "Nats-Expected-Last-Subject-Sequence": "0",
-        "Nats-TTL": h.get("Gw-Retention", "86400"),
     }
+    if "Gw-Reply-Stream" not in h:
+        # Contract 1: the reply lives as long as the request. (Contract 2's stream refuses a TTL.)
+        headers["Nats-TTL"] = h.get("Gw-Retention", "86400")
     try:
         await js.publish(reply_subject, body, headers=headers)
     except APIError as e:

@@ -13,7 +13,7 @@
 //! `unknown` (or a `503` of any kind) may retry with the same key and payload, and every attempt is
 //! recorded. A key is *acknowledged* when any attempt got a `202`.
 //!
-//! [`check`] then computes, from the history, the streams (`GW_REQUESTS`, `GW_RESULTS`) and the
+//! [`check`] then computes, from the history, the streams (`GW_REQUESTS`, `GW_RESULTS`, `GW_OUTCOMES`) and the
 //! worker's effect log:
 //! - **lost**: an acknowledged key whose request message is missing (or names another operation),
 //!   or whose operation has no result, or does not read terminal through every gateway after
@@ -533,7 +533,7 @@ pub struct StoredRequest {
     pub payload: String,
 }
 
-/// A result as `GW_RESULTS` holds it.
+/// A result as `GW_RESULTS` or `GW_OUTCOMES` holds it.
 #[derive(Debug, Clone, Serialize)]
 pub struct StoredResult {
     pub seq: u64,
@@ -614,7 +614,9 @@ fn header(message: &jetstream::Message, name: &str) -> Option<String> {
 pub async fn read_gateway_streams(
     js: &jetstream::Context,
 ) -> Result<(Vec<StoredRequest>, Vec<StoredResult>), String> {
-    use handlers::contract::{DEFAULT_REQUESTS_STREAM, DEFAULT_RESULTS_STREAM, header as h};
+    use handlers::contract::{
+        DEFAULT_OUTCOMES_STREAM, DEFAULT_REQUESTS_STREAM, DEFAULT_RESULTS_STREAM, header as h,
+    };
     let requests = read_stream(js, DEFAULT_REQUESTS_STREAM)
         .await?
         .iter()
@@ -628,8 +630,10 @@ pub async fn read_gateway_streams(
             payload: String::from_utf8_lossy(&m.payload).into_owned(),
         })
         .collect();
-    let results = read_stream(js, DEFAULT_RESULTS_STREAM)
-        .await?
+    // Both streams of result slots: contract 1's and contract 2's.
+    let mut stored = read_stream(js, DEFAULT_RESULTS_STREAM).await?;
+    stored.extend(read_stream(js, DEFAULT_OUTCOMES_STREAM).await?);
+    let results = stored
         .iter()
         // nats-server's delete markers where expired results were: not records.
         .filter(|m| header(m, h::MARKER_REASON).is_none())

@@ -49,6 +49,6 @@ async fn a_python_worker_on_a_plain_nats_client_answers_requests() {
     }
     // Exactly one stored result per operation.
     let js = nats.jetstream().await;
-    let stored = gateway_tests::stream_messages(&js, "GW_RESULTS").await;
+    let stored = gateway_tests::stream_messages(&js, "GW_OUTCOMES").await;
     assert_eq!(stored, 5);
 }

@@ -9,7 +9,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use gateway::operations::idempotency::key_token;
 use gateway_tests::*;
-use handlers::contract::{DEFAULT_REQUESTS_STREAM, DEFAULT_RESULTS_STREAM, ResultRecord, Subjects};
+use handlers::contract::{
+    DEFAULT_OUTCOMES_STREAM, DEFAULT_REQUESTS_STREAM, DEFAULT_RESULTS_STREAM, ResultRecord,
+    Subjects, WireContract,
+};
 use handlers::jetstream::{ResultWrite, last_on_subject, publish_result};
 use handlers::{Request, Response};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -185,7 +188,7 @@ async fn same_key_replays_after_completion_and_after_the_duplicate_window() {
     assert_eq!(location(&late), loc);
     assert_eq!(late.headers()["idempotent-replayed"], "true");
     assert_eq!(stream_messages(&js, DEFAULT_REQUESTS_STREAM).await, 1);
-    assert_eq!(stream_messages(&js, DEFAULT_RESULTS_STREAM).await, 1);
+    assert_eq!(stream_messages(&js, DEFAULT_OUTCOMES_STREAM).await, 1);
 }
 
 /// Same key, different body: 422 problem naming the first operation; only the first request is
@@ -763,13 +766,7 @@ timeout = "1s"
     }
 }
 
-/// A result that vanishes before its request (a foreign worker stored it with a shorter
-/// `Nats-TTL` than the request's retention) never lets a read decide the operation anew: the slot
-/// keeps nats-server's delete marker, reads say `410 result-removed`, and no `expired` record is
-/// ever written after `succeeded` was seen.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_result_removed_before_its_request_is_gone_not_expired() {
-    let routes = r#"
+const SHORT_DEADLINE_ROUTES: &str = r#"
 [[route]]
 name = "orders"
 method = "POST"
@@ -777,10 +774,94 @@ path = "/orders"
 retention = "1h"
 timeout = "2s"
 "#;
-    let TestGateway { nats, gw } = TestGateway::builder(routes).start().await;
+
+/// Under contract 2 no writer can remove a result before its request: the outcomes stream refuses
+/// a reply with a `Nats-TTL` (a careless or foreign worker's shorter one) and a `Nats-Rollup`
+/// (which would purge the slots of every route), so the operation keeps waiting for a proper
+/// reply, which then stands past the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_writer_can_remove_a_result_before_its_request() {
+    let TestGateway { nats, gw } = TestGateway::builder(SHORT_DEADLINE_ROUTES).start().await;
+    let js = nats.jetstream().await;
+    let first = id_of(post_order(&gw.base, "k-rolled-up", "{}").await).await;
+    let id = id_of(post_order(&gw.base, "k-short-ttl", "{}").await).await;
+    let first_slot = Subjects::default().slots("orders", &first).reply_subject;
+    let done = ResultRecord::reply(200, Some("text/plain".into()), Bytes::from_static(b"done"));
+    let stored = publish_result(
+        &js,
+        DEFAULT_OUTCOMES_STREAM,
+        &first_slot,
+        &first,
+        &done,
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(stored, ResultWrite::Stored);
+
+    let subject = Subjects::default().slots("orders", &id).reply_subject;
+    let careless_ttl = Some(Duration::from_secs(1));
+    let refused = publish_result(
+        &js,
+        DEFAULT_OUTCOMES_STREAM,
+        &subject,
+        &id,
+        &done,
+        careless_ttl,
+    )
+    .await
+    .expect_err("a per-message TTL is refused");
+    assert!(refused.to_string().contains("TTL"), "{refused}");
+    let mut rollup = async_nats::HeaderMap::new();
+    rollup.insert("Nats-Rollup", "all");
+    rollup.insert("Gw-Status", "200");
+    let rolled = js
+        .publish_with_headers(subject.clone(), rollup, "purge".into())
+        .await
+        .unwrap()
+        .await;
+    assert!(rolled.is_err(), "a roll-up is refused: {rolled:?}");
+    assert_eq!(
+        json(get_operation(&gw.base, &id).await).await["status"],
+        "pending"
+    );
+    assert_eq!(
+        json(get_operation(&gw.base, &first).await).await["status"],
+        "succeeded"
+    );
+
+    let stored = publish_result(&js, DEFAULT_OUTCOMES_STREAM, &subject, &id, &done, None)
+        .await
+        .unwrap();
+    assert_eq!(stored, ResultWrite::Stored);
+    // Past the deadline: both results stand.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for op in [&first, &id] {
+        assert_eq!(
+            json(get_operation(&gw.base, op).await).await["status"],
+            "succeeded"
+        );
+    }
+    assert_eq!(stream_messages(&js, DEFAULT_OUTCOMES_STREAM).await, 2);
+}
+
+/// Contract 1's results stream cannot refuse a per-message TTL: a result that vanishes there
+/// before its request (a foreign worker stored it with a shorter `Nats-TTL` than the request's
+/// retention) never lets a read decide the operation anew: the slot keeps nats-server's delete
+/// marker, reads say `410 result-removed`, and no `expired` record is ever written after
+/// `succeeded` was seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contract_1_result_removed_before_its_request_is_gone_not_expired() {
+    let TestGateway { nats, gw } = TestGateway::builder(SHORT_DEADLINE_ROUTES)
+        .flags(["--wire-contract", "1"])
+        .start()
+        .await;
     let id = id_of(post_order(&gw.base, "k-short-ttl", "{}").await).await;
     let js = nats.jetstream().await;
-    let subject = Subjects::default().slots("orders", &id).0;
+    let subject = Subjects::default()
+        .with_contract(WireContract::V1)
+        .slots("orders", &id)
+        .reply_subject;
     let reply = ResultRecord::reply(200, Some("text/plain".into()), Bytes::from_static(b"done"));
     let careless_ttl = Some(Duration::from_secs(1));
     let w = publish_result(
@@ -839,7 +920,7 @@ async fn first_result_wins_and_a_conflicting_one_is_counted() {
                 ResultRecord::reply(200, Some("text/plain".into()), Bytes::from_static(b"first"));
             let w = publish_result(
                 &js,
-                DEFAULT_RESULTS_STREAM,
+                DEFAULT_OUTCOMES_STREAM,
                 &r.reply_subject,
                 &r.operation_id,
                 &rival,
@@ -863,9 +944,9 @@ async fn first_result_wins_and_a_conflicting_one_is_counted() {
     let result = get_result(&gw.base, &id).await;
     assert_eq!(result.text().await.unwrap(), "first");
 
-    let subject = Subjects::default().slots("orders", &id).0;
+    let subject = Subjects::default().slots("orders", &id).reply_subject;
     let same = ResultRecord::reply(200, Some("text/plain".into()), Bytes::from_static(b"first"));
-    let w = publish_result(&js, DEFAULT_RESULTS_STREAM, &subject, &id, &same, None)
+    let w = publish_result(&js, DEFAULT_OUTCOMES_STREAM, &subject, &id, &same, None)
         .await
         .unwrap();
     assert_eq!(w, ResultWrite::AlreadyStored);
@@ -885,7 +966,7 @@ async fn first_result_wins_and_a_conflicting_one_is_counted() {
     let result = get_result(&gw.base, &id).await;
     assert_eq!(result.status(), 200);
     assert_eq!(result.text().await.unwrap(), "first");
-    assert_eq!(stream_messages(&js, DEFAULT_RESULTS_STREAM).await, 1);
+    assert_eq!(stream_messages(&js, DEFAULT_OUTCOMES_STREAM).await, 1);
 }
 
 /// Every client error is a problem+json with the right status, and nothing is published for any of
@@ -1074,7 +1155,7 @@ async fn worker_killed_before_replying_is_redelivered_and_answered_once() {
     assert_eq!(statuses.last().unwrap(), "succeeded");
     assert_eq!(survivor.stats().replied, 1);
     assert_eq!(
-        stream_messages(&nats.jetstream().await, DEFAULT_RESULTS_STREAM).await,
+        stream_messages(&nats.jetstream().await, DEFAULT_OUTCOMES_STREAM).await,
         1
     );
     let body = get_result(&gw.base, &id).await;
@@ -1112,8 +1193,8 @@ async fn operation_without_result_before_timeout_expires_for_good() {
 
     let js = nats.jetstream().await;
     let late = ResultRecord::reply(200, None, Bytes::from_static(b"too late"));
-    let subject = Subjects::default().slots("jobs", &id).0;
-    let w = publish_result(&js, DEFAULT_RESULTS_STREAM, &subject, &id, &late, None)
+    let subject = Subjects::default().slots("jobs", &id).reply_subject;
+    let w = publish_result(&js, DEFAULT_OUTCOMES_STREAM, &subject, &id, &late, None)
         .await
         .unwrap();
     assert!(matches!(w, ResultWrite::Conflict { ref existing } if existing.status == 504));
@@ -1193,7 +1274,11 @@ async fn a_replica_with_shorter_retention_does_not_shrink_the_streams() {
         .await;
     let _b = TestGateway::builder(SHORT).nats(&nats).start().await;
     let js = nats.jetstream().await;
-    for stream in [DEFAULT_REQUESTS_STREAM, DEFAULT_RESULTS_STREAM] {
+    for stream in [
+        DEFAULT_REQUESTS_STREAM,
+        DEFAULT_RESULTS_STREAM,
+        DEFAULT_OUTCOMES_STREAM,
+    ] {
         let max_age = js
             .get_stream(stream)
             .await
@@ -1255,7 +1340,7 @@ async fn failing_handlers_are_retried_until_a_valid_reply_is_stored() {
     assert_eq!(worker.stats().handler_errors, 3);
     assert_eq!(worker.stats().replied, 1);
     assert_eq!(
-        stream_messages(&nats.jetstream().await, DEFAULT_RESULTS_STREAM).await,
+        stream_messages(&nats.jetstream().await, DEFAULT_OUTCOMES_STREAM).await,
         1
     );
 }

@@ -10,7 +10,7 @@ use gateway_tests::{
     Nats, TestGateway, TestWorker, echo, eventually, get_operation, http, id_of, json, log_field,
     poll_until_terminal, worker_config,
 };
-use handlers::contract::{DEFAULT_REQUESTS_STREAM, DEFAULT_RESULTS_STREAM, Subjects};
+use handlers::contract::{DEFAULT_OUTCOMES_STREAM, DEFAULT_REQUESTS_STREAM, Subjects};
 use handlers::jetstream::last_matching;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -309,8 +309,8 @@ async fn the_trace_crosses_the_async_hop_and_reads_link_back_to_it() {
     // The worker (no OpenTelemetry in this process) passes the context on to the result.
     let result = last_matching(
         &js.client(),
-        DEFAULT_RESULTS_STREAM,
-        &subjects.slots("orders", &id).0,
+        DEFAULT_OUTCOMES_STREAM,
+        &subjects.slots("orders", &id).reply_subject,
     )
     .await
     .unwrap()

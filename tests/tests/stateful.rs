@@ -154,9 +154,9 @@ async fn duplicates_never_commit_twice() {
     // from the results stream, the request comes again. The marker's outbox restores the same
     // reply and the handler does not run.
     let js = nats.jetstream().await;
-    let results = js.get_stream("GW_RESULTS").await.unwrap();
+    let results = js.get_stream("GW_OUTCOMES").await.unwrap();
     let stored = results
-        .get_last_raw_message_by_subject(&Subjects::default().slots("count", &first).0)
+        .get_last_raw_message_by_subject(&Subjects::default().slots("count", &first).reply_subject)
         .await
         .unwrap();
     results.delete_message(stored.sequence).await.unwrap();

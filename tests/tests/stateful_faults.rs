@@ -229,7 +229,7 @@ async fn crashes_duplicates_and_stalls_never_break_exactly_once_processing() {
         .await;
     assert_eq!(markers, OPERATIONS, "one processed marker per operation");
     assert_eq!(
-        stream_messages(&js, "GW_RESULTS").await,
+        stream_messages(&js, "GW_OUTCOMES").await,
         OPERATIONS as u64,
         "one result per operation"
     );

@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use gateway_tests::*;
-use handlers::contract::{DEFAULT_RESULTS_STREAM, ResultRecord, Subjects};
+use handlers::contract::{DEFAULT_OUTCOMES_STREAM, ResultRecord, Subjects};
 use handlers::jetstream::{ResultWrite, publish_result};
 use handlers::{Request, Response};
 
@@ -141,8 +141,8 @@ async fn a_record_outside_the_operations_slot_notifies_nobody() {
         let (js, id) = (js.clone(), id.clone());
         async move {
             let record = ResultRecord::reply(status, None, bytes::Bytes::from_static(b"x"));
-            let subject = Subjects::default().slots(route, &id).0;
-            publish_result(&js, DEFAULT_RESULTS_STREAM, &subject, &id, &record, None)
+            let subject = Subjects::default().slots(route, &id).reply_subject;
+            publish_result(&js, DEFAULT_OUTCOMES_STREAM, &subject, &id, &record, None)
                 .await
                 .unwrap()
         }

@@ -8,7 +8,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use gateway_tests::*;
 use handlers::contract::{
-    DEFAULT_REQUESTS_STREAM, DEFAULT_RESULTS_STREAM, ResultRecord, Subjects, header, header_str,
+    DEFAULT_OUTCOMES_STREAM, DEFAULT_REQUESTS_STREAM, DEFAULT_RESULTS_STREAM, ResultRecord,
+    Subjects, header, header_str,
 };
 use handlers::jetstream::{last_matching, last_on_subject, publish_result};
 use handlers::{Request, Response, WorkerConfig};
@@ -69,9 +70,11 @@ async fn status_of(base: &str, id: &str) -> String {
 }
 
 /// deploy/nats/accounts.conf as shipped: the `orders` worker completes `orders` operations and is
-/// refused everything of `invoices` (its consumer, its result subjects); a record it writes under
-/// its own route for an `invoices` operation is not that operation's outcome; the `invoices`
-/// worker then ends it.
+/// refused everything of `invoices` (its consumer, its result subjects, contract 1's results
+/// stream); a record it writes under its own route for an `invoices` operation is not that
+/// operation's outcome; on its own route's subjects the stream refuses the headers that would
+/// reach further (a roll-up purging every route's results, a TTL removing a result early); the
+/// `invoices` worker then ends its operation, and the `orders` result is still there.
 #[tokio::test]
 async fn a_worker_is_confined_to_its_route_by_nats_permissions() {
     let accounts = std::fs::read_to_string(concat!(
@@ -96,7 +99,7 @@ async fn a_worker_is_confined_to_its_route_by_nats_permissions() {
 
     let invoice = submit(&gw.base, "/invoices", "i-1").accepted().await;
     let subjects = Subjects::default();
-    let (invoice_slot, _) = subjects.slots("invoices", &invoice);
+    let invoice_slot = subjects.slots("invoices", &invoice).reply_subject;
     let forged = ResultRecord::reply(
         200,
         Some("text/plain".into()),
@@ -106,7 +109,7 @@ async fn a_worker_is_confined_to_its_route_by_nats_permissions() {
     // Another route's result subject: nats-server refuses the publish, nothing is stored.
     let refused = publish_result(
         &orders_js,
-        DEFAULT_RESULTS_STREAM,
+        DEFAULT_OUTCOMES_STREAM,
         &invoice_slot,
         &invoice,
         &forged,
@@ -143,16 +146,16 @@ async fn a_worker_is_confined_to_its_route_by_nats_permissions() {
         "orders worker widened its consumer to invoices"
     );
     // Another route's results cannot be read either.
-    let peeked = last_on_subject(&orders_js.client(), DEFAULT_RESULTS_STREAM, &invoice_slot).await;
+    let peeked = last_on_subject(&orders_js.client(), DEFAULT_OUTCOMES_STREAM, &invoice_slot).await;
     assert!(
         peeked.is_err(),
         "orders worker read invoices' result slot: {peeked:?}"
     );
     // Its own route's subject for the other route's operation: stored, and no outcome of it.
-    let (stray_slot, _) = subjects.slots("orders", &invoice);
+    let stray_slot = subjects.slots("orders", &invoice).reply_subject;
     publish_result(
         &orders_js,
-        DEFAULT_RESULTS_STREAM,
+        DEFAULT_OUTCOMES_STREAM,
         &stray_slot,
         &invoice,
         &forged,
@@ -161,14 +164,59 @@ async fn a_worker_is_confined_to_its_route_by_nats_permissions() {
     .await
     .expect("a worker may write under its own route");
     assert_eq!(status_of(&gw.base, &invoice).await, "pending");
+    // Headers that reach beyond the message, on its own route's subjects: refused by the stream.
+    let own_slot = |n: u32| {
+        subjects
+            .slots("orders", &format!("{invoice}-{n}"))
+            .reply_subject
+    };
+    for (n, (name, value)) in [
+        ("Nats-Rollup", "all"),
+        ("Nats-Rollup", "sub"),
+        ("Nats-TTL", "1"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(name, value);
+        headers.insert(header::STATUS, "200");
+        let written = orders_js
+            .publish_with_headers(own_slot(n as u32), headers, "x".into())
+            .await
+            .unwrap()
+            .await;
+        assert!(written.is_err(), "{name}: {value} was stored: {written:?}");
+    }
+    // Contract 1's results stream, which keeps roll-ups on: no write at all.
+    let legacy = subjects
+        .clone()
+        .with_contract(handlers::contract::WireContract::V1)
+        .slots("orders", &invoice)
+        .reply_subject;
+    let refused = publish_result(
+        &orders_js,
+        DEFAULT_RESULTS_STREAM,
+        &legacy,
+        &invoice,
+        &forged,
+        None,
+    )
+    .await;
+    assert!(
+        refused.is_err(),
+        "orders worker wrote GW_RESULTS: {refused:?}"
+    );
+    assert_eq!(status_of(&gw.base, &order).await, "succeeded");
     let log = nats.log();
     let widened_subject = "worker-orders.gw.req.invoices";
-    let peeked_subject = format!("DIRECT.GET.GW_RESULTS.{invoice_slot}");
+    let peeked_subject = format!("DIRECT.GET.GW_OUTCOMES.{invoice_slot}");
     for refused in [
         invoice_slot.as_str(),
         "GW_REQUESTS.worker-invoices",
         widened_subject,
         peeked_subject.as_str(),
+        legacy.as_str(),
     ] {
         assert!(
             log.lines()
@@ -191,6 +239,8 @@ async fn a_worker_is_confined_to_its_route_by_nats_permissions() {
     assert_eq!(seen.last().unwrap(), "succeeded");
     let result = get_result(&gw.base, &invoice).await;
     assert_eq!(result.text().await.unwrap(), "invoice done");
+    let result = get_result(&gw.base, &order).await;
+    assert_eq!(result.text().await.unwrap(), "order done");
 }
 
 /// An upgrade from the first release: a gateway still writing contract 1 (`--wire-contract 1`)
@@ -214,9 +264,14 @@ async fn operations_of_both_layouts_are_answered_where_their_requests_say() {
     let second = submit(&new.base, "/orders", "v2-a").accepted().await;
 
     // What each wrote: contract 1 as the first release wrote it, contract 2 with its version.
-    for (id, reply, contract) in [
-        (&first, format!("gw.res.{first}"), None),
-        (&second, format!("gw.res.orders.{second}"), Some("2")),
+    for (id, reply, stream, contract) in [
+        (&first, format!("gw.res.{first}"), None, None),
+        (
+            &second,
+            format!("gw.out.orders.{second}"),
+            Some(DEFAULT_OUTCOMES_STREAM),
+            Some("2"),
+        ),
     ] {
         let status = json(get_operation(&new.base, id).await).await;
         assert_eq!(status["status"], "pending");
@@ -225,6 +280,7 @@ async fn operations_of_both_layouts_are_answered_where_their_requests_say() {
             header_str(&stored.headers, header::REPLY_SUBJECT),
             Some(reply.as_str())
         );
+        assert_eq!(header_str(&stored.headers, header::REPLY_STREAM), stream);
         assert_eq!(header_str(&stored.headers, header::CONTRACT), contract);
     }
 
@@ -246,9 +302,9 @@ async fn operations_of_both_layouts_are_answered_where_their_requests_say() {
         header_str(&legacy.headers, header::OUTCOME),
         Some("cancelled")
     );
-    let (routed, _) = subjects.slots("orders", &cancelled);
+    let routed = subjects.slots("orders", &cancelled).reply_subject;
     assert!(
-        last_on_subject(&client, DEFAULT_RESULTS_STREAM, &routed)
+        last_on_subject(&client, DEFAULT_OUTCOMES_STREAM, &routed)
             .await
             .unwrap()
             .is_none()

@@ -241,9 +241,14 @@ pub struct NatsArgs {
     /// Stream that holds accepted requests.
     #[arg(long, env = "GATEWAY_REQUESTS_STREAM", default_value = handlers::contract::DEFAULT_REQUESTS_STREAM)]
     pub requests_stream: String,
-    /// Stream that holds results (one terminal record per operation).
+    /// Stream that holds the results of operations accepted under wire contract 1 (one
+    /// terminal record per operation).
     #[arg(long, env = "GATEWAY_RESULTS_STREAM", default_value = handlers::contract::DEFAULT_RESULTS_STREAM)]
     pub results_stream: String,
+    /// Stream that holds the results of operations accepted under wire contract 2 (one terminal
+    /// record per operation; no per-message TTLs, no roll-ups).
+    #[arg(long, env = "GATEWAY_OUTCOMES_STREAM", default_value = handlers::contract::DEFAULT_OUTCOMES_STREAM)]
+    pub outcomes_stream: String,
 }
 
 impl NatsArgs {
@@ -370,6 +375,7 @@ mod tests {
                 subject_prefix: String::new(),
                 requests_stream: String::new(),
                 results_stream: String::new(),
+                outcomes_stream: String::new(),
             }
             .server_addrs()
         };

@@ -126,11 +126,12 @@ impl Submission<'_> {
         now: OffsetDateTime,
     ) -> RequestMessage {
         let operation_id = new_operation_id(key_token);
-        let (reply_subject, progress_subject) = subjects.slots(&self.route.name, &operation_id);
+        let slots = subjects.slots(&self.route.name, &operation_id);
         let head = RequestHead {
             contract: subjects.contract(),
-            reply_subject,
-            progress_subject,
+            reply_subject: slots.reply_subject,
+            reply_stream: slots.reply_stream,
+            progress_subject: slots.progress_subject,
             operation_id,
             route: self.route.name.clone(),
             method: self.method.to_owned(),

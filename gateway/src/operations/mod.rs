@@ -136,15 +136,12 @@ impl Operations {
         stop: CancellationToken,
     ) -> JoinHandle<Result<(), StoreError>> {
         let store = &self.store;
-        for (stream, subjects, followed) in [
+        let [results, outcomes] = store.result_streams();
+        for ((stream, subjects), followed) in [
+            (results, Followed::Results),
+            (outcomes, Followed::Results),
             (
-                store.results_stream(),
-                store.subjects().all_results(),
-                Followed::Results,
-            ),
-            (
-                store.events_stream(),
-                store.subjects().all_progress(),
+                (store.events_stream(), store.subjects().all_progress()),
                 Followed::Progress,
             ),
         ] {

@@ -417,18 +417,23 @@ impl Quotas {
                 Ok::<_, ConsumeError>((messages, empty))
             }
         };
+        let [(results, results_subjects), (outcomes, outcomes_subjects)] = store.result_streams();
         let opened = tokio::try_join!(
             follow(store.requests_stream(), store.subjects().all_requests()),
-            follow(store.results_stream(), store.subjects().all_results()),
+            follow(results, results_subjects),
+            follow(outcomes, outcomes_subjects),
         );
-        let ((mut requests, mut requests_done), (mut results, mut results_done)) = match opened {
-            Ok(opened) => opened,
-            Err(error) => return error,
-        };
+        // Requests, then the two streams of result slots (contract 1's and 2's).
+        let ((requests, requests_done), (results, results_done), (outcomes, outcomes_done)) =
+            match opened {
+                Ok(opened) => opened,
+                Err(error) => return error,
+            };
+        let mut done = [requests_done, results_done, outcomes_done];
+        let mut streams = [requests, results, outcomes];
         let mut building = Some(Ledger::default());
         loop {
-            if requests_done
-                && results_done
+            if done.iter().all(|d| *d)
                 && let Some(mut fresh) = building.take()
             {
                 let mut ledger = self.ledger();
@@ -437,10 +442,13 @@ impl Quotas {
                 self.ready.store(true, Ordering::Release);
                 tracing::debug!("Quota ledger caught up with the streams.");
             }
-            let (message, is_request) = tokio::select! {
-                message = requests.next() => (message, true),
-                message = results.next() => (message, false),
+            let [requests, results, outcomes] = &mut streams;
+            let (message, from) = tokio::select! {
+                message = requests.next() => (message, 0),
+                message = results.next() => (message, 1),
+                message = outcomes.next() => (message, 2),
             };
+            let is_request = from == 0;
             let message = match message {
                 Some(Ok(message)) => message,
                 Some(Err(error)) => return ConsumeError::Messages(error.into()),
@@ -463,11 +471,7 @@ impl Quotas {
                 seen.apply_result(ledger, now);
             }
             if seen.last {
-                if is_request {
-                    requests_done = true;
-                } else {
-                    results_done = true;
-                }
+                done[from] = true;
             }
         }
     }

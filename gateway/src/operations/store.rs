@@ -18,7 +18,7 @@ use async_nats::jetstream::stream::{
 };
 use async_nats::{HeaderMap, jetstream};
 use bytes::Bytes;
-use handlers::contract::{ContractError, Outcome, ResultRecord, Subjects};
+use handlers::contract::{ContractError, Outcome, RequestHead, ResultRecord, Subjects};
 use handlers::jetstream::{
     Batcher, CreateOutcome, JetStreamError, ResultWrite, create_if_absent, last_matching,
     last_on_subject, last_on_subject_from_leader,
@@ -201,7 +201,8 @@ impl Store {
             batcher: Batcher::spawn(js.clone()),
             js,
             subjects: Subjects::new(settings.nats.subject_prefix.clone())
-                .with_contract(settings.wire_contract),
+                .with_contract(settings.wire_contract)
+                .with_outcomes_stream(settings.nats.outcomes_stream.clone()),
             requests_stream: settings.nats.requests_stream.clone(),
             results_stream: settings.nats.results_stream.clone(),
             events_stream: settings.events_stream.clone(),
@@ -294,6 +295,23 @@ impl Store {
 
     pub fn results_stream(&self) -> &str {
         &self.results_stream
+    }
+
+    /// The streams of result slots, each with its subjects: contract 1's (`GW_RESULTS`) and
+    /// contract 2's (`GW_OUTCOMES`). Whatever follows results follows both.
+    pub fn result_streams(&self) -> [(&str, String); 2] {
+        [
+            (&self.results_stream, self.subjects.all_results()),
+            (
+                self.subjects.outcomes_stream(),
+                self.subjects.all_outcomes(),
+            ),
+        ]
+    }
+
+    /// The stream of an operation's result slot: the one its request names, else contract 1's.
+    fn slot_stream<'a>(&'a self, request: &'a RequestHead) -> &'a str {
+        request.reply_stream_or(&self.results_stream)
     }
 
     /// A worker consumer's (backlog, acknowledged deliveries so far) on the requests stream.
@@ -464,6 +482,16 @@ impl Store {
             allow_rollup: true,
             ..base.clone()
         };
+        // Contract 2's result slots, which workers write: no per-message TTL (nats-server refuses
+        // a `Nats-TTL` here), no roll-ups (refuses `Nats-Rollup`), no delete markers (they would
+        // force roll-ups on). So no writer can empty a slot or another route's slots: a record
+        // stays for `max_age`, at least the longest retention, so never leaves before its
+        // request. What that costs: a result of a route with a shorter retention stays (unread)
+        // until the stream's `max_age`.
+        let outcomes = Config {
+            allow_message_ttl: false,
+            ..base.clone()
+        };
         // Delivery states change (attempt after attempt): the last message of a subject wins.
         let replaced = Config {
             discard: DiscardPolicy::Old,
@@ -481,7 +509,13 @@ impl Store {
                 &self.results_stream,
                 vec![self.subjects.all_results()],
                 &results,
-                "Terminal records of gateway operations, first writer wins.",
+                "Terminal records of gateway operations accepted under wire contract 1, first writer wins.",
+            ),
+            (
+                &self.subjects.outcomes_stream().to_owned(),
+                vec![self.subjects.all_outcomes()],
+                &outcomes,
+                "Terminal records of gateway operations, first writer wins; no TTLs, no roll-ups.",
             ),
             (
                 &self.events_stream,
@@ -556,18 +590,23 @@ impl Store {
         }
         // The webhook consumer exists before the gateway is ready, so that no result of an
         // accepted request can land before it (it starts from new messages).
-        if let Some(consumer) = webhook_consumer {
+        for (stream, _) in webhook_consumer
+            .map(|_| self.result_streams())
+            .into_iter()
+            .flatten()
+        {
+            let consumer = webhook_consumer.expect("mapped from it");
             self.js
-                .get_stream(&self.results_stream)
+                .get_stream(stream)
                 .await
                 .map_err(|e| StoreError::Provision {
-                    stream: self.results_stream.clone(),
+                    stream: stream.to_owned(),
                     source: e.into(),
                 })?
                 .create_consumer(consumer.clone())
                 .await
                 .map_err(|e| StoreError::ProvisionConsumer {
-                    stream: self.results_stream.clone(),
+                    stream: stream.to_owned(),
                     source: e,
                 })?;
         }
@@ -608,7 +647,8 @@ impl Store {
         if self.client.connection_state() != async_nats::connection::State::Connected {
             return Err(StoreError::NotReady);
         }
-        for stream in [&self.requests_stream, &self.results_stream] {
+        let [(results, _), (outcomes, _)] = self.result_streams();
+        for stream in [self.requests_stream.as_str(), results, outcomes] {
             self.js
                 .get_stream_no_info(stream)
                 .await
@@ -678,7 +718,8 @@ impl Store {
     ) -> Result<Option<StreamMessage>, StoreError> {
         self.ensure_provisioned()?;
         let pattern = self.subjects.result_any_route(operation_id);
-        Ok(last_matching(&self.client, &self.results_stream, &pattern).await?)
+        let stream = self.subjects.outcomes_stream();
+        Ok(last_matching(&self.client, stream, &pattern).await?)
     }
 
     /// The terminal record of an operation, if any, from the subject its request names (the
@@ -692,14 +733,12 @@ impl Store {
     ) -> Result<Option<StoredResult>, StoreError> {
         self.ensure_provisioned()?;
         let subject = &operation.request.reply_subject;
+        let stream = self.slot_stream(&operation.request);
         let found = match early {
             Some(message) if message.subject.as_str() == subject => Some(message),
-            _ => last_on_subject(&self.client, &self.results_stream, subject).await?,
+            _ => last_on_subject(&self.client, stream, subject).await?,
         };
-        let Some(message) = self
-            .confirm_miss(found, &self.results_stream, subject)
-            .await?
-        else {
+        let Some(message) = self.confirm_miss(found, stream, subject).await? else {
             return Ok(None);
         };
         let record = ResultRecord::from_stream_message(&message)?;
@@ -751,11 +790,9 @@ impl Store {
         };
         let write = project(
             &self.js,
+            &operation.request,
             &self.results_stream,
-            id,
-            subject,
             &decided,
-            ttl,
             Vec::new(),
         )
         .await?;
@@ -771,7 +808,8 @@ impl Store {
         // Read the slot back from the leader, whoever won it: every later read reports the
         // record with the stream's timestamp, so this answer must too (two reads of a terminal
         // operation are byte-identical). One read more, on the rare path that writes a marker.
-        let stored = last_on_subject_from_leader(&self.js, &self.results_stream, subject).await?;
+        let stream = self.slot_stream(&operation.request);
+        let stored = last_on_subject_from_leader(&self.js, stream, subject).await?;
         Ok(match stored {
             Some(message) => StoredResult {
                 record: ResultRecord::from_stream_message(&message)?,

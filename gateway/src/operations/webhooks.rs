@@ -128,23 +128,36 @@ impl Webhooks {
         }))
     }
 
-    /// Delivers until `stop`; (re)creates the shared consumer as needed.
+    /// Delivers until `stop`, from every stream of result slots; (re)creates the shared
+    /// consumers as needed.
     pub async fn run(self, stop: CancellationToken) {
         let this = Arc::new(self);
-        while !stop.is_cancelled() {
-            match this.consume(&stop).await {
-                Ok(()) => {}
-                Err(error) => tracing::debug!(%error, "Webhook consumer not ready; retrying."),
+        let streams = this
+            .store
+            .result_streams()
+            .map(|(stream, _)| stream.to_owned());
+        futures::future::join_all(streams.iter().map(|stream| {
+            let (this, stop) = (&this, &stop);
+            async move {
+                while !stop.is_cancelled() {
+                    match this.consume(stream, stop).await {
+                        Ok(()) => {}
+                        Err(error) => {
+                            tracing::debug!(%error, stream, "Webhook consumer not ready; retrying.")
+                        }
+                    }
+                    sleep_or_stop(stop, Duration::from_secs(1)).await;
+                }
             }
-            sleep_or_stop(&stop, Duration::from_secs(1)).await;
-        }
+        }))
+        .await;
     }
 
-    /// The consumer every replica shares; provisioning creates it before the gateway is ready.
+    /// The consumer every replica shares, on each stream of result slots (all of whose subjects
+    /// are results); provisioning creates them before the gateway is ready.
     pub fn consumer_config(&self) -> pull::Config {
         pull::Config {
             durable_name: Some(CONSUMER.to_owned()),
-            filter_subject: self.store.subjects().all_results(),
             deliver_policy: DeliverPolicy::New,
             ack_policy: AckPolicy::Explicit,
             ack_wait: ATTEMPT_TIMEOUT * 3,
@@ -157,9 +170,12 @@ impl Webhooks {
         }
     }
 
-    async fn consume(self: &Arc<Self>, stop: &CancellationToken) -> Result<(), ConsumeError> {
-        let results = self.store.results_stream().to_owned();
-        let messages = self.store.pull(&results, self.consumer_config()).await?;
+    async fn consume(
+        self: &Arc<Self>,
+        stream: &str,
+        stop: &CancellationToken,
+    ) -> Result<(), ConsumeError> {
+        let messages = self.store.pull(stream, self.consumer_config()).await?;
         messages
             .take_until(stop.cancelled())
             .for_each_concurrent(32, |message| {

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use gateway::config::RouteConfig;
 use gateway::http::auth::DEFAULT_TENANT;
 use gateway::operations::Submission;
-use handlers::contract::{DEFAULT_REQUESTS_STREAM, DEFAULT_RESULTS_STREAM, Subjects};
+use handlers::contract::{DEFAULT_OUTCOMES_STREAM, DEFAULT_REQUESTS_STREAM, Subjects};
 use handlers::jetstream::{CreateOutcome, create_if_absent, last_matching};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
@@ -266,7 +266,7 @@ impl Client for RawLookup {
             let result_pattern = self.subjects.result_any_route(id);
             let (request, result) = tokio::join!(
                 last_matching(&self.client, DEFAULT_REQUESTS_STREAM, &request_pattern),
-                last_matching(&self.client, DEFAULT_RESULTS_STREAM, &result_pattern)
+                last_matching(&self.client, DEFAULT_OUTCOMES_STREAM, &result_pattern)
             );
             match (request, result) {
                 (Ok(Some(_)), Ok(_)) => Outcome::Ok,
