@@ -29,6 +29,14 @@
 //! (`GATEWAY_WIRE_CONTRACT=1`); [`Variant::EarlyLayout`] shows the second terminal record the new
 //! slot would let the old replica write.
 //!
+//! Where a result slot lives decides whether its record can go before its request. This
+//! release's slots are in a stream that refuses per-message TTLs and roll-ups and keeps every
+//! record for at least the longest retention (`GW_OUTCOMES`), so no writer can empty one: that is
+//! the default configuration, with no [`Action::ResultExpires`]. The first release's slots are in
+//! a stream where a writer's shorter `Nats-TTL` can remove a record early, and nats-server's
+//! delete marker then holds the slot ([`Protocol::early_result_expiry`]); without the marker the
+//! slot could be filled again ([`Variant::ShortResultTtl`]).
+//!
 //! What the model leaves out: more than one operation (so lost updates between operations sharing a
 //! state key), the HTTP layer, stream configuration and retention changes, replicated-stream
 //! anomalies, and message sizes.
@@ -110,7 +118,8 @@ pub struct Protocol {
     pub max_time: u8,
     /// How many ticks the second gateway's clock runs ahead of the others.
     pub skew: u8,
-    /// Whether a result may expire before its request (a writer's shorter `Nats-TTL`). The
+    /// Whether a result may expire before its request (a writer's shorter `Nats-TTL`): possible
+    /// in contract 1's results stream only (this release's refuses per-message TTLs). There the
     /// design keeps nats-server's delete marker in its slot, which refuses every later
     /// create-if-absent and reads as "removed", not as a status. The model keeps the marker for
     /// good: the code's lives for the longest retention (never shrunk), longer than any request.

@@ -25,8 +25,8 @@ fn the_arbiter_keeps_every_property_on_stateful_routes() {
     check(Protocol::ci(Route::Stateful, Variant::Arbiter)).assert_properties();
 }
 
-/// Results that expire before their requests (a writer's shorter `Nats-TTL`): with the delete
-/// marker nats-server leaves in the slot, nothing can write a second terminal record, a read shows
+/// Results that expire before their requests (a writer's shorter `Nats-TTL`, possible in contract
+/// 1's results stream): with the delete marker nats-server leaves in the slot, nothing can write a second terminal record, a read shows
 /// "removed" rather than a new status, and every property still holds on both kinds of route.
 /// (Without the marker, `ShortResultTtl` below, a second record is written.)
 #[test]

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use gateway_tests::*;
-use handlers::contract::{DEFAULT_REQUESTS_STREAM, DEFAULT_RESULTS_STREAM};
+use handlers::contract::{DEFAULT_OUTCOMES_STREAM, DEFAULT_REQUESTS_STREAM};
 use tokio::time::Instant;
 
 const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_gateway-under-test");
@@ -247,7 +247,7 @@ async fn cluster_serves_through_any_node_and_survives_a_node_kill_mid_load() {
             w.route("orders", echo.clone())
         }));
     }
-    for stream in [DEFAULT_REQUESTS_STREAM, DEFAULT_RESULTS_STREAM] {
+    for stream in [DEFAULT_REQUESTS_STREAM, DEFAULT_OUTCOMES_STREAM] {
         let info = cluster.stream_info(stream).await.expect("stream exists");
         assert_eq!(info.config.num_replicas, 3, "{stream} is R3");
     }
@@ -315,7 +315,7 @@ async fn cluster_serves_through_any_node_and_survives_a_node_kill_mid_load() {
         .stream_leader(DEFAULT_REQUESTS_STREAM)
         .await
         .expect("the requests stream has a leader");
-    let results_leader = cluster.stream_leader(DEFAULT_RESULTS_STREAM).await;
+    let results_leader = cluster.stream_leader(DEFAULT_OUTCOMES_STREAM).await;
     let load_start = Instant::now();
     let mut lanes = tokio::task::JoinSet::new();
     for lane in 0..LANES {
@@ -441,7 +441,7 @@ async fn cluster_serves_through_any_node_and_survives_a_node_kill_mid_load() {
         "one request message per key"
     );
     assert_eq!(
-        messages_in(&cluster, DEFAULT_RESULTS_STREAM).await,
+        messages_in(&cluster, DEFAULT_OUTCOMES_STREAM).await,
         keys.len() as u64,
         "one result per operation"
     );
@@ -466,7 +466,7 @@ async fn cluster_serves_through_any_node_and_survives_a_node_kill_mid_load() {
     // The killed node comes back and catches up; a gateway that knows only that node serves
     // every operation, and a new one, through it.
     cluster.restart(victim).await;
-    for stream in [DEFAULT_REQUESTS_STREAM, DEFAULT_RESULTS_STREAM] {
+    for stream in [DEFAULT_REQUESTS_STREAM, DEFAULT_OUTCOMES_STREAM] {
         cluster
             .wait_stream_healthy(stream, Duration::from_secs(30))
             .await;

@@ -17,7 +17,7 @@ use std::time::Duration;
 use gateway_tests::chaos::{EffectLog, FAULT_ROUTES, Run, echo_handler, fault_worker_config};
 use gateway_tests::proxy::{ProxyMode, TcpProxy};
 use gateway_tests::*;
-use handlers::contract::{DEFAULT_REQUESTS_STREAM, DEFAULT_RESULTS_STREAM};
+use handlers::contract::{DEFAULT_OUTCOMES_STREAM, DEFAULT_REQUESTS_STREAM};
 use tokio::time::Instant;
 
 const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_gateway-under-test");
@@ -262,7 +262,7 @@ async fn cluster_node_killed_and_paused() {
         }
         // Often the results stream's leader: thawed, it may believe it still leads for a moment,
         // the chance for a stale read to show `pending` after `succeeded`.
-        let results_leader = cluster.stream_leader(DEFAULT_RESULTS_STREAM).await;
+        let results_leader = cluster.stream_leader(DEFAULT_OUTCOMES_STREAM).await;
         let frozen = match results_leader {
             Some(l) if Some(l) != dead && run.chance(50) => l,
             _ => loop {
@@ -296,7 +296,7 @@ async fn cluster_node_killed_and_paused() {
     }
     run.end_faults(&load);
     let healed_at = Instant::now();
-    for stream in [DEFAULT_REQUESTS_STREAM, DEFAULT_RESULTS_STREAM] {
+    for stream in [DEFAULT_REQUESTS_STREAM, DEFAULT_OUTCOMES_STREAM] {
         cluster
             .wait_stream_healthy(stream, Duration::from_secs(60))
             .await;

@@ -6,9 +6,10 @@
 //! (requests say tenant, deadline and retention; `Nats-Msg-Size` says the body's size). An
 //! operation is *pending* from its request until its result, or until its deadline plus the skew
 //! allowance (it is expired then, whether or not a reader has settled it yet); its request and
-//! result bodies count as *stored* until the request's retention ends (a result written by the
-//! contract carries the request's retention as `Nats-TTL`, so it leaves a little after its
-//! request, never before). A replica also reserves what it is about to write, so that a burst
+//! result bodies count as *stored* until the request's retention ends (a result leaves after its
+//! request, never before: under contract 2 at the results stream's `max_age`, the longest
+//! retention, which for a route with a shorter one is later than the ledger says; under contract
+//! 1 with the request's retention as its `Nats-TTL`). A replica also reserves what it is about to write, so that a burst
 //! through one replica is counted at once; a burst through several at the same moment can pass a
 //! quota by what the others accept within the consumers' lag (milliseconds).
 //!
