@@ -49,6 +49,9 @@ pub const DRAINING: &str = "gateway_draining";
 /// `gateway dispatch`: replies stored, by `outcome` (`replied`, `failed`, `conflict`,
 /// `cancelled`, `expired`, `skipped`), mirrored from the worker library's counters.
 pub const DISPATCH_REPLIES: &str = "gateway_dispatch_replies_total";
+/// `gateway dispatch`: failed attempts offered again after their back-off (the route's retry
+/// policy, or an upstream's `Retry-After`).
+pub const DISPATCH_RETRIES: &str = "gateway_dispatch_retries_total";
 
 /// Upper bounds of the accept-latency histogram, in seconds.
 const ACCEPT_BUCKETS: &[f64] = &[
@@ -116,6 +119,10 @@ fn describe() {
     describe_counter!(SHED, "Requests refused at once for lack of capacity.");
     describe_gauge!(DRAINING, "1 while draining after SIGTERM.");
     describe_counter!(DISPATCH_REPLIES, "Dispatcher replies, by outcome.");
+    describe_counter!(
+        DISPATCH_RETRIES,
+        "Dispatcher attempts that failed and were offered again after their back-off."
+    );
 }
 
 /// Puts every series whose labels are known at start at zero, so that dashboards and alerts

@@ -118,6 +118,8 @@ pub mod header {
     pub const CONTRACT: &str = "Gw-Contract";
     /// RFC 3339 instant after which the operation counts as expired.
     pub const DEADLINE: &str = "Gw-Deadline";
+    /// The route's retry policy, JSON ([`crate::retry::RetryPolicy`]); absent: the worker's own.
+    pub const RETRY_POLICY: &str = "Gw-Retry-Policy";
     /// Seconds the gateway keeps the request, status and result; under contract 1 workers set the
     /// same TTL on replies.
     pub const RETENTION: &str = "Gw-Retention";
@@ -400,6 +402,8 @@ pub struct RequestHead {
     pub fingerprint: Option<String>,
     /// The completion webhook's URL, if the client or the route set one.
     pub callback_url: Option<String>,
+    /// How the route retries its operations; `None`: as the worker's settings say.
+    pub retry_policy: Option<crate::retry::RetryPolicy>,
 }
 
 impl RequestHead {
@@ -415,6 +419,7 @@ impl RequestHead {
         // Contract 1 had no version header: a request of it is written as that release wrote it.
         let contract =
             (self.contract != WireContract::V1).then(|| self.contract.number().to_string());
+        let retry_policy = self.retry_policy.as_ref().map(|p| p.to_header());
         let fields = [
             (header::OPERATION_ID, Some(self.operation_id.as_str())),
             (header::ROUTE, Some(self.route.as_str())),
@@ -432,6 +437,7 @@ impl RequestHead {
             (header::IDEMPOTENCY_KEY, self.idempotency_key.as_deref()),
             (header::FINGERPRINT, self.fingerprint.as_deref()),
             (header::CALLBACK_URL, self.callback_url.as_deref()),
+            (header::RETRY_POLICY, retry_policy.as_deref()),
         ];
         for (name, value) in fields {
             if let Some(value) = value {
@@ -482,6 +488,15 @@ impl RequestHead {
                 value: v.to_owned(),
             })?),
         };
+        let retry_policy = match header_str(headers, header::RETRY_POLICY) {
+            None => None,
+            Some(v) => Some(crate::retry::RetryPolicy::from_header(v).map_err(|_| {
+                ContractError::InvalidHeader {
+                    name: header::RETRY_POLICY,
+                    value: v.to_owned(),
+                }
+            })?),
+        };
         let optional = |name| header_str(headers, name).map(str::to_owned);
         Ok(Self {
             operation_id: required(headers, header::OPERATION_ID)?.to_owned(),
@@ -500,6 +515,7 @@ impl RequestHead {
             idempotency_key: optional(header::IDEMPOTENCY_KEY),
             fingerprint: optional(header::FINGERPRINT),
             callback_url: optional(header::CALLBACK_URL),
+            retry_policy,
         })
     }
 }

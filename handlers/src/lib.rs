@@ -7,6 +7,8 @@
 //! - [`handler`]: what a worker's code implements and returns (no NATS in it).
 //! - [`jetstream`]: the JetStream primitives both sides use: create-if-absent, direct get,
 //!   first-writer-wins result writes.
+//! - [`retry`]: a route's retry policy (carried in each request) and the retry state a worker
+//!   reports after a failed attempt.
 //! - [`stateful`]: stateful handlers: state, processed marker and reply committed in one atomic
 //!   batch, at most once per operation (the outbox pattern on JetStream).
 //! - [`trace`]: W3C trace context across the async hop (request in, reply out).
@@ -21,6 +23,7 @@ pub mod faults;
 pub mod handler;
 pub mod jetstream;
 pub mod progress;
+pub mod retry;
 pub mod stateful;
 pub mod trace;
 pub mod worker;
@@ -28,5 +31,6 @@ pub mod worker;
 pub use contract::{Outcome, Request, RequestHead, ResultRecord, Subjects};
 pub use handler::{Handler, HandlerError, Permanent, Response, RetryAfter};
 pub use progress::{Progress, ProgressReporter};
+pub use retry::{RetryPolicy, RetryState};
 pub use stateful::{StateStore, StatefulContext};
 pub use worker::{Worker, WorkerConfig, WorkerStats};

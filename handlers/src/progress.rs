@@ -11,6 +11,8 @@ use async_nats::jetstream::context::PublishError;
 use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
 
+use crate::retry::RetryState;
+
 /// A worker's progress report on `gw.prog.<operation-id>` (JSON payload; the last one counts).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Progress {
@@ -19,6 +21,10 @@ pub struct Progress {
     pub percent: Option<u8>,
     #[serde(default)]
     pub message: String,
+    /// Where retries stand: the worker's attempt number, and after a failed attempt its error and
+    /// when the next is due ([`RetryState`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryState>,
 }
 
 /// Longest progress message kept, in characters; longer ones are cut (with `…`) when written and
@@ -37,14 +43,20 @@ impl Progress {
         Self {
             percent: percent.map(|p| p.min(100)),
             message,
+            retry: None,
         }
+    }
+
+    /// The same report, saying where retries stand.
+    pub fn with_retry(self, retry: Option<RetryState>) -> Self {
+        Self { retry, ..self }
     }
 
     /// Reads a stored report (a JSON payload), bounded as [`Progress::new`] bounds it: a worker
     /// in another language may have written anything. `None` when it is not a report.
     pub fn from_payload(payload: &[u8]) -> Option<Self> {
         let read: Progress = serde_json::from_slice(payload).ok()?;
-        Some(Self::new(read.percent, read.message))
+        Some(Self::new(read.percent, read.message).with_retry(read.retry.map(RetryState::bounded)))
     }
 }
 
@@ -57,6 +69,8 @@ pub struct ProgressError(#[source] PublishError);
 #[derive(Clone, Debug, Default)]
 pub struct ProgressReporter {
     target: Option<(async_nats::jetstream::Context, String, Option<Duration>)>,
+    /// The attempt the reports come from, carried in each (a report replaces the last).
+    retry: Option<RetryState>,
 }
 
 impl ProgressReporter {
@@ -64,6 +78,15 @@ impl ProgressReporter {
     pub fn new(js: async_nats::jetstream::Context, subject: String, ttl: Option<Duration>) -> Self {
         Self {
             target: Some((js, subject, ttl)),
+            retry: None,
+        }
+    }
+
+    /// The same reporter, each report saying it comes from attempt `attempt`.
+    pub fn in_attempt(self, attempt: u32) -> Self {
+        Self {
+            retry: Some(RetryState::running(attempt)),
+            ..self
         }
     }
 
@@ -79,10 +102,15 @@ impl ProgressReporter {
         percent: Option<u8>,
         message: impl Into<String>,
     ) -> Result<(), ProgressError> {
+        self.publish(Progress::new(percent, message).with_retry(self.retry.clone()))
+            .await
+    }
+
+    /// Publishes a report as it is; waits for JetStream's ack.
+    pub async fn publish(&self, progress: Progress) -> Result<(), ProgressError> {
         let Some((js, subject, ttl)) = &self.target else {
             return Ok(());
         };
-        let progress = Progress::new(percent, message);
         let payload = serde_json::to_vec(&progress).expect("progress serializes");
         let mut publish = PublishMessage::build().payload(Bytes::from(payload));
         if let Some(ttl) = ttl {

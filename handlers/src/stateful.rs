@@ -625,6 +625,7 @@ pub async fn run(
     let response = handler.call(ctx.clone()).await?;
     let record = response.into_record();
     record.validate()?;
+    crate::retry::retried_status(ctx.request.retry_policy.as_ref(), record.status)?;
     let changes = {
         let loaded = ctx.loaded.lock().expect("context lock");
         let mut changes: Vec<(String, u64, Bytes)> = Vec::new();

@@ -34,7 +34,8 @@ use crate::contract::{
 // `handlers::worker` keeps working.
 pub use crate::handler::{Handler, HandlerError, Permanent, Response, RetryAfter};
 use crate::jetstream::{JetStreamError, ResultWrite, ack, last_on_subject};
-use crate::progress::ProgressReporter;
+use crate::progress::{Progress, ProgressReporter};
+use crate::retry::{RetryState, retried_status};
 use crate::stateful::{self, Committed, Decision, Outbox, StateError, StateStore, StatefulHandler};
 
 /// Worker settings. The defaults match the gateway's defaults.
@@ -138,6 +139,8 @@ pub struct WorkerStats {
     pub expired: AtomicU64,
     /// Handler errors (panics and unreplayable replies included).
     pub handler_errors: AtomicU64,
+    /// Failed attempts offered again later (a nak with the back-off delay).
+    pub retried: AtomicU64,
     /// Operations this worker ended `failed`: a [`Permanent`] error, an error on the last
     /// delivery, or attempts used up (counted once the decision is published).
     pub failed: AtomicU64,
@@ -238,7 +241,21 @@ struct RouteWorker {
     stats: Arc<WorkerStats>,
 }
 
+/// A delivery's attempt number, for the retry state (1 is the first).
+fn attempt_number(delivered: i64) -> u32 {
+    u32::try_from(delivered.max(1)).unwrap_or(u32::MAX)
+}
+
 impl RouteWorker {
+    /// Where the operation's progress reports (and retry states) go, kept as long as it.
+    fn reporter(&self, request: &Request) -> ProgressReporter {
+        ProgressReporter::new(
+            self.js.clone(),
+            self.config.subjects.progress_of(request),
+            request.retention_secs.map(Duration::from_secs),
+        )
+    }
+
     fn consumer_name(&self) -> &str {
         self.consumer_config
             .durable_name
@@ -336,6 +353,8 @@ impl RouteWorker {
             }
         };
         let op = request.operation_id.clone();
+        let policy = request.retry_policy.clone();
+        let reporter = self.reporter(&request);
         // The span continues the trace the gateway started for the HTTP request, so the handler's
         // work and the reply belong to it.
         let span =
@@ -394,13 +413,27 @@ impl RouteWorker {
                 ack(&message, AckKind::Ack).await;
             }
             Err(Failure::Handler(error)) => {
-                let backoff = self.config.retry_delay(delivered);
+                let backoff = match &policy {
+                    Some(policy) => policy.delay(attempt_number(delivered), fastrand::f64()),
+                    None => self.config.retry_delay(delivered),
+                };
                 // Asked to wait (an upstream's Retry-After): not before then.
                 let delay = match error.downcast_ref::<RetryAfter>() {
                     Some(asked) => asked.delay.min(RetryAfter::MAX).max(backoff),
                     None => backoff,
                 };
                 tracing::warn!(operation_id = %op, delivered, retry_in = ?delay, %error, "Handler failed; request will be redelivered.");
+                // Where retries stand, for the status resource. Advisory: a lost report costs
+                // information, and the nak below goes out whatever happens to it.
+                let next = OffsetDateTime::now_utc() + delay;
+                let state = RetryState::failed(attempt_number(delivered), &error.to_string(), next);
+                if let Err(error) = reporter
+                    .publish(Progress::new(None, "").with_retry(Some(state)))
+                    .await
+                {
+                    tracing::debug!(operation_id = %op, %error, "Retry state not reported.");
+                }
+                self.stats.retried.fetch_add(1, Ordering::Relaxed);
                 ack(&message, AckKind::Nak(Some(delay))).await;
             }
             Err(Failure::JetStream(error)) => {
@@ -452,7 +485,14 @@ impl RouteWorker {
         if let Some(marker) = self.marker(&op).await? {
             return publish(marker, false).await;
         }
-        let attempts = self.attempts(delivered).await;
+        // The route's policy may allow fewer attempts than the consumer; never more.
+        let attempts = match &request.retry_policy {
+            Some(policy) => self
+                .attempts(delivered)
+                .await
+                .min(i64::from(policy.attempts)),
+            None => self.attempts(delivered).await,
+        };
         let (record, terminate) = if delivered > attempts {
             // Past the handler's attempts: its earlier deliveries crashed or stalled. This one
             // only ends the operation.
@@ -465,11 +505,11 @@ impl RouteWorker {
             (ResultRecord::expired(&op, request.deadline), false)
         } else {
             let mut request = request;
-            request.progress = ProgressReporter::new(
-                self.js.clone(),
-                self.config.subjects.progress_of(&request),
-                ttl,
-            );
+            request.progress = self.reporter(&request);
+            if delivered > 1 {
+                // A retry: its reports say which attempt they come from.
+                request.progress = request.progress.in_attempt(attempt_number(delivered));
+            }
             match self.run_handler(message, request).await {
                 Ok(marker) => return publish(marker, false).await,
                 Err(error) => {
@@ -555,8 +595,10 @@ impl RouteWorker {
         let work = async {
             match &self.handler {
                 RouteHandler::Stateless(handler) => {
+                    let policy = request.retry_policy.clone();
                     let record = handler.call(request).await?.into_record();
                     record.validate()?;
+                    retried_status(policy.as_ref(), record.status)?;
                     Ok(Outbox::reply_of(&record))
                 }
                 RouteHandler::Stateful(store, handler) => {

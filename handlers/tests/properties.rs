@@ -552,6 +552,7 @@ proptest! {
             idempotency_key: f.idempotency_key.clone(),
             fingerprint: f.fingerprint.clone(),
             callback_url: f.callback_url.clone(),
+            retry_policy: None,
         };
         let r = Request::from_parts(head.to_headers(&f.extra), body.clone()).unwrap();
         prop_assert_eq!(&r.head, &head);
@@ -611,12 +612,22 @@ proptest! {
         prop_assert_eq!(back, t);
     }
 
-    /// Progress reports round-trip through JSON; `percent` is left out when unknown.
+    /// Progress reports round-trip through JSON; `percent` and `retry` are left out when unknown.
     #[test]
-    fn progress_round_trips(percent in proptest::option::of(any::<u8>()), message in ".{0,40}") {
-        let p = Progress { percent, message };
+    fn progress_round_trips(
+        percent in proptest::option::of(any::<u8>()),
+        message in ".{0,40}",
+        retry in proptest::option::of((1u32..100, proptest::option::of(".{0,40}"), proptest::option::of(0i64..4_000_000_000))),
+    ) {
+        let retry = retry.map(|(attempts, last_error, next)| handlers::RetryState {
+            attempts,
+            last_error,
+            next_attempt_at: next.map(|s| OffsetDateTime::from_unix_timestamp(s).unwrap()),
+        });
+        let p = Progress { percent, message, retry };
         let json = serde_json::to_string(&p).unwrap();
         prop_assert_eq!(json.contains("\"percent\""), p.percent.is_some());
+        prop_assert_eq!(json.contains("\"retry\""), p.retry.is_some());
         let back: Progress = serde_json::from_str(&json).unwrap();
         prop_assert_eq!(back, p);
     }
@@ -654,7 +665,8 @@ fn progress_json_defaults() {
         p,
         Progress {
             percent: None,
-            message: String::new()
+            message: String::new(),
+            retry: None,
         }
     );
     assert!(serde_json::from_str::<Progress>(r#"{"percent":256,"message":"x"}"#).is_err());

@@ -45,12 +45,26 @@ path = "/capped"
 name = "throttled"
 method = "GET"
 path = "/throttled"
+
+[[route]]
+name = "policed"
+method = "GET"
+path = "/policed"
+retry = { attempts = 3, backoff = ["2s"], retry_on = ["500"] }
+
+[[route]]
+name = "spent"
+method = "GET"
+path = "/spent"
+retry = { attempts = 2, backoff = ["200ms"], jitter = 50, retry_on = ["5xx"] }
 "#;
 
 #[derive(Clone, Default)]
 struct App {
     flaky_calls: Arc<AtomicU32>,
     throttled_calls: Arc<std::sync::Mutex<Vec<tokio::time::Instant>>>,
+    policed_calls: Arc<std::sync::Mutex<Vec<tokio::time::Instant>>>,
+    spent_calls: Arc<AtomicU32>,
     in_flight: Arc<AtomicUsize>,
     most_in_flight: Arc<AtomicUsize>,
 }
@@ -106,6 +120,16 @@ async fn throttled(State(app): State<App>) -> impl IntoResponse {
     (status, [("retry-after", "3")], "later")
 }
 
+/// 500, then 503: the route retries 500 only, so the 503 is the result.
+async fn policed(State(app): State<App>) -> (StatusCode, &'static str) {
+    let mut calls = app.policed_calls.lock().unwrap();
+    calls.push(tokio::time::Instant::now());
+    match calls.len() {
+        1 => (StatusCode::INTERNAL_SERVER_ERROR, "boom"),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
+    }
+}
+
 async fn capped(State(app): State<App>) -> &'static str {
     let now = app.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     app.most_in_flight.fetch_max(now, Ordering::SeqCst);
@@ -132,6 +156,14 @@ async fn start_app() -> (App, String) {
         )
         .route("/capped", post(capped))
         .route("/throttled", get(throttled))
+        .route("/policed", get(policed))
+        .route(
+            "/spent",
+            get(|State(app): State<App>| async move {
+                app.spent_calls.fetch_add(1, Ordering::SeqCst);
+                (StatusCode::BAD_GATEWAY, "down")
+            }),
+        )
         .with_state(app.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -149,7 +181,7 @@ fn start_dispatcher(nats: &Nats, upstream: &str) -> CancellationToken {
     let args = Args::parse_from([
         "dispatch",
         "--route",
-        "echo,flaky,missing,slow,capped,throttled",
+        "echo,flaky,missing,slow,capped,throttled,policed,spent",
         "--upstream",
         upstream,
         "--nats-url",
@@ -202,6 +234,57 @@ async fn an_upstreams_retry_after_is_honoured() {
         assert!(gap >= Duration::from_secs(3), "called again after {gap:?}");
         eprintln!("attempts {gap:?} apart");
     }
+}
+
+/// A route's retry policy, carried in each request, steers the dispatcher: only the answers it
+/// names are retried (500 here; the 503 that follows is the result), after its back-off (2 s,
+/// where the dispatcher's own settings say 100-200 ms), for its attempts (2, where the
+/// dispatcher's consumer allows 3). Meanwhile the status resource says where the retries stand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routes_retry_policy_steers_the_worker_and_shows_in_the_status() {
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
+    let (app, upstream) = start_app().await;
+    let _stop = start_dispatcher(&nats, &upstream);
+    let id = id_of(http().get(gw.url("/policed")).send().await.unwrap()).await;
+    let retry = eventually("the retry state", Duration::from_secs(10), || async {
+        let status = json(get_operation(&gw.base, &id).await).await;
+        let retry = status["progress"]["retry"].clone();
+        (retry["attempts"] == 1).then_some(retry)
+    })
+    .await;
+    let seen_at = time::OffsetDateTime::now_utc();
+    assert!(
+        retry["last_error"].as_str().unwrap().contains("500"),
+        "{retry}"
+    );
+    let next = time::OffsetDateTime::parse(
+        retry["next_attempt_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let due_in = next - seen_at;
+    assert!(
+        due_in <= time::Duration::seconds(2) && due_in > time::Duration::seconds(-1),
+        "next attempt due in {due_in}"
+    );
+    let result = wait_result(&gw, &id).await;
+    assert_eq!(result.status(), 503);
+    assert_eq!(result.text().await.unwrap(), "busy");
+    let calls = app.policed_calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 2);
+    let gap = calls[1] - calls[0];
+    assert!(gap >= Duration::from_secs(2), "retried after {gap:?}");
+    eprintln!("policy back-off 2s: attempts {gap:?} apart");
+
+    let id = id_of(http().get(gw.url("/spent")).send().await.unwrap()).await;
+    let statuses = poll_until_terminal(&gw.base, &id, Duration::from_secs(20)).await;
+    assert_eq!(statuses.last().unwrap(), "failed");
+    assert_eq!(app.spent_calls.load(Ordering::SeqCst), 2);
+    let failed = json(get_result(&gw.base, &id).await).await;
+    assert!(
+        failed["detail"].as_str().unwrap().contains("502"),
+        "{failed}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

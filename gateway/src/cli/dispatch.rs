@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use crate::config::{AdminArgs, NatsArgs};
 use crate::lifecycle::sleep_or_stop;
-use crate::metrics::DISPATCH_REPLIES;
+use crate::metrics::{DISPATCH_REPLIES, DISPATCH_RETRIES};
 use bytes::Bytes;
 use handlers::contract::is_contract_header;
 use handlers::{
@@ -153,6 +153,7 @@ async fn mirror_stats(stats: std::sync::Arc<WorkerStats>, stop: CancellationToke
         ] {
             metrics::counter!(DISPATCH_REPLIES, "outcome" => outcome).absolute(count.load(Relaxed));
         }
+        metrics::counter!(DISPATCH_RETRIES).absolute(stats.retried.load(Relaxed));
         sleep_or_stop(&stop, Duration::from_secs(1)).await;
     }
 }
@@ -220,10 +221,18 @@ async fn forward(
     // and 15.6.4, RFC 6585 section 4): not before then.
     let busy = status == reqwest::StatusCode::TOO_MANY_REQUESTS
         || status == reqwest::StatusCode::SERVICE_UNAVAILABLE;
-    if busy && let Some(delay) = retry_after(answer.headers(), std::time::SystemTime::now()) {
+    // Which answers are retried: the route's policy says, else every 5xx and 429.
+    let retried = match &request.retry_policy {
+        Some(policy) => policy.retries_status(status.as_u16()),
+        None => status.is_server_error() || busy,
+    };
+    if retried
+        && busy
+        && let Some(delay) = retry_after(answer.headers(), std::time::SystemTime::now())
+    {
         return Err(RetryAfter::new(delay, format!("upstream answered {status}")).into());
     }
-    if status.is_server_error() || busy {
+    if retried {
         return Err(format!("upstream answered {status}").into());
     }
     let content_type = answer

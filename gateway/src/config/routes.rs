@@ -59,6 +59,63 @@ pub struct RouteConfig {
     /// The compiled `request_schema`, loaded with the routes file.
     #[serde(skip)]
     pub body_schema: Option<super::schema::BodySchema>,
+    /// How the route's workers retry its operations (written into each request, so every worker
+    /// follows it); none: as each worker's own settings say.
+    #[serde(default)]
+    pub retry: Option<RetryConfig>,
+}
+
+/// A route's retry policy as the routes file says it:
+/// `retry = { attempts = 5, backoff = ["1s", "10s", "1m"], jitter = 20, retry_on = ["5xx", "429"] }`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Handler attempts, 1 to 100 (a worker's consumer may allow fewer: the smaller counts).
+    pub attempts: u32,
+    /// The delay after the first failed attempt, the second, ...; the last one repeats.
+    #[serde(with = "humantime_serde_list")]
+    pub backoff: Vec<Duration>,
+    /// Each delay is scaled by a random factor within this many percent (0-100), so that
+    /// operations that failed together do not come back together.
+    #[serde(default)]
+    pub jitter: u8,
+    /// Answers retried instead of stored: status codes (`"503"`) or classes (`"5xx"`). Errors
+    /// are always retried, permanent ones never.
+    #[serde(default)]
+    pub retry_on: Vec<String>,
+}
+
+impl RetryConfig {
+    /// The policy requests carry, checked.
+    pub fn policy(&self) -> Result<handlers::RetryPolicy, handlers::retry::RetryPolicyError> {
+        let policy = handlers::RetryPolicy {
+            attempts: self.attempts,
+            backoff_ms: self
+                .backoff
+                .iter()
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                .collect(),
+            jitter_percent: self.jitter,
+            retry_on: self.retry_on.clone(),
+        };
+        policy.validate()?;
+        Ok(policy)
+    }
+}
+
+/// `humantime_serde` for a list of durations (the crate reads one at a time).
+mod humantime_serde_list {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+        Vec::<humantime_serde::Serde<Duration>>::deserialize(d).map(|list| {
+            list.into_iter()
+                .map(humantime_serde::Serde::into_inner)
+                .collect()
+        })
+    }
 }
 
 /// A stateful route's state store: the stream and subject prefix its workers'
@@ -247,6 +304,11 @@ pub fn validate_routes(routes: &[RouteConfig]) -> Result<(), ConfigError> {
         }
         if r.max_body.0 == 0 {
             return Err(invalid(format!("{who}: max_body must be positive")));
+        }
+        if let Some(retry) = &r.retry {
+            retry
+                .policy()
+                .map_err(|e| invalid(format!("{who}: retry: {e}")))?;
         }
         if let Some(state) = &r.state {
             let token = |t: &str| {

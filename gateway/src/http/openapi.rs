@@ -20,7 +20,7 @@ use super::events::OperationEvent;
 use super::responses::AcceptedBody;
 use crate::config::RouteConfig;
 use crate::operations::idempotency::MAX_KEY_LEN;
-use crate::operations::{DeliveryState, Links, OperationView, ProgressState, Status};
+use crate::operations::{DeliveryState, Links, OperationView, ProgressState, RetryView, Status};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -37,7 +37,7 @@ use crate::operations::{DeliveryState, Links, OperationView, ProgressState, Stat
         super::health::livez,
         super::health::readyz,
     ),
-    components(schemas(Problem, AcceptedBody<'static>, OperationView<'static>, OperationEvent, Status, Links, ProgressState, DeliveryState)),
+    components(schemas(Problem, AcceptedBody<'static>, OperationView<'static>, OperationEvent, Status, Links, ProgressState, RetryView, DeliveryState)),
     tags(
         (name = "routes", description = "The configured routes: each request becomes one JetStream message."),
         (name = "operations", description = "Status, result, events and cancellation of accepted requests."),

@@ -29,6 +29,7 @@ fn route(name: &str, method: &str, path: &str, require_key: bool) -> RouteConfig
         state: None,
         request_schema: None,
         body_schema: None,
+        retry: None,
     }
 }
 

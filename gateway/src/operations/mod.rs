@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 pub use accept::{AcceptError, Accepted, RequestMessage, Submission};
 pub use destination::{DestinationError, check_destination};
 pub use lookup::{Cancellation, WakeOn};
-pub use model::{DeliveryState, Operation, ProgressState, Status, StoredResult};
+pub use model::{DeliveryState, Operation, ProgressState, RetryView, Status, StoredResult};
 pub use quota::{Limit, QuotaExceeded, QuotaLimits};
 pub use retry_after::RetryAfter;
 pub use store::{StoreError, StreamPlan};

@@ -79,9 +79,40 @@ pub struct ProgressState {
     pub message: String,
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+    /// Where retries stand, when the operation's worker has retried it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryView>,
     /// Stream sequence of the report: orders reports, and names SSE `progress-<seq>` events.
     #[serde(skip)]
     pub seq: u64,
+}
+
+/// Where a pending operation's retries stand, as its worker last reported: after a failed
+/// attempt, its number, its error and when the next is due; while a retry runs, its number.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(as = Retry)]
+pub struct RetryView {
+    /// Attempts made or running (1 is the first).
+    pub attempts: u32,
+    /// The last failed attempt's error (at most 500 characters).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// When the next attempt is due (RFC 3339); absent while an attempt runs.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub next_attempt_at: Option<OffsetDateTime>,
+}
+
+impl From<handlers::RetryState> for RetryView {
+    fn from(state: handlers::RetryState) -> Self {
+        Self {
+            attempts: state.attempts,
+            last_error: state.last_error,
+            next_attempt_at: state.next_attempt_at,
+        }
+    }
 }
 
 /// One operation as read from JetStream.

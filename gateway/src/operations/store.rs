@@ -356,6 +356,7 @@ impl Store {
                 percent: p.percent,
                 message: p.message,
                 updated_at: message.time,
+                retry: p.retry.map(Into::into),
                 seq: message.sequence,
             }),
         )

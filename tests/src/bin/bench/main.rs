@@ -120,6 +120,7 @@ fn bench_route() -> RouteConfig {
         state: None,
         request_schema: None,
         body_schema: None,
+        retry: None,
     }
 }
 
