@@ -155,6 +155,8 @@ pub mod err_code {
     pub const MAX_MSGS_PER_SUBJECT: u64 = 10077;
     /// JetStream's storage resources (account or server) are used up.
     pub const STORAGE_RESOURCES_EXCEEDED: u64 = 10047;
+    /// "insufficient resources": the server's store (`max_file_store`) is full when it writes.
+    pub const INSUFFICIENT_RESOURCES: u64 = 10023;
 }
 
 /// Errors reading a message that does not follow the contract.

@@ -85,12 +85,14 @@ fn subject_taken(err: &PublishError) -> bool {
 
 /// True when a publish was refused because the stream, the account or the server has no room:
 /// the stream's `max_bytes` or `max_msgs` with discard new (10077, "maximum bytes exceeded",
-/// "maximum messages exceeded") or JetStream's storage resources (10047). Verified on
-/// nats-server 2.15.1. Nothing was written; writing again succeeds once room is made.
+/// "maximum messages exceeded") or JetStream's storage resources (10047; 10023 when the server's
+/// `max_file_store` is reached). Verified on nats-server 2.15.1. Nothing was written; writing
+/// again succeeds once room is made.
 pub fn store_full(err: &PublishError) -> bool {
     server_error(err).is_some_and(|js| {
         let code = js.error_code().0;
         code == err_code::STORAGE_RESOURCES_EXCEEDED
+            || code == err_code::INSUFFICIENT_RESOURCES
             || (code == err_code::MAX_MSGS_PER_SUBJECT && !js.to_string().contains("per subject"))
     })
 }

@@ -467,16 +467,54 @@ async fn a_full_stream_answers_507_and_stores_nothing() {
             "an 8 KiB stream takes fewer than 20 requests of 1 KiB"
         );
     };
-    assert!(refused.headers().contains_key("retry-after"));
-    assert!(refused.headers().contains_key("idempotency-key"));
-    assert_problem(refused, 507, "insufficient-storage").await;
-    let again = post_order(&gw.base, &format!("fill-{stored}"), &body).await;
-    assert_problem(again, 507, "insufficient-storage").await;
+    assert_refused_for_room(&gw.base, refused, &format!("fill-{stored}"), &body).await;
     assert_eq!(
         stream_messages(&nats.jetstream().await, DEFAULT_REQUESTS_STREAM).await,
         stored as u64,
         "nothing stored for the refused requests"
     );
+}
+
+/// A refusal for lack of room: `507 insufficient-storage` with `Retry-After` and the key, and
+/// the same request refused the same way again.
+async fn assert_refused_for_room(base: &str, refused: reqwest::Response, key: &str, body: &str) {
+    assert!(refused.headers().contains_key("retry-after"));
+    assert!(refused.headers().contains_key("idempotency-key"));
+    assert_problem(refused, 507, "insufficient-storage").await;
+    let again = post_order(base, key, body).await;
+    assert_problem(again, 507, "insufficient-storage").await;
+}
+
+/// The server's own store full (its `max_file_store`, filled here by another stream, as any
+/// writer of the account could): a submit is `507 insufficient-storage`, not "outcome unknown",
+/// and nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_server_store_answers_507_and_stores_nothing() {
+    let nats = Nats::start_with_config("jetstream { max_file_store: 1MB }").await;
+    let gw = TestGateway::builder(TEST_ROUTES).nats(&nats).start().await;
+    let js = nats.jetstream().await;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "FILL".into(),
+        subjects: vec!["fill.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let chunk = bytes::Bytes::from(vec![b'x'; 60 * 1024]);
+    let mut filled = 0;
+    while let Ok(ack) = js.publish(format!("fill.{filled}"), chunk.clone()).await {
+        if ack.await.is_err() {
+            break;
+        }
+        filled += 1;
+        assert!(
+            filled < 100,
+            "a 1 MB store takes fewer than 100 chunks of 60 KiB"
+        );
+    }
+    let refused = post_order(&gw.base, "no-room", "{}").await;
+    assert_refused_for_room(&gw.base, refused, "no-room", "{}").await;
+    assert_eq!(stream_messages(&js, DEFAULT_REQUESTS_STREAM).await, 0);
 }
 
 /// JetStream stores the request but its ack does not come in time (the server is frozen with

@@ -846,9 +846,14 @@ fn never_shrink(wanted: &mut Config, current: &Config) {
         wanted.num_replicas = current.num_replicas;
     }
     wanted.duplicate_window = wanted.duplicate_window.max(current.duplicate_window);
-    // A byte limit below 0 is none: the larger wins, as for retention.
-    if current.max_bytes < 0 || (wanted.max_bytes >= 0 && current.max_bytes > wanted.max_bytes) {
-        if current.max_bytes != wanted.max_bytes {
+    // A byte limit of 0 or below is none (nats-server stores an unset one as -1): the larger
+    // wins, as for retention.
+    let none = |bytes: i64| bytes <= 0;
+    if none(current.max_bytes) || (!none(wanted.max_bytes) && current.max_bytes > wanted.max_bytes)
+    {
+        if none(current.max_bytes) != none(wanted.max_bytes)
+            || !none(wanted.max_bytes) && current.max_bytes != wanted.max_bytes
+        {
             tracing::warn!(%stream, kept = current.max_bytes, asked = wanted.max_bytes, "Stream keeps its larger max_bytes: another replica asked for more.");
         }
         wanted.max_bytes = current.max_bytes;
