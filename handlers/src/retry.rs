@@ -122,17 +122,18 @@ impl RetryPolicy {
     }
 }
 
-/// An answer the route's policy retries instead of storing (`retry_on`) is an error: no reply is
-/// stored and no state committed for it.
+/// An answer the route's policy retries instead of storing (`retry_on`): the attempt failed.
+#[derive(Debug, thiserror::Error)]
+#[error("the handler answered {0}, which the route's retry policy retries")]
+pub struct RetriedAnswer(pub u16);
+
+/// Fails an answer the route's policy retries: no reply is stored and no state committed for it.
 pub(crate) fn retried_status(
     policy: Option<&RetryPolicy>,
     status: u16,
-) -> Result<(), crate::handler::HandlerError> {
+) -> Result<(), RetriedAnswer> {
     match policy {
-        Some(policy) if policy.retries_status(status) => Err(format!(
-            "the handler answered {status}, which the route's retry policy retries"
-        )
-        .into()),
+        Some(policy) if policy.retries_status(status) => Err(RetriedAnswer(status)),
         _ => Ok(()),
     }
 }
