@@ -37,6 +37,12 @@
 //! delete marker then holds the slot ([`Protocol::early_result_expiry`]); without the marker the
 //! slot could be filled again ([`Variant::ShortResultTtl`]).
 //!
+//! Delayed starts are in the model too ([`Protocol::not_before`], [`Protocol::start_by`]): the
+//! request is stored and delivered at once, a worker offers an early delivery back until it is
+//! due, and one that gets it at or after its start-by ends it `expired` without running it. No
+//! handler runs early or late, and a cancellation before the start means none runs at all
+//! ([`Variant::IgnoreNotBefore`] and [`Variant::IgnoreStartBy`] break those).
+//!
 //! What the model leaves out: more than one operation (so lost updates between operations sharing a
 //! state key), the HTTP layer, stream configuration and retention changes, replicated-stream
 //! anomalies, and message sizes.
@@ -91,6 +97,11 @@ pub enum Variant {
     /// result slot while a replica of the previous release still runs, which reads and writes
     /// the slot it computes from the operation id.
     EarlyLayout,
+    /// Broken (with [`Protocol::not_before`]): a worker runs a delayed request as soon as it is
+    /// delivered, instead of offering it back until it is due.
+    IgnoreNotBefore,
+    /// Broken (with [`Protocol::start_by`]): a worker runs a request however late it comes.
+    IgnoreStartBy,
 }
 
 /// The bounds of one check.
@@ -125,6 +136,17 @@ pub struct Protocol {
     /// good: the code's lives for the longest retention (never shrunk), longer than any request.
     /// (A purge leaves no marker: that is `Variant::ShortResultTtl`.)
     pub early_result_expiry: bool,
+    /// A delayed start: the tick before which no handler may run (`Gw-Not-Before`); 0 for none.
+    /// The request is stored at once (it is the idempotency record) and delivered at once; a
+    /// worker that gets it early naks it with the delay left, so JetStream offers it again when
+    /// due (a redelivery after a lost delivery may still come early, and is nak'ed again). The
+    /// worker counts attempts less the one early delivery a delayed request has (it cannot tell
+    /// more). `deadline` is absolute: the code's is the start plus the route's timeout.
+    pub not_before: u8,
+    /// A start-by deadline (`Gw-Start-By`): the tick from which no handler may start; 0 for none.
+    /// A worker that gets the request then ends it `expired` instead of running it (where it
+    /// would start: only a worker knows whether a handler started). Separate from `deadline`.
+    pub start_by: u8,
     /// A rolling upgrade: gateway 0 (and the finalizer, the adversarial choice) runs the previous
     /// release, which reads and writes the result slot it computes from the operation id; gateway 1
     /// runs this one, which accepts too, and follows the slot the request names. Workers of either
@@ -149,6 +171,8 @@ impl Protocol {
             max_time: 3,
             skew: 1,
             early_result_expiry: false,
+            not_before: 0,
+            start_by: 0,
             upgrade: false,
         }
     }
@@ -309,6 +333,16 @@ pub struct State {
     /// Messages the target stream holds, per emitted id.
     pub downstream: [u8; 2],
     pub early_expiry: bool,
+    /// A handler ran (stateless: answered; stateful: loaded its state), and whether one ran
+    /// before the operation was due.
+    pub ran: bool,
+    pub ran_early: bool,
+    /// A handler started at or after the start-by tick.
+    pub ran_late: bool,
+    /// A cancellation took the operation before it was due.
+    pub cancelled_before_due: bool,
+    /// A worker nak'ed an early delivery: JetStream holds it until it is due.
+    pub held_until_due: bool,
     // The processes.
     pub delivery: Delivery,
     pub workers: [Worker; 2],
@@ -367,6 +401,11 @@ impl Protocol {
             requests: 0,
             result: None,
             result_removed: false,
+            ran: false,
+            ran_early: false,
+            ran_late: false,
+            cancelled_before_due: false,
+            held_until_due: false,
             result_writes: 0,
             routed: false,
             stray: None,
@@ -440,16 +479,22 @@ impl Protocol {
         }
     }
 
-    fn note_expiry(&self, state: &mut State, rec: Rec) {
-        if rec == Rec::Expired && state.time < self.deadline {
+    /// What a decision that takes the operation tells the properties: an expiry before the
+    /// deadline, a cancellation before the start.
+    fn note_decision(&self, state: &mut State, rec: Rec) {
+        let started_late = self.start_by > 0 && state.time >= self.start_by;
+        if rec == Rec::Expired && state.time < self.deadline && !started_late {
             state.early_expiry = true;
+        }
+        if rec == Rec::Cancelled && state.time < self.not_before {
+            state.cancelled_before_due = true;
         }
     }
 
     /// A create-if-absent tombstone on the marker; the marker that holds the slot after it.
     fn claim(&self, state: &mut State, rec: Rec) -> Marker {
         if state.marker.is_none() {
-            self.note_expiry(state, rec);
+            self.note_decision(state, rec);
             state.marker = Some(Marker::Tomb(rec));
         }
         state.marker.expect("set above")
@@ -463,7 +508,7 @@ impl Protocol {
             Some(Projection { marker, emitted: 0 })
         } else {
             if !Self::slot_taken(state, old) {
-                self.note_expiry(state, rec);
+                self.note_decision(state, rec);
             }
             self.write_result(state, rec, old);
             None
@@ -533,10 +578,16 @@ impl Protocol {
 
     /// The next program counter of a worker whose delivery found nothing decided: finalize past
     /// the attempt budget, expire past the deadline, else run the handler.
-    fn worker_decides(&self, state: &State, attempt: u8) -> Worker {
+    fn worker_decides(&self, state: &State, delivered: u8) -> Worker {
+        // A delayed request's first delivery came before it was due and ran nothing.
+        let attempt = delivered - u8::from(self.not_before > 0).min(delivered - 1);
         if self.finalizes() && attempt > self.attempt_budget {
             Worker::Deciding(Rec::Failed)
-        } else if self.past_deadline(state.time) {
+        } else if self.past_deadline(state.time)
+            || (self.start_by > 0
+                && state.time >= self.start_by
+                && self.variant != Variant::IgnoreStartBy)
+        {
             Worker::Deciding(Rec::Expired)
         } else {
             Worker::Loaded { emitted: 0 }
@@ -546,6 +597,22 @@ impl Protocol {
     fn worker_step(&self, state: &mut State, w: usize, permanent: bool) -> Option<()> {
         let next = match state.workers[w] {
             Worker::Idle => return None,
+            Worker::Got { .. }
+                if state.time < self.not_before && self.variant != Variant::IgnoreNotBefore =>
+            {
+                // Early: offered back when due (a nak with the delay left; it counts a delivery,
+                // and the last one allowed ends in the MAX_DELIVERIES advisory).
+                if let Delivery::InFlight { delivered } = state.delivery {
+                    if delivered < self.max_deliver {
+                        state.delivery = Delivery::Available { delivered };
+                        state.held_until_due = true;
+                    } else {
+                        state.delivery = Delivery::Dead;
+                        state.advisory = self.backstop();
+                    }
+                }
+                Worker::Idle
+            }
             Worker::Got { .. } if Self::slot_taken(state, false) => Worker::Acking,
             Worker::Got { attempt } => Worker::SlotEmpty { attempt },
             Worker::SlotEmpty { attempt } => match (self.route, state.marker) {
@@ -610,6 +677,13 @@ impl Protocol {
                 Worker::Idle
             }
         };
+        if matches!(state.workers[w], Worker::SlotEmpty { .. })
+            && matches!(next, Worker::Loaded { .. })
+        {
+            state.ran = true;
+            state.ran_early |= state.time < self.not_before;
+            state.ran_late |= self.start_by > 0 && state.time >= self.start_by;
+        }
         state.workers[w] = next;
         Some(())
     }
@@ -710,7 +784,10 @@ impl Model for Protocol {
             }
         }
         match state.delivery {
-            Delivery::Available { delivered } if delivered < self.max_deliver => {
+            Delivery::Available { delivered }
+                if delivered < self.max_deliver
+                    && (!state.held_until_due || state.time >= self.not_before) =>
+            {
                 for w in 0..2 {
                     if state.workers[w] == Worker::Idle {
                         actions.push(Action::Deliver(w));
@@ -863,6 +940,16 @@ impl Model for Protocol {
                 !(s.result_removed && s.result.is_some())
             }),
             Property::<Self>::always("no expiry before the deadline", |_, s| !s.early_expiry),
+            Property::<Self>::always("no handler runs before the operation is due", |_, s| {
+                !s.ran_early
+            }),
+            Property::<Self>::always(
+                "an operation cancelled before it is due never runs",
+                |_, s| !(s.cancelled_before_due && s.ran),
+            ),
+            Property::<Self>::always("no handler starts at or after its start-by", |_, s| {
+                !s.ran_late
+            }),
             // Every maximal path submits at least once (a submission stores the request even when
             // the gateway dies before answering), so "accepted" needs no guard here.
             Property::<Self>::eventually("every accepted operation ends", |m, s| {

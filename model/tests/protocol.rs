@@ -40,6 +40,25 @@ fn results_that_expire_early_leave_a_marker_and_every_property_holds() {
     }
 }
 
+/// A delayed start (`Gw-Not-Before`) and a start-by deadline (`Gw-Start-By`) before the result
+/// deadline: early deliveries are offered back until due, so no handler runs before then and a
+/// cancellation before then means none runs at all; a worker that gets the request at or after
+/// its start-by ends it `expired` without running it; every other property holds on both kinds
+/// of route (an expiry before the result deadline is one only the start-by allows).
+#[test]
+fn delayed_operations_with_a_start_by_keep_every_property() {
+    for route in [Route::Stateless, Route::Stateful] {
+        let protocol = Protocol {
+            not_before: 1,
+            start_by: 2,
+            deadline: 3,
+            max_time: 4,
+            ..Protocol::ci(route, Variant::Arbiter)
+        };
+        check(protocol).assert_properties();
+    }
+}
+
 /// Without the advisory backstop the arbiter keeps every safety property, but an operation can
 /// stay pending when more deliveries are lost than the spare one and nobody reads it past its
 /// deadline: the backstop is what makes "every accepted operation ends" hold.
@@ -157,6 +176,23 @@ fn every_property_fails_in_a_variant_built_to_break_it() {
         };
         counterexample(protocol, property);
     }
+    // A worker that runs a delayed request when it comes: before it is due, and after a
+    // cancellation that came before it was due.
+    for property in [
+        "no handler runs before the operation is due",
+        "an operation cancelled before it is due never runs",
+    ] {
+        let protocol = Protocol {
+            not_before: 1,
+            ..Protocol::ci(Stateless, IgnoreNotBefore)
+        };
+        counterexample(protocol, property);
+    }
+    let protocol = Protocol {
+        start_by: 1,
+        ..Protocol::ci(Stateless, IgnoreStartBy)
+    };
+    counterexample(protocol, "no handler starts at or after its start-by");
     // A plain publish is not refused by a removed result's delete marker either.
     let protocol = Protocol {
         early_result_expiry: true,
