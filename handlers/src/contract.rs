@@ -118,6 +118,12 @@ pub mod header {
     pub const CONTRACT: &str = "Gw-Contract";
     /// RFC 3339 instant after which the operation counts as expired.
     pub const DEADLINE: &str = "Gw-Deadline";
+    /// RFC 3339 instant before which no handler may start (a delayed start); a worker that gets
+    /// the request earlier offers it back (nak) with the delay left.
+    pub const NOT_BEFORE: &str = "Gw-Not-Before";
+    /// RFC 3339 instant from which the request may no longer start: a worker that gets it then
+    /// ends it `expired` without running it.
+    pub const START_BY: &str = "Gw-Start-By";
     /// The route's retry policy, JSON ([`crate::retry::RetryPolicy`]); absent: the worker's own.
     pub const RETRY_POLICY: &str = "Gw-Retry-Policy";
     /// Seconds the gateway keeps the request, status and result; under contract 1 workers set the
@@ -395,6 +401,10 @@ pub struct RequestHead {
     /// Where progress reports go; `None` under contract 1 (see [`Subjects::progress_of`]).
     pub progress_subject: Option<String>,
     pub deadline: OffsetDateTime,
+    /// No handler starts before this (a delayed start; `deadline` counts from it).
+    pub not_before: Option<OffsetDateTime>,
+    /// No handler starts from this on: the operation ends `expired` unrun.
+    pub start_by: Option<OffsetDateTime>,
     /// How long the gateway keeps this operation.
     pub retention_secs: Option<u64>,
     /// The key's scope and binding, as the gateway wrote them (informational for workers).
@@ -418,6 +428,8 @@ impl RequestHead {
         }
         let retention = self.retention_secs.map(|secs| secs.to_string());
         let deadline = format_time(self.deadline);
+        let not_before = self.not_before.map(format_time);
+        let start_by = self.start_by.map(format_time);
         // Contract 1 had no version header: a request of it is written as that release wrote it.
         let contract =
             (self.contract != WireContract::V1).then(|| self.contract.number().to_string());
@@ -434,6 +446,8 @@ impl RequestHead {
             (header::REPLY_STREAM, self.reply_stream.as_deref()),
             (header::PROGRESS_SUBJECT, self.progress_subject.as_deref()),
             (header::DEADLINE, Some(deadline.as_str())),
+            (header::NOT_BEFORE, not_before.as_deref()),
+            (header::START_BY, start_by.as_deref()),
             (header::RETENTION, retention.as_deref()),
             (header::TENANT, self.tenant.as_deref()),
             (header::IDEMPOTENCY_KEY, self.idempotency_key.as_deref()),
@@ -483,6 +497,12 @@ impl RequestHead {
             ),
         };
         let deadline = parse_time(header::DEADLINE, required(headers, header::DEADLINE)?)?;
+        let instant = |name| {
+            header_str(headers, name)
+                .map(|v| parse_time(name, v))
+                .transpose()
+        };
+        let (not_before, start_by) = (instant(header::NOT_BEFORE)?, instant(header::START_BY)?);
         let retention_secs = match header_str(headers, header::RETENTION) {
             None => None,
             Some(v) => Some(v.parse().map_err(|_| ContractError::InvalidHeader {
@@ -512,6 +532,8 @@ impl RequestHead {
             reply_stream,
             progress_subject,
             deadline,
+            not_before,
+            start_by,
             retention_secs,
             tenant: optional(header::TENANT),
             idempotency_key: optional(header::IDEMPOTENCY_KEY),
@@ -618,6 +640,23 @@ impl ResultRecord {
             504,
             "expired",
             title,
+            &detail,
+        )
+    }
+
+    /// The marker that ends an operation no worker started by its start-by deadline: `expired`,
+    /// an RFC 9457 problem, 504 (`not-started`).
+    pub fn not_started(operation_id: &str, start_by: OffsetDateTime) -> Self {
+        let detail = format!(
+            "No worker started the operation by its start-by deadline ({}); it did not run.",
+            format_time(start_by)
+        );
+        Self::problem(
+            Outcome::Expired,
+            operation_id,
+            504,
+            "not-started",
+            "Operation not started in time",
             &detail,
         )
     }

@@ -335,7 +335,7 @@ impl RouteWorker {
     }
 
     async fn process(&self, message: jetstream::Message) {
-        let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+        let info = message.info().ok();
         let headers = message.headers.clone().unwrap_or_default();
         let request = match Request::from_parts(headers, message.payload.clone()) {
             Ok(request) => request,
@@ -353,6 +353,29 @@ impl RouteWorker {
             }
         };
         let op = request.operation_id.clone();
+        let now = OffsetDateTime::now_utc();
+        if let Some(due) = request.not_before
+            && now < due
+        {
+            // A delayed start, delivered early: offered back when due. JetStream holds a
+            // nak'ed message for the delay asked (the ACK protocol's `-NAK {"delay": ns}`).
+            let wait = (due - now).unsigned_abs();
+            tracing::debug!(operation_id = %op, due_in = ?wait, "Not due yet; offered back when due.");
+            ack(&message, AckKind::Nak(Some(wait))).await;
+            return;
+        }
+        // Attempts, not deliveries: a delayed request's first delivery came before it was due
+        // and ran nothing. (A second early delivery, after a crash before the nak, costs one.)
+        let early = request
+            .not_before
+            .zip(info.as_ref().map(|i| i.published))
+            .is_some_and(|(due, published)| due > published);
+        let delivered = info
+            .as_ref()
+            .map(|i| i.delivered)
+            .unwrap_or(1)
+            .saturating_sub(i64::from(early))
+            .max(1);
         let policy = request.retry_policy.clone();
         let reporter = self.reporter(&request);
         // The span continues the trace the gateway started for the HTTP request, so the handler's
@@ -503,6 +526,13 @@ impl RouteWorker {
         } else if OffsetDateTime::now_utc() > request.deadline + self.config.expiry_grace {
             tracing::info!(operation_id = %op, delivered, "Deadline passed before handling; marking the operation expired.");
             (ResultRecord::expired(&op, request.deadline), false)
+        } else if let Some(start_by) = request.start_by
+            && OffsetDateTime::now_utc() >= start_by
+        {
+            // Judged by this worker's clock, with no allowance: a handler never starts after
+            // its start-by by that clock.
+            tracing::info!(operation_id = %op, delivered, "Start-by passed before handling; marking the operation expired, unrun.");
+            (ResultRecord::not_started(&op, start_by), false)
         } else {
             let mut request = request;
             request.progress = self.reporter(&request);

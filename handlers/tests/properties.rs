@@ -553,6 +553,8 @@ proptest! {
             fingerprint: f.fingerprint.clone(),
             callback_url: f.callback_url.clone(),
             retry_policy: None,
+            not_before: None,
+            start_by: None,
         };
         let r = Request::from_parts(head.to_headers(&f.extra), body.clone()).unwrap();
         prop_assert_eq!(&r.head, &head);

@@ -42,7 +42,7 @@ pub async fn poll_until_terminal(base: &str, id: &str, timeout: Duration) -> Vec
         let r = http.get(&url).send().await.expect("GET operation");
         assert_eq!(r.status(), 200, "operation {id} must exist once accepted");
         let status = json(r).await["status"].as_str().unwrap().to_owned();
-        let terminal = status != "pending";
+        let terminal = !is_open(&status);
         seen.push(status);
         if terminal {
             return seen;
@@ -55,9 +55,21 @@ pub async fn poll_until_terminal(base: &str, id: &str, timeout: Duration) -> Vec
     }
 }
 
-/// Asserts a status sequence never leaves a terminal state (monotonic status, oracle 3c.6).
+/// Whether a status is not yet terminal: `scheduled` (a delayed start not due) or `pending`.
+pub fn is_open(status: &str) -> bool {
+    matches!(status, "scheduled" | "pending")
+}
+
+/// Asserts a status sequence never goes back: `scheduled` only before `pending`, and never
+/// leaves a terminal state.
 pub fn assert_monotonic(statuses: &[String]) {
-    if let Some(first_terminal) = statuses.iter().position(|s| s != "pending") {
+    if let Some(pending) = statuses.iter().position(|s| s != "scheduled") {
+        assert!(
+            !statuses[pending..].iter().any(|s| s == "scheduled"),
+            "status went back to scheduled: {statuses:?}"
+        );
+    }
+    if let Some(first_terminal) = statuses.iter().position(|s| !is_open(s)) {
         let terminal = &statuses[first_terminal];
         assert!(
             statuses[first_terminal..].iter().all(|s| s == terminal),

@@ -706,6 +706,7 @@ async fn a_retry_that_adds_a_callback_url_is_another_request() {
         content_type: Some("application/json"),
         body: br#"{"n":2}"#,
         callback_url: None,
+        start: None,
     }
     .fingerprint();
     headers.insert("Gw-Fingerprint", older.as_str());

@@ -63,6 +63,10 @@ pub struct RouteConfig {
     /// follows it); none: as each worker's own settings say.
     #[serde(default)]
     pub retry: Option<RetryConfig>,
+    /// The longest delayed start a client may ask for (`Delay`, `Not-Before`); none: the route
+    /// takes no delayed starts. The retention must outlast it plus the timeout.
+    #[serde(default, with = "humantime_serde")]
+    pub max_delay: Option<Duration>,
 }
 
 /// A route's retry policy as the routes file says it:
@@ -304,6 +308,16 @@ pub fn validate_routes(routes: &[RouteConfig]) -> Result<(), ConfigError> {
         }
         if r.max_body.0 == 0 {
             return Err(invalid(format!("{who}: max_body must be positive")));
+        }
+        if let Some(delay) = r.max_delay
+            && r.retention <= delay + r.timeout
+        {
+            return Err(invalid(format!(
+                "{who}: retention ({}) must be longer than max_delay plus timeout ({}): a delayed \
+                 operation's deadline is its start plus the timeout",
+                humantime::format_duration(r.retention),
+                humantime::format_duration(delay + r.timeout)
+            )));
         }
         if let Some(retry) = &r.retry {
             retry

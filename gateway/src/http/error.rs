@@ -92,6 +92,9 @@ pub enum ApiError {
     BadQuery(String),
     #[error("this Callback-Url is not allowed: {0}")]
     CallbackNotAllowed(String),
+    /// `Delay`, `Not-Before` or `Start-By` unreadable, or outside what the route allows.
+    #[error("cannot start this request as asked: {0}")]
+    InvalidStart(String),
     #[error("too many event streams are open; retry later")]
     TooManyStreams,
     #[error("too many clients are waiting; read without waiting, or retry later")]
@@ -206,7 +209,8 @@ impl ApiError {
             | ApiError::BadContentType(_)
             | ApiError::BadQuery(_)
             | ApiError::Key(_)
-            | ApiError::CallbackNotAllowed(_) => StatusCode::BAD_REQUEST,
+            | ApiError::CallbackNotAllowed(_)
+            | ApiError::InvalidStart(_) => StatusCode::BAD_REQUEST,
             ApiError::TooManyStreams
             | ApiError::TooManyWaiters
             | ApiError::RateLimited { .. }
@@ -244,6 +248,7 @@ impl ApiError {
             ApiError::CallbackNotAllowed(_) => {
                 ("callback-url-not-allowed", "Callback-Url not allowed")
             }
+            ApiError::InvalidStart(_) => ("invalid-start", "Cannot start the request as asked"),
             ApiError::TooManyStreams => ("too-many-streams", "Too many event streams"),
             ApiError::TooManyWaiters => ("too-many-waiters", "Too many waiting clients"),
             ApiError::Unauthorized(_) => ("unauthorized", "Unauthorized"),

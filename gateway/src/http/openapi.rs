@@ -450,6 +450,40 @@ fn route_operation(route: &RouteConfig) -> (String, Operation) {
                     utoipa::openapi::SchemaFormat::Custom("uri".to_owned()),
                 )))),
         );
+    if let Some(max_delay) = route.max_delay {
+        let ahead = humantime::format_duration(max_delay);
+        operation = operation
+            .parameter(
+                ParameterBuilder::new()
+                    .name("Delay")
+                    .parameter_in(ParameterIn::Header)
+                    .description(Some(format!(
+                        "Start no sooner than this many seconds from now (at most {ahead}); the \
+                         operation is `scheduled` until then and its timeout counts from then."
+                    )))
+                    .schema(Some(string().pattern(Some("^[0-9]+$")))),
+            )
+            .parameter(
+                ParameterBuilder::new()
+                    .name("Not-Before")
+                    .parameter_in(ParameterIn::Header)
+                    .description(Some(format!(
+                        "Start no sooner than this time (an HTTP-date or RFC 3339; at most \
+                         {ahead} ahead); instead of `Delay`."
+                    )))
+                    .schema(Some(string())),
+            );
+    }
+    operation = operation.parameter(
+        ParameterBuilder::new()
+            .name("Start-By")
+            .parameter_in(ParameterIn::Header)
+            .description(Some(
+                "Not started by this time (an HTTP-date or RFC 3339, after the start and before \
+                 the deadline), the operation ends `expired` (`not-started`) without running.",
+            ))
+            .schema(Some(string())),
+    );
     if !matches!(http_method(route), HttpMethod::Get | HttpMethod::Delete) {
         let body = RequestBodyBuilder::new().description(Some(format!(
             "Forwarded to the worker byte for byte, with its content type; at most {} bytes.",
@@ -502,7 +536,7 @@ fn route_operation(route: &RouteConfig) -> (String, Operation) {
         )
         .response(
             "400",
-            problem("Malformed Idempotency-Key or Content-Type, Callback-Url not allowed, or an unreadable body."),
+            problem("Malformed Idempotency-Key or Content-Type, Callback-Url not allowed, a start the route cannot take (`invalid-start`), or an unreadable body."),
         )
         .response(
             "408",
@@ -541,9 +575,9 @@ fn route_operation(route: &RouteConfig) -> (String, Operation) {
         responses.responses.insert(
             "400".to_owned(),
             problem(
-                "Malformed Idempotency-Key or Content-Type, Callback-Url not allowed, or a body \
-                 that is not JSON or breaks the route's schema (`invalid-body`, with `errors`: \
-                 where and why).",
+                "Malformed Idempotency-Key or Content-Type, Callback-Url not allowed, a start the \
+                 route cannot take (`invalid-start`), or a body that is not JSON or breaks the \
+                 route's schema (`invalid-body`, with `errors`: where and why).",
             )
             .build()
             .into(),
@@ -605,6 +639,7 @@ mod tests {
                 ("Idempotency-Key".to_owned(), true),
                 ("Prefer".to_owned(), false),
                 ("Callback-Url".to_owned(), false),
+                ("Start-By".to_owned(), false),
             ]
         );
         assert!(operation.request_body.is_some());

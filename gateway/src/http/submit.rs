@@ -4,6 +4,7 @@
 //! and the result came in time.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::Request;
@@ -25,7 +26,7 @@ use crate::config::RouteConfig;
 use crate::config::callback;
 use crate::metrics::IDEMPOTENT_REPLAYS;
 use crate::operations::idempotency::{self, KeyError};
-use crate::operations::{Accepted, Operation, Submission, WakeOn, check_destination};
+use crate::operations::{Accepted, Operation, Start, Submission, WakeOn, check_destination};
 
 /// Validates, accepts, answers. Holds a JetStream permit only while accepting, taken once the
 /// whole body has arrived.
@@ -87,6 +88,7 @@ async fn submit_with_key(
         content_type: read.content_type.as_deref(),
         forwarded: read.forwarded,
         requested_callback_url: read.callback_url,
+        start: read.start,
         body: read.body,
     };
     let accepted = state
@@ -131,6 +133,8 @@ struct ReadSubmission {
     body: Bytes,
     /// The client's `Callback-Url`, allowed.
     callback_url: Option<String>,
+    /// When it may start (`Delay`, `Not-Before`, `Start-By`), within the route's bounds.
+    start: Start,
     /// Request headers on the forward allow-list, plus the trace context to continue.
     forwarded: Vec<(String, String)>,
 }
@@ -146,6 +150,7 @@ async fn read_submission(
 ) -> Result<ReadSubmission, ApiError> {
     let limit = route.max_body.0;
     let preferences = prefer::parse(&parts.headers);
+    let start = read_start(&parts.headers, route, time::OffsetDateTime::now_utc())?;
     let content_type = content_type(&parts.headers)?;
     if content_length(&parts.headers).is_some_and(|len| len > limit) {
         return Err(ApiError::PayloadTooLarge { limit });
@@ -198,8 +203,107 @@ async fn read_submission(
         content_type,
         body,
         callback_url,
+        start,
         forwarded,
     })
+}
+
+/// When a submission may start: `Delay` (delta-seconds, as `Retry-After`'s, RFC 9110 section
+/// 10.2.3) or `Not-Before` (an HTTP-date, RFC 9110 section 5.6.7, or RFC 3339), at most the
+/// route's `max_delay` ahead; and `Start-By` (the same forms), after the start and no later than
+/// its deadline (the start plus the route's timeout). Each at most once.
+fn read_start(
+    headers: &HeaderMap,
+    route: &RouteConfig,
+    now: time::OffsetDateTime,
+) -> Result<Start, ApiError> {
+    let invalid = |why: String| ApiError::InvalidStart(why);
+    let one = |name: &'static str| -> Result<Option<&str>, ApiError> {
+        let mut values = headers.get_all(name).iter();
+        match (values.next(), values.next()) {
+            (None, _) => Ok(None),
+            (Some(v), None) => v
+                .to_str()
+                .map(|s| Some(s.trim()))
+                .map_err(|_| invalid(format!("{name} is not text"))),
+            (Some(_), Some(_)) => Err(invalid(format!("{name} is sent more than once"))),
+        }
+    };
+    let (delay, not_before, by) = (one("delay")?, one("not-before")?, one("start-by")?);
+    if delay.is_none() && not_before.is_none() && by.is_none() {
+        return Ok(Start::default());
+    }
+    let due = match (delay, not_before) {
+        (Some(_), Some(_)) => return Err(invalid("send Delay or Not-Before, not both".into())),
+        (Some(seconds), None) => {
+            let secs: u32 = seconds
+                .parse()
+                .ok()
+                .filter(|_| seconds.bytes().all(|b| b.is_ascii_digit()))
+                .ok_or_else(|| invalid(format!("Delay {seconds:?} is not a number of seconds")))?;
+            Some(now + Duration::from_secs(secs.into()))
+        }
+        (None, Some(at)) => Some(instant("Not-Before", at)?),
+        (None, None) => None,
+    };
+    if let Some(due) = due {
+        let Some(max_delay) = route.max_delay else {
+            return Err(invalid(
+                "this route takes no delayed starts (it sets no max_delay)".into(),
+            ));
+        };
+        if due > now + max_delay {
+            return Err(invalid(format!(
+                "this route starts requests at most {} ahead",
+                humantime::format_duration(max_delay)
+            )));
+        }
+    }
+    let start = due.map_or(now, |due| due.max(now));
+    let start_by = by
+        .map(|at| {
+            let by = instant("Start-By", at)?;
+            if by <= start {
+                Err(invalid("Start-By must come after the start".into()))
+            } else if by > start + route.timeout {
+                Err(invalid(
+                    "Start-By must come before the deadline (the start plus the route's timeout)"
+                        .into(),
+                ))
+            } else {
+                Ok(by)
+            }
+        })
+        .transpose()?;
+    let asked = [
+        ("delay", delay),
+        ("not-before", not_before),
+        ("start-by", by),
+    ]
+    .iter()
+    .filter_map(|(name, value)| value.map(|v| format!("{name}={v}")))
+    .collect::<Vec<_>>()
+    .join(";");
+    Ok(Start {
+        not_before: due,
+        start_by,
+        asked: Some(asked),
+    })
+}
+
+/// An instant as HTTP sends dates (an HTTP-date, RFC 9110 section 5.6.7) or as RFC 3339 does.
+fn instant(name: &str, text: &str) -> Result<time::OffsetDateTime, ApiError> {
+    httpdate::parse_http_date(text)
+        .ok()
+        .map(time::OffsetDateTime::from)
+        .or_else(|| {
+            time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()
+        })
+        .ok_or_else(|| {
+            ApiError::InvalidStart(format!(
+                "{name} {text:?} is neither an HTTP-date nor an RFC 3339 time"
+            ))
+        })
 }
 
 /// The answer to an accepted submission: after waiting (holding no permit) when asked to, the

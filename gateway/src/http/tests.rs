@@ -30,6 +30,7 @@ fn route(name: &str, method: &str, path: &str, require_key: bool) -> RouteConfig
         request_schema: None,
         body_schema: None,
         retry: None,
+        max_delay: None,
     }
 }
 

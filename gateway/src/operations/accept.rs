@@ -45,7 +45,22 @@ pub struct Submission<'a> {
     /// The client's `Callback-Url` (already checked against the allow-list): where to POST the
     /// completion webhook instead of the route's `callback_url`. Part of the fingerprint.
     pub requested_callback_url: Option<String>,
+    /// When it may start, as the client asked.
+    pub start: Start,
     pub body: Bytes,
+}
+
+/// When a submission may start, as the client asked (`Delay` or `Not-Before`, and `Start-By`),
+/// checked against the route's `max_delay` at the edge.
+#[derive(Debug, Clone, Default)]
+pub struct Start {
+    /// No handler starts before this; the deadline counts from it.
+    pub not_before: Option<OffsetDateTime>,
+    /// No handler starts from this on.
+    pub start_by: Option<OffsetDateTime>,
+    /// The headers as sent (`delay=5`, `not-before=…`, `start-by=…`), part of the fingerprint:
+    /// the same `Delay` sent again is the same request.
+    pub asked: Option<String>,
 }
 
 /// How a submission was accepted.
@@ -99,6 +114,7 @@ impl Submission<'_> {
             content_type: self.content_type,
             body: &self.body,
             callback_url: self.requested_callback_url.as_deref(),
+            start: self.start.asked.as_deref(),
         }
     }
 
@@ -138,7 +154,10 @@ impl Submission<'_> {
             path: self.path.to_owned(),
             query: self.query.map(str::to_owned),
             content_type: self.content_type.map(str::to_owned),
-            deadline: now + self.route.timeout,
+            // A delayed operation's timeout runs from its start.
+            deadline: self.start.not_before.unwrap_or(now).max(now) + self.route.timeout,
+            not_before: self.start.not_before,
+            start_by: self.start.start_by,
             retention_secs: Some(self.route.retention.as_secs().max(1)),
             tenant: Some(self.tenant.to_owned()),
             idempotency_key: Some(format_key(&self.idempotency_key)),

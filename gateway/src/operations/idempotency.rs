@@ -159,6 +159,9 @@ pub struct RequestIdentity<'a> {
     /// The client's `Callback-Url`: a retry that adds or changes one is another request, not a
     /// silent replay that never notifies where it asked.
     pub callback_url: Option<&'a str>,
+    /// When the client asked it to start (`Delay`, `Not-Before`, `Start-By` as sent): a retry
+    /// with the same headers is the same request, one with other times is another.
+    pub start: Option<&'a str>,
 }
 
 impl RequestIdentity<'_> {
@@ -182,6 +185,11 @@ impl RequestIdentity<'_> {
             h.update(b"callback-url");
             h.update((url.len() as u64).to_be_bytes());
             h.update(url.as_bytes());
+        }
+        if let Some(start) = self.start {
+            h.update(b"start");
+            h.update((start.len() as u64).to_be_bytes());
+            h.update(start.as_bytes());
         }
         data_encoding::HEXLOWER.encode(&h.finalize())
     }
@@ -294,6 +302,7 @@ mod tests {
             content_type: Some("application/json"),
             body: b"{}",
             callback_url: None,
+            start: None,
         };
         let f = base.fingerprint();
         assert_eq!(f, base.fingerprint());
@@ -320,6 +329,10 @@ mod tests {
             },
             RequestIdentity {
                 callback_url: Some("https://hooks.example.com/a"),
+                ..base
+            },
+            RequestIdentity {
+                start: Some("delay=5"),
                 ..base
             },
         ];

@@ -35,7 +35,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-pub use accept::{AcceptError, Accepted, RequestMessage, Submission};
+pub use accept::{AcceptError, Accepted, RequestMessage, Start, Submission};
 pub use destination::{DestinationError, check_destination};
 pub use lookup::{Cancellation, WakeOn};
 pub use model::{DeliveryState, Operation, ProgressState, RetryView, Status, StoredResult};

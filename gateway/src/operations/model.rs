@@ -29,6 +29,8 @@ use super::idempotency::decode_key;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
+    /// A delayed start that is not due yet (`Not-Before`, `Delay`): no handler runs before then.
+    Scheduled,
     Pending,
     Succeeded,
     Failed,
@@ -50,6 +52,7 @@ impl Status {
     /// The status as clients see it in bodies and event names.
     pub fn name(self) -> &'static str {
         match self {
+            Status::Scheduled => "scheduled",
             Status::Pending => "pending",
             Status::Succeeded => "succeeded",
             Status::Failed => "failed",
@@ -59,7 +62,7 @@ impl Status {
     }
 
     pub fn is_terminal(self) -> bool {
-        self != Status::Pending
+        !matches!(self, Status::Scheduled | Status::Pending)
     }
 }
 
@@ -211,10 +214,20 @@ impl Operation {
         self.request.callback_url.as_deref()
     }
 
+    /// The status now: a terminal record's, else `scheduled` until a delayed start is due (by
+    /// this replica's clock), then `pending`.
     pub fn status(&self) -> Status {
-        self.result
-            .as_ref()
-            .map_or(Status::Pending, |r| Status::of(&r.record))
+        match &self.result {
+            Some(r) => Status::of(&r.record),
+            None if self
+                .request
+                .not_before
+                .is_some_and(|due| due > OffsetDateTime::now_utc()) =>
+            {
+                Status::Scheduled
+            }
+            None => Status::Pending,
+        }
     }
 
     pub fn updated_at(&self) -> OffsetDateTime {

@@ -51,6 +51,18 @@ pub struct OperationView<'a> {
     created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
     updated_at: OffsetDateTime,
+    /// A delayed start: no handler runs before this (the status is `scheduled` until then).
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    not_before: Option<OffsetDateTime>,
+    /// A start-by deadline: an operation no worker started by then ends `expired`, unrun.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    start_by: Option<OffsetDateTime>,
     #[serde(skip_serializing_if = "Option::is_none")]
     result: Option<ResultSummary<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -68,6 +80,8 @@ impl<'a> OperationView<'a> {
             status: op.status(),
             created_at: op.created_at,
             updated_at: op.updated_at(),
+            not_before: op.request.not_before,
+            start_by: op.request.start_by,
             result: op.result.as_ref().map(|r| ResultSummary {
                 status_code: r.record.status,
                 content_type: r.record.content_type.as_deref(),

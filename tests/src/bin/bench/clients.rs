@@ -221,6 +221,7 @@ impl Client for RawPublish {
                 content_type: Some("application/json"),
                 forwarded: Vec::new(),
                 requested_callback_url: None,
+                start: Default::default(),
                 body: self.body.clone(),
             };
             let message = submission.message(

@@ -121,6 +121,7 @@ fn bench_route() -> RouteConfig {
         request_schema: None,
         body_schema: None,
         retry: None,
+        max_delay: None,
     }
 }
 
