@@ -94,7 +94,11 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    let RoutesFile { routes, auth } = config;
+    let RoutesFile {
+        routes,
+        auth,
+        schedules,
+    } = config;
     let authenticator = auth
         .as_ref()
         .map(Authenticator::new)
@@ -145,6 +149,7 @@ pub async fn run(
         webhooks,
     };
     let provisioning = ops.start(plan, background, stop.clone());
+    ops.run_schedules(schedules, &routes, stop.clone());
     tokio::spawn(crate::metrics::serve_admin(admin, stop.clone()));
     let (signalled, fatal) = (lifecycle.clone(), stop.clone());
     tokio::spawn(async move {

@@ -52,6 +52,9 @@ pub const DISPATCH_REPLIES: &str = "gateway_dispatch_replies_total";
 /// `gateway dispatch`: failed attempts offered again after their back-off (the route's retry
 /// policy, or an upstream's `Retry-After`).
 pub const DISPATCH_RETRIES: &str = "gateway_dispatch_retries_total";
+/// Schedule ticks submitted by this replica, by `schedule` and `outcome` (`new`: this replica
+/// created the tick's operation; `replayed`: another had; `failed`).
+pub const SCHEDULE_TICKS: &str = "gateway_schedule_ticks_total";
 
 /// Upper bounds of the accept-latency histogram, in seconds.
 const ACCEPT_BUCKETS: &[f64] = &[
@@ -119,6 +122,10 @@ fn describe() {
     describe_counter!(SHED, "Requests refused at once for lack of capacity.");
     describe_gauge!(DRAINING, "1 while draining after SIGTERM.");
     describe_counter!(DISPATCH_REPLIES, "Dispatcher replies, by outcome.");
+    describe_counter!(
+        SCHEDULE_TICKS,
+        "Schedule ticks submitted, by schedule and outcome (new, replayed, failed)."
+    );
     describe_counter!(
         DISPATCH_RETRIES,
         "Dispatcher attempts that failed and were offered again after their back-off."

@@ -55,8 +55,19 @@ impl Progress {
     /// Reads a stored report (a JSON payload), bounded as [`Progress::new`] bounds it: a worker
     /// in another language may have written anything. `None` when it is not a report.
     pub fn from_payload(payload: &[u8]) -> Option<Self> {
-        let read: Progress = serde_json::from_slice(payload).ok()?;
-        Some(Self::new(read.percent, read.message).with_retry(read.retry.map(RetryState::bounded)))
+        // Read loosely, then bounded: a percentage of 500 is 100, not an unreadable report.
+        #[derive(serde::Deserialize)]
+        struct Loose {
+            #[serde(default)]
+            percent: Option<f64>,
+            #[serde(default)]
+            message: String,
+            #[serde(default)]
+            retry: Option<RetryState>,
+        }
+        let read: Loose = serde_json::from_slice(payload).ok()?;
+        let percent = read.percent.map(|p| p.clamp(0.0, 100.0) as u8);
+        Some(Self::new(percent, read.message).with_retry(read.retry.map(RetryState::bounded)))
     }
 }
 

@@ -35,7 +35,8 @@ pub struct RetryPolicy {
     /// operations that failed together do not come back together.
     #[serde(default)]
     pub jitter_percent: u8,
-    /// Answers that are not stored but retried: HTTP status codes (`"503"`) or classes (`"5xx"`).
+    /// Answers that are not stored but retried: HTTP status codes (`"503"`) or classes (`"5xx"`),
+    /// 4xx and 5xx only.
     /// An error (a handler error, an unreachable upstream) is always retried; a permanent one
     /// (`handlers::Permanent`) never.
     #[serde(default)]
@@ -53,7 +54,9 @@ pub enum RetryPolicyError {
     BackoffTooLong,
     #[error("jitter_percent must be 0 to 100, not {0}")]
     Jitter(u8),
-    #[error("retry_on entries are status codes (\"503\") or classes (\"5xx\"), not {0:?}")]
+    #[error(
+        "retry_on entries are failure status codes (\"503\") or classes (\"4xx\", \"5xx\"), not {0:?}"
+    )]
     RetryOn(String),
     #[error("not a retry policy: {0}")]
     Json(String),
@@ -139,9 +142,10 @@ pub(crate) fn retried_status(
 }
 
 fn valid_pattern(pattern: &str) -> bool {
+    // Failures only: retrying a success (2xx) would never store it.
     matches!(
         pattern.as_bytes(),
-        [b'1'..=b'5', b'x', b'x'] | [b'1'..=b'5', b'0'..=b'9', b'0'..=b'9']
+        [b'4'..=b'5', b'x', b'x'] | [b'4'..=b'5', b'0'..=b'9', b'0'..=b'9']
     )
 }
 
@@ -241,6 +245,13 @@ mod tests {
         let p = policy();
         assert!(p.retries_status(503) && p.retries_status(500) && p.retries_status(429));
         assert!(!p.retries_status(404) && !p.retries_status(200) && !p.retries_status(428));
+        for success in ["2xx", "200", "3xx", "1xx"] {
+            let p = RetryPolicy {
+                retry_on: vec![success.into()],
+                ..policy()
+            };
+            assert_eq!(p.validate(), Err(RetryPolicyError::RetryOn(success.into())));
+        }
     }
 
     #[test]

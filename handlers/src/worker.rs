@@ -527,10 +527,12 @@ impl RouteWorker {
             tracing::info!(operation_id = %op, delivered, "Deadline passed before handling; marking the operation expired.");
             (ResultRecord::expired(&op, request.deadline), false)
         } else if let Some(start_by) = request.start_by
+            && delivered == 1
             && OffsetDateTime::now_utc() >= start_by
         {
-            // Judged by this worker's clock, with no allowance: a handler never starts after
-            // its start-by by that clock.
+            // Judged before the first attempt only (a retry continues what started), by this
+            // worker's clock, with no allowance: a handler never starts after its start-by by
+            // that clock.
             tracing::info!(operation_id = %op, delivered, "Start-by passed before handling; marking the operation expired, unrun.");
             (ResultRecord::not_started(&op, start_by), false)
         } else {

@@ -689,6 +689,11 @@ fn stored_progress_is_read_bounded() {
     );
     assert!(read.message.ends_with('…'));
     assert_eq!(Progress::from_payload(b"not json"), None);
+    // Past what a byte holds, or below zero: still a report, bounded.
+    let huge = Progress::from_payload(br#"{"percent":500,"message":"x"}"#).unwrap();
+    assert_eq!(huge.percent, Some(100));
+    let negative = Progress::from_payload(br#"{"percent":-3,"message":"x"}"#).unwrap();
+    assert_eq!(negative.percent, Some(0));
     let short = Progress::from_payload(br#"{"percent":42,"message":"half"}"#).unwrap();
     assert_eq!(short, Progress::new(Some(42), "half"));
 }

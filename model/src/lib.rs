@@ -39,8 +39,9 @@
 //!
 //! Delayed starts are in the model too ([`Protocol::not_before`], [`Protocol::start_by`]): the
 //! request is stored and delivered at once, a worker offers an early delivery back until it is
-//! due, and one that gets it at or after its start-by ends it `expired` without running it. No
-//! handler runs early or late, and a cancellation before the start means none runs at all
+//! due, and one whose first attempt would come at or after its start-by ends it `expired`
+//! without running it (a retry continues what started). No handler runs early, no first attempt
+//! late, and a cancellation before the start means none runs at all
 //! ([`Variant::IgnoreNotBefore`] and [`Variant::IgnoreStartBy`] break those).
 //!
 //! What the model leaves out: more than one operation (so lost updates between operations sharing a
@@ -144,8 +145,9 @@ pub struct Protocol {
     /// more). `deadline` is absolute: the code's is the start plus the route's timeout.
     pub not_before: u8,
     /// A start-by deadline (`Gw-Start-By`): the tick from which no handler may start; 0 for none.
-    /// A worker that gets the request then ends it `expired` instead of running it (where it
-    /// would start: only a worker knows whether a handler started). Separate from `deadline`.
+    /// A worker whose first attempt would start then ends it `expired` instead of running it
+    /// (where it would start: only a worker knows whether a handler started); a retry after it
+    /// continues. Separate from `deadline`.
     pub start_by: u8,
     /// A rolling upgrade: gateway 0 (and the finalizer, the adversarial choice) runs the previous
     /// release, which reads and writes the result slot it computes from the operation id; gateway 1
@@ -337,7 +339,7 @@ pub struct State {
     /// before the operation was due.
     pub ran: bool,
     pub ran_early: bool,
-    /// A handler started at or after the start-by tick.
+    /// A first attempt started at or after the start-by tick.
     pub ran_late: bool,
     /// A cancellation took the operation before it was due.
     pub cancelled_before_due: bool,
@@ -578,13 +580,19 @@ impl Protocol {
 
     /// The next program counter of a worker whose delivery found nothing decided: finalize past
     /// the attempt budget, expire past the deadline, else run the handler.
+    /// The attempt a delivery is: a delayed request's first delivery is taken to have come
+    /// before it was due and run nothing.
+    fn attempt_of(&self, delivered: u8) -> u8 {
+        delivered - u8::from(self.not_before > 0).min(delivered - 1)
+    }
+
     fn worker_decides(&self, state: &State, delivered: u8) -> Worker {
-        // A delayed request's first delivery came before it was due and ran nothing.
-        let attempt = delivered - u8::from(self.not_before > 0).min(delivered - 1);
+        let attempt = self.attempt_of(delivered);
         if self.finalizes() && attempt > self.attempt_budget {
             Worker::Deciding(Rec::Failed)
         } else if self.past_deadline(state.time)
             || (self.start_by > 0
+                && attempt == 1
                 && state.time >= self.start_by
                 && self.variant != Variant::IgnoreStartBy)
         {
@@ -677,12 +685,12 @@ impl Protocol {
                 Worker::Idle
             }
         };
-        if matches!(state.workers[w], Worker::SlotEmpty { .. })
-            && matches!(next, Worker::Loaded { .. })
-        {
+        if let (Worker::SlotEmpty { attempt }, Worker::Loaded { .. }) = (state.workers[w], next) {
             state.ran = true;
             state.ran_early |= state.time < self.not_before;
-            state.ran_late |= self.start_by > 0 && state.time >= self.start_by;
+            // A retry continues what started in time; only a first attempt can start late.
+            let first = self.attempt_of(attempt) == 1;
+            state.ran_late |= first && self.start_by > 0 && state.time >= self.start_by;
         }
         state.workers[w] = next;
         Some(())
@@ -947,9 +955,10 @@ impl Model for Protocol {
                 "an operation cancelled before it is due never runs",
                 |_, s| !(s.cancelled_before_due && s.ran),
             ),
-            Property::<Self>::always("no handler starts at or after its start-by", |_, s| {
-                !s.ran_late
-            }),
+            Property::<Self>::always(
+                "no first attempt starts at or after its start-by",
+                |_, s| !s.ran_late,
+            ),
             // Every maximal path submits at least once (a submission stores the request even when
             // the gateway dies before answering), so "accepted" needs no guard here.
             Property::<Self>::eventually("every accepted operation ends", |m, s| {

@@ -192,7 +192,7 @@ fn every_property_fails_in_a_variant_built_to_break_it() {
         start_by: 1,
         ..Protocol::ci(Stateless, IgnoreStartBy)
     };
-    counterexample(protocol, "no handler starts at or after its start-by");
+    counterexample(protocol, "no first attempt starts at or after its start-by");
     // A plain publish is not refused by a removed result's delete marker either.
     let protocol = Protocol {
         early_result_expiry: true,

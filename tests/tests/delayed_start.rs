@@ -22,6 +22,12 @@ max_delay = "1m"
 name = "now"
 method = "POST"
 path = "/now"
+
+[[route]]
+name = "flaky"
+method = "POST"
+path = "/flaky"
+retry = { attempts = 3, backoff = ["2s"] }
 "#;
 
 /// A worker on `jobs` that notes when each call came and answers at once.
@@ -129,6 +135,42 @@ async fn a_request_not_started_by_its_start_by_ends_expired_unrun() {
     assert!(calls.lock().unwrap().is_empty(), "the handler ran");
 }
 
+/// A start-by binds the first attempt only: one that started in time and failed is retried past
+/// it (it did run); and the same request sent again after its start-by is a replay, not a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_by_binds_the_first_attempt_and_never_a_replay() {
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
+    let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counted = calls.clone();
+    let _worker = TestWorker::start(&nats, worker_config(), "flaky", move |_r: Request| {
+        let first = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+        async move {
+            if first {
+                Err("not yet".into())
+            } else {
+                Ok(Response::text(200, "done"))
+            }
+        }
+    })
+    .await;
+    let by = (time::OffsetDateTime::now_utc() + time::Duration::seconds(1))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let send = || {
+        submit(&gw.base, "/flaky", "retried-late")
+            .header("start-by", &by)
+            .body("{}")
+    };
+    let id = send().accepted().await;
+    let statuses = poll_until_terminal(&gw.base, &id, Duration::from_secs(15)).await;
+    assert_eq!(statuses.last().unwrap(), "succeeded");
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let replay = send().send().await;
+    assert_eq!(replay.status(), 202);
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert_eq!(json(replay).await["id"], id.as_str());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unusable_start_asks_are_refused_and_write_nothing() {
     let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
@@ -152,6 +194,11 @@ async fn unusable_start_asks_are_refused_and_write_nothing() {
         ("/jobs", vec![("start-by", soon(-5))]),
         ("/jobs", vec![("start-by", soon(45))]),
         ("/jobs", vec![("delay", "1".into()), ("delay", "2".into())]),
+        // In UTC before the year 1.
+        (
+            "/jobs",
+            vec![("not-before", "0000-01-01T00:00:00+23:59".into())],
+        ),
     ];
     for (n, (path, headers)) in cases.into_iter().enumerate() {
         let mut request = submit(&gw.base, path, &format!("bad-{n}")).body("{}");

@@ -319,7 +319,9 @@ pub use error::ConfigError;
 use error::invalid;
 use percent_encoding::percent_decode_str;
 
-pub use routes::{ByteSize, RouteConfig, RoutesFile, load_config, load_routes, validate_routes};
+pub use routes::{
+    ByteSize, RouteConfig, RoutesFile, ScheduleConfig, load_config, load_routes, validate_routes,
+};
 
 /// Reads `GATEWAY_WIRE_CONTRACT`: a version this release writes (1 or 2).
 fn parse_wire_contract(value: &str) -> Result<handlers::contract::WireContract, String> {

@@ -202,6 +202,104 @@ pub struct RoutesFile {
     /// API keys and JWTs; absent: no authentication, every caller is the `default` tenant.
     #[serde(default)]
     pub auth: Option<AuthConfig>,
+    /// Recurring submits.
+    #[serde(rename = "schedule", default)]
+    pub schedules: Vec<ScheduleConfig>,
+}
+
+/// A recurring submit: an ordinary operation on `route` at every tick, `every` apart and aligned
+/// to the Unix epoch (so every replica computes the same ticks, whatever its time zone), fired
+/// once per tick across all replicas: the operation's idempotency key is the schedule's name and
+/// the tick's time, so the replicas' submits of one tick are one operation.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    /// 1-64 of a-z 0-9 - _, unique; part of each tick's key (`schedule:<name>:<tick>`).
+    pub name: String,
+    /// The route whose operation each tick is.
+    pub route: String,
+    /// Time between ticks, at least 1 s and less than the route's retention (a tick's key must
+    /// outlive the next tick, so that a late replica's submit is a replay).
+    #[serde(with = "humantime_serde")]
+    pub every: Duration,
+    /// The request path (default: the route's, which must then have no parameters).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// The request body, at most the route's `max_body`.
+    #[serde(default)]
+    pub body: String,
+    #[serde(default)]
+    pub content_type: Option<String>,
+    /// The tenant the operations belong to (default `default`).
+    #[serde(default = "default_schedule_tenant")]
+    pub tenant: String,
+}
+
+fn default_schedule_tenant() -> String {
+    "default".to_owned()
+}
+
+impl ScheduleConfig {
+    /// The path each tick calls.
+    pub fn path<'a>(&'a self, route: &'a RouteConfig) -> &'a str {
+        self.path.as_deref().unwrap_or(&route.path)
+    }
+}
+
+/// Checks the schedules against the routes they name.
+pub fn validate_schedules(
+    schedules: &[ScheduleConfig],
+    routes: &[RouteConfig],
+) -> Result<(), ConfigError> {
+    let mut names = HashSet::new();
+    for s in schedules {
+        let who = format!("schedule {:?}", s.name);
+        let name_ok = (1..=64).contains(&s.name.len())
+            && s.name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        if !name_ok {
+            return Err(invalid(format!(
+                "{who}: a name is 1-64 characters of a-z, 0-9, '-' and '_'"
+            )));
+        }
+        if !names.insert(s.name.as_str()) {
+            return Err(invalid(format!("{who} is defined twice")));
+        }
+        let Some(route) = routes.iter().find(|r| r.name == s.route) else {
+            return Err(invalid(format!("{who}: no route {:?}", s.route)));
+        };
+        if s.every < Duration::from_secs(1) || s.every >= route.retention {
+            return Err(invalid(format!(
+                "{who}: every ({}) must be at least 1s and shorter than route {:?}'s retention ({})",
+                humantime::format_duration(s.every),
+                route.name,
+                humantime::format_duration(route.retention)
+            )));
+        }
+        match &s.path {
+            None if route.path.contains('{') => {
+                return Err(invalid(format!(
+                    "{who}: route {:?}'s path has parameters: give the schedule a path",
+                    route.name
+                )));
+            }
+            Some(path) if !path.starts_with('/') => {
+                return Err(invalid(format!("{who}: path {path:?} must start with '/'")));
+            }
+            _ => {}
+        }
+        if s.body.len() > route.max_body.0 {
+            return Err(invalid(format!(
+                "{who}: body is larger than route {:?}'s max_body",
+                route.name
+            )));
+        }
+        if s.tenant.is_empty() {
+            return Err(invalid(format!("{who}: tenant is empty")));
+        }
+    }
+    Ok(())
 }
 
 /// The longest retention (and so timeout) a route may have.
@@ -221,6 +319,7 @@ pub fn load_config(path: &Path) -> Result<RoutesFile, ConfigError> {
         source: Box::new(source),
     })?;
     validate_routes(&file.routes)?;
+    validate_schedules(&file.schedules, &file.routes)?;
     let dir = path.parent().unwrap_or(Path::new("."));
     for route in &mut file.routes {
         if let Some(schema) = &route.request_schema {

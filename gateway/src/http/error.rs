@@ -170,6 +170,7 @@ impl From<AcceptError> for ApiError {
                 operation_id: Some(operation_id),
             },
             AcceptError::TooLarge { max_payload } => ApiError::MessageTooLarge { max_payload },
+            AcceptError::InvalidStart(why) => ApiError::InvalidStart(why),
             // The route's own Retry-After is set where the route is known (submit).
             AcceptError::Quota(exceeded) => ApiError::QuotaExceeded {
                 exceeded,

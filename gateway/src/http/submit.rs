@@ -246,6 +246,9 @@ fn read_start(
         (None, Some(at)) => Some(instant("Not-Before", at)?),
         (None, None) => None,
     };
+    // Bounds that depend on the clock refuse a new operation only: a retry of an accepted one
+    // (same key, same headers) is a replay however late it comes (`Start::refusal`).
+    let mut refusal = None;
     if let Some(due) = due {
         let Some(max_delay) = route.max_delay else {
             return Err(invalid(
@@ -253,28 +256,24 @@ fn read_start(
             ));
         };
         if due > now + max_delay {
-            return Err(invalid(format!(
+            refusal = Some(format!(
                 "this route starts requests at most {} ahead",
                 humantime::format_duration(max_delay)
-            )));
+            ));
         }
     }
     let start = due.map_or(now, |due| due.max(now));
-    let start_by = by
-        .map(|at| {
-            let by = instant("Start-By", at)?;
-            if by <= start {
-                Err(invalid("Start-By must come after the start".into()))
-            } else if by > start + route.timeout {
-                Err(invalid(
-                    "Start-By must come before the deadline (the start plus the route's timeout)"
-                        .into(),
-                ))
-            } else {
-                Ok(by)
-            }
-        })
-        .transpose()?;
+    let start_by = by.map(|at| instant("Start-By", at)).transpose()?;
+    if let Some(by) = start_by {
+        if by <= start {
+            refusal.get_or_insert("Start-By must come after the start".into());
+        } else if by > start + route.timeout {
+            refusal.get_or_insert(
+                "Start-By must come before the deadline (the start plus the route's timeout)"
+                    .into(),
+            );
+        }
+    }
     let asked = [
         ("delay", delay),
         ("not-before", not_before),
@@ -285,13 +284,16 @@ fn read_start(
     .collect::<Vec<_>>()
     .join(";");
     Ok(Start {
-        not_before: due,
+        // A time already past starts at once, like no delay.
+        not_before: due.filter(|due| *due > now),
         start_by,
         asked: Some(asked),
+        refusal,
     })
 }
 
-/// An instant as HTTP sends dates (an HTTP-date, RFC 9110 section 5.6.7) or as RFC 3339 does.
+/// An instant as HTTP sends dates (an HTTP-date, RFC 9110 section 5.6.7) or as RFC 3339 does,
+/// in UTC between the years 1 and 9999 (what the contract can write).
 fn instant(name: &str, text: &str) -> Result<time::OffsetDateTime, ApiError> {
     httpdate::parse_http_date(text)
         .ok()
@@ -299,6 +301,8 @@ fn instant(name: &str, text: &str) -> Result<time::OffsetDateTime, ApiError> {
         .or_else(|| {
             time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()
         })
+        .and_then(|t| t.checked_to_offset(time::UtcOffset::UTC))
+        .filter(|t| (1..=9999).contains(&t.year()))
         .ok_or_else(|| {
             ApiError::InvalidStart(format!(
                 "{name} {text:?} is neither an HTTP-date nor an RFC 3339 time"

@@ -61,6 +61,10 @@ pub struct Start {
     /// The headers as sent (`delay=5`, `not-before=…`, `start-by=…`), part of the fingerprint:
     /// the same `Delay` sent again is the same request.
     pub asked: Option<String>,
+    /// Why a new operation cannot start as asked (a `Start-By` already past, a start beyond the
+    /// route's `max_delay`): refused unless the key names this very request already, which is
+    /// then a replay.
+    pub refusal: Option<String>,
 }
 
 /// How a submission was accepted.
@@ -77,6 +81,9 @@ pub enum Accepted {
 pub enum AcceptError {
     #[error("idempotency key already used for a different request (operation {operation_id})")]
     KeyReused { operation_id: String },
+    /// The start asked for cannot be honoured for a new operation (see [`Start::refusal`]).
+    #[error("cannot start as asked: {0}")]
+    InvalidStart(String),
     /// Body and headers together exceed the NATS server's max_payload. Detected by the client
     /// before sending, so nothing was written.
     #[error("the request message would exceed the server's max_payload of {max_payload} bytes")]
@@ -201,6 +208,18 @@ pub async fn accept(
 ) -> Result<Accepted, AcceptError> {
     let key_token = s.key_token();
     let fingerprint = s.fingerprint();
+    if let Some(why) = &s.start.refusal {
+        // Only a replay may pass: nothing is written.
+        let Some(stored) = store.request_on_route(&s.route.name, &key_token).await? else {
+            return Err(AcceptError::InvalidStart(why.clone()));
+        };
+        let mut existing = Operation::from_request(&stored).map_err(StoreError::from)?;
+        if existing.fingerprint() != fingerprint || store.retention_ended(&existing) {
+            return Err(AcceptError::InvalidStart(why.clone()));
+        }
+        attach_result(store, &mut existing).await?;
+        return Ok(Accepted::Replayed(existing));
+    }
 
     for _ in 0..RACE_RETRIES {
         let now = OffsetDateTime::now_utc();

@@ -23,6 +23,7 @@ mod lookup;
 pub mod model;
 pub mod quota;
 mod retry_after;
+mod schedules;
 mod store;
 pub mod view;
 mod watch;
@@ -180,6 +181,24 @@ impl Operations {
             webhook_consumer,
             stop,
         ))
+    }
+
+    /// Runs the routes file's schedules until `stop`, each tick one operation (see
+    /// [`schedules`]).
+    pub fn run_schedules(
+        &self,
+        schedules: Vec<crate::config::ScheduleConfig>,
+        routes: &[crate::config::RouteConfig],
+        stop: CancellationToken,
+    ) {
+        for schedule in schedules {
+            let route = routes
+                .iter()
+                .find(|r| r.name == schedule.route)
+                .expect("validated: a schedule names a route")
+                .clone();
+            tokio::spawn(schedules::run(self.clone(), schedule, route, stop.clone()));
+        }
     }
 
     /// Accepts a submission as exactly one request message, or finds the operation it repeats.
