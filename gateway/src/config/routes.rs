@@ -246,6 +246,28 @@ impl ScheduleConfig {
     }
 }
 
+/// Checks that `name` is 1-64 of a-z, 0-9, '-' and '_' (it becomes a subject token or a key's
+/// part) and not in `names` yet, and adds it.
+fn unique_name<'a>(
+    names: &mut HashSet<&'a str>,
+    name: &'a str,
+    who: &str,
+) -> Result<(), ConfigError> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if !ok {
+        return Err(invalid(format!(
+            "{who}: a name is 1-64 characters of a-z, 0-9, '-' and '_' (it becomes a subject token)"
+        )));
+    }
+    if !names.insert(name) {
+        return Err(invalid(format!("{who} is defined twice")));
+    }
+    Ok(())
+}
+
 /// Checks the schedules against the routes they name.
 pub fn validate_schedules(
     schedules: &[ScheduleConfig],
@@ -254,18 +276,7 @@ pub fn validate_schedules(
     let mut names = HashSet::new();
     for s in schedules {
         let who = format!("schedule {:?}", s.name);
-        let name_ok = (1..=64).contains(&s.name.len())
-            && s.name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
-        if !name_ok {
-            return Err(invalid(format!(
-                "{who}: a name is 1-64 characters of a-z, 0-9, '-' and '_'"
-            )));
-        }
-        if !names.insert(s.name.as_str()) {
-            return Err(invalid(format!("{who} is defined twice")));
-        }
+        unique_name(&mut names, &s.name, &who)?;
         let Some(route) = routes.iter().find(|r| r.name == s.route) else {
             return Err(invalid(format!("{who}: no route {:?}", s.route)));
         };
@@ -355,19 +366,7 @@ pub fn validate_routes(routes: &[RouteConfig]) -> Result<(), ConfigError> {
     let mut endpoints = HashSet::new();
     for r in routes {
         let who = format!("route {:?}", r.name);
-        let name_ok = !r.name.is_empty()
-            && r.name.len() <= 64
-            && r.name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
-        if !name_ok {
-            return Err(invalid(format!(
-                "{who}: a name is 1-64 characters of a-z, 0-9, '-' and '_' (it becomes a subject token)"
-            )));
-        }
-        if !names.insert(r.name.as_str()) {
-            return Err(invalid(format!("{who} is defined twice")));
-        }
+        unique_name(&mut names, &r.name, &who)?;
         let method = r.method.to_ascii_uppercase();
         if !["GET", "POST", "PUT", "PATCH", "DELETE"].contains(&method.as_str()) {
             return Err(invalid(format!(
@@ -558,6 +557,41 @@ mod tests {
         })?;
         validate_routes(&file.routes)?;
         Ok(file.routes)
+    }
+
+    /// A schedule must name a route, tick less often than once a second and more often than the
+    /// route's retention (so a tick's key outlives the next tick), and give a path where the
+    /// route's has parameters; each refusal names the schedule.
+    #[test]
+    fn schedules_are_checked_against_their_routes() {
+        let check = |schedule: &str| {
+            let text = format!(
+                "[[route]]\nname = \"r\"\nmethod = \"POST\"\npath = \"/r/{{id}}\"\nretention = \"1h\"\n\
+                 [[schedule]]\nname = \"s\"\nroute = \"r\"\n{schedule}"
+            );
+            let file: RoutesFile = toml::from_str(&text).unwrap();
+            validate_schedules(&file.schedules, &file.routes)
+        };
+        assert!(check("every = \"10s\"\npath = \"/r/1\"\n").is_ok());
+        for (bad, says) in [
+            ("every = \"10s\"\n", "give the schedule a path"),
+            ("every = \"1h\"\npath = \"/r/1\"\n", "shorter than route"),
+            ("every = \"500ms\"\npath = \"/r/1\"\n", "at least 1s"),
+            ("every = \"10s\"\npath = \"r/1\"\n", "must start with '/'"),
+        ] {
+            let error = check(bad).unwrap_err().to_string();
+            assert!(
+                error.contains("schedule \"s\"") && error.contains(says),
+                "{error}"
+            );
+        }
+        let text = "[[route]]\nname = \"r\"\nmethod = \"POST\"\npath = \"/r\"\n\
+                    [[schedule]]\nname = \"s\"\nroute = \"other\"\nevery = \"10s\"\n";
+        let file: RoutesFile = toml::from_str(text).unwrap();
+        let error = validate_schedules(&file.schedules, &file.routes)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("no route \"other\""), "{error}");
     }
 
     /// A schema file is found next to the routes file, compiled at start, and anything wrong
