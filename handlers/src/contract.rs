@@ -155,6 +155,10 @@ pub mod header {
 pub mod err_code {
     /// `Nats-Expected-Last-Subject-Sequence` did not match: the subject already holds a message.
     pub const WRONG_LAST_SEQUENCE: u64 = 10071;
+    /// The same, said by a clustered stream's leader while another write to the subject is in
+    /// flight (nats-server `server/jetstream_batching.go`, "wrong last sequence", 2.12+): the
+    /// subject is being taken.
+    pub const WRONG_LAST_SEQUENCE_IN_FLIGHT: u64 = 10164;
     /// The stream refused to store a message for one of its limits: a second message on a
     /// subject under `discard_new_per_subject` ("maximum messages per subject exceeded"), or a
     /// full stream ("maximum bytes exceeded", "maximum messages exceeded").

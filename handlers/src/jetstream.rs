@@ -79,6 +79,7 @@ fn subject_taken(err: &PublishError) -> bool {
     server_error(err).is_some_and(|js| {
         let code = js.error_code().0;
         code == err_code::WRONG_LAST_SEQUENCE
+            || code == err_code::WRONG_LAST_SEQUENCE_IN_FLIGHT
             || (code == err_code::MAX_MSGS_PER_SUBJECT && js.to_string().contains("per subject"))
     })
 }

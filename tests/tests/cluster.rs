@@ -500,3 +500,186 @@ async fn cluster_serves_through_any_node_and_survives_a_node_kill_mid_load() {
         w.stop().await;
     }
 }
+
+const LATER_ROUTES: &str = r#"
+[[route]]
+name = "later"
+method = "POST"
+path = "/later"
+timeout = "60s"
+retention = "1h"
+max_delay = "1m"
+
+[[schedule]]
+name = "tick"
+route = "later"
+path = "/later"
+every = "5s"
+body = '{"tick": true}'
+"#;
+
+/// Delayed submits and schedule ticks pending while the requests stream's leader is killed (and
+/// restarted): every delayed operation is accepted once, runs no sooner than it is due, and ends
+/// `succeeded`; every tick of the schedule, run by two gateways, is one operation, none lost
+/// (a tick that meets the election is submitted again until it lands), none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_starts_and_schedule_ticks_survive_a_leader_kill() {
+    const DELAYED: usize = 20;
+    let mut cluster = NatsCluster::start(3).await;
+    let env = [
+        ("GATEWAY_STREAM_REPLICAS", "3"),
+        ("RUST_LOG", "warn,gateway=info,tower_http=error"),
+    ];
+    let gateway = |nats_url: String| {
+        TestGateway::builder(LATER_ROUTES)
+            .nats_url(nats_url)
+            .envs(env)
+    };
+    let a = gateway(cluster.url_list_from(0)).spawn(GATEWAY_BIN).await;
+    let b = gateway(cluster.url_list_from(1)).spawn(GATEWAY_BIN).await;
+    let gateways = [a.base.clone(), b.base.clone()];
+    let started = time::OffsetDateTime::now_utc().unix_timestamp();
+    // Each call: the operation and when it came.
+    let calls = std::sync::Arc::new(std::sync::Mutex::new(
+        Vec::<(String, time::OffsetDateTime)>::new(),
+    ));
+    let noted = calls.clone();
+    let js = cluster.jetstream_from(2).await;
+    let _worker = TestWorker::start_on(js, worker_config(), move |w| {
+        w.route("later", move |r: handlers::Request| {
+            noted
+                .lock()
+                .unwrap()
+                .push((r.operation_id.clone(), time::OffsetDateTime::now_utc()));
+            async { Ok(handlers::Response::text(200, "done")) }
+        })
+    });
+
+    // The worker's consumer exists before anything dies (a worker that cannot create it at
+    // start stops).
+    let consumer = format!("{}-later", worker_config().consumer_prefix);
+    eventually("the worker's consumer", Duration::from_secs(20), || async {
+        cluster
+            .jetstream_from(0)
+            .await
+            .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+                &consumer,
+                DEFAULT_REQUESTS_STREAM,
+            )
+            .await
+            .ok()
+    })
+    .await;
+
+    // Delayed submits through both gateways (a 503 is retried with the same key), then the
+    // leader dies while they wait.
+    let http = http();
+    let mut ids = Vec::new();
+    for i in 0..DELAYED {
+        let base = &gateways[i % 2];
+        let id = eventually(
+            &format!("delayed submit {i}"),
+            Duration::from_secs(30),
+            || async {
+                let r = http
+                    .post(format!("{base}/later"))
+                    .header("idempotency-key", format!("\"delayed-{i}\""))
+                    .header("delay", "6")
+                    .body("{}")
+                    .send()
+                    .await
+                    .ok()?;
+                (r.status() == 202).then_some(())?;
+                Some(json(r).await["id"].as_str().unwrap().to_owned())
+            },
+        )
+        .await;
+        ids.push(id);
+    }
+    let victim = cluster
+        .stream_leader(DEFAULT_REQUESTS_STREAM)
+        .await
+        .expect("a leader");
+    cluster.kill(victim).await;
+    eprintln!(
+        "killed the requests stream's leader n{victim} with {DELAYED} delayed operations waiting"
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    cluster.restart(victim).await;
+    cluster
+        .wait_stream_healthy(DEFAULT_REQUESTS_STREAM, Duration::from_secs(30))
+        .await;
+
+    // Each ends `succeeded`, read through the gateway that did not accept it.
+    for (i, id) in ids.iter().enumerate() {
+        let base = &gateways[(i + 1) % 2];
+        eventually(
+            &format!("{id} succeeds"),
+            Duration::from_secs(60),
+            || async { (status_via(&http, base, id).await == "succeeded").then_some(()) },
+        )
+        .await;
+    }
+    // Ticks go on for a while after the election.
+    let until = started + 25;
+    let left = until - time::OffsetDateTime::now_utc().unix_timestamp();
+    if left > 0 {
+        tokio::time::sleep(Duration::from_secs(left as u64)).await;
+    }
+    let ended = time::OffsetDateTime::now_utc().unix_timestamp();
+    let calls = calls.lock().unwrap().clone();
+    for id in &ids {
+        let ran: Vec<_> = calls.iter().filter(|(op, _)| op == id).collect();
+        assert!(!ran.is_empty(), "{id} never ran");
+        let status: serde_json::Value = json(
+            http.get(format!("{}/operations/{id}", gateways[0]))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        let due = time::OffsetDateTime::parse(
+            status["not_before"].as_str().unwrap(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap();
+        assert!(
+            ran.iter().all(|(_, at)| *at >= due),
+            "{id} ran before {due}: {ran:?}"
+        );
+    }
+    // The schedule's ticks over the whole run: one operation each, none missing.
+    let js = cluster.jetstream_from(0).await;
+    let mut ticks = std::collections::BTreeMap::<i64, usize>::new();
+    for message in gateway_tests::history::read_stream(&js, DEFAULT_REQUESTS_STREAM)
+        .await
+        .unwrap()
+    {
+        let key = handlers::contract::header_str(
+            message.headers.as_ref().unwrap(),
+            handlers::contract::header::IDEMPOTENCY_KEY,
+        )
+        .unwrap()
+        .trim_matches('"')
+        .to_owned();
+        if let Some(at) = key.strip_prefix("schedule:tick:") {
+            let at =
+                time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+                    .unwrap()
+                    .unix_timestamp();
+            *ticks.entry(at).or_default() += 1;
+        }
+    }
+    eprintln!("ticks from {started} to {ended}: {ticks:?}");
+    assert!(
+        ticks.values().all(|n| *n == 1),
+        "a tick fired twice: {ticks:?}"
+    );
+    let first = started - started.rem_euclid(5);
+    let last = ended - ended.rem_euclid(5) - 5;
+    let missing: Vec<i64> = (first..=last)
+        .step_by(5)
+        .filter(|at| !ticks.contains_key(at))
+        .collect();
+    assert!(missing.is_empty(), "ticks lost: {missing:?} of {ticks:?}");
+}

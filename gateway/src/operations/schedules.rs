@@ -8,7 +8,8 @@
 //!
 //! Catch-up: a replica fires the latest tick at or before now when it starts, and when its clock
 //! jumps or it was held up past a tick, the latest one then; earlier missed ticks are skipped. So
-//! after an outage of every replica, the last tick missed fires once, at restart.
+//! after an outage of every replica, the last tick missed fires once, at restart. A tick whose
+//! submit meets a JetStream outage is tried again for a minute (or a period), on its own task.
 //!
 //! Why not JetStream's message schedules (`Nats-Schedule`, nats-server 2.12+, verified on 2.15.1):
 //! a stream with `allow_msg_schedules` must discard old messages and has roll-ups forced on,
@@ -34,7 +35,13 @@ pub async fn run(
 ) {
     let mut tick = latest_tick(OffsetDateTime::now_utc(), schedule.every);
     loop {
-        fire(&ops, &schedule, &route, tick, &stop).await;
+        // Each tick on its own: one that meets a JetStream outage (a leader election) keeps
+        // trying while the next ones fire on time.
+        tokio::spawn({
+            let (ops, schedule, route, stop) =
+                (ops.clone(), schedule.clone(), route.clone(), stop.clone());
+            async move { fire(&ops, &schedule, &route, tick, &stop).await }
+        });
         let next = tick + schedule.every;
         let now = OffsetDateTime::now_utc();
         if next > now && sleep_or_stop(&stop, (next - now).unsigned_abs()).await {
@@ -63,8 +70,11 @@ pub fn tick_key(schedule: &str, tick: OffsetDateTime) -> String {
     )
 }
 
+/// How long a tick's submit is tried again while JetStream cannot take it (at least a period).
+const FIRE_PATIENCE: Duration = Duration::from_secs(60);
+
 /// Submits one tick, trying again (with the same key, so it converges on one operation) while
-/// the store is unavailable, until the next tick is due.
+/// the store is unavailable, for [`FIRE_PATIENCE`] or a period, whichever is longer.
 async fn fire(
     ops: &Operations,
     schedule: &ScheduleConfig,
@@ -72,7 +82,7 @@ async fn fire(
     tick: OffsetDateTime,
     stop: &CancellationToken,
 ) {
-    let give_up = tick + schedule.every;
+    let give_up = tick + schedule.every.max(FIRE_PATIENCE);
     let method = route.http_method();
     loop {
         let submission = Submission {
