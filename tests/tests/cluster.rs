@@ -202,6 +202,28 @@ async fn all_succeeded(base: &str, ids: &[&str]) {
         .await;
 }
 
+/// A gateway process on `routes` with R3 streams, connecting to `nats_url`.
+fn cluster_gateway(routes: &str, nats_url: String) -> GatewayBuilder<NatsUrl> {
+    TestGateway::builder(routes).nats_url(nats_url).envs([
+        ("GATEWAY_STREAM_REPLICAS", "3"),
+        ("RUST_LOG", "warn,gateway=info,tower_http=error"),
+    ])
+}
+
+/// Two gateway processes on `routes`, each knowing every node and listing a different one
+/// first, and their base URLs. One after the other: two processes creating the same R3 streams
+/// at once both time out on nats-server 2.15.1 and retry for about 10 s.
+async fn two_gateways(
+    cluster: &NatsCluster,
+    routes: &str,
+) -> (GatewayProcess, GatewayProcess, [String; 2]) {
+    let gateway = |nats_url| cluster_gateway(routes, nats_url);
+    let a = gateway(cluster.url_list_from(0)).spawn(GATEWAY_BIN).await;
+    let b = gateway(cluster.url_list_from(1)).spawn(GATEWAY_BIN).await;
+    let bases = [a.base.clone(), b.base.clone()];
+    (a, b, bases)
+}
+
 async fn messages_in(cluster: &NatsCluster, stream: &str) -> u64 {
     eventually(
         &format!("stream info of {stream}"),
@@ -220,21 +242,7 @@ async fn cluster_serves_through_any_node_and_survives_a_node_kill_mid_load() {
         cluster.urls(),
         test_start.elapsed()
     );
-    let env = [
-        ("GATEWAY_STREAM_REPLICAS", "3"),
-        ("RUST_LOG", "warn,gateway=info,tower_http=error"),
-    ];
-    // Both gateways know every node, each listing a different one first. One after the other:
-    // two processes creating the same R3 streams at once both time out on nats-server 2.15.1
-    // and retry for about 10 s.
-    let gateway = |nats_url: String| {
-        TestGateway::builder(TEST_ROUTES)
-            .nats_url(nats_url)
-            .envs(env)
-    };
-    let a = gateway(cluster.url_list_from(0)).spawn(GATEWAY_BIN).await;
-    let b = gateway(cluster.url_list_from(1)).spawn(GATEWAY_BIN).await;
-    let gateways = [a.base.clone(), b.base.clone()];
+    let (_a, _b, gateways) = two_gateways(&cluster, TEST_ROUTES).await;
     eprintln!("gateways ready after {:?}", test_start.elapsed());
 
     // Workers through the third node (and the second): R3 durable consumer from the stream.
@@ -477,7 +485,9 @@ async fn cluster_serves_through_any_node_and_survives_a_node_kill_mid_load() {
          {DEFAULT_REQUESTS_STREAM} now {:?}",
         cluster.stream_leader(DEFAULT_REQUESTS_STREAM).await
     );
-    let c = gateway(cluster.url(victim)).spawn(GATEWAY_BIN).await;
+    let c = cluster_gateway(TEST_ROUTES, cluster.url(victim))
+        .spawn(GATEWAY_BIN)
+        .await;
     all_succeeded(&c.base, &ids).await;
     let r = http
         .post(c.url("/orders"))
@@ -526,18 +536,7 @@ body = '{"tick": true}'
 async fn delayed_starts_and_schedule_ticks_survive_a_leader_kill() {
     const DELAYED: usize = 20;
     let mut cluster = NatsCluster::start(3).await;
-    let env = [
-        ("GATEWAY_STREAM_REPLICAS", "3"),
-        ("RUST_LOG", "warn,gateway=info,tower_http=error"),
-    ];
-    let gateway = |nats_url: String| {
-        TestGateway::builder(LATER_ROUTES)
-            .nats_url(nats_url)
-            .envs(env)
-    };
-    let a = gateway(cluster.url_list_from(0)).spawn(GATEWAY_BIN).await;
-    let b = gateway(cluster.url_list_from(1)).spawn(GATEWAY_BIN).await;
-    let gateways = [a.base.clone(), b.base.clone()];
+    let (_a, _b, gateways) = two_gateways(&cluster, LATER_ROUTES).await;
     let started = time::OffsetDateTime::now_utc().unix_timestamp();
     // Each call: the operation and when it came.
     let calls = std::sync::Arc::new(std::sync::Mutex::new(

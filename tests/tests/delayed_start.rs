@@ -50,11 +50,19 @@ async fn a_delayed_start_is_scheduled_then_handled_when_due() {
     let calls = Arc::new(Mutex::new(Vec::new()));
     let _worker = noting_worker(&nats, &calls).await;
     let sent = Instant::now();
-    let id = submit(&gw.base, "/jobs", "in-five")
+    let accepted = submit(&gw.base, "/jobs", "in-five")
         .header("delay", "5")
         .body("{}")
-        .accepted()
+        .send()
         .await;
+    // Nothing to see before it is due.
+    let retry_after: u64 = accepted.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry_after >= 5, "Retry-After: {retry_after}");
+    let id = id_of(accepted).await;
     let status = status_of(&gw, &id).await;
     assert_eq!(status["status"], "scheduled", "{status}");
     assert!(status["not_before"].is_string(), "{status}");

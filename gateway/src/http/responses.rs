@@ -63,12 +63,19 @@ pub(super) fn set_location(response: &mut Response, operation: &Operation) {
 }
 
 /// `Retry-After`: when a read of this pending operation is worth repeating (its route's
-/// backlog).
+/// backlog), and for a delayed start not before it is due.
 pub(super) fn set_retry_after(response: &mut Response, state: &AppState, operation: &Operation) {
-    response.headers_mut().insert(
-        header::RETRY_AFTER,
-        HeaderValue::from(state.ops.retry_after(operation.route())),
-    );
+    let mut secs = state.ops.retry_after(operation.route());
+    // A delayed start says nothing new before it is due: not before then.
+    if let Some(due) = operation.request.not_before {
+        let left = (due - time::OffsetDateTime::now_utc()).whole_seconds();
+        if left > 0 {
+            secs = secs.max(u64::try_from(left).unwrap_or(0) + 1);
+        }
+    }
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
 }
 
 /// `Cache-Control: no-store`: an operation's state changes, no cache may keep it.
