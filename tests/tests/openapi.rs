@@ -193,7 +193,12 @@ fn sha256_hex(key: &str) -> String {
 /// `/openapi.json` is what `gateway openapi` prints, and runs schemathesis (`extra`: its
 /// arguments, such as credentials).
 async fn conforms(routes_toml: &str, extra: &[&str]) {
-    let TestGateway { nats, gw } = TestGateway::builder(routes_toml).spawn(GATEWAY_BIN).await;
+    // Long polls end within schemathesis' 10 s read timeout even on an operation that will not
+    // end meanwhile (a delayed start it asked for with `Delay`).
+    let TestGateway { nats, gw } = TestGateway::builder(routes_toml)
+        .env("GATEWAY_MAX_WAIT", "3s")
+        .spawn(GATEWAY_BIN)
+        .await;
     let _workers = [
         TestWorker::start(&nats, worker_config(), "orders", echo()).await,
         TestWorker::start(&nats, worker_config(), "reports", echo()).await,

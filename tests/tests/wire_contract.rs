@@ -106,16 +106,13 @@ async fn a_worker_is_confined_to_its_route_by_nats_permissions() {
         Bytes::from_static(b"forged"),
     );
 
+    // The orders worker's reply for the invoice operation, written to `subject` of `stream`.
+    let forge = |stream: &'static str, subject: String| {
+        let (js, invoice, forged) = (orders_js.clone(), invoice.clone(), forged.clone());
+        async move { publish_result(&js, stream, &subject, &invoice, &forged, None).await }
+    };
     // Another route's result subject: nats-server refuses the publish, nothing is stored.
-    let refused = publish_result(
-        &orders_js,
-        DEFAULT_OUTCOMES_STREAM,
-        &invoice_slot,
-        &invoice,
-        &forged,
-        None,
-    )
-    .await;
+    let refused = forge(DEFAULT_OUTCOMES_STREAM, invoice_slot.clone()).await;
     assert!(
         refused.is_err(),
         "orders worker wrote invoices' result: {refused:?}"
@@ -153,16 +150,9 @@ async fn a_worker_is_confined_to_its_route_by_nats_permissions() {
     );
     // Its own route's subject for the other route's operation: stored, and no outcome of it.
     let stray_slot = subjects.slots("orders", &invoice).reply_subject;
-    publish_result(
-        &orders_js,
-        DEFAULT_OUTCOMES_STREAM,
-        &stray_slot,
-        &invoice,
-        &forged,
-        None,
-    )
-    .await
-    .expect("a worker may write under its own route");
+    forge(DEFAULT_OUTCOMES_STREAM, stray_slot)
+        .await
+        .expect("a worker may write under its own route");
     assert_eq!(status_of(&gw.base, &invoice).await, "pending");
     // Headers that reach beyond the message, on its own route's subjects: refused by the stream.
     let own_slot = |n: u32| {
@@ -194,15 +184,7 @@ async fn a_worker_is_confined_to_its_route_by_nats_permissions() {
         .with_contract(handlers::contract::WireContract::V1)
         .slots("orders", &invoice)
         .reply_subject;
-    let refused = publish_result(
-        &orders_js,
-        DEFAULT_RESULTS_STREAM,
-        &legacy,
-        &invoice,
-        &forged,
-        None,
-    )
-    .await;
+    let refused = forge(DEFAULT_RESULTS_STREAM, legacy.clone()).await;
     assert!(
         refused.is_err(),
         "orders worker wrote GW_RESULTS: {refused:?}"
