@@ -60,9 +60,10 @@ pub struct RouteConfig {
     #[serde(skip)]
     pub body_schema: Option<super::schema::BodySchema>,
     /// How the route's workers retry its operations (written into each request, so every worker
-    /// follows it); none: as each worker's own settings say.
-    #[serde(default)]
-    pub retry: Option<RetryConfig>,
+    /// follows it); none: as each worker's own settings say. Read from a [`RetryConfig`] and
+    /// checked once, when the routes file is read.
+    #[serde(default, deserialize_with = "retry_policy")]
+    pub retry: Option<handlers::RetryPolicy>,
     /// The longest delayed start a client may ask for (`Delay`, `Not-Before`); none: the route
     /// takes no delayed starts. The retention must outlast it plus the timeout.
     #[serde(default, with = "humantime_serde")]
@@ -73,7 +74,7 @@ pub struct RouteConfig {
 /// `retry = { attempts = 5, backoff = ["1s", "10s", "1m"], jitter = 20, retry_on = ["5xx", "429"] }`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RetryConfig {
+struct RetryConfig {
     /// Handler attempts, 1 to 100 (a worker's consumer may allow fewer: the smaller counts).
     pub attempts: u32,
     /// The delay after the first failed attempt, the second, ...; the last one repeats.
@@ -89,9 +90,19 @@ pub struct RetryConfig {
     pub retry_on: Vec<String>,
 }
 
+/// A route's `retry` table as the policy requests carry, checked.
+fn retry_policy<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<handlers::RetryPolicy>, D::Error> {
+    Option::<RetryConfig>::deserialize(d)?
+        .map(|config| config.policy())
+        .transpose()
+        .map_err(|e| serde::de::Error::custom(format!("retry: {e}")))
+}
+
 impl RetryConfig {
     /// The policy requests carry, checked.
-    pub fn policy(&self) -> Result<handlers::RetryPolicy, handlers::retry::RetryPolicyError> {
+    fn policy(&self) -> Result<handlers::RetryPolicy, handlers::retry::RetryPolicyError> {
         let policy = handlers::RetryPolicy {
             attempts: self.attempts,
             backoff_ms: self
@@ -416,11 +427,6 @@ pub fn validate_routes(routes: &[RouteConfig]) -> Result<(), ConfigError> {
                 humantime::format_duration(r.retention),
                 humantime::format_duration(delay + r.timeout)
             )));
-        }
-        if let Some(retry) = &r.retry {
-            retry
-                .policy()
-                .map_err(|e| invalid(format!("{who}: retry: {e}")))?;
         }
         if let Some(state) = &r.state {
             let token = |t: &str| {

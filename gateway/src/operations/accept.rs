@@ -173,7 +173,7 @@ impl Submission<'_> {
                 .requested_callback_url
                 .clone()
                 .or_else(|| self.route.callback_url.clone()),
-            retry_policy: self.route.retry.as_ref().and_then(|r| r.policy().ok()),
+            retry_policy: self.route.retry.clone(),
         };
         RequestMessage {
             subject: subjects.request(&self.route.name, key_token),
