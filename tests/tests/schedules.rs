@@ -1,5 +1,6 @@
-//! Schedules against a real nats-server: a schedule run by three gateway replicas fires each tick
-//! exactly once (one operation per tick, none missing), and after an outage of every replica
+//! Schedules against a real nats-server: a schedule (an interval, and a cron expression in a time
+//! zone) run by three gateway replicas fires each tick exactly once (one operation per tick, none
+//! missing), and after an outage of every replica
 //! the latest missed tick fires once at restart while earlier ones are skipped.
 
 use std::collections::BTreeMap;
@@ -22,12 +23,19 @@ route = "ticks"
 every = "10s"
 body = '{"report": "daily"}'
 content_type = "application/json"
+
+# The same ticks from a cron expression, read on a wall clock 5:45 ahead of UTC.
+[[schedule]]
+name = "cron-ten"
+route = "ticks"
+cron = "*/10 * * * * *"
+time_zone = "Asia/Kathmandu"
 "#;
 
 const EVERY: i64 = 10;
 
-/// Operations per tick (its Unix second), from the requests stream.
-async fn ticks(nats: &Nats) -> BTreeMap<i64, usize> {
+/// Operations per tick (its Unix second) of schedule `name`, from the requests stream.
+async fn ticks(nats: &Nats, name: &str) -> BTreeMap<i64, usize> {
     let js = nats.jetstream().await;
     let mut ticks = BTreeMap::new();
     for message in gateway_tests::history::read_stream(&js, DEFAULT_REQUESTS_STREAM)
@@ -38,9 +46,10 @@ async fn ticks(nats: &Nats) -> BTreeMap<i64, usize> {
             .unwrap()
             .trim_matches('"')
             .to_owned();
-        let at = key
-            .strip_prefix("schedule:every-ten:")
-            .expect("only the schedule submits");
+        let Some(at) = key.strip_prefix(&format!("schedule:{name}:")) else {
+            assert!(key.starts_with("schedule:"), "only schedules submit: {key}");
+            continue;
+        };
         let at = OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
             .unwrap()
             .unix_timestamp();
@@ -70,29 +79,31 @@ async fn three_replicas_fire_each_tick_once_and_catch_up_the_latest_missed() {
     let first = now - now.rem_euclid(EVERY) + EVERY;
     let last = first + 60 - EVERY;
     sleep_until(last + 2).await;
-    let seen = ticks(&nats).await;
-    let window: Vec<(i64, usize)> = seen.range(first..=last).map(|(at, n)| (*at, *n)).collect();
-    eprintln!("ticks in the minute from {first}: {window:?}");
-    assert_eq!(window.len(), 6, "one operation per tick: {window:?}");
-    assert!(window.iter().all(|(_, n)| *n == 1), "{window:?}");
-    assert!(
-        seen.values().all(|n| *n == 1),
-        "no tick fired twice: {seen:?}"
-    );
+    for name in ["every-ten", "cron-ten"] {
+        let seen = ticks(&nats, name).await;
+        let window: Vec<(i64, usize)> = seen.range(first..=last).map(|(at, n)| (*at, *n)).collect();
+        eprintln!("{name}: ticks in the minute from {first}: {window:?}");
+        assert_eq!(window.len(), 6, "one operation per tick: {window:?}");
+        assert!(window.iter().all(|(_, n)| *n == 1), "{window:?}");
+        assert!(
+            seen.values().all(|n| *n == 1),
+            "no tick fired twice: {seen:?}"
+        );
+    }
 
     // Every replica down for two and a half ticks; one comes back.
     for replica in replicas {
         replica.stop().await;
     }
     let down_at = OffsetDateTime::now_utc().unix_timestamp();
-    let before = ticks(&nats).await;
+    let before = ticks(&nats, "every-ten").await;
     let last_fired = *before.keys().next_back().unwrap();
     sleep_until(down_at + 25).await;
     let back = TestGateway::builder(ROUTES).nats(&nats).start().await;
     let restarted = OffsetDateTime::now_utc().unix_timestamp();
     let latest = restarted - restarted.rem_euclid(EVERY);
     let after = eventually("the latest missed tick", Duration::from_secs(5), || async {
-        let after = ticks(&nats).await;
+        let after = ticks(&nats, "every-ten").await;
         after.contains_key(&latest).then_some(after)
     })
     .await;

@@ -320,7 +320,8 @@ use error::invalid;
 use percent_encoding::percent_decode_str;
 
 pub use routes::{
-    ByteSize, RouteConfig, RoutesFile, ScheduleConfig, load_config, load_routes, validate_routes,
+    ByteSize, Cadence, RouteConfig, RoutesFile, ScheduleConfig, load_config, load_routes,
+    validate_routes,
 };
 
 /// Reads `GATEWAY_WIRE_CONTRACT`: a version this release writes (1 or 2).

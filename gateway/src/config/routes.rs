@@ -218,32 +218,104 @@ pub struct RoutesFile {
     pub schedules: Vec<ScheduleConfig>,
 }
 
-/// A recurring submit: an ordinary operation on `route` at every tick, `every` apart and aligned
-/// to the Unix epoch (so every replica computes the same ticks, whatever its time zone), fired
-/// once per tick across all replicas: the operation's idempotency key is the schedule's name and
-/// the tick's time, so the replicas' submits of one tick are one operation.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A recurring submit: an ordinary operation on `route` at every tick, fired once per tick
+/// across all replicas: the operation's idempotency key is the schedule's name and the tick's
+/// time, so the replicas' submits of one tick are one operation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "ScheduleFields")]
 pub struct ScheduleConfig {
     /// 1-64 of a-z 0-9 - _, unique; part of each tick's key (`schedule:<name>:<tick>`).
     pub name: String,
     /// The route whose operation each tick is.
     pub route: String,
-    /// Time between ticks, at least 1 s and less than the route's retention (a tick's key must
-    /// outlive the next tick, so that a late replica's submit is a replay).
-    #[serde(with = "humantime_serde")]
-    pub every: Duration,
+    /// When the ticks are: `every`, or `cron` with `time_zone`.
+    pub cadence: Cadence,
     /// The request path (default: the route's, which must then have no parameters).
-    #[serde(default)]
     pub path: Option<String>,
     /// The request body, at most the route's `max_body`.
-    #[serde(default)]
     pub body: String,
-    #[serde(default)]
     pub content_type: Option<String>,
     /// The tenant the operations belong to (default `default`).
-    #[serde(default = "default_schedule_tenant")]
     pub tenant: String,
+}
+
+/// When a schedule's ticks are. Every replica computes the same ticks from it, whatever its own
+/// time zone: a tick is an instant, and its key is that instant in UTC.
+#[derive(Debug, Clone)]
+pub enum Cadence {
+    /// `every` apart, aligned to the Unix epoch (`every = "24h"` ticks at 00:00 UTC); at least
+    /// 1 s and shorter than the route's retention (a tick's key must outlive the next tick, so
+    /// that a late replica's submit is a replay).
+    Every(Duration),
+    /// The instants at which `cron` (5 fields, or 6 with seconds first; POSIX/Vixie cron with
+    /// croner's `L`, `W` and `#`) matches the wall clock in `zone` (an IANA name, default `UTC`).
+    /// Across a daylight-saving change a wall time that does not exist runs at the first one
+    /// after the gap, and one that happens twice runs once (the first).
+    Cron {
+        cron: Box<croner::Cron>,
+        zone: chrono_tz::Tz,
+    },
+}
+
+/// A `[[schedule]]` table as written, before its cadence is checked.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScheduleFields {
+    name: String,
+    route: String,
+    #[serde(default, with = "humantime_serde")]
+    every: Option<Duration>,
+    #[serde(default)]
+    cron: Option<String>,
+    #[serde(default)]
+    time_zone: Option<String>,
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    body: String,
+    #[serde(default)]
+    content_type: Option<String>,
+    #[serde(default = "default_schedule_tenant")]
+    tenant: String,
+}
+
+impl TryFrom<ScheduleFields> for ScheduleConfig {
+    type Error = String;
+
+    fn try_from(f: ScheduleFields) -> Result<Self, String> {
+        let who = format!("schedule {:?}", f.name);
+        let cadence = match (f.every, f.cron, f.time_zone) {
+            (Some(every), None, None) => Cadence::Every(every),
+            (Some(_), None, Some(_)) => {
+                return Err(format!(
+                    "{who}: time_zone goes with cron; `every` ticks are aligned to the Unix epoch"
+                ));
+            }
+            (None, Some(cron), zone) => {
+                let zone = zone.as_deref().unwrap_or("UTC");
+                Cadence::Cron {
+                    cron: Box::new(
+                        croner::parser::CronParser::new()
+                            .parse(&cron)
+                            .map_err(|e| format!("{who}: cron {cron:?}: {e}"))?,
+                    ),
+                    zone: zone.parse().map_err(|_| {
+                        format!("{who}: time_zone {zone:?} is not an IANA time zone")
+                    })?,
+                }
+            }
+            _ => return Err(format!("{who} has exactly one of `every` and `cron`")),
+        };
+        Ok(Self {
+            name: f.name,
+            route: f.route,
+            cadence,
+            path: f.path,
+            body: f.body,
+            content_type: f.content_type,
+            tenant: f.tenant,
+        })
+    }
 }
 
 fn default_schedule_tenant() -> String {
@@ -291,10 +363,12 @@ pub fn validate_schedules(
         let Some(route) = routes.iter().find(|r| r.name == s.route) else {
             return Err(invalid(format!("{who}: no route {:?}", s.route)));
         };
-        if s.every < Duration::from_secs(1) || s.every >= route.retention {
+        if let Cadence::Every(every) = s.cadence
+            && (every < Duration::from_secs(1) || every >= route.retention)
+        {
             return Err(invalid(format!(
                 "{who}: every ({}) must be at least 1s and shorter than route {:?}'s retention ({})",
-                humantime::format_duration(s.every),
+                humantime::format_duration(every),
                 route.name,
                 humantime::format_duration(route.retention)
             )));
@@ -575,15 +649,33 @@ mod tests {
                 "[[route]]\nname = \"r\"\nmethod = \"POST\"\npath = \"/r/{{id}}\"\nretention = \"1h\"\n\
                  [[schedule]]\nname = \"s\"\nroute = \"r\"\n{schedule}"
             );
-            let file: RoutesFile = toml::from_str(&text).unwrap();
+            let file: RoutesFile = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
             validate_schedules(&file.schedules, &file.routes)
         };
         assert!(check("every = \"10s\"\npath = \"/r/1\"\n").is_ok());
+        assert!(
+            check("cron = \"30 2 * * MON-FRI\"\ntime_zone = \"Europe/Berlin\"\npath = \"/r/1\"\n")
+                .is_ok()
+        );
         for (bad, says) in [
             ("every = \"10s\"\n", "give the schedule a path"),
             ("every = \"1h\"\npath = \"/r/1\"\n", "shorter than route"),
             ("every = \"500ms\"\npath = \"/r/1\"\n", "at least 1s"),
             ("every = \"10s\"\npath = \"r/1\"\n", "must start with '/'"),
+            ("cron = \"* * *\"\npath = \"/r/1\"\n", "cron \"* * *\""),
+            (
+                "cron = \"0 2 * * *\"\ntime_zone = \"Mars/Olympus\"\npath = \"/r/1\"\n",
+                "not an IANA time zone",
+            ),
+            (
+                "every = \"10s\"\ncron = \"0 2 * * *\"\npath = \"/r/1\"\n",
+                "exactly one of",
+            ),
+            ("path = \"/r/1\"\n", "exactly one of"),
+            (
+                "every = \"10s\"\ntime_zone = \"UTC\"\npath = \"/r/1\"\n",
+                "time_zone goes with cron",
+            ),
         ] {
             let error = check(bad).unwrap_err().to_string();
             assert!(
