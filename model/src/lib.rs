@@ -44,6 +44,19 @@
 //! late, and a cancellation before the start means none runs at all
 //! ([`Variant::IgnoreNotBefore`] and [`Variant::IgnoreStartBy`] break those).
 //!
+//! A redrive is in the model too ([`Protocol::redrive`]): once the operation has failed (a
+//! failure record, or a reply with an error status, which the model does not tell from a success),
+//! the client may redrive it, and the gateway makes a second operation with one create-if-absent
+//! write on a key derived from the first one's id (so a repeated redrive, through any replica, is
+//! a replay). The first operation's record never changes. A worker given the redrive of a
+//! stateful operation reads the first one's processed marker: if it is a commit, the redrive
+//! adopts that outbox (a create-if-absent marker of its own holding a copy, no state change) and
+//! re-publishes it with the same message ids; otherwise it runs the handler as any operation
+//! does. So the state changes at most once across an operation and its redrive
+//! ([`Variant::RedriveRunsAgain`] runs the handler regardless; [`Variant::RedrivePlainPublish`]
+//! makes a second redrive). The redrive's own cancellation and expiry are those of any
+//! operation, checked above, and are left out of its part of the model.
+//!
 //! What the model leaves out: more than one operation (so lost updates between operations sharing a
 //! state key), the HTTP layer, stream configuration and retention changes, replicated-stream
 //! anomalies, and message sizes.
@@ -103,6 +116,12 @@ pub enum Variant {
     IgnoreNotBefore,
     /// Broken (with [`Protocol::start_by`]): a worker runs a request however late it comes.
     IgnoreStartBy,
+    /// Broken (with [`Protocol::redrive`]): the redrive of a committed operation runs the handler
+    /// again instead of adopting the committed outbox.
+    RedriveRunsAgain,
+    /// Broken (with [`Protocol::redrive`]): a redrive is a plain publish, not create-if-absent on
+    /// the key derived from the operation's id.
+    RedrivePlainPublish,
 }
 
 /// The bounds of one check.
@@ -154,6 +173,8 @@ pub struct Protocol {
     /// runs this one, which accepts too, and follows the slot the request names. Workers of either
     /// release write where the request says.
     pub upgrade: bool,
+    /// Redrive requests the client may send once the operation has failed (0: none).
+    pub redrive: u8,
 }
 
 impl Protocol {
@@ -176,6 +197,7 @@ impl Protocol {
             not_before: 0,
             start_by: 0,
             upgrade: false,
+            redrive: 0,
         }
     }
 
@@ -294,6 +316,38 @@ pub enum Gateway {
     Projecting(Projection),
 }
 
+/// The processed marker of a redrive of a stateful operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RedriveMarker {
+    /// A copy of the original operation's committed outbox: no state change.
+    Adopted,
+    /// The redrive's own commit.
+    Outbox,
+    /// Decided without running.
+    Tomb(Rec),
+}
+
+/// The program counter of a worker that holds the redrive's request (one worker; a crash sends
+/// the request back, and it is delivered again).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RedriveWorker {
+    Idle,
+    /// Next: read the redrive's result slot (and, stateful, its marker).
+    Got,
+    /// Stateful, nothing decided: next, read the original operation's marker.
+    Checking,
+    /// The original committed: next, claim the redrive's marker with a copy of its outbox.
+    Adopting,
+    /// The handler ran; next: commit (stateful) or reply (stateless), or fail.
+    Loaded,
+    /// Next: the emits of `marker` published so far, then the record.
+    Projecting {
+        marker: RedriveMarker,
+        emitted: u8,
+    },
+    Acking,
+}
+
 /// The advisory backstop: a durable consumer of MAX_DELIVERIES advisories.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Finalizer {
@@ -352,6 +406,20 @@ pub struct State {
     pub advisory: bool,
     pub finalizer: Finalizer,
     pub crashes_left: u8,
+    // A redrive ([`Protocol::redrive`]).
+    pub redrives_left: u8,
+    /// Request messages stored for the redrive's key.
+    pub redrive_requests: u8,
+    pub redrive_result: Option<Rec>,
+    pub redrive_result_writes: u8,
+    pub redrive_marker: Option<RedriveMarker>,
+    /// State changes the redrive committed.
+    pub redrive_commits: u8,
+    /// Messages the target stream holds per id the redrive's own commit emits (an adopted outbox
+    /// re-publishes the original's ids, counted in `downstream`).
+    pub redrive_downstream: [u8; 2],
+    pub redrive_acked: bool,
+    pub redrive_worker: RedriveWorker,
 }
 
 /// One step of one process, or of the world.
@@ -387,6 +455,15 @@ pub enum Action {
     WorkerCrash(usize),
     FinalizerStep,
     FinalizerCrash,
+    /// The client redrives the failed operation (any replica: one create-if-absent write).
+    Redrive,
+    /// The redrive's request is delivered to its worker.
+    RedriveDeliver,
+    /// The redrive's worker's next step; `permanent` as in [`Action::WorkerStep`].
+    RedriveStep {
+        permanent: bool,
+    },
+    RedriveCrash,
 }
 
 impl Protocol {
@@ -421,7 +498,101 @@ impl Protocol {
             advisory: false,
             finalizer: Finalizer::Idle,
             crashes_left: self.crashes,
+            redrives_left: self.redrive,
+            redrive_requests: 0,
+            redrive_result: None,
+            redrive_result_writes: 0,
+            redrive_marker: None,
+            redrive_commits: 0,
+            redrive_downstream: [0; 2],
+            redrive_acked: false,
+            redrive_worker: RedriveWorker::Idle,
         }
+    }
+
+    /// Whether the operation has failed, as far as a redrive can tell: a failure record, or a
+    /// reply (which may carry an error status; the model does not tell it from a success).
+    fn redrivable(state: &State) -> bool {
+        matches!(state.result, Some(Rec::Failed | Rec::Reply))
+    }
+
+    /// A create-if-absent write of the redrive's record, first writer wins.
+    fn write_redrive_result(state: &mut State, rec: Rec) {
+        if state.redrive_result.is_none() {
+            state.redrive_result = Some(rec);
+            state.redrive_result_writes += 1;
+        }
+    }
+
+    fn redrive_step(&self, state: &mut State, permanent: bool) -> Option<()> {
+        let stateful = self.route == Route::Stateful;
+        let project = |marker| RedriveWorker::Projecting { marker, emitted: 0 };
+        let next = match state.redrive_worker {
+            RedriveWorker::Idle => return None,
+            RedriveWorker::Got if state.redrive_result.is_some() => RedriveWorker::Acking,
+            RedriveWorker::Got => match state.redrive_marker {
+                Some(marker) if stateful => project(marker),
+                _ if stateful => RedriveWorker::Checking,
+                _ => RedriveWorker::Loaded,
+            },
+            RedriveWorker::Checking => {
+                if state.marker == Some(Marker::Outbox) && self.variant != Variant::RedriveRunsAgain
+                {
+                    RedriveWorker::Adopting
+                } else {
+                    RedriveWorker::Loaded
+                }
+            }
+            RedriveWorker::Adopting => {
+                let marker = *state.redrive_marker.get_or_insert(RedriveMarker::Adopted);
+                project(marker)
+            }
+            RedriveWorker::Loaded if !stateful => {
+                Self::write_redrive_result(state, if permanent { Rec::Failed } else { Rec::Reply });
+                RedriveWorker::Acking
+            }
+            RedriveWorker::Loaded => {
+                if state.redrive_marker.is_none() {
+                    state.redrive_marker = Some(if permanent {
+                        RedriveMarker::Tomb(Rec::Failed)
+                    } else {
+                        state.redrive_commits += 1;
+                        RedriveMarker::Outbox
+                    });
+                }
+                project(state.redrive_marker.expect("set above"))
+            }
+            RedriveWorker::Projecting { marker, emitted } => match marker {
+                RedriveMarker::Adopted | RedriveMarker::Outbox if emitted < self.emits => {
+                    let id = usize::from(emitted);
+                    // The same ids as the original's: a re-publish is a duplicate.
+                    let slot = if marker == RedriveMarker::Adopted {
+                        &mut state.downstream[id]
+                    } else {
+                        &mut state.redrive_downstream[id]
+                    };
+                    *slot = (*slot).max(1);
+                    RedriveWorker::Projecting {
+                        marker,
+                        emitted: emitted + 1,
+                    }
+                }
+                RedriveMarker::Adopted | RedriveMarker::Outbox => {
+                    Self::write_redrive_result(state, Rec::Reply);
+                    RedriveWorker::Acking
+                }
+                RedriveMarker::Tomb(rec) => {
+                    Self::write_redrive_result(state, rec);
+                    RedriveWorker::Acking
+                }
+            },
+            RedriveWorker::Acking => {
+                state.redrive_acked = true;
+                RedriveWorker::Idle
+            }
+        };
+        state.redrive_worker = next;
+        Some(())
     }
 
     /// Whether gateway `g` runs the previous release (in an upgrade, gateway 0).
@@ -831,6 +1002,24 @@ impl Model for Protocol {
         if self.variant == Variant::ShortMarkerTtl && state.marker.is_some() {
             actions.push(Action::MarkerExpires);
         }
+        if Self::redrivable(state) && state.redrives_left > 0 {
+            actions.push(Action::Redrive);
+        }
+        if state.redrive_requests > 0
+            && !state.redrive_acked
+            && state.redrive_worker == RedriveWorker::Idle
+        {
+            actions.push(Action::RedriveDeliver);
+        }
+        if state.redrive_worker != RedriveWorker::Idle {
+            actions.push(Action::RedriveStep { permanent: false });
+            if state.redrive_worker == RedriveWorker::Loaded {
+                actions.push(Action::RedriveStep { permanent: true });
+            }
+            if state.crashes_left > 0 {
+                actions.push(Action::RedriveCrash);
+            }
+        }
         let finalizer_busy = matches!(
             state.finalizer,
             Finalizer::Deciding | Finalizer::Projecting(_)
@@ -932,6 +1121,18 @@ impl Model for Protocol {
                 // The advisory was not acked: it is delivered again.
                 state.finalizer = Finalizer::Idle;
             }
+            Action::Redrive => {
+                state.redrives_left -= 1;
+                if state.redrive_requests == 0 || self.variant == Variant::RedrivePlainPublish {
+                    state.redrive_requests += 1;
+                }
+            }
+            Action::RedriveDeliver => state.redrive_worker = RedriveWorker::Got,
+            Action::RedriveStep { permanent } => self.redrive_step(&mut state, permanent)?,
+            Action::RedriveCrash => {
+                state.crashes_left -= 1;
+                state.redrive_worker = RedriveWorker::Idle;
+            }
         }
         Some(state)
     }
@@ -965,6 +1166,7 @@ impl Model for Protocol {
                 s.requests > 0
                     && Protocol::slot_taken(s, false)
                     && (s.commits == 0 || m.all_emitted(s))
+                    && (s.redrive_requests == 0 || s.redrive_result.is_some())
             }),
             Property::<Self>::sometimes("an operation can succeed", |_, s| {
                 s.result == Some(Rec::Reply)
@@ -979,6 +1181,48 @@ impl Model for Protocol {
                 s.result == Some(Rec::Failed)
             }),
         ];
+        if self.redrive > 0 {
+            properties.extend([
+                Property::<Self>::always("one redrive per operation", |_, s| {
+                    s.redrive_requests <= 1
+                }),
+                Property::<Self>::always("one terminal record per redrive", |_, s| {
+                    s.redrive_result_writes <= 1
+                }),
+                Property::<Self>::sometimes("a redrive can succeed", |_, s| {
+                    s.redrive_result == Some(Rec::Reply)
+                }),
+            ]);
+        }
+        if self.route == Route::Stateful && self.redrive > 0 {
+            properties.extend([
+                Property::<Self>::always(
+                    "at most one state change per operation and its redrive",
+                    |_, s| s.commits + s.redrive_commits <= 1,
+                ),
+                Property::<Self>::always("a redrive's state and output agree", |m, s| {
+                    let own = s.redrive_marker == Some(RedriveMarker::Outbox);
+                    match s.redrive_result {
+                        // Its outbox is the original's commit, or its own.
+                        Some(Rec::Reply) if own => {
+                            s.redrive_commits == 1
+                                && s.redrive_downstream
+                                    .iter()
+                                    .take(usize::from(m.emits))
+                                    .all(|&n| n > 0)
+                        }
+                        Some(Rec::Reply) => {
+                            s.commits == 1 && s.marker == Some(Marker::Outbox) && m.all_emitted(s)
+                        }
+                        Some(_) => s.redrive_commits == 0,
+                        None => true,
+                    }
+                }),
+                Property::<Self>::always("no ghost output of a redrive", |_, s| {
+                    s.redrive_commits > 0 || s.redrive_downstream.iter().all(|&n| n == 0)
+                }),
+            ]);
+        }
         if self.route == Route::Stateful {
             properties.extend([
                 Property::<Self>::always("at most one state change per operation", |_, s| {

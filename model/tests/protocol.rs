@@ -59,6 +59,23 @@ fn delayed_operations_with_a_start_by_keep_every_property() {
     }
 }
 
+/// A redrive of a failed operation, sent twice through any replica: one second operation, the
+/// first one's record unchanged, and on a stateful route at most one state change across the two
+/// (a redrive of a committed operation adopts its outbox), with every other property holding.
+/// The client does not read (reads were checked above), which keeps the stateful check to about
+/// 3 million states (seven seconds in a release build on two cores).
+#[test]
+fn a_redrive_is_one_operation_and_never_changes_state_twice() {
+    for route in [Route::Stateless, Route::Stateful] {
+        let protocol = Protocol {
+            redrive: 2,
+            reads: 0,
+            ..Protocol::ci(route, Variant::Arbiter)
+        };
+        check(protocol).assert_properties();
+    }
+}
+
 /// Without the advisory backstop the arbiter keeps every safety property, but an operation can
 /// stay pending when more deliveries are lost than the spare one and nobody reads it past its
 /// deadline: the backstop is what makes "every accepted operation ends" hold.
@@ -193,6 +210,20 @@ fn every_property_fails_in_a_variant_built_to_break_it() {
         ..Protocol::ci(Stateless, IgnoreStartBy)
     };
     counterexample(protocol, "no first attempt starts at or after its start-by");
+    // A redrive that runs a committed operation's handler again; one without create-if-absent.
+    for (variant, property) in [
+        (
+            RedriveRunsAgain,
+            "at most one state change per operation and its redrive",
+        ),
+        (RedrivePlainPublish, "one redrive per operation"),
+    ] {
+        let protocol = Protocol {
+            redrive: 2,
+            ..Protocol::ci(Stateful, variant)
+        };
+        counterexample(protocol, property);
+    }
     // A plain publish is not refused by a removed result's delete marker either.
     let protocol = Protocol {
         early_result_expiry: true,
