@@ -55,6 +55,11 @@ pub const DISPATCH_RETRIES: &str = "gateway_dispatch_retries_total";
 /// Schedule ticks submitted by this replica, by `schedule` and `outcome` (`new`: this replica
 /// created the tick's operation; `replayed`: another had; `failed`).
 pub const SCHEDULE_TICKS: &str = "gateway_schedule_ticks_total";
+/// Redrives of failed operations asked of this replica, by `route` and `outcome` (`new`: a
+/// redrive operation was made; `replayed`: an earlier redrive's was found).
+pub const REDRIVES: &str = "gateway_redrives_total";
+/// Failed operations this replica added to the failure index, by `route`.
+pub const FAILURES_INDEXED: &str = "gateway_failures_indexed_total";
 
 /// Upper bounds of the accept-latency histogram, in seconds.
 const ACCEPT_BUCKETS: &[f64] = &[
@@ -105,6 +110,14 @@ fn describe() {
         "Submissions answered from an existing operation."
     );
     describe_counter!(RESULTS, "Terminal records seen, by status.");
+    describe_counter!(
+        REDRIVES,
+        "Redrives of failed operations, by route and outcome (new, replayed)."
+    );
+    describe_counter!(
+        FAILURES_INDEXED,
+        "Failed operations added to the failure index, by route."
+    );
     describe_counter!(
         RESULT_CONFLICTS,
         "Results refused because another was stored first."

@@ -1224,6 +1224,7 @@ proptest! {
             forwarded: forwarded.clone(),
             requested_callback_url: with_callback.then(|| "https://hooks.example/cb".to_owned()),
             start: Default::default(),
+            redrive_of: None,
             body: Bytes::from(body.clone()),
         };
         let deadline = now().checked_add(time::Duration::try_from(loaded.timeout).unwrap_or(time::Duration::MAX));

@@ -126,6 +126,10 @@ pub mod header {
     pub const START_BY: &str = "Gw-Start-By";
     /// The route's retry policy, JSON ([`crate::retry::RetryPolicy`]); absent: the worker's own.
     pub const RETRY_POLICY: &str = "Gw-Retry-Policy";
+    /// The id of the failed operation this one redrives. A stateful worker reads that
+    /// operation's processed marker first: if it committed, this one re-publishes its outbox
+    /// instead of running the handler (the state never changes twice).
+    pub const REDRIVE_OF: &str = "Gw-Redrive-Of";
     /// Seconds the gateway keeps the request, status and result; under contract 1 workers set the
     /// same TTL on replies.
     pub const RETENTION: &str = "Gw-Retention";
@@ -261,13 +265,26 @@ impl Subjects {
         format!("{}.out.>", self.prefix)
     }
 
-    /// Progress reports, webhook delivery states and dead letters (the events stream's subjects).
-    pub fn all_events(&self) -> [String; 3] {
+    /// Progress reports, webhook delivery states, dead letters and the failure index (the events
+    /// stream's subjects).
+    pub fn all_events(&self) -> [String; 4] {
         [
             self.all_progress(),
             format!("{}.cb.>", self.prefix),
             format!("{}.dlq.>", self.prefix),
+            format!("{}.fail.>", self.prefix),
         ]
+    }
+
+    /// The failure index's entry of a failed operation (written by the gateway, read to list
+    /// failed operations by route and tenant; `tenant_token` names the tenant as a subject token).
+    pub fn failure(&self, route: &str, tenant_token: &str, operation_id: &str) -> String {
+        format!("{}.fail.{route}.{tenant_token}.{operation_id}", self.prefix)
+    }
+
+    /// The failure index's entries of one route and tenant.
+    pub fn failures(&self, route: &str, tenant_token: &str) -> String {
+        format!("{}.fail.{route}.{tenant_token}.*", self.prefix)
     }
 
     /// All progress subjects.
@@ -420,6 +437,8 @@ pub struct RequestHead {
     pub callback_url: Option<String>,
     /// How the route retries its operations; `None`: as the worker's settings say.
     pub retry_policy: Option<crate::retry::RetryPolicy>,
+    /// The failed operation this one redrives (`Gw-Redrive-Of`).
+    pub redrive_of: Option<String>,
 }
 
 impl RequestHead {
@@ -458,6 +477,7 @@ impl RequestHead {
             (header::FINGERPRINT, self.fingerprint.as_deref()),
             (header::CALLBACK_URL, self.callback_url.as_deref()),
             (header::RETRY_POLICY, retry_policy.as_deref()),
+            (header::REDRIVE_OF, self.redrive_of.as_deref()),
         ];
         for (name, value) in fields {
             if let Some(value) = value {
@@ -544,6 +564,7 @@ impl RequestHead {
             fingerprint: optional(header::FINGERPRINT),
             callback_url: optional(header::CALLBACK_URL),
             retry_policy,
+            redrive_of: optional(header::REDRIVE_OF),
         })
     }
 }

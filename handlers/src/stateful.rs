@@ -21,6 +21,12 @@
 //! Only the keys a handler saves are checked for concurrent changes: a key it only loads is not
 //! (write skew is possible; save a loaded key back to make it part of the check).
 //!
+//! A redrive (`Gw-Redrive-Of`, a new operation made from a failed one) of an operation that
+//! committed does not run the handler: it claims its own marker with a copy of the committed
+//! outbox and publishes that (the emits with their original ids), so the state changes at most
+//! once across an operation and its redrives. A redrive of one that did not commit runs as any
+//! operation does.
+//!
 //! Markers are kept for `marker_ttl` (`Nats-TTL`), which must cover the longest redelivery or
 //! re-drive horizon and the gateway's key retention; after that a re-driven duplicate would run
 //! again. Handlers may still run more than once (only one run commits): side effects outside the
@@ -248,7 +254,18 @@ impl StateStore {
         record: &ResultRecord,
         retention: Option<Duration>,
     ) -> Result<Outbox, StateError> {
-        let decision = Outbox::decision(record);
+        self.claim(operation_id, Outbox::decision(record), retention)
+            .await
+    }
+
+    /// A create-if-absent write of `decision` as the operation's marker; the marker that holds
+    /// the slot after it.
+    async fn claim(
+        &self,
+        operation_id: &str,
+        decision: Outbox,
+        retention: Option<Duration>,
+    ) -> Result<Outbox, StateError> {
         let mut headers = HeaderMap::new();
         headers.insert(crate::contract::header::OPERATION_ID, operation_id);
         let payload = Bytes::from(serde_json::to_vec(&decision).expect("a marker serializes"));
@@ -613,6 +630,16 @@ pub async fn run(
     let retention = request.retention_secs.map(Duration::from_secs);
     if let Some(marker) = store.marker(&op).await? {
         return Ok(Committed::Before(marker));
+    }
+    // The redrive of an operation that committed: its outbox again (the same reply, the same
+    // emits with the same ids), never a second state change. Its marker is final (the original
+    // ended), so this read cannot race the original's commit.
+    if let Some(original) = &request.redrive_of
+        && let Some(marker) = store.marker(original).await?
+        && marker.is_commit()
+    {
+        let adopted = store.claim(&op, marker, retention).await?;
+        return Ok(Committed::Before(adopted));
     }
     let ctx = Arc::new(StatefulContext {
         request,

@@ -555,6 +555,7 @@ proptest! {
             retry_policy: None,
             not_before: None,
             start_by: None,
+            redrive_of: None,
         };
         let r = Request::from_parts(head.to_headers(&f.extra), body.clone()).unwrap();
         prop_assert_eq!(&r.head, &head);

@@ -206,3 +206,19 @@ impl Handler for Echo {
         })
     }
 }
+
+/// The state store of the counting workers (stream `WK_COUNT`, prefix `wk`), and the stream
+/// `AUDIT` (`audit.>`) where their handlers emit.
+pub async fn counter_store(nats: &Nats) -> handlers::StateStore {
+    let js = nats.jetstream().await;
+    js.create_or_update_stream(async_nats::jetstream::stream::Config {
+        name: "AUDIT".into(),
+        subjects: vec!["audit.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    handlers::StateStore::ensure(js, "WK_COUNT", "wk", Duration::from_secs(3600))
+        .await
+        .unwrap()
+}

@@ -13,18 +13,7 @@ const ROUTES: &str = "[[route]]\nname = \"count\"\nmethod = \"POST\"\npath = \"/
 
 /// Starts a worker whose stateful handler increments one counter and replies with the new value.
 async fn counting_worker(nats: &Nats, runs: Arc<AtomicU32>) -> TestWorker {
-    let js = nats.jetstream().await;
-    // Where the handler's outgoing messages go.
-    js.create_or_update_stream(async_nats::jetstream::stream::Config {
-        name: "AUDIT".into(),
-        subjects: vec!["audit.>".into()],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let store = StateStore::ensure(js.clone(), "WK_COUNT", "wk", Duration::from_secs(3600))
-        .await
-        .unwrap();
+    let store = counter_store(nats).await;
     let handler = move |ctx: Arc<StatefulContext>| {
         let runs = runs.clone();
         async move {

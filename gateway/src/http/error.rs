@@ -13,7 +13,9 @@ use serde::Serialize;
 use crate::config::schema::BodyError;
 use crate::metrics::{JETSTREAM_ERRORS, SHED};
 use crate::operations::idempotency::KeyError;
-use crate::operations::{AcceptError, Operation, OperationView, QuotaExceeded, StoreError};
+use crate::operations::{
+    AcceptError, Operation, OperationView, QuotaExceeded, RedriveError, StoreError,
+};
 
 /// An RFC 9457 problem body.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -101,6 +103,12 @@ pub enum ApiError {
     TooManyWaiters,
     #[error("the operation already finished; it cannot be cancelled")]
     AlreadyFinished(Box<Operation>),
+    /// A redrive of an operation that did not fail (or whose route is gone).
+    #[error("{0}")]
+    NotRedrivable(String),
+    /// A bulk redrive without the filter it requires.
+    #[error("{0}")]
+    FilterRequired(String),
     #[error(transparent)]
     Key(#[from] KeyError),
     /// `operation_id` names the first request's operation, for callers who may read it (not the
@@ -184,6 +192,17 @@ impl From<AcceptError> for ApiError {
     }
 }
 
+impl From<RedriveError> for ApiError {
+    fn from(e: RedriveError) -> Self {
+        match e {
+            RedriveError::Accept(e) => e.into(),
+            not @ (RedriveError::NotFailed { .. } | RedriveError::RouteGone { .. }) => {
+                ApiError::NotRedrivable(not.to_string())
+            }
+        }
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         if e.is_result_removed() {
@@ -219,7 +238,8 @@ impl ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            ApiError::AlreadyFinished(_) => StatusCode::CONFLICT,
+            ApiError::AlreadyFinished(_) | ApiError::NotRedrivable(_) => StatusCode::CONFLICT,
+            ApiError::FilterRequired(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::KeyReused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::OutcomeUnknown(_)
             | ApiError::Unavailable(_)
@@ -260,6 +280,8 @@ impl ApiError {
                 ("headers-too-large", "Request header fields too large")
             }
             ApiError::AlreadyFinished(_) => ("already-finished", "Operation already finished"),
+            ApiError::NotRedrivable(_) => ("not-redrivable", "Only a failed operation is redriven"),
+            ApiError::FilterRequired(_) => ("filter-required", "A bulk redrive needs a filter"),
             ApiError::Key(KeyError::Missing) => {
                 ("idempotency-key-missing", "Idempotency-Key required")
             }

@@ -15,6 +15,7 @@ mod body;
 pub mod error;
 mod events;
 mod extract;
+mod failed;
 mod health;
 mod layers;
 pub mod openapi;

@@ -9,7 +9,7 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::header;
-use axum::routing::{MethodFilter, MethodRouter, get};
+use axum::routing::{MethodFilter, MethodRouter, get, post};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::RequestBodyDeadlineLayer;
 use tower_http::trace::TraceLayer;
@@ -17,6 +17,7 @@ use tower_http::trace::TraceLayer;
 use super::auth::Tenant;
 use super::error::ApiError;
 use super::events::operation_events;
+use super::failed::{list_failed, redrive_failed, redrive_operation};
 use super::health::{livez, readyz};
 use super::layers::{
     Access, REQUEST_ID, RouteNames, check_head, count_request, finish_headers, frame_message,
@@ -63,6 +64,9 @@ pub fn router(state: AppState, routes: &[RouteConfig]) -> Result<Router, ConfigE
         by_path.insert(&route.path, methods.on(filter, handler));
     }
     let mut guarded = Router::new()
+        .route("/operations", get(list_failed))
+        .route("/operations/redrive", post(redrive_failed))
+        .route("/operations/{id}/redrive", post(redrive_operation))
         .route(
             "/operations/{id}",
             get(get_operation).delete(cancel_operation),

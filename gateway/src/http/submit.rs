@@ -89,6 +89,7 @@ async fn submit_with_key(
         forwarded: read.forwarded,
         requested_callback_url: read.callback_url,
         start: read.start,
+        redrive_of: None,
         body: read.body,
     };
     let accepted = state

@@ -47,6 +47,8 @@ pub struct Submission<'a> {
     pub requested_callback_url: Option<String>,
     /// When it may start, as the client asked.
     pub start: Start,
+    /// The failed operation this one redrives (`Gw-Redrive-Of`).
+    pub redrive_of: Option<String>,
     pub body: Bytes,
 }
 
@@ -174,6 +176,7 @@ impl Submission<'_> {
                 .clone()
                 .or_else(|| self.route.callback_url.clone()),
             retry_policy: self.route.retry.clone(),
+            redrive_of: self.redrive_of.clone(),
         };
         RequestMessage {
             subject: subjects.request(&self.route.name, key_token),

@@ -39,6 +39,29 @@ pub enum KeyError {
         "the Idempotency-Key must be a structured-field string (\"...\") or a bare value of printable ASCII: {0}"
     )]
     Malformed(String),
+    /// Keys the gateway makes itself (a schedule's tick, a redrive) cannot be taken by a client,
+    /// which could otherwise take a tick or a redrive before it happens.
+    #[error("Idempotency-Keys starting with {0:?} are the gateway's own (schedules, redrives)")]
+    Reserved(&'static str),
+}
+
+/// Prefixes of the keys the gateway makes itself: `schedule:<name>:<tick>` and
+/// `redrive:<operation-id>`. A client's key may not start with one.
+pub const RESERVED_PREFIXES: [&str; 2] = ["schedule:", "redrive:"];
+
+/// The key of the redrive of operation `operation_id`: one per failed operation, so a repeated
+/// redrive (through any replica) is a replay of the first.
+pub fn redrive_key(operation_id: &str) -> String {
+    format!("redrive:{operation_id}")
+}
+
+/// The token that names a tenant in a subject (the failure index's): 128 bits of SHA-256 in
+/// lowercase base32, as a key token.
+pub fn tenant_token(tenant: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(b"gw-tenant-v1");
+    h.update(tenant.as_bytes());
+    base32_lower(&h.finalize()[..16])
 }
 
 /// Reads the Idempotency-Key header from all its values in a request (an HTTP header map's
@@ -53,7 +76,11 @@ pub fn parse_key<V: AsRef<[u8]>>(
     if values.next().is_some() {
         return Err(KeyError::Repeated);
     }
-    decode_key(value.as_ref()).map(Some)
+    let key = decode_key(value.as_ref())?;
+    if let Some(prefix) = RESERVED_PREFIXES.into_iter().find(|p| key.starts_with(p)) {
+        return Err(KeyError::Reserved(prefix));
+    }
+    Ok(Some(key))
 }
 
 /// Reads one key from its header form, as sent by a client or as stored in a request message by

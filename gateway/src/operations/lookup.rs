@@ -9,11 +9,11 @@
 
 use std::time::Duration;
 
-use handlers::contract::ResultRecord;
+use handlers::contract::{ResultRecord, header, header_str};
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
-use super::idempotency::key_token_of;
+use super::idempotency::{key_token, key_token_of, redrive_key};
 use super::model::{DeliveryState, Operation, Status, decode_state};
 use super::store::{Store, StoreError};
 use super::watch::{RECHECK, Watch};
@@ -42,6 +42,14 @@ pub async fn lookup(
     };
     operation.result = store.result(&operation, early?).await?;
     settle(store, &mut operation).await?;
+    if operation.status() == Status::Failed {
+        // Its redrive, if any: the request on the key derived from this id.
+        let token = key_token(tenant, operation.route(), &redrive_key(operation_id));
+        if let Some(message) = store.request_on_route(operation.route(), &token).await? {
+            operation.redriven_by =
+                header_str(&message.headers, header::OPERATION_ID).map(str::to_owned);
+        }
+    }
     if operation.result.is_none() {
         operation.progress = store.progress(&operation).await?;
     }

@@ -22,6 +22,7 @@ pub mod idempotency;
 mod lookup;
 pub mod model;
 pub mod quota;
+mod redrive;
 mod retry_after;
 mod schedules;
 mod store;
@@ -41,6 +42,7 @@ pub use destination::{DestinationError, check_destination};
 pub use lookup::{Cancellation, WakeOn};
 pub use model::{DeliveryState, Operation, ProgressState, RetryView, Status, StoredResult};
 pub use quota::{Limit, QuotaExceeded, QuotaLimits};
+pub use redrive::{FailedPage, RedriveError};
 pub use retry_after::RetryAfter;
 pub use store::{StoreError, StreamPlan};
 pub use view::{Links, OperationView, operation_path};
@@ -60,6 +62,8 @@ pub struct Operations {
     retry_after: RetryAfter,
     /// Per-tenant quotas, when any is set.
     quotas: Option<Arc<Quotas>>,
+    /// The routes, for redrives (which re-submit on an operation's route).
+    routes: Arc<[RouteConfig]>,
 }
 
 /// The background work of [`Operations::start`]: the routes' worker consumers (for
@@ -92,6 +96,7 @@ impl Operations {
             watch: Watch::new(lifecycle),
             retry_after,
             quotas: Quotas::new(quotas),
+            routes: routes.into(),
         })
     }
 
@@ -161,6 +166,7 @@ impl Operations {
             .map(|(_, c)| c.clone())
             .collect();
         tokio::spawn(finalizer::Finalizer::new(store.clone(), consumers).run(stop.clone()));
+        tokio::spawn(redrive::index_failures(store.clone(), stop.clone()));
         if let Some(quotas) = &self.quotas {
             tokio::spawn(quotas.clone().follow(store.clone(), stop.clone()));
         }
@@ -222,6 +228,31 @@ impl Operations {
         wake_on: WakeOn,
     ) -> Result<Option<Operation>, StoreError> {
         lookup::lookup_when_changed(&self.store, &self.watch, tenant, id, until, wake_on).await
+    }
+
+    /// The failed operations of `tenant` on `route`, oldest failure first, from cursor `from`
+    /// (0: the start), at most `limit` (see [`redrive`] for the index behind it).
+    pub async fn failed(
+        &self,
+        tenant: &str,
+        route: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<FailedPage, StoreError> {
+        redrive::list_failed(&self.store, tenant, route, from, limit).await
+    }
+
+    /// Redrives failed operation `id` of `tenant`: a new operation linked both ways, or the one
+    /// an earlier redrive made (a replay); `None` when there is no such operation.
+    pub async fn redrive(&self, tenant: &str, id: &str) -> Result<Option<Accepted>, RedriveError> {
+        redrive::redrive(
+            &self.store,
+            self.quotas.as_deref(),
+            &self.routes,
+            tenant,
+            id,
+        )
+        .await
     }
 
     /// Cancels an operation that has no terminal record yet; `None` when there is no such

@@ -135,6 +135,8 @@ pub struct Operation {
     pub callback: Option<DeliveryState>,
     /// The span that accepted the request (its `traceparent`), which reads link to.
     pub trace: Option<opentelemetry::trace::SpanContext>,
+    /// The operation that redrives this failed one, if any (read by the lookup).
+    pub redriven_by: Option<String>,
 }
 
 impl Operation {
@@ -152,6 +154,7 @@ impl Operation {
             progress: None,
             callback: None,
             trace: None,
+            redriven_by: None,
         }
     }
 

@@ -139,6 +139,7 @@ async fn fire(
             forwarded: Vec::new(),
             requested_callback_url: None,
             start: Start::default(),
+            redrive_of: None,
             body: schedule.body.clone().into(),
         };
         let outcome = match ops.accept(submission).await {

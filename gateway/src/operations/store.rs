@@ -387,6 +387,54 @@ impl Store {
             .await
     }
 
+    /// Adds a failed operation to the failure index of its route and tenant (an entry with no
+    /// payload; writing it again only replaces it), for as long as the operation is kept.
+    pub async fn index_failure(
+        &self,
+        route: &str,
+        tenant_token: &str,
+        operation_id: &str,
+        ttl: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        let subject = self.subjects.failure(route, tenant_token, operation_id);
+        self.publish_acked(subject, HeaderMap::new(), Bytes::new(), ttl)
+            .await
+    }
+
+    /// The first failure index entry of `route` and the tenant at or after stream sequence
+    /// `from`: its sequence and operation id; `None` past the last. One direct get.
+    pub async fn next_failure(
+        &self,
+        route: &str,
+        tenant_token: &str,
+        from: u64,
+    ) -> Result<Option<(u64, String)>, StoreError> {
+        self.ensure_provisioned()?;
+        let filter = self.subjects.failures(route, tenant_token);
+        let stream = self
+            .js
+            .get_stream_no_info(&self.events_stream)
+            .await
+            .map_err(|e| StoreError::Provision {
+                stream: self.events_stream.clone(),
+                source: e.into(),
+            })?;
+        match stream
+            .direct_get_next_for_subject(filter, Some(from.max(1)))
+            .await
+        {
+            Ok(message) => Ok(Some((
+                message.sequence,
+                Subjects::operation_of(&message.subject).to_owned(),
+            ))),
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::JetStream(JetStreamError::Get {
+                stream: self.events_stream.clone(),
+                detail: e.to_string(),
+            })),
+        }
+    }
+
     /// Keeps a webhook that could not be delivered, headers and body as they were sent.
     pub async fn dead_letter(
         &self,

@@ -69,6 +69,12 @@ pub struct OperationView<'a> {
     progress: Option<&'a ProgressState>,
     #[serde(skip_serializing_if = "Option::is_none")]
     callback: Option<&'a DeliveryState>,
+    /// The failed operation this one redrives.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redrive_of: Option<&'a str>,
+    /// The operation that redrives this failed one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redriven_by: Option<&'a str>,
     links: Links,
 }
 
@@ -88,6 +94,8 @@ impl<'a> OperationView<'a> {
             }),
             progress: op.progress.as_ref(),
             callback: op.callback.as_ref(),
+            redrive_of: op.request.redrive_of.as_deref(),
+            redriven_by: op.redriven_by.as_deref(),
             links: Links::of(op.id()),
         }
     }

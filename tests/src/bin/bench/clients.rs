@@ -222,6 +222,7 @@ impl Client for RawPublish {
                 forwarded: Vec::new(),
                 requested_callback_url: None,
                 start: Default::default(),
+                redrive_of: None,
                 body: self.body.clone(),
             };
             let message = submission.message(

@@ -1,0 +1,264 @@
+//! Failed operations and redrive: `GET /operations?route=R&status=failed` (a page of the
+//! caller's failed operations on a route, with a cursor), `POST /operations/{id}/redrive` (one),
+//! `POST /operations/redrive` (a page of them, by a required filter).
+
+use std::collections::HashMap;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+
+use super::auth::Tenant;
+use super::error::{ApiError, Problem};
+use super::extract::{Admission, OperationId, OperationRef};
+use super::reads::note_operation;
+use super::responses::{IDEMPOTENT_REPLAYED, accepted, set_no_store};
+use super::state::AppState;
+use crate::operations::{Accepted, OperationView};
+
+/// Default and largest page size of a list or a bulk redrive.
+const DEFAULT_LIMIT: usize = 50;
+const MAX_LIMIT: usize = 100;
+
+/// A page of failed operations.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct FailedList<'a> {
+    /// Oldest failure first.
+    operations: Vec<OperationView<'a>>,
+    /// The next page (also in the `Link` header, `rel="next"`); absent on the last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<String>,
+}
+
+/// What a bulk redrive did, per failed operation of the page.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct BulkRedrive {
+    /// Each failed operation and its redrive (`replayed`: redriven before, by this call's like).
+    redriven: Vec<Redriven>,
+    /// Where the next page of failed operations starts: send it as `cursor` to go on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_cursor: Option<u64>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Redriven {
+    operation: String,
+    redrive: String,
+    replayed: bool,
+}
+
+/// The filter and page of a bulk redrive. `route` is required: a redrive of everything that
+/// failed everywhere is refused.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BulkFilter {
+    route: Option<String>,
+    /// Where to start (a previous answer's `next_cursor`); default the first failure.
+    #[serde(default)]
+    cursor: u64,
+    /// Failed operations to redrive, 1 to 100 (default 50).
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// Query parameters of the list.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(
+    dead_code,
+    reason = "describes the query to OpenAPI; `list_failed` reads it"
+)]
+pub(crate) struct ListQuery {
+    /// The route whose operations to list (required).
+    route: String,
+    /// `failed` (required): only failed operations are indexed.
+    status: String,
+    /// Where to start: a previous page's cursor (in its `next` link).
+    cursor: Option<u64>,
+    /// Page size, 1 to 100 (default 50).
+    limit: Option<usize>,
+}
+
+/// A route name as the routes file allows it (it becomes a subject token).
+fn route_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+fn limit(asked: Option<usize>) -> Result<usize, String> {
+    match asked {
+        None => Ok(DEFAULT_LIMIT),
+        Some(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+        Some(n) => Err(format!("limit {n} is not from 1 to {MAX_LIMIT}")),
+    }
+}
+
+/// `GET /operations?route=R&status=failed`: the caller's failed operations on route R.
+#[utoipa::path(
+    get,
+    path = "/operations",
+    tag = "operations",
+    summary = "List failed operations",
+    description = "The caller's failed operations on a route, oldest failure first, a page at a time (`next`, and `Link: <…>; rel=\"next\"`). Failures are indexed as they happen, so a page costs reads in proportion to its size, never to what the streams hold; the index lags a failure by moments.",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page.", body = FailedList<'static>),
+        (status = 400, description = "`bad-query`: no `route`, `status` other than `failed`, a bad cursor or limit.", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn list_failed(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let _permit = state.admit()?;
+    let bad = |why: &str| ApiError::BadQuery(why.to_owned());
+    let route = query
+        .get("route")
+        .filter(|r| route_name(r))
+        .ok_or_else(|| bad("`route` names the route to list (a-z, 0-9, '-', '_')"))?;
+    if query.get("status").map(String::as_str) != Some("failed") {
+        return Err(bad(
+            "`status=failed` is required: only failed operations are listed",
+        ));
+    }
+    if let Some(unknown) = query
+        .keys()
+        .find(|k| !["route", "status", "cursor", "limit"].contains(&k.as_str()))
+    {
+        return Err(bad(&format!("unknown parameter {unknown:?}")));
+    }
+    let number = |name: &str| {
+        query
+            .get(name)
+            .map(|v| v.parse::<u64>())
+            .transpose()
+            .map_err(|_| bad(&format!("`{name}` is a whole number")))
+    };
+    let cursor = number("cursor")?.unwrap_or(0);
+    let limit = limit(number("limit")?.map(|n| n as usize)).map_err(|why| bad(&why))?;
+    let page = state.ops.failed(&tenant, route, cursor, limit).await?;
+    let next = page
+        .next
+        .map(|at| format!("/operations?route={route}&status=failed&cursor={at}&limit={limit}"));
+    let body = FailedList {
+        operations: page.operations.iter().map(OperationView::of).collect(),
+        next: next.clone(),
+    };
+    let mut response = Json(body).into_response();
+    set_no_store(&mut response);
+    if let Some(next) = next
+        && let Ok(link) = HeaderValue::try_from(format!("<{next}>; rel=\"next\""))
+    {
+        response.headers_mut().insert(header::LINK, link);
+    }
+    Ok(response)
+}
+
+/// `POST /operations/{id}/redrive`: a failed operation again, as a new operation.
+#[utoipa::path(
+    post,
+    path = "/operations/{id}/redrive",
+    tag = "operations",
+    summary = "Redrive a failed operation",
+    description = "Submits a failed operation's request again as a new operation (its `redrive_of` names the failed one, whose `redriven_by` names the new one; the failed one keeps its status). Repeating it, through any replica, answers the same new operation (`Idempotent-Replayed: true`). On a stateful route, the redrive of an operation that committed re-publishes its outbox instead of running again, so the state never changes twice.",
+    params(OperationId),
+    responses(
+        (status = 202, description = "The redrive (new, or found).", body = OperationView<'static>,
+            headers(
+                ("Location" = String, description = "The redrive's status resource."),
+                ("Idempotent-Replayed" = String, description = "`true` when an earlier redrive made it."),
+            )),
+        (status = 404, description = "No such operation (or not yours).", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`not-redrivable`: the operation did not fail (it is pending, succeeded, expired or cancelled), or its route is gone.", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`quota-exceeded`: the tenant is at a quota.", body = Problem, content_type = "application/problem+json"),
+        (status = 507, description = "`insufficient-storage`: the requests stream is full.", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn redrive_operation(
+    State(state): State<AppState>,
+    _admitted: Admission,
+    OperationRef { tenant, id }: OperationRef,
+) -> Result<Response, ApiError> {
+    let accepted_ = state
+        .ops
+        .redrive(&tenant, &id)
+        .await?
+        .ok_or(ApiError::OperationNotFound)?;
+    let (operation, replayed) = match accepted_ {
+        Accepted::New(op) => (op, false),
+        Accepted::Replayed(op) => (op, true),
+    };
+    note_operation(&operation);
+    let mut response = accepted(&state, &operation);
+    if replayed {
+        response
+            .headers_mut()
+            .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+/// `POST /operations/redrive`: every failed operation of a page, by a required filter.
+#[utoipa::path(
+    post,
+    path = "/operations/redrive",
+    tag = "operations",
+    summary = "Redrive failed operations in bulk",
+    description = "Redrives the caller's failed operations on `route` (required: a redrive of everything is refused), a page at a time: up to `limit` from `cursor`, oldest failure first; send `next_cursor` to go on. Each is redriven as by `POST /operations/{id}/redrive`, so repeating a call changes nothing.",
+    request_body(content = BulkFilter, content_type = "application/json"),
+    responses(
+        (status = 200, description = "What was redriven.", body = BulkRedrive),
+        (status = 400, description = "`bad-body`: not a JSON filter, or a bad `limit`.", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`filter-required`: no `route`.", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn redrive_failed(
+    State(state): State<AppState>,
+    _admitted: Admission,
+    Tenant(tenant): Tenant,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let filter: BulkFilter =
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadBody(e.to_string()))?;
+    let route = filter.route.filter(|r| !r.is_empty()).ok_or_else(|| {
+        ApiError::FilterRequired(
+            "name the `route` whose failed operations to redrive; a redrive of every route at once is refused".to_owned(),
+        )
+    })?;
+    if !route_name(&route) {
+        return Err(ApiError::BadBody(format!(
+            "no route can be named {route:?}"
+        )));
+    }
+    let limit = limit(filter.limit).map_err(ApiError::BadBody)?;
+    let page = state
+        .ops
+        .failed(&tenant, &route, filter.cursor, limit)
+        .await?;
+    let mut redriven = Vec::new();
+    for operation in &page.operations {
+        let Some(accepted_) = state.ops.redrive(&tenant, operation.id()).await? else {
+            continue;
+        };
+        let (redrive, replayed) = match accepted_ {
+            Accepted::New(op) => (op, false),
+            Accepted::Replayed(op) => (op, true),
+        };
+        redriven.push(Redriven {
+            operation: operation.id().to_owned(),
+            redrive: redrive.id().to_owned(),
+            replayed,
+        });
+    }
+    let body = BulkRedrive {
+        redriven,
+        next_cursor: page.next,
+    };
+    Ok((StatusCode::OK, Json(body)).into_response())
+}

@@ -1,0 +1,262 @@
+//! Failed operations and redrive against a real nats-server: failures are listed per route and
+//! tenant with a cursor; a redrive is a new operation linked both ways while the failed one keeps
+//! its status; repeating it is a replay; a bulk redrive needs a filter and goes a page at a time;
+//! a stateful redrive of an operation that committed re-publishes its outbox and never changes
+//! the state a second time.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Duration;
+
+use gateway_tests::*;
+use handlers::contract::DEFAULT_REQUESTS_STREAM;
+use handlers::{Response, StatefulContext};
+
+const ROUTES: &str = r#"
+[[route]]
+name = "flaky"
+method = "POST"
+path = "/flaky"
+
+[[route]]
+name = "count"
+method = "POST"
+path = "/count"
+"#;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Messages a stream holds.
+async fn messages(nats: &Nats, stream: &str) -> u64 {
+    let js = nats.jetstream().await;
+    js.get_stream(stream)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages
+}
+
+async fn status_of(base: &str, id: &str) -> serde_json::Value {
+    poll_until_terminal(base, id, WAIT).await;
+    json(get_operation(base, id).await).await
+}
+
+/// The ids a list of failed operations shows, following its `next` links.
+async fn failed_ids(base: &str, route: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut url = format!("{base}/operations?route={route}&status=failed&limit=2");
+    loop {
+        let page = json(http().get(&url).send().await.unwrap()).await;
+        for op in page["operations"].as_array().unwrap() {
+            assert_eq!(op["status"], "failed", "{op}");
+            ids.push(op["id"].as_str().unwrap().to_owned());
+        }
+        match page["next"].as_str() {
+            Some(next) => url = format!("{base}{next}"),
+            None => return ids,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_operation_is_listed_and_redriven_once_linked_both_ways() {
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
+    let broken = Arc::new(AtomicBool::new(true));
+    let handler = {
+        let broken = broken.clone();
+        move |_request: handlers::Request| {
+            let broken = broken.load(Ordering::SeqCst);
+            async move {
+                Ok(if broken {
+                    Response::json(422, &serde_json::json!({"error": "upstream refused"}))
+                } else {
+                    Response::json(200, &serde_json::json!({"ok": true}))
+                })
+            }
+        }
+    };
+    let _worker = TestWorker::start(&nats, worker_config(), "flaky", handler).await;
+    let base = &gw.base;
+
+    let id = submit(base, "/flaky", "k1")
+        .json_body("{\"n\":1}")
+        .accepted()
+        .await;
+    assert_eq!(status_of(base, &id).await["status"], "failed");
+    eventually("the failure in the list", WAIT, || async {
+        failed_ids(base, "flaky").await.contains(&id).then_some(())
+    })
+    .await;
+
+    // Refused without writing: a bulk redrive without a filter, a client key in the gateway's
+    // own space, a list without `status=failed`.
+    let before = messages(&nats, DEFAULT_REQUESTS_STREAM).await;
+    let r = http()
+        .post(format!("{base}/operations/redrive"))
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 422, "filter-required").await;
+    let r = submit(base, "/flaky", &format!("redrive:{id}"))
+        .send()
+        .await;
+    assert_problem(r, 400, "idempotency-key-invalid").await;
+    let r = http()
+        .get(format!("{base}/operations?route=flaky"))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 400, "bad-query").await;
+    assert_eq!(messages(&nats, DEFAULT_REQUESTS_STREAM).await, before);
+
+    // The redrive: a new operation, linked both ways; again, the same one.
+    broken.store(false, Ordering::SeqCst);
+    let redrive = || async {
+        http()
+            .post(format!("{base}/operations/{id}/redrive"))
+            .send()
+            .await
+            .unwrap()
+    };
+    let first = redrive().await;
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    let again_location = location(&first);
+    let redriven = id_of(first).await;
+    assert_ne!(redriven, id);
+    assert_eq!(again_location, format!("/operations/{redriven}"));
+    let again = redrive().await;
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(
+        id_of(again).await,
+        redriven,
+        "a repeated redrive is a replay"
+    );
+    let new = status_of(base, &redriven).await;
+    assert_eq!(new["status"], "succeeded");
+    assert_eq!(new["redrive_of"], id.as_str());
+    let old = json(get_operation(base, &id).await).await;
+    assert_eq!(old["status"], "failed", "a status never goes back");
+    assert_eq!(old["redriven_by"], redriven.as_str());
+    // The original key still names the original operation.
+    let r = submit(base, "/flaky", "k1")
+        .json_body("{\"n\":1}")
+        .send()
+        .await;
+    assert_eq!(r.headers()["idempotent-replayed"], "true");
+    assert_eq!(id_of(r).await, id);
+    // Only a failed operation is redriven.
+    let r = http()
+        .post(format!("{base}/operations/{redriven}/redrive"))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 409, "not-redrivable").await;
+
+    // In bulk, a page at a time: three more failures, redriven two and one.
+    broken.store(true, Ordering::SeqCst);
+    let mut failed = Vec::new();
+    for i in 2..5 {
+        let id = submit(base, "/flaky", &format!("k{i}")).accepted().await;
+        assert_eq!(status_of(base, &id).await["status"], "failed");
+        failed.push(id);
+    }
+    eventually("three more failures in the list", WAIT, || async {
+        let listed = failed_ids(base, "flaky").await;
+        failed.iter().all(|id| listed.contains(id)).then_some(())
+    })
+    .await;
+    broken.store(false, Ordering::SeqCst);
+    let mut cursor = 0;
+    let mut redrives = Vec::new();
+    loop {
+        let r = http()
+            .post(format!("{base}/operations/redrive"))
+            .json(&serde_json::json!({"route": "flaky", "limit": 2, "cursor": cursor}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let body = json(r).await;
+        for item in body["redriven"].as_array().unwrap() {
+            redrives.push((
+                item["operation"].as_str().unwrap().to_owned(),
+                item["redrive"].as_str().unwrap().to_owned(),
+                item["replayed"].as_bool().unwrap(),
+            ));
+        }
+        match body["next_cursor"].as_u64() {
+            Some(next) => cursor = next,
+            None => break,
+        }
+    }
+    // The first failure was redriven before (a replay); the three are new.
+    for id in &failed {
+        let (_, redrive, replayed) = redrives.iter().find(|(op, ..)| op == id).expect("redriven");
+        assert!(!replayed);
+        assert_eq!(status_of(base, redrive).await["status"], "succeeded");
+    }
+    assert!(
+        redrives
+            .iter()
+            .any(|(op, r, replayed)| *op == id && *r == redriven && *replayed)
+    );
+    assert_eq!(redrives.len(), 4, "{redrives:?}");
+}
+
+/// A stateful handler that commits (the counter goes up, an audit message is emitted) and
+/// answers 422: the operation failed *after* changing state. Its redrive adopts the committed
+/// outbox: the same reply, the audit message again with its id, the counter unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stateful_redrive_of_a_committed_operation_changes_the_state_once() {
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
+    let store = counter_store(&nats).await;
+    let runs = Arc::new(AtomicU32::new(0));
+    let handler = {
+        let runs = runs.clone();
+        move |ctx: Arc<StatefulContext>| {
+            let runs = runs.clone();
+            async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                let value: u64 = ctx.load("counter").await?.unwrap_or(0);
+                ctx.save("counter", &(value + 1));
+                ctx.emit("audit.count", (value + 1).to_string());
+                Ok(Response::json(
+                    422,
+                    &serde_json::json!({ "counter": value + 1 }),
+                ))
+            }
+        }
+    };
+    let _worker = TestWorker::start_with(&nats, worker_config(), |w| {
+        w.stateful_route("count", store, handler)
+    })
+    .await;
+    let base = &gw.base;
+    let id = submit(base, "/count", "c1").accepted().await;
+    assert_eq!(status_of(base, &id).await["status"], "failed");
+    let r = http()
+        .post(format!("{base}/operations/{id}/redrive"))
+        .send()
+        .await
+        .unwrap();
+    let redriven = id_of(r).await;
+    assert_eq!(status_of(base, &redriven).await["status"], "failed");
+    let reply = json(get_result(base, &redriven).await).await;
+    assert_eq!(
+        reply["counter"], 1,
+        "the committed reply, not a second run's"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler ran once");
+    let counter =
+        handlers::jetstream::last_on_subject(&nats.client().await, "WK_COUNT", "wk.state.counter")
+            .await
+            .unwrap()
+            .expect("counter stored");
+    assert_eq!(serde_json::from_slice::<u64>(&counter.payload).unwrap(), 1);
+    // Re-published with the original id: JetStream's duplicate window keeps one.
+    assert_eq!(messages(&nats, "AUDIT").await, 1);
+}
