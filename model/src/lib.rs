@@ -55,7 +55,10 @@
 //! does. So the state changes at most once across an operation and its redrive
 //! ([`Variant::RedriveRunsAgain`] runs the handler regardless; [`Variant::RedrivePlainPublish`]
 //! makes a second redrive). The redrive's own cancellation and expiry are those of any
-//! operation, checked above, and are left out of its part of the model.
+//! operation, checked above, and are left out of its part of the model. The model keeps the
+//! original's marker for good; the code keeps it for at least the original's retention, so the
+//! gateway refuses a redrive whose deadline could fall after that (a later one could find the
+//! marker gone and run again: that is [`Variant::ShortMarkerTtl`]'s fault).
 //!
 //! What the model leaves out: more than one operation (so lost updates between operations sharing a
 //! state key), the HTTP layer, stream configuration and retention changes, replicated-stream

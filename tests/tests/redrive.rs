@@ -22,6 +22,13 @@ path = "/flaky"
 name = "count"
 method = "POST"
 path = "/count"
+
+[[route]]
+name = "brief"
+method = "POST"
+path = "/brief"
+retention = "3s"
+timeout = "1s"
 "#;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -205,6 +212,48 @@ async fn a_failed_operation_is_listed_and_redriven_once_linked_both_ways() {
             .any(|(op, r, replayed)| *op == id && *r == redriven && *replayed)
     );
     assert_eq!(redrives.len(), 4, "{redrives:?}");
+}
+
+/// A redrive must be able to finish before the failed operation's retention ends (on a
+/// stateful route it reads the original's marker, kept that long): 3 s of retention and a 1 s
+/// timeout leave 2 s to ask; after that it is refused and nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redrive_too_close_to_the_end_of_the_retention_is_refused() {
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
+    let handler =
+        |_request: handlers::Request| async { Ok(Response::json(500, &serde_json::json!("down"))) };
+    let config = handlers::WorkerConfig {
+        max_deliver: 1,
+        ..worker_config()
+    };
+    let _worker = TestWorker::start(&nats, config, "brief", handler).await;
+    let base = &gw.base;
+    let id = submit(base, "/brief", "b1").accepted().await;
+    let failed = status_of(base, &id).await;
+    assert_eq!(failed["status"], "failed");
+    let created = time::OffsetDateTime::parse(
+        failed["created_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let closes = created + Duration::from_secs(2);
+    let left = closes - time::OffsetDateTime::now_utc();
+    tokio::time::sleep(left.unsigned_abs() + Duration::from_millis(200)).await;
+    let before = messages(&nats, DEFAULT_REQUESTS_STREAM).await;
+    let r = http()
+        .post(format!("{base}/operations/{id}/redrive"))
+        .send()
+        .await
+        .unwrap();
+    let problem = assert_problem(r, 409, "not-redrivable").await;
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("kept only until"),
+        "{problem}"
+    );
+    assert_eq!(messages(&nats, DEFAULT_REQUESTS_STREAM).await, before);
 }
 
 /// A stateful handler that commits (the counter goes up, an audit message is emitted) and

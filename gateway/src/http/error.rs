@@ -196,9 +196,10 @@ impl From<RedriveError> for ApiError {
     fn from(e: RedriveError) -> Self {
         match e {
             RedriveError::Accept(e) => e.into(),
-            not @ (RedriveError::NotFailed { .. } | RedriveError::RouteGone { .. }) => {
-                ApiError::NotRedrivable(not.to_string())
-            }
+            not @ (RedriveError::NotFailed { .. }
+            | RedriveError::RouteGone { .. }
+            | RedriveError::TooLate { .. }
+            | RedriveError::CallbackNotAllowed { .. }) => ApiError::NotRedrivable(not.to_string()),
         }
     }
 }

@@ -17,7 +17,8 @@ use super::extract::{Admission, OperationId, OperationRef};
 use super::reads::note_operation;
 use super::responses::{IDEMPOTENT_REPLAYED, accepted, set_no_store};
 use super::state::AppState;
-use crate::operations::{Accepted, OperationView};
+use super::submit::allowed_callback;
+use crate::operations::{Accepted, Operation, OperationView};
 
 /// Default and largest page size of a list or a bulk redrive.
 const DEFAULT_LIMIT: usize = 50;
@@ -36,11 +37,24 @@ pub struct FailedList<'a> {
 /// What a bulk redrive did, per failed operation of the page.
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct BulkRedrive {
-    /// Each failed operation and its redrive (`replayed`: redriven before, by this call's like).
+    /// Each failed operation and its redrive (`replayed`: an earlier call made it).
     redriven: Vec<Redriven>,
+    /// Failed operations that cannot be redriven, and why (`not-redrivable`'s reasons).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    skipped: Vec<Skipped>,
+    /// Why the call stopped before the end of its page (a quota, a full stream, JetStream
+    /// unreachable): `next_cursor` then starts at the operation it stopped at.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stopped: Option<Problem>,
     /// Where the next page of failed operations starts: send it as `cursor` to go on.
     #[serde(skip_serializing_if = "Option::is_none")]
     next_cursor: Option<u64>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Skipped {
+    operation: String,
+    reason: String,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -108,7 +122,7 @@ fn limit(asked: Option<usize>) -> Result<usize, String> {
     params(ListQuery),
     responses(
         (status = 200, description = "A page.", body = FailedList<'static>),
-        (status = 400, description = "`bad-query`: no `route`, `status` other than `failed`, a bad cursor or limit.", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "`bad-query`: no `route` or an unknown one, `status` other than `failed`, a bad cursor or limit.", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn list_failed(
@@ -122,6 +136,9 @@ pub(crate) async fn list_failed(
         .get("route")
         .filter(|r| route_name(r))
         .ok_or_else(|| bad("`route` names the route to list (a-z, 0-9, '-', '_')"))?;
+    if !state.ops.has_route(route) {
+        return Err(bad(&format!("there is no route {route:?}")));
+    }
     if query.get("status").map(String::as_str) != Some("failed") {
         return Err(bad(
             "`status=failed` is required: only failed operations are listed",
@@ -147,7 +164,11 @@ pub(crate) async fn list_failed(
         .next
         .map(|at| format!("/operations?route={route}&status=failed&cursor={at}&limit={limit}"));
     let body = FailedList {
-        operations: page.operations.iter().map(OperationView::of).collect(),
+        operations: page
+            .operations
+            .iter()
+            .map(|(_, op)| OperationView::of(op))
+            .collect(),
         next: next.clone(),
     };
     let mut response = Json(body).into_response();
@@ -175,7 +196,7 @@ pub(crate) async fn list_failed(
                 ("Idempotent-Replayed" = String, description = "`true` when an earlier redrive made it."),
             )),
         (status = 404, description = "No such operation (or not yours).", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "`not-redrivable`: the operation did not fail (it is pending, succeeded, expired or cancelled), or its route is gone.", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`not-redrivable`: the operation did not fail (it is pending, succeeded, expired or cancelled), its route is gone, its retention ends within the route's timeout (a redrive could outlive what it reads), or its `Callback-Url` is no longer allowed.", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "`quota-exceeded`: the tenant is at a quota.", body = Problem, content_type = "application/problem+json"),
         (status = 507, description = "`insufficient-storage`: the requests stream is full.", body = Problem, content_type = "application/problem+json"),
     )
@@ -185,12 +206,7 @@ pub(crate) async fn redrive_operation(
     _admitted: Admission,
     OperationRef { tenant, id }: OperationRef,
 ) -> Result<Response, ApiError> {
-    let accepted_ = state
-        .ops
-        .redrive(&tenant, &id)
-        .await?
-        .ok_or(ApiError::OperationNotFound)?;
-    let (operation, replayed) = match accepted_ {
+    let (operation, replayed) = match redrive(&state, &tenant, &id, None).await? {
         Accepted::New(op) => (op, false),
         Accepted::Replayed(op) => (op, true),
     };
@@ -204,17 +220,51 @@ pub(crate) async fn redrive_operation(
     Ok(response)
 }
 
+/// Redrives failed operation `id` (`operation`: when already read), after checking what its
+/// request carried against the current settings: forwarded headers the allow-list no longer
+/// names are left out; a client `Callback-Url` no longer allowed makes it `not-redrivable`.
+async fn redrive(
+    state: &AppState,
+    tenant: &str,
+    id: &str,
+    operation: Option<Operation>,
+) -> Result<Accepted, ApiError> {
+    let mut redrive = state
+        .ops
+        .prepare_redrive(tenant, id, operation)
+        .await?
+        .ok_or(ApiError::OperationNotFound)?;
+    redrive.forwarded.retain(|(name, _)| {
+        state
+            .forward_headers
+            .iter()
+            .any(|allowed| allowed.as_str().eq_ignore_ascii_case(name))
+    });
+    if let Some(url) = &redrive.callback_url {
+        let still_allowed = match HeaderValue::from_str(url) {
+            Ok(value) => allowed_callback(state, tenant, &value).await.map(drop),
+            Err(e) => Err(ApiError::CallbackNotAllowed(e.to_string())),
+        };
+        still_allowed.map_err(|e| {
+            ApiError::NotRedrivable(format!(
+                "operation {id}'s Callback-Url is no longer allowed: {e}"
+            ))
+        })?;
+    }
+    Ok(state.ops.redrive(redrive).await?)
+}
+
 /// `POST /operations/redrive`: every failed operation of a page, by a required filter.
 #[utoipa::path(
     post,
     path = "/operations/redrive",
     tag = "operations",
     summary = "Redrive failed operations in bulk",
-    description = "Redrives the caller's failed operations on `route` (required: a redrive of everything is refused), a page at a time: up to `limit` from `cursor`, oldest failure first; send `next_cursor` to go on. Each is redriven as by `POST /operations/{id}/redrive`, so repeating a call changes nothing.",
+    description = "Redrives the caller's failed operations on `route` (required: a redrive of everything is refused), a page at a time: up to `limit` from `cursor`, oldest failure first; send `next_cursor` to go on. Each is redriven as by `POST /operations/{id}/redrive`: one already redriven is reported as `replayed`, not redriven again (a failed redrive is a failed operation of its own, redriven by a later call). Operations that cannot be redriven are listed in `skipped`; a quota, a full stream or an unreachable JetStream ends the call early (`stopped`, with `next_cursor` at the operation it stopped at).",
     request_body(content = BulkFilter, content_type = "application/json"),
     responses(
         (status = 200, description = "What was redriven.", body = BulkRedrive),
-        (status = 400, description = "`bad-body`: not a JSON filter, or a bad `limit`.", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "`bad-body`: not a JSON filter, an unknown route, or a bad `limit`.", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`filter-required`: no `route`.", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -231,34 +281,48 @@ pub(crate) async fn redrive_failed(
             "name the `route` whose failed operations to redrive; a redrive of every route at once is refused".to_owned(),
         )
     })?;
-    if !route_name(&route) {
-        return Err(ApiError::BadBody(format!(
-            "no route can be named {route:?}"
-        )));
+    if !route_name(&route) || !state.ops.has_route(&route) {
+        return Err(ApiError::BadBody(format!("there is no route {route:?}")));
     }
     let limit = limit(filter.limit).map_err(ApiError::BadBody)?;
     let page = state
         .ops
         .failed(&tenant, &route, filter.cursor, limit)
         .await?;
-    let mut redriven = Vec::new();
-    for operation in &page.operations {
-        let Some(accepted_) = state.ops.redrive(&tenant, operation.id()).await? else {
-            continue;
-        };
-        let (redrive, replayed) = match accepted_ {
-            Accepted::New(op) => (op, false),
-            Accepted::Replayed(op) => (op, true),
+    let (mut redriven, mut skipped, mut stopped) = (Vec::new(), Vec::new(), None);
+    let mut next_cursor = page.next;
+    for (sequence, operation) in page.operations {
+        let id = operation.id().to_owned();
+        let (redrive, replayed) = match redrive(&state, &tenant, &id, Some(operation)).await {
+            Ok(Accepted::New(op)) => (op, false),
+            Ok(Accepted::Replayed(op)) => (op, true),
+            // Gone since the page was read: nothing to redrive.
+            Err(ApiError::OperationNotFound) => continue,
+            Err(ApiError::NotRedrivable(reason)) => {
+                skipped.push(Skipped {
+                    operation: id,
+                    reason,
+                });
+                continue;
+            }
+            // What was done stays reported; the next call starts where this one stopped.
+            Err(error) => {
+                stopped = Some(error.problem());
+                next_cursor = Some(sequence);
+                break;
+            }
         };
         redriven.push(Redriven {
-            operation: operation.id().to_owned(),
+            operation: id,
             redrive: redrive.id().to_owned(),
             replayed,
         });
     }
     let body = BulkRedrive {
         redriven,
-        next_cursor: page.next,
+        skipped,
+        stopped,
+        next_cursor,
     };
     Ok((StatusCode::OK, Json(body)).into_response())
 }

@@ -40,7 +40,7 @@ use crate::operations::{DeliveryState, Links, OperationView, ProgressState, Retr
         super::health::livez,
         super::health::readyz,
     ),
-    components(schemas(Problem, AcceptedBody<'static>, OperationView<'static>, OperationEvent, Status, Links, ProgressState, RetryView, DeliveryState, super::failed::FailedList<'static>, super::failed::BulkRedrive, super::failed::Redriven, super::failed::BulkFilter)),
+    components(schemas(Problem, AcceptedBody<'static>, OperationView<'static>, OperationEvent, Status, Links, ProgressState, RetryView, DeliveryState, super::failed::FailedList<'static>, super::failed::BulkRedrive, super::failed::Redriven, super::failed::Skipped, super::failed::BulkFilter)),
     tags(
         (name = "routes", description = "The configured routes: each request becomes one JetStream message."),
         (name = "operations", description = "Status, result, events and cancellation of accepted requests."),

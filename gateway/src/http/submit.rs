@@ -362,7 +362,7 @@ async fn answer(
 
 /// A client's `Callback-Url`, parsed and matched against the allow-list, leading to a public
 /// address (unless private ones are allowed); normalized (see [`callback::CallbackUrl`]).
-async fn allowed_callback(
+pub(super) async fn allowed_callback(
     state: &AppState,
     tenant: &str,
     value: &HeaderValue,

@@ -42,7 +42,7 @@ pub use destination::{DestinationError, check_destination};
 pub use lookup::{Cancellation, WakeOn};
 pub use model::{DeliveryState, Operation, ProgressState, RetryView, Status, StoredResult};
 pub use quota::{Limit, QuotaExceeded, QuotaLimits};
-pub use redrive::{FailedPage, RedriveError};
+pub use redrive::{FailedPage, Redrive, RedriveError};
 pub use retry_after::RetryAfter;
 pub use store::{StoreError, StreamPlan};
 pub use view::{Links, OperationView, operation_path};
@@ -242,17 +242,30 @@ impl Operations {
         redrive::list_failed(&self.store, tenant, route, from, limit).await
     }
 
-    /// Redrives failed operation `id` of `tenant`: a new operation linked both ways, or the one
-    /// an earlier redrive made (a replay); `None` when there is no such operation.
-    pub async fn redrive(&self, tenant: &str, id: &str) -> Result<Option<Accepted>, RedriveError> {
-        redrive::redrive(
-            &self.store,
-            self.quotas.as_deref(),
-            &self.routes,
-            tenant,
-            id,
-        )
-        .await
+    /// Whether the routes file has route `name`.
+    pub fn has_route(&self, name: &str) -> bool {
+        self.routes.iter().any(|r| r.name == name)
+    }
+
+    /// Checks that failed operation `id` of `tenant` can be redriven and reads what its redrive
+    /// resubmits (`operation`: the operation, when already read); `None` when there is no such
+    /// operation. Then [`Operations::redrive`].
+    pub async fn prepare_redrive(
+        &self,
+        tenant: &str,
+        id: &str,
+        operation: Option<Operation>,
+    ) -> Result<Option<Redrive>, RedriveError> {
+        match operation {
+            Some(operation) => redrive::prepare_found(&self.store, &self.routes, operation).await,
+            None => redrive::prepare(&self.store, &self.routes, tenant, id).await,
+        }
+    }
+
+    /// Submits a prepared redrive: a new operation linked both ways, or the one an earlier
+    /// redrive made (a replay).
+    pub async fn redrive(&self, redrive: Redrive) -> Result<Accepted, RedriveError> {
+        redrive::submit(&self.store, self.quotas.as_deref(), redrive).await
     }
 
     /// Cancels an operation that has no terminal record yet; `None` when there is no such

@@ -55,6 +55,16 @@ pub enum RedriveError {
     /// The operation's route is no longer in the routes file.
     #[error("operation {id} is on route {route:?}, which this gateway no longer serves")]
     RouteGone { id: String, route: String },
+    /// The failed operation's retention ends before a redrive could be sure to finish: on a
+    /// stateful route the redrive reads the original's processed marker, which is kept for that
+    /// long, so a redrive running after it could change the state a second time.
+    #[error(
+        "operation {id} is kept only until {ends_at}, sooner than a redrive's timeout from now: it can no longer be redriven"
+    )]
+    TooLate { id: String, ends_at: String },
+    /// The original client's `Callback-Url` is no longer allowed.
+    #[error("operation {id}'s Callback-Url is no longer allowed: {why}")]
+    CallbackNotAllowed { id: String, why: String },
     #[error(transparent)]
     Accept(#[from] AcceptError),
 }
@@ -68,7 +78,8 @@ impl From<StoreError> for RedriveError {
 /// One page of failed operations, oldest failure first.
 #[derive(Debug)]
 pub struct FailedPage {
-    pub operations: Vec<Operation>,
+    /// Each operation with its entry's place in the index (a cursor that starts at it).
+    pub operations: Vec<(u64, Operation)>,
     /// Where the next page starts (a stream sequence), when there may be more.
     pub next: Option<u64>,
 }
@@ -140,8 +151,15 @@ async fn index(store: &Store, message: &async_nats::jetstream::Message) -> Resul
         return Ok(());
     }
     let id = Subjects::operation_of(&message.subject);
-    let Some(operation) = request_of(store, id).await? else {
-        return Ok(());
+    let operation = match request_of(store, id).await {
+        Ok(Some(operation)) => operation,
+        Ok(None) => return Ok(()),
+        // A request nobody can read is nothing to list; trying again would not change it.
+        Err(error) if error.is_contract_violation() => {
+            tracing::warn!(operation_id = %id, %error, "A failed operation's request is unreadable; not indexed.");
+            return Ok(());
+        }
+        Err(error) => return Err(error),
     };
     store
         .index_failure(
@@ -185,7 +203,7 @@ pub async fn list_failed(
         if let Some(operation) = lookup(store, tenant, &id).await?
             && operation.status() == Status::Failed
         {
-            operations.push(operation);
+            operations.push((sequence, operation));
         }
     }
     Ok(FailedPage {
@@ -194,38 +212,70 @@ pub async fn list_failed(
     })
 }
 
-/// Redrives failed operation `id` of `tenant` on `route` (the route it was accepted on, as the
-/// routes file now says it): a new operation, or the one an earlier redrive made. `Ok(None)`
-/// when there is no such operation.
-pub async fn redrive(
+/// A redrive, checked and ready to submit ([`submit`]). The edge re-checks what the original
+/// request carried against its current settings first: the forwarded headers (`forwarded`, to
+/// keep only those the allow-list still names) and the client's `Callback-Url`.
+#[derive(Debug)]
+pub struct Redrive {
+    pub original: Operation,
+    route: RouteConfig,
+    /// The original's forwarded client headers (no `Gw-*`, `Nats-*` or trace context).
+    pub forwarded: Vec<(String, String)>,
+    /// The original client's `Callback-Url` (not the route's `callback_url`, which applies anyway).
+    pub callback_url: Option<String>,
+    body: bytes::Bytes,
+}
+
+/// Checks that failed operation `id` of `tenant` can be redriven, and reads what a redrive
+/// resubmits. `Ok(None)` when there is no such operation.
+pub async fn prepare(
     store: &Store,
-    quotas: Option<&Quotas>,
     routes: &[RouteConfig],
     tenant: &str,
     id: &str,
-) -> Result<Option<Accepted>, RedriveError> {
-    let Some(operation) = lookup(store, tenant, id).await? else {
-        return Ok(None);
-    };
-    let status = operation.status();
+) -> Result<Option<Redrive>, RedriveError> {
+    match lookup(store, tenant, id).await? {
+        Some(operation) => prepare_found(store, routes, operation).await,
+        None => Ok(None),
+    }
+}
+
+/// [`prepare`] for an operation already read (a page of a bulk redrive).
+pub async fn prepare_found(
+    store: &Store,
+    routes: &[RouteConfig],
+    original: Operation,
+) -> Result<Option<Redrive>, RedriveError> {
+    let id = original.id().to_owned();
+    let status = original.status();
     if status != Status::Failed {
-        return Err(RedriveError::NotFailed {
-            id: id.to_owned(),
-            status,
+        return Err(RedriveError::NotFailed { id, status });
+    }
+    let Some(route) = routes.iter().find(|r| r.name == original.route()) else {
+        return Err(RedriveError::RouteGone {
+            route: original.route().to_owned(),
+            id,
+        });
+    };
+    // The redrive must end (by its deadline) while the original's marker is still kept, which
+    // is at least the original's retention. A repeated redrive is a replay and needs no time.
+    let ends_at = original.created_at + original.retention().unwrap_or_default();
+    let latest_end = time::OffsetDateTime::now_utc() + route.timeout + store.expiry_grace();
+    if original.redriven_by.is_none() && ends_at <= latest_end {
+        return Err(RedriveError::TooLate {
+            id,
+            ends_at: handlers::contract::format_time(ends_at),
         });
     }
-    let Some(route) = routes.iter().find(|r| r.name == operation.route()) else {
-        return Err(RedriveError::RouteGone {
-            id: id.to_owned(),
-            route: operation.route().to_owned(),
-        });
-    };
-    let token = key_token_of(id).expect("a found operation's id is well formed");
+    let token = key_token_of(&id).expect("a found operation's id is well formed");
     let Some(message) = store.request_on_route(&route.name, token).await? else {
         // Its retention ended since the lookup.
         return Ok(None);
     };
-    let head = &operation.request;
+    if handlers::contract::header_str(&message.headers, header::OPERATION_ID) != Some(id.as_str()) {
+        // The key names another operation now (reused after the retention ended).
+        return Ok(None);
+    }
     // The client's headers as forwarded then, not the contract's or the trace's: the redrive
     // is a new operation with a trace of its own.
     let forwarded = message
@@ -244,20 +294,46 @@ pub async fn redrive(
                 .map(move |value| (name.to_string(), value.as_str().to_owned()))
         })
         .collect();
-    let submission = Submission {
+    let callback_url = original
+        .callback_url()
+        .filter(|url| route.callback_url.as_deref() != Some(*url))
+        .map(str::to_owned);
+    Ok(Some(Redrive {
+        original,
+        route: route.clone(),
+        forwarded,
+        callback_url,
+        body: message.payload,
+    }))
+}
+
+/// Submits a prepared redrive: a new operation, or the one an earlier redrive made.
+pub async fn submit(
+    store: &Store,
+    quotas: Option<&Quotas>,
+    redrive: Redrive,
+) -> Result<Accepted, RedriveError> {
+    let Redrive {
+        original,
         route,
-        tenant,
-        idempotency_key: redrive_key(id),
+        forwarded,
+        callback_url,
+        body,
+    } = redrive;
+    let head = &original.request;
+    let submission = Submission {
+        route: &route,
+        tenant: original.tenant(),
+        idempotency_key: redrive_key(original.id()),
         method: &head.method,
         path: &head.path,
         query: head.query.as_deref(),
         content_type: head.content_type.as_deref(),
         forwarded,
-        // The original's, whoever set it: the redrive notifies where the original would have.
-        requested_callback_url: head.callback_url.clone(),
+        requested_callback_url: callback_url,
         start: Start::default(),
-        redrive_of: Some(id.to_owned()),
-        body: message.payload.clone(),
+        redrive_of: Some(original.id().to_owned()),
+        body,
     };
     let accepted = accept(store, quotas, submission).await?;
     let outcome = match accepted {
@@ -265,5 +341,5 @@ pub async fn redrive(
         Accepted::Replayed(_) => "replayed",
     };
     metrics::counter!(REDRIVES, "route" => route.name.clone(), "outcome" => outcome).increment(1);
-    Ok(Some(accepted))
+    Ok(accepted)
 }
