@@ -55,6 +55,10 @@ pub const DISPATCH_RETRIES: &str = "gateway_dispatch_retries_total";
 /// Schedule ticks submitted by this replica, by `schedule` and `outcome` (`new`: this replica
 /// created the tick's operation; `replayed`: another had; `failed`).
 pub const SCHEDULE_TICKS: &str = "gateway_schedule_ticks_total";
+/// Operations with a delayed start (`Delay`, `Not-Before`) this replica accepted, by `route`.
+/// How many are still `scheduled` is not a replica's to know (they are not due by the cluster's
+/// clock, and another replica may cancel one); they are part of `gateway_pending_operations`.
+pub const DELAYED_ACCEPTED: &str = "gateway_delayed_accepted_total";
 /// Redrives of failed operations asked of this replica, by `route` and `outcome` (`new`: a
 /// redrive operation was made; `replayed`: an earlier redrive's was found).
 pub const REDRIVES: &str = "gateway_redrives_total";
@@ -110,6 +114,10 @@ fn describe() {
         "Submissions answered from an existing operation."
     );
     describe_counter!(RESULTS, "Terminal records seen, by status.");
+    describe_counter!(
+        DELAYED_ACCEPTED,
+        "Operations with a delayed start accepted, by route."
+    );
     describe_counter!(
         REDRIVES,
         "Redrives of failed operations, by route and outcome (new, replayed)."

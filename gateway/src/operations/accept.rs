@@ -29,6 +29,7 @@ use super::model::Operation;
 use super::quota::{QuotaExceeded, Quotas};
 use super::store::{Store, StoreError};
 use crate::config::RouteConfig;
+use crate::metrics::DELAYED_ACCEPTED;
 
 /// A validated request, ready to be accepted.
 #[derive(Debug)]
@@ -272,6 +273,9 @@ pub async fn accept(
             quotas.release(op);
         }
         if written == CreateOutcome::Created {
+            if head.not_before.is_some_and(|due| due > now) {
+                metrics::counter!(DELAYED_ACCEPTED, "route" => s.route.name.clone()).increment(1);
+            }
             return Ok(Accepted::New(Operation::accepted(
                 head,
                 s.idempotency_key,
