@@ -44,9 +44,9 @@
 //! late, and a cancellation before the start means none runs at all
 //! ([`Variant::IgnoreNotBefore`] and [`Variant::IgnoreStartBy`] break those).
 //!
-//! A redrive is in the model too ([`Protocol::redrive`]): once the operation has failed (a
-//! failure record, or a reply with an error status, which the model does not tell from a success),
-//! the client may redrive it, and the gateway makes a second operation with one create-if-absent
+//! A redrive is in the model too ([`Protocol::redrive`]): once the operation has ended other than
+//! in success (a failure record, a reply with an error status, which the model does not tell from
+//! a success, an expiry or a cancellation), the client may redrive it, and the gateway makes a second operation with one create-if-absent
 //! write on a key derived from the first one's id (so a repeated redrive, through any replica, is
 //! a replay). The first operation's record never changes. A worker given the redrive of a
 //! stateful operation reads the first one's processed marker: if it is a commit, the redrive
@@ -513,10 +513,11 @@ impl Protocol {
         }
     }
 
-    /// Whether the operation has failed, as far as a redrive can tell: a failure record, or a
-    /// reply (which may carry an error status; the model does not tell it from a success).
+    /// Whether the operation has ended other than in success, as far as a redrive can tell:
+    /// any terminal record (a reply may carry an error status; the model does not tell it from a
+    /// success).
     fn redrivable(state: &State) -> bool {
-        matches!(state.result, Some(Rec::Failed | Rec::Reply))
+        state.result.is_some()
     }
 
     /// A create-if-absent write of the redrive's record, first writer wins.

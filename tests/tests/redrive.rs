@@ -24,6 +24,11 @@ method = "POST"
 path = "/count"
 
 [[route]]
+name = "idle"
+method = "POST"
+path = "/idle"
+
+[[route]]
 name = "brief"
 method = "POST"
 path = "/brief"
@@ -112,12 +117,60 @@ async fn a_failed_operation_is_listed_and_redriven_once_linked_both_ways() {
         .send()
         .await;
     assert_problem(r, 400, "idempotency-key-invalid").await;
-    let r = http()
-        .get(format!("{base}/operations?route=flaky"))
-        .send()
-        .await
-        .unwrap();
-    assert_problem(r, 400, "bad-query").await;
+    for query in [
+        "route=flaky",
+        "route=flaky&status=failed&route=idle",
+        "route=nowhere&status=failed",
+        "route=flaky&status=failed&limit=101",
+    ] {
+        let r = http()
+            .get(format!("{base}/operations?{query}"))
+            .send()
+            .await
+            .unwrap();
+        assert_problem(r, 400, "bad-query").await;
+    }
+    let bulk = |content_type: &'static str, body: String| {
+        http()
+            .post(format!("{base}/operations/redrive"))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+    for (content_type, body, status, slug) in [
+        (
+            "text/plain",
+            r#"{"route":"flaky"}"#.to_owned(),
+            415,
+            "unsupported-media-type",
+        ),
+        (
+            "application/json",
+            r#"["flaky",0,1]"#.to_owned(),
+            400,
+            "bad-filter",
+        ),
+        (
+            "application/json",
+            r#"{"route":"nowhere"}"#.to_owned(),
+            400,
+            "bad-filter",
+        ),
+        (
+            "application/json",
+            r#"{"route":"flaky","x":1}"#.to_owned(),
+            400,
+            "bad-filter",
+        ),
+        (
+            "application/json",
+            format!(r#"{{"route":"{}"}}"#, "a".repeat(5000)),
+            413,
+            "payload-too-large",
+        ),
+    ] {
+        assert_problem(bulk(content_type, body).await.unwrap(), status, slug).await;
+    }
     assert_eq!(messages(&nats, DEFAULT_REQUESTS_STREAM).await, before);
 
     // The redrive: a new operation, linked both ways; again, the same one.
@@ -155,7 +208,7 @@ async fn a_failed_operation_is_listed_and_redriven_once_linked_both_ways() {
         .await;
     assert_eq!(r.headers()["idempotent-replayed"], "true");
     assert_eq!(id_of(r).await, id);
-    // Only a failed operation is redriven.
+    // A succeeded operation is not redriven.
     let r = http()
         .post(format!("{base}/operations/{redriven}/redrive"))
         .send()
@@ -308,4 +361,42 @@ async fn a_stateful_redrive_of_a_committed_operation_changes_the_state_once() {
     assert_eq!(serde_json::from_slice::<u64>(&counter.payload).unwrap(), 1);
     // Re-published with the original id: JetStream's duplicate window keeps one.
     assert_eq!(messages(&nats, "AUDIT").await, 1);
+}
+
+/// A redrive that is cancelled (or expires) does not end the story: the cancelled operation is
+/// redriven in turn, a chain linked both ways; redriving the original again answers its first
+/// redrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_operation_and_a_cancelled_redrive_are_redriven_in_turn() {
+    let TestGateway { nats: _nats, gw } = TestGateway::builder(ROUTES).start().await;
+    let base = &gw.base;
+    let post =
+        |path: String| async move { http().post(format!("{base}{path}")).send().await.unwrap() };
+    let cancel = |id: String| async move {
+        let r = http()
+            .delete(format!("{base}/operations/{id}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    };
+    // No worker serves `idle`: each operation waits until cancelled.
+    let original = submit(base, "/idle", "i1").accepted().await;
+    let r = post(format!("/operations/{original}/redrive")).await;
+    assert_problem(r, 409, "not-redrivable").await;
+    cancel(original.clone()).await;
+    let first = id_of(post(format!("/operations/{original}/redrive")).await).await;
+    cancel(first.clone()).await;
+    let again = post(format!("/operations/{original}/redrive")).await;
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(id_of(again).await, first);
+    let second = id_of(post(format!("/operations/{first}/redrive")).await).await;
+    let view = json(get_operation(base, &first).await).await;
+    assert_eq!(view["status"], "cancelled");
+    assert_eq!(view["redrive_of"], original.as_str());
+    assert_eq!(view["redriven_by"], second.as_str());
+    assert_eq!(
+        json(get_operation(base, &second).await).await["status"],
+        "pending"
+    );
 }

@@ -109,6 +109,10 @@ pub enum ApiError {
     /// A bulk redrive without the filter it requires.
     #[error("{0}")]
     FilterRequired(String),
+    /// A bulk redrive's filter that cannot be read (not a JSON object, an unknown field or
+    /// route, a bad page).
+    #[error("{0}")]
+    BadFilter(String),
     #[error(transparent)]
     Key(#[from] KeyError),
     /// `operation_id` names the first request's operation, for callers who may read it (not the
@@ -231,6 +235,7 @@ impl ApiError {
             | ApiError::BadQuery(_)
             | ApiError::Key(_)
             | ApiError::CallbackNotAllowed(_)
+            | ApiError::BadFilter(_)
             | ApiError::InvalidStart(_) => StatusCode::BAD_REQUEST,
             ApiError::TooManyStreams
             | ApiError::TooManyWaiters
@@ -281,8 +286,9 @@ impl ApiError {
                 ("headers-too-large", "Request header fields too large")
             }
             ApiError::AlreadyFinished(_) => ("already-finished", "Operation already finished"),
-            ApiError::NotRedrivable(_) => ("not-redrivable", "Only a failed operation is redriven"),
+            ApiError::NotRedrivable(_) => ("not-redrivable", "Operation cannot be redriven"),
             ApiError::FilterRequired(_) => ("filter-required", "A bulk redrive needs a filter"),
+            ApiError::BadFilter(_) => ("bad-filter", "Invalid redrive filter"),
             ApiError::Key(KeyError::Missing) => {
                 ("idempotency-key-missing", "Idempotency-Key required")
             }

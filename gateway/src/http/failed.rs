@@ -5,9 +5,9 @@
 use std::collections::HashMap;
 
 use axum::Json;
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::{Query, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
@@ -17,7 +17,7 @@ use super::extract::{Admission, OperationId, OperationRef};
 use super::reads::note_operation;
 use super::responses::{IDEMPOTENT_REPLAYED, accepted, set_no_store};
 use super::state::AppState;
-use super::submit::allowed_callback;
+use super::submit::{allowed_callback, is_json};
 use crate::operations::{Accepted, Operation, OperationView};
 
 /// Default and largest page size of a list or a bulk redrive.
@@ -64,15 +64,15 @@ pub struct Redriven {
     replayed: bool,
 }
 
-/// The filter and page of a bulk redrive. `route` is required: a redrive of everything that
-/// failed everywhere is refused.
+/// The filter and page of a bulk redrive, a JSON object. `route` is required: a redrive of
+/// everything that failed everywhere is refused.
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BulkFilter {
     route: Option<String>,
     /// Where to start (a previous answer's `next_cursor`); default the first failure.
     #[serde(default)]
-    cursor: u64,
+    cursor: Option<u64>,
     /// Failed operations to redrive, 1 to 100 (default 50).
     #[serde(default)]
     limit: Option<usize>,
@@ -128,10 +128,19 @@ fn limit(asked: Option<usize>) -> Result<usize, String> {
 pub(crate) async fn list_failed(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
-    Query(query): Query<HashMap<String, String>>,
+    Query(pairs): Query<Vec<(String, String)>>,
 ) -> Result<Response, ApiError> {
     let _permit = state.admit()?;
     let bad = |why: &str| ApiError::BadQuery(why.to_owned());
+    let mut query = HashMap::new();
+    for (name, value) in pairs {
+        if !["route", "status", "cursor", "limit"].contains(&name.as_str()) {
+            return Err(bad("the parameters are route, status, cursor and limit"));
+        }
+        if query.insert(name, value).is_some() {
+            return Err(bad("each parameter is sent once"));
+        }
+    }
     let route = query
         .get("route")
         .filter(|r| route_name(r))
@@ -143,12 +152,6 @@ pub(crate) async fn list_failed(
         return Err(bad(
             "`status=failed` is required: only failed operations are listed",
         ));
-    }
-    if let Some(unknown) = query
-        .keys()
-        .find(|k| !["route", "status", "cursor", "limit"].contains(&k.as_str()))
-    {
-        return Err(bad(&format!("unknown parameter {unknown:?}")));
     }
     let number = |name: &str| {
         query
@@ -186,8 +189,8 @@ pub(crate) async fn list_failed(
     post,
     path = "/operations/{id}/redrive",
     tag = "operations",
-    summary = "Redrive a failed operation",
-    description = "Submits a failed operation's request again as a new operation (its `redrive_of` names the failed one, whose `redriven_by` names the new one; the failed one keeps its status). Repeating it, through any replica, answers the same new operation (`Idempotent-Replayed: true`). On a stateful route, the redrive of an operation that committed re-publishes its outbox instead of running again, so the state never changes twice.",
+    summary = "Redrive an operation that failed, expired or was cancelled",
+    description = "Submits the operation's request again as a new operation (its `redrive_of` names the old one, whose `redriven_by` names the new one; the old one keeps its status). Repeating it, through any replica, answers the same new operation (`Idempotent-Replayed: true`). On a stateful route, the redrive of an operation that committed re-publishes its outbox instead of running again, so the state never changes twice.",
     params(OperationId),
     responses(
         (status = 202, description = "The redrive (new, or found).", body = OperationView<'static>,
@@ -196,7 +199,7 @@ pub(crate) async fn list_failed(
                 ("Idempotent-Replayed" = String, description = "`true` when an earlier redrive made it."),
             )),
         (status = 404, description = "No such operation (or not yours).", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "`not-redrivable`: the operation did not fail (it is pending, succeeded, expired or cancelled), its route is gone, its retention ends within the route's timeout (a redrive could outlive what it reads), or its `Callback-Url` is no longer allowed.", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`not-redrivable`: the operation is pending or succeeded, its route is gone, its retention ends within the route's timeout (a redrive could outlive what it reads), or its `Callback-Url` is no longer allowed.", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "`quota-exceeded`: the tenant is at a quota.", body = Problem, content_type = "application/problem+json"),
         (status = 507, description = "`insufficient-storage`: the requests stream is full.", body = Problem, content_type = "application/problem+json"),
     )
@@ -264,7 +267,9 @@ async fn redrive(
     request_body(content = BulkFilter, content_type = "application/json"),
     responses(
         (status = 200, description = "What was redriven.", body = BulkRedrive),
-        (status = 400, description = "`bad-body`: not a JSON filter, an unknown route, or a bad `limit`.", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "`bad-filter`: not a JSON object, an unknown field or route, or a bad `cursor` or `limit`.", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload-too-large`: a filter over 4 KiB.", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported-media-type`: the filter is not sent as JSON (or is content-coded).", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`filter-required`: no `route`.", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -272,22 +277,27 @@ pub(crate) async fn redrive_failed(
     State(state): State<AppState>,
     _admitted: Admission,
     Tenant(tenant): Tenant,
-    body: Bytes,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    let filter: BulkFilter =
-        serde_json::from_slice(&body).map_err(|e| ApiError::BadBody(e.to_string()))?;
+    let filter = read_filter(&headers, body).await?;
     let route = filter.route.filter(|r| !r.is_empty()).ok_or_else(|| {
         ApiError::FilterRequired(
             "name the `route` whose failed operations to redrive; a redrive of every route at once is refused".to_owned(),
         )
     })?;
-    if !route_name(&route) || !state.ops.has_route(&route) {
-        return Err(ApiError::BadBody(format!("there is no route {route:?}")));
+    if !route_name(&route) {
+        return Err(ApiError::BadFilter(
+            "`route` is a route name: 1-64 of a-z, 0-9, '-', '_'".to_owned(),
+        ));
     }
-    let limit = limit(filter.limit).map_err(ApiError::BadBody)?;
+    if !state.ops.has_route(&route) {
+        return Err(ApiError::BadFilter(format!("there is no route {route:?}")));
+    }
+    let limit = limit(filter.limit).map_err(ApiError::BadFilter)?;
     let page = state
         .ops
-        .failed(&tenant, &route, filter.cursor, limit)
+        .failed(&tenant, &route, filter.cursor.unwrap_or(0), limit)
         .await?;
     let (mut redriven, mut skipped, mut stopped) = (Vec::new(), Vec::new(), None);
     let mut next_cursor = page.next;
@@ -325,4 +335,41 @@ pub(crate) async fn redrive_failed(
         next_cursor,
     };
     Ok((StatusCode::OK, Json(body)).into_response())
+}
+
+/// The longest filter a bulk redrive reads; a filter is a few short fields.
+const MAX_FILTER_BYTES: usize = 4096;
+
+/// Reads a bulk redrive's filter: a JSON object (`application/json` or a `+json` type, no
+/// content coding) of at most [`MAX_FILTER_BYTES`]. Errors name what is wrong without echoing
+/// what was sent at length.
+async fn read_filter(headers: &HeaderMap, body: Body) -> Result<BulkFilter, ApiError> {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(is_json);
+    let coded = headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    if !json || coded {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let bytes = axum::body::to_bytes(body, MAX_FILTER_BYTES)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge {
+            limit: MAX_FILTER_BYTES,
+        })?;
+    let short = |e: serde_json::Error| {
+        let mut why = e.to_string();
+        why.truncate(200);
+        ApiError::BadFilter(why)
+    };
+    let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(short)?;
+    if !value.is_object() {
+        return Err(ApiError::BadFilter(
+            "the filter is a JSON object: {\"route\": ..., \"cursor\": ..., \"limit\": ...}"
+                .to_owned(),
+        ));
+    }
+    serde_json::from_value(value).map_err(short)
 }

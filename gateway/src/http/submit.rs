@@ -405,7 +405,7 @@ fn content_type(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 
 /// Whether a media type is JSON: `application/json`, or any `+json` structured syntax suffix
 /// (RFC 6839 section 3.1), parameters aside.
-fn is_json(content_type: &str) -> bool {
+pub(super) fn is_json(content_type: &str) -> bool {
     content_type.parse::<mime::Mime>().is_ok_and(|m| {
         (m.type_() == mime::APPLICATION && m.subtype() == mime::JSON)
             || m.suffix() == Some(mime::JSON)

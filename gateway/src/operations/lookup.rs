@@ -42,7 +42,7 @@ pub async fn lookup(
     };
     operation.result = store.result(&operation, early?).await?;
     settle(store, &mut operation).await?;
-    if operation.status() == Status::Failed {
+    if operation.status().is_redrivable() {
         // Its redrive, if any: the request on the key derived from this id.
         let token = key_token(tenant, operation.route(), &redrive_key(operation_id));
         if let Some(message) = store.request_on_route(operation.route(), &token).await? {

@@ -64,6 +64,11 @@ impl Status {
     pub fn is_terminal(self) -> bool {
         !matches!(self, Status::Scheduled | Status::Pending)
     }
+
+    /// Whether an operation in this status may be redriven: it ended, and not in success.
+    pub fn is_redrivable(self) -> bool {
+        self.is_terminal() && self != Status::Succeeded
+    }
 }
 
 /// A result as stored: the record and when it was stored.

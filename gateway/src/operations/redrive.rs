@@ -48,9 +48,9 @@ const MAX_SCANNED_PER_ITEM: usize = 4;
 /// Why an operation cannot be redriven.
 #[derive(Debug, thiserror::Error)]
 pub enum RedriveError {
-    /// Only a failed operation can be redriven (one that succeeded, expired or was cancelled
-    /// cannot, nor one still running).
-    #[error("operation {id} is {}, not failed: only a failed operation can be redriven", status.name())]
+    /// Only an operation that ended other than in success (failed, expired, cancelled) can be
+    /// redriven: not one that succeeded, nor one still running.
+    #[error("operation {id} is {}: only a failed, expired or cancelled operation can be redriven", status.name())]
     NotFailed { id: String, status: Status },
     /// The operation's route is no longer in the routes file.
     #[error("operation {id} is on route {route:?}, which this gateway no longer serves")]
@@ -246,9 +246,27 @@ pub async fn prepare_found(
     routes: &[RouteConfig],
     original: Operation,
 ) -> Result<Option<Redrive>, RedriveError> {
+    let route = original.route().to_owned();
+    let prepared = prepare_checked(store, routes, original).await;
+    if let Err(
+        RedriveError::NotFailed { .. }
+        | RedriveError::RouteGone { .. }
+        | RedriveError::TooLate { .. },
+    ) = &prepared
+    {
+        metrics::counter!(REDRIVES, "route" => route, "outcome" => "refused").increment(1);
+    }
+    prepared
+}
+
+async fn prepare_checked(
+    store: &Store,
+    routes: &[RouteConfig],
+    original: Operation,
+) -> Result<Option<Redrive>, RedriveError> {
     let id = original.id().to_owned();
     let status = original.status();
-    if status != Status::Failed {
+    if !status.is_redrivable() {
         return Err(RedriveError::NotFailed { id, status });
     }
     let Some(route) = routes.iter().find(|r| r.name == original.route()) else {
