@@ -363,6 +363,22 @@ impl Subjects {
     pub fn request_any_route(&self, key_token: &str) -> String {
         format!("{}.req.*.{key_token}", self.prefix)
     }
+
+    /// All batch records (the requests stream's second subject filter). A batch record is
+    /// written by the gateway in the same atomic batch as its requests; workers never read it.
+    pub fn all_batches(&self) -> String {
+        format!("{}.batch.>", self.prefix)
+    }
+
+    /// The record of the batch of key token `key_token` on `route`.
+    pub fn batch(&self, route: &str, key_token: &str) -> String {
+        format!("{}.batch.{route}.{key_token}", self.prefix)
+    }
+
+    /// The record of a batch key token on whatever route.
+    pub fn batch_any_route(&self, key_token: &str) -> String {
+        format!("{}.batch.*.{key_token}", self.prefix)
+    }
 }
 
 impl Default for Subjects {

@@ -46,11 +46,11 @@ use serde::de::DeserializeOwned;
 
 use async_nats::jetstream::message::PublishMessage;
 
-use crate::contract::{Outcome, Request, RequestHead, ResultRecord, err_code};
+use crate::contract::{Outcome, Request, RequestHead, ResultRecord};
 use crate::handler::{BoxFuture, HandlerError, Response};
 use crate::jetstream::{
-    CreateOutcome, JetStreamError, ResultWrite, create_if_absent, last_on_subject_from_leader,
-    publish_result,
+    BatchOutcome, CreateOutcome, JetStreamError, ResultWrite, create_if_absent,
+    last_on_subject_from_leader, publish_atomic_batch, publish_result,
 };
 
 /// The worker-owned stream that holds state and markers.
@@ -342,31 +342,11 @@ impl StateStore {
             marker,
             Bytes::from(outbox),
         ));
-        let count = messages.len();
-        for (index, (subject, mut headers, payload)) in messages.into_iter().enumerate() {
-            headers.insert("Nats-Batch-Id", batch_id.as_str());
-            headers.insert("Nats-Batch-Sequence", (index + 1).to_string().as_str());
-            if index + 1 < count {
-                client
-                    .publish_with_headers(subject, headers, payload)
-                    .await
-                    .map_err(|e| StateError::Commit(e.to_string()))?;
-                continue;
-            }
-            headers.insert("Nats-Batch-Commit", "1");
-            let answer = client
-                .request_with_headers(subject, headers, payload)
-                .await
-                .map_err(|e| StateError::Commit(e.to_string()))?;
-            let v: serde_json::Value = serde_json::from_slice(&answer.payload)
-                .map_err(|e| StateError::Commit(e.to_string()))?;
-            return match v["error"]["err_code"].as_u64() {
-                None if v["batch"].is_string() => Ok(true),
-                Some(err_code::WRONG_LAST_SEQUENCE) => Ok(false),
-                _ => Err(StateError::Commit(v.to_string())),
-            };
+        match publish_atomic_batch(&client, &batch_id, messages).await {
+            Ok(BatchOutcome::Committed) => Ok(true),
+            Ok(BatchOutcome::Refused) => Ok(false),
+            Err(e) => Err(StateError::Commit(e.to_string())),
         }
-        unreachable!("a batch always has the marker")
     }
 }
 

@@ -18,6 +18,11 @@ pub async fn json(response: reqwest::Response) -> serde_json::Value {
     response.json().await.expect("JSON body")
 }
 
+/// `GET {base}{path}`: any resource of the gateway.
+pub async fn get_path(base: &str, path: &str) -> reqwest::Response {
+    get(&format!("{base}{path}")).await
+}
+
 /// `GET {base}/operations/{id}`: the status resource.
 pub async fn get_operation(base: &str, id: &str) -> reqwest::Response {
     get(&format!("{base}/operations/{id}")).await

@@ -35,8 +35,8 @@ pub use gateways::{
     log_field, wait_until_ready,
 };
 pub use http::{
-    Submit, assert_monotonic, assert_problem, get_operation, get_result, http, id_of, json,
-    location, poll_until_terminal, quoted, submit,
+    Submit, assert_monotonic, assert_problem, get_operation, get_path, get_result, http, id_of,
+    json, location, poll_until_terminal, quoted, submit,
 };
 pub use nats::{Nats, nats_server_bin, signal_process};
 pub use streams::{duplicate_request, rewritten_request, stream_messages};

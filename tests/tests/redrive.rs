@@ -39,18 +39,6 @@ timeout = "1s"
 const WAIT: Duration = Duration::from_secs(30);
 
 /// Messages a stream holds.
-async fn messages(nats: &Nats, stream: &str) -> u64 {
-    let js = nats.jetstream().await;
-    js.get_stream(stream)
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .state
-        .messages
-}
-
 async fn status_of(base: &str, id: &str) -> serde_json::Value {
     poll_until_terminal(base, id, WAIT).await;
     json(get_operation(base, id).await).await
@@ -105,7 +93,7 @@ async fn a_failed_operation_is_listed_and_redriven_once_linked_both_ways() {
 
     // Refused without writing: a bulk redrive without a filter, a client key in the gateway's
     // own space, a list without `status=failed`.
-    let before = messages(&nats, DEFAULT_REQUESTS_STREAM).await;
+    let before = stream_messages(&nats.jetstream().await, DEFAULT_REQUESTS_STREAM).await;
     let r = http()
         .post(format!("{base}/operations/redrive"))
         .json(&serde_json::json!({}))
@@ -171,7 +159,10 @@ async fn a_failed_operation_is_listed_and_redriven_once_linked_both_ways() {
     ] {
         assert_problem(bulk(content_type, body).await.unwrap(), status, slug).await;
     }
-    assert_eq!(messages(&nats, DEFAULT_REQUESTS_STREAM).await, before);
+    assert_eq!(
+        stream_messages(&nats.jetstream().await, DEFAULT_REQUESTS_STREAM).await,
+        before
+    );
 
     // The redrive: a new operation, linked both ways; again, the same one.
     broken.store(false, Ordering::SeqCst);
@@ -292,7 +283,7 @@ async fn a_redrive_too_close_to_the_end_of_the_retention_is_refused() {
     let closes = created + Duration::from_secs(2);
     let left = closes - time::OffsetDateTime::now_utc();
     tokio::time::sleep(left.unsigned_abs() + Duration::from_millis(200)).await;
-    let before = messages(&nats, DEFAULT_REQUESTS_STREAM).await;
+    let before = stream_messages(&nats.jetstream().await, DEFAULT_REQUESTS_STREAM).await;
     let r = http()
         .post(format!("{base}/operations/{id}/redrive"))
         .send()
@@ -306,7 +297,10 @@ async fn a_redrive_too_close_to_the_end_of_the_retention_is_refused() {
             .contains("kept only until"),
         "{problem}"
     );
-    assert_eq!(messages(&nats, DEFAULT_REQUESTS_STREAM).await, before);
+    assert_eq!(
+        stream_messages(&nats.jetstream().await, DEFAULT_REQUESTS_STREAM).await,
+        before
+    );
 }
 
 /// A stateful handler that commits (the counter goes up, an audit message is emitted) and
@@ -360,7 +354,7 @@ async fn a_stateful_redrive_of_a_committed_operation_changes_the_state_once() {
             .expect("counter stored");
     assert_eq!(serde_json::from_slice::<u64>(&counter.payload).unwrap(), 1);
     // Re-published with the original id: JetStream's duplicate window keeps one.
-    assert_eq!(messages(&nats, "AUDIT").await, 1);
+    assert_eq!(stream_messages(&nats.jetstream().await, "AUDIT").await, 1);
 }
 
 /// A redrive that is cancelled (or expires) does not end the story: the cancelled operation is

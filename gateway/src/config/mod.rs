@@ -173,6 +173,13 @@ pub struct ClientLimits {
     /// Burst a tenant may send above its rate (default: the rate).
     #[arg(long, env = "GATEWAY_TENANT_BURST", default_value_t = 0)]
     pub tenant_burst: u32,
+    /// Items a batch submit (`POST /batches`) may carry, 1 to 999 (nats-server 2.15.1 takes at
+    /// most 1,000 messages in an atomic batch, the batch's record included); more: 400.
+    #[arg(long, env = "GATEWAY_MAX_BATCH_ITEMS", default_value_t = 999, value_parser = clap::value_parser!(u16).range(1..=999))]
+    pub max_batch_items: u16,
+    /// Bytes a batch submit's JSON body may take, as `8388608` or `8MiB`; more: 413.
+    #[arg(long, env = "GATEWAY_MAX_BATCH_BYTES", default_value = "8MiB")]
+    pub max_batch_bytes: ByteSize,
 }
 
 /// The webhooks' slice: who may be called back, how deliveries are signed and retried.

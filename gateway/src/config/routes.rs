@@ -402,7 +402,13 @@ pub fn validate_schedules(
 const MAX_RETENTION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// Paths the gateway serves itself; no route may take them.
-const RESERVED_PREFIXES: &[&str] = &["/operations", "/livez", "/readyz", "/openapi.json"];
+const RESERVED_PREFIXES: &[&str] = &[
+    "/operations",
+    "/batches",
+    "/livez",
+    "/readyz",
+    "/openapi.json",
+];
 
 /// Reads and validates the routes file: routes, and authentication if it has an `[auth]` table.
 pub fn load_config(path: &Path) -> Result<RoutesFile, ConfigError> {

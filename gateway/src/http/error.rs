@@ -14,7 +14,7 @@ use crate::config::schema::BodyError;
 use crate::metrics::{JETSTREAM_ERRORS, SHED};
 use crate::operations::idempotency::KeyError;
 use crate::operations::{
-    AcceptError, Operation, OperationView, QuotaExceeded, RedriveError, StoreError,
+    AcceptError, BatchError, Operation, OperationView, QuotaExceeded, RedriveError, StoreError,
 };
 
 /// An RFC 9457 problem body.
@@ -109,6 +109,17 @@ pub enum ApiError {
     /// A bulk redrive without the filter it requires.
     #[error("{0}")]
     FilterRequired(String),
+    /// A batch submit's body breaks a rule; `pointer` (a JSON Pointer) says where.
+    #[error("{detail}")]
+    BadBatch { pointer: String, detail: String },
+    /// Item `index` of a batch reuses a key of another request; nothing was written.
+    #[error("item {index}'s Idempotency-Key was already used for a different request")]
+    BatchItemKeyReused { index: usize, operation_id: String },
+    /// The batch's key names another batch.
+    #[error("the batch's Idempotency-Key was already used for a different batch")]
+    BatchKeyReused { batch_id: String },
+    #[error("no batch with this id")]
+    BatchNotFound,
     /// A bulk redrive's filter that cannot be read (not a JSON object, an unknown field or
     /// route, a bad page).
     #[error("{0}")]
@@ -196,6 +207,23 @@ impl From<AcceptError> for ApiError {
     }
 }
 
+impl From<BatchError> for ApiError {
+    fn from(e: BatchError) -> Self {
+        match e {
+            BatchError::ItemKeyReused {
+                index,
+                operation_id,
+            } => ApiError::BatchItemKeyReused {
+                index,
+                operation_id,
+            },
+            BatchError::KeyReused { batch_id } => ApiError::BatchKeyReused { batch_id },
+            BatchError::Quota(exceeded) => AcceptError::Quota(exceeded).into(),
+            BatchError::Store(e) => AcceptError::Store(e).into(),
+        }
+    }
+}
+
 impl From<RedriveError> for ApiError {
     fn from(e: RedriveError) -> Self {
         match e {
@@ -223,7 +251,9 @@ impl From<StoreError> for ApiError {
 impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
-            ApiError::RouteNotFound | ApiError::OperationNotFound => StatusCode::NOT_FOUND,
+            ApiError::RouteNotFound | ApiError::OperationNotFound | ApiError::BatchNotFound => {
+                StatusCode::NOT_FOUND
+            }
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge { .. } | ApiError::MessageTooLarge { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
@@ -236,6 +266,7 @@ impl ApiError {
             | ApiError::Key(_)
             | ApiError::CallbackNotAllowed(_)
             | ApiError::BadFilter(_)
+            | ApiError::BadBatch { .. }
             | ApiError::InvalidStart(_) => StatusCode::BAD_REQUEST,
             ApiError::TooManyStreams
             | ApiError::TooManyWaiters
@@ -246,7 +277,9 @@ impl ApiError {
             ApiError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::AlreadyFinished(_) | ApiError::NotRedrivable(_) => StatusCode::CONFLICT,
             ApiError::FilterRequired(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::KeyReused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::KeyReused { .. }
+            | ApiError::BatchItemKeyReused { .. }
+            | ApiError::BatchKeyReused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::OutcomeUnknown(_)
             | ApiError::Unavailable(_)
             | ApiError::Overloaded
@@ -289,6 +322,12 @@ impl ApiError {
             ApiError::NotRedrivable(_) => ("not-redrivable", "Operation cannot be redriven"),
             ApiError::FilterRequired(_) => ("filter-required", "A bulk redrive needs a filter"),
             ApiError::BadFilter(_) => ("bad-filter", "Invalid redrive filter"),
+            ApiError::BadBatch { .. } => ("bad-batch", "Invalid batch"),
+            ApiError::BatchItemKeyReused { .. } | ApiError::BatchKeyReused { .. } => (
+                "idempotency-key-reused",
+                "Idempotency-Key reused with a different request",
+            ),
+            ApiError::BatchNotFound => ("batch-not-found", "Batch not found"),
             ApiError::Key(KeyError::Missing) => {
                 ("idempotency-key-missing", "Idempotency-Key required")
             }
@@ -368,6 +407,7 @@ impl ApiError {
             detail: self.detail(),
             operation_id: match self {
                 ApiError::KeyReused { operation_id } => operation_id.clone(),
+                ApiError::BatchItemKeyReused { operation_id, .. } => Some(operation_id.clone()),
                 _ => None,
             },
             operation: match self {
@@ -390,6 +430,17 @@ impl ApiError {
                         })
                         .collect(),
                 ),
+                ApiError::BadBatch { pointer, detail } => Some(vec![ProblemDetail {
+                    pointer: format!(
+                        "#{}",
+                        percent_encoding::utf8_percent_encode(pointer, FRAGMENT)
+                    ),
+                    detail: detail.clone(),
+                }]),
+                ApiError::BatchItemKeyReused { index, .. } => Some(vec![ProblemDetail {
+                    pointer: format!("#/items/{index}/idempotency_key"),
+                    detail: "used before for a different request".to_owned(),
+                }]),
                 _ => None,
             },
         }

@@ -11,6 +11,7 @@
 //! [`openapi`], and [`server`] (the hyper loop with its connection caps).
 
 pub mod auth;
+mod batches;
 mod body;
 pub mod error;
 mod events;

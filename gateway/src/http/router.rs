@@ -15,6 +15,7 @@ use tower_http::timeout::RequestBodyDeadlineLayer;
 use tower_http::trace::TraceLayer;
 
 use super::auth::Tenant;
+use super::batches::{get_batch, submit_batch};
 use super::error::ApiError;
 use super::events::operation_events;
 use super::failed::{list_failed, redrive_failed, redrive_operation};
@@ -64,6 +65,8 @@ pub fn router(state: AppState, routes: &[RouteConfig]) -> Result<Router, ConfigE
         by_path.insert(&route.path, methods.on(filter, handler));
     }
     let mut guarded = Router::new()
+        .route("/batches", post(submit_batch))
+        .route("/batches/{id}", get(get_batch))
         .route("/operations", get(list_failed))
         .route("/operations/redrive", post(redrive_failed))
         .route("/operations/{id}/redrive", post(redrive_operation))

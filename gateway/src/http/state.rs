@@ -76,6 +76,9 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Seconds in `Retry-After` on 503 and 429 answers.
     pub retry_after_secs: u64,
+    /// Items a batch submit may carry, and bytes its body may take.
+    pub max_batch_items: usize,
+    pub max_batch_bytes: usize,
 }
 
 /// Where a client's `Callback-Url` may point.
@@ -121,6 +124,8 @@ impl AppState {
                 max_headers: limits.max_headers,
                 max_header_bytes: limits.max_header_bytes,
                 retry_after_secs: settings.retry_after_secs,
+                max_batch_items: limits.max_batch_items.into(),
+                max_batch_bytes: limits.max_batch_bytes.0,
             },
             callbacks: Callbacks {
                 allow: settings.webhooks.callback_allow.clone().into(),

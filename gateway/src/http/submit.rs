@@ -55,14 +55,18 @@ pub(super) async fn submit(
         None => idempotency::assign_key(),
     };
     let key_header = header_value(&idempotency::format_key(&key));
-    let mut response = match submit_with_key(state, route, tenant, key, request).await {
-        Ok(response) => response,
-        Err(error) => error.into_response(),
-    };
+    let answer = submit_with_key(state, route, tenant, key, request).await;
+    Ok(with_key(key_header, answer))
+}
+
+/// An answer given once the key is known, errors included, with the key in effect
+/// (`Idempotency-Key`): a client that sent none learns the one assigned, for its retry.
+pub(super) fn with_key(key: HeaderValue, answer: Result<Response, ApiError>) -> Response {
+    let mut response = answer.unwrap_or_else(IntoResponse::into_response);
     response
         .headers_mut()
-        .insert(HeaderName::from_static(idempotency::HEADER), key_header);
-    Ok(response)
+        .insert(HeaderName::from_static(idempotency::HEADER), key);
+    response
 }
 
 async fn submit_with_key(
@@ -183,22 +187,7 @@ async fn read_submission(
         Some(value) => Some(allowed_callback(state, tenant, value).await?),
         None => None,
     };
-    // The worker continues this request's span: the trace crosses the async hop.
-    let trace = handlers::trace::outgoing(&tracing::Span::current(), &parts.headers);
-    let forwarded = state
-        .forward_headers
-        .iter()
-        .filter(|name| !handlers::trace::TRACE_HEADERS.contains(&name.as_str()))
-        .flat_map(|name| {
-            parts
-                .headers
-                .get_all(name)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .map(|v| (name.as_str().to_owned(), v.to_owned()))
-        })
-        .chain(trace)
-        .collect();
+    let forwarded = forwarded(state, &parts.headers);
     Ok(ReadSubmission {
         preferences,
         content_type,
@@ -207,6 +196,25 @@ async fn read_submission(
         start,
         forwarded,
     })
+}
+
+/// The request headers on the forward allow-list, plus the trace context: the worker continues
+/// this request's span, so the trace crosses the async hop.
+pub(super) fn forwarded(state: &AppState, headers: &HeaderMap) -> Vec<(String, String)> {
+    let trace = handlers::trace::outgoing(&tracing::Span::current(), headers);
+    state
+        .forward_headers
+        .iter()
+        .filter(|name| !handlers::trace::TRACE_HEADERS.contains(&name.as_str()))
+        .flat_map(|name| {
+            headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .map(|v| (name.as_str().to_owned(), v.to_owned()))
+        })
+        .chain(trace)
+        .collect()
 }
 
 /// When a submission may start: `Delay` (delta-seconds, as `Retry-After`'s, RFC 9110 section

@@ -16,6 +16,7 @@
 //!   `Retry-After`).
 
 mod accept;
+mod batch;
 mod destination;
 mod finalizer;
 pub mod idempotency;
@@ -38,6 +39,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use accept::{AcceptError, Accepted, RequestMessage, Start, Submission};
+pub use batch::{Batch, BatchAccepted, BatchError, BatchSubmission, MAX_BATCH_ITEMS};
 pub use destination::{DestinationError, check_destination};
 pub use lookup::{Cancellation, WakeOn};
 pub use model::{DeliveryState, Operation, ProgressState, RetryView, Status, StoredResult};
@@ -212,6 +214,21 @@ impl Operations {
         accept::accept(&self.store, self.quotas.as_deref(), submission).await
     }
 
+    /// Accepts a batch of submissions as one atomic write, all or none, or finds the batch it
+    /// repeats (see [`batch`]).
+    pub async fn accept_batch(
+        &self,
+        batch: BatchSubmission<'_>,
+    ) -> Result<BatchAccepted, BatchError> {
+        batch::accept_batch(&self.store, self.quotas.as_deref(), batch).await
+    }
+
+    /// The batch `id` of `tenant`; `None` when there is none (or no longer, or another
+    /// tenant's).
+    pub async fn find_batch(&self, tenant: &str, id: &str) -> Result<Option<Batch>, StoreError> {
+        batch::find_batch(&self.store, tenant, id).await
+    }
+
     /// The operation `id` of `tenant`, with expiry settled; `None` when there is no such
     /// operation, no longer one (retention), or it is another tenant's.
     pub async fn find(&self, tenant: &str, id: &str) -> Result<Option<Operation>, StoreError> {
@@ -244,7 +261,12 @@ impl Operations {
 
     /// Whether the routes file has route `name`.
     pub fn has_route(&self, name: &str) -> bool {
-        self.routes.iter().any(|r| r.name == name)
+        self.route(name).is_some()
+    }
+
+    /// Route `name` as the routes file says.
+    pub fn route(&self, name: &str) -> Option<&RouteConfig> {
+        self.routes.iter().find(|r| r.name == name)
     }
 
     /// Checks that failed operation `id` of `tenant` can be redriven and reads what its redrive

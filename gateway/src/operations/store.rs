@@ -102,8 +102,7 @@ impl StoreError {
 
     /// The stream (or JetStream's storage) had no room: nothing was written.
     pub fn is_store_full(&self) -> bool {
-        matches!(self, StoreError::JetStream(JetStreamError::Publish { source, .. })
-            if handlers::jetstream::store_full(source))
+        matches!(self, StoreError::JetStream(e) if e.is_store_full())
     }
 }
 
@@ -515,8 +514,10 @@ impl Store {
         // (one result and its marker, a few event records each), and a full results stream
         // would refuse replies to work already accepted; the events stream discards old
         // records, which a limit would evict.
+        // Atomic batches: a batch submit is one (its requests and its record, all or none).
         let requests = Config {
             max_bytes: plan.max_bytes,
+            allow_atomic_publish: true,
             ..base.clone()
         };
         // A result removed while its request lives (a worker's shorter `Nats-TTL`) leaves
@@ -550,9 +551,9 @@ impl Store {
         let streams = [
             (
                 &self.requests_stream,
-                vec![self.subjects.all_requests()],
+                vec![self.subjects.all_requests(), self.subjects.all_batches()],
                 &requests,
-                "Requests accepted by the HTTP gateway, one per idempotency key.",
+                "Requests accepted by the HTTP gateway, one per idempotency key, and batch records.",
             ),
             (
                 &self.results_stream,
@@ -744,6 +745,27 @@ impl Store {
         let found = last_matching(&self.client, &self.requests_stream, &pattern).await?;
         self.confirm_miss(found, &self.requests_stream, &pattern)
             .await
+    }
+
+    /// The record of a batch key token on whatever route, confirmed with the leader on a miss
+    /// (as requests are).
+    pub async fn batch_record(&self, key_token: &str) -> Result<Option<StreamMessage>, StoreError> {
+        self.ensure_provisioned()?;
+        let pattern = self.subjects.batch_any_route(key_token);
+        let found = last_matching(&self.client, &self.requests_stream, &pattern).await?;
+        self.confirm_miss(found, &self.requests_stream, &pattern)
+            .await
+    }
+
+    /// Publishes `messages` (requests and a batch record) as one atomic batch on the requests
+    /// stream (see `handlers::jetstream::publish_atomic_batch`).
+    pub async fn publish_batch(
+        &self,
+        batch_id: &str,
+        messages: Vec<(String, HeaderMap, Bytes)>,
+    ) -> Result<handlers::jetstream::BatchOutcome, StoreError> {
+        self.ensure_provisioned()?;
+        Ok(handlers::jetstream::publish_atomic_batch(&self.client, batch_id, messages).await?)
     }
 
     /// The request stored for a key token on whatever route, read from the stream leader. For a
