@@ -61,7 +61,8 @@
 //! marker gone and run again: that is [`Variant::ShortMarkerTtl`]'s fault).
 //!
 //! What the model leaves out: more than one operation (so lost updates between operations sharing a
-//! state key), the HTTP layer, stream configuration and retention changes, replicated-stream
+//! state key, and batch submits: a batch's requests are ordinary requests written together by one
+//! JetStream atomic batch, whose all-or-nothing is the server's and is tested against it), the HTTP layer, stream configuration and retention changes, replicated-stream
 //! anomalies, and message sizes.
 
 use std::hash::Hash;
