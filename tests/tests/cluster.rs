@@ -682,3 +682,142 @@ async fn delayed_starts_and_schedule_ticks_survive_a_leader_kill() {
         .collect();
     assert!(missing.is_empty(), "ticks lost: {missing:?} of {ticks:?}");
 }
+
+const BATCH_ROUTES: &str = r#"
+[[route]]
+name = "orders"
+method = "POST"
+path = "/orders"
+retention = "1h"
+"#;
+
+/// How many of batch `batch`'s `items` requests the requests stream holds, read through
+/// `client` (connected to every node) once a node answers.
+async fn batch_items_stored(client: &async_nats::Client, batch: usize, items: usize) -> usize {
+    let subjects: Vec<String> = (0..items)
+        .map(|j| {
+            let token = gateway::operations::idempotency::key_token(
+                "default",
+                "orders",
+                &format!("b{batch}-{j}"),
+            );
+            format!("gw.req.orders.{token}")
+        })
+        .collect();
+    eventually(
+        &format!("batch {batch}'s items read"),
+        Duration::from_secs(30),
+        || async {
+            let mut stored = 0;
+            for subject in &subjects {
+                let found =
+                    handlers::jetstream::last_on_subject(client, DEFAULT_REQUESTS_STREAM, subject)
+                        .await
+                        .ok()?;
+                stored += usize::from(found.is_some());
+            }
+            Some(stored)
+        },
+    )
+    .await
+}
+
+/// Sends batch `i` until it is accepted (the same key each time, alternating gateways), and
+/// after every attempt that is not accepted checks that it left all of the batch or none.
+/// Returns the attempts refused.
+async fn send_batch_until_accepted(
+    http: &reqwest::Client,
+    gateways: &[String; 2],
+    client: &async_nats::Client,
+    i: usize,
+    items: usize,
+) -> usize {
+    let body = serde_json::json!({
+        "route": "orders",
+        "items": (0..items)
+            .map(|j| serde_json::json!({"idempotency_key": format!("b{i}-{j}"), "body": {"n": j}}))
+            .collect::<Vec<_>>(),
+    });
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for attempt in 0.. {
+        let base = &gateways[(i + attempt) % 2];
+        let answer = http
+            .post(format!("{base}/batches"))
+            .header("idempotency-key", format!("\"batch-{i}\""))
+            .json(&body)
+            .send()
+            .await;
+        if answer.as_ref().is_ok_and(|r| r.status() == 202) {
+            return attempt;
+        }
+        let stored = batch_items_stored(client, i, items).await;
+        assert!(
+            stored == 0 || stored == items,
+            "batch {i}: a refused attempt left {stored} of {items} items"
+        );
+        assert!(Instant::now() < deadline, "batch {i} never accepted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    unreachable!()
+}
+
+/// Batch submits in four lanes through two gateways while the requests stream's leader is
+/// killed (and restarted): every attempt that is not accepted left all of its batch or none of
+/// it (never a partial batch), every batch is accepted in the end by retrying it with its key,
+/// and the stream then holds each batch's items and record exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_are_all_or_nothing_through_a_leader_kill() {
+    const BATCHES: usize = 40;
+    const ITEMS: usize = 20;
+    const LANES: usize = 4;
+    let mut cluster = NatsCluster::start(3).await;
+    let (_a, _b, gateways) = two_gateways(&cluster, BATCH_ROUTES).await;
+    let before = messages_in(&cluster, DEFAULT_REQUESTS_STREAM).await;
+    let client = cluster.client_any().await;
+    let lanes: Vec<_> = (0..LANES)
+        .map(|lane| {
+            let (gateways, client, http) = (gateways.clone(), client.clone(), http());
+            tokio::spawn(async move {
+                let mut refused = 0;
+                for i in (lane..BATCHES).step_by(LANES) {
+                    refused += send_batch_until_accepted(&http, &gateways, &client, i, ITEMS).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                refused
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let leader = cluster
+        .stream_leader(DEFAULT_REQUESTS_STREAM)
+        .await
+        .expect("a leader");
+    cluster.kill(leader).await;
+    eprintln!("killed the requests stream's leader n{leader} with batches in flight");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    cluster.restart(leader).await;
+    let mut refused = 0;
+    for lane in lanes {
+        refused += lane.await.expect("a lane");
+    }
+    cluster
+        .wait_stream_healthy(DEFAULT_REQUESTS_STREAM, Duration::from_secs(30))
+        .await;
+    for i in 0..BATCHES {
+        assert_eq!(
+            batch_items_stored(&client, i, ITEMS).await,
+            ITEMS,
+            "batch {i}"
+        );
+    }
+    let after = messages_in(&cluster, DEFAULT_REQUESTS_STREAM).await;
+    eprintln!(
+        "{BATCHES} batches of {ITEMS}: {refused} attempts refused, none left a partial batch; {} messages stored",
+        after - before
+    );
+    assert_eq!(
+        after - before,
+        (BATCHES * (ITEMS + 1)) as u64,
+        "each batch's items and record exactly once"
+    );
+}
