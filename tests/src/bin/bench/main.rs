@@ -357,8 +357,90 @@ async fn main() -> anyhow::Result<()> {
         peak as f64 / 1e6
     );
 
+    batch_vs_singles(a, &pids, c, &mut report).await?;
+
     report.write(&o.out)?;
     eprintln!("wrote {}", o.out.display());
+    Ok(())
+}
+
+/// Items of a measured batch: the most one may have.
+const BATCH_ITEMS: usize = gateway::operations::MAX_BATCH_ITEMS;
+/// Batches (and as many rounds of single submits) measured.
+const BATCH_ROUNDS: usize = 5;
+
+/// A batch of 999 × 256 B against 999 single submits of the same requests (`concurrency` at a
+/// time), each side `BATCH_ROUNDS` times: wall time and CPU per item (gateway and nats-server),
+/// both through one reqwest client.
+async fn batch_vs_singles(
+    gateway: std::net::SocketAddr,
+    pids: &[(&'static str, u32)],
+    concurrency: usize,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    let base = format!("http://{gateway}");
+    let body = String::from_utf8(payload(256).to_vec())?;
+    let item_body = serde_json::json!({ "data": body });
+    let started = std::time::Instant::now();
+    let (batches, cpu) = procstat::cpu_during(pids, async {
+        let mut ok = 0;
+        for round in 0..BATCH_ROUNDS {
+            let items: Vec<_> = (0..BATCH_ITEMS)
+                .map(|i| serde_json::json!({"idempotency_key": format!("bb{round}-{i}"), "body": item_body}))
+                .collect();
+            let r = http
+                .post(format!("{base}/batches"))
+                .json(&serde_json::json!({"route": "orders", "items": items}))
+                .send()
+                .await;
+            ok += usize::from(r.is_ok_and(|r| r.status() == 202)) * BATCH_ITEMS;
+        }
+        ok
+    })
+    .await;
+    let batch_secs = started.elapsed().as_secs_f64();
+    report.cpu_per_op(
+        "gateway batch of 999 × 256 B, per item",
+        batches as u64,
+        &cpu,
+    );
+    let started = std::time::Instant::now();
+    let text = serde_json::to_string(&item_body)?;
+    let (singles, cpu) = procstat::cpu_during(pids, async {
+        futures::stream::iter(0..BATCH_ROUNDS * BATCH_ITEMS)
+            .map(|i| {
+                let (http, base, text) = (&http, &base, &text);
+                async move {
+                    let r = http
+                        .post(format!("{base}/orders"))
+                        .header("idempotency-key", format!("\"bs-{i}\""))
+                        .header("content-type", "application/json")
+                        .body(text.clone())
+                        .send()
+                        .await;
+                    usize::from(r.is_ok_and(|r| r.status() == 202))
+                }
+            })
+            .buffer_unordered(concurrency)
+            .fold(0, |sum, ok| async move { sum + ok })
+            .await
+    })
+    .await;
+    let singles_secs = started.elapsed().as_secs_f64();
+    report.cpu_per_op(
+        "gateway single submits × 256 B, per item",
+        singles as u64,
+        &cpu,
+    );
+    let per_item = |secs: f64, n: usize| secs * 1e6 / n.max(1) as f64;
+    report.set("batch_items_ok", batches as f64);
+    report.set("batch_wall_us_per_item", per_item(batch_secs, batches));
+    report.set("singles_items_ok", singles as f64);
+    report.set("singles_wall_us_per_item", per_item(singles_secs, singles));
+    eprintln!(
+        "batches of {BATCH_ITEMS}: {batches} items in {batch_secs:.2} s; single submits ({concurrency} at a time): {singles} in {singles_secs:.2} s"
+    );
     Ok(())
 }
 

@@ -194,6 +194,36 @@ impl Report {
                 mb <= 20.0,
             ));
         }
+        let cpu_total = |phase: &str| {
+            self.cpu_us_per_op.get(phase).map(|per| {
+                per.iter()
+                    .filter(|(n, _)| *n != "load generator")
+                    .map(|(_, us)| us)
+                    .sum::<f64>()
+            })
+        };
+        if let (Some(batch), Some(single)) = (
+            cpu_total("gateway batch of 999 × 256 B, per item"),
+            cpu_total("gateway single submits × 256 B, per item"),
+        ) {
+            rows.push((
+                "a 999-item batch vs 999 single submits: CPU per item, gateway + nats-server"
+                    .into(),
+                format!("{batch:.1} µs vs {single:.1} µs"),
+                "batch < singles",
+                batch < single,
+            ));
+        }
+        if let (Some(batch), Some(single)) =
+            (v("batch_wall_us_per_item"), v("singles_wall_us_per_item"))
+        {
+            rows.push((
+                "… wall time per item".into(),
+                format!("{batch:.1} µs vs {single:.1} µs"),
+                "batch < singles",
+                batch < single,
+            ));
+        }
         if let (Some(shed), Some(missing)) = (v("overload_shed"), v("overload_missing")) {
             rows.push((
                 "overload at 2x peak: shed with Retry-After, no 202 without its message".into(),
