@@ -134,10 +134,12 @@ pub async fn run(
         replicas: settings.jetstream.stream_replicas,
         duplicate_window: settings.jetstream.duplicate_window,
         max_retention: routes.iter().map(|r| r.retention).max().unwrap_or_default(),
+        // What travels in a message: a body up to `inline_max` where a route has one.
         body_limits: routes
             .iter()
-            .map(|r| (r.name.clone(), r.max_body.0))
+            .map(|r| (r.name.clone(), r.inline_max.unwrap_or(r.max_body).0))
             .collect(),
+        bodies: routes.iter().any(|r| r.inline_max.is_some()),
         max_bytes: settings.jetstream.stream_max_bytes,
     };
     let background = Background {

@@ -289,6 +289,7 @@ proptest! {
                 query: p.2.as_deref(),
                 content_type: p.3.as_deref(),
                 body: &p.4,
+                body_digest: None,
                 callback_url: None,
                 start: None,
             }
@@ -1225,6 +1226,7 @@ proptest! {
             requested_callback_url: with_callback.then(|| "https://hooks.example/cb".to_owned()),
             start: Default::default(),
             redrive_of: None,
+            body_object: None,
             body: Bytes::from(body.clone()),
         };
         let deadline = now().checked_add(time::Duration::try_from(loaded.timeout).unwrap_or(time::Duration::MAX));

@@ -63,10 +63,16 @@ pub enum WireContract {
     /// `Nats-TTL`) and `<prefix>.prog.<route>.<operation-id>`, all named in the request.
     #[default]
     V2,
+    /// Contract 2's layout, and the request's body is in a JetStream Object Store
+    /// ([`BodyObject`], `Gw-Body-*`) instead of the message. Only such requests are written
+    /// as 3, so workers of the release before serve every other request, and leave these
+    /// (an unknown contract) for a worker that can fetch the body.
+    V3,
 }
 
 impl WireContract {
-    /// The newest version this library reads.
+    /// The newest layout new operations are written in (a request with its body in the
+    /// Object Store is written as [`WireContract::V3`], which has this layout).
     pub const LATEST: WireContract = WireContract::V2;
 
     /// The version number as `Gw-Contract` carries it.
@@ -74,6 +80,7 @@ impl WireContract {
         match self {
             WireContract::V1 => 1,
             WireContract::V2 => 2,
+            WireContract::V3 => 3,
         }
     }
 
@@ -83,6 +90,7 @@ impl WireContract {
         match text {
             "1" => Some(WireContract::V1),
             "2" => Some(WireContract::V2),
+            "3" => Some(WireContract::V3),
             _ => None,
         }
     }
@@ -130,6 +138,13 @@ pub mod header {
     /// operation's processed marker first: if it committed, this one re-publishes its outbox
     /// instead of running the handler (the state never changes twice).
     pub const REDRIVE_OF: &str = "Gw-Redrive-Of";
+    /// Where the request's body is when it is not in the message (contract 3): the Object Store
+    /// bucket and the object's name; `Gw-Body-Size` and `Gw-Body-Digest` (`SHA-256=<base64url>`,
+    /// as the Object Store writes digests) say what a reader must find there.
+    pub const BODY_BUCKET: &str = "Gw-Body-Bucket";
+    pub const BODY_OBJECT: &str = "Gw-Body-Object";
+    pub const BODY_SIZE: &str = "Gw-Body-Size";
+    pub const BODY_DIGEST: &str = "Gw-Body-Digest";
     /// Seconds the gateway keeps the request, status and result; under contract 1 workers set the
     /// same TTL on replies.
     pub const RETENTION: &str = "Gw-Retention";
@@ -301,7 +316,7 @@ impl Subjects {
                 reply_stream: None,
                 progress_subject: None,
             },
-            WireContract::V2 => Slots {
+            WireContract::V2 | WireContract::V3 => Slots {
                 reply_subject: format!("{p}.out.{route}.{operation_id}"),
                 reply_stream: Some(self.outcomes_stream.clone()),
                 progress_subject: Some(format!("{p}.prog.{route}.{operation_id}")),
@@ -455,6 +470,19 @@ pub struct RequestHead {
     pub retry_policy: Option<crate::retry::RetryPolicy>,
     /// The failed operation this one redrives (`Gw-Redrive-Of`).
     pub redrive_of: Option<String>,
+    /// Where the body is when it is not in the message (contract 3).
+    pub body_object: Option<BodyObject>,
+}
+
+/// A request body kept in a JetStream Object Store (a claim check): the bucket, the object's
+/// name, its size in bytes and its digest as the Object Store writes it (`SHA-256=` and the
+/// base64url of the SHA-256 of the bytes, RFC 4648 section 5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BodyObject {
+    pub bucket: String,
+    pub name: String,
+    pub size: u64,
+    pub digest: String,
 }
 
 impl RequestHead {
@@ -470,9 +498,13 @@ impl RequestHead {
         let not_before = self.not_before.map(format_time);
         let start_by = self.start_by.map(format_time);
         // Contract 1 had no version header: a request of it is written as that release wrote it.
-        let contract =
-            (self.contract != WireContract::V1).then(|| self.contract.number().to_string());
+        let written = match (&self.body_object, self.contract) {
+            (Some(_), _) => WireContract::V3,
+            (None, contract) => contract,
+        };
+        let contract = (written != WireContract::V1).then(|| written.number().to_string());
         let retry_policy = self.retry_policy.as_ref().map(|p| p.to_header());
+        let body_size = self.body_object.as_ref().map(|b| b.size.to_string());
         let fields = [
             (header::OPERATION_ID, Some(self.operation_id.as_str())),
             (header::ROUTE, Some(self.route.as_str())),
@@ -494,6 +526,19 @@ impl RequestHead {
             (header::CALLBACK_URL, self.callback_url.as_deref()),
             (header::RETRY_POLICY, retry_policy.as_deref()),
             (header::REDRIVE_OF, self.redrive_of.as_deref()),
+            (
+                header::BODY_BUCKET,
+                self.body_object.as_ref().map(|b| b.bucket.as_str()),
+            ),
+            (
+                header::BODY_OBJECT,
+                self.body_object.as_ref().map(|b| b.name.as_str()),
+            ),
+            (header::BODY_SIZE, body_size.as_deref()),
+            (
+                header::BODY_DIGEST,
+                self.body_object.as_ref().map(|b| b.digest.as_str()),
+            ),
         ];
         for (name, value) in fields {
             if let Some(value) = value {
@@ -531,7 +576,7 @@ impl RequestHead {
         };
         let (reply_stream, progress_subject) = match contract {
             WireContract::V1 => (None, None),
-            WireContract::V2 => (
+            WireContract::V2 | WireContract::V3 => (
                 Some(required(headers, header::REPLY_STREAM)?.to_owned()),
                 Some(required(headers, header::PROGRESS_SUBJECT)?.to_owned()),
             ),
@@ -560,6 +605,26 @@ impl RequestHead {
             })?),
         };
         let optional = |name| header_str(headers, name).map(str::to_owned);
+        let body_object = match contract {
+            WireContract::V3 => {
+                let size = required(headers, header::BODY_SIZE)?;
+                Some(BodyObject {
+                    bucket: required(headers, header::BODY_BUCKET)?.to_owned(),
+                    name: required(headers, header::BODY_OBJECT)?.to_owned(),
+                    size: size.parse().map_err(|_| ContractError::InvalidHeader {
+                        name: header::BODY_SIZE,
+                        value: size.to_owned(),
+                    })?,
+                    digest: required(headers, header::BODY_DIGEST)?.to_owned(),
+                })
+            }
+            _ => None,
+        };
+        // A request's layout: contract 3 is contract 2's, with the body elsewhere.
+        let contract = match contract {
+            WireContract::V3 => WireContract::V2,
+            other => other,
+        };
         Ok(Self {
             operation_id: required(headers, header::OPERATION_ID)?.to_owned(),
             route: required(headers, header::ROUTE)?.to_owned(),
@@ -581,6 +646,7 @@ impl RequestHead {
             callback_url: optional(header::CALLBACK_URL),
             retry_policy,
             redrive_of: optional(header::REDRIVE_OF),
+            body_object,
         })
     }
 }

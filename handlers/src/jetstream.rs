@@ -35,6 +35,13 @@ pub enum JetStreamError {
     Get { stream: String, detail: String },
     #[error("a stored message breaks the wire contract: {0}")]
     Contract(#[from] ContractError),
+    /// A request's body in the Object Store cannot be read, or is not what the request says.
+    #[error("the request's body {name} in bucket {bucket}: {detail}")]
+    Body {
+        bucket: String,
+        name: String,
+        detail: String,
+    },
     /// An atomic batch was refused (`code`: the JetStream error code), or its outcome is unknown
     /// (`code` `None`: no answer to the commit).
     #[error("atomic batch {batch} failed: {detail}")]
@@ -62,6 +69,48 @@ impl JetStreamError {
             _ => false,
         }
     }
+}
+
+/// Reads a request body kept in the Object Store (contract 3) into memory, checking that it has
+/// the size and the SHA-256 digest the request names, so that a worker never runs on another
+/// body than the one the gateway accepted.
+pub async fn fetch_body(
+    js: &async_nats::jetstream::Context,
+    object: &crate::contract::BodyObject,
+) -> Result<Bytes, JetStreamError> {
+    use sha2::Digest as _;
+    use tokio::io::AsyncReadExt as _;
+    let failed = |detail: String| JetStreamError::Body {
+        bucket: object.bucket.clone(),
+        name: object.name.clone(),
+        detail,
+    };
+    let store = js
+        .get_object_store(&object.bucket)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let mut reader = store
+        .get(&object.name)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let size = usize::try_from(object.size).map_err(|_| failed("too large".to_owned()))?;
+    let mut body = Vec::with_capacity(size);
+    (&mut reader)
+        .take(object.size + 1)
+        .read_to_end(&mut body)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    if body.len() != size {
+        return Err(failed(format!("{} bytes, not {size}", body.len())));
+    }
+    let digest = format!(
+        "SHA-256={}",
+        data_encoding::BASE64URL.encode(&sha2::Sha256::digest(&body))
+    );
+    if digest != object.digest {
+        return Err(failed(format!("digest {digest}, not {}", object.digest)));
+    }
+    Ok(Bytes::from(body))
 }
 
 /// What an atomic batch publish did.

@@ -352,6 +352,7 @@ impl RouteWorker {
                 return;
             }
         };
+        let mut request = request;
         let op = request.operation_id.clone();
         let now = OffsetDateTime::now_utc();
         if let Some(due) = request.not_before
@@ -363,6 +364,18 @@ impl RouteWorker {
             tracing::debug!(operation_id = %op, due_in = ?wait, "Not due yet; offered back when due.");
             ack(&message, AckKind::Nak(Some(wait))).await;
             return;
+        }
+        // A body in the Object Store: read before anything runs (a read that fails is tried
+        // again; the deliveries it spends are bounded by max_deliver, as a handler's are).
+        if let Some(object) = request.body_object.clone() {
+            match crate::jetstream::fetch_body(&self.js, &object).await {
+                Ok(body) => request.body = body,
+                Err(error) => {
+                    tracing::warn!(operation_id = %op, %error, "Cannot read the request's body yet; trying again.");
+                    ack(&message, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                    return;
+                }
+            }
         }
         // Attempts, not deliveries: a delayed request's first delivery came before it was due
         // and ran nothing. (A second early delivery, after a crash before the nak, costs one.)

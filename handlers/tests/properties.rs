@@ -11,8 +11,8 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
 use handlers::contract::{
-    ContractError, Outcome, Request, RequestHead, ResultRecord, WireContract, format_time, header,
-    header_str,
+    BodyObject, ContractError, Outcome, Request, RequestHead, ResultRecord, WireContract,
+    format_time, header, header_str,
 };
 use handlers::progress::Progress;
 use proptest::prelude::*;
@@ -532,9 +532,17 @@ proptest! {
     }
 
     /// The contract's writer and reader agree: what `RequestHead::to_headers` writes,
-    /// `Request::from_parts` reads back field for field, with the forwarded headers beside it.
+    /// `Request::from_parts` reads back field for field, with the forwarded headers beside it; a
+    /// request whose body is in the Object Store is written as contract 3 and reads back with it.
     #[test]
-    fn written_requests_read_back(f in request_fields(), body in body()) {
+    fn written_requests_read_back(
+        f in request_fields(),
+        body in body(),
+        object in proptest::option::of((nats_header_value(), nats_header_value(), any::<u64>(), "SHA-256=[A-Za-z0-9_-]{43}=")),
+    ) {
+        let body_object = object
+            .filter(|_| f.contract() == WireContract::V2)
+            .map(|(bucket, name, size, digest)| BodyObject { bucket, name, size, digest });
         let head = RequestHead {
             operation_id: f.operation_id.clone(),
             route: f.route.clone(),
@@ -556,8 +564,13 @@ proptest! {
             not_before: None,
             start_by: None,
             redrive_of: None,
+            body_object,
         };
-        let r = Request::from_parts(head.to_headers(&f.extra), body.clone()).unwrap();
+        let written = head.to_headers(&f.extra);
+        if head.body_object.is_some() {
+            prop_assert_eq!(header_str(&written, header::CONTRACT), Some("3"));
+        }
+        let r = Request::from_parts(written, body.clone()).unwrap();
         prop_assert_eq!(&r.head, &head);
         assert_request_matches(&r, &f, &body);
     }

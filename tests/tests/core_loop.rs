@@ -705,6 +705,7 @@ async fn a_retry_that_adds_a_callback_url_is_another_request() {
         query: None,
         content_type: Some("application/json"),
         body: br#"{"n":2}"#,
+        body_digest: None,
         callback_url: None,
         start: None,
     }

@@ -78,6 +78,10 @@ pub struct JetStreamSettings {
     /// Stream that holds progress reports, webhook delivery states and dead letters.
     #[arg(long, env = "GATEWAY_EVENTS_STREAM", default_value = "GW_EVENTS")]
     pub events_stream: String,
+    /// The JetStream Object Store bucket for request bodies above a route's `inline_max`
+    /// (created when a route sets one).
+    #[arg(long, env = "GATEWAY_BODIES_BUCKET", default_value = "GW_BODIES")]
+    pub bodies_bucket: String,
     /// Replicas of each stream (1 for a single server, 3 for a cluster).
     #[arg(long, env = "GATEWAY_STREAM_REPLICAS", default_value_t = 1)]
     pub stream_replicas: usize,
@@ -334,6 +338,7 @@ pub use routes::{
 /// Reads `GATEWAY_WIRE_CONTRACT`: a version this release writes (1 or 2).
 fn parse_wire_contract(value: &str) -> Result<handlers::contract::WireContract, String> {
     handlers::contract::WireContract::parse(value.trim())
+        .filter(|c| *c != handlers::contract::WireContract::V3)
         .ok_or_else(|| format!("{value:?} is not a wire contract this release writes (1 or 2)"))
 }
 

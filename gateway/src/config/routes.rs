@@ -33,9 +33,16 @@ pub struct RouteConfig {
     /// Deadline for a result; past it the operation is `expired`.
     #[serde(default = "defaults::timeout", with = "humantime_serde")]
     pub timeout: Duration,
-    /// Largest accepted body: bytes, or a string such as "256KiB" or "1MiB".
+    /// Largest accepted body: bytes, or a string such as "256KiB" or "1MiB". Without
+    /// `inline_max`, at most the NATS server's `max_payload` (the body travels in the message).
     #[serde(default = "defaults::max_body")]
     pub max_body: ByteSize,
+    /// Bodies larger than this go to the JetStream Object Store (`GATEWAY_BODIES_BUCKET`),
+    /// streamed in chunks, and the request message names them (a claim check, wire contract
+    /// 3); then `max_body` may be far larger than `max_payload` (gigabytes). Absent: every body
+    /// travels in its message.
+    #[serde(default)]
+    pub inline_max: Option<ByteSize>,
     /// The durable consumer of this route's workers, whose backlog sets `Retry-After`
     /// (default `worker-<name>`, the `handlers` library's default).
     #[serde(default)]
@@ -474,6 +481,21 @@ pub fn validate_routes(routes: &[RouteConfig]) -> Result<(), ConfigError> {
         }
         if r.timeout.is_zero() {
             return Err(invalid(format!("{who}: timeout must be positive")));
+        }
+        if let Some(inline) = r.inline_max {
+            if inline.0 > r.max_body.0 {
+                return Err(invalid(format!(
+                    "{who}: inline_max ({} bytes) must be at most max_body ({} bytes)",
+                    inline.0, r.max_body.0
+                )));
+            }
+            // A body in the Object Store is streamed through, never held whole: no schema can
+            // be checked on it.
+            if r.request_schema.is_some() {
+                return Err(invalid(format!(
+                    "{who}: a route with inline_max cannot have a request_schema (large bodies are streamed to the Object Store unchecked)"
+                )));
+            }
         }
         // Deadlines are instants: they must stay far inside what a timestamp can hold.
         if r.retention > MAX_RETENTION {

@@ -222,6 +222,7 @@ async fn accept(
             requested_callback_url: None,
             start: Start::default(),
             redrive_of: None,
+            body_object: None,
             body: item.body.clone(),
         })
         .collect();

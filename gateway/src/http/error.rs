@@ -193,6 +193,10 @@ impl From<AcceptError> for ApiError {
                 operation_id: Some(operation_id),
             },
             AcceptError::TooLarge { max_payload } => ApiError::MessageTooLarge { max_payload },
+            AcceptError::BodyTooLarge { limit } => ApiError::PayloadTooLarge {
+                limit: usize::try_from(limit).unwrap_or(usize::MAX),
+            },
+            AcceptError::BodyRead(why) => ApiError::BadBody(why),
             AcceptError::InvalidStart(why) => ApiError::InvalidStart(why),
             // The route's own Retry-After is set where the route is known (submit).
             AcceptError::Quota(exceeded) => ApiError::QuotaExceeded {

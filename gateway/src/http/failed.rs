@@ -15,7 +15,7 @@ use super::auth::Tenant;
 use super::error::{ApiError, Problem};
 use super::extract::{Admission, OperationId, OperationRef};
 use super::reads::note_operation;
-use super::responses::{IDEMPOTENT_REPLAYED, accepted, set_no_store};
+use super::responses::{AcceptedBody, IDEMPOTENT_REPLAYED, accepted, set_no_store};
 use super::state::AppState;
 use super::submit::{allowed_callback, is_json};
 use crate::operations::{Accepted, Operation, OperationView};
@@ -193,7 +193,7 @@ pub(crate) async fn list_failed(
     description = "Submits the operation's request again as a new operation (its `redrive_of` names the old one, whose `redriven_by` names the new one; the old one keeps its status). Repeating it, through any replica, answers the same new operation (`Idempotent-Replayed: true`). On a stateful route, the redrive of an operation that committed re-publishes its outbox instead of running again, so the state never changes twice.",
     params(OperationId),
     responses(
-        (status = 202, description = "The redrive (new, or found).", body = OperationView<'static>,
+        (status = 202, description = "The redrive (new, or found), as a submit answers.", body = AcceptedBody<'static>,
             headers(
                 ("Location" = String, description = "The redrive's status resource."),
                 ("Idempotent-Replayed" = String, description = "`true` when an earlier redrive made it."),

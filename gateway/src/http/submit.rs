@@ -82,6 +82,10 @@ async fn submit_with_key(
     // never the capacity other clients' reads and submits need.
     let read = read_submission(&state, &route, &tenant, &parts, body).await?;
     let permit = state.admit_arrived(arrival)?;
+    let (body, large) = match read.body {
+        ReadBody::Inline(body) => (body, None),
+        ReadBody::Large { prefix, rest } => (Bytes::new(), Some((prefix, rest))),
+    };
     let submission = Submission {
         route: &route,
         tenant: &tenant,
@@ -94,23 +98,34 @@ async fn submit_with_key(
         requested_callback_url: read.callback_url,
         start: read.start,
         redrive_of: None,
-        body: read.body,
+        body_object: None,
+        body,
     };
-    let accepted = state
-        .ops
-        .accept(submission)
-        .await
-        .map_err(|e| match ApiError::from(e) {
-            ApiError::KeyReused { .. } if &*tenant == PUBLIC_TENANT => {
-                ApiError::KeyReused { operation_id: None }
-            }
-            // Room comes back as the route's operations end: its backlog's estimate.
-            ApiError::QuotaExceeded { exceeded, .. } => ApiError::QuotaExceeded {
-                exceeded,
-                retry_after_secs: state.ops.retry_after(&route.name),
-            },
-            other => other,
-        })?;
+    let accepted = match large {
+        None => state.ops.accept(submission).await,
+        // Streamed on into the Object Store: what was read, then the rest as it arrives.
+        Some((prefix, rest)) => {
+            use futures::TryStreamExt as _;
+            use tokio::io::AsyncReadExt as _;
+            let rest = tokio_util::io::StreamReader::new(
+                rest.into_data_stream().map_err(std::io::Error::other),
+            );
+            let mut body = std::io::Cursor::new(prefix).chain(rest);
+            let limit = route.max_body.0 as u64;
+            state.ops.accept_large(submission, &mut body, limit).await
+        }
+    };
+    let accepted = accepted.map_err(|e| match ApiError::from(e) {
+        ApiError::KeyReused { .. } if &*tenant == PUBLIC_TENANT => {
+            ApiError::KeyReused { operation_id: None }
+        }
+        // Room comes back as the route's operations end: its backlog's estimate.
+        ApiError::QuotaExceeded { exceeded, .. } => ApiError::QuotaExceeded {
+            exceeded,
+            retry_after_secs: state.ops.retry_after(&route.name),
+        },
+        other => other,
+    })?;
     #[cfg(feature = "fault-injection")]
     if state.abort_after_publish && matches!(accepted, Accepted::New(_)) {
         tracing::warn!("Fault injection: aborting after the JetStream ack, before answering.");
@@ -135,7 +150,7 @@ struct ReadSubmission {
     preferences: Preferences,
     /// The `Content-Type` as sent, checked to be a media type.
     content_type: Option<String>,
-    body: Bytes,
+    body: ReadBody,
     /// The client's `Callback-Url`, allowed.
     callback_url: Option<String>,
     /// When it may start (`Delay`, `Not-Before`, `Start-By`), within the route's bounds.
@@ -160,20 +175,19 @@ async fn read_submission(
     if content_length(&parts.headers).is_some_and(|len| len > limit) {
         return Err(ApiError::PayloadTooLarge { limit });
     }
-    let body = axum::body::to_bytes(body, limit).await.map_err(|e| {
-        if caused_by::<http_body_util::LengthLimitError>(&e) {
-            ApiError::PayloadTooLarge { limit }
-        } else if caused_by::<tower_http::timeout::TimeoutError>(&e) {
-            ApiError::BodyTimeout
-        } else {
-            ApiError::BadBody(e.to_string())
-        }
-    })?;
-    if let Some(schema) = &route.body_schema {
+    let body = match route.inline_max {
+        None => ReadBody::Inline(
+            axum::body::to_bytes(body, limit)
+                .await
+                .map_err(|e| body_error(&e, limit))?,
+        ),
+        Some(inline) => read_up_to(body, inline.0, limit).await?,
+    };
+    if let (Some(schema), ReadBody::Inline(body)) = (&route.body_schema, &body) {
         if !content_type.as_deref().is_some_and(is_json) {
             return Err(ApiError::UnsupportedMediaType);
         }
-        schema.check(&body).map_err(ApiError::InvalidBody)?;
+        schema.check(body).map_err(ApiError::InvalidBody)?;
     }
     let callback_url = match parts.headers.get("callback-url") {
         // The route's receiver is the operator's: a client cannot divert its notifications.
@@ -196,6 +210,50 @@ async fn read_submission(
         start,
         forwarded,
     })
+}
+
+/// A request body as read: whole, or (above the route's `inline_max`) what was read so far and
+/// the rest, still arriving, for the Object Store.
+enum ReadBody {
+    Inline(Bytes),
+    Large {
+        prefix: Bytes,
+        rest: axum::body::Body,
+    },
+}
+
+/// Reads a body until it is known to fit in `inline` bytes (whole, then), or not.
+async fn read_up_to(
+    mut body: axum::body::Body,
+    inline: usize,
+    limit: usize,
+) -> Result<ReadBody, ApiError> {
+    use http_body_util::BodyExt as _;
+    let mut read = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| body_error(&e, limit))?;
+        if let Ok(data) = frame.into_data() {
+            read.extend_from_slice(&data);
+            if read.len() > inline {
+                return Ok(ReadBody::Large {
+                    prefix: read.freeze(),
+                    rest: body,
+                });
+            }
+        }
+    }
+    Ok(ReadBody::Inline(read.freeze()))
+}
+
+/// What a failure to read a body is: over the limit, too slow, or broken.
+fn body_error(e: &axum::Error, limit: usize) -> ApiError {
+    if caused_by::<http_body_util::LengthLimitError>(e) {
+        ApiError::PayloadTooLarge { limit }
+    } else if caused_by::<tower_http::timeout::TimeoutError>(e) {
+        ApiError::BodyTimeout
+    } else {
+        ApiError::BadBody(e.to_string())
+    }
 }
 
 /// The request headers on the forward allow-list, plus the trace context: the worker continues

@@ -23,6 +23,7 @@ fn route(name: &str, method: &str, path: &str, require_key: bool) -> RouteConfig
         retention: std::time::Duration::from_secs(60),
         timeout: std::time::Duration::from_secs(5),
         max_body: ByteSize(16),
+        inline_max: None,
         wait: None,
         callback_url: None,
         consumer: None,

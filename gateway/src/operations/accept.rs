@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use handlers::contract::{RequestHead, Subjects};
+use handlers::contract::{BodyObject, RequestHead, Subjects};
 use handlers::jetstream::CreateOutcome;
 use time::OffsetDateTime;
 
@@ -50,6 +50,9 @@ pub struct Submission<'a> {
     pub start: Start,
     /// The failed operation this one redrives (`Gw-Redrive-Of`).
     pub redrive_of: Option<String>,
+    /// Where the body is when it is too large for the message (a claim check in the Object
+    /// Store): then `body` is empty, and the fingerprint binds the body's digest.
+    pub body_object: Option<BodyObject>,
     pub body: Bytes,
 }
 
@@ -87,6 +90,13 @@ pub enum AcceptError {
     /// The start asked for cannot be honoured for a new operation (see [`Start::refusal`]).
     #[error("cannot start as asked: {0}")]
     InvalidStart(String),
+    /// The body could not be read to its end (the client stopped sending, or too slowly).
+    #[error("cannot read the request body: {0}")]
+    BodyRead(String),
+    /// A body kept in the Object Store was larger than the route's `max_body`; nothing was
+    /// accepted (and the stored part removed).
+    #[error("the request body exceeds the route's limit of {limit} bytes")]
+    BodyTooLarge { limit: u64 },
     /// Body and headers together exceed the NATS server's max_payload. Detected by the client
     /// before sending, so nothing was written.
     #[error("the request message would exceed the server's max_payload of {max_payload} bytes")]
@@ -123,6 +133,7 @@ impl Submission<'_> {
             query: self.query,
             content_type: self.content_type,
             body: &self.body,
+            body_digest: self.body_object.as_ref().map(|b| b.digest.as_str()),
             callback_url: self.requested_callback_url.as_deref(),
             start: self.start.asked.as_deref(),
         }
@@ -178,6 +189,7 @@ impl Submission<'_> {
                 .or_else(|| self.route.callback_url.clone()),
             retry_policy: self.route.retry.clone(),
             redrive_of: self.redrive_of.clone(),
+            body_object: self.body_object.clone(),
         };
         RequestMessage {
             subject: subjects.request(&self.route.name, key_token),
@@ -234,7 +246,10 @@ pub async fn accept(
             ttl,
         } = s.message(store.subjects(), &key_token, &fingerprint, now);
         let op = head.operation_id.as_str();
-        let size = s.body.len() as u64;
+        let size = s
+            .body_object
+            .as_ref()
+            .map_or(s.body.len() as u64, |object| object.size);
         let admitted = quotas.map(|q| q.admit(op, &head.reply_subject, s.tenant, size));
         let written = match admitted {
             Some(Err(exceeded)) => {
@@ -302,4 +317,87 @@ pub async fn accept(
         return Ok(Accepted::Replayed(existing));
     }
     Err(StoreError::NotReady.into())
+}
+
+/// Accepts a submission whose body is `body`, too large for a message: kept in the Object Store
+/// (a claim check, wire contract 3) and named by the request. At most `limit` bytes are read.
+///
+/// A key that names a request already is checked without storing anything: the body is only
+/// hashed on its way through, and compared by fingerprint like any replay, so a retried upload is
+/// never stored twice. Otherwise the body is stored first (streamed, one chunk in memory at a
+/// time; the Object Store computes its SHA-256 on the way), then the request is accepted naming
+/// it; an object no request took (a replay found meanwhile, a refusal) is removed. One the
+/// gateway could not tell the fate of (the request's write timed out) stays for the bucket's
+/// `max_age`, the longest retention.
+pub async fn accept_large(
+    store: &Store,
+    quotas: Option<&Quotas>,
+    mut s: Submission<'_>,
+    body: &mut (impl tokio::io::AsyncRead + Unpin),
+    limit: u64,
+) -> Result<Accepted, AcceptError> {
+    let key_token = s.key_token();
+    if s.start.refusal.is_none()
+        && let Some(stored) = store.request_on_route(&s.route.name, &key_token).await?
+    {
+        let existing = Operation::from_request(&stored).map_err(StoreError::from)?;
+        let (size, digest) = hash(body, limit).await?;
+        s.body_object = Some(BodyObject {
+            bucket: store.bodies_bucket().to_owned(),
+            name: existing
+                .request
+                .body_object
+                .as_ref()
+                .map_or_else(String::new, |b| b.name.clone()),
+            size,
+            digest,
+        });
+        return accept(store, quotas, s).await;
+    }
+    let name = format!("{key_token}.{}", uuid::Uuid::new_v4().simple());
+    let object = store.put_body(&name, body, limit).await?;
+    if object.size > limit {
+        store.delete_body(&name).await;
+        return Err(AcceptError::BodyTooLarge { limit });
+    }
+    s.body_object = Some(object);
+    let accepted = accept(store, quotas, s).await;
+    let unknown = matches!(&accepted, Err(AcceptError::Store(e))
+        if !(e.is_store_full() || matches!(e, StoreError::NotReady)));
+    if !matches!(accepted, Ok(Accepted::New(_))) && !unknown {
+        store.delete_body(&name).await;
+    }
+    accepted
+}
+
+/// The size and Object Store digest (`SHA-256=` and base64url) of `body`, read to its end or
+/// past `limit`, stored nowhere.
+async fn hash(
+    body: &mut (impl tokio::io::AsyncRead + Unpin),
+    limit: u64,
+) -> Result<(u64, String), AcceptError> {
+    use sha2::Digest as _;
+    use tokio::io::AsyncReadExt as _;
+    let mut sha = sha2::Sha256::new();
+    let mut buffer = vec![0; 64 * 1024];
+    let mut size = 0u64;
+    loop {
+        let n = body
+            .read(&mut buffer)
+            .await
+            .map_err(|e| AcceptError::BodyRead(e.to_string()))?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        if size > limit {
+            return Err(AcceptError::BodyTooLarge { limit });
+        }
+        sha.update(&buffer[..n]);
+    }
+    let digest = format!(
+        "SHA-256={}",
+        data_encoding::BASE64URL.encode(&sha.finalize())
+    );
+    Ok((size, digest))
 }

@@ -183,6 +183,8 @@ pub struct RequestIdentity<'a> {
     pub query: Option<&'a str>,
     pub content_type: Option<&'a str>,
     pub body: &'a [u8],
+    /// The body's digest (`SHA-256=…`) when it is in the Object Store rather than in `body`.
+    pub body_digest: Option<&'a str>,
     /// The client's `Callback-Url`: a retry that adds or changes one is another request, not a
     /// silent replay that never notifies where it asked.
     pub callback_url: Option<&'a str>,
@@ -212,6 +214,13 @@ impl RequestIdentity<'_> {
             h.update(b"callback-url");
             h.update((url.len() as u64).to_be_bytes());
             h.update(url.as_bytes());
+        }
+        // A body in the Object Store is bound by its digest (which covers every byte); `body` is
+        // empty then.
+        if let Some(digest) = self.body_digest {
+            h.update(b"body-digest");
+            h.update((digest.len() as u64).to_be_bytes());
+            h.update(digest.as_bytes());
         }
         if let Some(start) = self.start {
             h.update(b"start");
@@ -328,6 +337,7 @@ mod tests {
             query: None,
             content_type: Some("application/json"),
             body: b"{}",
+            body_digest: None,
             callback_url: None,
             start: None,
         };
@@ -360,6 +370,11 @@ mod tests {
             },
             RequestIdentity {
                 start: Some("delay=5"),
+                ..base
+            },
+            RequestIdentity {
+                body: b"",
+                body_digest: Some("SHA-256=47DEQpj8HBSa-_TImW-5JCeuQeRkm5NMpJWZG3hSuFU="),
                 ..base
             },
         ];

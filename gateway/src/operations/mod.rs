@@ -214,6 +214,17 @@ impl Operations {
         accept::accept(&self.store, self.quotas.as_deref(), submission).await
     }
 
+    /// Accepts a submission whose body, too large for a message, is read from `body` (at most
+    /// `limit` bytes) into the Object Store (see [`accept::accept_large`]).
+    pub async fn accept_large(
+        &self,
+        submission: Submission<'_>,
+        body: &mut (impl tokio::io::AsyncRead + Unpin),
+        limit: u64,
+    ) -> Result<Accepted, AcceptError> {
+        accept::accept_large(&self.store, self.quotas.as_deref(), submission, body, limit).await
+    }
+
     /// Accepts a batch of submissions as one atomic write, all or none, or finds the batch it
     /// repeats (see [`batch`]).
     pub async fn accept_batch(

@@ -351,6 +351,9 @@ pub async fn submit(
         requested_callback_url: callback_url,
         start: Start::default(),
         redrive_of: Some(original.id().to_owned()),
+        // A body in the Object Store is the original's object: it outlives the original's
+        // retention, by which the redrive ends (see `prepare`).
+        body_object: head.body_object.clone(),
         body,
     };
     let accepted = accept(store, quotas, submission).await?;

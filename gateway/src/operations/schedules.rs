@@ -140,6 +140,7 @@ async fn fire(
             requested_callback_url: None,
             start: Start::default(),
             redrive_of: None,
+            body_object: None,
             body: schedule.body.clone().into(),
         };
         let outcome = match ops.accept(submission).await {

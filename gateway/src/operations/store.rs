@@ -127,6 +127,8 @@ pub struct Store {
     requests_stream: String,
     results_stream: String,
     events_stream: String,
+    /// The Object Store bucket of large request bodies.
+    bodies_bucket: String,
     provisioned: AtomicBool,
     /// The streams have more than one replica: a direct get may come from a lagging follower.
     replicated: AtomicBool,
@@ -145,6 +147,8 @@ pub struct StreamPlan {
     pub max_retention: Duration,
     /// (route name, max body) pairs, checked against the server's max_payload.
     pub body_limits: Vec<(String, usize)>,
+    /// Whether a route keeps large bodies in the Object Store (then the bucket is made).
+    pub bodies: bool,
     /// Bytes the requests stream may hold (`max_bytes`; -1: no limit of its own).
     pub max_bytes: i64,
 }
@@ -205,6 +209,7 @@ impl Store {
             requests_stream: settings.nats.requests_stream.clone(),
             results_stream: settings.nats.results_stream.clone(),
             events_stream: settings.events_stream.clone(),
+            bodies_bucket: settings.bodies_bucket.clone(),
             provisioned: AtomicBool::new(false),
             replicated: AtomicBool::new(false),
             arbiters,
@@ -599,6 +604,29 @@ impl Store {
                     source: e.into(),
                 })?;
         }
+        // Large request bodies: an Object Store bucket whose objects live as long as the longest
+        // retention at most (a body's operation never outlives its route's retention).
+        if plan.bodies
+            && let Err(e) = self.js.get_object_store(&self.bodies_bucket).await
+        {
+            tracing::debug!(error = %e, bucket = %self.bodies_bucket, "Creating the bodies bucket.");
+            self.js
+                .create_object_store(async_nats::jetstream::object_store::Config {
+                    bucket: self.bodies_bucket.clone(),
+                    description: Some(
+                        "Request bodies too large for a message (claim checks).".into(),
+                    ),
+                    max_age: plan.max_retention,
+                    storage: StorageType::File,
+                    num_replicas: plan.replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| StoreError::Provision {
+                    stream: format!("OBJ_{}", self.bodies_bucket),
+                    source: e.into(),
+                })?;
+        }
         // Stateful routes' state stores, where their outcomes are decided: created when no
         // worker has yet, checked (never changed) when one has.
         for arbiter in self.arbiters.values() {
@@ -755,6 +783,63 @@ impl Store {
         let found = last_matching(&self.client, &self.requests_stream, &pattern).await?;
         self.confirm_miss(found, &self.requests_stream, &pattern)
             .await
+    }
+
+    /// Stores a request body in the bodies bucket under `name`, streamed in chunks (one chunk in
+    /// memory at a time), reading at most `limit` + 1 bytes of `body`: the object's size tells
+    /// the caller whether the body was larger. Returns where it is, its size and digest.
+    pub async fn put_body(
+        &self,
+        name: &str,
+        body: &mut (impl tokio::io::AsyncRead + Unpin),
+        limit: u64,
+    ) -> Result<handlers::contract::BodyObject, StoreError> {
+        use tokio::io::AsyncReadExt as _;
+        self.ensure_provisioned()?;
+        let failed = |detail: String| {
+            StoreError::JetStream(JetStreamError::Body {
+                bucket: self.bodies_bucket.clone(),
+                name: name.to_owned(),
+                detail,
+            })
+        };
+        let bucket = self
+            .js
+            .get_object_store(&self.bodies_bucket)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let info = bucket
+            .put(name, &mut body.take(limit + 1))
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        Ok(handlers::contract::BodyObject {
+            bucket: self.bodies_bucket.clone(),
+            name: name.to_owned(),
+            size: info.size as u64,
+            digest: info.digest.unwrap_or_default(),
+        })
+    }
+
+    /// Removes a body object nobody refers to (best effort: the bucket's `max_age` removes it
+    /// anyway).
+    pub async fn delete_body(&self, name: &str) {
+        let deleted = async {
+            self.js
+                .get_object_store(&self.bodies_bucket)
+                .await?
+                .delete(name)
+                .await?;
+            Ok::<_, async_nats::Error>(())
+        }
+        .await;
+        if let Err(error) = deleted {
+            tracing::warn!(%error, name, "Cannot remove an unused request body; the bucket's max_age will.");
+        }
+    }
+
+    /// The bodies bucket's name.
+    pub fn bodies_bucket(&self) -> &str {
+        &self.bodies_bucket
     }
 
     /// Publishes `messages` (requests and a batch record) as one atomic batch on the requests

@@ -223,6 +223,7 @@ impl Client for RawPublish {
                 requested_callback_url: None,
                 start: Default::default(),
                 redrive_of: None,
+                body_object: None,
                 body: self.body.clone(),
             };
             let message = submission.message(

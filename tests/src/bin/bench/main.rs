@@ -114,6 +114,7 @@ fn bench_route() -> RouteConfig {
         retention: Duration::from_secs(24 * 3600),
         timeout: Duration::from_secs(300),
         max_body: ByteSize(64 * 1024),
+        inline_max: None,
         wait: None,
         callback_url: None,
         consumer: None,
