@@ -139,7 +139,11 @@ pub async fn run(
             .iter()
             .map(|r| (r.name.clone(), r.inline_max.unwrap_or(r.max_body).0))
             .collect(),
-        bodies: routes.iter().any(|r| r.inline_max.is_some()),
+        bodies: routes
+            .iter()
+            .filter(|r| r.inline_max.is_some())
+            .map(|r| r.name.clone())
+            .collect(),
         max_bytes: settings.jetstream.stream_max_bytes,
     };
     let background = Background {

@@ -41,7 +41,7 @@ fn hex_sha256(body: &[u8]) -> String {
 /// Objects the bodies bucket holds.
 async fn objects(nats: &Nats) -> usize {
     let js = nats.jetstream().await;
-    let Ok(bucket) = js.get_object_store("GW_BODIES").await else {
+    let Ok(bucket) = js.get_object_store("GW_BODIES_upload").await else {
         return 0;
     };
     bucket.list().await.unwrap().count().await
@@ -131,4 +131,66 @@ async fn a_50_mib_body_goes_through_the_object_store_and_reaches_the_worker_whol
         .unwrap();
     assert_problem(r, 413, "payload-too-large").await;
     assert_eq!(objects(&nats).await, 1);
+}
+
+/// nats-server killed while a large body streams in: the client gets a 503 and nothing of the
+/// request is visible; after the restart, the same request with the same key is accepted once,
+/// and sending it again is a replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_killed_mid_upload_leaves_no_request_and_the_retry_converges() {
+    let TestGateway { mut nats, gw } = TestGateway::builder(ROUTES).start().await;
+    let base = gw.base.clone();
+    let body = bytes(16 << 20, 5);
+    // About five seconds of upload: 256 chunks of 64 KiB, 20 ms apart.
+    let slow = {
+        let chunks: Vec<Vec<u8>> = body.chunks(64 << 10).map(<[u8]>::to_vec).collect();
+        futures::stream::iter(chunks).then(|chunk| async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok::<_, std::io::Error>(chunk)
+        })
+    };
+    let upload = tokio::spawn({
+        let base = base.clone();
+        async move {
+            reqwest::Client::new()
+                .post(format!("{base}/upload"))
+                .header("idempotency-key", "\"killed\"")
+                .body(reqwest::Body::wrap_stream(slow))
+                .send()
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    nats.kill().await;
+    let answer = upload.await.unwrap().expect("the gateway answers");
+    assert_eq!(answer.status(), 503, "{:?}", answer.text().await);
+    nats.restart().await;
+    let js = nats.jetstream().await;
+    let stored = |js: async_nats::jetstream::Context| async move {
+        gateway_tests::history::read_stream(&js, DEFAULT_REQUESTS_STREAM)
+            .await
+            .map(|m| m.len())
+            .ok()
+    };
+    let before = eventually("the requests stream", Duration::from_secs(30), || {
+        stored(js.clone())
+    })
+    .await;
+    assert_eq!(before, 0, "no request of the interrupted upload is visible");
+
+    // The same request again, until the gateway has its connection back: one operation.
+    let id = eventually("the retry accepted", Duration::from_secs(60), || {
+        let (base, body) = (base.clone(), body.clone());
+        async move {
+            let r = post(&base, "/upload", "killed", body).await;
+            (r.status() == 202).then_some(())?;
+            Some(json(r).await["id"].as_str().unwrap().to_owned())
+        }
+    })
+    .await;
+    let r = post(&base, "/upload", "killed", body).await;
+    assert_eq!(r.headers()["idempotent-replayed"], "true");
+    assert_eq!(id_of(r).await, id);
+    assert_eq!(stored(js.clone()).await, Some(1), "one request for the key");
+    assert!(objects(&nats).await >= 1);
 }

@@ -19,11 +19,15 @@ const ROUTES: &str = r#"
 name = "orders"
 method = "POST"
 path = "/orders"
+max_body = "8MiB"
+inline_max = "64KiB"
 
 [[route]]
 name = "invoices"
 method = "POST"
 path = "/invoices"
+max_body = "8MiB"
+inline_max = "64KiB"
 "#;
 
 const PASSWORDS: &str = r#"
@@ -324,7 +328,7 @@ async fn a_request_of_a_newer_contract_is_left_for_a_newer_worker() {
     .await;
     let id = submit(&gw.base, "/orders", "current").accepted().await;
     poll_until_terminal(&gw.base, &id, Duration::from_secs(10)).await;
-    rewritten_request(&nats, "orders", &id, "newer", &[(header::CONTRACT, "3")]).await;
+    rewritten_request(&nats, "orders", &id, "newer", &[(header::CONTRACT, "4")]).await;
 
     let js = nats.jetstream().await;
     let consumer_info = || {
@@ -367,4 +371,83 @@ async fn stored_request(
     .await
     .unwrap()
     .expect("the request is stored")
+}
+
+/// A worker confined by the shipped `accounts.conf` reads its own route's large request bodies
+/// (kept in its route's Object Store bucket) and none of another route's.
+#[tokio::test]
+async fn a_confined_worker_reads_its_routes_large_bodies_and_no_others() {
+    let accounts = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/nats/accounts.conf"
+    ))
+    .unwrap();
+    let nats = Nats::start_with_config(&format!("{PASSWORDS}\n{accounts}")).await;
+    let gw = TestGateway::builder(ROUTES)
+        .nats_url(nats.url_as("gateway", "g%40te%3Aw%2Fy%20secret"))
+        .start()
+        .await;
+    let orders_js = login(&nats, "orders-worker", "orders-secret", "_INBOX_orders").await;
+    let _orders = TestWorker::start_on(orders_js.clone(), confined_config(), |w| {
+        w.route("orders", |r: Request| async move {
+            Ok(Response::text(200, r.body.len().to_string()))
+        })
+    });
+    let big = vec![7u8; 300 << 10];
+    let order = submit(&gw.base, "/orders", "big-order")
+        .body(big.clone())
+        .accepted()
+        .await;
+    let seen = poll_until_terminal(&gw.base, &order, Duration::from_secs(20)).await;
+    let violations: Vec<String> = nats
+        .log()
+        .lines()
+        .filter(|l| l.contains("Violation"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(seen.last().unwrap(), "succeeded", "{violations:#?}");
+    let reply = get_result(&gw.base, &order).await.text().await.unwrap();
+    assert_eq!(
+        reply,
+        (300 << 10).to_string(),
+        "the whole body reached the worker"
+    );
+
+    // An invoice's body: the orders worker cannot read it, even knowing where it is.
+    let invoice = submit(&gw.base, "/invoices", "big-invoice")
+        .body(big)
+        .accepted()
+        .await;
+    let gateway_client = async_nats::ConnectOptions::new()
+        .user_and_password("gateway".into(), "g@te:w/y secret".into())
+        .connect(nats.url())
+        .await
+        .unwrap();
+    let token = &invoice[..gateway::operations::idempotency::KEY_TOKEN_LEN];
+    let stored = last_on_subject(
+        &gateway_client,
+        DEFAULT_REQUESTS_STREAM,
+        &Subjects::default().request("invoices", token),
+    )
+    .await
+    .unwrap()
+    .expect("the invoice's request");
+    let head = handlers::contract::RequestHead::from_headers(&stored.headers).unwrap();
+    let object = head.body_object.expect("the body is in the Object Store");
+    assert_eq!(object.bucket, "GW_BODIES_invoices");
+    let stolen = tokio::time::timeout(
+        Duration::from_secs(10),
+        handlers::jetstream::fetch_body(&orders_js, &object),
+    )
+    .await;
+    assert!(
+        !matches!(stolen, Ok(Ok(_))),
+        "the orders worker read an invoice's body"
+    );
+    assert!(
+        nats.log().lines().any(|l| l.contains("orders-worker")
+            && l.contains("Violation")
+            && l.contains("OBJ_GW_BODIES_invoices")),
+        "nats-server refused it by permission"
+    );
 }

@@ -78,8 +78,9 @@ pub struct JetStreamSettings {
     /// Stream that holds progress reports, webhook delivery states and dead letters.
     #[arg(long, env = "GATEWAY_EVENTS_STREAM", default_value = "GW_EVENTS")]
     pub events_stream: String,
-    /// The JetStream Object Store bucket for request bodies above a route's `inline_max`
-    /// (created when a route sets one).
+    /// The prefix of the JetStream Object Store buckets for request bodies above a route's
+    /// `inline_max`: one bucket per such route, `<prefix>_<route>` (so NATS permissions can give
+    /// each route's workers their own bodies and no others'), created at start.
     #[arg(long, env = "GATEWAY_BODIES_BUCKET", default_value = "GW_BODIES")]
     pub bodies_bucket: String,
     /// Replicas of each stream (1 for a single server, 3 for a cluster).

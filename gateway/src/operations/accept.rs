@@ -343,7 +343,7 @@ pub async fn accept_large(
         let existing = Operation::from_request(&stored).map_err(StoreError::from)?;
         let (size, digest) = hash(body, limit).await?;
         s.body_object = Some(BodyObject {
-            bucket: store.bodies_bucket().to_owned(),
+            bucket: store.bodies_bucket(&s.route.name),
             name: existing
                 .request
                 .body_object
@@ -355,9 +355,10 @@ pub async fn accept_large(
         return accept(store, quotas, s).await;
     }
     let name = format!("{key_token}.{}", uuid::Uuid::new_v4().simple());
-    let object = store.put_body(&name, body, limit).await?;
+    let route = s.route.name.clone();
+    let object = store.put_body(&route, &name, body, limit).await?;
     if object.size > limit {
-        store.delete_body(&name).await;
+        store.delete_body(&route, &name).await;
         return Err(AcceptError::BodyTooLarge { limit });
     }
     s.body_object = Some(object);
@@ -365,7 +366,7 @@ pub async fn accept_large(
     let unknown = matches!(&accepted, Err(AcceptError::Store(e))
         if !(e.is_store_full() || matches!(e, StoreError::NotReady)));
     if !matches!(accepted, Ok(Accepted::New(_))) && !unknown {
-        store.delete_body(&name).await;
+        store.delete_body(&route, &name).await;
     }
     accepted
 }

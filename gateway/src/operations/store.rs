@@ -127,7 +127,7 @@ pub struct Store {
     requests_stream: String,
     results_stream: String,
     events_stream: String,
-    /// The Object Store bucket of large request bodies.
+    /// The prefix of the Object Store buckets of large request bodies, one per route.
     bodies_bucket: String,
     provisioned: AtomicBool,
     /// The streams have more than one replica: a direct get may come from a lagging follower.
@@ -147,8 +147,8 @@ pub struct StreamPlan {
     pub max_retention: Duration,
     /// (route name, max body) pairs, checked against the server's max_payload.
     pub body_limits: Vec<(String, usize)>,
-    /// Whether a route keeps large bodies in the Object Store (then the bucket is made).
-    pub bodies: bool,
+    /// The routes that keep large bodies in the Object Store (each gets its bucket).
+    pub bodies: Vec<String>,
     /// Bytes the requests stream may hold (`max_bytes`; -1: no limit of its own).
     pub max_bytes: i64,
 }
@@ -604,18 +604,19 @@ impl Store {
                     source: e.into(),
                 })?;
         }
-        // Large request bodies: an Object Store bucket whose objects live as long as the longest
-        // retention at most (a body's operation never outlives its route's retention).
-        if plan.bodies
-            && let Err(e) = self.js.get_object_store(&self.bodies_bucket).await
-        {
-            tracing::debug!(error = %e, bucket = %self.bodies_bucket, "Creating the bodies bucket.");
+        // Large request bodies: an Object Store bucket per route, whose objects live as long as
+        // the longest retention at most (a body's operation never outlives its route's).
+        for route in &plan.bodies {
+            let bucket = self.bodies_bucket(route);
+            if self.js.get_object_store(&bucket).await.is_ok() {
+                continue;
+            }
             self.js
                 .create_object_store(async_nats::jetstream::object_store::Config {
-                    bucket: self.bodies_bucket.clone(),
-                    description: Some(
-                        "Request bodies too large for a message (claim checks).".into(),
-                    ),
+                    bucket: bucket.clone(),
+                    description: Some(format!(
+                        "Request bodies of route {route} too large for a message (claim checks)."
+                    )),
                     max_age: plan.max_retention,
                     storage: StorageType::File,
                     num_replicas: plan.replicas,
@@ -623,7 +624,7 @@ impl Store {
                 })
                 .await
                 .map_err(|e| StoreError::Provision {
-                    stream: format!("OBJ_{}", self.bodies_bucket),
+                    stream: format!("OBJ_{bucket}"),
                     source: e.into(),
                 })?;
         }
@@ -790,22 +791,24 @@ impl Store {
     /// the caller whether the body was larger. Returns where it is, its size and digest.
     pub async fn put_body(
         &self,
+        route: &str,
         name: &str,
         body: &mut (impl tokio::io::AsyncRead + Unpin),
         limit: u64,
     ) -> Result<handlers::contract::BodyObject, StoreError> {
         use tokio::io::AsyncReadExt as _;
         self.ensure_provisioned()?;
+        let bucket_name = self.bodies_bucket(route);
         let failed = |detail: String| {
             StoreError::JetStream(JetStreamError::Body {
-                bucket: self.bodies_bucket.clone(),
+                bucket: bucket_name.clone(),
                 name: name.to_owned(),
                 detail,
             })
         };
         let bucket = self
             .js
-            .get_object_store(&self.bodies_bucket)
+            .get_object_store(&bucket_name)
             .await
             .map_err(|e| failed(e.to_string()))?;
         let info = bucket
@@ -813,7 +816,7 @@ impl Store {
             .await
             .map_err(|e| failed(e.to_string()))?;
         Ok(handlers::contract::BodyObject {
-            bucket: self.bodies_bucket.clone(),
+            bucket: bucket_name.clone(),
             name: name.to_owned(),
             size: info.size as u64,
             digest: info.digest.unwrap_or_default(),
@@ -822,10 +825,10 @@ impl Store {
 
     /// Removes a body object nobody refers to (best effort: the bucket's `max_age` removes it
     /// anyway).
-    pub async fn delete_body(&self, name: &str) {
+    pub async fn delete_body(&self, route: &str, name: &str) {
         let deleted = async {
             self.js
-                .get_object_store(&self.bodies_bucket)
+                .get_object_store(self.bodies_bucket(route))
                 .await?
                 .delete(name)
                 .await?;
@@ -837,9 +840,9 @@ impl Store {
         }
     }
 
-    /// The bodies bucket's name.
-    pub fn bodies_bucket(&self) -> &str {
-        &self.bodies_bucket
+    /// The bucket of route `route`'s large bodies: `<GATEWAY_BODIES_BUCKET>_<route>`.
+    pub fn bodies_bucket(&self, route: &str) -> String {
+        format!("{}_{route}", self.bodies_bucket)
     }
 
     /// Publishes `messages` (requests and a batch record) as one atomic batch on the requests

@@ -51,6 +51,13 @@ max_body = "64KiB"
 name = "e2e"
 method = "POST"
 path = "/e2e"
+
+[[route]]
+name = "upload"
+method = "POST"
+path = "/upload"
+max_body = "256MiB"
+inline_max = "64KiB"
 "#;
 
 struct Options {
@@ -359,9 +366,57 @@ async fn main() -> anyhow::Result<()> {
     );
 
     batch_vs_singles(a, &pids, c, &mut report).await?;
+    large_upload(a, pid, &js, &mut report).await?;
 
     report.write(&o.out)?;
     eprintln!("wrote {}", o.out.display());
+    Ok(())
+}
+
+/// A 50 MiB body through the gateway (a route with `inline_max`, so it streams into the Object
+/// Store) against a raw Object Store put of the same bytes from memory, one after the other:
+/// throughput of each, and how much the gateway's RSS grew meanwhile (sampled every 100 ms).
+async fn large_upload(
+    gateway: std::net::SocketAddr,
+    pid: u32,
+    js: &async_nats::jetstream::Context,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    const SIZE: usize = 50 << 20;
+    let body: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
+    let raw_store = js
+        .create_object_store(async_nats::jetstream::object_store::Config {
+            bucket: "BENCH_RAW".into(),
+            ..Default::default()
+        })
+        .await?;
+    let started = std::time::Instant::now();
+    raw_store.put("raw", &mut &body[..]).await?;
+    let raw = started.elapsed().as_secs_f64();
+    let http = reqwest::Client::new();
+    let send = http
+        .post(format!("http://{gateway}/upload"))
+        .header("idempotency-key", "\"bench-upload\"")
+        .header("content-type", "application/octet-stream")
+        .body(body)
+        .send();
+    let started = std::time::Instant::now();
+    let (answer, first, _, peak) = procstat::watch_during(pid, send).await;
+    let through = started.elapsed().as_secs_f64();
+    anyhow::ensure!(answer?.status() == 202, "the upload was not accepted");
+    let mb = SIZE as f64 / 1e6;
+    report.set("upload_raw_mb_s", mb / raw);
+    report.set("upload_gateway_mb_s", mb / through);
+    report.set(
+        "upload_rss_growth_mib",
+        peak.saturating_sub(first.rss_bytes) as f64 / (1 << 20) as f64,
+    );
+    eprintln!(
+        "50 MiB: raw Object Store put {:.0} MB/s, through the gateway {:.0} MB/s; gateway RSS +{:.1} MiB",
+        mb / raw,
+        mb / through,
+        peak.saturating_sub(first.rss_bytes) as f64 / (1 << 20) as f64
+    );
     Ok(())
 }
 

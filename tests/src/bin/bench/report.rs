@@ -224,6 +224,25 @@ impl Report {
                 batch < single,
             ));
         }
+        if let (Some(raw), Some(gateway)) = (v("upload_raw_mb_s"), v("upload_gateway_mb_s")) {
+            rows.push((
+                "50 MiB upload through the gateway / raw Object Store put".into(),
+                format!(
+                    "{:.0}% ({gateway:.0} vs {raw:.0} MB/s)",
+                    gateway / raw * 100.0
+                ),
+                ">= 50%",
+                gateway / raw >= 0.5,
+            ));
+        }
+        if let Some(mib) = v("upload_rss_growth_mib") {
+            rows.push((
+                "gateway RSS growth during a 50 MiB upload".into(),
+                format!("{mib:.1} MiB"),
+                "< 16 MiB",
+                mib < 16.0,
+            ));
+        }
         if let (Some(shed), Some(missing)) = (v("overload_shed"), v("overload_missing")) {
             rows.push((
                 "overload at 2x peak: shed with Retry-After, no 202 without its message".into(),
