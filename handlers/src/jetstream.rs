@@ -168,6 +168,14 @@ pub async fn publish_atomic_batch(
             Some(err_code::WRONG_LAST_SEQUENCE | err_code::WRONG_LAST_SEQUENCE_IN_FLIGHT) => {
                 Ok(BatchOutcome::Refused)
             }
+            // A subject's one message is there already (discard new per subject).
+            Some(err_code::MAX_MSGS_PER_SUBJECT)
+                if v["error"]["description"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("per subject")) =>
+            {
+                Ok(BatchOutcome::Refused)
+            }
             code => Err(failed(code, v["error"]["description"].to_string())),
         };
     }

@@ -194,3 +194,18 @@ async fn nats_killed_mid_upload_leaves_no_request_and_the_retry_converges() {
     assert_eq!(stored(js.clone()).await, Some(1), "one request for the key");
     assert!(objects(&nats).await >= 1);
 }
+
+/// While a gateway still writes wire contract 1 (an upgrade from the first release), a body
+/// above `inline_max` cannot be named by its request: it is refused (413), nothing stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_body_is_refused_while_writing_contract_1() {
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES)
+        .flags(["--wire-contract", "1"])
+        .start()
+        .await;
+    let r = post(&gw.base, "/upload", "old-layout", bytes(1 << 20, 9)).await;
+    assert_problem(r, 413, "payload-too-large").await;
+    assert_eq!(objects(&nats).await, 0);
+    let r = post(&gw.base, "/upload", "old-layout-small", b"fits".to_vec()).await;
+    assert_eq!(r.status(), 202);
+}

@@ -342,13 +342,13 @@ fn read_items(route: &RouteConfig, items: Vec<BatchItem>) -> Result<Vec<ReadItem
         {
             return Err(bad(&at("content_type"), "not a media type".to_owned()));
         }
-        if body.len() > route.max_body.0 {
+        // A batch's items travel in their messages: at most the route's inline_max where it
+        // has one.
+        let most = route.inline_max.unwrap_or(route.max_body).0;
+        if body.len() > most {
             return Err(bad(
                 &at("body"),
-                format!(
-                    "larger than the route's max_body of {} bytes",
-                    route.max_body.0
-                ),
+                format!("larger than the {most} bytes an item of this route may carry"),
             ));
         }
         if let Some(schema) = &route.body_schema {

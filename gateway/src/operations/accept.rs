@@ -336,11 +336,19 @@ pub async fn accept_large(
     body: &mut (impl tokio::io::AsyncRead + Unpin),
     limit: u64,
 ) -> Result<Accepted, AcceptError> {
+    // Contract 1 has no way to name a body elsewhere (a replica of that release reads only
+    // bodies in messages).
+    if store.subjects().contract() == handlers::contract::WireContract::V1 {
+        return Err(AcceptError::BodyTooLarge {
+            limit: s.route.inline_max.map_or(limit, |inline| inline.0 as u64),
+        });
+    }
     let key_token = s.key_token();
-    if s.start.refusal.is_none()
-        && let Some(stored) = store.request_on_route(&s.route.name, &key_token).await?
-    {
-        let existing = Operation::from_request(&stored).map_err(StoreError::from)?;
+    if let Some(stored) = store.request_on_route(&s.route.name, &key_token).await? {
+        // Only a replay (or a refusal) can come of this: the body is hashed on its way
+        // through, stored nowhere, and compared here, never written as a new request (which
+        // would name a body that is not stored).
+        let mut existing = Operation::from_request(&stored).map_err(StoreError::from)?;
         let (size, digest) = hash(body, limit).await?;
         s.body_object = Some(BodyObject {
             bucket: store.bodies_bucket(&s.route.name),
@@ -352,11 +360,24 @@ pub async fn accept_large(
             size,
             digest,
         });
-        return accept(store, quotas, s).await;
+        if store.retention_ended(&existing) {
+            // Gone at any moment: the retry stores the body and creates anew.
+            return Err(StoreError::NotReady.into());
+        }
+        if existing.fingerprint() != s.fingerprint() {
+            return Err(AcceptError::KeyReused {
+                operation_id: existing.id().to_owned(),
+            });
+        }
+        attach_result(store, &mut existing).await?;
+        return Ok(Accepted::Replayed(existing));
     }
     let name = format!("{key_token}.{}", uuid::Uuid::new_v4().simple());
     let route = s.route.name.clone();
-    let object = store.put_body(&route, &name, body, limit).await?;
+    let object = match store.put_body(&route, &name, body, limit).await {
+        Err(StoreError::BodyRead(why)) => return Err(AcceptError::BodyRead(why)),
+        other => other?,
+    };
     if object.size > limit {
         store.delete_body(&route, &name).await;
         return Err(AcceptError::BodyTooLarge { limit });

@@ -175,8 +175,14 @@ pub async fn accept_batch(
             Bytes::from(serde_json::to_vec(&batch).expect("a batch serializes")),
         ));
         let written = store.publish_batch(&batch_id, messages).await;
+        // Refused for sure: the room is given back. An unknown outcome keeps it until the
+        // ledger sees the requests or not (as a single submit's does).
+        let refused = match &written {
+            Ok(outcome) => *outcome == handlers::jetstream::BatchOutcome::Refused,
+            Err(e) => e.is_store_full(),
+        };
         if let Some(quotas) = quotas
-            && !matches!(written, Ok(handlers::jetstream::BatchOutcome::Committed))
+            && refused
         {
             release(quotas, &reserved);
         }
@@ -197,7 +203,11 @@ pub async fn accept_batch(
                 continue;
             };
             let stored = Operation::from_request(&message).map_err(StoreError::from)?;
-            if stored.fingerprint() != prints[index].1 || store.retention_ended(&stored) {
+            if store.retention_ended(&stored) {
+                // Its key is about to be free: the client's retry writes the batch.
+                return Err(StoreError::NotReady.into());
+            }
+            if stored.fingerprint() != prints[index].1 {
                 return Err(BatchError::ItemKeyReused {
                     index,
                     operation_id: stored.id().to_owned(),

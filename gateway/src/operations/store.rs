@@ -43,6 +43,10 @@ pub enum StoreError {
     Credentials(#[from] crate::config::ConfigError),
     #[error(transparent)]
     JetStream(#[from] JetStreamError),
+    /// A body being stored could not be read from the client (it stopped sending, or too
+    /// slowly); what was stored of it stays for the bucket's `max_age`.
+    #[error("cannot read the request body: {0}")]
+    BodyRead(String),
     /// A stateful route's state store (its marker, the arbiter) could not be read or written.
     #[error(transparent)]
     Arbiter(#[from] StateError),
@@ -609,6 +613,21 @@ impl Store {
         for route in &plan.bodies {
             let bucket = self.bodies_bucket(route);
             if self.js.get_object_store(&bucket).await.is_ok() {
+                // Its objects must outlive the longest retention asked for, as requests do.
+                let stream = format!("OBJ_{bucket}");
+                if let Some(mut live) = self.live_config(&stream).await?
+                    && !live.max_age.is_zero()
+                    && live.max_age < plan.max_retention
+                {
+                    live.max_age = plan.max_retention;
+                    self.js
+                        .update_stream(live)
+                        .await
+                        .map_err(|e| StoreError::Provision {
+                            stream,
+                            source: e.into(),
+                        })?;
+                }
                 continue;
             }
             self.js
@@ -814,7 +833,13 @@ impl Store {
         let info = bucket
             .put(name, &mut body.take(limit + 1))
             .await
-            .map_err(|e| failed(e.to_string()))?;
+            .map_err(|e| {
+                if e.kind() == async_nats::jetstream::object_store::PutErrorKind::ReadChunks {
+                    StoreError::BodyRead(e.to_string())
+                } else {
+                    failed(e.to_string())
+                }
+            })?;
         Ok(handlers::contract::BodyObject {
             bucket: bucket_name.clone(),
             name: name.to_owned(),
