@@ -6,6 +6,8 @@ Usage: python worker.py <nats-url> <route>
 """
 
 import asyncio
+import base64
+import hashlib
 import json
 import sys
 
@@ -13,6 +15,19 @@ import nats
 from nats.js.errors import APIError, NotFoundError
 
 ALREADY_STORED = (10071, 10077)  # wrong last sequence / per-subject limit: a result exists
+
+
+async def body_of(js, h, msg):
+    """The request's body: in the message, or (contract 3) in the Object Store bucket and object
+    the request names, checked against the size and SHA-256 digest it gives."""
+    if h.get("Gw-Contract") != "3":
+        return msg.data
+    store = await js.object_store(h["Gw-Body-Bucket"])
+    data = (await store.get(h["Gw-Body-Object"])).data
+    digest = "SHA-256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode()
+    if len(data) != int(h["Gw-Body-Size"]) or digest != h["Gw-Body-Digest"]:
+        raise ValueError("the stored body is not the one the request names")
+    return data
 
 
 async def handle(js, msg):
@@ -28,14 +43,22 @@ async def handle(js, msg):
         return
     except NotFoundError:
         pass
-    # 2. Answer: the reply's body and headers are what the gateway replays.
+    # 2. The body, wherever it is; one that cannot be read yet is tried again later.
+    try:
+        data = await body_of(js, h, msg)
+    except Exception:  # noqa: BLE001 - any failure to read means: not now
+        await msg.nak(delay=1)
+        return
+    # 3. Answer: the reply's body and headers are what the gateway replays.
     body = json.dumps({
         "handled_by": "python",
         "operation_id": operation_id,
         "method": h.get("Gw-Method"),
         "path": h.get("Gw-Path"),
         "query": h.get("Gw-Query"),
-        "echo": msg.data.decode(),
+        "echo": data.decode() if len(data) <= 4096 else None,
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
     }).encode()
     headers = {
         "Gw-Status": "201",
@@ -51,7 +74,7 @@ async def handle(js, msg):
         if e.err_code not in ALREADY_STORED:
             await msg.nak(delay=0.5)  # try again later
             return
-    # 3. Ack last, after the reply's ack.
+    # 4. Ack last, after the reply's ack.
     await msg.ack()
 
 

@@ -6,7 +6,8 @@ use std::time::Duration;
 use gateway_tests::*;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-const ROUTES: &str = "[[route]]\nname = \"py\"\nmethod = \"POST\"\npath = \"/py/{item}\"\n";
+const ROUTES: &str = "[[route]]\nname = \"py\"\nmethod = \"POST\"\npath = \"/py/{item}\"\n\
+                      max_body = \"4MiB\"\ninline_max = \"16KiB\"\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_worker_on_a_plain_nats_client_answers_requests() {
@@ -47,8 +48,26 @@ async fn a_python_worker_on_a_plain_nats_client_answers_requests() {
         assert_eq!(body["query"], format!("n={i}"));
         assert_eq!(body["echo"], format!("payload {i}"));
     }
+    // A body too large for a message: the worker reads it from the Object Store (contract 3).
+    let large: Vec<u8> = (0..200 * 1024).map(|i| (i % 253) as u8).collect();
+    let r = http
+        .post(gw.url("/py/large"))
+        .header("idempotency-key", "\"py-large\"")
+        .body(large.clone())
+        .send()
+        .await
+        .unwrap();
+    let id = id_of(r).await;
+    let statuses = poll_until_terminal(&gw.base, &id, Duration::from_secs(20)).await;
+    assert_eq!(statuses.last().unwrap(), "succeeded");
+    let body = json(get_result(&gw.base, &id).await).await;
+    assert_eq!(body["size"], large.len());
+    assert_eq!(
+        body["sha256"],
+        data_encoding::HEXLOWER.encode(&<sha2::Sha256 as sha2::Digest>::digest(&large))
+    );
     // Exactly one stored result per operation.
     let js = nats.jetstream().await;
     let stored = gateway_tests::stream_messages(&js, "GW_OUTCOMES").await;
-    assert_eq!(stored, 5);
+    assert_eq!(stored, 6);
 }
