@@ -42,4 +42,6 @@ pub use nats::{Nats, nats_server_bin, signal_process};
 pub use streams::{duplicate_request, rewritten_request, stream_messages};
 pub use tools::{python_command, venv_tool};
 pub use wait::eventually;
-pub use workers::{Echo, TestWorker, WorkerCounts, counter_store, echo, worker_config};
+pub use workers::{
+    Echo, TestWorker, WorkerCounts, counter_store, counting_handler, echo, worker_config,
+};

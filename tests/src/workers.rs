@@ -222,3 +222,25 @@ pub async fn counter_store(nats: &Nats) -> handlers::StateStore {
         .await
         .unwrap()
 }
+
+/// The counting workers' stateful handler: loads the counter, saves it plus one, emits the new
+/// value to `audit.count`, and answers `status` with `{"counter": <new value>}`; `runs` counts
+/// its runs (a run that does not commit counts too).
+pub fn counting_handler(
+    runs: Arc<std::sync::atomic::AtomicU32>,
+    status: u16,
+) -> impl handlers::stateful::StatefulHandler {
+    move |ctx: Arc<handlers::StatefulContext>| {
+        let runs = runs.clone();
+        async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            let value: u64 = ctx.load("counter").await?.unwrap_or(0);
+            ctx.save("counter", &(value + 1));
+            ctx.emit("audit.count", (value + 1).to_string());
+            Ok(Response::json(
+                status,
+                &serde_json::json!({ "counter": value + 1 }),
+            ))
+        }
+    }
+}

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use gateway_tests::*;
+use handlers::Response;
 use handlers::contract::DEFAULT_REQUESTS_STREAM;
-use handlers::{Response, StatefulContext};
 
 const ROUTES: &str = r#"
 [[route]]
@@ -311,22 +311,7 @@ async fn a_stateful_redrive_of_a_committed_operation_changes_the_state_once() {
     let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
     let store = counter_store(&nats).await;
     let runs = Arc::new(AtomicU32::new(0));
-    let handler = {
-        let runs = runs.clone();
-        move |ctx: Arc<StatefulContext>| {
-            let runs = runs.clone();
-            async move {
-                runs.fetch_add(1, Ordering::SeqCst);
-                let value: u64 = ctx.load("counter").await?.unwrap_or(0);
-                ctx.save("counter", &(value + 1));
-                ctx.emit("audit.count", (value + 1).to_string());
-                Ok(Response::json(
-                    422,
-                    &serde_json::json!({ "counter": value + 1 }),
-                ))
-            }
-        }
-    };
+    let handler = counting_handler(runs.clone(), 422);
     let _worker = TestWorker::start_with(&nats, worker_config(), |w| {
         w.stateful_route("count", store, handler)
     })

@@ -14,19 +14,7 @@ const ROUTES: &str = "[[route]]\nname = \"count\"\nmethod = \"POST\"\npath = \"/
 /// Starts a worker whose stateful handler increments one counter and replies with the new value.
 async fn counting_worker(nats: &Nats, runs: Arc<AtomicU32>) -> TestWorker {
     let store = counter_store(nats).await;
-    let handler = move |ctx: Arc<StatefulContext>| {
-        let runs = runs.clone();
-        async move {
-            runs.fetch_add(1, Ordering::SeqCst);
-            let value: u64 = ctx.load("counter").await?.unwrap_or(0);
-            ctx.save("counter", &(value + 1));
-            ctx.emit("audit.count", (value + 1).to_string());
-            Ok(Response::json(
-                200,
-                &serde_json::json!({ "counter": value + 1 }),
-            ))
-        }
-    };
+    let handler = counting_handler(runs, 200);
     let config = handlers::WorkerConfig {
         max_deliver: 1000,
         ..worker_config()

@@ -62,6 +62,24 @@ async fn login(
         .build(client)
 }
 
+/// nats-server with deploy/nats/accounts.conf as shipped, a gateway logged in as `gateway`, and
+/// the `orders` worker's JetStream context (its user, its inbox prefix).
+async fn confined() -> (Nats, InProcessGateway, async_nats::jetstream::Context) {
+    let accounts = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/nats/accounts.conf"
+    ))
+    .unwrap();
+    let nats = Nats::start_with_config(&format!("{PASSWORDS}\n{accounts}")).await;
+    let gw = TestGateway::builder(ROUTES)
+        // Percent-encoded in the URL, as URL user info must be.
+        .nats_url(nats.url_as("gateway", "g%40te%3Aw%2Fy%20secret"))
+        .start()
+        .await;
+    let orders_js = login(&nats, "orders-worker", "orders-secret", "_INBOX_orders").await;
+    (nats, gw, orders_js)
+}
+
 fn answer(text: &'static str) -> impl handlers::Handler {
     move |_: Request| async move { Ok(Response::text(200, text)) }
 }
@@ -81,19 +99,7 @@ async fn status_of(base: &str, id: &str) -> String {
 /// `invoices` worker then ends its operation, and the `orders` result is still there.
 #[tokio::test]
 async fn a_worker_is_confined_to_its_route_by_nats_permissions() {
-    let accounts = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/nats/accounts.conf"
-    ))
-    .unwrap();
-    let nats = Nats::start_with_config(&format!("{PASSWORDS}\n{accounts}")).await;
-    let gw = TestGateway::builder(ROUTES)
-        // Percent-encoded in the URL, as URL user info must be.
-        .nats_url(nats.url_as("gateway", "g%40te%3Aw%2Fy%20secret"))
-        .start()
-        .await;
-
-    let orders_js = login(&nats, "orders-worker", "orders-secret", "_INBOX_orders").await;
+    let (nats, gw, orders_js) = confined().await;
     let _orders = TestWorker::start_on(orders_js.clone(), confined_config(), |w| {
         w.route("orders", answer("order done"))
     });
@@ -377,17 +383,7 @@ async fn stored_request(
 /// (kept in its route's Object Store bucket) and none of another route's.
 #[tokio::test]
 async fn a_confined_worker_reads_its_routes_large_bodies_and_no_others() {
-    let accounts = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/nats/accounts.conf"
-    ))
-    .unwrap();
-    let nats = Nats::start_with_config(&format!("{PASSWORDS}\n{accounts}")).await;
-    let gw = TestGateway::builder(ROUTES)
-        .nats_url(nats.url_as("gateway", "g%40te%3Aw%2Fy%20secret"))
-        .start()
-        .await;
-    let orders_js = login(&nats, "orders-worker", "orders-secret", "_INBOX_orders").await;
+    let (nats, gw, orders_js) = confined().await;
     let _orders = TestWorker::start_on(orders_js.clone(), confined_config(), |w| {
         w.route("orders", |r: Request| async move {
             Ok(Response::text(200, r.body.len().to_string()))
