@@ -209,10 +209,7 @@ pub(crate) async fn redrive_operation(
     _admitted: Admission,
     OperationRef { tenant, id }: OperationRef,
 ) -> Result<Response, ApiError> {
-    let (operation, replayed) = match redrive(&state, &tenant, &id, None).await? {
-        Accepted::New(op) => (op, false),
-        Accepted::Replayed(op) => (op, true),
-    };
+    let (operation, replayed) = redrive(&state, &tenant, &id, None).await?.into_operation();
     note_operation(&operation);
     let mut response = accepted(&state, &operation);
     if replayed {
@@ -304,8 +301,7 @@ pub(crate) async fn redrive_failed(
     for (sequence, operation) in page.operations {
         let id = operation.id().to_owned();
         let (redrive, replayed) = match redrive(&state, &tenant, &id, Some(operation)).await {
-            Ok(Accepted::New(op)) => (op, false),
-            Ok(Accepted::Replayed(op)) => (op, true),
+            Ok(accepted) => accepted.into_operation(),
             // Gone since the page was read: nothing to redrive.
             Err(ApiError::OperationNotFound) => continue,
             Err(ApiError::NotRedrivable(reason)) => {

@@ -132,13 +132,10 @@ async fn submit_with_key(
         std::process::abort();
     }
     drop(permit);
-    let (operation, replayed) = match accepted {
-        Accepted::New(op) => (op, false),
-        Accepted::Replayed(op) => {
-            metrics::counter!(IDEMPOTENT_REPLAYS, "route" => route.name.clone()).increment(1);
-            (op, true)
-        }
-    };
+    let (operation, replayed) = accepted.into_operation();
+    if replayed {
+        metrics::counter!(IDEMPOTENT_REPLAYS, "route" => route.name.clone()).increment(1);
+    }
     note_operation(&operation);
     // `Prefer: wait=N`, or the route's own wait: answer with the result if it comes in time.
     let wait = Wait::capped(read.preferences.wait.or(route.wait), state.limits.max_wait);

@@ -82,6 +82,16 @@ pub enum Accepted {
     Replayed(Operation),
 }
 
+impl Accepted {
+    /// The operation, and whether it was there already (a replay).
+    pub fn into_operation(self) -> (Operation, bool) {
+        match self {
+            Accepted::New(op) => (op, false),
+            Accepted::Replayed(op) => (op, true),
+        }
+    }
+}
+
 /// Why a submission was not accepted.
 #[derive(Debug, thiserror::Error)]
 pub enum AcceptError {
