@@ -142,7 +142,7 @@ pub async fn run(
         bodies: routes
             .iter()
             .filter(|r| r.inline_max.is_some())
-            .map(|r| r.name.clone())
+            .map(|r| (r.name.clone(), r.retention))
             .collect(),
         max_bytes: settings.jetstream.stream_max_bytes,
     };

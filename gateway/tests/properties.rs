@@ -1238,7 +1238,7 @@ proptest! {
         let subjects = Subjects::default();
         let token = submission.key_token();
         let fingerprint = submission.fingerprint();
-        let message = submission.message(&subjects, &token, &fingerprint, now());
+        let message = submission.message(&subjects, None, &token, &fingerprint, now());
 
         prop_assert_eq!(&message.subject, &subjects.request(&loaded.name, &token));
         prop_assert_eq!(key_token_of(&message.head.operation_id), Some(token.as_str()));

@@ -145,6 +145,11 @@ pub mod header {
     pub const BODY_OBJECT: &str = "Gw-Body-Object";
     pub const BODY_SIZE: &str = "Gw-Body-Size";
     pub const BODY_DIGEST: &str = "Gw-Body-Digest";
+    /// The Object Store bucket where a worker may keep a reply body too large for its message
+    /// (a result's claim check, named by the `Gw-Body-*` headers of the terminal record). Only
+    /// requests of routes that keep large bodies name one; a worker that ignores it replies
+    /// inline, as before.
+    pub const REPLY_BUCKET: &str = "Gw-Reply-Bucket";
     /// Seconds the gateway keeps the request, status and result; under contract 1 workers set the
     /// same TTL on replies.
     pub const RETENTION: &str = "Gw-Retention";
@@ -472,17 +477,85 @@ pub struct RequestHead {
     pub redrive_of: Option<String>,
     /// Where the body is when it is not in the message (contract 3).
     pub body_object: Option<BodyObject>,
+    /// Where a reply body too large for its message may go (`Gw-Reply-Bucket`).
+    pub reply_bucket: Option<String>,
 }
 
 /// A request body kept in a JetStream Object Store (a claim check): the bucket, the object's
 /// name, its size in bytes and its digest as the Object Store writes it (`SHA-256=` and the
 /// base64url of the SHA-256 of the bytes, RFC 4648 section 5).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BodyObject {
     pub bucket: String,
     pub name: String,
     pub size: u64,
     pub digest: String,
+}
+
+impl BodyObject {
+    /// The name of a reply body of operation `operation_id`: the operation's id, `.result.`,
+    /// and a part unique to the writer, so that two attempts racing to answer never write the
+    /// same object (the one whose record loses removes its own).
+    pub fn reply_name(operation_id: &str) -> String {
+        format!("{operation_id}.result.{}", unique_token())
+    }
+
+    /// Whether this object can be the reply body of `request`'s operation: in the bucket the
+    /// request names, and named for the operation (or for the operation it redrives, whose
+    /// committed reply a redrive adopts). A reader checks it before serving a result's object,
+    /// so that a worker cannot point a result at another operation's body.
+    pub fn is_reply_of(&self, request: &RequestHead) -> bool {
+        let named_for = |id: &str| {
+            self.name
+                .strip_prefix(id)
+                .is_some_and(|rest| rest.starts_with(".result."))
+        };
+        request.reply_bucket.as_deref() == Some(self.bucket.as_str())
+            && (named_for(&request.operation_id)
+                || request.redrive_of.as_deref().is_some_and(named_for))
+    }
+
+    /// The SHA-256 of the bytes, base64url (RFC 4648 section 5), without the `SHA-256=` label.
+    pub fn sha256(&self) -> &str {
+        self.digest.strip_prefix("SHA-256=").unwrap_or(&self.digest)
+    }
+
+    /// The `Gw-Body-*` headers that name this object.
+    fn write_headers(&self, h: &mut HeaderMap) {
+        h.insert(header::BODY_BUCKET, self.bucket.as_str());
+        h.insert(header::BODY_OBJECT, self.name.as_str());
+        h.insert(header::BODY_SIZE, self.size.to_string().as_str());
+        h.insert(header::BODY_DIGEST, self.digest.as_str());
+    }
+
+    /// Reads the `Gw-Body-*` headers: `None` when there are none, an error when some are missing
+    /// or the size is not a number.
+    fn read_headers(headers: &HeaderMap) -> Result<Option<Self>, ContractError> {
+        let names = [
+            header::BODY_BUCKET,
+            header::BODY_OBJECT,
+            header::BODY_SIZE,
+            header::BODY_DIGEST,
+        ];
+        if names.iter().all(|n| header_str(headers, n).is_none()) {
+            return Ok(None);
+        }
+        let size = required(headers, header::BODY_SIZE)?;
+        Ok(Some(BodyObject {
+            bucket: required(headers, header::BODY_BUCKET)?.to_owned(),
+            name: required(headers, header::BODY_OBJECT)?.to_owned(),
+            size: size.parse().map_err(|_| ContractError::InvalidHeader {
+                name: header::BODY_SIZE,
+                value: size.to_owned(),
+            })?,
+            digest: required(headers, header::BODY_DIGEST)?.to_owned(),
+        }))
+    }
+}
+
+/// A random 128-bit token in lowercase hex (32 characters).
+fn unique_token() -> String {
+    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
 }
 
 impl RequestHead {
@@ -504,7 +577,6 @@ impl RequestHead {
         };
         let contract = (written != WireContract::V1).then(|| written.number().to_string());
         let retry_policy = self.retry_policy.as_ref().map(|p| p.to_header());
-        let body_size = self.body_object.as_ref().map(|b| b.size.to_string());
         let fields = [
             (header::OPERATION_ID, Some(self.operation_id.as_str())),
             (header::ROUTE, Some(self.route.as_str())),
@@ -526,24 +598,15 @@ impl RequestHead {
             (header::CALLBACK_URL, self.callback_url.as_deref()),
             (header::RETRY_POLICY, retry_policy.as_deref()),
             (header::REDRIVE_OF, self.redrive_of.as_deref()),
-            (
-                header::BODY_BUCKET,
-                self.body_object.as_ref().map(|b| b.bucket.as_str()),
-            ),
-            (
-                header::BODY_OBJECT,
-                self.body_object.as_ref().map(|b| b.name.as_str()),
-            ),
-            (header::BODY_SIZE, body_size.as_deref()),
-            (
-                header::BODY_DIGEST,
-                self.body_object.as_ref().map(|b| b.digest.as_str()),
-            ),
+            (header::REPLY_BUCKET, self.reply_bucket.as_deref()),
         ];
         for (name, value) in fields {
             if let Some(value) = value {
                 h.insert(name, value);
             }
+        }
+        if let Some(object) = &self.body_object {
+            object.write_headers(&mut h);
         }
         h
     }
@@ -606,18 +669,10 @@ impl RequestHead {
         };
         let optional = |name| header_str(headers, name).map(str::to_owned);
         let body_object = match contract {
-            WireContract::V3 => {
-                let size = required(headers, header::BODY_SIZE)?;
-                Some(BodyObject {
-                    bucket: required(headers, header::BODY_BUCKET)?.to_owned(),
-                    name: required(headers, header::BODY_OBJECT)?.to_owned(),
-                    size: size.parse().map_err(|_| ContractError::InvalidHeader {
-                        name: header::BODY_SIZE,
-                        value: size.to_owned(),
-                    })?,
-                    digest: required(headers, header::BODY_DIGEST)?.to_owned(),
-                })
-            }
+            WireContract::V3 => Some(
+                BodyObject::read_headers(headers)?
+                    .ok_or(ContractError::MissingHeader(header::BODY_OBJECT))?,
+            ),
             _ => None,
         };
         // A request's layout: contract 3 is contract 2's, with the body elsewhere.
@@ -647,6 +702,7 @@ impl RequestHead {
             retry_policy,
             redrive_of: optional(header::REDRIVE_OF),
             body_object,
+            reply_bucket: optional(header::REPLY_BUCKET),
         })
     }
 }
@@ -719,7 +775,11 @@ pub struct ResultRecord {
     pub content_type: Option<String>,
     /// Response headers the worker set (the gateway replays those on its allow-list).
     pub headers: Vec<(String, String)>,
+    /// The body, when it is in the message (empty when `body_object` names it).
     pub body: Bytes,
+    /// Where the body is when it was too large for the message: an object the request's
+    /// `Gw-Reply-Bucket` holds (`Gw-Body-*` headers, as a contract-3 request names its body).
+    pub body_object: Option<BodyObject>,
 }
 
 impl ResultRecord {
@@ -731,6 +791,7 @@ impl ResultRecord {
             content_type,
             headers: Vec::new(),
             body,
+            body_object: None,
         }
     }
 
@@ -805,6 +866,7 @@ impl ResultRecord {
             content_type: Some("application/problem+json".to_owned()),
             headers: Vec::new(),
             body: Bytes::from(body.to_string()),
+            body_object: None,
         }
     }
 
@@ -821,6 +883,9 @@ impl ResultRecord {
         }
         if let Some(outcome) = self.outcome.as_header() {
             h.insert(header::OUTCOME, outcome);
+        }
+        if let Some(object) = &self.body_object {
+            object.write_headers(&mut h);
         }
         h
     }
@@ -845,6 +910,9 @@ impl ResultRecord {
             && ct.parse::<async_nats::HeaderValue>().is_err()
         {
             return unstorable(header::CONTENT_TYPE, "its value is not a header value");
+        }
+        if self.body_object.is_some() && !self.body.is_empty() {
+            return unstorable(header::BODY_OBJECT, "the body is in the message too");
         }
         for (name, value) in &self.headers {
             if is_contract_header(name) {
@@ -905,6 +973,7 @@ impl ResultRecord {
             content_type: header_str(headers, header::CONTENT_TYPE).map(str::to_owned),
             headers: extra,
             body,
+            body_object: BodyObject::read_headers(headers)?,
         };
         record.validate()?;
         Ok(record)
@@ -915,13 +984,28 @@ impl ResultRecord {
         Self::from_parts(&msg.headers, msg.payload.clone())
     }
 
-    /// Two records are the same answer when status, content type, outcome and body agree.
-    /// A repeated identical reply changes nothing; a different one is a conflict.
+    /// Two records are the same answer when status, content type, outcome and body agree (a
+    /// body in an object by its size and digest: two attempts store the same bytes under
+    /// names of their own). A repeated identical reply changes nothing; a different one is a
+    /// conflict.
     pub fn same_answer(&self, other: &ResultRecord) -> bool {
+        let same_object = match (&self.body_object, &other.body_object) {
+            (None, None) => true,
+            (Some(a), Some(b)) => a.size == b.size && a.digest == b.digest,
+            _ => false,
+        };
         self.outcome == other.outcome
             && self.status == other.status
             && self.content_type == other.content_type
             && self.body == other.body
+            && same_object
+    }
+
+    /// The body's size in bytes, wherever it is.
+    pub fn body_size(&self) -> u64 {
+        self.body_object
+            .as_ref()
+            .map_or(self.body.len() as u64, |object| object.size)
     }
 }
 
@@ -948,6 +1032,78 @@ mod tests {
         let back = ResultRecord::from_parts(&headers, record.body.clone()).unwrap();
         assert_eq!(back, record);
         assert!(back.same_answer(&record));
+    }
+
+    #[test]
+    fn a_reply_body_is_served_only_from_where_its_request_allows() {
+        let mut request = RequestHead::from_headers(&{
+            let mut h = HeaderMap::new();
+            for (name, value) in [
+                (header::OPERATION_ID, "op1"),
+                (header::ROUTE, "orders"),
+                (header::METHOD, "POST"),
+                (header::PATH, "/orders"),
+                (header::REPLY_SUBJECT, "gw.out.orders.op1"),
+                (header::DEADLINE, "2026-01-01T00:00:00Z"),
+                (header::REPLY_BUCKET, "GW_BODIES_orders"),
+            ] {
+                h.insert(name, value);
+            }
+            h
+        })
+        .unwrap();
+        let object = |bucket: &str, name: &str| BodyObject {
+            bucket: bucket.to_owned(),
+            name: name.to_owned(),
+            size: 1,
+            digest: "SHA-256=x".to_owned(),
+        };
+        let own = object("GW_BODIES_orders", &BodyObject::reply_name("op1"));
+        assert!(own.is_reply_of(&request));
+        // Another route's bucket, another operation's reply, a request body, a bare prefix.
+        assert!(!object("GW_BODIES_invoices", &own.name).is_reply_of(&request));
+        assert!(!object("GW_BODIES_orders", &BodyObject::reply_name("op2")).is_reply_of(&request));
+        assert!(!object("GW_BODIES_orders", "op1key.0123").is_reply_of(&request));
+        assert!(!object("GW_BODIES_orders", "op1.result").is_reply_of(&request));
+        // A redrive serves the reply it adopted from the operation it redrives.
+        let original = object("GW_BODIES_orders", &BodyObject::reply_name("op0"));
+        assert!(!original.is_reply_of(&request));
+        request.redrive_of = Some("op0".to_owned());
+        assert!(original.is_reply_of(&request));
+        // A request that names no bucket takes no reply body from any.
+        request.reply_bucket = None;
+        assert!(!own.is_reply_of(&request));
+        // Two names of one operation never collide: racing writers each remove their own.
+        assert_ne!(BodyObject::reply_name("op1"), BodyObject::reply_name("op1"));
+    }
+
+    #[test]
+    fn a_record_names_its_body_object_or_carries_its_body_never_both() {
+        let mut record = ResultRecord::reply(200, None, Bytes::new());
+        record.body_object = Some(BodyObject {
+            bucket: "GW_BODIES_orders".into(),
+            name: BodyObject::reply_name("op1"),
+            size: 3 << 20,
+            digest: "SHA-256=abc=".into(),
+        });
+        let back = ResultRecord::from_parts(&record.to_headers("op1"), Bytes::new()).unwrap();
+        assert_eq!(back, record);
+        assert_eq!(back.body_size(), 3 << 20);
+        // The same bytes under another writer's name are the same answer.
+        let mut other = record.clone();
+        other.body_object.as_mut().unwrap().name = BodyObject::reply_name("op1");
+        assert!(other.same_answer(&record));
+        other.body_object.as_mut().unwrap().digest = "SHA-256=xyz=".into();
+        assert!(!other.same_answer(&record));
+        record.body = Bytes::from_static(b"and inline");
+        assert!(record.validate().is_err());
+        // Some of the four headers but not all: broken.
+        let mut partial = ResultRecord::reply(200, None, Bytes::new()).to_headers("op1");
+        partial.insert(header::BODY_OBJECT, "op1.result.x");
+        assert!(matches!(
+            ResultRecord::from_parts(&partial, Bytes::new()),
+            Err(ContractError::MissingHeader(_))
+        ));
     }
 
     #[test]

@@ -35,13 +35,8 @@ pub enum JetStreamError {
     Get { stream: String, detail: String },
     #[error("a stored message breaks the wire contract: {0}")]
     Contract(#[from] ContractError),
-    /// A request's body in the Object Store cannot be read, or is not what the request says.
-    #[error("the request's body {name} in bucket {bucket}: {detail}")]
-    Body {
-        bucket: String,
-        name: String,
-        detail: String,
-    },
+    #[error(transparent)]
+    Body(#[from] crate::claim_check::ClaimCheckError),
     /// An atomic batch was refused (`code`: the JetStream error code), or its outcome is unknown
     /// (`code` `None`: no answer to the commit).
     #[error("atomic batch {batch} failed: {detail}")]
@@ -69,48 +64,6 @@ impl JetStreamError {
             _ => false,
         }
     }
-}
-
-/// Reads a request body kept in the Object Store (contract 3) into memory, checking that it has
-/// the size and the SHA-256 digest the request names, so that a worker never runs on another
-/// body than the one the gateway accepted.
-pub async fn fetch_body(
-    js: &async_nats::jetstream::Context,
-    object: &crate::contract::BodyObject,
-) -> Result<Bytes, JetStreamError> {
-    use sha2::Digest as _;
-    use tokio::io::AsyncReadExt as _;
-    let failed = |detail: String| JetStreamError::Body {
-        bucket: object.bucket.clone(),
-        name: object.name.clone(),
-        detail,
-    };
-    let store = js
-        .get_object_store(&object.bucket)
-        .await
-        .map_err(|e| failed(e.to_string()))?;
-    let mut reader = store
-        .get(&object.name)
-        .await
-        .map_err(|e| failed(e.to_string()))?;
-    let size = usize::try_from(object.size).map_err(|_| failed("too large".to_owned()))?;
-    let mut body = Vec::with_capacity(size);
-    (&mut reader)
-        .take(object.size + 1)
-        .read_to_end(&mut body)
-        .await
-        .map_err(|e| failed(e.to_string()))?;
-    if body.len() != size {
-        return Err(failed(format!("{} bytes, not {size}", body.len())));
-    }
-    let digest = format!(
-        "SHA-256={}",
-        data_encoding::BASE64URL.encode(&sha2::Sha256::digest(&body))
-    );
-    if digest != object.digest {
-        return Err(failed(format!("digest {digest}, not {}", object.digest)));
-    }
-    Ok(Bytes::from(body))
 }
 
 /// What an atomic batch publish did.
@@ -488,18 +441,36 @@ pub async fn publish_result(
     let Some(stored) = read_back(js.client(), results_stream, subject).await? else {
         // Taken a moment ago, gone now: only a TTL expiry does that. Nothing to compare with,
         // and an expired operation takes no more results.
+        discard_reply_body(js, record).await;
         return Ok(ResultWrite::AlreadyStored);
     };
     let existing = match ResultRecord::from_stream_message(&stored) {
         // An outcome was stored and later removed (a delete marker holds the slot): the
         // operation took its one outcome; this one is not written.
-        Err(ContractError::Removed { .. }) => return Ok(ResultWrite::AlreadyStored),
+        Err(ContractError::Removed { .. }) => {
+            discard_reply_body(js, record).await;
+            return Ok(ResultWrite::AlreadyStored);
+        }
         read => read?,
     };
+    // This record lost: an object only it names is nobody's reply (the stored record may
+    // name the same object, when this writer's own earlier write is what refused this one).
+    if existing.body_object.as_ref().map(|o| &o.name)
+        != record.body_object.as_ref().map(|o| &o.name)
+    {
+        discard_reply_body(js, record).await;
+    }
     if existing.same_answer(record) {
         Ok(ResultWrite::AlreadyStored)
     } else {
         Ok(ResultWrite::Conflict { existing })
+    }
+}
+
+/// Removes the object holding `record`'s body, if it has one (see [`crate::claim_check::discard`]).
+async fn discard_reply_body(js: &async_nats::jetstream::Context, record: &ResultRecord) {
+    if let Some(object) = &record.body_object {
+        crate::claim_check::discard(js, object).await;
     }
 }
 

@@ -1,6 +1,8 @@
 //! The messaging library shared by the gateway and its workers.
 //!
 //! # Layout
+//! - [`claim_check`]: bodies too large for a message, kept in the JetStream Object Store (a
+//!   request's, read by workers; a reply's, written by them).
 //! - [`contract`]: the wire contract: subjects, header names, and the request and result
 //!   message shapes. The only place that defines how messages look.
 //! - [`progress`]: progress reports of pending operations (advisory).
@@ -18,6 +20,7 @@
 //! A worker in another language needs none of this code: docs/wire-contract.md is the same
 //! contract in prose, and a plain NATS client is enough to follow it.
 
+pub mod claim_check;
 pub mod contract;
 pub mod faults;
 pub mod handler;

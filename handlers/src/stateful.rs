@@ -46,7 +46,7 @@ use serde::de::DeserializeOwned;
 
 use async_nats::jetstream::message::PublishMessage;
 
-use crate::contract::{Outcome, Request, RequestHead, ResultRecord};
+use crate::contract::{BodyObject, Outcome, Request, RequestHead, ResultRecord};
 use crate::handler::{BoxFuture, HandlerError, Response};
 use crate::jetstream::{
     BatchOutcome, CreateOutcome, JetStreamError, ResultWrite, create_if_absent,
@@ -361,6 +361,9 @@ pub struct Outbox {
     headers: Vec<(String, String)>,
     /// Base64.
     body: String,
+    /// Where the body is when it was too large for a message (then `body` is empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    body_object: Option<BodyObject>,
     pub emits: Vec<Emit>,
     /// Absent: a commit. Present: the decision that ended the operation without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -383,6 +386,7 @@ impl Outbox {
             content_type: reply.content_type.clone(),
             headers: reply.headers.clone(),
             body: data_encoding::BASE64.encode(&reply.body),
+            body_object: reply.body_object.clone(),
             emits,
             decided: None,
         }
@@ -429,6 +433,7 @@ impl Outbox {
             Some(Decision::Failed) | None => Outcome::Reply,
         };
         record.headers = self.headers.clone();
+        record.body_object = self.body_object.clone();
         record
     }
 }
@@ -605,6 +610,7 @@ pub async fn run(
     handler: &dyn StatefulHandler,
     request: Request,
     commit_by: Option<time::OffsetDateTime>,
+    reply_inline_max: usize,
 ) -> Result<Committed, HandlerError> {
     let op = request.operation_id.clone();
     let retention = request.retention_secs.map(Duration::from_secs);
@@ -645,22 +651,36 @@ pub async fn run(
         changes
     };
     let emits = std::mem::take(&mut *ctx.emits.lock().expect("context lock"));
+    // A large reply body is stored before the commit that names it; whatever stops the commit
+    // from naming it after all removes it.
+    let record =
+        crate::claim_check::store_reply(&store.js, &ctx.request.head, record, reply_inline_max)
+            .await?;
     let outbox = Outbox::new(&record, emits);
+    let unused = async || {
+        if let Some(object) = &record.body_object {
+            crate::claim_check::discard(&store.js, object).await;
+        }
+    };
     // A client cancelled while the handler ran (the worker watches for the cancelled result):
     // commit nothing. A cancellation landing after this check is decided by the marker all the
     // same: the gateway claims it before it writes `cancelled`, so then this commit is refused.
     if ctx.request.cancellation.is_cancelled() {
+        unused().await;
         return Err("the operation was cancelled; nothing was committed".into());
     }
     if commit_by.is_some_and(|by| time::OffsetDateTime::now_utc() >= by) {
+        unused().await;
         return Err("the operation's retention ended while it ran; nothing was committed".into());
     }
     crate::faults::crash_point("before-commit");
+    // A commit whose outcome is unknown (an error) may have stored the outbox: its object stays.
     if store.commit(&op, changes, &outbox, retention).await? {
         crate::faults::crash_point("after-commit");
         crate::faults::pause_point("after-commit", &ctx.request.route).await;
         return Ok(Committed::Now(outbox));
     }
+    unused().await;
     // Refused: either the operation was decided meanwhile (a commit of another run, or a
     // cancellation, expiry or failure: publish that), or the state changed under us (run again
     // later, against the new state).

@@ -61,6 +61,10 @@ pub struct WorkerConfig {
     /// First redelivery delay after a handler error; doubles per delivery up to `retry_max`.
     pub retry_base: Duration,
     pub retry_max: Duration,
+    /// A reply body larger than this many bytes goes to the Object Store bucket its request
+    /// names (`Gw-Reply-Bucket`), and the terminal record names the object; without a bucket
+    /// it stays in the message, up to the server's `max_payload`.
+    pub reply_inline_max: usize,
 }
 
 impl Default for WorkerConfig {
@@ -76,9 +80,15 @@ impl Default for WorkerConfig {
             expiry_grace: Duration::ZERO,
             retry_base: Duration::from_millis(500),
             retry_max: Duration::from_secs(30),
+            reply_inline_max: DEFAULT_REPLY_INLINE_MAX,
         }
     }
 }
+
+/// Reply bodies above 512 KiB go to the Object Store where the request allows: half of
+/// nats-server's default `max_payload` (1 MiB), which leaves room for the headers and, on a
+/// stateful route, for the outbox's base64 (4/3 of the body) in the processed marker.
+pub const DEFAULT_REPLY_INLINE_MAX: usize = 512 * 1024;
 
 /// Deliveries past the handler's attempts that only end the operation.
 const FINALIZING_DELIVERIES: i64 = 1;
@@ -368,7 +378,7 @@ impl RouteWorker {
         // A body in the Object Store: read before anything runs (a read that fails is tried
         // again; the deliveries it spends are bounded by max_deliver, as a handler's are).
         if let Some(object) = request.body_object.clone() {
-            match crate::jetstream::fetch_body(&self.js, &object).await {
+            match crate::claim_check::fetch_body(&self.js, &object).await {
                 Ok(body) => request.body = body,
                 Err(error) => {
                     tracing::warn!(operation_id = %op, %error, "Cannot read the request's body yet; trying again.");
@@ -641,9 +651,17 @@ impl RouteWorker {
             match &self.handler {
                 RouteHandler::Stateless(handler) => {
                     let policy = request.retry_policy.clone();
+                    let head = request.head.clone();
                     let record = handler.call(request).await?.into_record();
                     record.validate()?;
                     retried_status(policy.as_ref(), record.status)?;
+                    let record = crate::claim_check::store_reply(
+                        &self.js,
+                        &head,
+                        record,
+                        self.config.reply_inline_max,
+                    )
+                    .await?;
                     Ok(Outbox::reply_of(&record))
                 }
                 RouteHandler::Stateful(store, handler) => {
@@ -658,7 +676,10 @@ impl RouteWorker {
                                 info.published + Duration::from_secs(secs)
                                     - self.config.expiry_grace
                             });
-                    match stateful::run(store, handler.as_ref(), request, commit_by).await? {
+                    let inline_max = self.config.reply_inline_max;
+                    match stateful::run(store, handler.as_ref(), request, commit_by, inline_max)
+                        .await?
+                    {
                         Committed::Now(marker) | Committed::Before(marker) => Ok(marker),
                     }
                 }

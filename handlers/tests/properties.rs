@@ -72,16 +72,40 @@ fn carriable_record() -> impl Strategy<Value = ResultRecord> {
         proptest::option::of(nats_header_value()),
         proptest::collection::vec((extra_header_name(), nats_header_value()), 0..6),
         body(),
+        proptest::option::of(body_object()),
     )
         .prop_map(
-            |(outcome, status, content_type, headers, body)| ResultRecord {
+            |(outcome, status, content_type, headers, body, body_object)| ResultRecord {
                 outcome,
                 status,
                 content_type,
                 headers,
-                body,
+                // A body is in the message or in an object, never both.
+                body: if body_object.is_some() {
+                    Bytes::new()
+                } else {
+                    body
+                },
+                body_object,
             },
         )
+}
+
+/// Where a body kept in the Object Store is: any bucket, name and size, a digest as the Object
+/// Store writes it.
+fn body_object() -> impl Strategy<Value = BodyObject> {
+    (
+        nats_header_value(),
+        nats_header_value(),
+        any::<u64>(),
+        "SHA-256=[A-Za-z0-9_-]{43}=",
+    )
+        .prop_map(|(bucket, name, size, digest)| BodyObject {
+            bucket,
+            name,
+            size,
+            digest,
+        })
 }
 
 /// Extra headers grouped by exact name, each name's values in order. Header order *across*
@@ -376,7 +400,7 @@ proptest! {
         headers in proptest::collection::vec((".{0,8}", ".{0,8}"), 0..3),
         body in body(),
     ) {
-        let record = ResultRecord { outcome, status, content_type, headers, body };
+        let record = ResultRecord { outcome, status, content_type, headers, body, body_object: None };
         if record.validate().is_ok() {
             let values = record.content_type.iter().chain(record.headers.iter().map(|(_, v)| v));
             let carriable = record.headers.iter().all(|(n, _)| n.parse::<HeaderName>().is_ok())
@@ -394,7 +418,7 @@ proptest! {
     /// `validate` (and so `from_parts`) accepts exactly the statuses 200-599.
     #[test]
     fn status_range_is_enforced(status in any::<u16>(), outcome in outcome()) {
-        let record = ResultRecord { outcome, status, content_type: None, headers: vec![], body: Bytes::new() };
+        let record = ResultRecord { outcome, status, content_type: None, headers: vec![], body: Bytes::new(), body_object: None };
         let valid = (200..=599).contains(&status);
         prop_assert_eq!(record.validate().is_ok(), valid);
         let read = ResultRecord::from_parts(&record.to_headers("op"), Bytes::new());
@@ -538,11 +562,10 @@ proptest! {
     fn written_requests_read_back(
         f in request_fields(),
         body in body(),
-        object in proptest::option::of((nats_header_value(), nats_header_value(), any::<u64>(), "SHA-256=[A-Za-z0-9_-]{43}=")),
+        object in proptest::option::of(body_object()),
+        reply_bucket in proptest::option::of(nats_header_value()),
     ) {
-        let body_object = object
-            .filter(|_| f.contract() == WireContract::V2)
-            .map(|(bucket, name, size, digest)| BodyObject { bucket, name, size, digest });
+        let body_object = object.filter(|_| f.contract() == WireContract::V2);
         let head = RequestHead {
             operation_id: f.operation_id.clone(),
             route: f.route.clone(),
@@ -565,6 +588,7 @@ proptest! {
             start_by: None,
             redrive_of: None,
             body_object,
+            reply_bucket,
         };
         let written = head.to_headers(&f.extra);
         if head.body_object.is_some() {

@@ -9,12 +9,14 @@ import asyncio
 import base64
 import hashlib
 import json
+import secrets
 import sys
 
 import nats
 from nats.js.errors import APIError, NotFoundError
 
 ALREADY_STORED = (10071, 10077)  # wrong last sequence / per-subject limit: a result exists
+REPLY_INLINE_MAX = 512 * 1024  # a larger reply body goes to the bucket the request names
 
 
 async def body_of(js, h, msg):
@@ -49,8 +51,10 @@ async def handle(js, msg):
     except Exception:  # noqa: BLE001 - any failure to read means: not now
         await msg.nak(delay=1)
         return
-    # 3. Answer: the reply's body and headers are what the gateway replays.
-    body = json.dumps({
+    # 3. Answer: the reply's body and headers are what the gateway replays. `?raw` asks for
+    #    the request's body back, as is.
+    raw = h.get("Gw-Query") == "raw"
+    body = data if raw else json.dumps({
         "handled_by": "python",
         "operation_id": operation_id,
         "method": h.get("Gw-Method"),
@@ -61,10 +65,23 @@ async def handle(js, msg):
         "sha256": hashlib.sha256(data).hexdigest(),
     }).encode()
     headers = {
-        "Gw-Status": "201",
-        "Content-Type": "application/json",
+        "Gw-Status": "200" if raw else "201",
+        "Content-Type": "application/octet-stream" if raw else "application/json",
         "Nats-Expected-Last-Subject-Sequence": "0",
     }
+    if len(body) > REPLY_INLINE_MAX and "Gw-Reply-Bucket" in h:
+        # Too large for a message: stored in the bucket the request names, under a name of the
+        # operation's own, and the reply names it (the Gw-Body-* headers) with an empty payload.
+        bucket = h["Gw-Reply-Bucket"]
+        name = f"{operation_id}.result.{secrets.token_hex(16)}"
+        info = await (await js.object_store(bucket)).put(name, body)
+        headers.update({
+            "Gw-Body-Bucket": bucket,
+            "Gw-Body-Object": name,
+            "Gw-Body-Size": str(info.size),
+            "Gw-Body-Digest": info.digest,
+        })
+        body = b""
     if "Gw-Reply-Stream" not in h:
         # Contract 1: the reply lives as long as the request. (Contract 2's stream refuses a TTL.)
         headers["Nats-TTL"] = h.get("Gw-Retention", "86400")

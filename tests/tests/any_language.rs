@@ -48,26 +48,41 @@ async fn a_python_worker_on_a_plain_nats_client_answers_requests() {
         assert_eq!(body["query"], format!("n={i}"));
         assert_eq!(body["echo"], format!("payload {i}"));
     }
+    // Submits `body` to `path` and waits for its result.
+    let handled = |path: &'static str, key: &'static str, body: Vec<u8>| {
+        let (http, base) = (http.clone(), gw.base.clone());
+        async move {
+            let r = http
+                .post(format!("{base}{path}"))
+                .header("idempotency-key", format!("\"{key}\""))
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let id = id_of(r).await;
+            let statuses = poll_until_terminal(&base, &id, Duration::from_secs(20)).await;
+            assert_eq!(statuses.last().unwrap(), "succeeded");
+            get_result(&base, &id).await
+        }
+    };
     // A body too large for a message: the worker reads it from the Object Store (contract 3).
     let large: Vec<u8> = (0..200 * 1024).map(|i| (i % 253) as u8).collect();
-    let r = http
-        .post(gw.url("/py/large"))
-        .header("idempotency-key", "\"py-large\"")
-        .body(large.clone())
-        .send()
-        .await
-        .unwrap();
-    let id = id_of(r).await;
-    let statuses = poll_until_terminal(&gw.base, &id, Duration::from_secs(20)).await;
-    assert_eq!(statuses.last().unwrap(), "succeeded");
-    let body = json(get_result(&gw.base, &id).await).await;
+    let body = json(handled("/py/large", "py-large", large.clone()).await).await;
     assert_eq!(body["size"], large.len());
     assert_eq!(
         body["sha256"],
         data_encoding::HEXLOWER.encode(&<sha2::Sha256 as sha2::Digest>::digest(&large))
     );
+    // A reply too large for a message: the worker stores it in the bucket the request names.
+    let large: Vec<u8> = (0..3 << 20).map(|i| (i % 251) as u8).collect();
+    let result = handled("/py/large?raw", "py-large-reply", large.clone()).await;
+    assert_eq!(result.content_length(), Some(large.len() as u64));
+    assert!(
+        result.bytes().await.unwrap() == large,
+        "the reply came back whole"
+    );
     // Exactly one stored result per operation.
     let js = nats.jetstream().await;
     let stored = gateway_tests::stream_messages(&js, "GW_OUTCOMES").await;
-    assert_eq!(stored, 6);
+    assert_eq!(stored, 7);
 }

@@ -1,13 +1,16 @@
-//! Request bodies too large for a message, against a real nats-server: above the route's
-//! `inline_max` a body is streamed into the JetStream Object Store and the request names it
-//! (wire contract 3); the worker gets the same bytes; a replay stores nothing again; a key reused
-//! with another body is refused and stores nothing; a body over `max_body` leaves nothing.
+//! Bodies too large for a message, against a real nats-server: above the route's `inline_max`
+//! a request body is streamed into the JetStream Object Store and the request names it (wire
+//! contract 3); the worker gets the same bytes; a replay stores nothing again; a key reused with
+//! another body is refused and stores nothing; a body over `max_body` leaves nothing. A reply
+//! above the worker's `reply_inline_max` goes to the same bucket; `GET /result` streams it with
+//! its length, byte ranges and an entity tag. The route's retention removes both objects.
 
 use std::time::Duration;
 
 use futures::StreamExt;
 use gateway_tests::*;
-use handlers::contract::{DEFAULT_REQUESTS_STREAM, header, header_str};
+use handlers::contract::{DEFAULT_OUTCOMES_STREAM, DEFAULT_REQUESTS_STREAM, header, header_str};
+use handlers::jetstream::ResultWrite;
 use handlers::{Request, Response};
 use sha2::Digest;
 
@@ -25,7 +28,41 @@ method = "POST"
 path = "/small"
 max_body = "1MiB"
 inline_max = "64KiB"
+
+[[route]]
+name = "export"
+method = "POST"
+path = "/export"
+inline_max = "64KiB"
+state = { stream = "WK_EXPORTS", prefix = "exp" }
+
+[[route]]
+name = "brief"
+method = "POST"
+path = "/brief"
+max_body = "1MiB"
+inline_max = "64KiB"
+timeout = "2s"
+retention = "3s"
 "#;
+
+/// Objects the bodies bucket of `route` holds.
+async fn objects_of(nats: &Nats, route: &str) -> usize {
+    let js = nats.jetstream().await;
+    let Ok(bucket) = js.get_object_store(format!("GW_BODIES_{route}")).await else {
+        return 0;
+    };
+    bucket.list().await.unwrap().count().await
+}
+
+/// A handler that answers with the request's body (so a large request makes a large reply).
+async fn echo(r: Request) -> Result<Response, handlers::HandlerError> {
+    Ok(Response {
+        content_type: Some("application/octet-stream".to_owned()),
+        body: r.body.clone(),
+        ..Response::new(200)
+    })
+}
 
 /// `n` bytes that differ from one seed to another.
 fn bytes(n: usize, seed: u8) -> Vec<u8> {
@@ -38,13 +75,9 @@ fn hex_sha256(body: &[u8]) -> String {
     data_encoding::HEXLOWER.encode(&sha2::Sha256::digest(body))
 }
 
-/// Objects the bodies bucket holds.
+/// Objects the bodies bucket of route `upload` holds.
 async fn objects(nats: &Nats) -> usize {
-    let js = nats.jetstream().await;
-    let Ok(bucket) = js.get_object_store("GW_BODIES_upload").await else {
-        return 0;
-    };
-    bucket.list().await.unwrap().count().await
+    objects_of(nats, "upload").await
 }
 
 async fn post(base: &str, path: &str, key: &str, body: Vec<u8>) -> reqwest::Response {
@@ -62,29 +95,30 @@ async fn post(base: &str, path: &str, key: &str, body: Vec<u8>) -> reqwest::Resp
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_50_mib_body_goes_through_the_object_store_and_reaches_the_worker_whole() {
+async fn a_50_mib_body_goes_through_the_object_store_and_comes_back_whole() {
     let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
-    let handler = |r: Request| async move {
-        Ok(Response::json(
-            200,
-            &serde_json::json!({"size": r.body.len(), "sha256": hex_sha256(&r.body)}),
-        ))
-    };
-    let _worker = TestWorker::start(&nats, worker_config(), "upload", handler).await;
+    let _worker = TestWorker::start(&nats, worker_config(), "upload", echo).await;
     let base = &gw.base;
 
     let body = bytes(50 << 20, 1);
     let sha = hex_sha256(&body);
     let r = post(base, "/upload", "big-1", body.clone()).await;
     let id = id_of(r).await;
-    assert_eq!(objects(&nats).await, 1);
     poll_until_terminal(base, &id, Duration::from_secs(120)).await;
-    let reply = json(get_result(base, &id).await).await;
-    assert_eq!(reply["size"], 50 << 20);
+    // The request's body and the reply's: one object each.
+    assert_eq!(objects(&nats).await, 2);
+    let result = get_result(base, &id).await;
+    assert_eq!(result.status(), 200);
+    assert_eq!(result.content_length(), Some(50 << 20));
+    let mut received = sha2::Sha256::new();
+    let mut stream = result.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        received.update(chunk.unwrap());
+    }
     assert_eq!(
-        reply["sha256"],
-        sha.as_str(),
-        "the worker got the bytes sent"
+        data_encoding::HEXLOWER.encode(&received.finalize()),
+        sha,
+        "the worker got the bytes sent, and the client got them back"
     );
 
     // The request names its body: contract 3, the digest the Object Store computed.
@@ -109,14 +143,15 @@ async fn a_50_mib_body_goes_through_the_object_store_and_reaches_the_worker_whol
     assert_eq!(id_of(r).await, id);
     let r = post(base, "/upload", "big-1", bytes(1 << 20, 2)).await;
     assert_problem(r, 422, "idempotency-key-reused").await;
-    assert_eq!(objects(&nats).await, 1);
+    assert_eq!(objects(&nats).await, 2);
 
-    // A small body on the same route travels in its message, as before.
+    // A small body on the same route travels in its message, and so does its reply.
     let r = post(base, "/upload", "small-1", b"tiny".to_vec()).await;
     let small = id_of(r).await;
     poll_until_terminal(base, &small, Duration::from_secs(30)).await;
-    assert_eq!(json(get_result(base, &small).await).await["size"], 4);
-    assert_eq!(objects(&nats).await, 1);
+    let reply = get_result(base, &small).await.bytes().await.unwrap();
+    assert_eq!(&reply[..], b"tiny");
+    assert_eq!(objects(&nats).await, 2);
 
     // Over max_body, sent without a length (so found out while it streams into the bucket):
     // 413, and nothing is left in the bucket.
@@ -130,7 +165,126 @@ async fn a_50_mib_body_goes_through_the_object_store_and_reaches_the_worker_whol
         .await
         .unwrap();
     assert_problem(r, 413, "payload-too-large").await;
-    assert_eq!(objects(&nats).await, 1);
+    assert_eq!(objects(&nats).await, 2);
+}
+
+/// A reply kept in the Object Store is a representation like any other: its length, a strong
+/// `ETag` (its SHA-256), byte ranges (206, 416), and conditional reads (304, 412), as RFC 9110
+/// sections 13 and 14 say; a reply in its message answers the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_reply_is_read_by_ranges_and_validated_by_its_entity_tag() {
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
+    let _worker = TestWorker::start(&nats, worker_config(), "upload", echo).await;
+    let base = &gw.base;
+    let body = bytes(3 << 20, 3);
+    let id = id_of(post(base, "/upload", "ranges", body.clone()).await).await;
+    poll_until_terminal(base, &id, Duration::from_secs(60)).await;
+    let small = id_of(post(base, "/upload", "ranges-small", body[..1000].to_vec()).await).await;
+    poll_until_terminal(base, &small, Duration::from_secs(60)).await;
+    let url = |id: &str| format!("{base}/operations/{id}/result");
+    let get = |id: &str, headers: &[(&str, &str)]| {
+        let mut request = http().get(url(id));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send()
+    };
+
+    for (id, body) in [(id.as_str(), &body[..]), (small.as_str(), &body[..1000])] {
+        let size = body.len();
+        let whole = get(id, &[]).await.unwrap();
+        assert_eq!(whole.status(), 200);
+        assert_eq!(whole.headers()["accept-ranges"], "bytes");
+        let etag = whole.headers()["etag"].to_str().unwrap().to_owned();
+        let sha = data_encoding::BASE64URL.encode(&sha2::Sha256::digest(body));
+        assert_eq!(etag, format!("\"{sha}\""), "the entity tag is the SHA-256");
+        assert_eq!(&whole.bytes().await.unwrap()[..], body);
+
+        let part = get(id, &[("range", "bytes=100-899")]).await.unwrap();
+        assert_eq!(part.status(), 206);
+        assert_eq!(
+            part.headers()["content-range"],
+            format!("bytes 100-899/{size}").as_str()
+        );
+        assert_eq!(part.content_length(), Some(800));
+        assert_eq!(&part.bytes().await.unwrap()[..], &body[100..900]);
+
+        let tail = get(id, &[("range", "bytes=-10")]).await.unwrap();
+        assert_eq!(tail.status(), 206);
+        assert_eq!(&tail.bytes().await.unwrap()[..], &body[size - 10..]);
+
+        let beyond = format!("bytes={size}-");
+        let r = get(id, &[("range", &beyond)]).await.unwrap();
+        assert_eq!(
+            r.headers()["content-range"],
+            format!("bytes */{size}").as_str()
+        );
+        assert_problem(r, 416, "range-not-satisfiable").await;
+
+        // Several ranges, or a range unit this server does not know: the whole body.
+        for ignored in ["bytes=0-1,5-6", "lines=1-2"] {
+            let r = get(id, &[("range", ignored)]).await.unwrap();
+            assert_eq!(r.status(), 200, "{ignored}");
+            assert_eq!(r.bytes().await.unwrap().len(), size);
+        }
+
+        // A range of what the client has (If-Range naming its tag); of something else: all.
+        let r = get(id, &[("range", "bytes=0-9"), ("if-range", &etag)])
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 206);
+        let r = get(id, &[("range", "bytes=0-9"), ("if-range", "\"other\"")])
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.bytes().await.unwrap().len(), size);
+
+        let r = get(id, &[("if-none-match", &etag)]).await.unwrap();
+        assert_eq!(r.status(), 304);
+        assert_eq!(r.headers()["etag"], etag.as_str());
+        assert!(r.bytes().await.unwrap().is_empty());
+        let r = get(id, &[("if-none-match", "\"other\"")]).await.unwrap();
+        assert_eq!(r.status(), 200);
+        let r = get(id, &[("if-match", "\"other\"")]).await.unwrap();
+        assert_problem(r, 412, "precondition-failed").await;
+        let r = get(id, &[("if-match", &etag)]).await.unwrap();
+        assert_eq!(r.status(), 200);
+
+        let head = http().head(url(id)).send().await.unwrap();
+        assert_eq!(head.status(), 200);
+        assert_eq!(head.headers()["content-length"], size.to_string().as_str());
+    }
+}
+
+/// Objects live as long as their route's retention: once an operation is gone, so are its
+/// request's and its reply's bodies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_routes_retention_removes_its_objects() {
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
+    let _worker = TestWorker::start(&nats, worker_config(), "brief", echo).await;
+    let base = &gw.base;
+    let body = bytes(1 << 20, 4);
+    let id = id_of(post(base, "/brief", "short-lived", body.clone()).await).await;
+    poll_until_terminal(base, &id, Duration::from_secs(10)).await;
+    assert_eq!(
+        objects_of(&nats, "brief").await,
+        2,
+        "the request's body and the reply's"
+    );
+    assert_eq!(
+        &get_result(base, &id).await.bytes().await.unwrap()[..],
+        &body[..]
+    );
+    eventually("the objects removed", Duration::from_secs(20), || async {
+        (objects_of(&nats, "brief").await == 0).then_some(())
+    })
+    .await;
+    let r = http()
+        .get(format!("{base}/operations/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "the operation is gone too");
 }
 
 /// nats-server killed while a large body streams in: the client gets a 503 and nothing of the
@@ -208,4 +362,105 @@ async fn a_large_body_is_refused_while_writing_contract_1() {
     assert_eq!(objects(&nats).await, 0);
     let r = post(&gw.base, "/upload", "old-layout-small", b"fits".to_vec()).await;
     assert_eq!(r.status(), 202);
+}
+
+/// Two attempts racing to answer one operation each store their reply body; the record that
+/// loses the result slot removes its own object, and the winner's stays and is served. A writer
+/// whose own earlier write took the slot keeps its object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_that_loses_the_result_slot_removes_its_object() {
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
+    let base = &gw.base;
+    let id = id_of(post(base, "/upload", "raced", b"small".to_vec()).await).await;
+    let js = nats.jetstream().await;
+    let requests = gateway_tests::history::read_stream(&js, DEFAULT_REQUESTS_STREAM)
+        .await
+        .unwrap();
+    let stored = requests.last().unwrap().headers.clone().unwrap();
+    let head = handlers::RequestHead::from_headers(&stored).unwrap();
+    assert_eq!(head.operation_id, id);
+    assert_eq!(head.reply_bucket.as_deref(), Some("GW_BODIES_upload"));
+    let reply = |body: Vec<u8>| async {
+        handlers::claim_check::store_reply(
+            &js,
+            &head,
+            handlers::ResultRecord::reply(200, None, body.into()),
+            0,
+        )
+        .await
+        .unwrap()
+    };
+    let (first, second, same) = (
+        reply(bytes(1 << 20, 6)).await,
+        reply(bytes(1 << 20, 7)).await,
+        reply(bytes(1 << 20, 6)).await,
+    );
+    assert_eq!(objects(&nats).await, 3);
+    let publish = |record: handlers::ResultRecord| {
+        let (js, head) = (js.clone(), head.clone());
+        async move {
+            handlers::jetstream::publish_result(
+                &js,
+                DEFAULT_OUTCOMES_STREAM,
+                &head.reply_subject,
+                &head.operation_id,
+                &record,
+                None,
+            )
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(publish(first.clone()).await, ResultWrite::Stored);
+    assert!(matches!(
+        publish(second).await,
+        ResultWrite::Conflict { .. }
+    ));
+    assert_eq!(publish(same).await, ResultWrite::AlreadyStored);
+    assert_eq!(publish(first).await, ResultWrite::AlreadyStored);
+    assert_eq!(
+        objects(&nats).await,
+        1,
+        "only the stored record's object is left"
+    );
+    let served = get_result(base, &id).await.bytes().await.unwrap();
+    assert_eq!(&served[..], &bytes(1 << 20, 6)[..]);
+}
+
+/// A stateful handler's large reply is stored before its commit and named by the outbox the
+/// commit writes: one state change, and the reply served whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stateful_handlers_large_reply_is_committed_with_its_state() {
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
+    let store = handlers::StateStore::ensure(
+        nats.jetstream().await,
+        "WK_EXPORTS",
+        "exp",
+        Duration::from_secs(3600),
+    )
+    .await
+    .unwrap();
+    let handler = |ctx: std::sync::Arc<handlers::StatefulContext>| async move {
+        let exports: u64 = ctx.load("exports").await?.unwrap_or(0);
+        ctx.save("exports", &(exports + 1));
+        Ok(Response {
+            body: bytes(2 << 20, 8).into(),
+            ..Response::new(200)
+        })
+    };
+    let _worker = TestWorker::start_with(&nats, worker_config(), |w| {
+        w.stateful_route("export", store, handler)
+    })
+    .await;
+    let id = id_of(post(&gw.base, "/export", "export-1", b"{}".to_vec()).await).await;
+    poll_until_terminal(&gw.base, &id, Duration::from_secs(30)).await;
+    let served = get_result(&gw.base, &id).await.bytes().await.unwrap();
+    assert_eq!(&served[..], &bytes(2 << 20, 8)[..]);
+    assert_eq!(objects_of(&nats, "export").await, 1);
+    let client = nats.client().await;
+    let exports = handlers::jetstream::last_on_subject(&client, "WK_EXPORTS", "exp.state.exports")
+        .await
+        .unwrap()
+        .expect("the state change");
+    assert_eq!(&exports.payload[..], b"1");
 }

@@ -380,13 +380,18 @@ async fn stored_request(
 }
 
 /// A worker confined by the shipped `accounts.conf` reads its own route's large request bodies
-/// (kept in its route's Object Store bucket) and none of another route's.
+/// and writes its large replies (both kept in its route's Object Store bucket), and can do
+/// neither in another route's.
 #[tokio::test]
-async fn a_confined_worker_reads_its_routes_large_bodies_and_no_others() {
+async fn a_confined_worker_reads_and_writes_its_routes_large_bodies_and_no_others() {
     let (nats, gw, orders_js) = confined().await;
+    // The reply: the body twice (600 KiB), above the worker's reply_inline_max.
     let _orders = TestWorker::start_on(orders_js.clone(), confined_config(), |w| {
         w.route("orders", |r: Request| async move {
-            Ok(Response::text(200, r.body.len().to_string()))
+            Ok(Response {
+                body: [r.body.clone(), r.body].concat().into(),
+                ..Response::new(200)
+            })
         })
     });
     let big = vec![7u8; 300 << 10];
@@ -402,11 +407,32 @@ async fn a_confined_worker_reads_its_routes_large_bodies_and_no_others() {
         .map(str::to_owned)
         .collect();
     assert_eq!(seen.last().unwrap(), "succeeded", "{violations:#?}");
-    let reply = get_result(&gw.base, &order).await.text().await.unwrap();
+    let reply = get_result(&gw.base, &order).await.bytes().await.unwrap();
     assert_eq!(
         reply,
-        (300 << 10).to_string(),
-        "the whole body reached the worker"
+        [big.clone(), big.clone()].concat(),
+        "the whole body reached the worker, and its whole reply the client"
+    );
+    let gateway_client = async_nats::ConnectOptions::new()
+        .user_and_password("gateway".into(), "g@te:w/y secret".into())
+        .connect(nats.url())
+        .await
+        .unwrap();
+    let outcome = last_on_subject(
+        &gateway_client,
+        DEFAULT_OUTCOMES_STREAM,
+        &Subjects::default().slots("orders", &order).reply_subject,
+    )
+    .await
+    .unwrap()
+    .expect("the outcome");
+    let record = ResultRecord::from_stream_message(&outcome).unwrap();
+    let kept = record
+        .body_object
+        .expect("the reply is in the Object Store");
+    assert_eq!(
+        (kept.bucket.as_str(), kept.size),
+        ("GW_BODIES_orders", 600 << 10)
     );
 
     // An invoice's body: the orders worker cannot read it, even knowing where it is.
@@ -414,11 +440,6 @@ async fn a_confined_worker_reads_its_routes_large_bodies_and_no_others() {
         .body(big)
         .accepted()
         .await;
-    let gateway_client = async_nats::ConnectOptions::new()
-        .user_and_password("gateway".into(), "g@te:w/y secret".into())
-        .connect(nats.url())
-        .await
-        .unwrap();
     let token = &invoice[..gateway::operations::idempotency::KEY_TOKEN_LEN];
     let stored = last_on_subject(
         &gateway_client,
@@ -429,16 +450,33 @@ async fn a_confined_worker_reads_its_routes_large_bodies_and_no_others() {
     .unwrap()
     .expect("the invoice's request");
     let head = handlers::contract::RequestHead::from_headers(&stored.headers).unwrap();
-    let object = head.body_object.expect("the body is in the Object Store");
+    let object = head
+        .body_object
+        .clone()
+        .expect("the body is in the Object Store");
     assert_eq!(object.bucket, "GW_BODIES_invoices");
     let stolen = tokio::time::timeout(
         Duration::from_secs(10),
-        handlers::jetstream::fetch_body(&orders_js, &object),
+        handlers::claim_check::fetch_body(&orders_js, &object),
     )
     .await;
     assert!(
         !matches!(stolen, Ok(Ok(_))),
         "the orders worker read an invoice's body"
+    );
+    let planted = tokio::time::timeout(
+        Duration::from_secs(10),
+        handlers::claim_check::store_reply(
+            &orders_js,
+            &head,
+            ResultRecord::reply(200, None, vec![1u8; 4096].into()),
+            0,
+        ),
+    )
+    .await;
+    assert!(
+        !matches!(planted, Ok(Ok(_))),
+        "the orders worker wrote into the invoices bucket"
     );
     assert!(
         nats.log().lines().any(|l| l.contains("orders-worker")

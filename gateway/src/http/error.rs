@@ -181,6 +181,12 @@ pub enum ApiError {
     /// cannot be read any more, and no new one can take its place.
     #[error("the operation's result was removed before the operation's retention ended")]
     ResultRemoved,
+    /// `If-Match` names no tag the result has (RFC 9110 section 13.1.1).
+    #[error("the result's entity tag is none of those If-Match names")]
+    PreconditionFailed,
+    /// No range of `Range` is within the result's `size` bytes (RFC 9110 section 15.5.17).
+    #[error("no range asked for is within the result's {size} bytes")]
+    RangeNotSatisfiable { size: u64 },
     /// A stored message the gateway cannot read: a worker broke the wire contract.
     #[error("a stored message breaks the wire contract: {0}")]
     BadStoredMessage(StoreError),
@@ -291,6 +297,8 @@ impl ApiError {
             | ApiError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadStoredMessage(_) => StatusCode::BAD_GATEWAY,
             ApiError::ResultRemoved => StatusCode::GONE,
+            ApiError::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
+            ApiError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             // RFC 4918 section 11.5: the server cannot store what the request needs stored.
             ApiError::StoreFull(_) => StatusCode::INSUFFICIENT_STORAGE,
         }
@@ -347,6 +355,10 @@ impl ApiError {
             ApiError::NotReady => ("not-ready", "Not ready"),
             ApiError::BadStoredMessage(_) => ("bad-stored-message", "Unreadable stored message"),
             ApiError::ResultRemoved => ("result-removed", "Result no longer kept"),
+            ApiError::PreconditionFailed => ("precondition-failed", "Precondition failed"),
+            ApiError::RangeNotSatisfiable { .. } => {
+                ("range-not-satisfiable", "Range not satisfiable")
+            }
             ApiError::StoreFull(_) => ("insufficient-storage", "No room to store the request"),
         }
     }
@@ -377,8 +389,8 @@ impl ApiError {
                 .to_owned(),
             ApiError::ResultRemoved => "The operation's result was removed from JetStream \
                 before the operation's retention ended (a worker stored it with a shorter \
-                Nats-TTL than the request's Gw-Retention). Its outcome can no longer be read, and \
-                it will not change."
+                Nats-TTL than the request's Gw-Retention, or its body object outlived the \
+                bucket's max_age). Its outcome can no longer be read, and it will not change."
                 .to_owned(),
             ApiError::QuotaExceeded { exceeded, .. } => format!(
                 "{}{}. Nothing was written: retry after the Retry-After delay, when some of the \
@@ -495,6 +507,13 @@ impl IntoResponse for ApiError {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
 
+            ApiError::RangeNotSatisfiable { size } => {
+                // RFC 9110 section 14.4: a 416 says the representation's length.
+                h.insert(
+                    header::CONTENT_RANGE,
+                    HeaderValue::from_str(&format!("bytes */{size}")).expect("digits"),
+                );
+            }
             ApiError::BodyTimeout => {
                 // The rest of the body may still be on its way: do not read it.
                 h.insert(header::CONNECTION, HeaderValue::from_static("close"));

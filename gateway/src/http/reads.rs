@@ -29,6 +29,28 @@ pub(crate) struct PreferHeader {
     prefer: Option<String>,
 }
 
+/// The request headers a result read honours (RFC 9110 sections 13 and 14).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(
+    dead_code,
+    reason = "describes the headers to OpenAPI; responses::result_response reads them"
+)]
+pub(crate) struct ResultHeaders {
+    /// `bytes=first-last`, `bytes=first-` or `bytes=-suffix`: one range of a `200` result's body.
+    #[param(rename = "Range")]
+    range: Option<String>,
+    /// Serve the range only while the result has this entity tag; else the whole body.
+    #[param(rename = "If-Range")]
+    if_range: Option<String>,
+    /// `304` when the result has one of these entity tags (or any, `*`).
+    #[param(rename = "If-None-Match")]
+    if_none_match: Option<String>,
+    /// `412` unless the result has one of these entity tags (or any, `*`).
+    #[param(rename = "If-Match")]
+    if_match: Option<String>,
+}
+
 /// `GET /operations/{id}`: the status resource. With `?wait=N` or `Prefer: wait=N`, answers as
 /// soon as the operation is terminal (or has new progress), or after N seconds.
 #[utoipa::path(
@@ -79,15 +101,29 @@ pub(crate) async fn get_operation(
     path = "/operations/{id}/result",
     tag = "operations",
     summary = "Result of an operation",
-    description = "The worker's reply, replayed byte for byte (status, content type, allow-listed headers, body), or `202` with the status resource while there is none. An expired operation answers `504`, a cancelled one `410` (problem+json). With `?wait=N` or `Prefer: wait=N`, a long poll.",
-    params(OperationId, WaitQuery, PreferHeader),
+    description = "The worker's reply, replayed byte for byte (status, content type, allow-listed headers, body), or `202` with the status resource while there is none. A body kept in the Object Store is streamed with its `Content-Length`. A `200` reply has a strong `ETag` (its SHA-256) and byte ranges: `Range` (206, 416), `If-Range`, `If-None-Match` (304), `If-Match` (412), as RFC 9110 sections 13 and 14 say. An expired operation answers `504`, a cancelled one `410` (problem+json). With `?wait=N` or `Prefer: wait=N`, a long poll.",
+    params(OperationId, WaitQuery, PreferHeader, ResultHeaders),
     responses(
         (status = 202, description = "No result yet.", body = OperationView<'static>,
             headers(
                 ("Location" = String, description = "The status resource."),
                 ("Retry-After" = u64, description = "Seconds until a read is worth repeating."),
             )),
-        (status = 200, description = "The worker's reply, when its status was 200 (any content type, as bytes).", content_type = "*/*"),
+        (status = 200, description = "The worker's reply, when its status was 200 (any content type, as bytes).", content_type = "*/*",
+            headers(
+                ("ETag" = String, description = "The body's SHA-256, base64url, quoted: a strong entity tag."),
+                ("Accept-Ranges" = String, description = "`bytes`."),
+            )),
+        (status = 206, description = "One byte range of a 200 reply's body (`Range`).", content_type = "*/*",
+            headers(
+                ("Content-Range" = String, description = "`bytes first-last/size`."),
+                ("ETag" = String, description = "The whole body's entity tag."),
+            )),
+        (status = 304, description = "The reply has the entity tag `If-None-Match` names: no body.",
+            headers(("ETag" = String, description = "The body's entity tag."))),
+        (status = 412, description = "`precondition-failed`: `If-Match` names none of the reply's entity tags.", body = Problem, content_type = "application/problem+json"),
+        (status = 416, description = "`range-not-satisfiable`: no range of `Range` is within the body.", body = Problem, content_type = "application/problem+json",
+            headers(("Content-Range" = String, description = "`bytes */size`."))),
         (status = "2XX", description = "The worker's reply (any content type).", content_type = "*/*"),
         (status = 404, description = "No such operation (or not yours).", body = Problem, content_type = "application/problem+json"),
         (status = 410, description = "`result-removed`: the operation's result was removed before its retention ended; its outcome can no longer be read.", body = Problem, content_type = "application/problem+json"),
@@ -107,7 +143,7 @@ pub(crate) async fn get_result(
     let wait = Wait::capped(asked, state.limits.max_wait);
     let operation = wait_for(&state, &operation, wait, WakeOn::Terminal).await?;
     match &operation.result {
-        Some(result) => Ok(result_response(&state, &result.record)),
+        Some(result) => result_response(&state, &operation, result, Some(&headers)).await,
         None => {
             let body = Json(OperationView::of(&operation));
             Ok(pending(&state, &operation, body))

@@ -4,13 +4,14 @@
 
 use axum::Json;
 use axum::body::Body;
-use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use handlers::contract::ResultRecord;
+use headers::{AcceptRanges, ContentRange, ETag, HeaderMapExt as _, IfMatch, IfNoneMatch, IfRange};
 use serde::Serialize;
 
+use super::error::ApiError;
 use super::state::AppState;
-use crate::operations::{Links, Operation, Status, operation_path};
+use crate::operations::{Links, Operation, ResultBody, Status, StoredResult, operation_path};
 
 /// RFC 7240, section 3.
 const PREFERENCE_APPLIED: HeaderName = HeaderName::from_static("preference-applied");
@@ -97,18 +98,32 @@ pub(super) fn header_value(text: &str) -> HeaderValue {
 }
 
 /// A stored terminal record replayed as an HTTP response: its status, content type, body, and
-/// the headers on the result allow-list.
-pub(super) fn result_response(state: &AppState, record: &ResultRecord) -> Response {
+/// the headers on the result allow-list. A body in the Object Store is streamed as it is read,
+/// with its `Content-Length`.
+///
+/// A `200` result is a representation with a strong `ETag` (its SHA-256: a result never
+/// changes once stored) and byte ranges: given the request's headers (`GET` only, `None` for a
+/// submission's answer), `If-Match` that names another tag is 412 and `If-None-Match` that
+/// names this one is 304 (RFC 9110 section 13), and one satisfiable byte range of `Range`
+/// (with no `If-Range`, or one naming this tag) is 206 with `Content-Range`, none is 416
+/// (section 14). Several ranges are answered with the whole body, as section 14.2 allows.
+/// Other statuses are replayed as they are: conditions and ranges apply to a `200` (section
+/// 14.2).
+pub(super) async fn result_response(
+    state: &AppState,
+    operation: &Operation,
+    result: &StoredResult,
+    conditions: Option<&HeaderMap>,
+) -> Result<Response, ApiError> {
+    let record = &result.record;
     let status = StatusCode::from_u16(record.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    let mut response = Response::new(Body::from(record.body.clone()));
-    *response.status_mut() = status;
-    let h = response.headers_mut();
+    let mut headers = HeaderMap::new();
     if let Some(ct) = record
         .content_type
         .as_deref()
         .and_then(|v| HeaderValue::from_str(v).ok())
     {
-        h.insert(header::CONTENT_TYPE, ct);
+        headers.insert(header::CONTENT_TYPE, ct);
     }
     for (name, value) in &record.headers {
         let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
@@ -118,8 +133,71 @@ pub(super) fn result_response(state: &AppState, record: &ResultRecord) -> Respon
             continue;
         }
         if let Ok(value) = HeaderValue::from_str(value) {
-            h.append(name, value);
+            headers.append(name, value);
         }
     }
-    response
+    let size = record.body_size();
+    let (mut status, mut range) = (status, 0..size);
+    if status == StatusCode::OK {
+        let (_, sha256) = result.representation();
+        let etag: ETag = format!("\"{sha256}\"")
+            .parse()
+            .expect("base64url is entity-tag text");
+        headers.typed_insert(etag.clone());
+        headers.typed_insert(AcceptRanges::bytes());
+        if let Some(asked) = conditions {
+            if asked
+                .typed_get::<IfMatch>()
+                .is_some_and(|m| !m.precondition_passes(&etag))
+            {
+                return Err(ApiError::PreconditionFailed);
+            }
+            if asked
+                .typed_get::<IfNoneMatch>()
+                .is_some_and(|m| !m.precondition_passes(&etag))
+            {
+                // RFC 9110 section 15.4.5: a 304 carries the validator and no body.
+                headers.remove(header::CONTENT_TYPE);
+                let mut response = StatusCode::NOT_MODIFIED.into_response();
+                response.headers_mut().extend(headers);
+                return Ok(response);
+            }
+            let current = asked
+                .typed_get::<IfRange>()
+                .is_none_or(|r| !r.is_modified(Some(&etag), None));
+            if let Some(asked_range) = asked.get(header::RANGE).and_then(|v| v.to_str().ok())
+                && current
+            {
+                match http_range_header::parse_range_header(asked_range)
+                    .map(|parsed| parsed.validate(size))
+                {
+                    // Not a byte range this server understands: ignored (section 14.2).
+                    Err(_) => {}
+                    Ok(Err(_)) => return Err(ApiError::RangeNotSatisfiable { size }),
+                    Ok(Ok(ranges)) if ranges.len() == 1 => {
+                        let (first, last) = (*ranges[0].start(), *ranges[0].end());
+                        headers.typed_insert(
+                            ContentRange::bytes(first..=last, size).expect("a valid range"),
+                        );
+                        status = StatusCode::PARTIAL_CONTENT;
+                        range = first..last + 1;
+                    }
+                    Ok(Ok(_)) => {}
+                }
+            }
+        }
+    }
+    let length = range.end - range.start;
+    let body = match state.ops.result_body(operation, range).await? {
+        Some(ResultBody::Inline(bytes)) => Body::from(bytes),
+        Some(ResultBody::Streamed(reader)) => {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+            Body::from_stream(tokio_util::io::ReaderStream::new(reader))
+        }
+        None => Body::empty(),
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    response.headers_mut().extend(headers);
+    Ok(response)
 }

@@ -26,7 +26,7 @@ use crate::config::RouteConfig;
 use crate::config::callback;
 use crate::metrics::IDEMPOTENT_REPLAYS;
 use crate::operations::idempotency::{self, KeyError};
-use crate::operations::{Accepted, Operation, Start, Submission, WakeOn, check_destination};
+use crate::operations::{Operation, Start, Submission, WakeOn, check_destination};
 
 /// Validates, accepts, answers. Holds a JetStream permit only while accepting, taken once the
 /// whole body has arrived.
@@ -127,7 +127,7 @@ async fn submit_with_key(
         other => other,
     })?;
     #[cfg(feature = "fault-injection")]
-    if state.abort_after_publish && matches!(accepted, Accepted::New(_)) {
+    if state.abort_after_publish && matches!(accepted, crate::operations::Accepted::New(_)) {
         tracing::warn!("Fault injection: aborting after the JetStream ack, before answering.");
         std::process::abort();
     }
@@ -400,14 +400,21 @@ async fn answer(
         }
         _ => operation,
     };
-    let mut response = match (&operation.result, wait.asked()) {
-        (Some(result), Some(wait)) => {
-            let mut r = result_response(state, &result.record);
+    // A result whose body cannot be read now (its object unreachable) leaves the 202.
+    let replayed_result = match (&operation.result, wait.asked()) {
+        (Some(result), Some(wait)) => result_response(state, &operation, result, None)
+            .await
+            .ok()
+            .map(|r| (r, wait)),
+        _ => None,
+    };
+    let mut response = match replayed_result {
+        Some((mut r, wait)) => {
             set_location(&mut r, &operation);
             set_preference_applied(&mut r, &format!("wait={}", wait.as_secs()));
             r
         }
-        _ => {
+        None => {
             let mut r = accepted(state, &operation);
             if preferences.respond_async {
                 set_preference_applied(&mut r, "respond-async");

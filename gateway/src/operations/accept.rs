@@ -165,9 +165,11 @@ impl Submission<'_> {
 
     /// The request message for a new operation on this submission. The benchmark's raw baseline
     /// publishes exactly these messages, so the two measure the same bytes.
+    /// `reply_bucket`: where a large reply body may go (see [`Store::reply_bucket`]).
     pub fn message(
         &self,
         subjects: &Subjects,
+        reply_bucket: Option<String>,
         key_token: &str,
         fingerprint: &str,
         now: OffsetDateTime,
@@ -200,6 +202,7 @@ impl Submission<'_> {
             retry_policy: self.route.retry.clone(),
             redrive_of: self.redrive_of.clone(),
             body_object: self.body_object.clone(),
+            reply_bucket,
         };
         RequestMessage {
             subject: subjects.request(&self.route.name, key_token),
@@ -254,7 +257,13 @@ pub async fn accept(
             head,
             headers,
             ttl,
-        } = s.message(store.subjects(), &key_token, &fingerprint, now);
+        } = s.message(
+            store.subjects(),
+            store.reply_bucket(s.route),
+            &key_token,
+            &fingerprint,
+            now,
+        );
         let op = head.operation_id.as_str();
         let size = s
             .body_object
@@ -338,7 +347,7 @@ pub async fn accept(
 /// time; the Object Store computes its SHA-256 on the way), then the request is accepted naming
 /// it; an object no request took (a replay found meanwhile, a refusal) is removed. One the
 /// gateway could not tell the fate of (the request's write timed out) stays for the bucket's
-/// `max_age`, the longest retention.
+/// `max_age`, the route's retention.
 pub async fn accept_large(
     store: &Store,
     quotas: Option<&Quotas>,

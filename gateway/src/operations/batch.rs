@@ -140,7 +140,13 @@ pub async fn accept_batch(
                 head,
                 mut headers,
                 ttl,
-            } = item.message(store.subjects(), &tokens[index], &prints[index].1, now);
+            } = item.message(
+                store.subjects(),
+                store.reply_bucket(item.route),
+                &tokens[index],
+                &prints[index].1,
+                now,
+            );
             if let Some(quotas) = quotas {
                 let admitted = quotas.admit(
                     &head.operation_id,

@@ -42,7 +42,9 @@ pub use accept::{AcceptError, Accepted, RequestMessage, Start, Submission};
 pub use batch::{Batch, BatchAccepted, BatchError, BatchSubmission, MAX_BATCH_ITEMS};
 pub use destination::{DestinationError, check_destination};
 pub use lookup::{Cancellation, WakeOn};
-pub use model::{DeliveryState, Operation, ProgressState, RetryView, Status, StoredResult};
+pub use model::{
+    DeliveryState, Operation, ProgressState, ResultBody, RetryView, Status, StoredResult,
+};
 pub use quota::{Limit, QuotaExceeded, QuotaLimits};
 pub use redrive::{FailedPage, Redrive, RedriveError};
 pub use retry_after::RetryAfter;
@@ -244,6 +246,36 @@ impl Operations {
     /// operation, no longer one (retention), or it is another tenant's.
     pub async fn find(&self, tenant: &str, id: &str) -> Result<Option<Operation>, StoreError> {
         lookup::lookup(&self.store, tenant, id).await
+    }
+
+    /// Bytes `range` of the body of `operation`'s result (`range` within its size, see
+    /// [`StoredResult::representation`]): from the message, or opened in the Object Store
+    /// (see the store's `open_reply_body` for its errors). `None` when it has no result.
+    pub async fn result_body(
+        &self,
+        operation: &Operation,
+        range: std::ops::Range<u64>,
+    ) -> Result<Option<ResultBody>, StoreError> {
+        let Some(result) = &operation.result else {
+            return Ok(None);
+        };
+        let body = match &result.record.body_object {
+            Some(object) => ResultBody::Streamed(
+                self.store
+                    .open_reply_body(
+                        &operation.request,
+                        object,
+                        range.start,
+                        range.end - range.start,
+                    )
+                    .await?,
+            ),
+            None => {
+                let (start, end) = (range.start as usize, range.end as usize);
+                ResultBody::Inline(result.record.body.slice(start..end))
+            }
+        };
+        Ok(Some(body))
     }
 
     /// Like [`Operations::find`], then waits until `wake_on` is met or `until` passes, or the

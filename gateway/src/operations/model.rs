@@ -19,6 +19,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::message::StreamMessage;
+use bytes::Bytes;
 use handlers::contract::{ContractError, Outcome, RequestHead, ResultRecord, header};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -76,6 +77,30 @@ impl Status {
 pub struct StoredResult {
     pub record: ResultRecord,
     pub stored_at: OffsetDateTime,
+}
+
+impl StoredResult {
+    /// The body's size in bytes and its SHA-256 (base64url with padding, RFC 4648 section 5, as
+    /// the Object Store writes digests): what identifies the representation (a result never
+    /// changes once stored, so this is a strong validator).
+    pub fn representation(&self) -> (u64, String) {
+        use sha2::Digest as _;
+        match &self.record.body_object {
+            Some(object) => (object.size, object.sha256().to_owned()),
+            None => (
+                self.record.body.len() as u64,
+                data_encoding::BASE64URL.encode(&sha2::Sha256::digest(&self.record.body)),
+            ),
+        }
+    }
+}
+
+/// A result's body, or the part of it asked for.
+pub enum ResultBody {
+    /// In the record's message.
+    Inline(Bytes),
+    /// Read from the Object Store as it is sent (one chunk in memory at a time).
+    Streamed(std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>),
 }
 
 /// A worker's latest progress report, as the status resource shows it.

@@ -483,7 +483,8 @@ struct Seen<'a> {
     subject: &'a str,
     headers: Option<&'a async_nats::HeaderMap>,
     /// Body bytes: the `Nats-Msg-Size` nats-server adds to a headers-only delivery (its last
-    /// value: a publisher may have set its own), at most the largest message the server takes.
+    /// value: a publisher may have set its own), at most the largest message the server takes;
+    /// plus the size of a body the message names in the Object Store (`Gw-Body-Size`).
     size: u64,
     published: OffsetDateTime,
     /// Nothing newer was in the stream when it was delivered: caught up.
@@ -498,10 +499,14 @@ impl<'a> Seen<'a> {
             .and_then(|h| h.get_all(MSG_SIZE).last())
             .and_then(|v| v.as_str().parse::<u64>().ok())
             .unwrap_or(0);
+        let claimed = headers
+            .and_then(|h| handlers::contract::header_str(h, handlers::contract::header::BODY_SIZE))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
         Self {
             subject: message.subject.as_str(),
             headers,
-            size: size.min(max_size),
+            size: size.min(max_size).saturating_add(claimed),
             published: info
                 .as_ref()
                 .map(|i| i.published)

@@ -18,7 +18,10 @@ use async_nats::jetstream::stream::{
 };
 use async_nats::{HeaderMap, jetstream};
 use bytes::Bytes;
-use handlers::contract::{ContractError, Outcome, RequestHead, ResultRecord, Subjects};
+use handlers::claim_check::ClaimCheckError;
+use handlers::contract::{
+    BodyObject, ContractError, Outcome, RequestHead, ResultRecord, Subjects, WireContract,
+};
 use handlers::jetstream::{
     Batcher, CreateOutcome, JetStreamError, ResultWrite, create_if_absent, last_matching,
     last_on_subject, last_on_subject_from_leader,
@@ -151,8 +154,9 @@ pub struct StreamPlan {
     pub max_retention: Duration,
     /// (route name, max body) pairs, checked against the server's max_payload.
     pub body_limits: Vec<(String, usize)>,
-    /// The routes that keep large bodies in the Object Store (each gets its bucket).
-    pub bodies: Vec<String>,
+    /// The routes that keep large bodies in the Object Store (each gets its bucket), with
+    /// their retention (how long the bucket keeps an object).
+    pub bodies: Vec<(String, Duration)>,
     /// Bytes the requests stream may hold (`max_bytes`; -1: no limit of its own).
     pub max_bytes: i64,
 }
@@ -608,18 +612,21 @@ impl Store {
                     source: e.into(),
                 })?;
         }
-        // Large request bodies: an Object Store bucket per route, whose objects live as long as
-        // the longest retention at most (a body's operation never outlives its route's).
-        for route in &plan.bodies {
+        // Large bodies: an Object Store bucket per route, whose objects live for the route's
+        // retention from when they are stored. A request body goes with its operation; a reply
+        // body, stored later, outlives it by the time the worker took (at most the timeout),
+        // unread: the operation is gone.
+        for (route, retention) in &plan.bodies {
             let bucket = self.bodies_bucket(route);
             if self.js.get_object_store(&bucket).await.is_ok() {
-                // Its objects must outlive the longest retention asked for, as requests do.
+                // Its objects must outlive the retention asked for, as requests do (a shorter
+                // retention now leaves the longer one: operations accepted before still live).
                 let stream = format!("OBJ_{bucket}");
                 if let Some(mut live) = self.live_config(&stream).await?
                     && !live.max_age.is_zero()
-                    && live.max_age < plan.max_retention
+                    && live.max_age < *retention
                 {
-                    live.max_age = plan.max_retention;
+                    live.max_age = *retention;
                     self.js
                         .update_stream(live)
                         .await
@@ -634,9 +641,9 @@ impl Store {
                 .create_object_store(async_nats::jetstream::object_store::Config {
                     bucket: bucket.clone(),
                     description: Some(format!(
-                        "Request bodies of route {route} too large for a message (claim checks)."
+                        "Request and reply bodies of route {route} too large for a message (claim checks)."
                     )),
-                    max_age: plan.max_retention,
+                    max_age: *retention,
                     storage: StorageType::File,
                     num_replicas: plan.replicas,
                     ..Default::default()
@@ -819,11 +826,11 @@ impl Store {
         self.ensure_provisioned()?;
         let bucket_name = self.bodies_bucket(route);
         let failed = |detail: String| {
-            StoreError::JetStream(JetStreamError::Body {
+            StoreError::JetStream(JetStreamError::Body(ClaimCheckError {
                 bucket: bucket_name.clone(),
                 name: name.to_owned(),
                 detail,
-            })
+            }))
         };
         let bucket = self
             .js
@@ -863,6 +870,84 @@ impl Store {
         if let Err(error) = deleted {
             tracing::warn!(%error, name, "Cannot remove an unused request body; the bucket's max_age will.");
         }
+    }
+
+    /// Opens the reply body `object` of `request`'s operation at byte `start`, for `len` bytes.
+    /// The object must be where the request lets a worker put it ([`BodyObject::is_reply_of`])
+    /// and be what the record says (size and digest); async-nats checks the digest again as it
+    /// reads the last chunk, so a whole read of other bytes fails rather than ends.
+    ///
+    /// Reaching `start` reads and drops the bytes before it: the Object Store reads an object
+    /// from its first chunk only.
+    ///
+    /// Errors: the object is gone (the bucket's `max_age` or a removal):
+    /// [`ContractError::Removed`], as a removed record; it is elsewhere or other than the record
+    /// says: a contract violation; NATS unreachable: a JetStream error.
+    pub async fn open_reply_body(
+        &self,
+        request: &RequestHead,
+        object: &BodyObject,
+        start: u64,
+        len: u64,
+    ) -> Result<std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>, StoreError> {
+        use async_nats::jetstream::object_store::GetErrorKind;
+        use tokio::io::AsyncReadExt as _;
+        self.ensure_provisioned()?;
+        let broken = |value: String| {
+            StoreError::from(ContractError::InvalidHeader {
+                name: handlers::contract::header::BODY_OBJECT,
+                value,
+            })
+        };
+        if !object.is_reply_of(request) {
+            return Err(broken(format!(
+                "{}/{} is no reply body of {}",
+                object.bucket, object.name, request.operation_id
+            )));
+        }
+        let failed = |detail: String| {
+            StoreError::JetStream(JetStreamError::Body(ClaimCheckError {
+                bucket: object.bucket.clone(),
+                name: object.name.clone(),
+                detail,
+            }))
+        };
+        let bucket = self
+            .js
+            .get_object_store(&object.bucket)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let mut reader = match bucket.get(&object.name).await {
+            Ok(reader) => reader,
+            Err(e) if e.kind() == GetErrorKind::NotFound => {
+                return Err(ContractError::Removed {
+                    reason: "its body object is gone".to_owned(),
+                }
+                .into());
+            }
+            Err(e) => return Err(failed(e.to_string())),
+        };
+        let info = reader.info();
+        if info.size as u64 != object.size || info.digest.as_deref() != Some(&object.digest) {
+            return Err(broken(format!(
+                "{}/{} holds {} bytes with digest {:?}, not what the record says",
+                object.bucket, object.name, info.size, info.digest
+            )));
+        }
+        if start > 0 {
+            tokio::io::copy(&mut (&mut reader).take(start), &mut tokio::io::sink())
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+        }
+        Ok(Box::pin(reader.take(len)))
+    }
+
+    /// Where a worker may keep a large reply to a request of `route` (`Gw-Reply-Bucket`): the
+    /// route's bodies bucket, when it has one (it sets `inline_max`) and requests are written
+    /// under contract 2 or later (a worker of the first release could not have written one).
+    pub fn reply_bucket(&self, route: &crate::config::RouteConfig) -> Option<String> {
+        (route.inline_max.is_some() && self.subjects.contract() != WireContract::V1)
+            .then(|| self.bodies_bucket(&route.name))
     }
 
     /// The bucket of route `route`'s large bodies: `<GATEWAY_BODIES_BUCKET>_<route>`.

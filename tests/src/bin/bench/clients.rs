@@ -228,6 +228,7 @@ impl Client for RawPublish {
             };
             let message = submission.message(
                 &self.subjects,
+                None,
                 &submission.key_token(),
                 &submission.fingerprint(),
                 OffsetDateTime::now_utc(),

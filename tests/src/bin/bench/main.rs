@@ -33,7 +33,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use gateway::config::{ByteSize, RouteConfig};
 use gateway_tests::{GatewayProcess, Nats, TestGateway, TestWorker, worker_config};
-use handlers::contract::{DEFAULT_REQUESTS_STREAM, Subjects};
+use handlers::contract::{DEFAULT_REQUESTS_STREAM, DEFAULT_RESULTS_STREAM, Subjects};
 use handlers::{Request, Response};
 
 use crate::clients::{EndToEnd, Http, Ids, RawLookup, RawPublish, StatusGet, Submit};
@@ -366,7 +366,8 @@ async fn main() -> anyhow::Result<()> {
     );
 
     batch_vs_singles(a, &pids, c, &mut report).await?;
-    large_upload(a, pid, &js, &mut report).await?;
+    let uploaded = large_upload(a, pid, &js, &mut report).await?;
+    large_result(a, pid, &js, &uploaded, &mut report).await?;
 
     report.write(&o.out)?;
     eprintln!("wrote {}", o.out.display());
@@ -381,7 +382,7 @@ async fn large_upload(
     pid: u32,
     js: &async_nats::jetstream::Context,
     report: &mut Report,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<String> {
     const SIZE: usize = 50 << 20;
     let body: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
     let raw_store = js
@@ -403,7 +404,13 @@ async fn large_upload(
     let started = std::time::Instant::now();
     let (answer, first, _, peak) = procstat::watch_during(pid, send).await;
     let through = started.elapsed().as_secs_f64();
-    anyhow::ensure!(answer?.status() == 202, "the upload was not accepted");
+    let answer = answer?;
+    anyhow::ensure!(answer.status() == 202, "the upload was not accepted");
+    let accepted: serde_json::Value = answer.json().await?;
+    let id = accepted["id"]
+        .as_str()
+        .context("an operation id")?
+        .to_owned();
     let mb = SIZE as f64 / 1e6;
     report.set("upload_raw_mb_s", mb / raw);
     report.set("upload_gateway_mb_s", mb / through);
@@ -416,6 +423,81 @@ async fn large_upload(
         mb / raw,
         mb / through,
         peak.saturating_sub(first.rss_bytes) as f64 / (1 << 20) as f64
+    );
+    Ok(id)
+}
+
+/// A 100 MiB reply kept in the Object Store, stored for operation `id` as a worker stores it
+/// (`handlers::claim_check::store_reply`, then the record), read through the gateway's
+/// `GET /result` against a raw Object Store get of the same object, one after the other, both
+/// read to the end and dropped: throughput of each, and how much the gateway's RSS grew meanwhile.
+async fn large_result(
+    gateway: std::net::SocketAddr,
+    pid: u32,
+    js: &async_nats::jetstream::Context,
+    id: &str,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    const SIZE: usize = 100 << 20;
+    let token = gateway::operations::idempotency::key_token_of(id).context("gateway-made id")?;
+    let pattern = Subjects::default().request_any_route(token);
+    let request =
+        handlers::jetstream::last_matching(&js.client(), DEFAULT_REQUESTS_STREAM, &pattern)
+            .await?
+            .context("the uploaded request")?;
+    let head = handlers::RequestHead::from_headers(&request.headers)?;
+    let body: Vec<u8> = (0..SIZE).map(|i| (i % 241) as u8).collect();
+    let record = handlers::claim_check::store_reply(
+        js,
+        &head,
+        handlers::ResultRecord::reply(200, None, body.into()),
+        0,
+    )
+    .await?;
+    let object = record.body_object.clone().context("stored as an object")?;
+    handlers::jetstream::publish_result(
+        js,
+        head.reply_stream_or(DEFAULT_RESULTS_STREAM),
+        &head.reply_subject,
+        id,
+        &record,
+        None,
+    )
+    .await?;
+    let started = std::time::Instant::now();
+    let mut raw = js
+        .get_object_store(&object.bucket)
+        .await?
+        .get(&object.name)
+        .await?;
+    let raw_read = tokio::io::copy(&mut raw, &mut tokio::io::sink()).await?;
+    let raw_secs = started.elapsed().as_secs_f64();
+    let read = async {
+        let mut response = reqwest::get(format!("http://{gateway}/operations/{id}/result")).await?;
+        anyhow::ensure!(response.status() == 200, "the result was not served");
+        let mut read = 0u64;
+        while let Some(chunk) = response.chunk().await? {
+            read += chunk.len() as u64;
+        }
+        Ok(read)
+    };
+    let started = std::time::Instant::now();
+    let (read, first, _, peak) = procstat::watch_during(pid, read).await;
+    let through = started.elapsed().as_secs_f64();
+    let read = read?;
+    anyhow::ensure!(
+        read == SIZE as u64 && raw_read == SIZE as u64,
+        "read {read} and {raw_read} bytes of {SIZE}"
+    );
+    let mb = SIZE as f64 / 1e6;
+    let growth = peak.saturating_sub(first.rss_bytes) as f64 / (1 << 20) as f64;
+    report.set("result_raw_mb_s", mb / raw_secs);
+    report.set("result_gateway_mb_s", mb / through);
+    report.set("result_rss_growth_mib", growth);
+    eprintln!(
+        "100 MiB result: raw Object Store get {:.0} MB/s, through the gateway {:.0} MB/s; gateway RSS +{growth:.1} MiB",
+        mb / raw_secs,
+        mb / through,
     );
     Ok(())
 }

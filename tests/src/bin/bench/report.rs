@@ -243,6 +243,25 @@ impl Report {
                 mib < 16.0,
             ));
         }
+        if let (Some(raw), Some(gateway)) = (v("result_raw_mb_s"), v("result_gateway_mb_s")) {
+            rows.push((
+                "100 MiB result through the gateway / raw Object Store get".into(),
+                format!(
+                    "{:.0}% ({gateway:.0} vs {raw:.0} MB/s)",
+                    gateway / raw * 100.0
+                ),
+                ">= 50%",
+                gateway / raw >= 0.5,
+            ));
+        }
+        if let Some(mib) = v("result_rss_growth_mib") {
+            rows.push((
+                "gateway RSS growth while streaming a 100 MiB result".into(),
+                format!("{mib:.1} MiB"),
+                "< 16 MiB",
+                mib < 16.0,
+            ));
+        }
         if let (Some(shed), Some(missing)) = (v("overload_shed"), v("overload_missing")) {
             rows.push((
                 "overload at 2x peak: shed with Retry-After, no 202 without its message".into(),
