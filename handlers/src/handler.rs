@@ -6,7 +6,7 @@ use std::pin::Pin;
 
 use bytes::Bytes;
 
-use crate::contract::{Request, ResultRecord};
+use crate::contract::{BodyObject, Request, ResultRecord};
 
 /// The error a handler returns: anything; the request is retried later, up to the last delivery,
 /// after which the operation ends `failed`. Return a [`Permanent`] to fail at once.
@@ -63,6 +63,10 @@ pub struct Response {
     pub content_type: Option<String>,
     pub headers: Vec<(String, String)>,
     pub body: Bytes,
+    /// A body the handler stored itself, streamed, in the bucket its request names
+    /// ([`crate::claim_check::store_reply_from`]); then `body` is empty. A large `body` needs
+    /// none of this: the worker stores it.
+    pub body_object: Option<BodyObject>,
 }
 
 impl Response {
@@ -73,6 +77,7 @@ impl Response {
             content_type: None,
             headers: Vec::new(),
             body: Bytes::new(),
+            body_object: None,
         }
     }
 
@@ -103,6 +108,7 @@ impl Response {
     pub(crate) fn into_record(self) -> ResultRecord {
         let mut record = ResultRecord::reply(self.status, self.content_type, self.body);
         record.headers = self.headers;
+        record.body_object = self.body_object;
         record
     }
 }

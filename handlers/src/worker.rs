@@ -65,6 +65,10 @@ pub struct WorkerConfig {
     /// names (`Gw-Reply-Bucket`), and the terminal record names the object; without a bucket
     /// it stays in the message, up to the server's `max_payload`.
     pub reply_inline_max: usize,
+    /// Read a request body kept in the Object Store (contract 3) into `request.body` before the
+    /// handler runs (the default). Off, the handler gets `request.body_object` and reads it
+    /// itself, streamed ([`crate::claim_check::open_body`]), as `gateway dispatch` does.
+    pub fetch_bodies: bool,
 }
 
 impl Default for WorkerConfig {
@@ -81,6 +85,7 @@ impl Default for WorkerConfig {
             retry_base: Duration::from_millis(500),
             retry_max: Duration::from_secs(30),
             reply_inline_max: DEFAULT_REPLY_INLINE_MAX,
+            fetch_bodies: true,
         }
     }
 }
@@ -377,7 +382,9 @@ impl RouteWorker {
         }
         // A body in the Object Store: read before anything runs (a read that fails is tried
         // again; the deliveries it spends are bounded by max_deliver, as a handler's are).
-        if let Some(object) = request.body_object.clone() {
+        if let Some(object) = request.body_object.clone()
+            && self.config.fetch_bodies
+        {
             match crate::claim_check::fetch_body(&self.js, &object).await {
                 Ok(body) => request.body = body,
                 Err(error) => {

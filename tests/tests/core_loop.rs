@@ -100,6 +100,7 @@ async fn request_is_accepted_polled_and_its_result_replayed() {
                     ("X-Internal".into(), "secret".into()),
                 ],
                 body: reply,
+                body_object: None,
             })
         }
     })

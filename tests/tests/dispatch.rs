@@ -53,6 +53,13 @@ path = "/policed"
 retry = { attempts = 3, backoff = ["2s"], retry_on = ["500"] }
 
 [[route]]
+name = "mirror"
+method = "POST"
+path = "/mirror"
+max_body = "8MiB"
+inline_max = "64KiB"
+
+[[route]]
 name = "spent"
 method = "GET"
 path = "/spent"
@@ -155,6 +162,19 @@ async fn start_app() -> (App, String) {
             }),
         )
         .route("/capped", post(capped))
+        // The body back, with its length: a large request makes a large reply.
+        .route(
+            "/mirror",
+            post(|headers: HeaderMap, body: axum::body::Bytes| async move {
+                let length = headers.get("content-length").cloned();
+                let mut answer = body.into_response();
+                if let Some(length) = length {
+                    answer.headers_mut().insert("x-request-length", length);
+                }
+                answer
+            })
+            .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .route("/throttled", get(throttled))
         .route("/policed", get(policed))
         .route(
@@ -181,7 +201,7 @@ fn start_dispatcher(nats: &Nats, upstream: &str) -> CancellationToken {
     let args = Args::parse_from([
         "dispatch",
         "--route",
-        "echo,flaky,missing,slow,capped,throttled,policed,spent",
+        "echo,flaky,missing,slow,capped,throttled,policed,spent,mirror",
         "--upstream",
         upstream,
         "--nats-url",
@@ -343,4 +363,52 @@ async fn dispatcher_calls_the_local_app_and_stores_its_answers() {
     }
     let most = app.most_in_flight.load(Ordering::SeqCst);
     assert!((1..=2).contains(&most), "at most 2 in flight, saw {most}");
+}
+
+/// A request body kept in the Object Store is streamed to the app with its length, and the app's
+/// large answer is streamed into the route's bucket: the client gets back what it sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dispatcher_streams_large_bodies_both_ways() {
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES)
+        .flags(["--result-headers", "x-request-length"])
+        .start()
+        .await;
+    let (_app, upstream) = start_app().await;
+    let _stop = start_dispatcher(&nats, &upstream);
+    let body: Vec<u8> = (0..3 << 20).map(|i| (i % 239) as u8).collect();
+    let r = http()
+        .post(gw.url("/mirror"))
+        .header("idempotency-key", "\"mirror-1\"")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    let id = id_of(r).await;
+    let result = wait_result(&gw, &id).await;
+    assert_eq!(result.status(), 200);
+    assert_eq!(
+        result.headers()["x-request-length"],
+        body.len().to_string().as_str(),
+        "the app got the body with its length"
+    );
+    assert!(
+        result.bytes().await.unwrap() == body,
+        "the body came back whole"
+    );
+    let outcome = handlers::jetstream::last_on_subject(
+        &nats.client().await,
+        handlers::contract::DEFAULT_OUTCOMES_STREAM,
+        &handlers::Subjects::default()
+            .slots("mirror", &id)
+            .reply_subject,
+    )
+    .await
+    .unwrap()
+    .expect("the outcome");
+    let record = handlers::ResultRecord::from_stream_message(&outcome).unwrap();
+    assert_eq!(
+        record.body_object.map(|o| o.size),
+        Some(body.len() as u64),
+        "the answer went to the Object Store"
+    );
 }

@@ -80,11 +80,16 @@ async fn objects(nats: &Nats) -> usize {
     objects_of(nats, "upload").await
 }
 
-async fn post(base: &str, path: &str, key: &str, body: Vec<u8>) -> reqwest::Response {
+/// A client patient enough for tens of MiB through a debug build.
+fn patient() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(120))
         .build()
         .unwrap()
+}
+
+async fn post(base: &str, path: &str, key: &str, body: Vec<u8>) -> reqwest::Response {
+    patient()
         .post(format!("{base}{path}"))
         .header("idempotency-key", format!("\"{key}\""))
         .header("content-type", "application/octet-stream")
@@ -107,7 +112,12 @@ async fn a_50_mib_body_goes_through_the_object_store_and_comes_back_whole() {
     poll_until_terminal(base, &id, Duration::from_secs(120)).await;
     // The request's body and the reply's: one object each.
     assert_eq!(objects(&nats).await, 2);
-    let result = get_result(base, &id).await;
+    // Read with the uploads' patience: 50 MiB hashed twice by a debug build takes a while.
+    let result = patient()
+        .get(format!("{base}/operations/{id}/result"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(result.status(), 200);
     assert_eq!(result.content_length(), Some(50 << 20));
     let mut received = sha2::Sha256::new();

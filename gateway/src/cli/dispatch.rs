@@ -14,6 +14,7 @@ use crate::config::{AdminArgs, NatsArgs};
 use crate::lifecycle::sleep_or_stop;
 use crate::metrics::{DISPATCH_REPLIES, DISPATCH_RETRIES};
 use bytes::Bytes;
+use futures::StreamExt as _;
 use handlers::contract::is_contract_header;
 use handlers::{
     HandlerError, Permanent, Request, Response, RetryAfter, Worker, WorkerConfig, WorkerStats,
@@ -105,6 +106,8 @@ pub async fn run(args: DispatchArgs, shutdown: CancellationToken) -> Result<(), 
         .await?;
     let js = async_nats::jetstream::new(client);
     let config = WorkerConfig {
+        // Bodies in the Object Store are streamed to the app, not read into memory first.
+        fetch_bodies: false,
         ack_wait: args.ack_wait,
         max_deliver: args.max_deliver,
         max_in_flight: args.concurrency,
@@ -117,9 +120,14 @@ pub async fn run(args: DispatchArgs, shutdown: CancellationToken) -> Result<(), 
     while !shutdown.is_cancelled() {
         let mut worker = Worker::new(js.clone(), config.clone());
         for route in &args.routes {
-            let (http, upstream) = (http.clone(), args.upstream.clone());
+            let app = App {
+                http: http.clone(),
+                upstream: args.upstream.clone(),
+                js: js.clone(),
+                reply_inline_max: config.reply_inline_max,
+            };
             worker = worker.route(route.clone(), move |request: Request| {
-                forward(http.clone(), upstream.clone(), request)
+                forward(app.clone(), request)
             });
         }
         let mirroring = shutdown.child_token();
@@ -184,18 +192,39 @@ fn upstream_url(
     Ok(url)
 }
 
-/// One request, replayed against the app.
-async fn forward(
+/// Where and how requests are replayed: the app, and the JetStream context that reads and writes
+/// bodies kept in the Object Store.
+#[derive(Clone)]
+struct App {
     http: reqwest::Client,
     upstream: reqwest::Url,
-    request: Request,
-) -> Result<Response, HandlerError> {
-    let url = upstream_url(&upstream, &request.path, request.query.as_deref())?;
+    js: async_nats::jetstream::Context,
+    /// A reply body above this many bytes (by its `Content-Length`) is streamed into the bucket
+    /// the request names.
+    reply_inline_max: usize,
+}
+
+/// One request, replayed against the app. A body kept in the Object Store is streamed to the
+/// app with its `Content-Length`, and an answer larger than `reply_inline_max` (by its
+/// `Content-Length`) is streamed into the bucket the request names: neither is held whole here.
+/// (An answer without a length is read whole; the worker then stores it if it is large.)
+async fn forward(app: App, request: Request) -> Result<Response, HandlerError> {
+    let url = upstream_url(&app.upstream, &request.path, request.query.as_deref())?;
     let method = reqwest::Method::from_bytes(request.method.as_bytes())?;
-    let mut call = http
+    let body = match &request.body_object {
+        Some(object) => reqwest::Body::wrap_stream(
+            handlers::claim_check::read_body(&app.js, object, 0..object.size).await?,
+        ),
+        None => reqwest::Body::from(request.body.clone()),
+    };
+    let mut call = app
+        .http
         .request(method, url)
         .header("gw-operation-id", &request.operation_id)
-        .body(request.body.clone());
+        .body(body);
+    if let Some(object) = &request.body_object {
+        call = call.header(reqwest::header::CONTENT_LENGTH, object.size);
+    }
     // The app continues the worker's span, which continues the HTTP request's.
     for (name, value) in handlers::trace::outgoing(&tracing::Span::current(), &request.headers) {
         call = call.header(name, value);
@@ -255,12 +284,26 @@ async fn forward(
             Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
         })
         .collect();
-    let body: Bytes = answer.bytes().await?;
+    let large = answer
+        .content_length()
+        .is_some_and(|length| length > app.reply_inline_max as u64);
+    let (body, body_object) = if large && request.reply_bucket.is_some() {
+        let stream = answer
+            .bytes_stream()
+            .map(|chunk| chunk.map_err(std::io::Error::other));
+        let mut reader = tokio_util::io::StreamReader::new(stream);
+        let object =
+            handlers::claim_check::store_reply_from(&app.js, &request, &mut reader).await?;
+        (Bytes::new(), Some(object))
+    } else {
+        (answer.bytes().await?, None)
+    };
     Ok(Response {
         status: status.as_u16(),
         content_type,
         headers,
         body,
+        body_object,
     })
 }
 

@@ -190,9 +190,9 @@ pub(super) async fn result_response(
     let length = range.end - range.start;
     let body = match state.ops.result_body(operation, range).await? {
         Some(ResultBody::Inline(bytes)) => Body::from(bytes),
-        Some(ResultBody::Streamed(reader)) => {
+        Some(ResultBody::Streamed(chunks)) => {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
-            Body::from_stream(tokio_util::io::ReaderStream::new(reader))
+            Body::from_stream(chunks)
         }
         None => Body::empty(),
     };

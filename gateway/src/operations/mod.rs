@@ -249,8 +249,9 @@ impl Operations {
     }
 
     /// Bytes `range` of the body of `operation`'s result (`range` within its size, see
-    /// [`StoredResult::representation`]): from the message, or opened in the Object Store
-    /// (see the store's `open_reply_body` for its errors). `None` when it has no result.
+    /// [`StoredResult::representation`]): from the message, or read from the Object Store as
+    /// it is sent (see the store's `read_reply_body` for its errors). `None` when it has no
+    /// result.
     pub async fn result_body(
         &self,
         operation: &Operation,
@@ -262,12 +263,7 @@ impl Operations {
         let body = match &result.record.body_object {
             Some(object) => ResultBody::Streamed(
                 self.store
-                    .open_reply_body(
-                        &operation.request,
-                        object,
-                        range.start,
-                        range.end - range.start,
-                    )
+                    .read_reply_body(&operation.request, object, range)
                     .await?,
             ),
             None => {

@@ -99,9 +99,12 @@ impl StoredResult {
 pub enum ResultBody {
     /// In the record's message.
     Inline(Bytes),
-    /// Read from the Object Store as it is sent (one chunk in memory at a time).
-    Streamed(std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>),
+    /// Read from the Object Store as it is sent (a few chunks in memory at a time).
+    Streamed(BodyChunks),
 }
+
+/// A body read from the Object Store, chunk by chunk; an error ends it early.
+pub type BodyChunks = std::pin::Pin<Box<dyn futures::Stream<Item = std::io::Result<Bytes>> + Send>>;
 
 /// A worker's latest progress report, as the status resource shows it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]

@@ -29,7 +29,7 @@ use handlers::jetstream::{
 use handlers::stateful::{Outbox, StateError, StateStore, project};
 use time::OffsetDateTime;
 
-use super::model::{Operation, ProgressState, StoredResult};
+use super::model::{BodyChunks, Operation, ProgressState, StoredResult};
 use crate::config::JetStreamSettings;
 use crate::config::routes::StateStoreConfig;
 use crate::metrics::RESULT_CONFLICTS;
@@ -110,6 +110,23 @@ impl StoreError {
     /// The stream (or JetStream's storage) had no room: nothing was written.
     pub fn is_store_full(&self) -> bool {
         matches!(self, StoreError::JetStream(e) if e.is_store_full())
+    }
+}
+
+/// A claim check's failure as the store reports it: a body gone is a removed record (410), one
+/// other than named breaks the contract (502), the rest is JetStream being unreachable (503).
+fn body_error(error: ClaimCheckError) -> StoreError {
+    match error {
+        ClaimCheckError::Gone { .. } => ContractError::Removed {
+            reason: error.to_string(),
+        }
+        .into(),
+        ClaimCheckError::Mismatch { .. } => ContractError::InvalidHeader {
+            name: handlers::contract::header::BODY_DIGEST,
+            value: error.to_string(),
+        }
+        .into(),
+        ClaimCheckError::Unavailable { .. } => StoreError::JetStream(error.into()),
     }
 }
 
@@ -826,7 +843,7 @@ impl Store {
         self.ensure_provisioned()?;
         let bucket_name = self.bodies_bucket(route);
         let failed = |detail: String| {
-            StoreError::JetStream(JetStreamError::Body(ClaimCheckError {
+            StoreError::JetStream(JetStreamError::Body(ClaimCheckError::Unavailable {
                 bucket: bucket_name.clone(),
                 name: name.to_owned(),
                 detail,
@@ -872,74 +889,39 @@ impl Store {
         }
     }
 
-    /// Opens the reply body `object` of `request`'s operation at byte `start`, for `len` bytes.
-    /// The object must be where the request lets a worker put it ([`BodyObject::is_reply_of`])
-    /// and be what the record says (size and digest); async-nats checks the digest again as it
-    /// reads the last chunk, so a whole read of other bytes fails rather than ends.
+    /// Bytes `range` of the reply body `object` of `request`'s operation, streamed as read
+    /// (see `handlers::claim_check::read_body`: a few chunks in memory, the digest checked on a
+    /// whole read). The object must be where the request lets a worker put it
+    /// ([`BodyObject::is_reply_of`]) and be what the record says.
     ///
-    /// Reaching `start` reads and drops the bytes before it: the Object Store reads an object
-    /// from its first chunk only.
-    ///
-    /// Errors: the object is gone (the bucket's `max_age` or a removal):
-    /// [`ContractError::Removed`], as a removed record; it is elsewhere or other than the record
-    /// says: a contract violation; NATS unreachable: a JetStream error.
-    pub async fn open_reply_body(
+    /// Errors (when opening, or as the stream's last item): the object is gone (the bucket's
+    /// `max_age`, a removal): [`ContractError::Removed`], as a removed record; elsewhere or other
+    /// than the record says: a contract violation; NATS unreachable: a JetStream error.
+    pub async fn read_reply_body(
         &self,
         request: &RequestHead,
         object: &BodyObject,
-        start: u64,
-        len: u64,
-    ) -> Result<std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>, StoreError> {
-        use async_nats::jetstream::object_store::GetErrorKind;
-        use tokio::io::AsyncReadExt as _;
+        range: std::ops::Range<u64>,
+    ) -> Result<BodyChunks, StoreError> {
+        use futures::StreamExt as _;
         self.ensure_provisioned()?;
-        let broken = |value: String| {
-            StoreError::from(ContractError::InvalidHeader {
-                name: handlers::contract::header::BODY_OBJECT,
-                value,
-            })
-        };
         if !object.is_reply_of(request) {
-            return Err(broken(format!(
-                "{}/{} is no reply body of {}",
-                object.bucket, object.name, request.operation_id
-            )));
-        }
-        let failed = |detail: String| {
-            StoreError::JetStream(JetStreamError::Body(ClaimCheckError {
-                bucket: object.bucket.clone(),
-                name: object.name.clone(),
-                detail,
-            }))
-        };
-        let bucket = self
-            .js
-            .get_object_store(&object.bucket)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        let mut reader = match bucket.get(&object.name).await {
-            Ok(reader) => reader,
-            Err(e) if e.kind() == GetErrorKind::NotFound => {
-                return Err(ContractError::Removed {
-                    reason: "its body object is gone".to_owned(),
-                }
-                .into());
+            return Err(ContractError::InvalidHeader {
+                name: handlers::contract::header::BODY_OBJECT,
+                value: format!(
+                    "{}/{} is no reply body of {}",
+                    object.bucket, object.name, request.operation_id
+                ),
             }
-            Err(e) => return Err(failed(e.to_string())),
-        };
-        let info = reader.info();
-        if info.size as u64 != object.size || info.digest.as_deref() != Some(&object.digest) {
-            return Err(broken(format!(
-                "{}/{} holds {} bytes with digest {:?}, not what the record says",
-                object.bucket, object.name, info.size, info.digest
-            )));
+            .into());
         }
-        if start > 0 {
-            tokio::io::copy(&mut (&mut reader).take(start), &mut tokio::io::sink())
-                .await
-                .map_err(|e| failed(e.to_string()))?;
-        }
-        Ok(Box::pin(reader.take(len)))
+        let chunks = handlers::claim_check::read_body(&self.js, object, range)
+            .await
+            .map_err(body_error)?;
+        // A failure after the first bytes can only cut the body short: an I/O error then.
+        Ok(Box::pin(chunks.map(|chunk| {
+            chunk.map_err(|e| std::io::Error::other(body_error(e)))
+        })))
     }
 
     /// Where a worker may keep a large reply to a request of `route` (`Gw-Reply-Bucket`): the
