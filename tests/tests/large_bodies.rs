@@ -474,3 +474,45 @@ async fn a_stateful_handlers_large_reply_is_committed_with_its_state() {
         .expect("the state change");
     assert_eq!(&exports.payload[..], b"1");
 }
+
+/// A large body may take longer than `GATEWAY_BODY_READ_TIMEOUT` to arrive as long as it keeps
+/// coming; a pause longer than that is `408 body-timeout`, with nothing accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_upload_may_be_long_but_not_pause() {
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES)
+        .flags(["--body-read-timeout", "1s"])
+        .start()
+        .await;
+    // `chunks` of 64 KiB, `pause` before each but the first two (so that the gateway knows
+    // the body is large, and streams it to the Object Store, before any pause).
+    let upload = |key: &'static str, chunks: u8, pause: Duration| {
+        let stream = futures::stream::iter(0..chunks).then(move |i| async move {
+            if i >= 2 {
+                tokio::time::sleep(pause).await;
+            }
+            Ok::<_, std::io::Error>(bytes(64 << 10, i))
+        });
+        patient()
+            .post(format!("{}/upload", gw.base))
+            .header("idempotency-key", format!("\"{key}\""))
+            .body(reqwest::Body::wrap_stream(stream))
+            .send()
+    };
+    // 40 chunks, 50 ms apart: 2 s in all, never a pause of 1 s.
+    let r = upload("steady", 40, Duration::from_millis(50))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{:?}", r.text().await);
+    assert_eq!(objects(&nats).await, 1);
+    // 4 chunks, 1.5 s apart: the first pause ends it.
+    let r = upload("stalled", 4, Duration::from_millis(1500))
+        .await
+        .unwrap();
+    assert_problem(r, 408, "body-timeout").await;
+    let js = nats.jetstream().await;
+    let requests = gateway_tests::history::read_stream(&js, DEFAULT_REQUESTS_STREAM)
+        .await
+        .unwrap();
+    assert_eq!(requests.len(), 1, "only the steady upload was accepted");
+    assert_eq!(objects(&nats).await, 1);
+}

@@ -122,7 +122,9 @@ pub struct ClientLimits {
     /// once when `GATEWAY_MAX_CONNECTIONS` is reached.
     #[arg(long, env = "GATEWAY_KEEP_ALIVE_TIMEOUT", default_value = "75s", value_parser = humantime::parse_duration)]
     pub keep_alive_timeout: Duration,
-    /// Time a client has to send a request's whole body; 408 after.
+    /// Time a client has to send a request's whole body; 408 after. On a route with
+    /// `inline_max` (bodies of any size, streamed to the Object Store), the longest pause in the
+    /// body instead.
     #[arg(long, env = "GATEWAY_BODY_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub body_read_timeout: Duration,
     /// Headers a request may have; more: 431.

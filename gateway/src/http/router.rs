@@ -4,14 +4,18 @@
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
+use axum::handler::Handler as _;
 use axum::http::header;
 use axum::routing::{MethodFilter, MethodRouter, get, post};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::timeout::RequestBodyDeadlineLayer;
+use tower_http::timeout::{
+    DeadlineBody, RequestBodyDeadlineLayer, RequestBodyTimeoutLayer, TimeoutBody,
+};
 use tower_http::trace::TraceLayer;
 
 use super::auth::Tenant;
@@ -61,8 +65,17 @@ pub fn router(state: AppState, routes: &[RouteConfig]) -> Result<Router, ConfigE
                 answer
             }
         };
+        // A body kept in the Object Store (a route with `inline_max`) may be gigabytes: only a
+        // pause in it is limited, as nginx's `client_body_timeout` does. Any other body must
+        // arrive whole within the limit (a slow sender holds a connection no longer).
+        let limit = state.limits.body_read_timeout;
         let methods = by_path.remove(route.path.as_str()).unwrap_or_default();
-        by_path.insert(&route.path, methods.on(filter, handler));
+        let methods = if route.inline_max.is_some() {
+            methods.on(filter, handler.layer(no_pause_over(limit)))
+        } else {
+            methods.on(filter, handler.layer(whole_body_within(limit)))
+        };
+        by_path.insert(&route.path, methods);
     }
     let mut guarded = Router::new()
         .route("/batches", post(submit_batch))
@@ -75,7 +88,8 @@ pub fn router(state: AppState, routes: &[RouteConfig]) -> Result<Router, ConfigE
             get(get_operation).delete(cancel_operation),
         )
         .route("/operations/{id}/result", get(get_result))
-        .route("/operations/{id}/events", get(operation_events));
+        .route("/operations/{id}/events", get(operation_events))
+        .route_layer(whole_body_within(state.limits.body_read_timeout));
     for (path, methods) in by_path {
         // axum rejects path patterns that conflict (e.g. `/a/{x}` beside `/a/{y}`) by panicking;
         // that is a configuration error, reported as such.
@@ -114,14 +128,8 @@ pub fn router(state: AppState, routes: &[RouteConfig]) -> Result<Router, ConfigE
             state.clone(),
             check_head,
         ))
-        .layer(
-            tower::ServiceBuilder::new()
-                .layer(RequestBodyDeadlineLayer::new(
-                    state.limits.body_read_timeout,
-                ))
-                .map_request(|request: axum::http::Request<_>| request.map(Body::new)),
-        )
-        // Framing checks see the raw request; the body observer sits outside the body deadline.
+        // Framing checks see the raw request; the body observer sits outside the body limits
+        // (each route's, above).
         .layer(axum::middleware::from_fn(frame_message))
         .layer(axum::middleware::from_fn_with_state(
             Arc::new(route_names),
@@ -139,4 +147,34 @@ pub fn router(state: AppState, routes: &[RouteConfig]) -> Result<Router, ConfigE
         // Outermost: a browser's preflight is answered before anything asks for credentials.
         .layer(tower::util::option_layer(state.cors.clone()))
         .with_state(state))
+}
+
+/// A body time limit as a layer whose inner service gets an axum body again.
+type BodyLimit<L, B> = tower::ServiceBuilder<
+    tower::layer::util::Stack<
+        tower::util::MapRequestLayer<fn(axum::http::Request<B>) -> Request>,
+        tower::layer::util::Stack<L, tower::layer::util::Identity>,
+    >,
+>;
+
+/// The whole body within `limit` (tower-http's deadline: a slow sender is cut off).
+fn whole_body_within(limit: Duration) -> BodyLimit<RequestBodyDeadlineLayer, DeadlineBody<Body>> {
+    tower::ServiceBuilder::new()
+        .layer(RequestBodyDeadlineLayer::new(limit))
+        .map_request(axum_body as fn(_) -> _)
+}
+
+/// No pause in the body longer than `limit` (tower-http's timeout, reset by each frame).
+fn no_pause_over(limit: Duration) -> BodyLimit<RequestBodyTimeoutLayer, TimeoutBody<Body>> {
+    tower::ServiceBuilder::new()
+        .layer(RequestBodyTimeoutLayer::new(limit))
+        .map_request(axum_body as fn(_) -> _)
+}
+
+fn axum_body<B>(request: axum::http::Request<B>) -> Request
+where
+    B: axum::body::HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    request.map(Body::new)
 }

@@ -4,6 +4,7 @@
 //! and the result came in time.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -26,7 +27,7 @@ use crate::config::RouteConfig;
 use crate::config::callback;
 use crate::metrics::IDEMPOTENT_REPLAYS;
 use crate::operations::idempotency::{self, KeyError};
-use crate::operations::{Operation, Start, Submission, WakeOn, check_destination};
+use crate::operations::{AcceptError, Operation, Start, Submission, WakeOn, check_destination};
 
 /// Validates, accepts, answers. Holds a JetStream permit only while accepting, taken once the
 /// whole body has arrived.
@@ -107,12 +108,23 @@ async fn submit_with_key(
         Some((prefix, rest)) => {
             use futures::TryStreamExt as _;
             use tokio::io::AsyncReadExt as _;
-            let rest = tokio_util::io::StreamReader::new(
-                rest.into_data_stream().map_err(std::io::Error::other),
-            );
+            // The core sees an I/O error; which one it was (a pause too long) is known here.
+            let paused = Arc::new(AtomicBool::new(false));
+            let pausing = paused.clone();
+            let rest =
+                tokio_util::io::StreamReader::new(rest.into_data_stream().map_err(move |e| {
+                    if matches!(body_error(&e, 0), ApiError::BodyTimeout) {
+                        pausing.store(true, Ordering::Relaxed);
+                    }
+                    std::io::Error::other(e)
+                }));
             let mut body = std::io::Cursor::new(prefix).chain(rest);
             let limit = route.max_body.0 as u64;
-            state.ops.accept_large(submission, &mut body, limit).await
+            let accepted = state.ops.accept_large(submission, &mut body, limit).await;
+            if matches!(accepted, Err(AcceptError::BodyRead(_))) && paused.load(Ordering::Relaxed) {
+                return Err(ApiError::BodyTimeout);
+            }
+            accepted
         }
     };
     let accepted = accepted.map_err(|e| match ApiError::from(e) {
