@@ -1,7 +1,8 @@
 //! A real headless browser (Debian's chromium, installed by scripts/install-browser) on a page of
 //! another origin: with `GATEWAY_CORS_ORIGINS` naming that origin it submits (a preflighted
 //! `fetch`), reads `Location` and `Idempotency-Key`, follows the operation's event stream to its
-//! terminal event and stops reconnecting; a gateway without the setting is refused by the browser.
+//! terminal event and stops reconnecting, then reads the result by a byte range and revalidates it
+//! by its `ETag`; a gateway without the setting is refused by the browser.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -40,6 +41,15 @@ const report = (data) => fetch("/report", {method: "POST", body: JSON.stringify(
     // Long enough for a reconnection, were there one.
     await new Promise((resolve) => setTimeout(resolve, 2000));
     data.closed = es.readyState === EventSource.CLOSED;
+    // The result by parts and revalidated: ETag and Content-Range are exposed, Range and the
+    // conditional headers allowed.
+    const result = gw + data.location + "/result";
+    const whole = await fetch(result, {cache: "no-store"});
+    data.etag = whole.headers.get("etag");
+    const part = await fetch(result, {cache: "no-store", headers: {"range": "bytes=0-1", "if-range": data.etag}});
+    data.part = [part.status, part.headers.get("content-range"), (await part.text()).length];
+    const again = await fetch(result, {cache: "no-store", headers: {"if-none-match": data.etag}});
+    data.revalidated = again.status;
   } catch (e) {
     data.error = String(e);
   }
@@ -131,6 +141,17 @@ async fn a_page_of_another_origin_submits_and_follows_its_operation() {
         report["plain"], "refused",
         "no CORS unless configured: {report}"
     );
+    let etag = report["etag"].as_str().expect("ETag is exposed");
+    assert!(etag.starts_with('"'), "{report}");
+    assert_eq!(report["part"][0], 206, "{report}");
+    assert!(
+        report["part"][1]
+            .as_str()
+            .is_some_and(|r| r.starts_with("bytes 0-1/")),
+        "Content-Range is exposed: {report}"
+    );
+    assert_eq!(report["part"][2], 2, "{report}");
+    assert_eq!(report["revalidated"], 304, "{report}");
     let opens = report["opens"].as_u64().unwrap();
     assert!(opens >= 1, "{report}");
     eprintln!("browser report: {report}");

@@ -516,3 +516,39 @@ async fn a_large_upload_may_be_long_but_not_pause() {
     assert_eq!(requests.len(), 1, "only the steady upload was accepted");
     assert_eq!(objects(&nats).await, 1);
 }
+
+/// A large upload takes a JetStream permit only to accept its request, once its body is stored:
+/// with one permit in all, other requests are served while it streams in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_holds_no_permit_while_its_body_streams_in() {
+    let TestGateway { nats: _nats, gw } = TestGateway::builder(ROUTES)
+        .flags(["--max-in-flight", "1"])
+        .start()
+        .await;
+    // 20 chunks of 64 KiB, 100 ms apart: two seconds of upload.
+    let slow = futures::stream::iter(0..20u8).then(|i| async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Ok::<_, std::io::Error>(bytes(64 << 10, i))
+    });
+    let upload = tokio::spawn(
+        patient()
+            .post(format!("{}/upload", gw.base))
+            .header("idempotency-key", "\"slow\"")
+            .body(reqwest::Body::wrap_stream(slow))
+            .send(),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..5 {
+        let r = post(
+            &gw.base,
+            "/small",
+            &format!("meanwhile-{i}"),
+            b"small".to_vec(),
+        )
+        .await;
+        assert_eq!(r.status(), 202, "{:?}", r.text().await);
+    }
+    assert!(!upload.is_finished(), "the upload was still streaming");
+    let r = upload.await.unwrap().unwrap();
+    assert_eq!(r.status(), 202);
+}

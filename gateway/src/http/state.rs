@@ -260,10 +260,18 @@ fn cors_policy(origins: &[String]) -> Result<Option<CorsLayer>, ConfigError> {
                 name("traceparent"),
                 name("tracestate"),
                 name("x-request-id"),
+                // A result read by parts, or revalidated.
+                header::RANGE,
+                header::IF_RANGE,
+                header::IF_MATCH,
+                header::IF_NONE_MATCH,
             ])
             .expose_headers([
                 header::LOCATION,
                 header::RETRY_AFTER,
+                header::ETAG,
+                header::CONTENT_RANGE,
+                header::ACCEPT_RANGES,
                 name("idempotency-key"),
                 name("idempotent-replayed"),
                 name("preference-applied"),

@@ -82,7 +82,6 @@ async fn submit_with_key(
     // The body first, then a permit: a client that sends slowly holds only its own connection,
     // never the capacity other clients' reads and submits need.
     let read = read_submission(&state, &route, &tenant, &parts, body).await?;
-    let permit = state.admit_arrived(arrival)?;
     let (body, large) = match read.body {
         ReadBody::Inline(body) => (body, None),
         ReadBody::Large { prefix, rest } => (Bytes::new(), Some((prefix, rest))),
@@ -102,9 +101,13 @@ async fn submit_with_key(
         body_object: None,
         body,
     };
-    let accepted = match large {
-        None => state.ops.accept(submission).await,
-        // Streamed on into the Object Store: what was read, then the rest as it arrives.
+    let (accepted, permit) = match large {
+        None => {
+            let permit = state.admit_arrived(arrival)?;
+            (state.ops.accept(submission).await, Some(permit))
+        }
+        // Streamed on into the Object Store: what was read, then the rest as it arrives; that
+        // may take long, so the permit comes after, for accepting the request only.
         Some((prefix, rest)) => {
             use futures::TryStreamExt as _;
             use tokio::io::AsyncReadExt as _;
@@ -120,11 +123,25 @@ async fn submit_with_key(
                 }));
             let mut body = std::io::Cursor::new(prefix).chain(rest);
             let limit = route.max_body.0 as u64;
-            let accepted = state.ops.accept_large(submission, &mut body, limit).await;
-            if matches!(accepted, Err(AcceptError::BodyRead(_))) && paused.load(Ordering::Relaxed) {
-                return Err(ApiError::BodyTimeout);
+            let mut submission = submission;
+            match state
+                .ops
+                .upload_large(&mut submission, &mut body, limit)
+                .await
+            {
+                Err(AcceptError::BodyRead(_)) if paused.load(Ordering::Relaxed) => {
+                    return Err(ApiError::BodyTimeout);
+                }
+                Err(e) => (Err(e), None),
+                Ok(Some(replayed)) => (Ok(replayed), None),
+                Ok(None) => match state.admit_arrived(arrival) {
+                    Ok(permit) => (state.ops.accept_uploaded(submission).await, Some(permit)),
+                    Err(refused) => {
+                        state.ops.forget_upload(&submission).await;
+                        return Err(refused);
+                    }
+                },
             }
-            accepted
         }
     };
     let accepted = accepted.map_err(|e| match ApiError::from(e) {

@@ -338,23 +338,22 @@ pub async fn accept(
     Err(StoreError::NotReady.into())
 }
 
-/// Accepts a submission whose body is `body`, too large for a message: kept in the Object Store
-/// (a claim check, wire contract 3) and named by the request. At most `limit` bytes are read.
+/// Stores the body of a submission too large for a message, read from `body` (at most `limit`
+/// bytes), in the Object Store (a claim check, wire contract 3), for [`accept_uploaded`] to
+/// accept the request naming it; or finds the request its key names already.
 ///
 /// A key that names a request already is checked without storing anything: the body is only
 /// hashed on its way through, and compared by fingerprint like any replay, so a retried upload is
-/// never stored twice. Otherwise the body is stored first (streamed, one chunk in memory at a
-/// time; the Object Store computes its SHA-256 on the way), then the request is accepted naming
-/// it; an object no request took (a replay found meanwhile, a refusal) is removed. One the
-/// gateway could not tell the fate of (the request's write timed out) stays for the bucket's
-/// `max_age`, the route's retention.
-pub async fn accept_large(
+/// never stored twice: `Some` replay (or a refusal). Otherwise the body is stored (streamed, one
+/// chunk in memory at a time; the Object Store computes its SHA-256 on the way) and `s` names it:
+/// `None`. A body over `limit` is removed and refused. The two steps are apart so that a slow
+/// upload holds no JetStream permit of the edge's.
+pub async fn upload_large(
     store: &Store,
-    quotas: Option<&Quotas>,
-    mut s: Submission<'_>,
+    s: &mut Submission<'_>,
     body: &mut (impl tokio::io::AsyncRead + Unpin),
     limit: u64,
-) -> Result<Accepted, AcceptError> {
+) -> Result<Option<Accepted>, AcceptError> {
     // Contract 1 has no way to name a body elsewhere (a replica of that release reads only
     // bodies in messages).
     if store.subjects().contract() == handlers::contract::WireContract::V1 {
@@ -389,7 +388,7 @@ pub async fn accept_large(
             });
         }
         attach_result(store, &mut existing).await?;
-        return Ok(Accepted::Replayed(existing));
+        return Ok(Some(Accepted::Replayed(existing)));
     }
     let name = format!("{key_token}.{}", uuid::Uuid::new_v4().simple());
     let route = s.route.name.clone();
@@ -402,13 +401,37 @@ pub async fn accept_large(
         return Err(AcceptError::BodyTooLarge { limit });
     }
     s.body_object = Some(object);
+    Ok(None)
+}
+
+/// Accepts a submission whose body [`upload_large`] stored, naming it; an object no request took
+/// (a replay found meanwhile, a refusal) is removed. One the gateway could not tell the fate of
+/// (the request's write timed out) stays for the bucket's `max_age`, the route's retention.
+pub async fn accept_uploaded(
+    store: &Store,
+    quotas: Option<&Quotas>,
+    s: Submission<'_>,
+) -> Result<Accepted, AcceptError> {
+    let stored = s.body_object.clone();
+    let route = s.route.name.clone();
     let accepted = accept(store, quotas, s).await;
     let unknown = matches!(&accepted, Err(AcceptError::Store(e))
         if !(e.is_store_full() || matches!(e, StoreError::NotReady)));
-    if !matches!(accepted, Ok(Accepted::New(_))) && !unknown {
-        store.delete_body(&route, &name).await;
+    if !matches!(accepted, Ok(Accepted::New(_)))
+        && !unknown
+        && let Some(object) = stored
+    {
+        store.delete_body(&route, &object.name).await;
     }
     accepted
+}
+
+/// Removes the body [`upload_large`] stored for a submission that will not be accepted after
+/// all (the edge refused it meanwhile).
+pub async fn forget_upload(store: &Store, s: &Submission<'_>) {
+    if let Some(object) = &s.body_object {
+        store.delete_body(&s.route.name, &object.name).await;
+    }
 }
 
 /// The size and Object Store digest (`SHA-256=` and base64url) of `body`, read to its end or

@@ -216,15 +216,30 @@ impl Operations {
         accept::accept(&self.store, self.quotas.as_deref(), submission).await
     }
 
-    /// Accepts a submission whose body, too large for a message, is read from `body` (at most
-    /// `limit` bytes) into the Object Store (see [`accept::accept_large`]).
-    pub async fn accept_large(
+    /// Stores the body of a submission too large for a message, read from `body` (at most
+    /// `limit` bytes), in the Object Store; `Some` when the key names a request already (a
+    /// replay; nothing stored). Then [`Operations::accept_uploaded`] accepts it, or
+    /// [`Operations::forget_upload`] removes the body (see [`accept::upload_large`]).
+    pub async fn upload_large(
         &self,
-        submission: Submission<'_>,
+        submission: &mut Submission<'_>,
         body: &mut (impl tokio::io::AsyncRead + Unpin),
         limit: u64,
+    ) -> Result<Option<Accepted>, AcceptError> {
+        accept::upload_large(&self.store, submission, body, limit).await
+    }
+
+    /// Accepts a submission whose body [`Operations::upload_large`] stored.
+    pub async fn accept_uploaded(
+        &self,
+        submission: Submission<'_>,
     ) -> Result<Accepted, AcceptError> {
-        accept::accept_large(&self.store, self.quotas.as_deref(), submission, body, limit).await
+        accept::accept_uploaded(&self.store, self.quotas.as_deref(), submission).await
+    }
+
+    /// Removes the body [`Operations::upload_large`] stored for a submission refused after all.
+    pub async fn forget_upload(&self, submission: &Submission<'_>) {
+        accept::forget_upload(&self.store, submission).await;
     }
 
     /// Accepts a batch of submissions as one atomic write, all or none, or finds the batch it
