@@ -44,6 +44,9 @@ pub enum ClaimCheckError {
         name: String,
         detail: String,
     },
+    /// As many body reads run in this process as it serves at once.
+    #[error("as many body reads run as this process serves at once")]
+    Busy,
 }
 
 impl ClaimCheckError {
@@ -70,14 +73,33 @@ const READ_AHEAD: usize = 8;
 /// How long one pull of chunks may wait for them: chunks are stored, so only an unreachable
 /// server makes one wait at all.
 const FETCH_WAIT: Duration = Duration::from_secs(5);
+/// Chunks on their way from the server to this process for all reads at once (32 MiB): well
+/// under the 64 MiB nats-server lets wait for one client before it cuts it off as a slow
+/// consumer. A read waits its turn for a share.
+static IN_TRANSIT: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(256);
+/// Body reads a process serves at once: each holds a JetStream consumer while it lasts, and
+/// nats-server limits those. More are refused ([`ClaimCheckError::Busy`]), not queued.
+static READERS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(128);
+/// Consecutive lost pulls (a consumer gone, a chunk missing) a read recovers from by starting a
+/// new consumer after the last chunk it has.
+const RECOVERIES: u32 = 3;
 
 /// Bytes `range` of a body kept in the Object Store, as a stream of chunks, once its object is
 /// found to have the size and digest its message names. The chunks are pulled [`READ_AHEAD`] at
 /// a time, one pull after the other, by an ephemeral pull consumer of the object's chunk
-/// subject, so a slow reader holds a few chunks, never the body (the Object Store's own reader
-/// is a push consumer the server fills as fast as it can). A whole read checks the SHA-256 at the end: other bytes end the stream
-/// with [`ClaimCheckError::Mismatch`] instead of its last chunk. Reaching `range.start` reads
-/// and drops the chunks before it (the Object Store has no index of an object's chunks).
+/// subject, created at the first poll (a stream dropped unpolled costs no consumer) and removed
+/// when the read ends or is dropped. So a slow reader holds a few chunks, never the body (the
+/// Object Store's own reader is a push consumer the server fills as fast as it can), and all
+/// reads together have at most [`IN_TRANSIT`] chunks on the way.
+///
+/// Chunks are checked to come in order, none missing; a consumer lost meanwhile (a long pause
+/// of the reader, a reconnection) is replaced by one starting after the last chunk read. A whole
+/// read checks the SHA-256 at the end: other bytes end the stream with
+/// [`ClaimCheckError::Mismatch`] instead of its last chunk. Reaching `range.start` reads and
+/// drops the chunks before it (the Object Store has no index of an object's chunks).
+///
+/// Errors: [`ClaimCheckError::Busy`] when [`READERS`] reads run already; `Gone`, `Mismatch`,
+/// `Unavailable` as their names say.
 ///
 /// Hand-written glue: async-nats reads an object only whole, through a push consumer.
 pub async fn read_body(
@@ -86,13 +108,14 @@ pub async fn read_body(
     range: std::ops::Range<u64>,
 ) -> Result<impl Stream<Item = Result<Bytes, ClaimCheckError>> + Send + use<>, ClaimCheckError> {
     use async_nats::jetstream::object_store::InfoErrorKind;
+    let reader = READERS.try_acquire().map_err(|_| ClaimCheckError::Busy)?;
     let store = js
         .get_object_store(&object.bucket)
         .await
         .map_err(|e| ClaimCheckError::unavailable(object, e))?;
     let info = match store.info(&object.name).await {
         Ok(info) if !info.deleted => info,
-        Ok(_) => None.ok_or_else(|| gone(object))?,
+        Ok(_) => return Err(gone(object)),
         Err(e) if e.kind() == InfoErrorKind::NotFound => return Err(gone(object)),
         Err(e) => return Err(ClaimCheckError::unavailable(object, e)),
     };
@@ -103,97 +126,72 @@ pub async fn read_body(
         ));
     }
     let whole = range.start == 0 && range.end >= object.size;
-    let chunks = if info.chunks == 0 || range.start >= range.end {
-        None
-    } else {
-        let consumer = js
-            .get_stream(format!("OBJ_{}", object.bucket))
-            .await
-            .map_err(|e| ClaimCheckError::unavailable(object, e))?
-            .create_consumer(async_nats::jetstream::consumer::pull::Config {
-                filter_subject: format!("$O.{}.C.{}", object.bucket, info.nuid),
-                ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
-                // Gone soon after a reader stops (a client that hangs up mid-body).
-                inactive_threshold: Duration::from_secs(10),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| ClaimCheckError::unavailable(object, e))?;
-        Some(consumer)
-    };
     let reading = Reading {
-        chunks,
-        fetched: None,
-        progressed: false,
+        js: js.clone(),
+        filter: format!("$O.{}.C.{}", object.bucket, info.nuid),
+        consumer: None,
+        resume_after: 0,
+        expected: 1,
+        lost: 0,
+        ready: std::collections::VecDeque::new(),
         object: object.clone(),
-        left: info.chunks,
+        left: if range.start >= range.end {
+            0
+        } else {
+            info.chunks
+        },
         at: 0,
         range,
         sha: whole.then(sha2::Sha256::new),
+        _reader: reader,
     };
     Ok(futures::stream::try_unfold(reading, Reading::next))
 }
 
 /// Where a [`read_body`] stands.
 struct Reading {
-    /// An ephemeral pull consumer of the object's chunks, in order, unacknowledged.
-    chunks: Option<async_nats::jetstream::consumer::PullConsumer>,
-    /// The last fetch, while it has chunks to give.
-    fetched: Option<async_nats::jetstream::consumer::pull::Batch>,
-    /// Whether the last fetch gave a chunk.
-    progressed: bool,
+    js: async_nats::jetstream::Context,
+    /// The object's chunk subject.
+    filter: String,
+    /// The consumer of the chunks, once the first is asked for.
+    consumer: Option<ChunkConsumer>,
+    /// The stream sequence of the last chunk read (0: none yet).
+    resume_after: u64,
+    /// The consumer sequence the next chunk must have.
+    expected: u64,
+    /// Pulls lost in a row.
+    lost: u32,
+    /// Chunks pulled, not read yet.
+    ready: std::collections::VecDeque<Bytes>,
     object: BodyObject,
-    /// Chunks not read yet.
+    /// Chunks not pulled yet.
     left: usize,
     /// The offset of the next chunk's first byte.
     at: u64,
     range: std::ops::Range<u64>,
     /// The digest so far, on a whole read.
     sha: Option<sha2::Sha256>,
+    _reader: tokio::sync::SemaphorePermit<'static>,
 }
 
 impl Reading {
     /// The next piece of the range, or `None` past its end.
     async fn next(mut self) -> Result<Option<(Bytes, Self)>, ClaimCheckError> {
         loop {
-            if self.at >= self.range.end || self.left == 0 {
+            let done = self.at >= self.range.end || (self.left == 0 && self.ready.is_empty());
+            if done {
                 self.check_digest()?;
+                self.consumer = None;
+                if self.at < self.range.end {
+                    let detail = format!("its chunks end at byte {}", self.at);
+                    return Err(ClaimCheckError::mismatch(&self.object, detail));
+                }
                 return Ok(None);
             }
-            let Some(chunks) = self.chunks.as_ref() else {
-                return Ok(None);
+            let Some(chunk) = self.ready.pop_front() else {
+                self.pull().await?;
+                continue;
             };
-            let fetched = match &mut self.fetched {
-                Some(fetched) => fetched,
-                None => {
-                    // One pull at a time, of a few chunks: what the reader has not taken yet
-                    // stays in the stream, not here.
-                    let fetched = chunks
-                        .fetch()
-                        .max_messages(READ_AHEAD)
-                        .expires(FETCH_WAIT)
-                        .messages()
-                        .await
-                        .map_err(|e| ClaimCheckError::unavailable(&self.object, e))?;
-                    self.progressed = false;
-                    self.fetched.insert(fetched)
-                }
-            };
-            let chunk = match fetched.next().await {
-                Some(Ok(message)) => message.payload.clone(),
-                Some(Err(e)) => return Err(ClaimCheckError::unavailable(&self.object, e)),
-                // That pull is over: another, unless it brought nothing in its time.
-                None if self.progressed => {
-                    self.fetched = None;
-                    continue;
-                }
-                None => {
-                    let detail = format!("no chunk came in {FETCH_WAIT:?} ({} left)", self.left);
-                    return Err(ClaimCheckError::unavailable(&self.object, detail));
-                }
-            };
-            self.progressed = true;
-            self.left -= 1;
             let start = self.at;
             self.at += chunk.len() as u64;
             if let Some(sha) = self.sha.as_mut() {
@@ -204,18 +202,109 @@ impl Reading {
             }
             let from = self.range.start.saturating_sub(start) as usize;
             let to = (self.range.end.min(self.at) - start) as usize;
-            if self.at >= self.range.end || self.left == 0 {
+            if self.at >= self.range.end {
                 self.check_digest()?;
             }
             return Ok(Some((chunk.slice(from..to), self)));
         }
     }
 
-    /// On a whole read that has read every chunk: the bytes must have the digest named.
-    fn check_digest(&mut self) -> Result<(), ClaimCheckError> {
-        if self.left > 0 {
-            return Ok(());
+    /// Pulls the next chunks into `ready`: all of one pull, which then frees its share of
+    /// [`IN_TRANSIT`]. A pull that fails or brings a chunk out of order drops the consumer,
+    /// and the next pull starts a new one after the last chunk read.
+    async fn pull(&mut self) -> Result<(), ClaimCheckError> {
+        let want = self.left.min(READ_AHEAD);
+        let _share = IN_TRANSIT
+            .acquire_many(want as u32)
+            .await
+            .expect("never closed");
+        let pulled = self.pull_from_consumer(want).await;
+        match pulled {
+            Ok(chunks) if !chunks.is_empty() => {
+                self.lost = 0;
+                self.left -= chunks.len();
+                self.ready.extend(chunks);
+                Ok(())
+            }
+            failed => {
+                self.consumer = None;
+                self.lost += 1;
+                if self.lost > RECOVERIES {
+                    let detail = match failed {
+                        Err(e) => e,
+                        Ok(_) => format!("no chunk came in {FETCH_WAIT:?}"),
+                    };
+                    return Err(ClaimCheckError::unavailable(&self.object, detail));
+                }
+                Ok(())
+            }
         }
+    }
+
+    /// Up to `want` chunks in order from the consumer (made if there is none): those before a
+    /// gap, or an error when the pull fails.
+    async fn pull_from_consumer(&mut self, want: usize) -> Result<Vec<Bytes>, String> {
+        if self.consumer.is_none() {
+            self.consumer = Some(self.new_consumer().await.map_err(|e| e.to_string())?);
+            self.expected = 1;
+        }
+        let consumer = &self.consumer.as_ref().expect("made above").consumer;
+        let mut fetched = consumer
+            .fetch()
+            .max_messages(want)
+            .expires(FETCH_WAIT)
+            .messages()
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut chunks = Vec::with_capacity(want);
+        while let Some(message) = fetched.next().await {
+            let message = message.map_err(|e| e.to_string())?;
+            let info = message.info().map_err(|e| e.to_string())?;
+            if info.consumer_sequence != self.expected {
+                // One went missing on the way (a reconnection): what came before it stands.
+                self.consumer = None;
+                break;
+            }
+            self.expected += 1;
+            self.resume_after = info.stream_sequence;
+            chunks.push(message.payload.clone());
+        }
+        Ok(chunks)
+    }
+
+    /// A consumer of the object's chunks from the one after the last read.
+    async fn new_consumer(&self) -> Result<ChunkConsumer, async_nats::Error> {
+        use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+        let stream = self
+            .js
+            .get_stream(format!("OBJ_{}", self.object.bucket))
+            .await?;
+        let deliver_policy = match self.resume_after {
+            0 => DeliverPolicy::All,
+            after => DeliverPolicy::ByStartSequence {
+                start_sequence: after + 1,
+            },
+        };
+        let consumer: async_nats::jetstream::consumer::PullConsumer = stream
+            .create_consumer(pull::Config {
+                filter_subject: self.filter.clone(),
+                deliver_policy,
+                ack_policy: AckPolicy::None,
+                // Removed when the read ends; this is for a process that dies meanwhile.
+                inactive_threshold: Duration::from_secs(60),
+                ..Default::default()
+            })
+            .await?;
+        let name = consumer.cached_info().name.clone();
+        Ok(ChunkConsumer {
+            consumer,
+            stream,
+            name,
+        })
+    }
+
+    /// On a whole read that has read up to the size: every chunk, and the digest named.
+    fn check_digest(&mut self) -> Result<(), ClaimCheckError> {
         let Some(sha) = self.sha.take() else {
             return Ok(());
         };
@@ -223,11 +312,32 @@ impl Reading {
             "SHA-256={}",
             data_encoding::BASE64URL.encode(&sha.finalize())
         );
-        if digest != self.object.digest || self.at != self.object.size {
+        let complete = self.left == 0 && self.ready.is_empty() && self.at == self.object.size;
+        if !complete || digest != self.object.digest {
             let detail = format!("{} bytes with digest {digest}", self.at);
             return Err(ClaimCheckError::mismatch(&self.object, detail));
         }
         Ok(())
+    }
+}
+
+/// An ephemeral consumer of an object's chunks, removed when dropped.
+struct ChunkConsumer {
+    consumer: async_nats::jetstream::consumer::PullConsumer,
+    stream: async_nats::jetstream::stream::Stream,
+    name: String,
+}
+
+impl Drop for ChunkConsumer {
+    fn drop(&mut self) {
+        let (stream, name) = (self.stream.clone(), std::mem::take(&mut self.name));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(error) = stream.delete_consumer(&name).await {
+                    tracing::debug!(%error, name, "Cannot remove a body read's consumer; its inactivity will.");
+                }
+            });
+        }
     }
 }
 

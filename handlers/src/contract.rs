@@ -541,6 +541,18 @@ impl BodyObject {
             return Ok(None);
         }
         let size = required(headers, header::BODY_SIZE)?;
+        let digest = required(headers, header::BODY_DIGEST)?;
+        // `SHA-256=` and the base64url of 32 bytes: nothing else is a digest (and nothing else
+        // may reach an entity tag made of it).
+        let sha256 = digest
+            .strip_prefix("SHA-256=")
+            .and_then(|b64| data_encoding::BASE64URL.decode(b64.as_bytes()).ok());
+        if sha256.is_none_or(|bytes| bytes.len() != 32) {
+            return Err(ContractError::InvalidHeader {
+                name: header::BODY_DIGEST,
+                value: digest.to_owned(),
+            });
+        }
         Ok(Some(BodyObject {
             bucket: required(headers, header::BODY_BUCKET)?.to_owned(),
             name: required(headers, header::BODY_OBJECT)?.to_owned(),
@@ -548,7 +560,7 @@ impl BodyObject {
                 name: header::BODY_SIZE,
                 value: size.to_owned(),
             })?,
-            digest: required(headers, header::BODY_DIGEST)?.to_owned(),
+            digest: digest.to_owned(),
         }))
     }
 }
@@ -1079,12 +1091,13 @@ mod tests {
 
     #[test]
     fn a_record_names_its_body_object_or_carries_its_body_never_both() {
+        let digest = |byte: u8| format!("SHA-256={}", data_encoding::BASE64URL.encode(&[byte; 32]));
         let mut record = ResultRecord::reply(200, None, Bytes::new());
         record.body_object = Some(BodyObject {
             bucket: "GW_BODIES_orders".into(),
             name: BodyObject::reply_name("op1"),
             size: 3 << 20,
-            digest: "SHA-256=abc=".into(),
+            digest: digest(1),
         });
         let back = ResultRecord::from_parts(&record.to_headers("op1"), Bytes::new()).unwrap();
         assert_eq!(back, record);
@@ -1093,8 +1106,24 @@ mod tests {
         let mut other = record.clone();
         other.body_object.as_mut().unwrap().name = BodyObject::reply_name("op1");
         assert!(other.same_answer(&record));
-        other.body_object.as_mut().unwrap().digest = "SHA-256=xyz=".into();
+        other.body_object.as_mut().unwrap().digest = digest(2);
         assert!(!other.same_answer(&record));
+        // A digest is `SHA-256=` and the base64url of 32 bytes, nothing else (it becomes an
+        // entity tag: a quote in it must not get that far).
+        for bad in ["SHA-256=a\"b", "SHA-256=abc=", "sha256=x", ""] {
+            let mut h = other.to_headers("op1");
+            h.insert(header::BODY_DIGEST, bad);
+            assert!(
+                matches!(
+                    ResultRecord::from_parts(&h, Bytes::new()),
+                    Err(ContractError::InvalidHeader {
+                        name: header::BODY_DIGEST,
+                        ..
+                    })
+                ),
+                "{bad:?}"
+            );
+        }
         record.body = Bytes::from_static(b"and inline");
         assert!(record.validate().is_err());
         // Some of the four headers but not all: broken.

@@ -441,14 +441,14 @@ pub async fn publish_result(
     let Some(stored) = read_back(js.client(), results_stream, subject).await? else {
         // Taken a moment ago, gone now: only a TTL expiry does that. Nothing to compare with,
         // and an expired operation takes no more results.
-        discard_reply_body(js, record).await;
+        discard_reply_body(js, operation_id, record).await;
         return Ok(ResultWrite::AlreadyStored);
     };
     let existing = match ResultRecord::from_stream_message(&stored) {
         // An outcome was stored and later removed (a delete marker holds the slot): the
         // operation took its one outcome; this one is not written.
         Err(ContractError::Removed { .. }) => {
-            discard_reply_body(js, record).await;
+            discard_reply_body(js, operation_id, record).await;
             return Ok(ResultWrite::AlreadyStored);
         }
         read => read?,
@@ -458,7 +458,7 @@ pub async fn publish_result(
     if existing.body_object.as_ref().map(|o| &o.name)
         != record.body_object.as_ref().map(|o| &o.name)
     {
-        discard_reply_body(js, record).await;
+        discard_reply_body(js, operation_id, record).await;
     }
     if existing.same_answer(record) {
         Ok(ResultWrite::AlreadyStored)
@@ -467,9 +467,17 @@ pub async fn publish_result(
     }
 }
 
-/// Removes the object holding `record`'s body, if it has one (see [`crate::claim_check::discard`]).
-async fn discard_reply_body(js: &async_nats::jetstream::Context, record: &ResultRecord) {
-    if let Some(object) = &record.body_object {
+/// Removes the object holding `record`'s body, if it has one and it is this operation's own (a
+/// redrive's record may name the reply it adopted from the operation it redrives, which that
+/// operation's record still names; see [`crate::claim_check::discard`]).
+async fn discard_reply_body(
+    js: &async_nats::jetstream::Context,
+    operation_id: &str,
+    record: &ResultRecord,
+) {
+    if let Some(object) = &record.body_object
+        && object.name.starts_with(&format!("{operation_id}.result."))
+    {
         crate::claim_check::discard(js, object).await;
     }
 }

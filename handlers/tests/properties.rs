@@ -98,13 +98,13 @@ fn body_object() -> impl Strategy<Value = BodyObject> {
         nats_header_value(),
         nats_header_value(),
         any::<u64>(),
-        "SHA-256=[A-Za-z0-9_-]{43}=",
+        any::<[u8; 32]>(),
     )
-        .prop_map(|(bucket, name, size, digest)| BodyObject {
+        .prop_map(|(bucket, name, size, sha256)| BodyObject {
             bucket,
             name,
             size,
-            digest,
+            digest: format!("SHA-256={}", data_encoding::BASE64URL.encode(&sha256)),
         })
 }
 

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use gateway_tests::*;
 use handlers::contract::{DEFAULT_OUTCOMES_STREAM, DEFAULT_REQUESTS_STREAM, header, header_str};
 use handlers::jetstream::ResultWrite;
@@ -551,4 +551,125 @@ async fn a_slow_upload_holds_no_permit_while_its_body_streams_in() {
     assert!(!upload.is_finished(), "the upload was still streaming");
     let r = upload.await.unwrap().unwrap();
     assert_eq!(r.status(), 202);
+}
+
+/// The consumers of the bodies bucket of route `route`, by name.
+async fn readers_of(nats: &Nats, route: &str) -> Vec<String> {
+    let js = nats.jetstream().await;
+    let Ok(stream) = js.get_stream(format!("OBJ_GW_BODIES_{route}")).await else {
+        return Vec::new();
+    };
+    stream.consumer_names().try_collect().await.unwrap()
+}
+
+/// Many reads of one large result at once each get exactly their bytes (all of them together
+/// never have more chunks on the way than nats-server lets wait for one client); a read whose
+/// consumer is removed mid-body carries on after its last chunk; a HEAD, or a read that ends,
+/// leaves no consumer behind; a record naming a body elsewhere is 502 whatever the conditions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_and_interrupted_reads_get_exactly_their_bytes() {
+    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
+    let _worker = TestWorker::start(&nats, worker_config(), "upload", echo).await;
+    let base = gw.base.clone();
+    let body = bytes(16 << 20, 11);
+    let id = id_of(post(&base, "/upload", "many-readers", body.clone()).await).await;
+    poll_until_terminal(&base, &id, Duration::from_secs(60)).await;
+    let url = format!("{base}/operations/{id}/result");
+
+    // 80 reads at once, each of up to 1 MiB somewhere in the 16 MiB (spread by a multiplicative
+    // hash, so the same every run).
+    let ranges: Vec<(usize, usize)> = (1..=80usize)
+        .map(|i| {
+            let first = i.wrapping_mul(2_654_435_761) % body.len();
+            let length = 1 + i.wrapping_mul(40_503) % (1 << 20);
+            (first, (first + length).min(body.len()) - 1)
+        })
+        .collect();
+    let client = patient();
+    let reads = futures::future::join_all(ranges.iter().map(|(first, last)| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let r = client
+                .get(url)
+                .header("range", format!("bytes={first}-{last}"))
+                .send()
+                .await
+                .unwrap();
+            (r.status(), r.bytes().await.map(|b| b.to_vec()))
+        }
+    }))
+    .await;
+    for ((first, last), (status, read)) in ranges.iter().zip(reads) {
+        assert_eq!(status, 206);
+        let read = read.expect("the whole range arrived");
+        assert!(
+            read == body[*first..=*last],
+            "bytes {first}-{last} are the body's"
+        );
+    }
+
+    // A read whose consumer goes away mid-body: it resumes after its last chunk.
+    let mut slow = patient().get(&url).send().await.unwrap();
+    let mut got = slow.chunk().await.unwrap().unwrap().to_vec();
+    let js = nats.jetstream().await;
+    let stream = js.get_stream("OBJ_GW_BODIES_upload").await.unwrap();
+    for name in readers_of(&nats, "upload").await {
+        stream.delete_consumer(&name).await.unwrap();
+    }
+    while let Some(chunk) = slow.chunk().await.unwrap() {
+        got.extend_from_slice(&chunk);
+    }
+    assert!(got == body, "the interrupted read is whole and in order");
+
+    // HEADs read nothing; ended reads remove their consumers.
+    for _ in 0..50 {
+        let r = client.head(&url).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.headers()["content-length"],
+            body.len().to_string().as_str()
+        );
+    }
+    eventually("no consumer left", Duration::from_secs(10), || async {
+        readers_of(&nats, "upload").await.is_empty().then_some(())
+    })
+    .await;
+
+    // A record naming another operation's body: 502, even to a condition that matches anything.
+    let outcome = handlers::jetstream::last_on_subject(
+        &nats.client().await,
+        DEFAULT_OUTCOMES_STREAM,
+        &handlers::Subjects::default()
+            .slots("upload", &id)
+            .reply_subject,
+    )
+    .await
+    .unwrap()
+    .expect("the echo's outcome");
+    let borrowed = handlers::ResultRecord::from_stream_message(&outcome).unwrap();
+    assert!(borrowed.body_object.is_some());
+    let forged = id_of(post(&base, "/small", "forged", b"y".to_vec()).await).await;
+    handlers::jetstream::publish_result(
+        &js,
+        DEFAULT_OUTCOMES_STREAM,
+        &handlers::Subjects::default()
+            .slots("small", &forged)
+            .reply_subject,
+        &forged,
+        &borrowed,
+        None,
+    )
+    .await
+    .unwrap();
+    for condition in [
+        None,
+        Some(("if-none-match", "*")),
+        Some(("if-match", "\"x\"")),
+    ] {
+        let mut read = client.get(format!("{base}/operations/{forged}/result"));
+        if let Some((name, value)) = condition {
+            read = read.header(name, value);
+        }
+        assert_problem(read.send().await.unwrap(), 502, "bad-stored-message").await;
+    }
 }

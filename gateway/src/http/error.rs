@@ -248,7 +248,9 @@ impl From<RedriveError> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        if e.is_result_removed() {
+        if matches!(e, StoreError::BodyReadsBusy) {
+            ApiError::Overloaded
+        } else if e.is_result_removed() {
             ApiError::ResultRemoved
         } else if e.is_contract_violation() {
             ApiError::BadStoredMessage(e)
@@ -486,7 +488,7 @@ impl IntoResponse for ApiError {
             }
             ApiError::ResultRemoved => {
                 tracing::error!(
-                    "An operation's result was removed while its request lives: a worker writes results with a shorter Nats-TTL than Gw-Retention."
+                    "An operation's result was removed while its request lives: a worker writes results with a shorter Nats-TTL than Gw-Retention, or the result's body object was removed."
                 );
             }
             _ => {}

@@ -137,13 +137,16 @@ pub(crate) async fn get_result(
     State(state): State<AppState>,
     query: WaitQuery,
     operation: OperationRef,
+    method: axum::http::Method,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let asked = query.duration().or(prefer::parse(&headers).wait);
     let wait = Wait::capped(asked, state.limits.max_wait);
     let operation = wait_for(&state, &operation, wait, WakeOn::Terminal).await?;
     match &operation.result {
-        Some(result) => result_response(&state, &operation, result, Some(&headers)).await,
+        Some(result) => {
+            result_response(&state, &operation, result, Some((&method, &headers))).await
+        }
         None => {
             let body = Json(OperationView::of(&operation));
             Ok(pending(&state, &operation, body))

@@ -50,6 +50,9 @@ pub enum StoreError {
     /// slowly); what was stored of it stays for the bucket's `max_age`.
     #[error("cannot read the request body: {0}")]
     BodyRead(String),
+    /// As many bodies are read from the Object Store as this process serves at once.
+    #[error("as many bodies are being read as this process serves at once")]
+    BodyReadsBusy,
     /// A stateful route's state store (its marker, the arbiter) could not be read or written.
     #[error(transparent)]
     Arbiter(#[from] StateError),
@@ -127,6 +130,7 @@ fn body_error(error: ClaimCheckError) -> StoreError {
         }
         .into(),
         ClaimCheckError::Unavailable { .. } => StoreError::JetStream(error.into()),
+        ClaimCheckError::Busy => StoreError::BodyReadsBusy,
     }
 }
 
@@ -918,9 +922,14 @@ impl Store {
         let chunks = handlers::claim_check::read_body(&self.js, object, range)
             .await
             .map_err(body_error)?;
-        // A failure after the first bytes can only cut the body short: an I/O error then.
-        Ok(Box::pin(chunks.map(|chunk| {
-            chunk.map_err(|e| std::io::Error::other(body_error(e)))
+        // A failure after the first bytes can only cut the body short (the client sees fewer
+        // bytes than its Content-Length): an I/O error then, logged here.
+        let operation_id = request.operation_id.clone();
+        Ok(Box::pin(chunks.map(move |chunk| {
+            chunk.map_err(|error| {
+                tracing::warn!(%operation_id, %error, "A result's body was cut short.");
+                std::io::Error::other(body_error(error))
+            })
         })))
     }
 
