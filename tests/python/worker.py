@@ -103,7 +103,8 @@ async def main(url, route):
     while True:
         try:
             messages = await sub.fetch(16, timeout=1)
-        except nats.errors.TimeoutError:
+        except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            # An empty pull (nats-py raises either, depending on where the wait ended).
             continue
         for msg in messages:
             await handle(js, msg)
