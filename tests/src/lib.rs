@@ -39,7 +39,7 @@ pub use http::{
     json, location, poll_until_terminal, quoted, submit,
 };
 pub use nats::{Nats, nats_server_bin, signal_process};
-pub use streams::{duplicate_request, rewritten_request, stream_messages};
+pub use streams::{duplicate_request, rewritten_request, stored_outcome, stream_messages};
 pub use tools::{python_command, venv_tool};
 pub use wait::eventually;
 pub use workers::{

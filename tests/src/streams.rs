@@ -1,8 +1,24 @@
 //! Looking into and writing to the gateway's streams behind its back: how many messages a stream
-//! holds (the tests' "exactly one message" checks), and a request published again as a duplicate
-//! producer would.
+//! holds (the tests' "exactly one message" checks), an operation's terminal record as stored, and
+//! a request published again as a duplicate producer would.
 
 use crate::nats::Nats;
+
+/// The terminal record of operation `operation_id` of `route` (wire contract 2's slot), read
+/// with `client` (one allowed to read it).
+pub async fn stored_outcome(
+    client: &async_nats::Client,
+    route: &str,
+    operation_id: &str,
+) -> handlers::ResultRecord {
+    use handlers::contract::{DEFAULT_OUTCOMES_STREAM, Subjects};
+    let slot = Subjects::default().slots(route, operation_id).reply_subject;
+    let stored = handlers::jetstream::last_on_subject(client, DEFAULT_OUTCOMES_STREAM, &slot)
+        .await
+        .expect("direct get")
+        .expect("the outcome is stored");
+    handlers::ResultRecord::from_stream_message(&stored).expect("a readable record")
+}
 
 /// Re-publishes an accepted request of `route` under another key subject: the same operation
 /// delivered again, as a producer duplicate (or a re-drive) would be.

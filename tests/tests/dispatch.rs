@@ -395,17 +395,7 @@ async fn dispatcher_streams_large_bodies_both_ways() {
         result.bytes().await.unwrap() == body,
         "the body came back whole"
     );
-    let outcome = handlers::jetstream::last_on_subject(
-        &nats.client().await,
-        handlers::contract::DEFAULT_OUTCOMES_STREAM,
-        &handlers::Subjects::default()
-            .slots("mirror", &id)
-            .reply_subject,
-    )
-    .await
-    .unwrap()
-    .expect("the outcome");
-    let record = handlers::ResultRecord::from_stream_message(&outcome).unwrap();
+    let record = stored_outcome(&nats.client().await, "mirror", &id).await;
     assert_eq!(
         record.body_object.map(|o| o.size),
         Some(body.len() as u64),

@@ -636,17 +636,7 @@ async fn concurrent_and_interrupted_reads_get_exactly_their_bytes() {
     .await;
 
     // A record naming another operation's body: 502, even to a condition that matches anything.
-    let outcome = handlers::jetstream::last_on_subject(
-        &nats.client().await,
-        DEFAULT_OUTCOMES_STREAM,
-        &handlers::Subjects::default()
-            .slots("upload", &id)
-            .reply_subject,
-    )
-    .await
-    .unwrap()
-    .expect("the echo's outcome");
-    let borrowed = handlers::ResultRecord::from_stream_message(&outcome).unwrap();
+    let borrowed = stored_outcome(&nats.client().await, "upload", &id).await;
     assert!(borrowed.body_object.is_some());
     let forged = id_of(post(&base, "/small", "forged", b"y".to_vec()).await).await;
     handlers::jetstream::publish_result(

@@ -418,15 +418,7 @@ async fn a_confined_worker_reads_and_writes_its_routes_large_bodies_and_no_other
         .connect(nats.url())
         .await
         .unwrap();
-    let outcome = last_on_subject(
-        &gateway_client,
-        DEFAULT_OUTCOMES_STREAM,
-        &Subjects::default().slots("orders", &order).reply_subject,
-    )
-    .await
-    .unwrap()
-    .expect("the outcome");
-    let record = ResultRecord::from_stream_message(&outcome).unwrap();
+    let record = stored_outcome(&gateway_client, "orders", &order).await;
     let kept = record
         .body_object
         .expect("the reply is in the Object Store");
