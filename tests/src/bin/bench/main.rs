@@ -10,14 +10,18 @@
 //! | peak status read | the lookup's two direct gets | `GET /operations/{id}` |
 //! | latency at half the baseline's peak (open model) | publish | `POST` |
 //!
+//! and the floor under the gateway: a bare HTTP bridge (`bridge.rs`, a process of its own) that
+//! makes only the gateway's one publish per `POST`, at peak (throughput and CPU per request) and
+//! at half the gateway's own peak (latency), driven by the same HTTP load as the gateway;
 //! plus end-to-end time (accept on gateway A, worker reply, result visible through gateway B),
 //! the gateway's CPU and RSS at a steady 1,000 requests/s, and overload at twice its peak. Writes
 //! `results.json`, `results.md` and `bench.svg` to `--out` (default `tests/bench-results`).
 //!
 //! Usage: bench --gateway-bin target/release/gateway [--quick] [--seconds N] [--concurrency N]
-//! [--gateway-threads N] [--out DIR]
+//! [--gateway-threads N] [--out DIR]; `bench --bridge <nats-url>` is the bridge process.
 //! (`scripts/bench` builds and runs it.)
 
+mod bridge;
 mod clients;
 mod load;
 mod procstat;
@@ -139,6 +143,12 @@ fn taken(ids: &Ids) -> Arc<Vec<String>> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    if let (Some(flag), Some(url)) = (args.next(), args.next())
+        && flag == "--bridge"
+    {
+        return bridge::serve(&url).await;
+    }
     let o = options()?;
     let d = Duration::from_secs(o.seconds);
     let c = o.concurrency;
@@ -256,6 +266,48 @@ async fn main() -> anyhow::Result<()> {
         "gateway accept 4 KiB",
         drive(submit(c, 4096, "gw4k", None), Model::Closed, d).await,
     );
+    // The floor: the bare bridge under the same load, its CPU counted as the gateway's is.
+    // As many runtime threads as the gateway's (tokio reads TOKIO_WORKER_THREADS).
+    let mut bridge_process = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["--bridge", &nats.url()])
+        .envs(
+            o.gateway_threads
+                .iter()
+                .map(|t| ("TOKIO_WORKER_THREADS", t)),
+        )
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let bridge_addr: std::net::SocketAddr = {
+        use tokio::io::AsyncBufReadExt as _;
+        let stdout = bridge_process.stdout.take().context("bridge stdout")?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        lines
+            .next_line()
+            .await?
+            .context("the bridge's address")?
+            .parse()?
+    };
+    let bridge_pids = [
+        ("nats-server", nats.pid().context("nats pid")?),
+        ("bridge", bridge_process.id().context("bridge pid")?),
+        ("load generator", std::process::id()),
+    ];
+    let to_bridge = |n: usize, prefix: &str| {
+        (0..n)
+            .map(|_| Submit {
+                http: Http::new(bridge_addr),
+                body: payload(256),
+                key_prefix: prefix.to_owned(),
+                ids: None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let (run, cpu) =
+        procstat::cpu_during(&bridge_pids, drive(to_bridge(c, "br256"), Model::Closed, d)).await;
+    report.cpu_per_op("bare bridge accept 256 B", run.ok, &cpu);
+    report.record("bare bridge accept 256 B", run);
+
     let gw_ids = taken(&gw_ids);
     let reads = (0..c)
         .map(|_| StatusGet {
@@ -287,6 +339,25 @@ async fn main() -> anyhow::Result<()> {
         )
         .await,
     );
+
+    // Latency at half the gateway's own peak (a rate both can serve, so the phase measures
+    // them, not a queue): the gateway and the bare bridge.
+    let gw_half = gw_256 / 2.0;
+    report.set("gateway_half_peak_rate", gw_half);
+    report.record(
+        "gateway accept 256 B @ half its peak",
+        drive(
+            submit(4 * c, 256, "gwhalf", None),
+            Model::Open { rate: gw_half },
+            d,
+        )
+        .await,
+    );
+    report.record(
+        "bare bridge accept 256 B @ half the gateway's peak",
+        drive(to_bridge(4 * c, "brhalf"), Model::Open { rate: gw_half }, d).await,
+    );
+    drop(bridge_process);
 
     // End to end: accept on A, echo worker, result visible through B (polled every 1 ms).
     let e2e = (0..16)

@@ -159,6 +159,13 @@ impl Report {
             ">= 75%",
         );
         ratio(
+            "accept rate / the bare bridge's, 256 B",
+            "gateway accept 256 B",
+            "bare bridge accept 256 B",
+            0.85,
+            ">= 85%",
+        );
+        ratio(
             "status GET rate / raw lookup rate",
             "gateway status GET",
             "raw status lookup",
@@ -202,6 +209,39 @@ impl Report {
                     .sum::<f64>()
             })
         };
+        let own_cpu = |phase: &str, process: &str| {
+            self.cpu_us_per_op
+                .get(phase)?
+                .iter()
+                .find(|(n, _)| *n == process)
+                .map(|(_, us)| *us)
+        };
+        if let (Some(gateway), Some(bridge)) = (
+            own_cpu("gateway accept 256 B", "gateway"),
+            own_cpu("bare bridge accept 256 B", "bridge"),
+        ) {
+            rows.push((
+                "CPU per accepted 256 B request: gateway / bare bridge".into(),
+                format!(
+                    "{gateway:.1} µs vs {bridge:.1} µs ({:.2}×)",
+                    gateway / bridge
+                ),
+                "<= 1.3×",
+                gateway <= 1.3 * bridge,
+            ));
+        }
+        if let (Some(gw), Some(bridge)) = (
+            self.phase("gateway accept 256 B @ half its peak"),
+            self.phase("bare bridge accept 256 B @ half the gateway's peak"),
+        ) {
+            let (gw_p99, bridge_p99) = (gw.latency_ms[2], bridge.latency_ms[2]);
+            rows.push((
+                "p99 at half the gateway's peak: gateway vs bare bridge".into(),
+                format!("{gw_p99:.3} ms vs {bridge_p99:.3} ms"),
+                "<= bridge + 1 ms",
+                gw_p99 <= bridge_p99 + 1.0,
+            ));
+        }
         if let (Some(batch), Some(single)) = (
             cpu_total("gateway batch of 999 × 256 B, per item"),
             cpu_total("gateway single submits × 256 B, per item"),
@@ -313,7 +353,12 @@ impl Report {
             for (phase, per) in &self.cpu_us_per_op {
                 let _ = write!(md, "| {phase} |");
                 for n in &names {
-                    let _ = write!(md, " {:.1} |", per.get(*n).copied().unwrap_or(f64::NAN));
+                    // A process the phase does not run (the gateway in the bridge's): a dash.
+                    match per.get(*n) {
+                        Some(us) => write!(md, " {us:.1} |"),
+                        None => write!(md, " – |"),
+                    }
+                    .expect("writing to a String");
                 }
                 let _ = writeln!(md, " {:.1} |", per.values().sum::<f64>());
             }
