@@ -1,6 +1,6 @@
 //! The floor under the gateway: a bare HTTP-to-JetStream bridge. For each `POST` it makes
-//! exactly the gateway's one create-if-absent publish of the same request message (built by the
-//! gateway's own `Submission::message`, as the raw baseline's is) and answers `202` with the
+//! exactly the gateway's one create-if-absent publish of the same request message (the raw
+//! baseline's `publish_as_gateway`, built by the gateway's own `Submission::message`) and answers `202` with the
 //! operation's id; nothing else: no routing, no tenants, no limits, no tracing, no metrics. The
 //! benchmark runs it as a process of its own (`bench --bridge <nats-url>`), like the gateway, and
 //! drives it with the same HTTP load, so that the gateway's cost is read against the least any
@@ -10,15 +10,13 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use gateway::http::auth::DEFAULT_TENANT;
-use gateway::operations::Submission;
 use handlers::contract::Subjects;
-use handlers::jetstream::{CreateOutcome, create_if_absent};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use time::OffsetDateTime;
+
+use super::clients::publish_as_gateway;
 
 /// Serves on an ephemeral loopback port, printed first on stdout, until killed.
 pub async fn serve(nats_url: &str) -> anyhow::Result<()> {
@@ -63,43 +61,13 @@ impl Bridge {
         let Ok(body) = request.into_body().collect().await.map(|b| b.to_bytes()) else {
             return answer(StatusCode::BAD_REQUEST, Bytes::new());
         };
-        let submission = Submission {
-            route: &self.route,
-            tenant: DEFAULT_TENANT,
-            idempotency_key: key,
-            method: "POST",
-            path: "/orders",
-            query: None,
-            content_type: Some("application/json"),
-            forwarded: Vec::new(),
-            requested_callback_url: None,
-            start: Default::default(),
-            redrive_of: None,
-            body_object: None,
-            body: body.clone(),
-        };
-        let message = submission.message(
-            &self.subjects,
-            None,
-            &submission.key_token(),
-            &submission.fingerprint(),
-            OffsetDateTime::now_utc(),
-        );
-        let id = message.head.operation_id.clone();
-        let written = create_if_absent(
-            &self.js,
-            message.subject,
-            message.headers,
-            body,
-            Some(message.ttl),
-        )
-        .await;
+        let written = publish_as_gateway(&self.js, &self.subjects, &self.route, key, &body).await;
         match written {
-            Ok(CreateOutcome::Created) => answer(
+            Some(id) => answer(
                 StatusCode::ACCEPTED,
                 Bytes::from(format!(r#"{{"id":"{id}"}}"#)),
             ),
-            _ => answer(StatusCode::SERVICE_UNAVAILABLE, Bytes::new()),
+            None => answer(StatusCode::SERVICE_UNAVAILABLE, Bytes::new()),
         }
     }
 }

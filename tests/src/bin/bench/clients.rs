@@ -211,46 +211,62 @@ pub struct RawPublish {
 impl Client for RawPublish {
     fn call(&mut self, seq: u64) -> OpFuture<'_> {
         Box::pin(async move {
-            let submission = Submission {
-                route: &self.route,
-                tenant: DEFAULT_TENANT,
-                idempotency_key: format!("{}-{seq}", self.key_prefix),
-                method: "POST",
-                path: "/orders",
-                query: None,
-                content_type: Some("application/json"),
-                forwarded: Vec::new(),
-                requested_callback_url: None,
-                start: Default::default(),
-                redrive_of: None,
-                body_object: None,
-                body: self.body.clone(),
-            };
-            let message = submission.message(
-                &self.subjects,
-                None,
-                &submission.key_token(),
-                &submission.fingerprint(),
-                OffsetDateTime::now_utc(),
-            );
-            let id = message.head.operation_id.clone();
-            let written = create_if_absent(
-                &self.js,
-                message.subject,
-                message.headers,
-                self.body.clone(),
-                Some(message.ttl),
-            )
-            .await;
+            let key = format!("{}-{seq}", self.key_prefix);
+            let written =
+                publish_as_gateway(&self.js, &self.subjects, &self.route, key, &self.body).await;
             match written {
-                Ok(CreateOutcome::Created) => {
+                Some(id) => {
                     remember(&self.ids, id);
                     Outcome::Ok
                 }
-                _ => Outcome::Error,
+                None => Outcome::Error,
             }
         })
     }
+}
+
+/// The one write the gateway makes for a new `POST /orders` with key `key` and body `body`:
+/// the request message `Submission::message` builds, published create-if-absent with its TTL.
+/// The operation's id when it was created; `None` when refused or failed.
+pub async fn publish_as_gateway(
+    js: &async_nats::jetstream::Context,
+    subjects: &Subjects,
+    route: &RouteConfig,
+    key: String,
+    body: &Bytes,
+) -> Option<String> {
+    let submission = Submission {
+        route,
+        tenant: DEFAULT_TENANT,
+        idempotency_key: key,
+        method: "POST",
+        path: "/orders",
+        query: None,
+        content_type: Some("application/json"),
+        forwarded: Vec::new(),
+        requested_callback_url: None,
+        start: Default::default(),
+        redrive_of: None,
+        body_object: None,
+        body: body.clone(),
+    };
+    let message = submission.message(
+        subjects,
+        None,
+        &submission.key_token(),
+        &submission.fingerprint(),
+        OffsetDateTime::now_utc(),
+    );
+    let id = message.head.operation_id.clone();
+    let written = create_if_absent(
+        js,
+        message.subject,
+        message.headers,
+        body.clone(),
+        Some(message.ttl),
+    )
+    .await;
+    matches!(written, Ok(CreateOutcome::Created)).then_some(id)
 }
 
 /// The baseline of `StatusGet`: the two direct gets a status lookup makes, issued together.
