@@ -397,7 +397,7 @@ pub async fn upload_large(
         other => other?,
     };
     if object.size > limit {
-        store.delete_body(&route, &name).await;
+        store.delete_body(&object).await;
         return Err(AcceptError::BodyTooLarge { limit });
     }
     s.body_object = Some(object);
@@ -413,7 +413,6 @@ pub async fn accept_uploaded(
     s: Submission<'_>,
 ) -> Result<Accepted, AcceptError> {
     let stored = s.body_object.clone();
-    let route = s.route.name.clone();
     let accepted = accept(store, quotas, s).await;
     let unknown = matches!(&accepted, Err(AcceptError::Store(e))
         if !(e.is_store_full() || matches!(e, StoreError::NotReady)));
@@ -421,7 +420,7 @@ pub async fn accept_uploaded(
         && !unknown
         && let Some(object) = stored
     {
-        store.delete_body(&route, &object.name).await;
+        store.delete_body(&object).await;
     }
     accepted
 }
@@ -430,7 +429,7 @@ pub async fn accept_uploaded(
 /// all (the edge refused it meanwhile).
 pub async fn forget_upload(store: &Store, s: &Submission<'_>) {
     if let Some(object) = &s.body_object {
-        store.delete_body(&s.route.name, &object.name).await;
+        store.delete_body(object).await;
     }
 }
 

@@ -877,20 +877,9 @@ impl Store {
     }
 
     /// Removes a body object nobody refers to (best effort: the bucket's `max_age` removes it
-    /// anyway).
-    pub async fn delete_body(&self, route: &str, name: &str) {
-        let deleted = async {
-            self.js
-                .get_object_store(self.bodies_bucket(route))
-                .await?
-                .delete(name)
-                .await?;
-            Ok::<_, async_nats::Error>(())
-        }
-        .await;
-        if let Err(error) = deleted {
-            tracing::warn!(%error, name, "Cannot remove an unused request body; the bucket's max_age will.");
-        }
+    /// anyway; see `handlers::claim_check::discard`).
+    pub async fn delete_body(&self, object: &BodyObject) {
+        handlers::claim_check::discard(&self.js, object).await;
     }
 
     /// Bytes `range` of the reply body `object` of `request`'s operation, streamed as read
