@@ -60,6 +60,11 @@
 //! gateway refuses a redrive whose deadline could fall after that (a later one could find the
 //! marker gone and run again: that is [`Variant::ShortMarkerTtl`]'s fault).
 //!
+//! A submission is one create-if-absent action, then a read of what holds the key when it is
+//! refused. The code may read first when the key is likely a retry's (one this replica answered
+//! lately), and write only on a miss: the stored request decides as after a refused write, so the
+//! model's action covers both orders.
+//!
 //! What the model leaves out: more than one operation (so lost updates between operations sharing a
 //! state key, and batch submits: a batch's requests are ordinary requests written together by one
 //! JetStream atomic batch, whose all-or-nothing is the server's and is tested against it), the HTTP layer, stream configuration and retention changes, replicated-stream

@@ -1,6 +1,6 @@
 //! A body that carries something along until it ends: the request counted in flight on its
 //! connection ([`super::server`]), or a flag that says it was read to its end
-//! ([`super::layers::frame_message`]). Hand-written glue: http-body-util has no body with an
+//! ([`super::layers::edge`]). Hand-written glue: http-body-util has no body with an
 //! end-of-stream hook.
 
 use std::pin::Pin;

@@ -1,7 +1,6 @@
-//! The tower layers of the router (assembled in [`super::router`]): say `Connection: close` when
-//! an HTTP/1 body is left unread, identify the caller, check
-//! the head's size, name the request's span, count the answer, and put `Retry-After` on every 503
-//! and 429.
+//! The tower layers of the router (assembled in [`super::router`]): the edge (check the head's
+//! size, say `Connection: close` when an HTTP/1 body is left unread, put `Retry-After` on every
+//! 503, 429 and 507, count the answer), identify the caller, and name the request's span.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -12,7 +11,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, Version, header};
-use axum::response::Response;
+use axum::response::{IntoResponse as _, Response};
 use hyper::body::Body as HttpBody;
 
 use super::auth::{
@@ -21,82 +20,102 @@ use super::auth::{
 };
 use super::body::{AtEnd, carrying};
 use super::error::ApiError;
-use super::state::AppState;
 use crate::metrics::HTTP_REQUESTS;
 
 /// The header that carries each request's id (set when the client sent none, echoed back).
 pub(super) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Refuses requests with more headers, or larger ones, than configured (431 problem+json). hyper
-/// cuts off heads at twice these caps before any of this runs.
-pub(super) async fn check_head(
-    State(state): State<AppState>,
+/// What [`edge`] needs: the head caps, the `Retry-After` seconds, and the route names.
+pub(super) struct Edge {
+    pub max_headers: usize,
+    pub max_header_bytes: usize,
+    pub retry_after_secs: u64,
+    pub route_names: RouteNames,
+}
+
+/// The checks every request passes and every answer gets, in one layer (an axum `from_fn` layer
+/// clones and boxes the service below it for each request, so four would cost four times that):
+/// - a head with more headers, or larger ones, than configured is refused (`431` problem+json);
+///   hyper cuts off heads at twice these caps before any of this runs;
+/// - every `503`, `429` and `507` carries `Retry-After`: the client is expected to retry, so
+///   say when;
+/// - an HTTP/1 answer given before the request's body was read to its end (a `413` on its
+///   `Content-Length`, a `401`, a `408`, a `431`) says `Connection: close`: the server will not
+///   read the rest, so it closes the connection (RFC 9112 section 9.6). (A request with both
+///   `Transfer-Encoding` and `Content-Length` never gets here with both: hyper reads it by
+///   `Transfer-Encoding` alone and closes the connection after answering, as RFC 9112 section
+///   6.3 requires.) HTTP/2 frames its messages itself and forbids `Connection`: untouched;
+/// - every answer is counted by route and status. Configured routes are labelled with their
+///   names, the gateway's own endpoints with their path patterns; the label set stays bounded.
+pub(super) async fn edge(
+    State(edge): State<Arc<Edge>>,
     request: Request,
     next: axum::middleware::Next,
-) -> Result<Response, ApiError> {
+) -> Response {
+    let route = match request.extensions().get::<MatchedPath>() {
+        Some(path) => edge
+            .route_names
+            .get(path.as_str())
+            .and_then(|methods| methods.iter().find(|(m, _)| m == request.method()))
+            .map_or_else(|| path.as_str().to_owned(), |(_, name)| name.clone()),
+        None => "unmatched".to_owned(),
+    };
+    let (request, finished) = if request.version() > Version::HTTP_11 {
+        (request, None)
+    } else {
+        let (parts, body) = request.into_parts();
+        let finished = Arc::new(AtomicBool::new(body.is_end_stream()));
+        let body = carrying(body, Finished(finished.clone()));
+        (Request::from_parts(parts, body), Some(finished))
+    };
     let headers = request.headers();
-    let bytes: usize = headers
+    let head_bytes: usize = headers
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum();
-    if headers.len() > state.limits.max_headers || bytes > state.limits.max_header_bytes {
-        return Err(ApiError::HeadersTooLarge {
-            max_headers: state.limits.max_headers,
-            max_bytes: state.limits.max_header_bytes,
-        });
-    }
-    Ok(next.run(request).await)
-}
-
-/// An HTTP/1 answer given before the request's body was read to its end (a `413` on its
-/// `Content-Length`, a `401`, a `408`) says `Connection: close`: the server will not read the rest,
-/// so it closes the connection (RFC 9112 section 9.6). (A request with both `Transfer-Encoding`
-/// and `Content-Length` never gets here with both: hyper reads it by `Transfer-Encoding` alone and
-/// closes the connection after answering, as RFC 9112 section 6.3 requires.)
-///
-/// HTTP/2 frames its messages itself and forbids `Connection`: untouched.
-pub(super) async fn frame_message(request: Request, next: axum::middleware::Next) -> Response {
-    if request.version() > Version::HTTP_11 {
-        return next.run(request).await;
-    }
-    let (parts, body) = request.into_parts();
-    let finished = Arc::new(AtomicBool::new(body.is_end_stream()));
-    let body = carrying(body, Finished(finished.clone()));
-    let mut response = next.run(Request::from_parts(parts, body)).await;
-    if !finished.load(Ordering::Acquire) {
+    let mut response = if headers.len() > edge.max_headers || head_bytes > edge.max_header_bytes {
+        drop(request);
+        ApiError::HeadersTooLarge {
+            max_headers: edge.max_headers,
+            max_bytes: edge.max_header_bytes,
+        }
+        .into_response()
+    } else {
+        let mut response = next.run(request).await;
+        let retry = [
+            StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::INSUFFICIENT_STORAGE,
+        ];
+        if retry.contains(&response.status())
+            && !response.headers().contains_key(header::RETRY_AFTER)
+        {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(edge.retry_after_secs),
+            );
+        }
+        response
+    };
+    if finished.is_some_and(|finished| !finished.load(Ordering::Acquire)) {
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
+    let status = response.status().as_u16();
+    // The access line: inside the request's span, so it carries request, operation and trace ids.
+    tracing::debug!(%route, status, "Answered.");
+    metrics::counter!(HTTP_REQUESTS, "route" => route, "status" => status.to_string()).increment(1);
     response
 }
 
-/// Read to its end: what [`frame_message`] carries along a request body.
+/// Read to its end: what [`edge`] carries along a request body.
 struct Finished(Arc<AtomicBool>);
 
 impl AtEnd for Finished {
     fn ended(&mut self) {
         self.0.store(true, Ordering::Release);
     }
-}
-
-/// Every 503, 429 and 507 carries `Retry-After`: the client is expected to retry, so say when.
-pub(super) async fn finish_headers(
-    State(state): State<AppState>,
-    mut response: Response,
-) -> Response {
-    let retry = [
-        StatusCode::SERVICE_UNAVAILABLE,
-        StatusCode::TOO_MANY_REQUESTS,
-        StatusCode::INSUFFICIENT_STORAGE,
-    ];
-    if retry.contains(&response.status()) && !response.headers().contains_key(header::RETRY_AFTER) {
-        response.headers_mut().insert(
-            header::RETRY_AFTER,
-            HeaderValue::from(state.limits.retry_after_secs),
-        );
-    }
-    response
 }
 
 /// What [`identify`] needs.
@@ -142,7 +161,7 @@ impl Access {
     /// Whether a request to this path pattern with this method may come without credentials:
     /// public routes, and reads of operations (of the `public` tenant) when some route is public.
     fn anonymous_ok(&self, method: &Method, pattern: &str) -> bool {
-        self.public.contains(&(method.clone(), pattern.to_owned()))
+        self.public.iter().any(|(m, p)| m == method && p == pattern)
             || (pattern.starts_with("/operations/") && !self.public.is_empty())
     }
 
@@ -166,12 +185,9 @@ pub(super) async fn identify(
     mut request: Request,
     next: axum::middleware::Next,
 ) -> Result<Response, ApiError> {
-    let pattern = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_default();
-    let anonymous_ok = access.anonymous_ok(request.method(), &pattern);
+    let pattern = request.extensions().get::<MatchedPath>().cloned();
+    let pattern = pattern.as_ref().map_or("", MatchedPath::as_str);
+    let anonymous_ok = access.anonymous_ok(request.method(), pattern);
     let tenant = access.tenant_of(&request, anonymous_ok)?;
     access.rate_limits.check(&tenant).map_err(rate_limited)?;
     tracing::Span::current().record("tenant", tenant.as_str());
@@ -225,30 +241,5 @@ pub(super) fn request_span(request: &axum::http::Request<Body>) -> tracing::Span
     span
 }
 
-/// Counts every answer by route and status. Configured routes are labelled with their names,
-/// the gateway's own endpoints with their path patterns; the label set stays bounded.
-pub(super) async fn count_request(
-    State(names): State<Arc<RouteNames>>,
-    request: Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|path| {
-            names
-                .get(&(request.method().clone(), path.as_str().to_owned()))
-                .cloned()
-                .unwrap_or_else(|| path.as_str().to_owned())
-        })
-        .unwrap_or_else(|| "unmatched".to_owned());
-    let response = next.run(request).await;
-    let status = response.status().as_u16();
-    // The access line: inside the request's span, so it carries request, operation and trace ids.
-    tracing::debug!(%route, status, "Answered.");
-    metrics::counter!(HTTP_REQUESTS, "route" => route, "status" => status.to_string()).increment(1);
-    response
-}
-
-/// Route names by (method, path pattern).
-pub(super) type RouteNames = HashMap<(Method, String), String>;
+/// Route names by path pattern, then method.
+pub(super) type RouteNames = HashMap<String, Vec<(Method, String)>>;

@@ -25,8 +25,7 @@ use super::events::operation_events;
 use super::failed::{list_failed, redrive_failed, redrive_operation};
 use super::health::{livez, readyz};
 use super::layers::{
-    Access, REQUEST_ID, RouteNames, check_head, count_request, finish_headers, frame_message,
-    identify, method_not_allowed, request_span,
+    Access, Edge, REQUEST_ID, RouteNames, edge, identify, method_not_allowed, request_span,
 };
 use super::openapi;
 use super::reads::{cancel_operation, get_operation, get_result};
@@ -46,22 +45,25 @@ pub fn router(state: AppState, routes: &[RouteConfig]) -> Result<Router, ConfigE
         async move { ([(header::CONTENT_TYPE, "application/json")], document) }
     };
     let mut by_path: BTreeMap<&str, MethodRouter<AppState>> = BTreeMap::new();
-    let route_names: RouteNames = routes
-        .iter()
-        .map(|r| ((r.http_method(), r.path.clone()), r.name.clone()))
-        .collect();
+    let mut route_names = RouteNames::new();
+    for r in routes {
+        route_names
+            .entry(r.path.clone())
+            .or_default()
+            .push((r.http_method(), r.name.clone()));
+    }
     for route in routes {
         let filter = MethodFilter::try_from(route.http_method())
             .map_err(|e| ConfigError::Invalid(format!("route {:?}: {e}", route.name)))?;
         let config = Arc::new(route.clone());
+        // The handle, looked up once: the macro builds its key and searches the registry.
+        let accept_seconds = metrics::histogram!(ACCEPT_SECONDS, "route" => route.name.clone());
         let handler = move |State(state): State<AppState>, tenant: Tenant, request: Request| {
-            let config = config.clone();
+            let (config, accept_seconds) = (config.clone(), accept_seconds.clone());
             async move {
                 let started = std::time::Instant::now();
-                let name = config.name.clone();
                 let answer = submit(state, config, tenant, request).await;
-                metrics::histogram!(ACCEPT_SECONDS, "route" => name)
-                    .record(started.elapsed().as_secs_f64());
+                accept_seconds.record(started.elapsed().as_secs_f64());
                 answer
             }
         };
@@ -120,20 +122,16 @@ pub fn router(state: AppState, routes: &[RouteConfig]) -> Result<Router, ConfigE
     Ok(app
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(method_not_allowed(access))
-        .layer(axum::middleware::map_response_with_state(
-            state.clone(),
-            finish_headers,
-        ))
+        // Head caps, `Retry-After`, HTTP/1 framing and the count, in one layer (see `edge`). The
+        // body observer sits outside the body limits (each route's, above).
         .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            check_head,
-        ))
-        // Framing checks see the raw request; the body observer sits outside the body limits
-        // (each route's, above).
-        .layer(axum::middleware::from_fn(frame_message))
-        .layer(axum::middleware::from_fn_with_state(
-            Arc::new(route_names),
-            count_request,
+            Arc::new(Edge {
+                max_headers: state.limits.max_headers,
+                max_header_bytes: state.limits.max_header_bytes,
+                retry_after_secs: state.limits.retry_after_secs,
+                route_names,
+            }),
+            edge,
         ))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         // 5xx answers are expected operational states here (NATS down, outcome unknown, not

@@ -25,7 +25,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -37,7 +37,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -173,64 +173,69 @@ async fn drain(listener: TcpListener, stopping: CancellationToken, tracker: Task
     tracker.wait().await;
 }
 
-/// What a connection is doing, as its watchdog sees it.
+/// What a connection is doing, as its watchdog sees it. Requests only update counters and a
+/// timestamp; nothing wakes the watchdog per request (it looks when its own timer fires), so a
+/// busy keep-alive connection costs no extra task wake-up or timer change per request.
 struct Activity {
     accepted: Instant,
     in_flight: AtomicUsize,
-    /// Whether a request head has ever arrived (then `keep_alive_timeout` applies, else
-    /// `header_read_timeout`).
-    served: AtomicBool,
-    /// Woken when a request starts or an answer ends.
-    changed: Notify,
+    /// When the last answer ended, in nanoseconds since `accepted`; `u64::MAX` while no request
+    /// has ever arrived (then `header_read_timeout` applies, else `keep_alive_timeout`).
+    last_end: AtomicU64,
 }
+
+/// `last_end` of a connection that has not had a request yet.
+const NEVER: u64 = u64::MAX;
 
 impl Activity {
     fn new() -> Self {
         Self {
             accepted: Instant::now(),
             in_flight: AtomicUsize::new(0),
-            served: AtomicBool::new(false),
-            changed: Notify::new(),
+            last_end: AtomicU64::new(NEVER),
         }
     }
 
     fn begin(&self) {
-        self.served.store(true, Ordering::Release);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        self.changed.notify_one();
     }
 
     fn end(&self) {
+        let since = self.accepted.elapsed().as_nanos();
+        self.last_end
+            .store(u64::try_from(since).unwrap_or(NEVER - 1), Ordering::Release);
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.changed.notify_one();
+    }
+
+    /// When the connection will have been idle for its limit, if nothing starts before then;
+    /// `None` while a request is in flight.
+    fn idle_deadline(&self, limits: ConnectionLimits) -> Option<Instant> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        Some(match self.last_end.load(Ordering::Acquire) {
+            NEVER => self.accepted + limits.header_read_timeout,
+            ended => self.accepted + Duration::from_nanos(ended) + limits.keep_alive_timeout,
+        })
     }
 
     /// Resolves when the connection has had no request in flight for its limit, or when the
-    /// connection cap is reached while it has none.
+    /// connection cap is reached while it has none. A busy connection is looked at again one
+    /// limit later: its idle time can only start after that look.
     async fn idle_too_long(&self, limits: ConnectionLimits, pressure: &mut watch::Receiver<u64>) {
+        let mut wake = self.accepted + limits.header_read_timeout;
         loop {
-            if self.in_flight.load(Ordering::Acquire) > 0 {
-                // A busy connection makes no room: a call for room now is not one for later.
-                pressure.mark_unchanged();
-                // `notify_one` keeps a wake-up for a waiter that comes late: none is lost.
-                self.changed.notified().await;
-                continue;
-            }
-            let limit = if self.served.load(Ordering::Acquire) {
-                limits.keep_alive_timeout
-            } else {
-                limits.header_read_timeout
-            };
-            let idle_until = Instant::now() + limit;
             tokio::select! {
-                () = tokio::time::sleep_until(idle_until) => {
-                    if self.in_flight.load(Ordering::Acquire) == 0 {
-                        return;
-                    }
+                () = tokio::time::sleep_until(wake) => {
+                    wake = match self.idle_deadline(limits) {
+                        Some(deadline) if deadline <= Instant::now() => return,
+                        Some(deadline) => deadline,
+                        None => Instant::now() + limits.keep_alive_timeout,
+                    };
                 }
-                () = self.changed.notified() => {}
                 changed = pressure.changed() => {
-                    let idle = self.in_flight.load(Ordering::Acquire) == 0;
+                    // A busy connection makes no room: a call for room now is not one for later.
+                    let idle = self.idle_deadline(limits).is_some();
                     if changed.is_ok() && idle && self.accepted.elapsed() >= YOUNG {
                         return;
                     }

@@ -11,6 +11,10 @@
 //! 2.7). Because the subject is freed only when the record's retention ends, this holds long after
 //! JetStream's duplicate window, which only deduplicates by `Nats-Msg-Id` for a few minutes.
 //!
+//! A key this replica answered lately is likely a client's retry ([`RecentKeys`](super::recent_keys::RecentKeys)): its request is
+//! read first, and only a miss goes on to the write. The stored request decides either way, as
+//! after a refused write; reading first only spares the server the refused write.
+//!
 //! When the write's outcome is unknown (no ack in time, connection lost), the caller answers 503
 //! and the client retries with the same key: the retry either creates the record or finds the one
 //! the first attempt wrote, so it converges on one message.
@@ -18,6 +22,7 @@
 use std::time::Duration;
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::message::StreamMessage;
 use bytes::Bytes;
 use handlers::contract::{BodyObject, RequestHead, Subjects};
 use handlers::jetstream::CreateOutcome;
@@ -250,6 +255,31 @@ pub async fn accept(
         return Ok(Accepted::Replayed(existing));
     }
 
+    let accepted = create_or_replay(store, quotas, &s, &key_token, &fingerprint).await;
+    if accepted.is_ok() {
+        store.recent_keys.insert(&key_token);
+    }
+    accepted
+}
+
+/// The loop of [`accept`]: reads first when the key is likely a retry's, else writes and reads
+/// back only when the write was refused.
+async fn create_or_replay(
+    store: &Store,
+    quotas: Option<&Quotas>,
+    s: &Submission<'_>,
+    key_token: &str,
+    fingerprint: &str,
+) -> Result<Accepted, AcceptError> {
+    // A retry's key names its request already: reading it first spares the server a refused
+    // write. A miss (the first attempt wrote nothing, or another replica's key shared the
+    // table's slot) goes on to the write, which decides as ever.
+    if store.recent_keys.contains(key_token)
+        && let Some(stored) = store.request_on_route(&s.route.name, key_token).await?
+        && let Some(replayed) = replay(store, s, &stored, fingerprint).await?
+    {
+        return Ok(replayed);
+    }
     for _ in 0..RACE_RETRIES {
         let now = OffsetDateTime::now_utc();
         let RequestMessage {
@@ -260,8 +290,8 @@ pub async fn accept(
         } = s.message(
             store.subjects(),
             store.reply_bucket(s.route),
-            &key_token,
-            &fingerprint,
+            key_token,
+            fingerprint,
             now,
         );
         let op = head.operation_id.as_str();
@@ -273,7 +303,7 @@ pub async fn accept(
         let written = match admitted {
             Some(Err(exceeded)) => {
                 if store
-                    .request_on_route(&s.route.name, &key_token)
+                    .request_on_route(&s.route.name, key_token)
                     .await?
                     .is_none()
                 {
@@ -312,30 +342,44 @@ pub async fn accept(
             }
             return Ok(Accepted::New(Operation::accepted(
                 head,
-                s.idempotency_key,
+                s.idempotency_key.clone(),
                 now,
             )));
         }
-        let Some(stored) = store.request_on_route(&s.route.name, &key_token).await? else {
+        let Some(stored) = store.request_on_route(&s.route.name, key_token).await? else {
             continue;
         };
-        let mut existing = Operation::from_request(&stored).map_err(StoreError::from)?;
-        if store.retention_ended(&existing) {
+        match replay(store, s, &stored, fingerprint).await? {
+            Some(replayed) => return Ok(replayed),
             // Past its retention by this clock, which reads already answer as gone, but the
             // server's TTL timer has not removed it yet: wait for that rather than replay an
             // operation nobody can read (a last miss answers 503, and the retry creates).
-            tokio::time::sleep(RETENTION_END_WAIT).await;
-            continue;
+            None => tokio::time::sleep(RETENTION_END_WAIT).await,
         }
-        if existing.fingerprint() != fingerprint && !s.repeats_unbound_callback(&existing) {
-            return Err(AcceptError::KeyReused {
-                operation_id: existing.id().to_owned(),
-            });
-        }
-        attach_result(store, &mut existing).await?;
-        return Ok(Accepted::Replayed(existing));
     }
     Err(StoreError::NotReady.into())
+}
+
+/// What the request `stored` under the submission's key makes of it: a replay of that
+/// operation (its result attached), `KeyReused` when it is another request, or `None` when its
+/// retention has ended by this clock (it is gone at any moment; the key is free after that).
+async fn replay(
+    store: &Store,
+    s: &Submission<'_>,
+    stored: &StreamMessage,
+    fingerprint: &str,
+) -> Result<Option<Accepted>, AcceptError> {
+    let mut existing = Operation::from_request(stored).map_err(StoreError::from)?;
+    if store.retention_ended(&existing) {
+        return Ok(None);
+    }
+    if existing.fingerprint() != fingerprint && !s.repeats_unbound_callback(&existing) {
+        return Err(AcceptError::KeyReused {
+            operation_id: existing.id().to_owned(),
+        });
+    }
+    attach_result(store, &mut existing).await?;
+    Ok(Some(Accepted::Replayed(existing)))
 }
 
 /// Stores the body of a submission too large for a message, read from `body` (at most `limit`

@@ -9,6 +9,7 @@
 //! - [`idempotency`]: key tokens, operation ids, fingerprints, the key's sf-string form (pure);
 //! - `store`: the JetStream connection, provisioning, and the request path's reads and writes;
 //!   `watch`: the waiter registry and the ordered consumers that wake it;
+//!   `recent_keys`: the keys this replica answered lately (a hint that a submission is a retry);
 //! - `accept` (create-if-absent, read back, compare) and `lookup` (read, settle expiry, wait,
 //!   cancel);
 //! - [`quota`]: per-tenant quotas, from a ledger every replica derives from the streams;
@@ -23,6 +24,7 @@ pub mod idempotency;
 mod lookup;
 pub mod model;
 pub mod quota;
+mod recent_keys;
 mod redrive;
 mod retry_after;
 mod schedules;

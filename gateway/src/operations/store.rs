@@ -30,6 +30,7 @@ use handlers::stateful::{Outbox, StateError, StateStore, project};
 use time::OffsetDateTime;
 
 use super::model::{BodyChunks, Operation, ProgressState, StoredResult};
+use super::recent_keys::RecentKeys;
 use crate::config::JetStreamSettings;
 use crate::config::routes::StateStoreConfig;
 use crate::metrics::RESULT_CONFLICTS;
@@ -165,6 +166,8 @@ pub struct Store {
     /// The skew allowance past a deadline (`GATEWAY_EXPIRY_GRACE`).
     expiry_grace: Duration,
     connections: tokio::sync::watch::Sender<u64>,
+    /// Keys this replica answered lately: a submission with one is likely a retry.
+    pub(super) recent_keys: RecentKeys,
 }
 
 /// What provisioning needs to know about the routes.
@@ -241,6 +244,7 @@ impl Store {
             bodies_bucket: settings.bodies_bucket.clone(),
             provisioned: AtomicBool::new(false),
             replicated: AtomicBool::new(false),
+            recent_keys: RecentKeys::default(),
             arbiters,
             expiry_grace: settings.expiry_grace,
             connections,
@@ -798,8 +802,10 @@ impl Store {
         Ok(create_if_absent(&self.batcher, subject, headers, body, Some(ttl)).await?)
     }
 
-    /// The request stored for a key on a known route, read from the stream leader: this runs right
-    /// after that request refused a write, so it must be found even on a lagging replica.
+    /// The request stored for a key on a known route: a direct get, asked again of the stream
+    /// leader on a miss (see [`Store::confirm_miss`]), because this runs right after that request
+    /// refused a write, so it must be found even when a replica lags. A hit needs no check: the
+    /// subject holds that key's one request.
     pub async fn request_on_route(
         &self,
         route: &str,
@@ -807,7 +813,9 @@ impl Store {
     ) -> Result<Option<StreamMessage>, StoreError> {
         self.ensure_provisioned()?;
         let subject = self.subjects.request(route, key_token);
-        Ok(last_on_subject_from_leader(&self.js, &self.requests_stream, &subject).await?)
+        let found = last_on_subject(&self.client, &self.requests_stream, &subject).await?;
+        self.confirm_miss(found, &self.requests_stream, &subject)
+            .await
     }
 
     /// The request stored for a key token on whatever route: one wildcard direct get (and a

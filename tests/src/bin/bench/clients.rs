@@ -101,16 +101,19 @@ fn id_of(body: &[u8]) -> Option<String> {
     v["id"].as_str().map(str::to_owned)
 }
 
-/// `POST /orders` with a new key each time.
+/// `POST` to `path` (`/orders` on the gateway) with a new key each time, or with one of the
+/// first `reuse` keys again (a client's retry: the same request, the same key).
 pub struct Submit {
     pub http: Http,
+    pub path: &'static str,
     pub body: Bytes,
     pub key_prefix: String,
+    pub reuse: Option<u64>,
     pub ids: Option<Ids>,
 }
 
-fn submit_request(addr: SocketAddr, key: &str, body: Bytes) -> Request<Full<Bytes>> {
-    Request::post("/orders")
+fn submit_request(addr: SocketAddr, path: &str, key: &str, body: Bytes) -> Request<Full<Bytes>> {
+    Request::post(path)
         .header(hyper::header::HOST, addr.to_string())
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .header("idempotency-key", format!("\"{key}\""))
@@ -121,8 +124,12 @@ fn submit_request(addr: SocketAddr, key: &str, body: Bytes) -> Request<Full<Byte
 impl Client for Submit {
     fn call(&mut self, seq: u64) -> OpFuture<'_> {
         Box::pin(async move {
-            let key = format!("{}-{seq}", self.key_prefix);
-            let request = submit_request(self.http.addr, &key, self.body.clone());
+            let key = format!(
+                "{}-{}",
+                self.key_prefix,
+                self.reuse.map_or(seq, |n| seq % n)
+            );
+            let request = submit_request(self.http.addr, self.path, &key, self.body.clone());
             let Some((status, retry_after, body)) = self.http.send(request).await else {
                 return Outcome::Error;
             };
@@ -171,8 +178,7 @@ impl Client for EndToEnd {
     fn call(&mut self, seq: u64) -> OpFuture<'_> {
         Box::pin(async move {
             let key = format!("{}-{seq}", self.key_prefix);
-            let mut request = submit_request(self.submit.addr, &key, self.body.clone());
-            *request.uri_mut() = "/e2e".parse().expect("valid uri");
+            let request = submit_request(self.submit.addr, "/e2e", &key, self.body.clone());
             let Some((StatusCode::ACCEPTED, _, body)) = self.submit.send(request).await else {
                 return Outcome::Error;
             };

@@ -207,15 +207,20 @@ async fn main() -> anyhow::Result<()> {
             })
             .collect::<Vec<_>>()
     };
-    let submit = |n: usize, size: usize, prefix: &str, ids: Option<Ids>| {
+    let to_gateway = |n: usize, size: usize, prefix: &str, reuse: Option<u64>, ids: Option<Ids>| {
         (0..n)
             .map(|_| Submit {
                 http: Http::new(a),
+                path: "/orders",
                 body: payload(size),
                 key_prefix: prefix.to_owned(),
+                reuse,
                 ids: ids.clone(),
             })
             .collect::<Vec<_>>()
+    };
+    let submit = |n: usize, size: usize, prefix: &str, ids: Option<Ids>| {
+        to_gateway(n, size, prefix, None, ids)
     };
 
     // Peak throughput, closed model.
@@ -261,7 +266,22 @@ async fn main() -> anyhow::Result<()> {
     )
     .await;
     report.cpu_per_op("gateway accept 256 B", run.ok, &cpu);
+    // Every key below this sequence number was accepted (each task's last request may not have).
+    let accepted_keys = run.ok.saturating_sub(c as u64).max(1);
     let gw_256 = report.record("gateway accept 256 B", run);
+    // A client's retries: the same requests with the same keys again, each answered from the
+    // operation its key names.
+    let (run, cpu) = procstat::cpu_during(
+        &pids,
+        drive(
+            to_gateway(c, 256, "gw256", Some(accepted_keys), None),
+            Model::Closed,
+            d,
+        ),
+    )
+    .await;
+    report.cpu_per_op("gateway replay 256 B", run.ok, &cpu);
+    report.record("gateway replay 256 B", run);
     report.record(
         "gateway accept 4 KiB",
         drive(submit(c, 4096, "gw4k", None), Model::Closed, d).await,
@@ -297,8 +317,10 @@ async fn main() -> anyhow::Result<()> {
         (0..n)
             .map(|_| Submit {
                 http: Http::new(bridge_addr),
+                path: "/orders",
                 body: payload(256),
                 key_prefix: prefix.to_owned(),
+                reuse: None,
                 ids: None,
             })
             .collect::<Vec<_>>()
