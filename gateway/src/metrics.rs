@@ -38,6 +38,9 @@ pub const PENDING_OPERATIONS: &str = "gateway_pending_operations";
 /// JetStream calls that failed or timed out behind an HTTP answer, by `kind`
 /// (`unavailable`, `outcome_unknown`).
 pub const JETSTREAM_ERRORS: &str = "gateway_jetstream_errors_total";
+/// Request writes grouped into JetStream atomic batches (`GATEWAY_GROUP_COMMIT`), by `outcome`
+/// (`committed`; `refused`: each request then written on its own; `unknown`: no answer).
+pub use handlers::jetstream::GROUP_COMMITS;
 /// Operations some client is waiting on right now (long polls, `Prefer: wait`, event streams).
 pub const WAITERS: &str = "gateway_waiters";
 /// Webhook delivery attempts, by `outcome` (`delivered`, `failed`, `dead_lettered`, `abandoned`).

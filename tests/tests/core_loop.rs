@@ -1415,3 +1415,86 @@ async fn a_key_with_outer_spaces_round_trips_exactly() {
     assert_eq!(location(&replay), location(&first));
     assert_eq!(json(replay).await["idempotency_key"], " padded key ");
 }
+
+/// With `GATEWAY_GROUP_COMMIT`, requests that arrive together are stored as one atomic batch, and
+/// a batch the server refuses (one of its keys is taken, or two of its requests share a key)
+/// falls back to one publish each: every request still gets its own answer. New keys are created
+/// once, a retry of a taken key is a replay, another request on it is 422, and each key holds
+/// one message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_commit_keeps_each_requests_fate_its_own() {
+    let nats = Nats::start_with_config("jetstream { sync_interval: always }").await;
+    let gw = TestGateway::builder(TEST_ROUTES)
+        .nats(&nats)
+        .env("GATEWAY_GROUP_COMMIT", "true")
+        .spawn(GATEWAY_BIN)
+        .await;
+    let taken = id_of(post_order(&gw.base, "g-taken", r#"{"qty":1}"#).await).await;
+
+    // Rounds of 60 at once, so that every round's requests meet in the batcher.
+    for round in 0..5 {
+        let requests = (0..60).map(|i| {
+            let base = gw.base.clone();
+            async move {
+                let (key, body) = match i % 6 {
+                    0 => ("g-taken".to_owned(), r#"{"qty":1}"#),
+                    1 => ("g-taken".to_owned(), r#"{"qty":2}"#),
+                    2 => (format!("g-shared-{round}"), r#"{"qty":3}"#),
+                    _ => (format!("g-new-{round}-{i}"), r#"{"qty":4}"#),
+                };
+                let answer = post_order(&base, &key, body).await;
+                (i % 6, answer)
+            }
+        });
+        let mut shared = (0, 0);
+        for (kind, answer) in futures::future::join_all(requests).await {
+            let replayed = answer.headers().get("idempotent-replayed").is_some();
+            match kind {
+                0 => {
+                    assert_eq!(answer.status(), 202);
+                    assert!(replayed);
+                    assert_eq!(id_of(answer).await, taken);
+                }
+                1 => {
+                    let problem = assert_problem(answer, 422, "idempotency-key-reused").await;
+                    assert_eq!(problem["operation_id"], taken);
+                }
+                2 => {
+                    assert_eq!(answer.status(), 202);
+                    if replayed {
+                        shared.1 += 1;
+                    } else {
+                        shared.0 += 1;
+                    }
+                }
+                _ => {
+                    assert_eq!(answer.status(), 202);
+                    assert!(!replayed, "a new key is created, not replayed");
+                }
+            }
+        }
+        assert_eq!(
+            shared,
+            (1, 9),
+            "one request creates a shared key, the rest replay"
+        );
+    }
+    // Requests met in batches, and some batches were refused and fell back.
+    let metrics = http()
+        .get(format!("{}/metrics", gw.admin_base().await))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for outcome in ["committed", "refused"] {
+        let line = format!("gateway_group_commits_total{{outcome=\"{outcome}\"}}");
+        assert!(metrics.contains(&line), "no {outcome} batch in:\n{metrics}");
+    }
+    // The taken key, a shared key per round, and 30 new keys per round.
+    assert_eq!(
+        stream_messages(&nats.jetstream().await, DEFAULT_REQUESTS_STREAM).await,
+        1 + 5 + 5 * 30
+    );
+}

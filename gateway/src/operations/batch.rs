@@ -19,6 +19,7 @@
 
 use bytes::Bytes;
 use handlers::contract::header;
+use handlers::jetstream::create_if_absent_headers;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
@@ -160,7 +161,7 @@ pub async fn accept_batch(
                 }
                 reserved.push(head.operation_id.clone());
             }
-            create_if_absent(&mut headers, ttl);
+            create_if_absent_headers(&mut headers, Some(ttl));
             operations.push(head.operation_id.clone());
             messages.push((subject, headers, item.body.clone()));
         }
@@ -174,7 +175,7 @@ pub async fn accept_batch(
         };
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(header::OPERATION_ID, batch_id.as_str());
-        create_if_absent(&mut headers, route.retention);
+        create_if_absent_headers(&mut headers, Some(route.retention));
         messages.push((
             store.subjects().batch(&route.name, &batch_token),
             headers,
@@ -234,12 +235,6 @@ fn release(quotas: &Quotas, reserved: &[String]) {
     for id in reserved {
         quotas.release(id);
     }
-}
-
-/// Adds the create-if-absent check and the retention to a message of the batch.
-fn create_if_absent(headers: &mut async_nats::HeaderMap, ttl: std::time::Duration) {
-    headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
-    headers.insert("Nats-TTL", ttl.as_secs().max(1).to_string().as_str());
 }
 
 fn replay(found: Batch, fingerprint: &str) -> Result<BatchAccepted, BatchError> {

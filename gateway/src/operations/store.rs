@@ -23,7 +23,7 @@ use handlers::contract::{
     BodyObject, ContractError, Outcome, RequestHead, ResultRecord, Subjects, WireContract,
 };
 use handlers::jetstream::{
-    Batcher, CreateOutcome, JetStreamError, ResultWrite, create_if_absent, last_matching,
+    Batcher, CreateOutcome, Grouping, JetStreamError, ResultWrite, create_if_absent, last_matching,
     last_on_subject, last_on_subject_from_leader,
 };
 use handlers::stateful::{Outbox, StateError, StateStore, project};
@@ -233,7 +233,14 @@ impl Store {
             .collect();
         Ok(Self {
             client,
-            batcher: Batcher::spawn(js.clone()),
+            batcher: Batcher::spawn(
+                js.clone(),
+                if settings.group_commit {
+                    Grouping::AtomicBatches
+                } else {
+                    Grouping::Publishes
+                },
+            ),
             js,
             subjects: Subjects::new(settings.nats.subject_prefix.clone())
                 .with_contract(settings.wire_contract)
