@@ -1480,14 +1480,8 @@ async fn group_commit_keeps_each_requests_fate_its_own() {
         );
     }
     // Requests met in batches, and some batches were refused and fell back.
-    let metrics = http()
-        .get(format!("{}/metrics", gw.admin_base().await))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_path(&gw.admin_base().await, "/metrics").await;
+    let metrics = metrics.text().await.unwrap();
     for outcome in ["committed", "refused"] {
         let line = format!("gateway_group_commits_total{{outcome=\"{outcome}\"}}");
         assert!(metrics.contains(&line), "no {outcome} batch in:\n{metrics}");
