@@ -289,9 +289,12 @@ impl Batcher {
                         Err(_) => break,
                     }
                 }
+                // One batch at a time, as a database's group commit: whatever arrives while a
+                // batch is being stored (its fsyncs) joins the next one, so batches grow with
+                // the load instead of splitting it into many small ones.
                 if grouping == Grouping::AtomicBatches && batch.len() > 1 {
                     let group = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
-                    tokio::spawn(store_group(js.clone(), group));
+                    store_group(&js, group).await;
                     continue;
                 }
                 for job in batch.drain(..) {
@@ -314,7 +317,7 @@ async fn publish_alone(js: &async_nats::jetstream::Context, job: PublishJob) {
 
 /// Stores `group` as one atomic batch; when the server refuses it, publishes each message on its
 /// own (see [`Grouping::AtomicBatches`]).
-async fn store_group(js: async_nats::jetstream::Context, group: Vec<PublishJob>) {
+async fn store_group(js: &async_nats::jetstream::Context, group: Vec<PublishJob>) {
     let mut subjects = std::collections::HashSet::with_capacity(group.len());
     // Two messages on one subject refuse each other inside a batch: those go one by one.
     let distinct = group
@@ -356,7 +359,7 @@ async fn store_group(js: async_nats::jetstream::Context, group: Vec<PublishJob>)
         }
     }
     for job in group {
-        publish_alone(&js, job).await;
+        publish_alone(js, job).await;
     }
 }
 

@@ -24,6 +24,7 @@
 mod bridge;
 mod clients;
 mod load;
+mod peer;
 mod procstat;
 mod report;
 mod waiters;
@@ -57,6 +58,11 @@ method = "POST"
 path = "/e2e"
 
 [[route]]
+name = "wait"
+method = "POST"
+path = "/wait"
+
+[[route]]
 name = "upload"
 method = "POST"
 path = "/upload"
@@ -72,8 +78,10 @@ struct Options {
     concurrency: usize,
     out: PathBuf,
     quick: bool,
-    /// Run only the waiters measurement, with this many waiters.
+    /// Waiters parked at once in the waiters phase (default 10,000; 2,000 with `--quick`).
     waiters: Option<usize>,
+    /// Where `scripts/install-restate` put the peer; no peer phases without it.
+    restate_dir: Option<PathBuf>,
 }
 
 fn options() -> anyhow::Result<Options> {
@@ -85,6 +93,7 @@ fn options() -> anyhow::Result<Options> {
         out: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench-results"),
         quick: false,
         waiters: None,
+        restate_dir: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -103,6 +112,7 @@ fn options() -> anyhow::Result<Options> {
             "--concurrency" => o.concurrency = value.parse()?,
             "--out" => o.out = value.into(),
             "--waiters" => o.waiters = Some(value.parse()?),
+            "--restate-dir" => o.restate_dir = Some(value.into()),
             other => anyhow::bail!("unknown flag {other}"),
         }
     }
@@ -182,10 +192,6 @@ async fn main() -> anyhow::Result<()> {
         })
     })
     .await;
-    if let Some(n) = o.waiters {
-        drop(_worker);
-        return measure_waiters(&nats, &gw_a, n, &o.out).await;
-    }
     let js = nats.jetstream().await;
     let client = nats.client().await;
     let subjects = Subjects::default();
@@ -458,12 +464,117 @@ async fn main() -> anyhow::Result<()> {
         peak as f64 / 1e6
     );
 
+    durable(&o, &env, c, &mut report).await?;
+    if let Some(dir) = &o.restate_dir {
+        restate(dir, c, d, &mut report).await?;
+    }
     batch_vs_singles(a, &pids, c, &mut report).await?;
     let uploaded = large_upload(a, pid, &js, &mut report).await?;
     large_result(a, pid, &js, &uploaded, &mut report).await?;
 
+    let waiters = o.waiters.unwrap_or(if o.quick { 2_000 } else { 10_000 });
+    measure_waiters(&nats, &gw_b, waiters, &mut report).await?;
+
     report.write(&o.out)?;
     eprintln!("wrote {}", o.out.display());
+    Ok(())
+}
+
+/// Accepts with an fsync before every answer (nats-server's `sync_interval: always`, its own
+/// server): the raw publish, the gateway publishing each request alone, and the gateway with
+/// `GATEWAY_GROUP_COMMIT` (requests that arrive together in one atomic batch), at peak.
+async fn durable(
+    o: &Options,
+    env: &[(&str, &str)],
+    c: usize,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let d = Duration::from_secs(o.seconds);
+    let nats = Nats::start_with_config("jetstream { sync_interval: always }").await;
+    let gateway = |grouped: bool| {
+        TestGateway::builder(ROUTES)
+            .nats(&nats)
+            .envs(env.iter().copied())
+            .env("GATEWAY_GROUP_COMMIT", grouped.to_string())
+            .spawn(&o.gateway_bin)
+    };
+    let (single, grouped) = (gateway(false).await, gateway(true).await);
+    let js = nats.jetstream().await;
+    let nats_pid = nats.pid().context("nats pid")?;
+    let raw = (0..c)
+        .map(|_| RawPublish {
+            js: js.clone(),
+            subjects: Subjects::default(),
+            route: bench_route(),
+            body: payload(256),
+            key_prefix: "rawsync".into(),
+            ids: None,
+        })
+        .collect::<Vec<_>>();
+    let pids = [
+        ("nats-server", nats_pid),
+        ("load generator", std::process::id()),
+    ];
+    let (run, cpu) = procstat::cpu_during(&pids, drive(raw, Model::Closed, d)).await;
+    report.cpu_per_op("raw publish 256 B, fsync always", run.ok, &cpu);
+    report.record("raw publish 256 B, fsync always", run);
+    for (name, gw) in [
+        ("gateway accept 256 B, fsync always", &single),
+        ("gateway accept 256 B, fsync always, group commit", &grouped),
+    ] {
+        let clients = (0..c)
+            .map(|_| Submit {
+                http: Http::new(gw.addr()),
+                path: "/orders",
+                body: payload(256),
+                key_prefix: name.replace(' ', ""),
+                reuse: None,
+                ids: None,
+            })
+            .collect::<Vec<_>>();
+        let pids = [
+            ("nats-server", nats_pid),
+            ("gateway", gw.pid().context("gateway pid")?),
+            ("load generator", std::process::id()),
+        ];
+        let (run, cpu) = procstat::cpu_during(&pids, drive(clients, Model::Closed, d)).await;
+        report.cpu_per_op(name, run.ok, &cpu);
+        report.record(name, run);
+    }
+    Ok(())
+}
+
+/// The peer (see `peer.rs`): Restate's ingress accepting the same 256 B requests with unique
+/// idempotency keys from the same load, with its log's fsync off and on.
+async fn restate(
+    dir: &std::path::Path,
+    c: usize,
+    d: Duration,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    for (fsync, name) in [
+        (false, "Restate ingress accept 256 B, no fsync"),
+        (true, "Restate ingress accept 256 B, fsync"),
+    ] {
+        let restate = peer::Restate::start(dir, fsync).await?;
+        let clients = (0..c)
+            .map(|_| Submit {
+                http: Http::new(restate.ingress),
+                path: peer::SEND_PATH,
+                body: payload(256),
+                key_prefix: "restate".into(),
+                reuse: None,
+                ids: None,
+            })
+            .collect::<Vec<_>>();
+        let pids = [
+            ("restate-server", restate.pid().context("restate pid")?),
+            ("load generator", std::process::id()),
+        ];
+        let (run, cpu) = procstat::cpu_during(&pids, drive(clients, Model::Closed, d)).await;
+        report.cpu_per_op(name, run.ok, &cpu);
+        report.record(name, run);
+    }
     Ok(())
 }
 
@@ -675,18 +786,19 @@ async fn batch_vs_singles(
     Ok(())
 }
 
-/// `--waiters N`: memory per waiter and delivery to all of them (see `waiters.rs`).
+/// Memory per waiter, and delivery to all of them (see `waiters.rs`), on gateway B (which served
+/// only reads so far), on a route of their own.
 async fn measure_waiters(
     nats: &Nats,
     gateway: &GatewayProcess,
     n: usize,
-    out: &std::path::Path,
+    report: &mut Report,
 ) -> anyhow::Result<()> {
     let pid = gateway.pid().context("gateway pid")?;
     let mut worker = None;
-    let measured = waiters::measure(gateway.addr(), pid, n, || async {
+    let measured = waiters::measure(gateway.addr(), pid, "/wait", n, || async {
         worker = Some(
-            TestWorker::start(nats, worker_config(), "orders", |_r: Request| async move {
+            TestWorker::start(nats, worker_config(), "wait", |_r: Request| async move {
                 Ok(Response::text(200, "done"))
             })
             .await,
@@ -695,21 +807,20 @@ async fn measure_waiters(
     .await;
     let per_waiter =
         (measured.rss_waiting.saturating_sub(measured.rss_before)) as f64 / measured.waiters as f64;
-    let text = format!(
-        "{} waiters on one gateway process (a third each: long poll, Prefer: wait, server-sent events; one connection and one operation each).\n\n\
-         | gateway RSS before | RSS with all waiting | per waiter | answered | time to answer all after the worker started |\n\
-         |---|---|---|---|---|\n\
-         | {:.1} MB | {:.1} MB | {:.1} KB | {} of {} | {:.1} s |\n",
+    report.set("waiters", measured.waiters as f64);
+    report.set("waiters_rss_before_mb", measured.rss_before as f64 / 1e6);
+    report.set("waiters_rss_waiting_mb", measured.rss_waiting as f64 / 1e6);
+    report.set("waiter_rss_kb", per_waiter / 1e3);
+    report.set("waiters_answered", measured.answered as f64);
+    report.set("waiters_answer_secs", measured.answer_time.as_secs_f64());
+    eprintln!(
+        "{} waiters: RSS {:.1} MB before, {:.1} MB waiting ({:.1} KB each); {} answered in {:.1} s",
         measured.waiters,
         measured.rss_before as f64 / 1e6,
         measured.rss_waiting as f64 / 1e6,
         per_waiter / 1e3,
         measured.answered,
-        measured.waiters,
         measured.answer_time.as_secs_f64()
     );
-    eprint!("{text}");
-    std::fs::create_dir_all(out)?;
-    std::fs::write(out.join("waiters.md"), text)?;
     Ok(())
 }

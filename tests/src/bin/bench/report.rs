@@ -264,6 +264,54 @@ impl Report {
                 gw_p99 <= bridge_p99 + 1.0,
             ));
         }
+        if let (Some(grouped), Some(single)) = (
+            self.phase("gateway accept 256 B, fsync always, group commit"),
+            self.phase("gateway accept 256 B, fsync always"),
+        ) {
+            rows.push((
+                "accepts/s with an fsync before every answer: group commit / one publish each"
+                    .into(),
+                format!(
+                    "{:.0} vs {:.0} ({:.1}×)",
+                    grouped.rate,
+                    single.rate,
+                    grouped.rate / single.rate
+                ),
+                "> 1×",
+                grouped.rate > single.rate,
+            ));
+        }
+        for (durability, gateway, peer) in [
+            (
+                "JetStream's default durability vs Restate without fsync",
+                "gateway accept 256 B",
+                "Restate ingress accept 256 B, no fsync",
+            ),
+            (
+                "fsync before every answer (group commit) vs Restate's fsync",
+                "gateway accept 256 B, fsync always, group commit",
+                "Restate ingress accept 256 B, fsync",
+            ),
+        ] {
+            if let (Some(gw), Some(restate)) = (self.phase(gateway), self.phase(peer)) {
+                rows.push((
+                    format!("accepts/s, gateway vs Restate's ingress, {durability}"),
+                    format!("{:.0} vs {:.0}", gw.rate, restate.rate),
+                    "gateway ahead",
+                    gw.rate > restate.rate,
+                ));
+            }
+            if let (Some(gw), Some(restate)) = (cpu_total(gateway), cpu_total(peer)) {
+                rows.push((
+                    format!(
+                        "CPU per accept, gateway + nats-server vs restate-server, {durability}"
+                    ),
+                    format!("{gw:.1} µs vs {restate:.1} µs"),
+                    "gateway less",
+                    gw < restate,
+                ));
+            }
+        }
         if let (Some(batch), Some(single)) = (
             cpu_total("gateway batch of 999 × 256 B, per item"),
             cpu_total("gateway single submits × 256 B, per item"),
@@ -322,6 +370,21 @@ impl Report {
                 format!("{mib:.1} MiB"),
                 "< 16 MiB",
                 mib < 16.0,
+            ));
+        }
+        if let (Some(n), Some(kb), Some(answered)) =
+            (v("waiters"), v("waiter_rss_kb"), v("waiters_answered"))
+        {
+            rows.push((
+                format!(
+                    "RSS per parked waiter ({n:.0} at once: long polls, Prefer: wait, SSE; each its own connection)"
+                ),
+                format!(
+                    "{kb:.1} KB ({answered:.0} answered in {:.1} s)",
+                    v("waiters_answer_secs").unwrap_or(0.0)
+                ),
+                "<= 12 KB",
+                kb <= 12.0 && answered == n,
             ));
         }
         if let (Some(shed), Some(missing)) = (v("overload_shed"), v("overload_missing")) {

@@ -1,4 +1,4 @@
-//! `bench --waiters N`: holds N concurrent waiters on one gateway process (a third each: long poll
+//! The waiters phase: holds N concurrent waiters on one gateway process (a third each: long poll
 //! on the result, `Prefer: wait` on the status, server-sent events), each on its own connection and
 //! each on its own operation, and measures the gateway's memory per waiter; then starts a worker
 //! and counts how many waiters get their answer.
@@ -89,7 +89,13 @@ pub struct Measured {
 }
 
 /// Submits `n` operations, then opens `n` waiters on them; `start_worker` is called once all wait.
-pub async fn measure<F, Fut>(addr: SocketAddr, pid: u32, n: usize, start_worker: F) -> Measured
+pub async fn measure<F, Fut>(
+    addr: SocketAddr,
+    pid: u32,
+    path: &str,
+    n: usize,
+    start_worker: F,
+) -> Measured
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = ()>,
@@ -97,7 +103,7 @@ where
     let mut http = crate::clients::Http::new(addr);
     let mut ids = Vec::with_capacity(n);
     for i in 0..n {
-        let request = Request::post("/orders")
+        let request = Request::post(path)
             .header(hyper::header::HOST, addr.to_string())
             .header("idempotency-key", format!("\"waiter-{i}\""))
             .body(Full::new(Bytes::from_static(b"{}")))
