@@ -354,6 +354,25 @@ impl Subjects {
         format!("{}.out.*.{operation_id}", self.prefix)
     }
 
+    /// Progress subjects of an operation on any route (contract 2), for one wildcard direct get.
+    pub fn progress_any_route(&self, operation_id: &str) -> String {
+        format!("{}.prog.*.{operation_id}", self.prefix)
+    }
+
+    /// Whether `pattern`, a subject with `*` wildcards (one token each), matches `subject`
+    /// (NATS subject matching, https://docs.nats.io/nats-concepts/subjects#wildcards; `>` is not
+    /// used here).
+    pub fn covers(pattern: &str, subject: &str) -> bool {
+        let (mut p, mut s) = (pattern.split('.'), subject.split('.'));
+        loop {
+            match (p.next(), s.next()) {
+                (None, None) => return true,
+                (Some(p), Some(s)) if p == "*" || p == s => {}
+                _ => return false,
+            }
+        }
+    }
+
     /// The operation id a result or progress subject (either contract) belongs to: its last token.
     pub fn operation_of(subject: &str) -> &str {
         subject.rsplit('.').next().unwrap_or(subject)
@@ -1231,6 +1250,11 @@ mod tests {
         );
         assert_eq!(s.route_results("orders"), "acme.out.orders.>");
         assert_eq!(s.result_any_route("op"), "acme.out.*.op");
+        assert_eq!(s.progress_any_route("op"), "acme.prog.*.op");
+        assert!(Subjects::covers("acme.out.*.op", "acme.out.orders.op"));
+        assert!(!Subjects::covers("acme.out.*.op", "acme.res.op"));
+        assert!(!Subjects::covers("acme.out.*.op", "acme.out.orders.op.x"));
+        assert!(!Subjects::covers("acme.out.*.op", "acme.out.orders.other"));
         let s = s.with_contract(WireContract::V1);
         assert_eq!(
             s.slots("orders", "op"),

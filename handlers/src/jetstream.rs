@@ -226,11 +226,23 @@ impl SendPublish for async_nats::jetstream::Context {
 /// Hand-written glue: async-nats writes each publish as soon as its connection task runs, and
 /// tokio runs that task right after each caller yields, so concurrent HTTP requests each cost
 /// nats-server a read and an ack write of their own. The batcher's task yields once before
-/// sending, which lets every request that is ready at that moment join the batch. Under light
-/// load nothing else is ready and the yield costs nothing.
+/// sending, which lets every request that is ready at that moment join the batch. A store with
+/// no other under way (light load) skips the task and is sent at once.
 #[derive(Clone, Debug)]
 pub struct Batcher {
     jobs: tokio::sync::mpsc::Sender<PublishJob>,
+    js: async_nats::jetstream::Context,
+    /// Stores under way through this batcher (from the call until the ack).
+    in_flight: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// One store under way, counted in [`Batcher::in_flight`] until dropped.
+struct Underway<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Underway<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// How a [`Batcher`] stores what it gathered.
@@ -279,6 +291,11 @@ impl Batcher {
     /// Starts the batching task on the current runtime; it ends when every `Batcher` is dropped.
     pub fn spawn(js: async_nats::jetstream::Context, grouping: Grouping) -> Self {
         let (jobs, mut queue) = tokio::sync::mpsc::channel::<PublishJob>(4 * BATCH);
+        let batcher = Self {
+            jobs,
+            js: js.clone(),
+            in_flight: Default::default(),
+        };
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(BATCH);
             while queue.recv_many(&mut batch, BATCH).await > 0 {
@@ -302,7 +319,7 @@ impl Batcher {
                 }
             }
         });
-        Self { jobs }
+        batcher
     }
 }
 
@@ -318,48 +335,60 @@ async fn publish_alone(js: &async_nats::jetstream::Context, job: PublishJob) {
 /// Stores `group` as one atomic batch; when the server refuses it, publishes each message on its
 /// own (see [`Grouping::AtomicBatches`]).
 async fn store_group(js: &async_nats::jetstream::Context, group: Vec<PublishJob>) {
+    // Two messages on one subject would refuse each other inside a batch: the first goes in it,
+    // the others on their own after it (each then finds the subject taken, or free).
     let mut subjects = std::collections::HashSet::with_capacity(group.len());
-    // Two messages on one subject refuse each other inside a batch: those go one by one.
-    let distinct = group
-        .iter()
-        .all(|job| subjects.insert(job.subject.as_str()));
-    if distinct {
-        let messages = group
-            .iter()
-            .map(|job| {
-                (
-                    job.subject.clone(),
-                    job.headers.clone(),
-                    job.payload.clone(),
-                )
-            })
-            .collect();
-        let batch_id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-        match publish_atomic_batch(&js.client(), &batch_id, messages).await {
-            Ok(BatchOutcome::Committed) => {
-                metrics::counter!(GROUP_COMMITS, "outcome" => "committed").increment(1);
-                for job in group {
-                    let _ = job.sent.send(Sent::Batched(Ok(())));
-                }
-                return;
-            }
-            // No answer to the commit: stored whole or not at all, unknown which.
-            Err(JetStreamError::Batch { code: None, .. }) => {
-                metrics::counter!(GROUP_COMMITS, "outcome" => "unknown").increment(1);
-                for job in group {
-                    let unknown = PublishError::new(PublishErrorKind::TimedOut);
-                    let _ = job.sent.send(Sent::Batched(Err(unknown)));
-                }
-                return;
-            }
-            // Refused, so nothing was stored: each message gets its own answer.
-            Ok(BatchOutcome::Refused) | Err(_) => {
-                metrics::counter!(GROUP_COMMITS, "outcome" => "refused").increment(1);
-            }
-        }
-    }
-    for job in group {
+    let (batch, repeats): (Vec<_>, Vec<_>) = group
+        .into_iter()
+        .partition(|job| subjects.insert(job.subject.clone()));
+    let alone = match batch.len() {
+        0 | 1 => batch,
+        _ => store_atomically(js, batch).await,
+    };
+    for job in alone.into_iter().chain(repeats) {
         publish_alone(js, job).await;
+    }
+}
+
+/// Stores `batch` (at least two messages, each on its own subject) as one atomic batch and
+/// answers its jobs; hands back those still to publish on their own (all of them, when the
+/// server refused the batch).
+async fn store_atomically(
+    js: &async_nats::jetstream::Context,
+    batch: Vec<PublishJob>,
+) -> Vec<PublishJob> {
+    let messages = batch
+        .iter()
+        .map(|job| {
+            (
+                job.subject.clone(),
+                job.headers.clone(),
+                job.payload.clone(),
+            )
+        })
+        .collect();
+    let batch_id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    let answer = |batch: Vec<PublishJob>, stored: fn() -> Result<(), PublishError>| {
+        for job in batch {
+            let _ = job.sent.send(Sent::Batched(stored()));
+        }
+        Vec::new()
+    };
+    match publish_atomic_batch(&js.client(), &batch_id, messages).await {
+        Ok(BatchOutcome::Committed) => {
+            metrics::counter!(GROUP_COMMITS, "outcome" => "committed").increment(1);
+            answer(batch, || Ok(()))
+        }
+        // No answer to the commit: stored whole or not at all, unknown which.
+        Err(JetStreamError::Batch { code: None, .. }) => {
+            metrics::counter!(GROUP_COMMITS, "outcome" => "unknown").increment(1);
+            answer(batch, || Err(PublishError::new(PublishErrorKind::TimedOut)))
+        }
+        // Refused, so nothing was stored: each message gets its own answer.
+        Ok(BatchOutcome::Refused) | Err(_) => {
+            metrics::counter!(GROUP_COMMITS, "outcome" => "refused").increment(1);
+            batch
+        }
     }
 }
 
@@ -370,6 +399,15 @@ impl SendPublish for Batcher {
         headers: HeaderMap,
         payload: Bytes,
     ) -> Result<(), PublishError> {
+        let before = self
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let _underway = Underway(&self.in_flight);
+        if before == 0 {
+            // Nothing to gather it with: sent at once, sparing the batcher's hand-offs (two
+            // task wake-ups), which are most of a lone request's cost at low rates.
+            return self.js.store(subject, headers, payload).await;
+        }
         let (sent, receive) = tokio::sync::oneshot::channel();
         let job = PublishJob {
             subject,

@@ -1417,47 +1417,61 @@ async fn a_key_with_outer_spaces_round_trips_exactly() {
 }
 
 /// With `GATEWAY_GROUP_COMMIT`, requests that arrive together are stored as one atomic batch, and
-/// a batch the server refuses (one of its keys is taken, or two of its requests share a key)
-/// falls back to one publish each: every request still gets its own answer. New keys are created
-/// once, a retry of a taken key is a replay, another request on it is 422, and each key holds
-/// one message.
+/// a batch the server refuses (one of its keys is taken) falls back to one publish each: every
+/// request still gets its own answer. New keys are created once, a retry of a key taken through
+/// another replica is a replay, another request on it is 422, two requests sharing a new key make
+/// one operation, and each key holds one message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_commit_keeps_each_requests_fate_its_own() {
     let nats = Nats::start_with_config("jetstream { sync_interval: always }").await;
+    let other = TestGateway::builder(TEST_ROUTES)
+        .nats(&nats)
+        .spawn(GATEWAY_BIN)
+        .await;
     let gw = TestGateway::builder(TEST_ROUTES)
         .nats(&nats)
         .env("GATEWAY_GROUP_COMMIT", "true")
         .spawn(GATEWAY_BIN)
         .await;
-    let taken = id_of(post_order(&gw.base, "g-taken", r#"{"qty":1}"#).await).await;
+    // Keys taken through the other replica: this one does not recall them, so it writes them
+    // and the server refuses the batches they are in.
+    const ROUNDS: usize = 5;
+    let mut taken = Vec::new();
+    for i in 0..ROUNDS * 10 {
+        taken.push(
+            id_of(post_order(&other.base, &format!("g-taken-{i}"), r#"{"qty":1}"#).await).await,
+        );
+    }
+    let taken = &taken;
 
-    // Rounds of 60 at once, so that every round's requests meet in the batcher.
-    for round in 0..5 {
+    // Rounds of 60 at once, so that requests meet in the batcher (how many do depends on
+    // timing; `the_batcher_stores_what_meets_as_one_batch` shows both batch outcomes for sure).
+    for round in 0..ROUNDS {
         let requests = (0..60).map(|i| {
             let base = gw.base.clone();
             async move {
                 let (key, body) = match i % 6 {
-                    0 => ("g-taken".to_owned(), r#"{"qty":1}"#),
-                    1 => ("g-taken".to_owned(), r#"{"qty":2}"#),
+                    0 => (format!("g-taken-{}", round * 10 + i / 6), r#"{"qty":1}"#),
+                    1 => (format!("g-taken-{}", round * 10 + i / 6), r#"{"qty":2}"#),
                     2 => (format!("g-shared-{round}"), r#"{"qty":3}"#),
                     _ => (format!("g-new-{round}-{i}"), r#"{"qty":4}"#),
                 };
-                let answer = post_order(&base, &key, body).await;
-                (i % 6, answer)
+                (i, post_order(&base, &key, body).await)
             }
         });
         let mut shared = (0, 0);
-        for (kind, answer) in futures::future::join_all(requests).await {
+        for (i, answer) in futures::future::join_all(requests).await {
             let replayed = answer.headers().get("idempotent-replayed").is_some();
-            match kind {
+            let taken_id = &taken[round * 10 + i / 6];
+            match i % 6 {
                 0 => {
                     assert_eq!(answer.status(), 202);
                     assert!(replayed);
-                    assert_eq!(id_of(answer).await, taken);
+                    assert_eq!(&id_of(answer).await, taken_id);
                 }
                 1 => {
                     let problem = assert_problem(answer, 422, "idempotency-key-reused").await;
-                    assert_eq!(problem["operation_id"], taken);
+                    assert_eq!(&problem["operation_id"], taken_id);
                 }
                 2 => {
                     assert_eq!(answer.status(), 202);
@@ -1479,16 +1493,104 @@ async fn group_commit_keeps_each_requests_fate_its_own() {
             "one request creates a shared key, the rest replay"
         );
     }
-    // Requests met in batches, and some batches were refused and fell back.
-    let metrics = get_path(&gw.admin_base().await, "/metrics").await;
-    let metrics = metrics.text().await.unwrap();
-    for outcome in ["committed", "refused"] {
-        let line = format!("gateway_group_commits_total{{outcome=\"{outcome}\"}}");
-        assert!(metrics.contains(&line), "no {outcome} batch in:\n{metrics}");
-    }
-    // The taken key, a shared key per round, and 30 new keys per round.
+    // The taken keys, a shared key per round, and 30 new keys per round.
     assert_eq!(
         stream_messages(&nats.jetstream().await, DEFAULT_REQUESTS_STREAM).await,
-        1 + 5 + 5 * 30
+        (ROUNDS * 10 + ROUNDS + ROUNDS * 30) as u64
     );
+}
+
+/// The batcher with `Grouping::AtomicBatches`, against a real server, its stores polled together
+/// in one task so that all but the first (sent at once: nothing to gather it with) meet in one
+/// gathering: a batch with a taken subject is refused and each store then gets its own answer;
+/// a subject twice in a gathering is stored once; a batch of new subjects is committed whole.
+#[tokio::test]
+async fn the_batcher_stores_what_meets_as_one_batch() {
+    use async_nats::jetstream::stream;
+    use handlers::jetstream::{Batcher, CreateOutcome, Grouping, create_if_absent};
+    let metrics = gateway::metrics::handle();
+    let nats = Nats::start().await;
+    let js = nats.jetstream().await;
+    js.create_stream(stream::Config {
+        name: "G".into(),
+        subjects: vec!["g.>".into()],
+        allow_atomic_publish: true,
+        allow_message_ttl: true,
+        max_messages_per_subject: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let batcher = Batcher::spawn(js.clone(), Grouping::AtomicBatches);
+    let create = |subject: String| {
+        let batcher = &batcher;
+        async move {
+            let ttl = Some(Duration::from_secs(60));
+            let payload = Bytes::from_static(b"x");
+            create_if_absent(batcher, subject, async_nats::HeaderMap::new(), payload, ttl)
+                .await
+                .unwrap()
+        }
+    };
+    let count = |outcome: &str| {
+        let line = format!("gateway_group_commits_total{{outcome=\"{outcome}\"}} ");
+        metrics
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix(&line).map(|n| n.parse::<u64>().unwrap()))
+            .unwrap_or(0)
+    };
+    assert_eq!(create("g.taken".into()).await, CreateOutcome::Created);
+
+    let subjects: Vec<String> = (0..40)
+        .map(|i| match i % 10 {
+            1 => "g.taken".to_owned(),
+            2 => "g.twice".to_owned(),
+            _ => format!("g.new.{i}"),
+        })
+        .collect();
+    let outcomes = futures::future::join_all(subjects.iter().cloned().map(create)).await;
+    assert_eq!(
+        count("refused"),
+        1,
+        "the gathering's batch holds a taken subject"
+    );
+    let of = |wanted: &str| {
+        subjects
+            .iter()
+            .zip(&outcomes)
+            .filter(|(s, _)| *s == wanted)
+            .map(|(_, o)| *o)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(of("g.taken"), vec![CreateOutcome::AlreadyExists; 4]);
+    let twice = of("g.twice");
+    assert_eq!(
+        twice
+            .iter()
+            .filter(|o| **o == CreateOutcome::Created)
+            .count(),
+        1,
+        "{twice:?}"
+    );
+    for (subject, outcome) in subjects.iter().zip(&outcomes) {
+        if subject.starts_with("g.new.") {
+            assert_eq!(*outcome, CreateOutcome::Created, "{subject}");
+        }
+    }
+
+    let fresh = (0..40).map(|i| create(format!("g.fresh.{i}")));
+    let outcomes = futures::future::join_all(fresh).await;
+    assert!(outcomes.iter().all(|o| *o == CreateOutcome::Created));
+    assert_eq!(count("committed"), 1, "39 new subjects, one batch");
+    let info = js
+        .get_stream("G")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages;
+    assert_eq!(info, 1 + 1 + 32 + 40);
 }

@@ -24,7 +24,7 @@ use handlers::jetstream::ack;
 use tokio_util::sync::CancellationToken;
 
 use super::model::Operation;
-use super::store::{ConsumeError, Store, StoreError};
+use super::store::{ConsumeError, Early, Store, StoreError};
 use crate::lifecycle::sleep_or_stop;
 
 /// Name of the durable consumer every replica shares.
@@ -114,7 +114,7 @@ impl Finalizer {
             return Ok(());
         }
         let mut operation = Operation::from_request(&request)?;
-        match self.store.result(&operation, None).await {
+        match self.store.result(&operation, Early::NotRead).await {
             Ok(None) => {}
             // A result, or the delete marker of a removed one: the operation has its outcome.
             Ok(Some(_)) => return Ok(()),

@@ -15,14 +15,15 @@ use tokio::time::Instant;
 
 use super::idempotency::{key_token, key_token_of, redrive_key};
 use super::model::{DeliveryState, Operation, Status, decode_state};
-use super::store::{Store, StoreError};
+use super::store::{Early, Store, StoreError};
 use super::watch::{RECHECK, Watch};
 
 /// Finds an operation by id for a tenant, settling expiry on the way. `None` for ids that do not
 /// exist, no longer exist (retention), or belong to another tenant.
 ///
-/// Costs two direct gets, issued together (a third for an operation accepted under wire contract
-/// 1, whose result the wildcard read cannot find). A reader that finds the deadline passed with no result
+/// Costs three direct gets, issued together: the request, and the result and progress on any
+/// route (more for an operation accepted under wire contract 1, whose slots the wildcard reads
+/// cannot find, and on a replicated stream a leader read for each miss). A reader that finds the deadline passed with no result
 /// also writes the `expired` marker (and reads the slot back from the leader if it lost the race).
 pub async fn lookup(
     store: &Store,
@@ -33,14 +34,15 @@ pub async fn lookup(
         // Not an id this gateway makes: no read is spent on it.
         return Ok(None);
     }
-    let (request, early) = tokio::join!(
+    let (request, early_result, early_progress) = tokio::join!(
         request_of(store, operation_id),
-        store.result_any_route(operation_id)
+        store.result_any_route(operation_id),
+        store.progress_any_route(operation_id)
     );
     let Some(mut operation) = request?.filter(|op| op.tenant() == tenant) else {
         return Ok(None);
     };
-    operation.result = store.result(&operation, early?).await?;
+    operation.result = store.result(&operation, early_result?).await?;
     settle(store, &mut operation).await?;
     if operation.status().is_redrivable() {
         // Its redrive, if any: the request on the key derived from this id.
@@ -51,7 +53,7 @@ pub async fn lookup(
         }
     }
     if operation.result.is_none() {
-        operation.progress = store.progress(&operation).await?;
+        operation.progress = store.progress(&operation, early_progress?).await?;
     }
     if let Some(url) = operation.callback_url() {
         // Before the first attempt there is no stored state: the webhook is pending.
@@ -180,6 +182,9 @@ pub async fn lookup_when_changed(
         let next = until
             .min(now + RECHECK)
             .min(now + to_deadline + Duration::from_millis(10));
+        // Parked with what it was read from: its payload and headers are slices of the NATS
+        // client's read buffer, which would stay allocated as long as any waiter holds one.
+        drop(operation);
         tokio::select! {
             () = notified => {}
             () = watch.lifecycle().draining() => {}
@@ -193,7 +198,7 @@ pub(super) async fn attach_result(
     store: &Store,
     operation: &mut Operation,
 ) -> Result<(), StoreError> {
-    operation.result = store.result(operation, None).await?;
+    operation.result = store.result(operation, Early::NotRead).await?;
     settle(store, operation).await
 }
 

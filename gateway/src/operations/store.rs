@@ -170,6 +170,45 @@ pub struct Store {
     pub(super) recent_keys: RecentKeys,
 }
 
+/// What a wildcard read of an operation's slots on any route found, made along with the read of
+/// its request, before the exact subject is known ([`Store::result_any_route`],
+/// [`Store::progress_any_route`]).
+#[derive(Debug)]
+pub enum Early {
+    /// No such read was made: the exact subject is read.
+    NotRead,
+    Read {
+        stream: String,
+        pattern: String,
+        /// The last message on any subject `pattern` matches.
+        found: Option<StreamMessage>,
+    },
+}
+
+impl Early {
+    /// What the read says about `subject` of `stream`: its last message, or that it has none,
+    /// when the read covered it; `None` when the exact subject must be read (no read, another
+    /// stream or pattern, or the last match was on another subject, which may hide this one's).
+    fn of(self, stream: &str, subject: &str) -> Option<Option<StreamMessage>> {
+        let Early::Read {
+            stream: read,
+            pattern,
+            found,
+        } = self
+        else {
+            return None;
+        };
+        if read != stream || !Subjects::covers(&pattern, subject) {
+            return None;
+        }
+        match found {
+            Some(message) if message.subject.as_str() == subject => Some(Some(message)),
+            Some(_) => None,
+            None => Some(None),
+        }
+    }
+}
+
 /// What provisioning needs to know about the routes.
 pub struct StreamPlan {
     pub replicas: usize,
@@ -387,11 +426,15 @@ impl Store {
     pub async fn progress(
         &self,
         operation: &Operation,
+        early: Early,
     ) -> Result<Option<ProgressState>, StoreError> {
         self.ensure_provisioned()?;
         let subject = self.subjects.progress_of(&operation.request);
-        let Some(message) = last_on_subject(&self.client, &self.events_stream, &subject).await?
-        else {
+        let found = match early.of(&self.events_stream, &subject) {
+            Some(found) => found,
+            None => last_on_subject(&self.client, &self.events_stream, &subject).await?,
+        };
+        let Some(message) = found else {
             return Ok(None);
         };
         // A report that does not parse is ignored, not fatal: progress is advisory.
@@ -976,31 +1019,47 @@ impl Store {
 
     /// The contract-2 result of an operation on whatever route, read before its request says
     /// where the result is: [`Store::result`] takes it only if it sits where the request says.
-    pub async fn result_any_route(
-        &self,
-        operation_id: &str,
-    ) -> Result<Option<StreamMessage>, StoreError> {
+    pub async fn result_any_route(&self, operation_id: &str) -> Result<Early, StoreError> {
         self.ensure_provisioned()?;
         let pattern = self.subjects.result_any_route(operation_id);
         let stream = self.subjects.outcomes_stream();
-        Ok(last_matching(&self.client, stream, &pattern).await?)
+        let found = last_matching(&self.client, stream, &pattern).await?;
+        Ok(Early::Read {
+            stream: stream.to_owned(),
+            pattern,
+            found,
+        })
+    }
+
+    /// The last progress report on any route's progress subject of `operation_id` (contract 2),
+    /// one wildcard direct get, to read along with the request (see [`Store::progress`]).
+    pub async fn progress_any_route(&self, operation_id: &str) -> Result<Early, StoreError> {
+        self.ensure_provisioned()?;
+        let pattern = self.subjects.progress_any_route(operation_id);
+        let found = last_matching(&self.client, &self.events_stream, &pattern).await?;
+        Ok(Early::Read {
+            stream: self.events_stream.clone(),
+            pattern,
+            found,
+        })
     }
 
     /// The terminal record of an operation, if any, from the subject its request names (the
-    /// one slot of the operation, whichever contract it was accepted under). `early` is a
-    /// [`Store::result_any_route`] read: used when it is from that subject, else the subject is
-    /// read (a record on any other subject was written by someone the request did not name).
+    /// one slot of the operation, whichever contract it was accepted under). `early`, a
+    /// [`Store::result_any_route`] read, answers for that subject when it covered it (see
+    /// [`Early`]; a record on any other subject was written by someone the request did not name);
+    /// else the subject is read.
     pub async fn result(
         &self,
         operation: &Operation,
-        early: Option<StreamMessage>,
+        early: Early,
     ) -> Result<Option<StoredResult>, StoreError> {
         self.ensure_provisioned()?;
         let subject = &operation.request.reply_subject;
         let stream = self.slot_stream(&operation.request);
-        let found = match early {
-            Some(message) if message.subject.as_str() == subject => Some(message),
-            _ => last_on_subject(&self.client, stream, subject).await?,
+        let found = match early.of(stream, subject) {
+            Some(found) => found,
+            None => last_on_subject(&self.client, stream, subject).await?,
         };
         let Some(message) = self.confirm_miss(found, stream, subject).await? else {
             return Ok(None);

@@ -101,15 +101,22 @@ fn id_of(body: &[u8]) -> Option<String> {
     v["id"].as_str().map(str::to_owned)
 }
 
-/// `POST` to `path` (`/orders` on the gateway) with a new key each time, or with one of the
-/// first `reuse` keys again (a client's retry: the same request, the same key).
+/// `POST` to `path` (`/orders` on the gateway) with a new key each time, or with keys used
+/// before again (a client's retry: the same request, the same key).
 pub struct Submit {
     pub http: Http,
     pub path: &'static str,
     pub body: Bytes,
     pub key_prefix: String,
-    pub reuse: Option<u64>,
+    pub reuse: Option<Reuse>,
     pub ids: Option<Ids>,
+}
+
+/// Keys used again, in turn: those of sequence numbers `from..from + count`.
+#[derive(Clone, Copy)]
+pub struct Reuse {
+    pub from: u64,
+    pub count: u64,
 }
 
 fn submit_request(addr: SocketAddr, path: &str, key: &str, body: Bytes) -> Request<Full<Bytes>> {
@@ -124,11 +131,8 @@ fn submit_request(addr: SocketAddr, path: &str, key: &str, body: Bytes) -> Reque
 impl Client for Submit {
     fn call(&mut self, seq: u64) -> OpFuture<'_> {
         Box::pin(async move {
-            let key = format!(
-                "{}-{}",
-                self.key_prefix,
-                self.reuse.map_or(seq, |n| seq % n)
-            );
+            let seq = self.reuse.map_or(seq, |r| r.from + seq % r.count);
+            let key = format!("{}-{seq}", self.key_prefix);
             let request = submit_request(self.http.addr, self.path, &key, self.body.clone());
             let Some((status, retry_after, body)) = self.http.send(request).await else {
                 return Outcome::Error;
