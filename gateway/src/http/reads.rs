@@ -145,7 +145,13 @@ pub(crate) async fn get_result(
     let operation = wait_for(&state, &operation, wait, WakeOn::Terminal).await?;
     match &operation.result {
         Some(result) => {
-            result_response(&state, &operation, result, Some((&method, &headers))).await
+            Box::pin(result_response(
+                &state,
+                &operation,
+                result,
+                Some((&method, &headers)),
+            ))
+            .await
         }
         None => {
             let body = Json(OperationView::of(&operation));
@@ -215,7 +221,9 @@ pub(super) async fn wait_for(
         }
         None => {
             let _permit = state.admit()?;
-            state.ops.find(tenant, id).await?
+            // Boxed: inline, the lookup's state (about 6.5 KB) would be part of every waiter's
+            // future, parked for as long as it waits.
+            Box::pin(state.ops.find(tenant, id)).await?
         }
     };
     let operation = operation.ok_or(ApiError::OperationNotFound)?;
