@@ -336,11 +336,16 @@ async fn publish_alone(js: &async_nats::jetstream::Context, job: PublishJob) {
 /// own (see [`Grouping::AtomicBatches`]).
 async fn store_group(js: &async_nats::jetstream::Context, group: Vec<PublishJob>) {
     // Two messages on one subject would refuse each other inside a batch: the first goes in it,
-    // the others on their own after it (each then finds the subject taken, or free).
+    // the others on their own after it (each then finds the subject taken, or free). A message
+    // too large for the server goes on its own too, to be refused alone: in the batch, the
+    // client's refusal to send it would leave the batch uncommitted, and every message in it
+    // unanswered.
+    let max_payload = js.client().server_info().max_payload;
     let mut subjects = std::collections::HashSet::with_capacity(group.len());
-    let (batch, repeats): (Vec<_>, Vec<_>) = group
-        .into_iter()
-        .partition(|job| subjects.insert(job.subject.clone()));
+    let (batch, repeats): (Vec<_>, Vec<_>) = group.into_iter().partition(|job| {
+        message_size(&job.headers, &job.payload) + BATCH_HEADERS <= max_payload
+            && subjects.insert(job.subject.clone())
+    });
     let alone = match batch.len() {
         0 | 1 => batch,
         _ => store_atomically(js, batch).await,
@@ -348,6 +353,26 @@ async fn store_group(js: &async_nats::jetstream::Context, group: Vec<PublishJob>
     for job in alone.into_iter().chain(repeats) {
         publish_alone(js, job).await;
     }
+}
+
+/// Bytes the atomic batch headers add to a message, at most (`Nats-Batch-Id` of 32 characters,
+/// `Nats-Batch-Sequence`, `Nats-Batch-Commit`), with room to spare.
+const BATCH_HEADERS: usize = 128;
+
+/// A message's size as the server's `max_payload` counts it: its header block, as NATS writes it
+/// (`NATS/1.0`, each `name: value`, a blank line), plus its payload.
+fn message_size(headers: &HeaderMap, payload: &Bytes) -> usize {
+    let fields: usize = headers
+        .iter()
+        .map(|(name, values)| {
+            let name: &str = name.as_ref();
+            values
+                .iter()
+                .map(|value| name.len() + value.as_str().len() + 4)
+                .sum::<usize>()
+        })
+        .sum();
+    "NATS/1.0\r\n\r\n".len() + fields + payload.len()
 }
 
 /// Stores `batch` (at least two messages, each on its own subject) as one atomic batch and

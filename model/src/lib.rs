@@ -67,7 +67,10 @@
 //!
 //! What the model leaves out: more than one operation (so lost updates between operations sharing a
 //! state key, and batch submits: a batch's requests are ordinary requests written together by one
-//! JetStream atomic batch, whose all-or-nothing is the server's and is tested against it), the HTTP layer, stream configuration and retention changes, replicated-stream
+//! JetStream atomic batch, whose all-or-nothing is the server's and is tested against it; the same
+//! holds for the group commit, `GATEWAY_GROUP_COMMIT`, whose batches are refused whole and then
+//! written one request at a time, so that for one operation a committed batch is its
+//! create-if-absent write and a refused one wrote nothing), the HTTP layer, stream configuration and retention changes, replicated-stream
 //! anomalies, and message sizes.
 
 use std::hash::Hash;

@@ -1503,7 +1503,8 @@ async fn group_commit_keeps_each_requests_fate_its_own() {
 /// The batcher with `Grouping::AtomicBatches`, against a real server, its stores polled together
 /// in one task so that all but the first (sent at once: nothing to gather it with) meet in one
 /// gathering: a batch with a taken subject is refused and each store then gets its own answer;
-/// a subject twice in a gathering is stored once; a batch of new subjects is committed whole.
+/// a subject twice in a gathering is stored once; a message over the server's `max_payload` is
+/// refused alone; a batch of new subjects is committed whole.
 #[tokio::test]
 async fn the_batcher_stores_what_meets_as_one_batch() {
     use async_nats::jetstream::stream;
@@ -1549,7 +1550,23 @@ async fn the_batcher_stores_what_meets_as_one_batch() {
             _ => format!("g.new.{i}"),
         })
         .collect();
-    let outcomes = futures::future::join_all(subjects.iter().cloned().map(create)).await;
+    // And one message too large for the server, in the same gathering: refused on its own.
+    let too_large = create_if_absent(
+        &batcher,
+        "g.big".into(),
+        async_nats::HeaderMap::new(),
+        Bytes::from(vec![0u8; 1 << 20]),
+        None,
+    );
+    let (outcomes, too_large) = tokio::join!(
+        futures::future::join_all(subjects.iter().cloned().map(create)),
+        too_large
+    );
+    assert!(
+        matches!(&too_large, Err(handlers::jetstream::JetStreamError::Publish { kind, .. })
+            if *kind == async_nats::jetstream::context::PublishErrorKind::MaxPayloadExceeded),
+        "{too_large:?}"
+    );
     assert_eq!(
         count("refused"),
         1,

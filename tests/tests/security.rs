@@ -645,6 +645,31 @@ async fn idle_connections_make_room_at_the_cap() {
 /// accept; a keep-alive connection after its last answer, by the keep-alive timeout. A long poll
 /// outlasting both is not idleness. (Before, the silent sockets stayed open for good and, at the
 /// cap, nobody else was served.)
+/// A keep-alive timeout shorter than the head's: an idle connection closes that long after its
+/// answer, not when the head deadline from accept would have closed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_keep_alive_closes_before_the_head_deadline() {
+    let TestGateway { nats: _nats, gw } = TestGateway::builder(ROUTES)
+        .flags(["--header-read-timeout", "20s", "--keep-alive-timeout", "1s"])
+        .start()
+        .await;
+    let addr = gw.base.trim_start_matches("http://").to_owned();
+    let mut kept = TcpStream::connect(addr).await.unwrap();
+    kept.write_all(b"GET /livez HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = kept.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let answered = std::time::Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), kept.read_to_end(&mut rest))
+        .await
+        .expect("closed by the keep-alive timeout, long before the 20 s head deadline")
+        .unwrap();
+    assert!(answered.elapsed() >= Duration::from_secs(1));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_closed_from_accept() {
     let TestGateway { nats: _nats, gw } = TestGateway::builder(ROUTES)

@@ -220,17 +220,20 @@ impl Activity {
     }
 
     /// Resolves when the connection has had no request in flight for its limit, or when the
-    /// connection cap is reached while it has none. A busy connection is looked at again one
-    /// limit later: its idle time can only start after that look.
+    /// connection cap is reached while it has none. It looks every `step`, the shorter limit: an
+    /// answer that ends after one look leaves the connection idle until at least its end plus
+    /// `keep_alive_timeout`, which is no earlier than the next look, so no deadline is missed.
     async fn idle_too_long(&self, limits: ConnectionLimits, pressure: &mut watch::Receiver<u64>) {
-        let mut wake = self.accepted + limits.header_read_timeout;
+        let step = limits.header_read_timeout.min(limits.keep_alive_timeout);
+        let mut wake = self.accepted + step;
         loop {
             tokio::select! {
                 () = tokio::time::sleep_until(wake) => {
+                    let now = Instant::now();
                     wake = match self.idle_deadline(limits) {
-                        Some(deadline) if deadline <= Instant::now() => return,
-                        Some(deadline) => deadline,
-                        None => Instant::now() + limits.keep_alive_timeout,
+                        Some(deadline) if deadline <= now => return,
+                        Some(deadline) => deadline.min(now + step),
+                        None => now + step,
                     };
                 }
                 changed = pressure.changed() => {
