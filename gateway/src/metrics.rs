@@ -190,9 +190,28 @@ pub async fn bind_admin(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
         .map_err(|source| MetricsError::Bind { addr, source })
 }
 
-/// Serves `/metrics` (Prometheus text format) and `/livez` until `stop`.
+/// How often histogram samples are folded into their buckets between scrapes.
+const UPKEEP: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves `/metrics` (Prometheus text format) and `/livez` until `stop`, and keeps the
+/// recorder's upkeep: a histogram keeps each recorded sample until it is drained into its
+/// buckets, which only a scrape or `run_upkeep` does, so without it the gateway's memory grew
+/// by every request's latency sample until the next scrape (metrics-exporter-prometheus,
+/// `PrometheusBuilder::build_recorder`: "the caller is responsible for ensuring that upkeep is
+/// run periodically").
 pub async fn serve_admin(listener: TcpListener, stop: CancellationToken) {
     let handle = handle();
+    let upkeep = handle.clone();
+    let upkeep_stop = stop.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(UPKEEP);
+        loop {
+            tokio::select! {
+                _ = every.tick() => upkeep.run_upkeep(),
+                () = upkeep_stop.cancelled() => return,
+            }
+        }
+    });
     let app = Router::new()
         .route("/metrics", get(move || async move { handle.render() }))
         .route("/livez", get(|| async { "ok" }));

@@ -495,9 +495,18 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Clients of the fsync-bound phases' second load: an fsync per answer rewards many requests in
+/// flight (each batch or group commit then holds more), and 192 stays under the gateway's 256
+/// in-flight permits.
+const MANY_CLIENTS: usize = 192;
+const FSYNC_MANY_SINGLE: &str = "gateway accept 256 B, fsync always, 192 clients";
+const FSYNC_MANY_GROUPED: &str = "gateway accept 256 B, fsync always, group commit, 192 clients";
+const FSYNC_MANY_RESTATE: &str = "Restate ingress accept 256 B, fsync, 192 clients";
+
 /// Accepts with an fsync before every answer (nats-server's `sync_interval: always`, its own
 /// server): the raw publish, the gateway publishing each request alone, and the gateway with
-/// `GATEWAY_GROUP_COMMIT` (requests that arrive together in one atomic batch), at peak.
+/// `GATEWAY_GROUP_COMMIT` (requests that arrive together in one atomic batch), at peak, with the
+/// usual clients and with [`MANY_CLIENTS`].
 async fn durable(
     o: &Options,
     env: &[(&str, &str)],
@@ -533,9 +542,15 @@ async fn durable(
     let (run, cpu) = procstat::cpu_during(&pids, drive(raw, Model::Closed, d)).await;
     report.cpu_per_op("raw publish 256 B, fsync always", run.ok, &cpu);
     report.record("raw publish 256 B, fsync always", run);
-    for (name, gw) in [
-        ("gateway accept 256 B, fsync always", &single),
-        ("gateway accept 256 B, fsync always, group commit", &grouped),
+    for (name, gw, c) in [
+        ("gateway accept 256 B, fsync always", &single, c),
+        (
+            "gateway accept 256 B, fsync always, group commit",
+            &grouped,
+            c,
+        ),
+        (FSYNC_MANY_SINGLE, &single, MANY_CLIENTS),
+        (FSYNC_MANY_GROUPED, &grouped, MANY_CLIENTS),
     ] {
         let clients = (0..c)
             .map(|_| Submit {
@@ -567,9 +582,10 @@ async fn restate(
     d: Duration,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    for (fsync, name) in [
-        (false, "Restate ingress accept 256 B, no fsync"),
-        (true, "Restate ingress accept 256 B, fsync"),
+    for (fsync, name, c) in [
+        (false, "Restate ingress accept 256 B, no fsync", c),
+        (true, "Restate ingress accept 256 B, fsync", c),
+        (true, FSYNC_MANY_RESTATE, MANY_CLIENTS),
     ] {
         let restate = peer::Restate::start(dir, fsync).await?;
         let clients = (0..c)

@@ -264,13 +264,25 @@ impl Report {
                 gw_p99 <= bridge_p99 + 1.0,
             ));
         }
-        if let (Some(grouped), Some(single)) = (
-            self.phase("gateway accept 256 B, fsync always, group commit"),
-            self.phase("gateway accept 256 B, fsync always"),
-        ) {
+        for (clients, grouped, single) in [
+            (
+                "",
+                "gateway accept 256 B, fsync always, group commit",
+                "gateway accept 256 B, fsync always",
+            ),
+            (
+                ", 192 clients",
+                crate::FSYNC_MANY_GROUPED,
+                crate::FSYNC_MANY_SINGLE,
+            ),
+        ] {
+            let (Some(grouped), Some(single)) = (self.phase(grouped), self.phase(single)) else {
+                continue;
+            };
             rows.push((
-                "accepts/s with an fsync before every answer: group commit / one publish each"
-                    .into(),
+                format!(
+                    "accepts/s with an fsync before every answer{clients}: group commit / one publish each"
+                ),
                 format!(
                     "{:.0} vs {:.0} ({:.1}×)",
                     grouped.rate,
@@ -291,6 +303,11 @@ impl Report {
                 "fsync before every answer (group commit) vs Restate's fsync",
                 "gateway accept 256 B, fsync always, group commit",
                 "Restate ingress accept 256 B, fsync",
+            ),
+            (
+                "the same, 192 clients",
+                crate::FSYNC_MANY_GROUPED,
+                crate::FSYNC_MANY_RESTATE,
             ),
         ] {
             if let (Some(gw), Some(restate)) = (self.phase(gateway), self.phase(peer)) {
