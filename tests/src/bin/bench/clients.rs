@@ -112,6 +112,21 @@ pub struct Submit {
     pub ids: Option<Ids>,
 }
 
+impl Submit {
+    /// New keys (`<prefix>-<n>`), each posting `body` to `path` on its own connection to `addr`;
+    /// no ids kept.
+    pub fn new(addr: SocketAddr, path: &'static str, key_prefix: &str, body: Bytes) -> Self {
+        Self {
+            http: Http::new(addr),
+            path,
+            body,
+            key_prefix: key_prefix.to_owned(),
+            reuse: None,
+            ids: None,
+        }
+    }
+}
+
 /// Keys used again, in turn: those of sequence numbers `from..from + count`.
 #[derive(Clone, Copy)]
 pub struct Reuse {

@@ -224,12 +224,9 @@ async fn main() -> anyhow::Result<()> {
         |n: usize, size: usize, prefix: &str, reuse: Option<Reuse>, ids: Option<Ids>| {
             (0..n)
                 .map(|_| Submit {
-                    http: Http::new(a),
-                    path: "/orders",
-                    body: payload(size),
-                    key_prefix: prefix.to_owned(),
                     reuse,
                     ids: ids.clone(),
+                    ..Submit::new(a, "/orders", prefix, payload(size))
                 })
                 .collect::<Vec<_>>()
         };
@@ -340,14 +337,7 @@ async fn main() -> anyhow::Result<()> {
     ];
     let to_bridge = |n: usize, prefix: &str| {
         (0..n)
-            .map(|_| Submit {
-                http: Http::new(bridge_addr),
-                path: "/orders",
-                body: payload(256),
-                key_prefix: prefix.to_owned(),
-                reuse: None,
-                ids: None,
-            })
+            .map(|_| Submit::new(bridge_addr, "/orders", prefix, payload(256)))
             .collect::<Vec<_>>()
     };
     let (run, cpu) =
@@ -559,14 +549,7 @@ async fn durable(
         (FSYNC_MANY_GROUPED, &grouped, MANY_CLIENTS),
     ] {
         let clients = (0..c)
-            .map(|_| Submit {
-                http: Http::new(gw.addr()),
-                path: "/orders",
-                body: payload(256),
-                key_prefix: name.replace(' ', ""),
-                reuse: None,
-                ids: None,
-            })
+            .map(|_| Submit::new(gw.addr(), "/orders", &name.replace(' ', ""), payload(256)))
             .collect::<Vec<_>>();
         let pids = [
             ("nats-server", nats_pid),
@@ -595,14 +578,7 @@ async fn restate(
     ] {
         let restate = peer::Restate::start(dir, fsync).await?;
         let clients = (0..c)
-            .map(|_| Submit {
-                http: Http::new(restate.ingress),
-                path: peer::SEND_PATH,
-                body: payload(256),
-                key_prefix: "restate".into(),
-                reuse: None,
-                ids: None,
-            })
+            .map(|_| Submit::new(restate.ingress, peer::SEND_PATH, "restate", payload(256)))
             .collect::<Vec<_>>();
         let pids = [
             ("restate-server", restate.pid().context("restate pid")?),
