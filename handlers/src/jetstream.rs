@@ -45,6 +45,16 @@ pub enum JetStreamError {
         code: Option<u64>,
         detail: String,
     },
+    /// An atomic batch's commit was never sent, so nothing of it was stored (the server drops
+    /// an uncommitted batch; ADR-50): message `index` is over the server's `max_payload` with
+    /// its headers (`too_large`), or the connection refused a message before the commit.
+    #[error("atomic batch {batch} not sent at message {index}: {detail}")]
+    BatchNotSent {
+        batch: String,
+        index: usize,
+        too_large: bool,
+        detail: String,
+    },
 }
 
 impl JetStreamError {
@@ -63,6 +73,20 @@ impl JetStreamError {
             }
             _ => false,
         }
+    }
+
+    /// Whether a message was over the server's `max_payload`: refused before it was sent.
+    pub fn is_too_large(&self) -> bool {
+        matches!(
+            self,
+            JetStreamError::Publish {
+                kind: PublishErrorKind::MaxPayloadExceeded,
+                ..
+            } | JetStreamError::BatchNotSent {
+                too_large: true,
+                ..
+            }
+        )
     }
 }
 
@@ -85,9 +109,11 @@ pub enum BatchOutcome {
 ///
 /// Hand-written glue: async-nats 0.4x has no atomic batch publish.
 ///
-/// Errors: [`JetStreamError::Batch`] for any other refusal (its code says which: 10199 too
-/// large, a full stream...), or with no code when the commit got no answer (outcome unknown:
-/// the batch was stored whole or not at all).
+/// Errors: [`JetStreamError::BatchNotSent`] when the commit was never sent (a message over
+/// `max_payload`, checked before anything is sent; the connection refusing a message; no
+/// responders for the commit): nothing was stored. [`JetStreamError::Batch`] for any other
+/// refusal (its code says which: 10199 too large, a full stream...), or with no code when the
+/// commit got no answer (outcome unknown: the batch was stored whole or not at all).
 pub async fn publish_atomic_batch(
     client: &async_nats::Client,
     batch_id: &str,
@@ -98,6 +124,23 @@ pub async fn publish_atomic_batch(
         code,
         detail,
     };
+    let not_sent = |index: usize, too_large: bool, detail: String| JetStreamError::BatchNotSent {
+        batch: batch_id.to_owned(),
+        index,
+        too_large,
+        detail,
+    };
+    let max_payload = client.server_info().max_payload;
+    if let Some(index) = messages
+        .iter()
+        .position(|(_, headers, payload)| !fits_in_batch(headers, payload, max_payload))
+    {
+        return Err(not_sent(
+            index,
+            true,
+            format!("over the server's max_payload of {max_payload} bytes"),
+        ));
+    }
     let count = messages.len();
     for (index, (subject, mut headers, payload)) in messages.into_iter().enumerate() {
         headers.insert("Nats-Batch-Id", batch_id);
@@ -106,14 +149,22 @@ pub async fn publish_atomic_batch(
             client
                 .publish_with_headers(subject, headers, payload)
                 .await
-                .map_err(|e| failed(None, e.to_string()))?;
+                .map_err(|e| {
+                    let too_large =
+                        e.kind() == async_nats::client::PublishErrorKind::MaxPayloadExceeded;
+                    not_sent(index, too_large, e.to_string())
+                })?;
             continue;
         }
         headers.insert("Nats-Batch-Commit", "1");
         let answer = client
             .request_with_headers(subject, headers, payload)
             .await
-            .map_err(|e| failed(None, e.to_string()))?;
+            .map_err(|e| match e.kind() {
+                // No stream listens on the subject: the commit reached nothing.
+                RequestErrorKind::NoResponders => not_sent(index, false, e.to_string()),
+                _ => failed(None, e.to_string()),
+            })?;
         let v: serde_json::Value =
             serde_json::from_slice(&answer.payload).map_err(|e| failed(None, e.to_string()))?;
         return match v["error"]["err_code"].as_u64() {
@@ -343,7 +394,7 @@ async fn store_group(js: &async_nats::jetstream::Context, group: Vec<PublishJob>
     let max_payload = js.client().server_info().max_payload;
     let mut subjects = std::collections::HashSet::with_capacity(group.len());
     let (batch, repeats): (Vec<_>, Vec<_>) = group.into_iter().partition(|job| {
-        message_size(&job.headers, &job.payload) + BATCH_HEADERS <= max_payload
+        fits_in_batch(&job.headers, &job.payload, max_payload)
             && subjects.insert(job.subject.clone())
     });
     let alone = match batch.len() {
@@ -358,6 +409,12 @@ async fn store_group(js: &async_nats::jetstream::Context, group: Vec<PublishJob>
 /// Bytes the atomic batch headers add to a message, at most (`Nats-Batch-Id` of 32 characters,
 /// `Nats-Batch-Sequence`, `Nats-Batch-Commit`), with room to spare.
 const BATCH_HEADERS: usize = 128;
+
+/// Whether a message with `headers` and `payload` stays within the server's `max_payload`
+/// (bytes, from its INFO) once the atomic batch headers are added.
+pub fn fits_in_batch(headers: &HeaderMap, payload: &Bytes, max_payload: usize) -> bool {
+    message_size(headers, payload) + BATCH_HEADERS <= max_payload
+}
 
 /// A message's size as the server's `max_payload` counts it: its header block, as NATS writes it
 /// (`NATS/1.0`, each `name: value`, a blank line), plus its payload.

@@ -170,6 +170,24 @@ async fn a_bad_batch_is_refused_with_the_item_named_and_nothing_written() {
         let problem = assert_problem(r, 400, "bad-batch").await;
         assert_eq!(problem["errors"][0]["pointer"], pointer, "{problem}");
     }
+    // Within the route's 1 MiB, but over the server's max_payload with the gateway's headers:
+    // refused before anything is sent (the batch never reaches the server half-sent), so a
+    // retry cannot succeed and the answer says which item.
+    let near_max = "x".repeat((1 << 20) - 100);
+    let r = post_batch(
+        base,
+        "too-large",
+        json!({"route": "orders", "items": [
+            {"idempotency_key": "small", "body": {"sku": "tea"}},
+            {"idempotency_key": "large", "body_base64": data_encoding::BASE64.encode(near_max.as_bytes())},
+        ]}),
+    )
+    .await;
+    let problem = assert_problem(r, 400, "bad-batch").await;
+    assert_eq!(
+        problem["errors"][0]["pointer"], "#/items/1/body",
+        "{problem}"
+    );
     let r = http()
         .post(format!("{base}/batches"))
         .header("content-type", "text/plain")

@@ -1600,14 +1600,29 @@ async fn the_batcher_stores_what_meets_as_one_batch() {
     let outcomes = futures::future::join_all(fresh).await;
     assert!(outcomes.iter().all(|o| *o == CreateOutcome::Created));
     assert_eq!(count("committed"), 1, "39 new subjects, one batch");
-    let info = js
-        .get_stream("G")
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .state
-        .messages;
+    let info = stream_messages(&js, "G").await;
     assert_eq!(info, 1 + 1 + 32 + 40);
+
+    // An atomic batch with a message over max_payload is refused before anything is sent: a
+    // definite refusal naming the message, where a half-sent batch would leave its commit's
+    // fate to a timeout.
+    let messages = vec![
+        (
+            "g.half.0".to_owned(),
+            async_nats::HeaderMap::new(),
+            Bytes::from_static(b"x"),
+        ),
+        (
+            "g.half.1".to_owned(),
+            async_nats::HeaderMap::new(),
+            Bytes::from(vec![0u8; 1 << 20]),
+        ),
+    ];
+    let refused = handlers::jetstream::publish_atomic_batch(&js.client(), "half", messages).await;
+    assert!(
+        matches!(&refused, Err(e @ handlers::jetstream::JetStreamError::BatchNotSent { index: 1, .. }) if e.is_too_large()),
+        "{refused:?}"
+    );
+    let stored = stream_messages(&js, "G").await;
+    assert_eq!(stored, info, "nothing of the refused batch is stored");
 }

@@ -212,6 +212,8 @@ impl From<AcceptError> for ApiError {
             AcceptError::Store(e) if e.is_result_removed() => ApiError::ResultRemoved,
             AcceptError::Store(e) if e.is_store_full() => ApiError::StoreFull(e),
             AcceptError::Store(e) if e.is_contract_violation() => ApiError::BadStoredMessage(e),
+            // Refused before the commit: nothing was written, so the outcome is known.
+            AcceptError::Store(e) if e.is_batch_not_sent() => ApiError::Unavailable(e),
             AcceptError::Store(e) => ApiError::OutcomeUnknown(e),
         }
     }
@@ -228,6 +230,10 @@ impl From<BatchError> for ApiError {
                 operation_id,
             },
             BatchError::KeyReused { batch_id } => ApiError::BatchKeyReused { batch_id },
+            BatchError::ItemTooLarge { index, .. } => ApiError::BadBatch {
+                pointer: format!("/items/{index}/body"),
+                detail: e.to_string(),
+            },
             BatchError::Quota(exceeded) => AcceptError::Quota(exceeded).into(),
             BatchError::Store(e) => AcceptError::Store(e).into(),
         }

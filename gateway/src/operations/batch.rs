@@ -77,6 +77,12 @@ pub enum BatchError {
     /// The batch key names another batch.
     #[error("the batch's Idempotency-Key was used for a different batch ({batch_id})")]
     KeyReused { batch_id: String },
+    /// Item `index`, with the headers the gateway adds, is over nats-server's `max_payload`
+    /// (bytes): it cannot travel in a message.
+    #[error(
+        "item {index} is larger, with its headers, than the {max_payload} bytes nats-server takes in one message"
+    )]
+    ItemTooLarge { index: usize, max_payload: usize },
     #[error(transparent)]
     Quota(#[from] QuotaExceeded),
     #[error(transparent)]
@@ -162,6 +168,13 @@ pub async fn accept_batch(
                 reserved.push(head.operation_id.clone());
             }
             create_if_absent_headers(&mut headers, Some(ttl));
+            let max_payload = store.max_payload();
+            if !handlers::jetstream::fits_in_batch(&headers, &item.body, max_payload) {
+                if let Some(quotas) = quotas {
+                    release(quotas, &reserved);
+                }
+                return Err(BatchError::ItemTooLarge { index, max_payload });
+            }
             operations.push(head.operation_id.clone());
             messages.push((subject, headers, item.body.clone()));
         }
@@ -186,7 +199,7 @@ pub async fn accept_batch(
         // ledger sees the requests or not (as a single submit's does).
         let refused = match &written {
             Ok(outcome) => *outcome == handlers::jetstream::BatchOutcome::Refused,
-            Err(e) => e.is_store_full(),
+            Err(e) => e.is_store_full() || e.is_batch_not_sent(),
         };
         if let Some(quotas) = quotas
             && refused

@@ -102,12 +102,15 @@ impl StoreError {
 
     /// The message was too large for the server; it was refused before being sent.
     pub fn is_too_large(&self) -> bool {
+        matches!(self, StoreError::JetStream(e) if e.is_too_large())
+    }
+
+    /// An atomic batch's commit was never sent (the connection refused a message first):
+    /// nothing was written.
+    pub fn is_batch_not_sent(&self) -> bool {
         matches!(
             self,
-            StoreError::JetStream(JetStreamError::Publish {
-                kind: async_nats::jetstream::context::PublishErrorKind::MaxPayloadExceeded,
-                ..
-            })
+            StoreError::JetStream(JetStreamError::BatchNotSent { .. })
         )
     }
 
