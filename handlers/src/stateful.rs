@@ -60,6 +60,8 @@ pub struct StateStore {
     stream: String,
     prefix: String,
     marker_ttl: Duration,
+    /// Replicas the stream is created with when absent (1 unless [`StateStore::with_replicas`]).
+    replicas: usize,
 }
 
 /// Errors of the state store.
@@ -130,6 +132,7 @@ impl StateStore {
                     allow_direct: true,
                     allow_message_ttl: true,
                     allow_atomic_publish: true,
+                    num_replicas: self.replicas,
                     ..Default::default()
                 };
                 return match self.js.create_stream(config).await {
@@ -209,7 +212,16 @@ impl StateStore {
             stream: stream.to_owned(),
             prefix: prefix.to_owned(),
             marker_ttl,
+            replicas: 1,
         }
+    }
+
+    /// The store, creating its stream (when absent) with `replicas` (3 in a 3-node cluster, as
+    /// the gateway's own streams: the markers decide outcomes, so they need the durability of
+    /// the requests they decide). A live stream keeps its own count.
+    pub fn with_replicas(mut self, replicas: usize) -> Self {
+        self.replicas = replicas.max(1);
+        self
     }
 
     /// How long a marker lives: the store's `marker_ttl`, and never less than the operation's

@@ -49,6 +49,10 @@ pub struct Profile {
     pub heal_concurrency: usize,
     /// Longest wait for every operation to be terminal.
     pub drain_timeout: Duration,
+    /// Lanes submitting to the stateful route, in a run with stateful workers
+    /// ([`Run::with_stateful`]), and the share of their operations a lane then cancels.
+    pub stateful_lanes: usize,
+    pub cancel_percent: u64,
 }
 
 impl Profile {
@@ -66,6 +70,8 @@ impl Profile {
                 heal_batch: 200,
                 heal_concurrency: 4,
                 drain_timeout: Duration::from_secs(120),
+                stateful_lanes: 3,
+                cancel_percent: 15,
             },
             "short" => Self {
                 name,
@@ -78,6 +84,8 @@ impl Profile {
                 heal_batch: 100,
                 heal_concurrency: 4,
                 drain_timeout: Duration::from_secs(60),
+                stateful_lanes: 2,
+                cancel_percent: 15,
             },
             other => panic!("FAULT_PROFILE must be short or long, not {other:?}"),
         };
@@ -294,6 +302,28 @@ pub fn fault_worker_config() -> handlers::WorkerConfig {
     }
 }
 
+/// Starts a `fault-worker` process (`bin`: `env!("CARGO_BIN_EXE_fault-worker")`) under `prefix`
+/// (`ip netns exec <ns>`, or none): the suite's echo handler on `orders`, on these NATS URLs
+/// (comma-separated), recording every execution in `log`. Killed when dropped.
+pub fn spawn_echo_worker(
+    prefix: &[String],
+    bin: &str,
+    nats_url: &str,
+    log: &Path,
+) -> tokio::process::Child {
+    crate::netns::prefixed(prefix, bin)
+        .arg(nats_url)
+        .arg("orders")
+        .arg(log)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start an echo worker process")
+}
+
 /// The workers' durable consumer under [`fault_worker_config`].
 pub const WORKER_CONSUMER: &str = "test-orders";
 
@@ -308,9 +338,9 @@ pub struct Submitted {
     pub acknowledged: Option<String>,
 }
 
-/// What a client does with one logical request: submit it, and retry a `503` or a network error
-/// with the same key and payload (through the next gateway) until a `202`, a definite refusal of
-/// another kind, or `patience` runs out.
+/// What a client does with one logical request: submit it to `path`, and retry a `503` or a
+/// network error with the same key and payload (through the next gateway) until a `202`, a
+/// definite refusal of another kind, or `patience` runs out.
 #[allow(clippy::too_many_arguments)]
 pub async fn submit_until_done(
     history: &History,
@@ -318,6 +348,7 @@ pub async fn submit_until_done(
     endpoints: &Endpoints,
     process: &str,
     first_gateway: usize,
+    path: &str,
     key: &str,
     payload: &str,
     patience: Duration,
@@ -329,7 +360,7 @@ pub async fn submit_until_done(
         let (via, base) = endpoints.get(first_gateway + attempt as usize);
         attempt += 1;
         let outcome = history::submit(
-            history, http, process, &via, &base, "/orders", key, payload, attempt,
+            history, http, process, &via, &base, path, key, payload, attempt,
         )
         .await;
         let acknowledged = match &outcome {
@@ -433,6 +464,8 @@ pub struct ScenarioReport {
     pub fault_kinds: std::collections::BTreeMap<String, usize>,
     pub durations: Durations,
     pub counts: crate::history::Counts,
+    /// The exactly-once oracles over the stateful route, in a run that has one.
+    pub exactly_once: Option<crate::exactly_once::ExactlyOnce>,
     pub post_heal: PostHeal,
     pub consumer: ConsumerState,
     /// Anomalies that are not zero (must be empty), and other failed requirements.
@@ -527,6 +560,35 @@ impl ScenarioReport {
             self.consumer.num_pending,
             self.consumer.num_ack_pending,
         ));
+        if let Some(e) = &self.exactly_once {
+            let list = |m: &std::collections::BTreeMap<String, usize>| {
+                m.iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            md.push_str(&format!(
+                "Stateful route (exactly-once oracles): {} operations ({}); cancels sent: {}; \
+                 counter {}, outgoing messages {}; inconsistent operations {}, lost state \
+                 changes {}, duplicate state changes {}, ghosts {}.\n\n",
+                e.operations,
+                list(&e.ended),
+                if e.cancels.is_empty() {
+                    "none".to_owned()
+                } else {
+                    list(&e.cancels)
+                },
+                e.counter,
+                e.outgoing_messages,
+                e.inconsistent_operations,
+                e.lost_state_changes,
+                e.duplicate_state_changes,
+                e.ghosts,
+            ));
+            for example in &e.examples {
+                md.push_str(&format!("- exactly-once evidence: `{example}`\n"));
+            }
+        }
         md.push_str("Submit answers: ");
         md.push_str(
             &c.answers
@@ -587,6 +649,10 @@ pub struct Run {
     faults: Mutex<Vec<String>>,
     explanations: Mutex<Vec<String>>,
     not_ready: Mutex<Vec<String>>,
+    /// Whether the run has the stateful route and its workers ([`Run::with_stateful`]).
+    stateful: bool,
+    /// The stateful lanes' cancellations, by answer.
+    cancels: Arc<Mutex<std::collections::BTreeMap<String, usize>>>,
 }
 
 impl Run {
@@ -614,7 +680,17 @@ impl Run {
             faults: Default::default(),
             explanations: Mutex::default(),
             not_ready: Mutex::default(),
+            stateful: false,
+            cancels: Arc::default(),
         }
+    }
+
+    /// A run with the stateful route ([`crate::exactly_once::route`]) and its workers, which the
+    /// scenario starts: lanes submit to it too and cancel some of their operations, and the
+    /// exactly-once oracles judge it at the end.
+    pub fn with_stateful(mut self) -> Self {
+        self.stateful = true;
+        self
     }
 
     /// A nemesis note that counts as an injected fault of this kind (`kill -9 nats-server`,
@@ -690,11 +766,69 @@ impl Run {
                     n += 1;
                     let patience = if one_shot { Duration::ZERO } else { patience };
                     let done = submit_until_done(
-                        &history, &http, &endpoints, &process, lane, &key, &payload, patience,
+                        &history, &http, &endpoints, &process, lane, "/orders", &key, &payload,
+                        patience,
                     )
                     .await;
                     if let Some(op) = done.acknowledged {
                         acked.lock().unwrap().push(op);
+                    }
+                    tokio::select! {
+                        () = stop.cancelled() => {}
+                        () = tokio::time::sleep(pace) => {}
+                    }
+                }
+            });
+        }
+        let stateful_lanes = if self.stateful {
+            self.profile.stateful_lanes
+        } else {
+            0
+        };
+        for lane in 0..stateful_lanes {
+            let (history, endpoints, http) = (
+                self.history.clone(),
+                self.endpoints.clone(),
+                self.http.clone(),
+            );
+            let (stop, acked, scenario) = (new_work.clone(), acked.clone(), self.scenario.clone());
+            let (pace, patience) = (self.profile.pace * 2, self.profile.patience);
+            let (cancels, cancel_percent) = (self.cancels.clone(), self.profile.cancel_percent);
+            let mut rng = Rng::new(self.seed ^ (0x5747 + lane as u64));
+            lanes.spawn(async move {
+                let process = format!("stateful-{lane}");
+                let path = format!("/{}", crate::exactly_once::ROUTE);
+                let mut n = 0u64;
+                while !stop.is_cancelled() {
+                    let key = format!("{scenario}-s{lane}-{n}");
+                    let payload = serde_json::json!({
+                        "scenario": scenario,
+                        "stateful_lane": lane,
+                        "n": n,
+                        "nonce": uuid::Uuid::new_v4().simple().to_string(),
+                    })
+                    .to_string();
+                    n += 1;
+                    let done = submit_until_done(
+                        &history, &http, &endpoints, &process, lane, &path, &key, &payload,
+                        patience,
+                    )
+                    .await;
+                    if let Some(op) = done.acknowledged {
+                        acked.lock().unwrap().push(op.clone());
+                        if rng.chance(cancel_percent) {
+                            // At a random moment: before the worker starts, while it commits,
+                            // or after it ended (then 409).
+                            tokio::time::sleep(Duration::from_millis(rng.below(1500) as u64)).await;
+                            let (_, base) = endpoints.get(lane + 1 + rng.below(4));
+                            let answer =
+                                match http.delete(format!("{base}/operations/{op}")).send().await {
+                                    Ok(r) => r.status().as_u16().to_string(),
+                                    Err(e) if e.is_timeout() => "timeout".to_owned(),
+                                    Err(_) => "network error".to_owned(),
+                                };
+                            *cancels.lock().unwrap().entry(answer).or_default() += 1;
+                        }
                     }
                     tokio::select! {
                         () = stop.cancelled() => {}
@@ -845,10 +979,17 @@ impl Run {
                 effects: Some(&effects),
                 gateways: &names,
                 final_process: "final",
+                stateful_route: self.stateful.then_some(crate::exactly_once::ROUTE),
             },
         );
+        let exactly_once = if self.stateful {
+            let cancels = self.cancels.lock().unwrap().clone();
+            Some(crate::exactly_once::check(js, &requests, &results, cancels).await)
+        } else {
+            None
+        };
         self.phases.lock().unwrap().check_s = check_start.elapsed().as_secs_f64();
-        let report = self.report(verdict, post_heal, consumer);
+        let report = self.report(verdict, exactly_once, post_heal, consumer);
         self.write_report(&report);
         report
     }
@@ -870,6 +1011,7 @@ impl Run {
                     &self.endpoints,
                     "heal",
                     i,
+                    "/orders",
                     &key,
                     &payload,
                     self.profile.patience,
@@ -953,6 +1095,7 @@ impl Run {
     fn report(
         &self,
         verdict: Verdict,
+        exactly_once: Option<crate::exactly_once::ExactlyOnce>,
         post_heal: PostHeal,
         consumer: ConsumerState,
     ) -> ScenarioReport {
@@ -965,6 +1108,16 @@ impl Run {
             .into_iter()
             .map(|(name, n)| format!("{name} = {n}"))
             .collect();
+        if let Some(e) = &exactly_once {
+            violations.extend(
+                e.violations()
+                    .into_iter()
+                    .map(|(name, n)| format!("{name} = {n}")),
+            );
+            if e.ended.get("succeeded").copied().unwrap_or(0) == 0 {
+                violations.push("no stateful operation committed".to_owned());
+            }
+        }
         if post_heal.success_rate < 0.95 {
             violations.push(format!(
                 "post-heal: only {}/{} requests got a 202 on their first attempt (95% required)",
@@ -1001,6 +1154,7 @@ impl Run {
             }),
             durations,
             counts: verdict.counts.clone(),
+            exactly_once,
             post_heal,
             consumer,
             passed: violations.is_empty(),

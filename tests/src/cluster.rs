@@ -3,13 +3,16 @@
 //! [`crate::Nats`] because starting a cluster (ports reserved up front, waiting for a meta
 //! leader) is its own piece of work that only the cluster and fault tests need.
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use gateway::cli::dev::NatsProcess;
 use tempfile::TempDir;
 
 use crate::nats::{nats_server_bin, signal};
+use crate::netns::{Host, Net};
 use crate::wait::eventually;
 
 /// A cluster of real nats-servers with JetStream on loopback: each node has an ephemeral client
@@ -20,15 +23,48 @@ pub struct NatsCluster {
     nodes: Vec<ClusterNode>,
     name: String,
     routes: String,
+    /// The network of namespaced nodes ([`NatsCluster::start_in`]); `None` on loopback.
+    net: Option<Arc<Net>>,
 }
 
 struct ClusterNode {
     server_name: String,
-    process: Option<NatsProcess>,
+    process: Option<NodeProcess>,
     port: u16,
     cluster_port: u16,
     dir: TempDir,
+    /// The node's namespace, when it has one.
+    host: Option<Host>,
 }
+
+/// A node's nats-server: on loopback (ephemeral port), or in its namespace (fixed ports on the
+/// namespace's address; `ip netns exec` execs the server, so the child is the server itself).
+enum NodeProcess {
+    Loopback(NatsProcess),
+    Namespaced(tokio::process::Child),
+}
+
+impl NodeProcess {
+    async fn kill(&mut self) {
+        match self {
+            Self::Loopback(p) => p.kill().await,
+            Self::Namespaced(c) => {
+                let _ = c.kill().await;
+            }
+        }
+    }
+
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Self::Loopback(p) => p.pid(),
+            Self::Namespaced(c) => c.id(),
+        }
+    }
+}
+
+/// A namespaced node's client and cluster ports (each namespace has its own port space).
+const NS_CLIENT_PORT: u16 = 4222;
+const NS_CLUSTER_PORT: u16 = 6222;
 
 impl NatsCluster {
     /// Starts `size` nodes and waits until the cluster can serve replicated JetStream streams.
@@ -74,6 +110,7 @@ impl NatsCluster {
             nodes: Vec::with_capacity(size),
             name,
             routes,
+            net: None,
         };
         // Start all nodes at once: each waits for its own client port only.
         let starts = cluster_ports.iter().enumerate().map(|(i, &cluster_port)| {
@@ -86,9 +123,10 @@ impl NatsCluster {
                 Ok::<_, gateway::cli::dev::NatsProcessError>(ClusterNode {
                     server_name,
                     port: process.port(),
-                    process: Some(process),
+                    process: Some(NodeProcess::Loopback(process)),
                     cluster_port,
                     dir,
+                    host: None,
                 })
             }
         });
@@ -98,14 +136,63 @@ impl NatsCluster {
         Ok(cluster)
     }
 
+    /// Starts `size` nodes, each in a namespace of its own on `net` (hosts `n0`, `n1`, ...), and
+    /// waits until the cluster can serve replicated streams. The test process reaches them
+    /// through the bridge; [`Net`]'s faults cut them apart.
+    pub async fn start_in(net: Arc<Net>, size: usize) -> Self {
+        gateway::install_crypto_provider();
+        let hosts: Vec<Host> = (0..size).map(|i| net.host(&format!("n{i}"))).collect();
+        let routes = hosts
+            .iter()
+            .map(|h| format!("nats://{}:{NS_CLUSTER_PORT}", h.ip))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = Self {
+            nodes: Vec::with_capacity(size),
+            name: format!("gw-ns-{}", std::process::id()),
+            routes,
+            net: Some(net),
+        };
+        for (i, host) in hosts.into_iter().enumerate() {
+            cluster.nodes.push(ClusterNode {
+                server_name: format!("n{i}"),
+                process: None,
+                port: NS_CLIENT_PORT,
+                cluster_port: NS_CLUSTER_PORT,
+                dir: tempfile::tempdir().expect("temp dir"),
+                host: Some(host),
+            });
+        }
+        for i in 0..size {
+            cluster.restart(i).await;
+        }
+        cluster.wait_for_jetstream(Duration::from_secs(30)).await;
+        cluster
+    }
+
+    /// The namespace of a node started by [`NatsCluster::start_in`].
+    pub fn host(&self, node: usize) -> &Host {
+        self.nodes[node].host.as_ref().expect("a namespaced node")
+    }
+
+    /// The address a node listens on: its namespace's, or loopback.
+    fn addr(&self, node: usize) -> Ipv4Addr {
+        self.nodes[node]
+            .host
+            .as_ref()
+            .map_or(Ipv4Addr::LOCALHOST, |h| h.ip)
+    }
+
     fn node_args(&self, server_name: &str, cluster_port: u16) -> Vec<String> {
+        let node = self.nodes.iter().position(|n| n.server_name == server_name);
+        let addr = node.map_or(Ipv4Addr::LOCALHOST, |i| self.addr(i));
         vec![
             "--server_name".to_owned(),
             server_name.to_owned(),
             "--cluster_name".to_owned(),
             self.name.clone(),
             "--cluster".to_owned(),
-            format!("nats://127.0.0.1:{cluster_port}"),
+            format!("nats://{addr}:{cluster_port}"),
             "--routes".to_owned(),
             self.routes.clone(),
         ]
@@ -175,7 +262,7 @@ impl NatsCluster {
 
     /// The client URL of one node.
     pub fn url(&self, node: usize) -> String {
-        format!("nats://127.0.0.1:{}", self.nodes[node].port)
+        format!("nats://{}:{}", self.addr(node), self.nodes[node].port)
     }
 
     /// Every node's client URL, in node order.
@@ -295,16 +382,67 @@ impl NatsCluster {
     pub async fn restart(&mut self, node: usize) {
         self.kill(node).await;
         let args = self.node_args(&self.nodes[node].server_name, self.nodes[node].cluster_port);
-        let n = &mut self.nodes[node];
-        let process = NatsProcess::start(&nats_server_bin(), Some(n.port), n.dir.path(), &args)
-            .await
-            .expect("cluster node restarts");
-        n.process = Some(process);
+        let process = match (&self.net, &self.nodes[node].host) {
+            (Some(net), Some(host)) => {
+                NodeProcess::Namespaced(self.start_namespaced(net, host, node, &args).await)
+            }
+            _ => {
+                let n = &self.nodes[node];
+                let process =
+                    NatsProcess::start(&nats_server_bin(), Some(n.port), n.dir.path(), &args)
+                        .await
+                        .expect("cluster node restarts");
+                NodeProcess::Loopback(process)
+            }
+        };
+        self.nodes[node].process = Some(process);
+    }
+
+    /// Runs a node's nats-server in its namespace and waits until its client port answers.
+    async fn start_namespaced(
+        &self,
+        net: &Net,
+        host: &Host,
+        node: usize,
+        args: &[String],
+    ) -> tokio::process::Child {
+        let n = &self.nodes[node];
+        let log = n.dir.path().join("nats-server.log");
+        let mut child = net
+            .command(host, nats_server_bin())
+            .args(["-js", "-a", &host.ip.to_string(), "-p", &n.port.to_string()])
+            .arg("-sd")
+            .arg(n.dir.path())
+            .arg("-l")
+            .arg(&log)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start a namespaced nats-server");
+        let addr = (host.ip, n.port);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                panic!("nats-server n{node} exited ({status}): {tail}");
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nats-server n{node} does not listen on {}:{}",
+                host.ip,
+                n.port
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        child
     }
 
     /// The process id of a node, while it runs.
     pub fn pid(&self, node: usize) -> Option<u32> {
-        self.nodes[node].process.as_ref().and_then(NatsProcess::pid)
+        self.nodes[node].process.as_ref().and_then(NodeProcess::pid)
     }
 
     /// Freezes a node (SIGSTOP): its connections stay open, nothing is answered.

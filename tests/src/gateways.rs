@@ -18,7 +18,7 @@ use gateway::config::{Settings, load_config};
 use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -37,6 +37,8 @@ pub struct GatewayBuilder<N = NewNats> {
     flags: Vec<String>,
     env: Vec<(String, String)>,
     wait_ready: bool,
+    /// A command the process runs under (`ip netns exec <ns>`); empty: none.
+    prefix: Vec<String>,
 }
 
 /// Where a [`GatewayBuilder`] gets its NATS: a nats-server of its own, started with the gateway.
@@ -60,6 +62,7 @@ impl TestGateway {
             flags: Vec::new(),
             env: Vec::new(),
             wait_ready: true,
+            prefix: Vec::new(),
         }
     }
 }
@@ -101,6 +104,13 @@ impl<N> GatewayBuilder<N> {
         self.wait_ready = wait;
         self
     }
+
+    /// Runs the gateway process under this command (`ip netns exec <ns>`, from
+    /// [`crate::netns::Net::prefix`]). For [`GatewayBuilder::spawn`] only.
+    pub fn command_prefix(mut self, prefix: Vec<String>) -> Self {
+        self.prefix = prefix;
+        self
+    }
 }
 
 impl GatewayBuilder<NewNats> {
@@ -118,6 +128,7 @@ impl GatewayBuilder<NewNats> {
             flags: self.flags,
             env: self.env,
             wait_ready: self.wait_ready,
+            prefix: self.prefix,
         }
     }
 
@@ -140,8 +151,8 @@ impl GatewayBuilder<NatsUrl> {
     /// Starts the gateway in the test process.
     pub async fn start(self) -> InProcessGateway {
         assert!(
-            self.env.is_empty(),
-            "environment variables are for a gateway process (spawn); in-process, use flags"
+            self.env.is_empty() && self.prefix.is_empty(),
+            "environment variables and command prefixes are for a gateway process (spawn); in-process, use flags"
         );
         let routes = RoutesFile::new(&self.routes);
         let settings = settings(&self.nats.0, &routes, &self.flags);
@@ -154,6 +165,7 @@ impl GatewayBuilder<NatsUrl> {
         let routes = RoutesFile::new(&self.routes);
         GatewayProcess::spawn(
             bin,
+            &self.prefix,
             &self.nats.0,
             routes,
             &self.flags,
@@ -302,13 +314,14 @@ impl GatewayProcess {
     /// parallel tests never race for a port.
     async fn spawn(
         bin: &str,
+        prefix: &[String],
         nats_url: &str,
         routes: RoutesFile,
         flags: &[String],
         env: &[(String, String)],
         wait_ready: bool,
     ) -> Self {
-        let mut cmd = Command::new(bin);
+        let mut cmd = crate::netns::prefixed(prefix, bin);
         cmd.arg("serve")
             .args(flags)
             .env("GATEWAY_CONFIG", &routes.path)

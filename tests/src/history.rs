@@ -533,6 +533,13 @@ pub struct StoredRequest {
     pub payload: String,
 }
 
+impl StoredRequest {
+    /// The route of the request: its subject is `<prefix>.req.<route>.<key token>`.
+    pub fn route(&self) -> &str {
+        self.subject.split('.').nth(2).unwrap_or_default()
+    }
+}
+
 /// A result as `GW_RESULTS` or `GW_OUTCOMES` holds it.
 #[derive(Debug, Clone, Serialize)]
 pub struct StoredResult {
@@ -660,6 +667,10 @@ pub struct Observed<'a> {
     pub gateways: &'a [String],
     /// The process name of the final reads (one per operation per gateway, after draining).
     pub final_process: &'a str,
+    /// A route of stateful operations: any terminal status may be right for them (a cancel or
+    /// the deadline may win), and their results are not echoes; the exactly-once oracles
+    /// (`crate::exactly_once`) judge those. Every other check applies to them as to any.
+    pub stateful_route: Option<&'a str>,
 }
 
 /// The checker's counts. The fields under "must be zero" are the anomalies.
@@ -1140,6 +1151,7 @@ pub fn check(calls: &[CallRecord], observed: &Observed<'_>) -> Verdict {
                 subject.clone(),
                 format!("key {key} ({acked}): operation {op} has no result"),
             )),
+            Some(_) if observed.stateful_route == Some(stored.route()) => {}
             Some(result) => {
                 if !(200..300).contains(&result.status) || result.outcome.is_some() {
                     later.push((
@@ -1425,6 +1437,7 @@ mod tests {
                     effects: Some(&self.effects),
                     gateways: &gateways,
                     final_process: "final",
+                    stateful_route: None,
                 },
             )
         }

@@ -19,10 +19,12 @@
 
 pub mod chaos;
 mod cluster;
+pub mod exactly_once;
 mod gateways;
 pub mod history;
 mod http;
 mod nats;
+pub mod netns;
 pub mod proxy;
 mod streams;
 mod tools;

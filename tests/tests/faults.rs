@@ -383,17 +383,7 @@ struct WorkerProcess {
 
 impl WorkerProcess {
     fn spawn(nats_url: &str, log: &std::path::Path) -> Self {
-        let child = tokio::process::Command::new(WORKER_BIN)
-            .arg(nats_url)
-            .arg("orders")
-            .arg(log)
-            .env("RUST_LOG", "warn")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start a worker process");
+        let child = gateway_tests::chaos::spawn_echo_worker(&[], WORKER_BIN, nats_url, log);
         Self { child }
     }
 
@@ -506,6 +496,7 @@ async fn the_checker_sees_a_lost_and_an_unexpected_request() {
             &endpoints,
             "client",
             0,
+            "/orders",
             &key,
             &payload,
             Duration::from_secs(10),
@@ -532,6 +523,7 @@ async fn the_checker_sees_a_lost_and_an_unexpected_request() {
                 effects: Some(effects),
                 gateways: &gateways,
                 final_process: "final",
+                stateful_route: None,
             },
         )
     };

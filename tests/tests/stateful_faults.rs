@@ -22,84 +22,38 @@
 //!   others; one result per operation.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
+use gateway_tests::exactly_once::{self, StatefulWorkers, WorkerSpec};
 use gateway_tests::*;
-use tokio_util::sync::CancellationToken;
 
 const WORKER_BIN: &str = env!("CARGO_BIN_EXE_stateful-worker");
 const OPERATIONS: usize = 1000;
 const DUPLICATES: usize = 100;
 const CANCELLED: usize = 100;
-const ROUTES: &str = r#"
-[[route]]
-name = "count"
-method = "POST"
-path = "/count"
-timeout = "30s"
-retention = "10m"
-state = { stream = "WK_COUNT", prefix = "wk" }
-"#;
-
-/// Keeps `n` worker processes running, restarting any that crash, until `stop`.
-fn supervise(
-    nats_url: String,
-    n: usize,
-    stop: CancellationToken,
-    restarts: Arc<AtomicU32>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let spawn = || {
-            tokio::process::Command::new(WORKER_BIN)
-                .args([nats_url.as_str(), "count"])
-                .env("HANDLERS_CRASH_PERCENT", "1")
-                .env(
-                    "HANDLERS_CRASH_POINTS",
-                    "before-commit,after-commit,after-publish",
-                )
-                .env("STALL_PERCENT", "1")
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .expect("start a worker process")
-        };
-        let mut workers: Vec<_> = (0..n).map(|_| spawn()).collect();
-        while !stop.is_cancelled() {
-            for w in workers.iter_mut() {
-                if let Ok(Some(_)) = w.try_wait() {
-                    restarts.fetch_add(1, Ordering::Relaxed);
-                    *w = spawn();
-                }
-            }
-            tokio::select! {
-                () = stop.cancelled() => {}
-                () = tokio::time::sleep(Duration::from_millis(50)) => {}
-            }
-        }
-        for mut w in workers {
-            let _ = w.kill().await;
-        }
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashes_duplicates_and_stalls_never_break_exactly_once_processing() {
-    let TestGateway { nats, gw } = TestGateway::builder(ROUTES).start().await;
-    nats.jetstream()
-        .await
-        .create_or_update_stream(async_nats::jetstream::stream::Config {
-            name: "AUDIT".into(),
-            subjects: vec!["audit.>".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let stop = CancellationToken::new();
-    let restarts = Arc::new(AtomicU32::new(0));
-    let supervisor = supervise(nats.url(), 3, stop.clone(), restarts.clone());
+    let TestGateway { nats, gw } = TestGateway::builder(&exactly_once::route("30s"))
+        .start()
+        .await;
+    exactly_once::create_audit_stream(&nats.jetstream().await, 1).await;
+    let workers = StatefulWorkers::supervise(WorkerSpec {
+        bin: WORKER_BIN.to_owned(),
+        nats_url: nats.url(),
+        count: 3,
+        env: [
+            ("HANDLERS_CRASH_PERCENT", "1"),
+            (
+                "HANDLERS_CRASH_POINTS",
+                "before-commit,after-commit,after-publish",
+            ),
+            ("STALL_PERCENT", "1"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .to_vec(),
+        prefix: Arc::new(|_| Vec::new()),
+    });
 
     let http = http();
     let ids: Vec<String> = futures::stream::iter(0..OPERATIONS)
@@ -153,10 +107,9 @@ async fn crashes_duplicates_and_stalls_never_break_exactly_once_processing() {
         };
         outcomes.push((id.clone(), status, value));
     }
-    stop.cancel();
-    supervisor.await.unwrap();
+    let restarted = workers.restarts();
+    workers.stop().await;
 
-    let restarted = restarts.load(Ordering::Relaxed);
     let count = |s: &str| outcomes.iter().filter(|(_, status, _)| status == s).count();
     let succeeded = count("succeeded");
     eprintln!(

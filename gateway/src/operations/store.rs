@@ -269,7 +269,8 @@ impl Store {
                 // Markers the gateway writes live as long as their operation's request (the
                 // route's retention), and the store's stream must keep them that long.
                 let store =
-                    StateStore::attach(js.clone(), &state.stream, &state.prefix, *retention);
+                    StateStore::attach(js.clone(), &state.stream, &state.prefix, *retention)
+                        .with_replicas(settings.stream_replicas);
                 (route.clone(), store)
             })
             .collect();

@@ -4,7 +4,7 @@
 //! sometimes blocks its thread past AckWait, so the request is redelivered to another worker
 //! while it still runs.
 //!
-//! Usage: stateful-worker <nats-url> <route>
+//! Usage: stateful-worker <nats-urls, comma-separated> <route>
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,13 +16,18 @@ use tokio_util::sync::CancellationToken;
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let (Some(url), Some(route)) = (args.next(), args.next()) else {
-        anyhow::bail!("usage: stateful-worker <nats-url> <route>");
+        anyhow::bail!("usage: stateful-worker <nats-urls> <route>");
     };
     let stall_percent: u64 = std::env::var("STALL_PERCENT")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let js = async_nats::jetstream::new(async_nats::connect(url).await?);
+    let servers: Vec<String> = url.split(',').map(str::to_owned).collect();
+    let client = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(servers)
+        .await?;
+    let js = async_nats::jetstream::new(client);
     let store = StateStore::ensure(js.clone(), "WK_COUNT", "wk", Duration::from_secs(3600)).await?;
     // Every optimistic-concurrency conflict on the one counter spends a delivery: with three
     // workers racing, an operation can need many. Stateful consumers want a generous max_deliver.
