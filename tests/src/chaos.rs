@@ -303,10 +303,11 @@ pub fn fault_worker_config() -> handlers::WorkerConfig {
 }
 
 /// Starts a `fault-worker` process (`bin`: `env!("CARGO_BIN_EXE_fault-worker")`) under `prefix`
-/// (`ip netns exec <ns>`, or none): the suite's echo handler on `orders`, on these NATS URLs
-/// (comma-separated), recording every execution in `log`. Killed when dropped.
+/// (`ip netns exec <ns>`, or none) with `env` besides: the suite's echo handler on `orders`, on
+/// these NATS URLs (comma-separated), recording every execution in `log`. Killed when dropped.
 pub fn spawn_echo_worker(
     prefix: &[String],
+    env: &[(String, String)],
     bin: &str,
     nats_url: &str,
     log: &Path,
@@ -316,6 +317,7 @@ pub fn spawn_echo_worker(
         .arg("orders")
         .arg(log)
         .env("RUST_LOG", "warn")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::inherit())
@@ -530,7 +532,8 @@ impl ScenarioReport {
         ));
         md.push_str(&format!(
             "Also zero: inconsistent results {}, 404 after a 202 {}, not succeeded {}, answers \
-             outside the contract {}; duplicates = {} request + {} committed-result. \
+             outside the contract {}, expired early {} (of {} expired); duplicates = {} request \
+             + {} committed-result. \
              Retried until acknowledged: {} ({} found, by a replay, the write of an attempt \
              whose outcome was unknown). Indeterminate requests that took effect: {} of {}. \
              Stream: {} requests, {} results. \
@@ -541,6 +544,8 @@ impl ScenarioReport {
             c.not_found_after_ack,
             c.not_succeeded,
             c.unexpected_answers,
+            c.expired_early,
+            c.expired,
             c.duplicate_requests,
             c.duplicate_effects,
             c.acknowledged_after_retry,
@@ -653,6 +658,8 @@ pub struct Run {
     stateful: bool,
     /// The stateful lanes' cancellations, by answer.
     cancels: Arc<Mutex<std::collections::BTreeMap<String, usize>>>,
+    /// The clocks' allowance expiries are judged by ([`Run::with_clocks`]).
+    clocks: history::ClockAllowance,
 }
 
 impl Run {
@@ -682,7 +689,16 @@ impl Run {
             not_ready: Mutex::default(),
             stateful: false,
             cancels: Arc::default(),
+            clocks: history::ClockAllowance::default(),
         }
+    }
+
+    /// A run whose processes' clocks are off ([`history::ClockAllowance`]): no expiry may be
+    /// stored before `deadline + grace - ahead` by nats-server's clock. Without it: exactly
+    /// none before the deadline.
+    pub fn with_clocks(mut self, clocks: history::ClockAllowance) -> Self {
+        self.clocks = clocks;
+        self
     }
 
     /// A run with the stateful route ([`crate::exactly_once::route`]) and its workers, which the
@@ -980,6 +996,7 @@ impl Run {
                 gateways: &names,
                 final_process: "final",
                 stateful_route: self.stateful.then_some(crate::exactly_once::ROUTE),
+                clocks: self.clocks,
             },
         );
         let exactly_once = if self.stateful {

@@ -81,6 +81,8 @@ pub struct StatefulWorkers {
     stop: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
     restarts: Arc<AtomicU32>,
+    /// The running processes' ids.
+    pids: Arc<std::sync::Mutex<Vec<u32>>>,
 }
 
 /// How to start the stateful worker processes.
@@ -102,7 +104,8 @@ impl StatefulWorkers {
     pub fn supervise(spec: WorkerSpec) -> Self {
         let stop = CancellationToken::new();
         let restarts = Arc::new(AtomicU32::new(0));
-        let (token, counter) = (stop.clone(), restarts.clone());
+        let pids: Arc<std::sync::Mutex<Vec<u32>>> = Arc::default();
+        let (token, counter, running) = (stop.clone(), restarts.clone(), pids.clone());
         let task = tokio::spawn(async move {
             let spawn = |i: usize| {
                 crate::netns::prefixed(&(spec.prefix)(i), &spec.bin)
@@ -122,6 +125,7 @@ impl StatefulWorkers {
                         *w = spawn(i);
                     }
                 }
+                *running.lock().unwrap() = workers.iter().filter_map(|w| w.id()).collect();
                 tokio::select! {
                     () = token.cancelled() => {}
                     () = tokio::time::sleep(Duration::from_millis(50)) => {}
@@ -135,6 +139,26 @@ impl StatefulWorkers {
             stop,
             task: Some(task),
             restarts,
+            pids,
+        }
+    }
+
+    /// Freezes every process (SIGSTOP): deliveries they hold wait, their AckWait runs out.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaws every process (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        for pid in self.pids.lock().unwrap().iter() {
+            // A process that exited a moment ago is restarted by the supervisor.
+            let _ = std::process::Command::new("kill")
+                .args([signal, &pid.to_string()])
+                .status();
         }
     }
 

@@ -531,6 +531,8 @@ pub struct StoredRequest {
     /// The idempotency key, unquoted.
     pub key: String,
     pub payload: String,
+    /// `Gw-Deadline`, in seconds since the Unix epoch: written by the accepting gateway's clock.
+    pub deadline_s: Option<f64>,
 }
 
 impl StoredRequest {
@@ -548,6 +550,8 @@ pub struct StoredResult {
     pub status: u16,
     pub outcome: Option<String>,
     pub body: String,
+    /// When nats-server stored it (its clock, the cluster's), in seconds since the Unix epoch.
+    pub stored_s: f64,
 }
 
 /// One execution of the test handler: which operation, a nonce unique to the execution, and the
@@ -635,6 +639,7 @@ pub async fn read_gateway_streams(
                 .map(|k| k.trim_matches('"').to_owned())
                 .unwrap_or_default(),
             payload: String::from_utf8_lossy(&m.payload).into_owned(),
+            deadline_s: header(m, h::DEADLINE).and_then(|d| unix_seconds(&d)),
         })
         .collect();
     // Both streams of result slots: contract 1's and contract 2's.
@@ -652,9 +657,32 @@ pub async fn read_gateway_streams(
                 .unwrap_or(0),
             outcome: header(m, h::OUTCOME),
             body: String::from_utf8_lossy(&m.payload).into_owned(),
+            stored_s: m
+                .info()
+                .map(|i| i.published.unix_timestamp_nanos() as f64 / 1e9)
+                .unwrap_or(0.0),
         })
         .collect();
     Ok((requests, results))
+}
+
+/// An RFC 3339 time in seconds since the Unix epoch.
+fn unix_seconds(text: &str) -> Option<f64> {
+    let t =
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
+    Some(t.unix_timestamp_nanos() as f64 / 1e9)
+}
+
+/// How far the processes' clocks may be from the cluster's: the rule an expiry keeps is that
+/// its decider's clock read past `deadline + grace` (`GATEWAY_EXPIRY_GRACE`, a worker's
+/// `expiry_grace`), so by nats-server's clock no expiry may be stored before
+/// `deadline + grace - ahead`, where `ahead` is the most any decider's clock ran ahead.
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+pub struct ClockAllowance {
+    /// The smallest grace of any process that may decide an expiry.
+    pub grace: Duration,
+    /// The most any such process's clock ran ahead of the cluster's.
+    pub ahead: Duration,
 }
 
 /// What the checker needs besides the history.
@@ -671,6 +699,8 @@ pub struct Observed<'a> {
     /// the deadline may win), and their results are not echoes; the exactly-once oracles
     /// (`crate::exactly_once`) judge those. Every other check applies to them as to any.
     pub stateful_route: Option<&'a str>,
+    /// The clocks' allowance an expiry is judged by.
+    pub clocks: ClockAllowance,
 }
 
 /// The checker's counts. The fields under "must be zero" are the anomalies.
@@ -701,6 +731,8 @@ pub struct Counts {
     pub not_found_after_ack: usize,
     pub not_succeeded: usize,
     pub unexpected_answers: usize,
+    /// Expiries stored before the deadline plus the allowance ([`ClockAllowance`]).
+    pub expired_early: usize,
     /// Information.
     pub handler_executions: usize,
     pub ops_executed_more_than_once: usize,
@@ -711,6 +743,8 @@ pub struct Counts {
     pub result_reads_unavailable: usize,
     pub request_messages: usize,
     pub result_messages: usize,
+    /// Operations that ended `expired`.
+    pub expired: usize,
     /// Submit attempts by answer (`202`, `202 replayed`, `503 outcome-unknown`, `timeout`, ...).
     pub answers: BTreeMap<String, usize>,
 }
@@ -727,6 +761,7 @@ impl Counts {
             ("not_found_after_ack", self.not_found_after_ack),
             ("not_succeeded", self.not_succeeded),
             ("unexpected_answers", self.unexpected_answers),
+            ("expired_early", self.expired_early),
         ]
         .into_iter()
         .filter(|(_, n)| *n > 0)
@@ -1017,6 +1052,35 @@ pub fn check(calls: &[CallRecord], observed: &Observed<'_>) -> Verdict {
         }
     }
 
+    // Expiries: none before the deadline its writer's clock set, plus the grace, less how far
+    // the deciding clock may have run ahead (delayed starts' `not-started` is another rule).
+    let deadline_of: HashMap<&str, Option<f64>> = observed
+        .requests
+        .iter()
+        .map(|r| (r.op.as_str(), r.deadline_s))
+        .collect();
+    let allowance = observed.clocks.grace.as_secs_f64() - observed.clocks.ahead.as_secs_f64();
+    for r in observed.results {
+        if r.outcome.as_deref() != Some("expired") || !r.body.contains("problem/expired") {
+            continue;
+        }
+        v.counts.expired += 1;
+        if let Some(Some(deadline)) = deadline_of.get(r.op.as_str())
+            && r.stored_s < deadline + allowance
+        {
+            later.push((
+                "expired_early",
+                r.op.clone(),
+                format!(
+                    "operation {}: expired, stored {:.3}s before its deadline plus the allowance ({:+.1}s)",
+                    r.op,
+                    deadline + allowance - r.stored_s,
+                    allowance
+                ),
+            ));
+        }
+    }
+
     // Duplicates: per key, per payload, per operation (committed results).
     for (key, list) in &by_key {
         if list.len() > 1 {
@@ -1284,6 +1348,7 @@ pub fn check(calls: &[CallRecord], observed: &Observed<'_>) -> Verdict {
                 "duplicate_effects" => c.duplicate_effects += 1,
                 "inconsistent_results" => c.inconsistent_results += 1,
                 "not_succeeded" => c.not_succeeded += 1,
+                "expired_early" => c.expired_early += 1,
                 _ => {}
             }
         }
@@ -1313,6 +1378,7 @@ mod tests {
         requests: Vec<StoredRequest>,
         results: Vec<StoredResult>,
         effects: Vec<Effect>,
+        clocks: ClockAllowance,
     }
 
     impl Case {
@@ -1323,6 +1389,7 @@ mod tests {
                 requests: Vec::new(),
                 results: Vec::new(),
                 effects: Vec::new(),
+                clocks: ClockAllowance::default(),
             };
             for (i, key) in ["k1", "k2"].iter().enumerate() {
                 let op = format!("o{}", i + 1);
@@ -1408,6 +1475,7 @@ mod tests {
                 op: op.to_owned(),
                 key: key.to_owned(),
                 payload: format!("p-{key}"),
+                deadline_s: Some(100.0),
             });
         }
 
@@ -1423,6 +1491,7 @@ mod tests {
                 status: 200,
                 outcome: None,
                 body: effect_reply(&effect).to_string(),
+                stored_s: 1.0,
             });
             self.effects.push(effect);
         }
@@ -1438,6 +1507,7 @@ mod tests {
                     gateways: &gateways,
                     final_process: "final",
                     stateful_route: None,
+                    clocks: self.clocks,
                 },
             )
         }
@@ -1500,6 +1570,7 @@ mod tests {
             op: "ox".to_owned(),
             key: "stranger".to_owned(),
             payload: "?".to_owned(),
+            deadline_s: None,
         });
         case.submit(
             "k3",
@@ -1693,5 +1764,29 @@ mod tests {
                 body: None,
             }
         );
+    }
+
+    #[test]
+    fn an_expiry_before_the_deadline_plus_the_allowance_is_early() {
+        let mut case = Case::healthy();
+        // o1 (deadline 100 s) expired at 99 s: early with no allowance; o2 at 100.5 s: on time.
+        for (op, stored_s) in [("o1", 99.0), ("o2", 100.5)] {
+            let result = case.results.iter_mut().find(|r| r.op == op).unwrap();
+            result.outcome = Some("expired".to_owned());
+            result.status = 504;
+            result.body = r#"{"type":"tag:nats-http-gateway,2026:problem/expired"}"#.to_owned();
+            result.stored_s = stored_s;
+        }
+        let v = case.check();
+        assert_eq!((v.counts.expired, v.counts.expired_early), (2, 1), "{v:#?}");
+        // A grace of 5 s, with clocks up to 2 s ahead: no expiry before 103 s.
+        case.clocks = ClockAllowance {
+            grace: Duration::from_secs(5),
+            ahead: Duration::from_secs(2),
+        };
+        assert_eq!(case.check().counts.expired_early, 2);
+        // Deciders that wait 5 s past deadlines but may run 6 s ahead: none before 99 s.
+        case.clocks.ahead = Duration::from_secs(6);
+        assert_eq!(case.check().counts.expired_early, 0);
     }
 }

@@ -18,6 +18,7 @@
 //! - `tools`: tools from the project's `.venv`.
 
 pub mod chaos;
+pub mod clocks;
 mod cluster;
 pub mod exactly_once;
 mod gateways;

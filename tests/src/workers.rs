@@ -16,13 +16,20 @@ use tokio_util::sync::CancellationToken;
 
 use crate::nats::Nats;
 
-/// Worker settings for tests: short ack wait and retry delays.
+/// Worker settings for tests: short ack wait and retry delays; the expiry grace (the clocks'
+/// allowance, as `GATEWAY_EXPIRY_GRACE` for gateways) from `WORKER_EXPIRY_GRACE_SECS`, which the
+/// clock nemesis gives its worker processes (default none).
 pub fn worker_config() -> WorkerConfig {
+    let expiry_grace = std::env::var("WORKER_EXPIRY_GRACE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(Duration::ZERO, Duration::from_secs);
     WorkerConfig {
         ack_wait: Duration::from_secs(2),
         retry_base: Duration::from_millis(100),
         retry_max: Duration::from_millis(500),
         consumer_prefix: "test".to_owned(),
+        expiry_grace,
         ..WorkerConfig::default()
     }
 }

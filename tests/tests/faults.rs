@@ -383,7 +383,7 @@ struct WorkerProcess {
 
 impl WorkerProcess {
     fn spawn(nats_url: &str, log: &std::path::Path) -> Self {
-        let child = gateway_tests::chaos::spawn_echo_worker(&[], WORKER_BIN, nats_url, log);
+        let child = gateway_tests::chaos::spawn_echo_worker(&[], &[], WORKER_BIN, nats_url, log);
         Self { child }
     }
 
@@ -524,6 +524,7 @@ async fn the_checker_sees_a_lost_and_an_unexpected_request() {
                 gateways: &gateways,
                 final_process: "final",
                 stateful_route: None,
+                clocks: Default::default(),
             },
         )
     };

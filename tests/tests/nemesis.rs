@@ -5,6 +5,9 @@
 //!
 //! - `partitions`: a 3-node cluster (R3), gateways and workers each in a network namespace,
 //!   cut apart by the kernel (`gateway_tests::netns`).
+//! - `clocks`: gateways and workers on wall clocks minutes off the server's, jumping forward
+//!   and back (`gateway_tests::clocks`); no expiry may come before its deadline plus the
+//!   documented allowance (`GATEWAY_EXPIRY_GRACE`) by the server's clock.
 //!
 //! Same profiles, reports and seeds as `faults.rs` (`FAULT_PROFILE`, `FAULT_REPORT_DIR`,
 //! `FAULT_SEED`; `scripts/faults` runs both files).
@@ -13,7 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gateway_tests::chaos::{EffectLog, FAULT_ROUTES, Run, spawn_echo_worker};
+use gateway_tests::clocks::FakeClock;
 use gateway_tests::exactly_once::{self, StatefulWorkers, WorkerSpec};
+use gateway_tests::history::ClockAllowance;
 use gateway_tests::netns::{Host, Net};
 use gateway_tests::*;
 use handlers::contract::{DEFAULT_OUTCOMES_STREAM, DEFAULT_REQUESTS_STREAM};
@@ -89,7 +94,7 @@ async fn partitions() {
         .enumerate()
         .map(|(i, h)| {
             let urls = cluster.url_list_from(2 - i);
-            spawn_echo_worker(&net.prefix(h), ECHO_WORKER_BIN, &urls, &log)
+            spawn_echo_worker(&net.prefix(h), &[], ECHO_WORKER_BIN, &urls, &log)
         })
         .collect();
     let stateful = StatefulWorkers::supervise(WorkerSpec {
@@ -214,5 +219,133 @@ async fn partitions() {
     let report = run.finish(load, healed_at, &js, &effects).await;
     stateful.stop().await;
     drop((echo_workers, g0, g1, cluster));
+    report.assert_passed();
+}
+
+/// How far the clock nemesis moves a clock from the server's, at most, either way.
+const SKEW_S: i64 = 120;
+
+/// One nats-server (the cluster's clock); two gateways, an echo worker and stateful workers under
+/// libfaketime, each group on its own wall clock: g0 starts right, g1 minutes ahead, the workers
+/// minutes behind. Every process's expiry grace is the documented allowance, the largest
+/// difference two clocks can have (`2 × SKEW_S`). The nemesis jumps one group's clock forward or
+/// back (anywhere within `±SKEW_S`), or sets the worst case on purpose: the accepting gateway
+/// behind by `SKEW_S`, the reading one ahead by as much, and the stateful workers frozen past the
+/// route's deadline, so that reads decide expiries at the earliest moment the allowance permits,
+/// racing the workers' commits when they thaw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clocks() {
+    let started = Instant::now();
+    let nats = Nats::start().await;
+    let grace = (2 * SKEW_S).to_string();
+    let gateway_clocks = [FakeClock::new(0), FakeClock::new(SKEW_S)];
+    let (echo_clock, stateful_clock) = (FakeClock::new(-SKEW_S), FakeClock::new(-SKEW_S));
+    let mut gateways = Vec::new();
+    for clock in &gateway_clocks {
+        let gateway = TestGateway::builder(&routes())
+            .nats(&nats)
+            .envs([
+                ("RUST_LOG", "warn,gateway=info,tower_http=error"),
+                ("GATEWAY_EXPIRY_GRACE", &format!("{grace}s")),
+            ])
+            .envs(clock.env())
+            .spawn(GATEWAY_BIN)
+            .await;
+        gateways.push(gateway);
+    }
+    let graced = |clock: &FakeClock| {
+        let mut env = clock.env();
+        env.push(("WORKER_EXPIRY_GRACE_SECS".to_owned(), grace.clone()));
+        env
+    };
+    exactly_once::create_audit_stream(&nats.jetstream().await, 1).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("effects.jsonl");
+    let effects = EffectLog::file(&log);
+    let echo_worker = spawn_echo_worker(
+        &[],
+        &graced(&echo_clock),
+        ECHO_WORKER_BIN,
+        &nats.url(),
+        &log,
+    );
+    let stateful = StatefulWorkers::supervise(WorkerSpec {
+        bin: STATEFUL_WORKER_BIN.to_owned(),
+        nats_url: nats.url(),
+        count: 2,
+        env: graced(&stateful_clock),
+        prefix: Arc::new(|_| Vec::new()),
+    });
+    let run = Run::new(
+        "clocks",
+        "gateways and workers on wall clocks minutes off, jumping forward and back",
+        started,
+        &gateways.iter().map(|g| g.base.clone()).collect::<Vec<_>>(),
+    )
+    .with_stateful()
+    .with_clocks(ClockAllowance {
+        grace: Duration::from_secs(2 * SKEW_S as u64),
+        // libfaketime may read the previous offset for up to a second after a jump.
+        ahead: Duration::from_secs(SKEW_S as u64) + FakeClock::LAG,
+    });
+    run.explain(format!(
+        "Every gateway and worker runs with an expiry grace of {grace} s (`GATEWAY_EXPIRY_GRACE`, \
+         a worker's `expiry_grace`), the largest difference two clocks had (each within \
+         ±{SKEW_S} s of the server's). The checker's rule: no expiry stored, by nats-server's \
+         clock, before the deadline its accepting gateway wrote plus the grace less how far a \
+         deciding clock ran ahead ({SKEW_S} s, plus libfaketime's 1 s lag after a jump)."
+    ));
+    let load = run.start_load();
+    let groups = [
+        ("g0", &gateway_clocks[0]),
+        ("g1", &gateway_clocks[1]),
+        ("the echo worker", &echo_clock),
+        ("the stateful workers", &stateful_clock),
+    ];
+    let phase = run.profile.fault_phase;
+    let route_timeout = Duration::from_secs(8);
+    while run.in_fault_phase() {
+        run.pause(run.rand_between(phase / 28, phase / 14)).await;
+        if !run.in_fault_phase() {
+            break;
+        }
+        if run.chance(30) {
+            gateway_clocks[0].set(-SKEW_S);
+            gateway_clocks[1].set(SKEW_S);
+            stateful.pause();
+            run.fault(
+                "worst-case skew with the stateful workers frozen past the deadline",
+                format!("g0 {:+} s, g1 {:+} s", -SKEW_S, SKEW_S),
+            );
+            run.hold(route_timeout + run.rand_between(ms(500), ms(3000)))
+                .await;
+            stateful.resume();
+            run.note("stateful workers thawed");
+            continue;
+        }
+        let (name, clock) = groups[run.rand_below(groups.len())];
+        let before = clock.offset();
+        let mut after = run.rand_below(2 * SKEW_S as usize + 1) as i64 - SKEW_S;
+        if after == before {
+            after = -before;
+        }
+        clock.set(after);
+        run.fault(
+            if after > before {
+                "clock jumps forward"
+            } else {
+                "clock jumps back"
+            },
+            format!("{name}: {before:+} s to {after:+} s"),
+        );
+    }
+    run.end_faults(&load);
+    stateful.resume();
+    let healed_at = Instant::now();
+    let report = run
+        .finish(load, healed_at, &nats.jetstream().await, &effects)
+        .await;
+    stateful.stop().await;
+    drop((echo_worker, gateways));
     report.assert_passed();
 }

@@ -1,0 +1,78 @@
+//! Wall clocks that are off, for the clock nemesis: a process started with [`FakeClock::env`]
+//! runs under libfaketime (Debian's `faketime`, from `scripts/install-fault-tools`), its wall
+//! clock (`CLOCK_REALTIME`: what `SystemTime` and `OffsetDateTime::now_utc` read) shifted by the
+//! offset in a file that [`FakeClock::set`] rewrites during the run: libfaketime reads it again
+//! at most a second later (`FAKETIME_CACHE_DURATION=1`), so a jump forward or back reaches a
+//! running process. The monotonic clock is left alone (`FAKETIME_DONT_FAKE_MONOTONIC=1`), as a
+//! real wall-clock step leaves it: tokio's timers keep working. nats-server (Go, static) is
+//! never faked: its clock is the cluster's, the one the checker judges by.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+/// libfaketime's multi-threaded library: `FAKETIME_LIB`, else Debian's path.
+pub fn faketime_lib() -> PathBuf {
+    if let Ok(lib) = std::env::var("FAKETIME_LIB") {
+        return lib.into();
+    }
+    let debian = PathBuf::from("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1");
+    assert!(
+        debian.exists(),
+        "libfaketime not found: run scripts/install-fault-tools (or scripts/test), or set FAKETIME_LIB"
+    );
+    debian
+}
+
+/// One process's (or a group's) wall clock offset, in a file libfaketime reads.
+pub struct FakeClock {
+    dir: TempDir,
+    offset: std::sync::Mutex<i64>,
+}
+
+impl FakeClock {
+    /// A clock `offset_s` seconds off (positive: ahead).
+    pub fn new(offset_s: i64) -> Self {
+        let clock = Self {
+            dir: tempfile::tempdir().expect("temp dir"),
+            offset: std::sync::Mutex::new(0),
+        };
+        clock.set(offset_s);
+        clock
+    }
+
+    fn file(&self) -> PathBuf {
+        self.dir.path().join("faketime.rc")
+    }
+
+    /// The environment that puts a process on this clock.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("LD_PRELOAD", faketime_lib().display().to_string()),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_owned()),
+            ("FAKETIME_TIMESTAMP_FILE", self.file().display().to_string()),
+            ("FAKETIME_CACHE_DURATION", "1".to_owned()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v))
+        .to_vec()
+    }
+
+    /// Moves the clock to `offset_s` seconds off: a jump for the processes on it, within about
+    /// a second ([`FakeClock::LAG`]).
+    pub fn set(&self, offset_s: i64) {
+        // Written whole, then renamed: a reader never sees half a line.
+        let tmp = self.dir.path().join("faketime.rc.new");
+        std::fs::write(&tmp, format!("{offset_s:+}s\n")).expect("write the faketime file");
+        std::fs::rename(&tmp, self.file()).expect("replace the faketime file");
+        *self.offset.lock().unwrap() = offset_s;
+    }
+
+    /// The offset now, in seconds.
+    pub fn offset(&self) -> i64 {
+        *self.offset.lock().unwrap()
+    }
+
+    /// How long a running process may still read the previous offset after [`FakeClock::set`].
+    pub const LAG: Duration = Duration::from_secs(1);
+}
