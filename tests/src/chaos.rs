@@ -340,8 +340,8 @@ pub struct Submitted {
     pub acknowledged: Option<String>,
 }
 
-/// What a client does with one logical request: submit it to `path`, and retry a `503` or a
-/// network error with the same key and payload (through the next gateway) until a `202`, a
+/// What a client does with one logical request: submit it to `path`, and retry a `503`, a `507`
+/// or a network error with the same key and payload (through the next gateway) until a `202`, a
 /// definite refusal of another kind, or `patience` runs out.
 #[allow(clippy::too_many_arguments)]
 pub async fn submit_until_done(
@@ -369,7 +369,9 @@ pub async fn submit_until_done(
             Outcome::Ok { op, .. } => op.clone(),
             _ => None,
         };
-        let definite_refusal = matches!(outcome, Outcome::Fail { http, .. } if http != 503);
+        // 503 and 507 say "retry after Retry-After"; anything else refused is refused for good.
+        let definite_refusal =
+            matches!(outcome, Outcome::Fail { http, .. } if !matches!(http, 503 | 507));
         let first = first.get_or_insert(outcome).clone();
         if acknowledged.is_some() || definite_refusal || Instant::now() >= give_up {
             return Submitted {
@@ -1258,7 +1260,7 @@ fn standard_explanations(c: &crate::history::Counts) -> Vec<String> {
     if c.fail > 0 {
         out.push(format!(
             "`fail` {} (not an anomaly): requests refused definitely (`503 overloaded` or \
-             `shutting-down`) on every attempt they made (one-shot requests, mostly); none of \
+             `shutting-down`, `507 insufficient-storage`) on every attempt they made (one-shot requests, mostly); none of \
              them is in JetStream, which the checker verifies (it would count as `unexpected`).",
             c.fail
         ));

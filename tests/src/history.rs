@@ -410,6 +410,12 @@ fn classify_submit(
                 },
             }
         }
+        // No room in JetStream (a full stream, JetStream's storage limit): nothing was written,
+        // and a retry after `Retry-After` may find room.
+        507 if problem_slug(body).as_deref() == Some("insufficient-storage") => Outcome::Fail {
+            http,
+            problem: problem_slug(body),
+        },
         // Every client error is refused before anything is published (docs/http-api.md, "Problems").
         400..=499 => Outcome::Fail {
             http,
@@ -873,7 +879,7 @@ pub fn check(calls: &[CallRecord], observed: &Observed<'_>) -> Verdict {
                         k.first_ok = Some(k.first_ok.map_or(completed, |t| t.min(completed)));
                     }
                     Outcome::Fail { http, problem } => {
-                        if *http != 503 {
+                        if !matches!(http, 503 | 507) {
                             c.unexpected_answers += 1;
                             examples.push((
                                 "unexpected_answers",
@@ -1744,6 +1750,14 @@ mod tests {
         assert!(matches!(
             classify_submit(503, None, false, &body("shutting-down")),
             Outcome::Fail { .. }
+        ));
+        assert!(matches!(
+            classify_submit(507, None, false, &body("insufficient-storage")),
+            Outcome::Fail { http: 507, .. }
+        ));
+        assert!(matches!(
+            classify_submit(507, None, false, &body("something-else")),
+            Outcome::Unknown { .. }
         ));
         assert!(matches!(
             classify_submit(502, None, false, &body("bad-stored-message")),

@@ -20,6 +20,7 @@
 pub mod chaos;
 pub mod clocks;
 mod cluster;
+pub mod disk;
 pub mod exactly_once;
 mod gateways;
 pub mod history;

@@ -8,6 +8,8 @@
 //! - `clocks`: gateways and workers on wall clocks minutes off the server's, jumping forward
 //!   and back (`gateway_tests::clocks`); no expiry may come before its deadline plus the
 //!   documented allowance (`GATEWAY_EXPIRY_GRACE`) by the server's clock.
+//! - `disk-full`: nats-server's store on a small tmpfs that fills up under load
+//!   (`gateway_tests::disk`); space comes back and JetStream is restarted in place.
 //!
 //! Same profiles, reports and seeds as `faults.rs` (`FAULT_PROFILE`, `FAULT_REPORT_DIR`,
 //! `FAULT_SEED`; `scripts/faults` runs both files).
@@ -17,6 +19,7 @@ use std::time::Duration;
 
 use gateway_tests::chaos::{EffectLog, FAULT_ROUTES, Run, spawn_echo_worker};
 use gateway_tests::clocks::FakeClock;
+use gateway_tests::disk::{DiskNats, SmallDisk};
 use gateway_tests::exactly_once::{self, StatefulWorkers, WorkerSpec};
 use gateway_tests::history::ClockAllowance;
 use gateway_tests::netns::{Host, Net};
@@ -347,5 +350,96 @@ async fn clocks() {
         .await;
     stateful.stop().await;
     drop((echo_worker, gateways));
+    report.assert_passed();
+}
+
+/// One nats-server whose store (every stream: requests, results, the state store, the outgoing
+/// messages) is on a 64 MiB tmpfs, with the default JetStream limits; two gateways, an echo
+/// worker and stateful workers. The nemesis fills the disk to its last few KiB with a ballast
+/// file (another tenant of the disk, a log that grew): writes fail for want of space; or it
+/// restarts JetStream on the almost full disk, whose storage limit (75% of the free space) is
+/// then below what it holds: writes are refused. Then the space comes back and JetStream is
+/// restarted in place (a configuration reload), which is what a stream needs after a failed
+/// write (nats-server 2.15.1 keeps it failed until then).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full() {
+    let started = Instant::now();
+    let disk = SmallDisk::mount(64);
+    let nats = DiskNats::start(&disk).await;
+    let mut gateways = Vec::new();
+    for _ in 0..2 {
+        let gateway = TestGateway::builder(&routes())
+            .nats_url(nats.url())
+            .envs([("RUST_LOG", "warn,gateway=info,tower_http=error")])
+            .spawn(GATEWAY_BIN)
+            .await;
+        gateways.push(gateway);
+    }
+    let js = nats.jetstream().await;
+    exactly_once::create_audit_stream(&js, 1).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("effects.jsonl");
+    let effects = EffectLog::file(&log);
+    let echo_worker = spawn_echo_worker(&[], &[], ECHO_WORKER_BIN, &nats.url(), &log);
+    let stateful = StatefulWorkers::supervise(WorkerSpec {
+        bin: STATEFUL_WORKER_BIN.to_owned(),
+        nats_url: nats.url(),
+        count: 2,
+        env: Vec::new(),
+        prefix: Arc::new(|_| Vec::new()),
+    });
+    let run = Run::new(
+        "disk-full",
+        "nats-server's store on a small tmpfs that fills up under load",
+        started,
+        &gateways.iter().map(|g| g.base.clone()).collect::<Vec<_>>(),
+    )
+    .with_stateful();
+    run.explain(
+        "On a full disk nats-server 2.15.1 does not answer a publish whose write failed \
+         (ENOSPC): the gateway answers `503 outcome-unknown` after its NATS timeout, and the \
+         client's retry with the same key converges once the disk has room and JetStream was \
+         restarted. A stream that failed a write stays failed until JetStream restarts (a \
+         configuration reload, or a server restart), even with space back: nats-server's \
+         recovery step, which this scenario takes as an operator would. JetStream's own storage \
+         limit (by default 75% of the space free when it starts) is a definite refusal instead: \
+         `507 insufficient-storage`.",
+    );
+    let load = run.start_load();
+    let phase = run.profile.fault_phase;
+    while run.in_fault_phase() {
+        run.pause(run.rand_between(phase / 28, phase / 14)).await;
+        if !run.in_fault_phase() {
+            break;
+        }
+        if run.chance(50) {
+            let leave = 4096 * (1 + run.rand_below(8) as u64);
+            disk.fill(leave);
+            run.fault(
+                "disk full",
+                format!("a ballast leaves {} KiB free", leave / 1024),
+            );
+        } else {
+            // JetStream restarted on a full disk takes 75% of what is free as its limit: less
+            // than it holds, so every write is refused at once.
+            disk.fill(0);
+            nats.restart_jetstream().await;
+            run.fault(
+                "JetStream's storage limit below its usage",
+                "restarted on a full disk",
+            );
+        }
+        run.hold(run.rand_between(phase / 14, phase / 7)).await;
+        disk.free();
+        nats.restart_jetstream().await;
+        run.note("space back (ballast removed); JetStream restarted by a configuration reload");
+    }
+    run.end_faults(&load);
+    disk.free();
+    nats.restart_jetstream().await;
+    let healed_at = Instant::now();
+    let report = run.finish(load, healed_at, &js, &effects).await;
+    stateful.stop().await;
+    drop((echo_worker, gateways, nats));
     report.assert_passed();
 }
