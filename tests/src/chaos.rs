@@ -292,6 +292,15 @@ path = "/orders"
 timeout = "10m"
 "#;
 
+/// The routes of a run with stateful workers ([`Run::with_stateful`]): the echo route and the
+/// stateful one, whose deadline ([`crate::exactly_once::DEADLINE`]) faults make operations miss.
+pub fn fault_routes() -> String {
+    format!(
+        "{FAULT_ROUTES}{}",
+        crate::exactly_once::route(crate::exactly_once::DEADLINE)
+    )
+}
+
 /// Worker settings of the suite: short AckWait and back-off so redeliveries happen within a run,
 /// and a generous `max_deliver`: every crash, lost ack or AckWait expiry spends a delivery, and
 /// an operation that ran out of deliveries would stay pending until its deadline.

@@ -31,8 +31,11 @@ pub const STATE_STREAM: &str = "WK_COUNT";
 /// Where the workers' outgoing messages go (`audit.count`, the operation id as payload).
 pub const AUDIT_STREAM: &str = "AUDIT";
 
-/// The stateful route's TOML, with this deadline (`"8s"`): short, so that operations held up by
-/// a fault expire, some while a worker commits them.
+/// The fault suite's deadline of the stateful route: short, so that operations a fault holds
+/// up expire, some while a worker commits them.
+pub const DEADLINE: &str = "8s";
+
+/// The stateful route's TOML, with this deadline (`"8s"`).
 pub fn route(timeout: &str) -> String {
     format!(
         r#"
@@ -73,6 +76,26 @@ async fn create_stream(
             .map(|_| ())
     })
     .await;
+}
+
+/// The stateful side of a run on one NATS (`nats_url`, comma-separated URLs): the outgoing
+/// messages' stream with `replicas`, and two `bin` worker processes with `env`, supervised. The
+/// gateways (on [`crate::chaos::fault_routes`]) make the state store.
+pub async fn start_workers(
+    js: &async_nats::jetstream::Context,
+    bin: &str,
+    nats_url: &str,
+    replicas: usize,
+    env: Vec<(String, String)>,
+) -> StatefulWorkers {
+    create_audit_stream(js, replicas).await;
+    StatefulWorkers::supervise(WorkerSpec {
+        bin: bin.to_owned(),
+        nats_url: nats_url.to_owned(),
+        count: 2,
+        env,
+        prefix: Arc::new(|_| Vec::new()),
+    })
 }
 
 /// Stateful worker processes, kept running: one that exits (a crash point fired, or it could not

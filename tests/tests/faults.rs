@@ -14,7 +14,10 @@
 
 use std::time::Duration;
 
-use gateway_tests::chaos::{EffectLog, FAULT_ROUTES, Run, echo_handler, fault_worker_config};
+use gateway_tests::chaos::{
+    EffectLog, FAULT_ROUTES, Run, echo_handler, fault_routes, fault_worker_config,
+};
+use gateway_tests::exactly_once::{self, StatefulWorkers};
 use gateway_tests::proxy::{ProxyMode, TcpProxy};
 use gateway_tests::*;
 use handlers::contract::{DEFAULT_OUTCOMES_STREAM, DEFAULT_REQUESTS_STREAM};
@@ -22,17 +25,34 @@ use tokio::time::Instant;
 
 const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_gateway-under-test");
 const WORKER_BIN: &str = env!("CARGO_BIN_EXE_fault-worker");
+const STATEFUL_WORKER_BIN: &str = env!("CARGO_BIN_EXE_stateful-worker");
 
 const GATEWAY_LOG: (&str, &str) = ("RUST_LOG", "warn,gateway=info,tower_http=error");
 
-/// A gateway process of the suite on this NATS URL: the suite's routes and logging, and `env`.
+/// A gateway process of the suite on this NATS URL: the suite's routes (the stateful one too)
+/// and logging, and `env`.
 async fn fault_gateway(nats_url: &str, env: &[(&str, &str)]) -> GatewayProcess {
-    TestGateway::builder(FAULT_ROUTES)
+    TestGateway::builder(&fault_routes())
         .nats_url(nats_url)
         .envs([GATEWAY_LOG])
         .envs(env.iter().copied())
         .spawn(GATEWAY_BIN)
         .await
+}
+
+/// The run's stateful workers (two processes, supervised) on `nats_url`, with the outgoing
+/// messages' stream made with `replicas`.
+async fn stateful_workers(
+    js: &async_nats::jetstream::Context,
+    nats_url: &str,
+    replicas: usize,
+    env: &[(&str, &str)],
+) -> StatefulWorkers {
+    let env = env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    exactly_once::start_workers(js, STATEFUL_WORKER_BIN, nats_url, replicas, env).await
 }
 
 /// An in-process echo worker on `orders` that logs every handler execution.
@@ -62,12 +82,14 @@ async fn nats_server_killed_under_load() {
     let g0 = fault_gateway(&nats.url(), &[]).await;
     let g1 = fault_gateway(&nats.url(), &[]).await;
     let (worker, effects) = echo_worker(&nats).await;
+    let stateful = stateful_workers(&nats.jetstream().await, &nats.url(), 1, &[]).await;
     let run = Run::new(
         "nats-kill",
         "nats-server SIGKILLed every 2-3 s under load",
         started,
         &[g0.base.clone(), g1.base.clone()],
-    );
+    )
+    .with_stateful();
     let load = run.start_load();
     while run.in_fault_phase() {
         run.pause(run.rand_between(ms(2000), ms(3000))).await;
@@ -86,6 +108,7 @@ async fn nats_server_killed_under_load() {
     let js = nats.jetstream().await;
     let report = run.finish(load, healed_at, &js, &effects).await;
     worker.stop().await;
+    stateful.stop().await;
     drop((g0, g1));
     report.assert_passed();
 }
@@ -107,13 +130,15 @@ async fn gateway_killed_at_random_points() {
         hooked: vec![false, false],
     };
     let (worker, effects) = echo_worker(&nats).await;
+    let stateful = stateful_workers(&nats.jetstream().await, &nats.url(), 1, &[]).await;
     let bases: Vec<String> = gateways.processes.iter().map(|g| g.base.clone()).collect();
     let run = Run::new(
         "gateway-kill",
         "gateway processes SIGKILLed at random points under load",
         started,
         &bases,
-    );
+    )
+    .with_stateful();
     let load = run.start_load();
     while run.in_fault_phase() {
         run.pause(run.rand_between(ms(1000), ms(2500))).await;
@@ -155,6 +180,7 @@ async fn gateway_killed_at_random_points() {
     let js = nats.jetstream().await;
     let report = run.finish(load, healed_at, &js, &effects).await;
     worker.stop().await;
+    stateful.stop().await;
     drop(gateways);
     report.assert_passed();
 }
@@ -216,12 +242,15 @@ async fn cluster_node_killed_and_paused() {
             w.route("orders", echo_handler(effects))
         }));
     }
+    let js = cluster.jetstream_from(0).await;
+    let stateful = stateful_workers(&js, &cluster.url_list_from(2), 3, &[]).await;
     let run = Run::new(
         "cluster",
         "3-node cluster (R3): a node SIGKILLed, a node frozen with SIGSTOP",
         started,
         &[g0.base.clone(), g1.base.clone()],
-    );
+    )
+    .with_stateful();
     let load = run.start_load();
     let (mut next_victim, mut next_frozen) = (run.rand_below(3), run.rand_below(3));
     while run.in_fault_phase() {
@@ -296,17 +325,22 @@ async fn cluster_node_killed_and_paused() {
     }
     run.end_faults(&load);
     let healed_at = Instant::now();
-    for stream in [DEFAULT_REQUESTS_STREAM, DEFAULT_OUTCOMES_STREAM] {
+    for stream in [
+        DEFAULT_REQUESTS_STREAM,
+        DEFAULT_OUTCOMES_STREAM,
+        exactly_once::STATE_STREAM,
+        exactly_once::AUDIT_STREAM,
+    ] {
         cluster
             .wait_stream_healthy(stream, Duration::from_secs(60))
             .await;
     }
-    run.note("both streams healthy: a leader and two current followers");
-    let js = cluster.jetstream_from(0).await;
+    run.note("every stream healthy: a leader and two current followers");
     let report = run.finish(load, healed_at, &js, &effects).await;
     for w in workers {
         w.stop().await;
     }
+    stateful.stop().await;
     drop((g0, g1));
     report.assert_passed();
 }
@@ -326,12 +360,14 @@ async fn proxy_stalls_and_drops_gateway_connections() {
     let g0 = fault_gateway(&proxy.nats_url(), &env).await;
     let g1 = fault_gateway(&proxy.nats_url(), &env).await;
     let (worker, effects) = echo_worker(&nats).await;
+    let stateful = stateful_workers(&nats.jetstream().await, &nats.url(), 1, &[]).await;
     let run = Run::new(
         "proxy",
         "TCP proxy between the gateways and NATS stalls, drops and refuses connections",
         started,
         &[g0.base.clone(), g1.base.clone()],
-    );
+    )
+    .with_stateful();
     let load = run.start_load();
     let mut turn = run.rand_below(3);
     while run.in_fault_phase() {
@@ -372,6 +408,7 @@ async fn proxy_stalls_and_drops_gateway_connections() {
     let stats = proxy.stats();
     eprintln!("proxy: {stats:?}");
     worker.stop().await;
+    stateful.stop().await;
     drop((g0, g1));
     report.assert_passed();
 }
@@ -412,12 +449,24 @@ async fn workers_killed_frozen_and_down_for_a_while() {
         WorkerProcess::spawn(&nats.url(), &log_path),
         WorkerProcess::spawn(&nats.url(), &log_path),
     ];
+    // The stateful workers abort at every step of a commit now and then (and are restarted),
+    // and now and then block past AckWait.
+    let crashes = [
+        ("HANDLERS_CRASH_PERCENT", "1"),
+        (
+            "HANDLERS_CRASH_POINTS",
+            "before-commit,after-commit,after-publish",
+        ),
+        ("STALL_PERCENT", "1"),
+    ];
+    let stateful = stateful_workers(&nats.jetstream().await, &nats.url(), 1, &crashes).await;
     let run = Run::new(
         "workers",
         "worker processes SIGKILLed, frozen past AckWait, and all down for a while",
         started,
         &[g0.base.clone(), g1.base.clone()],
-    );
+    )
+    .with_stateful();
     let load = run.start_load();
     // The outage first, then the other kinds in turn (from a random one), so that a short run
     // has every kind too.
@@ -443,10 +492,15 @@ async fn workers_killed_frozen_and_down_for_a_while() {
                 let w = run.rand_below(workers.len());
                 let d = run.rand_between(ms(2500), ms(4000));
                 signal_process(workers[w].pid(), "-STOP");
-                run.fault("SIGSTOP worker past AckWait", format!("w{w} for {d:?}"));
+                stateful.pause();
+                run.fault(
+                    "SIGSTOP worker past AckWait",
+                    format!("w{w} and the stateful workers for {d:?}"),
+                );
                 run.hold(d).await;
                 signal_process(workers[w].pid(), "-CONT");
-                run.note(format!("SIGCONT worker w{w}"));
+                stateful.resume();
+                run.note(format!("SIGCONT worker w{w} and the stateful workers"));
             }
             _ => {
                 let d = run.rand_between(ms(2500), ms(4000));
@@ -469,6 +523,7 @@ async fn workers_killed_frozen_and_down_for_a_while() {
     for w in &mut workers {
         w.kill().await;
     }
+    stateful.stop().await;
     drop((g0, g1));
     report.assert_passed();
 }

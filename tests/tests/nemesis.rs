@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use gateway_tests::chaos::{EffectLog, FAULT_ROUTES, Run, spawn_echo_worker};
+use gateway_tests::chaos::{EffectLog, Run, fault_routes, spawn_echo_worker};
 use gateway_tests::clocks::FakeClock;
 use gateway_tests::disk::{DiskNats, SmallDisk};
 use gateway_tests::exactly_once::{self, StatefulWorkers, WorkerSpec};
@@ -31,16 +31,8 @@ const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_gateway-under-test");
 const ECHO_WORKER_BIN: &str = env!("CARGO_BIN_EXE_fault-worker");
 const STATEFUL_WORKER_BIN: &str = env!("CARGO_BIN_EXE_stateful-worker");
 
-/// The stateful route's deadline: short enough that operations a fault holds up expire.
-const STATEFUL_TIMEOUT: &str = "8s";
-
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
-}
-
-/// The routes of these scenarios: the echo route and the stateful one.
-fn routes() -> String {
-    format!("{FAULT_ROUTES}{}", exactly_once::route(STATEFUL_TIMEOUT))
 }
 
 /// A gateway process in `host`'s namespace, listening on its address, on these NATS URLs.
@@ -51,7 +43,7 @@ async fn namespaced_gateway(
     env: &[(&str, &str)],
 ) -> GatewayProcess {
     let listen = format!("{}:0", host.ip);
-    TestGateway::builder(&routes())
+    TestGateway::builder(&fault_routes())
         .nats_url(nats_url)
         .command_prefix(net.prefix(host))
         .envs([
@@ -245,7 +237,7 @@ async fn clocks() {
     let (echo_clock, stateful_clock) = (FakeClock::new(-SKEW_S), FakeClock::new(-SKEW_S));
     let mut gateways = Vec::new();
     for clock in &gateway_clocks {
-        let gateway = TestGateway::builder(&routes())
+        let gateway = TestGateway::builder(&fault_routes())
             .nats(&nats)
             .envs([
                 ("RUST_LOG", "warn,gateway=info,tower_http=error"),
@@ -261,7 +253,6 @@ async fn clocks() {
         env.push(("WORKER_EXPIRY_GRACE_SECS".to_owned(), grace.clone()));
         env
     };
-    exactly_once::create_audit_stream(&nats.jetstream().await, 1).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let log = dir.path().join("effects.jsonl");
     let effects = EffectLog::file(&log);
@@ -272,13 +263,15 @@ async fn clocks() {
         &nats.url(),
         &log,
     );
-    let stateful = StatefulWorkers::supervise(WorkerSpec {
-        bin: STATEFUL_WORKER_BIN.to_owned(),
-        nats_url: nats.url(),
-        count: 2,
-        env: graced(&stateful_clock),
-        prefix: Arc::new(|_| Vec::new()),
-    });
+    let js = nats.jetstream().await;
+    let stateful = exactly_once::start_workers(
+        &js,
+        STATEFUL_WORKER_BIN,
+        &nats.url(),
+        1,
+        graced(&stateful_clock),
+    )
+    .await;
     let run = Run::new(
         "clocks",
         "gateways and workers on wall clocks minutes off, jumping forward and back",
@@ -368,7 +361,7 @@ async fn disk_full() {
     let nats = DiskNats::start(&disk).await;
     let mut gateways = Vec::new();
     for _ in 0..2 {
-        let gateway = TestGateway::builder(&routes())
+        let gateway = TestGateway::builder(&fault_routes())
             .nats_url(nats.url())
             .envs([("RUST_LOG", "warn,gateway=info,tower_http=error")])
             .spawn(GATEWAY_BIN)
@@ -376,18 +369,12 @@ async fn disk_full() {
         gateways.push(gateway);
     }
     let js = nats.jetstream().await;
-    exactly_once::create_audit_stream(&js, 1).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let log = dir.path().join("effects.jsonl");
     let effects = EffectLog::file(&log);
     let echo_worker = spawn_echo_worker(&[], &[], ECHO_WORKER_BIN, &nats.url(), &log);
-    let stateful = StatefulWorkers::supervise(WorkerSpec {
-        bin: STATEFUL_WORKER_BIN.to_owned(),
-        nats_url: nats.url(),
-        count: 2,
-        env: Vec::new(),
-        prefix: Arc::new(|_| Vec::new()),
-    });
+    let stateful =
+        exactly_once::start_workers(&js, STATEFUL_WORKER_BIN, &nats.url(), 1, Vec::new()).await;
     let run = Run::new(
         "disk-full",
         "nats-server's store on a small tmpfs that fills up under load",
