@@ -159,7 +159,11 @@ pub struct Protocol {
     pub deadline: u8,
     /// The last tick.
     pub max_time: u8,
-    /// How many ticks the second gateway's clock runs ahead of the others.
+    /// How many ticks the second gateway's clock runs ahead of the others. The model's deadline
+    /// is true time; the code's (`Gw-Deadline`) is written by the accepting gateway's clock, which
+    /// moves it by that clock's error. What decides an early expiry is the difference between
+    /// the clock that wrote the deadline and the one that reads it, which `skew` stands for: the
+    /// documented allowance covers the largest difference between any two clocks.
     pub skew: u8,
     /// Whether a result may expire before its request (a writer's shorter `Nats-TTL`): possible
     /// in contract 1's results stream only (this release's refuses per-message TTLs). There the

@@ -60,16 +60,30 @@ impl SmallDisk {
         fields.next().unwrap_or(0) * fields.next().unwrap_or(0)
     }
 
-    /// Grows the ballast until only `leave` bytes are free (at least a page is always left).
+    /// Grows the ballast until only `leave` bytes (or less than a page) are free.
     pub fn fill(&self, leave: u64) {
-        let current = std::fs::metadata(self.ballast()).map_or(0, |m| m.len());
-        let target = current + self.free_bytes().saturating_sub(leave);
-        let status = std::process::Command::new("fallocate")
-            .args(["-l", &target.to_string()])
-            .arg(self.ballast())
-            .status()
-            .expect("run fallocate");
-        assert!(status.success(), "fallocate the ballast");
+        // The store may grow between the look and the allocation (then it fails, and nothing
+        // of it is kept): look again.
+        for _ in 0..50 {
+            let take = self.free_bytes().saturating_sub(leave);
+            if take < 4096 {
+                return;
+            }
+            let current = std::fs::metadata(self.ballast()).map_or(0, |m| m.len());
+            let grown = std::process::Command::new("fallocate")
+                .args(["-l", &(current + take).to_string()])
+                .arg(self.ballast())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .expect("run fallocate");
+            if grown.success() {
+                return;
+            }
+        }
+        panic!(
+            "the ballast cannot take the free space of {}",
+            self.path().display()
+        );
     }
 
     /// Removes the ballast: the space is back.

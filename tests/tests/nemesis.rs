@@ -21,7 +21,7 @@ use gateway_tests::chaos::{EffectLog, Run, fault_routes, spawn_echo_worker};
 use gateway_tests::clocks::FakeClock;
 use gateway_tests::disk::{DiskNats, SmallDisk};
 use gateway_tests::exactly_once::{self, StatefulWorkers, WorkerSpec};
-use gateway_tests::history::ClockAllowance;
+use gateway_tests::history::{self, ClockAllowance, Outcome};
 use gateway_tests::netns::{Host, Net};
 use gateway_tests::*;
 use handlers::contract::{DEFAULT_OUTCOMES_STREAM, DEFAULT_REQUESTS_STREAM};
@@ -116,10 +116,12 @@ async fn partitions() {
     );
     let load = run.start_load();
     let gateway_hosts = [&g0_host, &g1_host];
-    // Scaled to the phase, so that the short profile sees every kind of fault once or so and
-    // the long one holds each long enough for elections and client timeouts to play out.
+    // Scaled to the phase, so that the long profile sees each kind of fault twice or more;
+    // never shorter than an election and a client's NATS timeout take to play out.
     let phase = run.profile.fault_phase;
-    let (pause, hold) = ((phase / 28, phase / 14), (phase / 14, phase / 7));
+    let at_least = |d: Duration, floor: u64| d.max(ms(floor));
+    let pause = (at_least(phase / 40, 500), at_least(phase / 20, 1000));
+    let hold = (at_least(phase / 20, 1500), at_least(phase / 10, 3000));
     let mut turn = run.rand_below(6);
     while run.in_fault_phase() {
         run.pause(run.rand_between(pause.0, pause.1)).await;
@@ -300,6 +302,7 @@ async fn clocks() {
     ];
     let phase = run.profile.fault_phase;
     let route_timeout = Duration::from_secs(8);
+    let mut probes = 0;
     while run.in_fault_phase() {
         run.pause(run.rand_between(phase / 28, phase / 14)).await;
         if !run.in_fault_phase() {
@@ -313,8 +316,10 @@ async fn clocks() {
                 "worst-case skew with the stateful workers frozen past the deadline",
                 format!("g0 {:+} s, g1 {:+} s", -SKEW_S, SKEW_S),
             );
-            run.hold(route_timeout + run.rand_between(ms(500), ms(3000)))
-                .await;
+            run.hold(FakeClock::LAG + ms(100)).await;
+            probes += 1;
+            probe_earliest_expiry(&run, probes, route_timeout).await;
+            run.hold(run.rand_between(ms(0), ms(2000))).await;
             stateful.resume();
             run.note("stateful workers thawed");
             continue;
@@ -338,12 +343,55 @@ async fn clocks() {
     run.end_faults(&load);
     stateful.resume();
     let healed_at = Instant::now();
-    let report = run
-        .finish(load, healed_at, &nats.jetstream().await, &effects)
-        .await;
+    let report = run.finish(load, healed_at, &js, &effects).await;
     stateful.stop().await;
     drop((echo_worker, gateways));
     report.assert_passed();
+    if probes > 0 {
+        let expired = report
+            .exactly_once
+            .as_ref()
+            .and_then(|e| e.ended.get("expired").copied());
+        assert!(
+            expired.unwrap_or(0) > 0,
+            "{probes} probes at the earliest allowed expiry, none expired"
+        );
+    }
+}
+
+/// The earliest expiry the allowance permits, on purpose: a stateful request accepted through
+/// g0 (its clock behind by `SKEW_S`, so its deadline is early) while the stateful workers are
+/// frozen, read through g1 (ahead by `SKEW_S`) just past the route's timeout by the server's
+/// clock. With the grace at `2 × SKEW_S` that read finds it expired; the checker verifies the
+/// expiry was not early. Recorded in the run's history like any client's calls.
+async fn probe_earliest_expiry(run: &Run, n: usize, route_timeout: Duration) {
+    let ((g0, base0), (g1, base1)) = (run.endpoints.get(0), run.endpoints.get(1));
+    let key = format!("clocks-probe-{n}");
+    let payload =
+        serde_json::json!({ "probe": n, "nonce": uuid::Uuid::new_v4().simple().to_string() })
+            .to_string();
+    let path = format!("/{}", exactly_once::ROUTE);
+    let accepted = history::submit(
+        &run.history,
+        &run.http,
+        "probe",
+        &g0,
+        &base0,
+        &path,
+        &key,
+        &payload,
+        1,
+    )
+    .await;
+    let Outcome::Ok { op: Some(op), .. } = accepted else {
+        run.note(format!("probe {key} not accepted: {accepted:?}"));
+        return;
+    };
+    tokio::time::sleep(route_timeout + ms(300)).await;
+    let read = history::read_status(&run.history, &run.http, "probe", &g1, &base1, &op).await;
+    run.note(format!(
+        "probe {key}: read through g1 past its timeout: {read:?}"
+    ));
 }
 
 /// One nats-server whose store (every stream: requests, results, the state store, the outgoing
@@ -394,12 +442,15 @@ async fn disk_full() {
     );
     let load = run.start_load();
     let phase = run.profile.fault_phase;
+    // The two kinds in turn (from a random one), so that a short run has both.
+    let mut turn = run.rand_below(2);
     while run.in_fault_phase() {
         run.pause(run.rand_between(phase / 28, phase / 14)).await;
         if !run.in_fault_phase() {
             break;
         }
-        if run.chance(50) {
+        turn += 1;
+        if turn % 2 == 0 {
             let leave = 4096 * (1 + run.rand_below(8) as u64);
             disk.fill(leave);
             run.fault(
@@ -429,4 +480,21 @@ async fn disk_full() {
     stateful.stop().await;
     drop((echo_worker, gateways, nats));
     report.assert_passed();
+    // What the gateway answers: a write the full disk failed has no answer from nats-server
+    // (503, outcome unknown); JetStream's own limit is a definite refusal (507).
+    let answers = &report.counts.answers;
+    for (kind, answer) in [
+        ("disk full", "503 outcome-unknown"),
+        (
+            "JetStream's storage limit below its usage",
+            "507 insufficient-storage",
+        ),
+    ] {
+        if report.fault_kinds.contains_key(kind) {
+            assert!(
+                answers.contains_key(answer),
+                "{kind}: no {answer} in {answers:?}"
+            );
+        }
+    }
 }
