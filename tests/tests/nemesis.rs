@@ -450,7 +450,7 @@ async fn disk_full() {
             break;
         }
         turn += 1;
-        if turn % 2 == 0 {
+        if turn.is_multiple_of(2) {
             let leave = 4096 * (1 + run.rand_below(8) as u64);
             disk.fill(leave);
             run.fault(
