@@ -50,8 +50,9 @@ pub struct Profile {
     /// Longest wait for every operation to be terminal.
     pub drain_timeout: Duration,
     /// Lanes submitting to the stateful route, in a run with stateful workers
-    /// ([`Run::with_stateful`]), and the share of their operations a lane then cancels.
+    /// ([`Run::with_stateful`]).
     pub stateful_lanes: usize,
+    /// The share of its operations (percent) a stateful lane cancels, at a random moment.
     pub cancel_percent: u64,
 }
 
@@ -293,12 +294,11 @@ timeout = "10m"
 "#;
 
 /// The routes of a run with stateful workers ([`Run::with_stateful`]): the echo route and the
-/// stateful one, whose deadline ([`crate::exactly_once::DEADLINE`]) faults make operations miss.
+/// stateful one, whose deadline ([`crate::exactly_once::DEADLINE_SECS`]) faults make operations
+/// miss.
 pub fn fault_routes() -> String {
-    format!(
-        "{FAULT_ROUTES}{}",
-        crate::exactly_once::route(crate::exactly_once::DEADLINE)
-    )
+    let deadline = format!("{}s", crate::exactly_once::DEADLINE_SECS);
+    format!("{FAULT_ROUTES}{}", crate::exactly_once::route(&deadline))
 }
 
 /// Worker settings of the suite: short AckWait and back-off so redeliveries happen within a run,
@@ -667,8 +667,8 @@ pub struct Run {
     not_ready: Mutex<Vec<String>>,
     /// Whether the run has the stateful route and its workers ([`Run::with_stateful`]).
     stateful: bool,
-    /// The stateful lanes' cancellations, by answer.
-    cancels: Arc<Mutex<std::collections::BTreeMap<String, usize>>>,
+    /// The stateful lanes' cancellations: operation and answer.
+    cancels: Arc<Mutex<Vec<(String, String)>>>,
     /// The clocks' allowance expiries are judged by ([`Run::with_clocks`]).
     clocks: history::ClockAllowance,
 }
@@ -854,7 +854,7 @@ impl Run {
                                     Err(e) if e.is_timeout() => "timeout".to_owned(),
                                     Err(_) => "network error".to_owned(),
                                 };
-                            *cancels.lock().unwrap().entry(answer).or_default() += 1;
+                            cancels.lock().unwrap().push((op, answer));
                         }
                     }
                     tokio::select! {
@@ -1012,7 +1012,7 @@ impl Run {
         );
         let exactly_once = if self.stateful {
             let cancels = self.cancels.lock().unwrap().clone();
-            Some(crate::exactly_once::check(js, &requests, &results, cancels).await)
+            Some(crate::exactly_once::check(js, &requests, &results, &cancels).await)
         } else {
             None
         };

@@ -12,17 +12,12 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-/// libfaketime's multi-threaded library: `FAKETIME_LIB`, else Debian's path.
+/// libfaketime's multi-threaded library: `FAKETIME_LIB` (which `scripts/install-fault-tools`
+/// prints and `scripts/test` sets).
 pub fn faketime_lib() -> PathBuf {
-    if let Ok(lib) = std::env::var("FAKETIME_LIB") {
-        return lib.into();
-    }
-    let debian = PathBuf::from("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1");
-    assert!(
-        debian.exists(),
-        "libfaketime not found: run scripts/install-fault-tools (or scripts/test), or set FAKETIME_LIB"
-    );
-    debian
+    std::env::var("FAKETIME_LIB")
+        .expect("FAKETIME_LIB: run the tests with scripts/test, or set it to the output of scripts/install-fault-tools")
+        .into()
 }
 
 /// One process's (or a group's) wall clock offset, in a file libfaketime reads.

@@ -19,19 +19,44 @@ use tempfile::TempDir;
 use crate::nats::{nats_server_bin, signal};
 use crate::wait::eventually;
 
+/// The source name of this suite's tmpfs mounts, followed by the mounting process's id.
+const SOURCE: &str = "gwdisk";
+
+/// Unmounts the tmpfs of suite processes that are gone.
+fn sweep_stale() {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    for line in mounts.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(source), Some(target)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let Some(pid) = source.strip_prefix(SOURCE) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::process::Command::new("umount")
+                .args(["-l", target])
+                .status();
+        }
+    }
+}
+
 /// A tmpfs of a fixed size, unmounted on drop.
 pub struct SmallDisk {
     dir: TempDir,
 }
 
 impl SmallDisk {
-    /// Mounts a tmpfs of `mib` MiB on a new temp dir.
+    /// Mounts a tmpfs of `mib` MiB on a new temp dir. Its source is named after this process
+    /// (`gwdisk<pid>`), so that a later run unmounts it if this one was killed before its drop.
     pub fn mount(mib: u64) -> Self {
+        sweep_stale();
         let dir = tempfile::tempdir().expect("temp dir");
         let size = format!("size={mib}m");
         let path = dir.path().display().to_string();
+        let source = format!("{SOURCE}{}", std::process::id());
         let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &size, "tmpfs", &path])
+            .args(["-t", "tmpfs", "-o", &size, &source, &path])
             .status()
             .expect("run mount");
         assert!(status.success(), "mount a tmpfs on {path} (needs root)");
@@ -116,7 +141,7 @@ impl DiskNats {
     pub async fn start(disk: &SmallDisk) -> Self {
         gateway::install_crypto_provider();
         let config_dir = tempfile::tempdir().expect("temp dir");
-        // Reserved by binding and releasing: a port taken in between fails the start loudly.
+        // Reserved by binding and releasing: a port taken in between makes the server exit.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("reserve a port")
@@ -137,13 +162,26 @@ impl DiskNats {
             .kill_on_drop(true)
             .spawn()
             .expect("start nats-server");
-        let nats = Self {
+        let mut nats = Self {
             child,
             config,
             store,
             port,
             _config_dir: config_dir,
         };
+        // Its own port answering, not another server's that took the port meanwhile.
+        eventually("nats-server listens", Duration::from_secs(10), || {
+            if let Ok(Some(status)) = nats.child.try_wait() {
+                panic!("nats-server exited ({status}): port {port} taken?");
+            }
+            async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .ok()
+                    .map(|_| ())
+            }
+        })
+        .await;
         nats.wait_jetstream(true).await;
         nats
     }

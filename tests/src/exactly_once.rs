@@ -28,12 +28,15 @@ use crate::history::{StoredRequest, StoredResult, read_stream};
 pub const ROUTE: &str = "count";
 /// The workers' state store: stream and subject prefix.
 pub const STATE_STREAM: &str = "WK_COUNT";
-/// Where the workers' outgoing messages go (`audit.count`, the operation id as payload).
+pub const STATE_PREFIX: &str = "wk";
+/// Where the workers' outgoing messages go: the stream, and the subject (the operation id as
+/// payload).
 pub const AUDIT_STREAM: &str = "AUDIT";
+pub const AUDIT_SUBJECT: &str = "audit.count";
 
-/// The fault suite's deadline of the stateful route: short, so that operations a fault holds
-/// up expire, some while a worker commits them.
-pub const DEADLINE: &str = "8s";
+/// The fault suite's deadline of the stateful route, in seconds: short, so that operations a
+/// fault holds up expire, some while a worker commits them.
+pub const DEADLINE_SECS: u64 = 8;
 
 /// The stateful route's TOML, with this deadline (`"8s"`).
 pub fn route(timeout: &str) -> String {
@@ -45,7 +48,7 @@ method = "POST"
 path = "/{ROUTE}"
 timeout = "{timeout}"
 retention = "10m"
-state = {{ stream = "{STATE_STREAM}", prefix = "wk" }}
+state = {{ stream = "{STATE_STREAM}", prefix = "{STATE_PREFIX}" }}
 "#
     )
 }
@@ -208,16 +211,18 @@ impl Drop for StatefulWorkers {
 /// What the exactly-once oracles found over the stateful route's operations.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct ExactlyOnce {
-    /// Operations of the route in JetStream, by how they ended.
+    /// Operations of the route in JetStream.
     pub operations: usize,
+    /// The same, by how they ended (`succeeded`, `cancelled`, `expired`...).
     pub ended: BTreeMap<String, usize>,
     /// Cancellations the lanes sent, by answer (`202`, `409`, `503`, `timeout`...).
     pub cancels: BTreeMap<String, usize>,
     /// The counter's value: the state changes.
     pub counter: u64,
     pub outgoing_messages: usize,
-    /// Must be zero: an operation whose result, marker and outgoing message disagree, or that
-    /// has no marker.
+    /// Must be zero: an operation whose result, marker and outgoing message disagree (or a
+    /// cancel answered 202 and it did not end `cancelled`), that has no marker or no result, or
+    /// that failed (nothing makes these workers fail).
     pub inconsistent_operations: usize,
     /// Must be zero: commits the state does not hold (counter below the commits).
     pub lost_state_changes: usize,
@@ -249,21 +254,26 @@ impl ExactlyOnce {
             self.examples.push(text);
         }
     }
+
+    fn inconsistent(&mut self, text: String) {
+        self.inconsistent_operations += 1;
+        self.example(text);
+    }
 }
 
 /// Judges the stateful route's operations (every request of [`ROUTE`] in `requests`) against
-/// their results, the state store and the outgoing messages, read through `js`.
+/// their results, the state store, the outgoing messages and the cancels the clients sent
+/// (`cancels`: operation and answer), read through `js` from each stream's leader.
 pub async fn check(
     js: &async_nats::jetstream::Context,
     requests: &[StoredRequest],
     results: &[StoredResult],
-    cancels: BTreeMap<String, usize>,
+    cancels: &[(String, String)],
 ) -> ExactlyOnce {
-    let mut v = ExactlyOnce {
-        cancels,
-        ..Default::default()
-    };
-    let client = js.client();
+    let mut v = ExactlyOnce::default();
+    for (_, answer) in cancels {
+        *v.cancels.entry(answer.clone()).or_default() += 1;
+    }
     let result_of: HashMap<&str, &StoredResult> =
         results.iter().map(|r| (r.op.as_str(), r)).collect();
     let audit = crate::eventually("the AUDIT stream read", Duration::from_secs(60), || async {
@@ -279,15 +289,16 @@ pub async fn check(
     v.outgoing_messages = audit.len();
     let mut committed = HashSet::new();
     let mut replies = Vec::new();
-    for request in requests.iter().filter(|r| r.route() == ROUTE) {
-        let op = request.op.as_str();
+    // Each operation once (a request published twice, a duplicate delivery's cause, is one).
+    let mut seen = HashSet::new();
+    let ops: Vec<&str> = requests
+        .iter()
+        .filter(|r| r.route() == ROUTE && seen.insert(r.op.as_str()))
+        .map(|r| r.op.as_str())
+        .collect();
+    for op in &ops {
+        let op = *op;
         v.operations += 1;
-        let marker = crate::eventually("a marker read", Duration::from_secs(30), || async {
-            handlers::jetstream::last_on_subject(&client, STATE_STREAM, &format!("wk.done.{op}"))
-                .await
-                .ok()
-        })
-        .await;
         let result = result_of.get(op);
         let ended = match result {
             Some(r) if r.outcome.is_none() && (200..300).contains(&r.status) => "succeeded",
@@ -295,58 +306,86 @@ pub async fn check(
             None => "no result",
         };
         *v.ended.entry(ended.to_owned()).or_default() += 1;
+        let marker = read_from_leader(js, &format!("{STATE_PREFIX}.done.{op}")).await;
         let Some(marker) = marker else {
-            v.inconsistent_operations += 1;
-            v.example(format!("operation {op} ({ended}) has no processed marker"));
+            v.inconsistent(format!("operation {op} ({ended}) has no processed marker"));
             continue;
         };
-        let marker: serde_json::Value = serde_json::from_slice(&marker.payload).unwrap_or_default();
-        let commit = marker.get("decided").is_none();
-        if commit != (ended == "succeeded") {
-            v.inconsistent_operations += 1;
-            v.example(format!("operation {op}: ended {ended}, marker {marker}"));
-            continue;
-        }
-        let sent = outgoing.get(op).copied().unwrap_or(0);
-        if sent != usize::from(commit) {
-            if commit {
-                v.inconsistent_operations += 1;
-            } else {
-                v.ghosts += 1;
-            }
-            v.example(format!(
-                "operation {op}: ended {ended}, {sent} outgoing messages"
+        let Ok(marker) = serde_json::from_slice::<serde_json::Value>(&marker.payload) else {
+            v.inconsistent(format!(
+                "operation {op} ({ended}): a marker that is not JSON"
             ));
-        }
-        if sent > 1 {
-            v.ghosts += 1;
-        }
-        if commit {
-            committed.insert(op.to_owned());
-            let reply: serde_json::Value = result
-                .and_then(|r| serde_json::from_str(&r.body).ok())
-                .unwrap_or_default();
-            match reply["counter"].as_u64() {
-                Some(n) => replies.push((n, op.to_owned())),
-                None => {
-                    v.inconsistent_operations += 1;
-                    v.example(format!("operation {op}: succeeded with reply {reply}"));
+            continue;
+        };
+        // A commit's marker is its outbox; a decision's names it (`cancelled`, `expired`,
+        // `failed`).
+        let decided = marker.get("decided").and_then(|d| d.as_str());
+        let sent = outgoing.get(op).copied().unwrap_or(0);
+        match decided {
+            None => {
+                committed.insert(op.to_owned());
+                if sent == 0 {
+                    v.inconsistent(format!("operation {op} committed, no outgoing message"));
+                }
+                v.ghosts += sent.saturating_sub(1);
+                let Some(result) = result.filter(|_| ended == "succeeded") else {
+                    v.inconsistent(format!("operation {op} committed, yet ended {ended}"));
+                    continue;
+                };
+                // The reply is the one the commit stored with the state change.
+                let stored = data_encoding::BASE64.encode(result.body.as_bytes());
+                if marker["body"].as_str() != Some(stored.as_str()) {
+                    v.inconsistent(format!(
+                        "operation {op}: reply {:?} is not the committed one",
+                        result.body
+                    ));
+                }
+                let reply: serde_json::Value =
+                    serde_json::from_str(&result.body).unwrap_or_default();
+                match reply["counter"].as_u64() {
+                    Some(n) => replies.push((n, op.to_owned())),
+                    None => v.inconsistent(format!("operation {op}: reply {reply}")),
+                }
+            }
+            Some(decision) => {
+                v.ghosts += sent;
+                if sent > 0 {
+                    v.example(format!(
+                        "operation {op} {decision}, {sent} outgoing messages"
+                    ));
+                }
+                if decision != ended {
+                    v.inconsistent(format!("operation {op}: marker {decision}, ended {ended}"));
+                } else if decision == "failed" {
+                    // No handler of these workers fails, and deliveries are not exhausted.
+                    v.inconsistent(format!("operation {op} failed: {marker}"));
                 }
             }
         }
     }
+    // A cancel answered 202 promised the operation `cancelled`.
+    for (op, answer) in cancels {
+        if answer == "202" && ops.contains(&op.as_str()) {
+            let ended = result_of
+                .get(op.as_str())
+                .and_then(|r| r.outcome.as_deref());
+            if ended != Some("cancelled") {
+                v.inconsistent(format!(
+                    "operation {op}: cancel answered 202, ended {ended:?}"
+                ));
+            }
+        }
+    }
     for (op, n) in &outgoing {
-        if !committed.contains(op) && !requests.iter().any(|r| r.op == *op) {
+        if !ops.contains(&op.as_str()) {
             v.ghosts += n;
             v.example(format!(
                 "{n} outgoing messages of {op}, which is no operation"
             ));
         }
     }
-    let counter = handlers::jetstream::last_on_subject(&client, STATE_STREAM, "wk.state.counter")
+    let counter = read_from_leader(js, &format!("{STATE_PREFIX}.state.counter"))
         .await
-        .ok()
-        .flatten()
         .and_then(|m| serde_json::from_slice::<u64>(&m.payload).ok())
         .unwrap_or(0);
     v.counter = counter;
@@ -358,17 +397,39 @@ pub async fn check(
         v.duplicate_state_changes = (counter - commits) as usize;
         v.example(format!("counter {counter} after {commits} commits"));
     }
+    // Each commit saw the state the one before it left: the replies are 1..=commits.
     replies.sort_unstable();
-    let expected: Vec<u64> = (1..=commits).collect();
     let values: Vec<u64> = replies.iter().map(|(n, _)| *n).collect();
-    if values != expected {
-        let seen: HashSet<u64> = values.iter().copied().collect();
-        let repeated = values.len() - seen.len();
-        v.duplicate_state_changes += repeated.max(1);
+    let distinct: HashSet<u64> = values.iter().copied().collect();
+    if distinct.len() < values.len() {
+        v.duplicate_state_changes += values.len() - distinct.len();
         v.example(format!(
+            "two commits saw the same state: {:?}",
+            replies.iter().take(20).collect::<Vec<_>>()
+        ));
+    } else if counter == commits && values != (1..=commits).collect::<Vec<_>>() {
+        v.inconsistent(format!(
             "committed replies are not 1..={commits}: {:?}",
             replies.iter().take(20).collect::<Vec<_>>()
         ));
     }
     v
+}
+
+/// The last message on `subject` of the state store, from the stream's leader (a follower may
+/// lag behind a write made just before), retried while the cluster settles.
+async fn read_from_leader(
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+) -> Option<async_nats::jetstream::message::StreamMessage> {
+    crate::eventually(
+        &format!("{subject} read from the leader"),
+        Duration::from_secs(30),
+        || async {
+            handlers::jetstream::last_on_subject_from_leader(js, STATE_STREAM, subject)
+                .await
+                .ok()
+        },
+    )
+    .await
 }

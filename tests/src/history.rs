@@ -1071,9 +1071,18 @@ pub fn check(calls: &[CallRecord], observed: &Observed<'_>) -> Verdict {
             continue;
         }
         v.counts.expired += 1;
-        if let Some(Some(deadline)) = deadline_of.get(r.op.as_str())
-            && r.stored_s < deadline + allowance
-        {
+        let Some(Some(deadline)) = deadline_of.get(r.op.as_str()) else {
+            later.push((
+                "expired_early",
+                r.op.clone(),
+                format!(
+                    "operation {}: expired, and its request has no deadline",
+                    r.op
+                ),
+            ));
+            continue;
+        };
+        if r.stored_s < deadline + allowance {
             later.push((
                 "expired_early",
                 r.op.clone(),

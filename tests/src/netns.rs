@@ -78,7 +78,8 @@ impl Net {
         sweep_stale();
         let pid = std::process::id();
         let n = NETS.fetch_add(1, Ordering::Relaxed);
-        // Interface names are at most 15 bytes: "gwn" + pid (up to 7) + "x" + n + host index.
+        // Interface names are at most 15 bytes: "gwn" + pid (up to 7) + "x" + n, and a veth adds
+        // "o" or "i" and the host index: room for one digit of n and two of the index.
         let id = format!("{PREFIX}{pid}x{n}");
         // 10.<200..249>.<0..249>: distinct per process and network, away from common ranges.
         let subnet = [
@@ -167,11 +168,6 @@ impl Net {
     pub fn cut(&self, a: &Host, b: &Host) {
         self.cut_one_way(a, b.ip);
         self.cut_one_way(b, a.ip);
-    }
-
-    /// Cuts `host` from the test process (the clients, through the bridge's address).
-    pub fn cut_from_clients(&self, host: &Host) {
-        self.cut_one_way(host, self.address(254));
     }
 
     fn cut_one_way(&self, from: &Host, to: Ipv4Addr) {
@@ -287,28 +283,26 @@ fn sweep_stale() {
             .parse::<u32>()
             .is_ok_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
     };
-    let listed = |args: &[&str]| -> Vec<String> {
+    let stdout = |args: &[&str]| {
         Command::new("ip")
             .args(args)
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
-            .collect()
     };
-    for ns in listed(&["netns", "list"]) {
-        if ns.starts_with(PREFIX) && !alive(&ns) {
-            run_quietly("ip", &["netns", "del", &ns]);
+    for line in stdout(&["netns", "list"]).lines() {
+        let ns = line.split_whitespace().next().unwrap_or_default();
+        if ns.starts_with(PREFIX) && !alive(ns) {
+            // Its servers and workers outlived a test killed without its drops: deleting the
+            // namespace alone would leave them running, holding it.
+            for pid in stdout(&["netns", "pids", ns]).split_whitespace() {
+                run_quietly("kill", &["-KILL", pid]);
+            }
+            run_quietly("ip", &["netns", "del", ns]);
         }
     }
-    // `-o` lines read "<index>: <name>: ...".
-    let bridges = Command::new("ip")
-        .args(["-o", "link", "show", "type", "bridge"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    for line in bridges.lines() {
+    // Bridges, and bridge ports left behind. `-o` lines read "<index>: <name>[@peer]: ...".
+    for line in stdout(&["-o", "link", "show"]).lines() {
         let Some(name) = line.split(": ").nth(1) else {
             continue;
         };

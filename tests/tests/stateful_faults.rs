@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use gateway_tests::exactly_once::{self, StatefulWorkers, WorkerSpec};
+use gateway_tests::history::read_gateway_streams;
 use gateway_tests::*;
 
 const WORKER_BIN: &str = env!("CARGO_BIN_EXE_stateful-worker");
@@ -84,11 +85,12 @@ async fn crashes_duplicates_and_stalls_never_break_exactly_once_processing() {
                 tokio::time::sleep(Duration::from_millis((n as u64 * 37) % 2500)).await;
                 let status = http.delete(url).send().await.unwrap().status().as_u16();
                 assert!(matches!(status, 202 | 409), "cancel answered {status}");
+                (id.clone(), status.to_string())
             }
         })
         .buffer_unordered(CANCELLED)
-        .collect::<Vec<()>>();
-    cancels.await;
+        .collect::<Vec<(String, String)>>();
+    let cancels = cancels.await;
 
     let mut outcomes = Vec::with_capacity(OPERATIONS);
     for id in &ids {
@@ -127,49 +129,14 @@ async fn crashes_duplicates_and_stalls_never_break_exactly_once_processing() {
     // below hold whatever the split, as long as both worlds occur.
     assert!(succeeded > 0, "some operations commit");
 
-    // Per operation: the status agrees with the processed marker.
-    let client = nats.client().await;
-    let audit = audited(&nats).await;
-    for (id, status, _) in &outcomes {
-        let marker =
-            handlers::jetstream::last_on_subject(&client, "WK_COUNT", &format!("wk.done.{id}"))
-                .await
-                .unwrap()
-                .unwrap_or_else(|| panic!("{id} ({status}) has no processed marker"));
-        let marker: serde_json::Value = serde_json::from_slice(&marker.payload).unwrap();
-        let committed = marker.get("decided").is_none();
-        assert_eq!(
-            committed,
-            status == "succeeded",
-            "{id}: status {status}, marker {marker}"
-        );
-        assert_eq!(
-            audit.contains(id.as_str()),
-            committed,
-            "{id}: an outgoing message exactly when it committed"
-        );
-    }
-    let mut replies: Vec<u64> = outcomes.iter().filter_map(|(_, _, v)| *v).collect();
-    replies.sort_unstable();
-    assert_eq!(
-        replies,
-        (1..=succeeded as u64).collect::<Vec<_>>(),
-        "each reply is the value its operation committed"
-    );
-    let counter = handlers::jetstream::last_on_subject(&client, "WK_COUNT", "wk.state.counter")
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        serde_json::from_slice::<u64>(&counter.payload).unwrap(),
-        succeeded as u64,
-        "one state change per succeeded operation, none for the others"
-    );
+    // The exactly-once oracles, per operation and over all of them.
     let js = nats.jetstream().await;
+    let (requests, results) = read_gateway_streams(&js).await.unwrap();
+    let verdict = exactly_once::check(&js, &requests, &results, &cancels).await;
+    assert!(verdict.violations().is_empty(), "{verdict:#?}");
     assert_eq!(
-        stream_messages(&js, "AUDIT").await,
-        succeeded as u64,
-        "one outgoing message per succeeded operation, no ghosts"
+        verdict.counter, succeeded as u64,
+        "the commits the gateway reports are the state changes"
     );
     let markers = js
         .get_stream("WK_COUNT")
@@ -188,20 +155,48 @@ async fn crashes_duplicates_and_stalls_never_break_exactly_once_processing() {
     );
 }
 
-/// The operation ids in the AUDIT stream (the workers' outgoing messages).
-async fn audited(nats: &Nats) -> std::collections::HashSet<String> {
+/// The oracles' own control, on real streams: a clean run checks clean; then an outgoing message
+/// for an operation that did not commit (a ghost) and a state change no operation made (the
+/// counter moved once more) are both counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_oracles_see_a_ghost_and_a_state_change_no_commit_made() {
+    let TestGateway { nats, gw } = TestGateway::builder(&exactly_once::route("30s"))
+        .start()
+        .await;
     let js = nats.jetstream().await;
-    let stream = js.get_stream("AUDIT").await.unwrap();
-    let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+    let workers = exactly_once::start_workers(&js, WORKER_BIN, &nats.url(), 1, Vec::new()).await;
+    let http = http();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let r = http
+            .post(gw.url("/count"))
+            .header("idempotency-key", format!("\"c-{i}\""))
+            .send()
+            .await
+            .unwrap();
+        ids.push(id_of(r).await);
+    }
+    for id in &ids {
+        poll_until_terminal(&gw.base, id, Duration::from_secs(30)).await;
+    }
+    workers.stop().await;
+    let (requests, results) = read_gateway_streams(&js).await.unwrap();
+    let clean = exactly_once::check(&js, &requests, &results, &[]).await;
+    assert!(clean.violations().is_empty(), "{clean:#?}");
+    assert_eq!(clean.counter, 5);
+
+    js.publish(exactly_once::AUDIT_SUBJECT, "no-such-operation".into())
+        .await
+        .unwrap()
         .await
         .unwrap();
-    let total = stream_messages(&js, "AUDIT").await;
-    let mut messages = consumer.messages().await.unwrap();
-    let mut ids = std::collections::HashSet::new();
-    for _ in 0..total {
-        let m = messages.next().await.unwrap().unwrap();
-        ids.insert(String::from_utf8(m.payload.to_vec()).unwrap());
-    }
-    ids
+    let subject = format!("{}.state.counter", exactly_once::STATE_PREFIX);
+    js.publish(subject, "6".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let tampered = exactly_once::check(&js, &requests, &results, &[]).await;
+    assert_eq!(tampered.ghosts, 1, "{tampered:#?}");
+    assert_eq!(tampered.duplicate_state_changes, 1, "{tampered:#?}");
 }

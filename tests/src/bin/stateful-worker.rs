@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use gateway_tests::exactly_once;
 use handlers::{Response, StateStore, StatefulContext, Worker};
 use tokio_util::sync::CancellationToken;
 
@@ -28,8 +29,14 @@ async fn main() -> anyhow::Result<()> {
         .connect(servers)
         .await?;
     let js = async_nats::jetstream::new(client);
-    let store = StateStore::ensure(js.clone(), "WK_COUNT", "wk", Duration::from_secs(3600)).await?;
-    // Every optimistic-concurrency conflict on the one counter spends a delivery: with three
+    let store = StateStore::ensure(
+        js.clone(),
+        exactly_once::STATE_STREAM,
+        exactly_once::STATE_PREFIX,
+        Duration::from_secs(3600),
+    )
+    .await?;
+    // Every optimistic-concurrency conflict on the one counter spends a delivery: with several
     // workers racing, an operation can need many. Stateful consumers want a generous max_deliver.
     let config = handlers::WorkerConfig {
         max_deliver: 1000,
@@ -52,7 +59,10 @@ async fn main() -> anyhow::Result<()> {
             std::thread::sleep(stall);
         }
         ctx.save("counter", &(value + 1));
-        ctx.emit("audit.count", ctx.request().operation_id.as_bytes());
+        ctx.emit(
+            exactly_once::AUDIT_SUBJECT,
+            ctx.request().operation_id.as_bytes(),
+        );
         Ok(Response::json(
             200,
             &serde_json::json!({ "counter": value + 1 }),
