@@ -1007,7 +1007,7 @@ impl Run {
                 gateways: &names,
                 final_process: "final",
                 stateful_route: self.stateful.then_some(crate::exactly_once::ROUTE),
-                clocks: self.clocks,
+                clocks: self.clocks.clone(),
             },
         );
         let exactly_once = if self.stateful {

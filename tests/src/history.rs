@@ -539,6 +539,8 @@ pub struct StoredRequest {
     pub payload: String,
     /// `Gw-Deadline`, in seconds since the Unix epoch: written by the accepting gateway's clock.
     pub deadline_s: Option<f64>,
+    /// When nats-server stored it (its clock), in seconds since the Unix epoch.
+    pub stored_s: f64,
 }
 
 impl StoredRequest {
@@ -646,6 +648,7 @@ pub async fn read_gateway_streams(
                 .unwrap_or_default(),
             payload: String::from_utf8_lossy(&m.payload).into_owned(),
             deadline_s: header(m, h::DEADLINE).and_then(|d| unix_seconds(&d)),
+            stored_s: stored_at(m),
         })
         .collect();
     // Both streams of result slots: contract 1's and contract 2's.
@@ -663,13 +666,17 @@ pub async fn read_gateway_streams(
                 .unwrap_or(0),
             outcome: header(m, h::OUTCOME),
             body: String::from_utf8_lossy(&m.payload).into_owned(),
-            stored_s: m
-                .info()
-                .map(|i| i.published.unix_timestamp_nanos() as f64 / 1e9)
-                .unwrap_or(0.0),
+            stored_s: stored_at(m),
         })
         .collect();
     Ok((requests, results))
+}
+
+/// When nats-server stored a message (its `Nats-Time-Stamp`), in seconds since the Unix epoch.
+fn stored_at(m: &jetstream::Message) -> f64 {
+    m.info()
+        .map(|i| i.published.unix_timestamp_nanos() as f64 / 1e9)
+        .unwrap_or(0.0)
 }
 
 /// An RFC 3339 time in seconds since the Unix epoch.
@@ -679,16 +686,26 @@ fn unix_seconds(text: &str) -> Option<f64> {
     Some(t.unix_timestamp_nanos() as f64 / 1e9)
 }
 
-/// How far the processes' clocks may be from the cluster's: the rule an expiry keeps is that
-/// its decider's clock read past `deadline + grace` (`GATEWAY_EXPIRY_GRACE`, a worker's
-/// `expiry_grace`), so by nats-server's clock no expiry may be stored before
-/// `deadline + grace - ahead`, where `ahead` is the most any decider's clock ran ahead.
-#[derive(Debug, Default, Clone, Copy, Serialize)]
+/// How far the processes' clocks may be from the cluster's. Two rules follow:
+/// - the documented one: an expiry's decider read its clock past `deadline + grace`
+///   (`GATEWAY_EXPIRY_GRACE`, a worker's `expiry_grace`), so by nats-server's clock no expiry
+///   may be stored before `deadline + grace - ahead`, where `deadline` is what the accepting
+///   gateway wrote and `ahead` the most any decider's clock ran ahead;
+/// - by the cluster's clock alone, where the grace covers every two clocks' difference and
+///   requests are stored promptly ([`ClockAllowance::timeouts`]): no expiry stored before the
+///   request's own store time plus its route's timeout, less `publish_within`.
+#[derive(Debug, Default, Clone, Serialize)]
 pub struct ClockAllowance {
     /// The smallest grace of any process that may decide an expiry.
     pub grace: Duration,
     /// The most any such process's clock ran ahead of the cluster's.
     pub ahead: Duration,
+    /// The routes' timeouts, for the cluster-clock rule (empty: that rule is off, as where a
+    /// write may be stored long after its gateway took its deadline: a stalled or partitioned
+    /// connection delivers it late).
+    pub timeouts: Vec<(String, Duration)>,
+    /// How long after its gateway read the clock a request is stored, at most.
+    pub publish_within: Duration,
 }
 
 /// What the checker needs besides the history.
@@ -1060,18 +1077,42 @@ pub fn check(calls: &[CallRecord], observed: &Observed<'_>) -> Verdict {
 
     // Expiries: none before the deadline its writer's clock set, plus the grace, less how far
     // the deciding clock may have run ahead (delayed starts' `not-started` is another rule).
-    let deadline_of: HashMap<&str, Option<f64>> = observed
+    let request_of: HashMap<&str, &StoredRequest> = observed
         .requests
         .iter()
-        .map(|r| (r.op.as_str(), r.deadline_s))
+        .map(|r| (r.op.as_str(), r))
         .collect();
-    let allowance = observed.clocks.grace.as_secs_f64() - observed.clocks.ahead.as_secs_f64();
+    let clocks = &observed.clocks;
+    let allowance = clocks.grace.as_secs_f64() - clocks.ahead.as_secs_f64();
     for r in observed.results {
         if r.outcome.as_deref() != Some("expired") || !r.body.contains("problem/expired") {
             continue;
         }
         v.counts.expired += 1;
-        let Some(Some(deadline)) = deadline_of.get(r.op.as_str()) else {
+        let request = request_of.get(r.op.as_str());
+        let timeout = request.and_then(|q| {
+            clocks
+                .timeouts
+                .iter()
+                .find(|(route, _)| route == q.route())
+                .map(|(_, t)| t.as_secs_f64())
+        });
+        if let (Some(q), Some(timeout)) = (request, timeout) {
+            let earliest = q.stored_s + timeout - clocks.publish_within.as_secs_f64();
+            if r.stored_s < earliest {
+                later.push((
+                    "expired_early",
+                    r.op.clone(),
+                    format!(
+                        "operation {}: expired {:.3}s before its timeout passed by the cluster's clock",
+                        r.op,
+                        earliest - r.stored_s
+                    ),
+                ));
+                continue;
+            }
+        }
+        let Some(Some(deadline)) = request.map(|q| q.deadline_s) else {
             later.push((
                 "expired_early",
                 r.op.clone(),
@@ -1491,6 +1532,7 @@ mod tests {
                 key: key.to_owned(),
                 payload: format!("p-{key}"),
                 deadline_s: Some(100.0),
+                stored_s: 95.0,
             });
         }
 
@@ -1522,7 +1564,7 @@ mod tests {
                     gateways: &gateways,
                     final_process: "final",
                     stateful_route: None,
-                    clocks: self.clocks,
+                    clocks: self.clocks.clone(),
                 },
             )
         }
@@ -1586,6 +1628,7 @@ mod tests {
             key: "stranger".to_owned(),
             payload: "?".to_owned(),
             deadline_s: None,
+            stored_s: 0.0,
         });
         case.submit(
             "k3",
@@ -1806,10 +1849,16 @@ mod tests {
         case.clocks = ClockAllowance {
             grace: Duration::from_secs(5),
             ahead: Duration::from_secs(2),
+            ..Default::default()
         };
         assert_eq!(case.check().counts.expired_early, 2);
         // Deciders that wait 5 s past deadlines but may run 6 s ahead: none before 99 s.
         case.clocks.ahead = Duration::from_secs(6);
         assert_eq!(case.check().counts.expired_early, 0);
+        // By the cluster's clock: requests stored at 95 s with a 5 s timeout, stored within
+        // 0.5 s of their gateway's reading, end no earlier than 99.5 s.
+        case.clocks.timeouts = vec![("orders".to_owned(), Duration::from_secs(5))];
+        case.clocks.publish_within = Duration::from_millis(500);
+        assert_eq!(case.check().counts.expired_early, 1);
     }
 }
