@@ -938,6 +938,23 @@ impl Run {
         tokio::time::sleep(d).await;
     }
 
+    /// After healing a cluster: waits until every stream the run writes (the gateway's, the
+    /// state store, the outgoing messages) has a leader and current followers.
+    pub async fn wait_streams_healthy(&self, cluster: &crate::NatsCluster) {
+        use handlers::contract::{DEFAULT_OUTCOMES_STREAM, DEFAULT_REQUESTS_STREAM};
+        for stream in [
+            DEFAULT_REQUESTS_STREAM,
+            DEFAULT_OUTCOMES_STREAM,
+            crate::exactly_once::STATE_STREAM,
+            crate::exactly_once::AUDIT_STREAM,
+        ] {
+            cluster
+                .wait_stream_healthy(stream, Duration::from_secs(60))
+                .await;
+        }
+        self.note("every stream healthy: a leader and two current followers");
+    }
+
     /// Ends the fault phase: no new requests; the scenario now heals everything.
     pub fn end_faults(&self, load: &Load) {
         load.stop_new_requests();

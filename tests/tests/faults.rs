@@ -325,17 +325,7 @@ async fn cluster_node_killed_and_paused() {
     }
     run.end_faults(&load);
     let healed_at = Instant::now();
-    for stream in [
-        DEFAULT_REQUESTS_STREAM,
-        DEFAULT_OUTCOMES_STREAM,
-        exactly_once::STATE_STREAM,
-        exactly_once::AUDIT_STREAM,
-    ] {
-        cluster
-            .wait_stream_healthy(stream, Duration::from_secs(60))
-            .await;
-    }
-    run.note("every stream healthy: a leader and two current followers");
+    run.wait_streams_healthy(&cluster).await;
     let report = run.finish(load, healed_at, &js, &effects).await;
     for w in workers {
         w.stop().await;

@@ -24,7 +24,7 @@ use gateway_tests::exactly_once::{self, StatefulWorkers, WorkerSpec};
 use gateway_tests::history::{self, ClockAllowance, Outcome};
 use gateway_tests::netns::{Host, Net};
 use gateway_tests::*;
-use handlers::contract::{DEFAULT_OUTCOMES_STREAM, DEFAULT_REQUESTS_STREAM};
+use handlers::contract::DEFAULT_REQUESTS_STREAM;
 use tokio::time::Instant;
 
 const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_gateway-under-test");
@@ -201,17 +201,7 @@ async fn partitions() {
     run.end_faults(&load);
     net.heal();
     let healed_at = Instant::now();
-    for stream in [
-        DEFAULT_REQUESTS_STREAM,
-        DEFAULT_OUTCOMES_STREAM,
-        exactly_once::STATE_STREAM,
-        exactly_once::AUDIT_STREAM,
-    ] {
-        cluster
-            .wait_stream_healthy(stream, Duration::from_secs(60))
-            .await;
-    }
-    run.note("every stream healthy: a leader and two current followers");
+    run.wait_streams_healthy(&cluster).await;
     let js = cluster.jetstream_from(0).await;
     let report = run.finish(load, healed_at, &js, &effects).await;
     stateful.stop().await;
