@@ -273,7 +273,7 @@ async fn clocks() {
     .with_stateful()
     .with_clocks(ClockAllowance {
         grace: Duration::from_secs(2 * SKEW_S as u64),
-        // Every offset, old or new (libfaketime may read the previous one for a second after a
+        // Every offset, old or new (libfaketime may read the previous one for two seconds after a
         // jump), is within ±SKEW_S.
         ahead: Duration::from_secs(SKEW_S as u64),
         // No network fault here: a request is stored within moments of its gateway's reading,
