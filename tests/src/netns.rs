@@ -87,7 +87,24 @@ impl Net {
             200 + ((pid / 250) % 50) as u8,
             ((pid + n * 7) % 250) as u8,
         ];
-        run("ip", &["link", "add", &id, "type", "bridge"]);
+        // Bridged traffic skips the host's iptables: where a host has br_netfilter loaded and a
+        // forwarding policy of DROP (Docker sets one), the hosts would not reach each other.
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                &id,
+                "type",
+                "bridge",
+                "nf_call_iptables",
+                "0",
+                "nf_call_ip6tables",
+                "0",
+                "nf_call_arptables",
+                "0",
+            ],
+        );
         let net = Self {
             id,
             subnet,
