@@ -48,4 +48,5 @@ pub use tools::{python_command, venv_tool};
 pub use wait::eventually;
 pub use workers::{
     Echo, TestWorker, WorkerCounts, counter_store, counting_handler, echo, worker_config,
+    worker_jetstream,
 };

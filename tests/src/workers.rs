@@ -34,6 +34,20 @@ pub fn worker_config() -> WorkerConfig {
     }
 }
 
+/// JetStream for a worker process on these NATS URLs (comma-separated, as the suite's worker
+/// binaries take them), connecting in the background until a server answers and reconnecting
+/// to any of them after.
+pub async fn worker_jetstream(
+    urls: &str,
+) -> Result<async_nats::jetstream::Context, async_nats::ConnectError> {
+    let servers: Vec<String> = urls.split(',').map(str::to_owned).collect();
+    let client = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(servers)
+        .await?;
+    Ok(async_nats::jetstream::new(client))
+}
+
 /// An in-process worker on one route.
 pub struct TestWorker {
     stats: Arc<WorkerStats>,

@@ -18,12 +18,7 @@ async fn main() -> anyhow::Result<()> {
     let (Some(urls), Some(route), Some(log)) = (args.next(), args.next(), args.next()) else {
         anyhow::bail!("usage: fault-worker <nats-urls> <route> <effect-log-file>");
     };
-    let servers: Vec<String> = urls.split(',').map(str::to_owned).collect();
-    let client = async_nats::ConnectOptions::new()
-        .retry_on_initial_connect()
-        .connect(servers)
-        .await?;
-    let js = async_nats::jetstream::new(client);
+    let js = gateway_tests::worker_jetstream(&urls).await?;
     let log = EffectLog::file(&PathBuf::from(log));
     // The gateway provisions the streams; until they exist, starting fails and is retried.
     loop {

@@ -23,12 +23,7 @@ async fn main() -> anyhow::Result<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let servers: Vec<String> = url.split(',').map(str::to_owned).collect();
-    let client = async_nats::ConnectOptions::new()
-        .retry_on_initial_connect()
-        .connect(servers)
-        .await?;
-    let js = async_nats::jetstream::new(client);
+    let js = gateway_tests::worker_jetstream(&url).await?;
     let store = StateStore::ensure(
         js.clone(),
         exactly_once::STATE_STREAM,
